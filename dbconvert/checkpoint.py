@@ -1,0 +1,177 @@
+"""Weights on disk: atomic safetensors writes, safe reads, strict key/shape checks, key maps.
+
+Nothing is pickled: run files are safetensors, and reference `.pt` checkpoints are read
+with `torch.load(weights_only=True)`, which refuses arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dbconvert.errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+
+# --- atomic writes -------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same folder, fsync, then rename over `path`.
+
+    A process killed at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a state dict as safetensors, atomically (tensors made contiguous and CPU-resident)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_weights(path: Path) -> StateDict:
+    """Read a safetensors file; a missing, truncated or corrupt file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"weights file {path} is corrupt or truncated ({str(exc).splitlines()[0]}); "
+            "restore it or re-create it (split / train again)"
+        ) from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- reference checkpoints ------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model")) -> StateDict:
+    """A reference checkpoint (`.pt`/`.pth`/`.bin` or `.safetensors`) as a flat state dict.
+
+    Accepts a bare state dict or one wrapped under the first of `wrappers` present (the DiT
+    training script saves {"model", "ema", "opt", "args"}; the EMA weights are what its
+    sampler uses, so `ema` wins).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; check model.checkpoint in the recipe")
+    if path.suffix == ".safetensors":
+        state: Any = load_weights(path)
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for truncated/corrupt/pickled files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read as a weights-only PyTorch file ({first[:160]}); "
+                "it is truncated, corrupt, or holds pickled objects"
+            ) from None
+    if isinstance(state, dict):
+        for key in wrappers:
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"checkpoint {path} is not a state dict of tensors (nor one wrapped under {' / '.join(wrappers)})"
+        )
+    return dict(state)
+
+
+# --- strict checks and key maps ------------------------------------------------------------
+
+
+def check_state(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], what: str) -> None:
+    """Fail loudly on missing keys, unexpected keys, or shape mismatches."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing:
+        raise CheckpointError(f"{what}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{what}: unknown key {unexpected[0]!r} ({len(unexpected)} unknown in all)")
+    for key, ref in expected.items():
+        if tuple(got[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{what}: shape mismatch for {key!r}: checkpoint has {tuple(got[key].shape)}, "
+                f"model expects {tuple(ref.shape)}"
+            )
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict=True) after our own check, so errors are one readable line."""
+    check_state(module.state_dict(), state, what)
+    module.load_state_dict(dict(state), strict=True)
+
+
+KeyMap = dict[str, str]
+"""Destination key -> source key. Conversions are written as these explicit maps."""
+
+
+def apply_key_map(
+    source: Mapping[str, torch.Tensor],
+    key_map: KeyMap,
+    ignored: Callable[[str], bool] = lambda key: False,
+    transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    what: str = "conversion",
+) -> StateDict:
+    """Build a destination state dict from `source` through an explicit key map.
+
+    Every destination key must find its source key; every source key must be either mapped
+    or explicitly `ignored` (e.g. the layers that belong to other blocks). `transforms`
+    (by destination key) reshape a tensor on the way, e.g. dropping DiT's variance channels.
+    """
+    missing = [src for src in key_map.values() if src not in source]
+    if missing:
+        raise CheckpointError(f"{what}: source is missing key {missing[0]!r} ({len(missing)} missing in all)")
+    used = set(key_map.values())
+    unknown = [k for k in source if k not in used and not ignored(k)]
+    if unknown:
+        raise CheckpointError(f"{what}: source has unknown key {unknown[0]!r} ({len(unknown)} unknown in all)")
+    transforms = transforms or {}
+    out: StateDict = {}
+    for dst, src in key_map.items():
+        tensor = source[src]
+        if dst in transforms:
+            tensor = transforms[dst](tensor)
+        out[dst] = tensor.clone()
+    return out
+
+
+def write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

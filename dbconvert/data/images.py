@@ -1,0 +1,165 @@
+"""Image data sets, all read through the Hugging Face `datasets` library, as tensors in [-1, 1].
+
+Sources (`data.source`, with `data.kind` = auto to guess):
+- `digits`: scikit-learn's bundled 8x8 handwritten digits (offline; 1 channel, 10 classes).
+  It has no official split, so a fixed permutation (seed 0) keeps 20% as `test`.
+- a hub name such as `cifar10`: `datasets.load_dataset(name, split=...)`; offline this fails
+  with a message saying what to download and where to point `data.source`.
+- a local image folder: the `imagefolder` builder (class sub-folders become labels).
+- a `.npz` file, or a folder of `.npz` shards: arrays `x` (or `images`, `latents`) in NCHW or
+  NHWC and optional `y` (or `labels`). uint8 arrays are scaled to [-1, 1]; float arrays
+  (e.g. precomputed VAE latents) are used as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dbconvert.config import DataConfig
+from dbconvert.errors import DataError
+
+IMAGE_KEYS = ("image", "img", "pixel_values", "x", "images", "latents")
+LABEL_KEYS = ("label", "labels", "fine_label", "y")
+
+
+@dataclass
+class ImageData:
+    """Images (N, C, H, W) float32 in the model's data range, and integer class labels (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+
+def resolve_kind(cfg: DataConfig) -> str:
+    if cfg.kind != "auto":
+        return cfg.kind
+    if cfg.source == "digits":
+        return "builtin"
+    path = Path(cfg.source)
+    if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
+        return "npz"
+    if path.is_dir():
+        return "imagefolder"
+    if path.exists() or cfg.source.startswith((".", "/", "~")):
+        raise DataError(f"data.source {cfg.source!r} is neither an image folder nor a .npz file")
+    return "hub"
+
+
+def load_images(cfg: DataConfig, split: str | None = None) -> ImageData:
+    """Load the recipe's image data set (split defaults to `data.split`)."""
+    split = split or cfg.split
+    kind = resolve_kind(cfg)
+    if kind == "builtin":
+        return _digits(split)
+    if kind == "npz":
+        return _npz(Path(cfg.source))
+    if kind == "imagefolder":
+        return _from_hf(_load_hf("imagefolder", split, data_dir=cfg.source), cfg, cfg.source)
+    if kind == "hub":
+        return _from_hf(_load_hf(cfg.source, split), cfg, cfg.source)
+    raise DataError(f"data.kind {kind!r} does not hold images; use builtin, hub, imagefolder or npz")
+
+
+def _digits(split: str) -> ImageData:
+    from datasets import Dataset
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "test", "all"):
+        raise DataError(f"digits has splits train, test and all, not {split!r}")
+    bunch = load_digits()
+    order = np.random.default_rng(0).permutation(len(bunch.target))
+    n_test = len(order) // 5
+    index = {"test": order[:n_test], "train": order[n_test:], "all": np.arange(len(order))}[split]
+    ds = Dataset.from_dict({"image": bunch.images[index].astype(np.float32), "label": bunch.target[index]})
+    ds = ds.with_format("numpy")
+    x = torch.from_numpy(np.asarray(ds["image"], dtype=np.float32)) / 16.0 * 2.0 - 1.0
+    return ImageData(x[:, None], torch.from_numpy(np.asarray(ds["label"])).long(), 10, "digits")
+
+
+def _load_hf(name: str, split: str, **kwargs: str):  # noqa: ANN202 - datasets.Dataset
+    import datasets
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # the hub's retry chatter would bury our one-line error
+    datasets.utils.logging.set_verbosity_error()
+    try:
+        return datasets.load_dataset(name, split=split, **kwargs)
+    except (ValueError, KeyError) as exc:
+        raise DataError(f"data set {name!r} has no split {split!r} ({str(exc).splitlines()[0][:120]})") from None
+    except Exception as exc:  # connection errors surface under many types
+        if "imagefolder" in name:
+            raise DataError(f"cannot read image folder {kwargs.get('data_dir')!r}: {str(exc).splitlines()[0][:160]}") from None
+        raise DataError(
+            f"data set {name!r} could not be loaded from the Hugging Face hub (offline or unknown name: "
+            f"{type(exc).__name__}); download it where there is internet (datasets.load_dataset({name!r}) fills "
+            "~/.cache/huggingface/datasets, then copy that folder here), or point data.source at a local "
+            "image folder or .npz file"
+        ) from None
+
+
+def _from_hf(ds, cfg: DataConfig, name: str) -> ImageData:  # noqa: ANN001
+    columns = list(ds.column_names)
+    image_key = cfg.image_key or next((k for k in IMAGE_KEYS if k in columns), None)
+    label_key = cfg.label_key or next((k for k in LABEL_KEYS if k in columns), None)
+    if image_key is None or image_key not in columns:
+        raise DataError(f"data set {name!r} has no image column (columns: {columns}); set data.image_key")
+    if len(ds) == 0:
+        raise DataError(f"data set {name!r} is empty")
+    try:
+        arrays = [np.asarray(img) for img in ds[image_key]]
+    except Exception as exc:
+        raise DataError(f"data set {name!r}: an image cannot be read ({str(exc).splitlines()[0][:120]})") from None
+    if len({a.shape for a in arrays}) != 1:
+        raise DataError(f"data set {name!r} has images of different sizes; resize them to one size first")
+    x = np.stack(arrays)
+    labels = np.asarray(ds[label_key]) if label_key in columns else np.zeros(len(x), dtype=np.int64)
+    return _to_tensors(x, labels, name)
+
+
+def _npz(path: Path) -> ImageData:
+    files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise DataError(f"no .npz data at {path}")
+    xs, ys = [], []
+    for file in files:
+        try:
+            with np.load(file, allow_pickle=False) as arr:
+                xkey = next((k for k in ("x", "images", "latents", "arr_0") if k in arr.files), None)
+                if xkey is None:
+                    raise DataError(f"{file} has no array named x, images or latents (it has {arr.files})")
+                xs.append(arr[xkey])
+                ykey = next((k for k in ("y", "labels") if k in arr.files), None)
+                ys.append(arr[ykey] if ykey else np.zeros(len(arr[xkey]), dtype=np.int64))
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"cannot read {file}: {str(exc).splitlines()[0][:120]}") from None
+    return _to_tensors(np.concatenate(xs), np.concatenate(ys), str(path))
+
+
+def _to_tensors(x: np.ndarray, labels: np.ndarray, name: str) -> ImageData:
+    if x.ndim == 3:  # grey images without a channel axis
+        x = x[:, None] if x.dtype != np.uint8 else x[..., None]
+    if x.ndim != 4:
+        raise DataError(f"data set {name!r}: expected images of rank 3 or 4, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)
+        tensor = torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1.0
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(x)).float()
+    y = torch.from_numpy(np.asarray(labels).astype(np.int64))
+    num_classes = int(y.max().item()) + 1 if len(y) else 0
+    return ImageData(tensor, y, num_classes, name)

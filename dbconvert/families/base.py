@@ -1,0 +1,71 @@
+"""What a model family must provide to the generic split / train / sample machinery."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dbconvert.config import ModelConfig, Recipe
+    from dbconvert.noise import NoiseSettings
+    from dbconvert.rundir import Run
+    from dbconvert.sampling import SampleRequest, SampleResult
+
+
+@dataclass
+class Source:
+    """The source network ready to be cut: its layer count and its state dict (reference names)."""
+
+    network: nn.Module
+    num_layers: int
+    checkpoint_sha256: str | None = None
+
+
+class Family(ABC):
+    """One model family (DiT, Llama, ...). Stateless: every method takes the resolved recipe."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type["ModelConfig"]]
+
+    @abstractmethod
+    def source(self, recipe: "Recipe") -> Source:
+        """Build the source network from the recipe's config, or load it from its checkpoint."""
+
+    @abstractmethod
+    def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
+        """An empty stand-alone network of `depth` layers, the skeleton a block's weights load into."""
+
+    @abstractmethod
+    def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
+        """State dict of the block holding source layers [start, end), through an explicit key map."""
+
+    @abstractmethod
+    def denoiser(self, recipe: "Recipe", network: nn.Module, noise: "NoiseSettings") -> nn.Module:
+        """Wrap a network into the family's denoiser (preconditioning + noise conditioning)."""
+
+    @abstractmethod
+    def load_data(self, recipe: "Recipe", split: str | None = None) -> Any:
+        """The training data, validated against the model config."""
+
+    @abstractmethod
+    def training_loss(
+        self,
+        denoiser: nn.Module,
+        batch: Any,
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one batch with sigmas drawn inside `sigma_range`; returns (loss, sigma stats)."""
+
+    @abstractmethod
+    def sample(self, run: "Run", request: "SampleRequest") -> "SampleResult":
+        """Generate with the run's blocks (or its e2e network) and write the output into the run."""
+
+    def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
+        """Write shared artefacts into a new run (e.g. a text target table). Default: nothing."""

@@ -1,0 +1,149 @@
+"""Noise levels of the variance-exploding (EDM) diffusion and their partition into blocks.
+
+Everything here is DESIGN.md sections 2-4 written as functions: the log-normal training
+distribution, the equi-probability / uniform partition, overlap, per-block sigma sampling,
+EDM preconditioning, the loss weight and the EDM sampling-step discretisation.
+
+Orientation (DESIGN 2): block 0 holds the HIGHEST noise range, block B-1 the lowest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_SQRT2 = math.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """The sigma settings a run fixes at split time (all of them recipe fields)."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def cdf(self, sigma: float) -> float:
+        """F(sigma) of the log-normal ln(sigma) ~ N(P_mean, P_std^2)."""
+        x = (math.log(sigma) - self.p_mean) / (self.p_std * _SQRT2)
+        return 0.5 * (1.0 + math.erf(x))
+
+    def icdf(self, u: float) -> float:
+        """F^-1(u): sigma = exp(P_mean + P_std * PhiInv(u))."""
+        return math.exp(self.p_mean + self.p_std * _phi_inv(u))
+
+    def truncated_mass(self, lo: float, hi: float) -> float:
+        """Probability mass of [lo, hi] under the log-normal truncated to [sigma_min, sigma_max]."""
+        return (self.cdf(hi) - self.cdf(lo)) / (self.cdf(self.sigma_max) - self.cdf(self.sigma_min))
+
+
+def _phi_inv(u: float) -> float:
+    """Standard normal quantile, via torch's float64 erfinv (exact to double precision)."""
+    if not 0.0 < u < 1.0:
+        raise ValueError(f"quantile argument must lie in (0, 1), got {u}")
+    return _SQRT2 * torch.erfinv(torch.tensor(2.0 * u - 1.0, dtype=torch.float64)).item()
+
+
+PARTITIONS = ("equiprobable", "uniform")
+
+
+def boundaries(noise: NoiseSettings, num_blocks: int, partition: str = "equiprobable") -> list[float]:
+    """The B+1 increasing sigma boundaries b_0 = sigma_min < ... < b_B = sigma_max.
+
+    `equiprobable`: b_k = F^-1(c0 + k/B (c1 - c0)), so every piece holds mass 1/B of the
+    truncated log-normal. `uniform`: equal widths in ln(sigma) (the paper's ablation).
+    """
+    if num_blocks < 1:
+        raise ValueError("num_blocks must be >= 1")
+    if partition == "equiprobable":
+        c0, c1 = noise.cdf(noise.sigma_min), noise.cdf(noise.sigma_max)
+        inner = [noise.icdf(c0 + k / num_blocks * (c1 - c0)) for k in range(1, num_blocks)]
+    elif partition == "uniform":
+        a, b = math.log(noise.sigma_min), math.log(noise.sigma_max)
+        inner = [math.exp(a + k / num_blocks * (b - a)) for k in range(1, num_blocks)]
+    else:
+        raise ValueError(f"unknown partition {partition!r}; choose one of {PARTITIONS}")
+    return [noise.sigma_min, *inner, noise.sigma_max]
+
+
+def owned_ranges(bounds: list[float]) -> list[tuple[float, float]]:
+    """Owned [lo, hi] per block, in block order: block 0 gets the highest range."""
+    num_blocks = len(bounds) - 1
+    return [(bounds[num_blocks - 1 - i], bounds[num_blocks - i]) for i in range(num_blocks)]
+
+
+def expand_range(lo: float, hi: float, gamma: float, noise: NoiseSettings) -> tuple[float, float]:
+    """Training range with overlap: [lo / a, hi * a], a = (hi / lo) ** gamma, clamped to [sigma_min, sigma_max]."""
+    a = (hi / lo) ** gamma
+    return max(lo / a, noise.sigma_min), min(hi * a, noise.sigma_max)
+
+
+def sample_sigmas(
+    n: int, lo: float, hi: float, noise: NoiseSettings, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """n training sigmas from the global log-normal restricted to [lo, hi] (inverse-CDF sampling).
+
+    u ~ U(F(lo), F(hi)), sigma = exp(P_mean + P_std * PhiInv(u)). Computed in float64 so
+    tails near sigma_min/sigma_max do not lose mass to rounding.
+    """
+    f_lo, f_hi = noise.cdf(lo), noise.cdf(hi)
+    u = f_lo + (f_hi - f_lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+    u = u.clamp(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
+    z = _SQRT2 * torch.erfinv(2.0 * u - 1.0)
+    sigma = torch.exp(noise.p_mean + noise.p_std * z).clamp(lo, hi)
+    return sigma.to(torch.float32)
+
+
+def owner_of(sigma: float, owned: list[tuple[float, float]]) -> int:
+    """Index of the block that owns `sigma` at sampling time (un-expanded ranges).
+
+    Ranges are half-open: block i owns lo_i < sigma <= hi_i, so a boundary sigma belongs to
+    the lower-noise block. Sigmas above sigma_max go to block 0, sigmas at or below
+    sigma_min to the last block.
+    """
+    for i, (lo, hi) in enumerate(owned):
+        if lo < sigma <= hi:
+            return i
+    return 0 if sigma > owned[0][1] else len(owned) - 1
+
+
+# --- EDM preconditioning (DESIGN 3) -------------------------------------------------------
+
+
+def c_skip(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    return sigma_data**2 / (sigma**2 + sigma_data**2)
+
+
+def c_out(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    return sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
+
+
+def c_in(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    return 1.0 / torch.sqrt(sigma**2 + sigma_data**2)
+
+
+def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    return torch.log(sigma) / 4.0
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+# --- Sampling steps (DESIGN 4) ------------------------------------------------------------
+
+
+def edm_steps(num_steps: int, noise: NoiseSettings, rho: float = 7.0) -> list[float]:
+    """t_0 = sigma_max > ... > t_{N-1} = sigma_min, then t_N = 0 (EDM, Karras et al. eq. 5)."""
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    if num_steps == 1:
+        return [noise.sigma_max, 0.0]
+    a, b = noise.sigma_max ** (1 / rho), noise.sigma_min ** (1 / rho)
+    ts = [(a + j / (num_steps - 1) * (b - a)) ** rho for j in range(num_steps)]
+    return [*ts, 0.0]

@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML). `dbconvert recipes` lists them; `dbconvert split NAME` uses one."""

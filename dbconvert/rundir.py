@@ -1,0 +1,188 @@
+"""The run directory of DESIGN 6: one self-describing folder that `split` writes and everything reads.
+
+    RUN/
+      manifest.yaml                 format version, family, resolved recipe, blocks, ranges, source hash
+      source/model.safetensors      the converted source network (the e2e baseline starts from it)
+      shared/                       artefacts shared by all blocks (e.g. the text target table)
+      blocks/block-00/              model.safetensors, ema.safetensors, state.safetensors, state.json
+      e2e/                          the same files for the end-to-end baseline
+      metrics/block-00.jsonl        one JSON line per logged training step
+      samples/  eval/
+
+The current run is remembered in `.dbconvert/current-run` of the working directory, so after
+`split` the other commands need no `--run`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dbconvert.checkpoint import atomic_write_text
+from dbconvert.config import Recipe, validate_recipe
+from dbconvert.errors import RunError
+from dbconvert.noise import NoiseSettings
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.yaml"
+POINTER = Path(".dbconvert") / "current-run"
+ORIENTATION = "block 0 = first source layers = highest noise; block B-1 = last layers = lowest noise"
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    index: int
+    layers: tuple[int, int]
+    sigma_range: tuple[float, float]
+    train_range: tuple[float, float]
+    mass: float
+    params: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "layers": list(self.layers),
+            "sigma_range": list(self.sigma_range),
+            "train_range": list(self.train_range),
+            "mass": self.mass,
+            "params": self.params,
+        }
+
+
+@dataclass(frozen=True)
+class TrainStatus:
+    step: int
+    total_steps: int | None
+
+    @property
+    def trained(self) -> bool:
+        return self.step > 0
+
+    @property
+    def finished(self) -> bool:
+        return self.total_steps is not None and self.step >= self.total_steps
+
+
+class Run:
+    """An opened run directory: its manifest, resolved recipe and paths."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.recipe: Recipe = validate_recipe(manifest["recipe"], f"{root / MANIFEST} recipe")
+        self.blocks = [
+            BlockInfo(
+                index=b["index"],
+                layers=tuple(b["layers"]),
+                sigma_range=tuple(b["sigma_range"]),
+                train_range=tuple(b["train_range"]),
+                mass=b["mass"],
+                params=b["params"],
+            )
+            for b in manifest["blocks"]
+        ]
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Run":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise RunError(f"{root} is not a dbconvert run (no {MANIFEST}); create one with `dbconvert split RECIPE`")
+        try:
+            manifest = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            raise RunError(f"{path} is not valid YAML; the run is damaged, split again") from None
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            got = manifest.get("format_version") if isinstance(manifest, dict) else None
+            raise RunError(f"{path} has format version {got!r}; this dbconvert reads version {FORMAT_VERSION}")
+        return cls(root, manifest)
+
+    # -- settings --------------------------------------------------------------------------
+
+    @property
+    def family_name(self) -> str:
+        return str(self.manifest["family"])
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["num_layers"])
+
+    def noise(self) -> NoiseSettings:
+        n = self.recipe.noise
+        return NoiseSettings(n.sigma_min, n.sigma_max, n.sigma_data, n.p_mean, n.p_std)
+
+    def owned_ranges(self) -> list[tuple[float, float]]:
+        return [b.sigma_range for b in self.blocks]
+
+    def block(self, index: int) -> BlockInfo:
+        if not 0 <= index < self.num_blocks:
+            raise RunError(f"block index {index} is out of range: this run has blocks 0..{self.num_blocks - 1}")
+        return self.blocks[index]
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        """`block-02` -> blocks/block-02, `e2e` -> e2e."""
+        return self.root / "e2e" if name == "e2e" else self.root / "blocks" / name
+
+    @staticmethod
+    def block_name(index: int) -> str:
+        return f"block-{index:02d}"
+
+    @property
+    def source_weights(self) -> Path:
+        return self.root / "source" / "model.safetensors"
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.root / "shared"
+
+    def metrics_path(self, name: str) -> Path:
+        return self.root / "metrics" / f"{name}.jsonl"
+
+    def status(self, name: str) -> TrainStatus:
+        path = self.model_dir(name) / "state.json"
+        if not path.is_file():
+            return TrainStatus(0, None)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise RunError(f"{path} is damaged; rerun training with --restart") from None
+        return TrainStatus(int(data.get("step", 0)), data.get("total_steps"))
+
+
+# --- the current run -----------------------------------------------------------------------
+
+
+def set_current(root: Path, cwd: Path | None = None) -> None:
+    pointer = (cwd or Path.cwd()) / POINTER
+    atomic_write_text(pointer, str(Path(root).resolve()) + "\n")
+
+
+def resolve_run(run: str | Path | None, cwd: Path | None = None) -> Run:
+    """`--run DIR` when given, else the last run split in this directory."""
+    if run is not None:
+        return Run.open(run)
+    pointer = (cwd or Path.cwd()) / POINTER
+    if not pointer.is_file():
+        raise RunError("no current run here: run `dbconvert split RECIPE` first, or pass --run DIR")
+    root = Path(pointer.read_text().strip())
+    if not (root / MANIFEST).is_file():
+        raise RunError(f"the current run {root} no longer exists; split again or pass --run DIR")
+    return Run.open(root)
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    text = f"# dbconvert run manifest (format {FORMAT_VERSION}); written by `dbconvert split`, read by every other command\n"
+    text += yaml.safe_dump(manifest, sort_keys=False)
+    atomic_write_text(root / MANIFEST, text)

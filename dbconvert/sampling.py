@@ -1,0 +1,180 @@
+"""Sampling (DESIGN 4): EDM steps, Euler / Heun, owning-block dispatch, classifier-free guidance.
+
+At every step only the block that owns the current sigma runs; Heun's correction at
+t_{j+1} runs the block that owns t_{j+1}. `sample_images` drives this for image families and
+writes a PNG grid, the single PNGs and an `.npz` into the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dbconvert import noise as nz
+from dbconvert.checkpoint import atomic_write, load_strict, load_weights
+from dbconvert.devices import resolve_device
+from dbconvert.errors import DbconvertError, RunError
+from dbconvert.families import get_family
+from dbconvert.rundir import Run
+
+Denoise = Callable[[int, torch.Tensor, float], torch.Tensor]
+"""(block index, z, sigma) -> D(z, sigma) of that block."""
+
+
+@dataclass
+class SampleRequest:
+    model: str = "blocks"
+    steps: int | None = None
+    solver: str | None = None
+    guidance: float | None = None
+    num: int | None = None
+    seed: int | None = None
+    class_label: int | None = None
+    weights: str | None = None
+    out: Path | None = None
+    prompt: str | None = None
+    prompt_file: Path | None = None
+    max_new_tokens: int = 64
+
+
+@dataclass
+class SampleResult:
+    directory: Path
+    files: list[Path] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+
+
+def edm_sample(
+    denoise: Denoise,
+    owned: Sequence[tuple[float, float]],
+    ts: Sequence[float],
+    z: torch.Tensor,
+    solver: str = "euler",
+) -> torch.Tensor:
+    """Integrate the probability-flow ODE over the steps `ts` (ending in 0) from z = t_0 * eps."""
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"unknown solver {solver!r}")
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        d = (z - denoise(nz.owner_of(t, list(owned)), z, t)) / t
+        z_next = z + (t_next - t) * d
+        if solver == "heun" and t_next > 0:
+            d_next = (z_next - denoise(nz.owner_of(t_next, list(owned)), z_next, t_next)) / t_next
+            z_next = z + (t_next - t) * 0.5 * (d + d_next)
+        z = z_next
+    return z
+
+
+def guided(model: nn.Module, z: torch.Tensor, sigma: float, y: torch.Tensor, scale: float, null: int) -> torch.Tensor:
+    """D_uncond + w (D_cond - D_uncond), both halves in one batched forward; w = 1 skips the null pass."""
+    s = torch.full((z.shape[0],), sigma, device=z.device)
+    if scale == 1.0:
+        return model(z, s, y)
+    both = model(torch.cat([z, z]), torch.cat([s, s]), torch.cat([y, torch.full_like(y, null)]))
+    cond, uncond = both.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def load_models(run: Run, model: str, weights: str, device: torch.device) -> list[nn.Module]:
+    """The trained denoisers of `run`: every block (model="blocks") or the e2e network."""
+    family = get_family(run.family_name)
+    if model == "blocks":
+        names = [Run.block_name(b.index) for b in run.blocks]
+        depths = [b.layers[1] - b.layers[0] for b in run.blocks]
+        untrained = [n for n in names if not run.status(n).trained]
+        if untrained:
+            raise RunError(f"untrained blocks: {', '.join(untrained)}; train them with `dbconvert train-block I` first")
+    elif model == "e2e":
+        names, depths = ["e2e"], [run.num_layers]
+        if not run.status("e2e").trained:
+            raise RunError("the e2e baseline is not trained; run `dbconvert train-e2e` first")
+    else:
+        raise DbconvertError(f"--model must be blocks or e2e, not {model!r}")
+    models = []
+    for name, depth in zip(names, depths):
+        net = family.block_network(run.recipe, depth)
+        path = run.model_dir(name) / f"{weights}.safetensors"
+        load_strict(net, load_weights(path), str(path))
+        models.append(family.denoiser(run.recipe, net, run.noise()).to(device).eval())
+    return models
+
+
+def sample_images(run: Run, request: SampleRequest) -> SampleResult:
+    """Generate images with the run's blocks (or e2e) and write them into the run."""
+    cfg = run.recipe.sample
+    steps, solver = request.steps or cfg.steps, request.solver or cfg.solver
+    guidance = cfg.guidance if request.guidance is None else request.guidance
+    num, seed = request.num or cfg.num, cfg.seed if request.seed is None else request.seed
+    weights = request.weights or cfg.weights
+    model_cfg = run.recipe.model
+    num_classes: int = getattr(model_cfg, "num_classes", 0)
+    if request.class_label is not None and not 0 <= request.class_label < max(num_classes, 1):
+        raise DbconvertError(f"--class {request.class_label} is out of range: the model has classes 0..{num_classes - 1}")
+    if num_classes == 0 and guidance != 1.0:
+        raise DbconvertError("guidance needs a class-conditional model; this one has model.num_classes=0 (use --guidance 1)")
+
+    device = resolve_device(run.recipe.train.device)
+    models = load_models(run, request.model, weights, device)
+    noise = run.noise()
+    owned = run.owned_ranges() if request.model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
+    ts = nz.edm_steps(steps, noise, run.recipe.sample.rho)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num, model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)  # type: ignore[attr-defined]
+    z = (ts[0] * torch.randn(shape, generator=gen, dtype=torch.float64)).to(torch.float32).to(device)
+    if request.class_label is not None:
+        y = torch.full((num,), request.class_label, dtype=torch.long)
+    else:
+        y = torch.arange(num) % max(num_classes, 1)
+    y = y.to(device)
+    calls = [0] * len(models)
+
+    def denoise(i: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        calls[i] += 1
+        return guided(models[i], z, sigma, y, guidance, num_classes)
+
+    with torch.no_grad():
+        x = edm_sample(denoise, owned, ts, z, solver).clamp(-1, 1).cpu()
+
+    tag = f"{request.model}-{solver}-{steps}steps-g{guidance:g}-seed{seed}"
+    out = Path(request.out) if request.out else run.root / "samples" / tag
+    files = write_images(out, x, y.cpu())
+    return SampleResult(out, files, calls=calls)
+
+
+def write_images(out: Path, x: torch.Tensor, y: torch.Tensor) -> list[Path]:
+    """samples.npz always; grid.png and one PNG per image when the data are 1 or 3 channel pixels."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "samples.npz"]
+    arr = x.numpy()
+
+    def save_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=arr, y=y.numpy())
+
+    atomic_write(files[0], save_npz)
+    if arr.shape[1] not in (1, 3):
+        return files  # latents: decode with the VAE before viewing
+    pixels = np.clip((arr + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    mode = "L" if pixels.shape[-1] == 1 else "RGB"
+    images = [Image.fromarray(p[..., 0] if mode == "L" else p, mode) for p in pixels]
+    for i, img in enumerate(images):
+        path = out / f"{i:05d}.png"
+        img.save(path)
+    h, w = pixels.shape[1:3]
+    scale = max(1, 32 // max(h, w))
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    grid = Image.new(mode, (cols * w * scale + (cols + 1) * 2, rows * h * scale + (rows + 1) * 2))
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(img.resize((w * scale, h * scale), Image.NEAREST), (2 + c * (w * scale + 2), 2 + r * (h * scale + 2)))
+    grid.save(out / "grid.png")
+    files.insert(0, out / "grid.png")
+    return files

@@ -1,0 +1,117 @@
+"""`split`: cut a source network into B stand-alone blocks and write the run directory."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from pathlib import Path
+
+from dbconvert import __version__
+from dbconvert import noise as nz
+from dbconvert.checkpoint import save_weights
+from dbconvert.config import Recipe
+from dbconvert.errors import RecipeError, RunError
+from dbconvert.families import get_family
+from dbconvert.rundir import FORMAT_VERSION, MANIFEST, ORIENTATION, BlockInfo, Run, set_current, write_manifest
+
+
+def layer_ranges(num_layers: int, num_blocks: int, uneven: bool = False) -> list[tuple[int, int]]:
+    """Consecutive [start, end) layer slices, block 0 first.
+
+    B must divide L unless `uneven` is allowed, in which case the first L mod B blocks get
+    one layer more (the high-noise end, where the paper finds most work is done).
+    """
+    if num_blocks < 1 or num_blocks > num_layers:
+        raise RecipeError(f"--blocks must be between 1 and the network's {num_layers} layers, got {num_blocks}")
+    base, extra = divmod(num_layers, num_blocks)
+    if extra and not uneven:
+        divisors = [b for b in range(1, num_layers + 1) if num_layers % b == 0]
+        raise RecipeError(
+            f"{num_blocks} blocks do not divide the {num_layers} layers evenly; use one of {divisors} "
+            "or set blocks.uneven=true"
+        )
+    ranges, start = [], 0
+    for i in range(num_blocks):
+        size = base + (1 if i < extra else 0)
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict]]:
+    """Boundaries and, per block, its layers and owned / training sigma ranges and mass."""
+    n = recipe.noise
+    noise = nz.NoiseSettings(n.sigma_min, n.sigma_max, n.sigma_data, n.p_mean, n.p_std)
+    bounds = nz.boundaries(noise, recipe.blocks.num, n.partition)
+    plans = []
+    for i, (layers, owned) in enumerate(
+        zip(layer_ranges(num_layers, recipe.blocks.num, recipe.blocks.uneven), nz.owned_ranges(bounds))
+    ):
+        train = nz.expand_range(*owned, n.gamma, noise)
+        plans.append(
+            {"index": i, "layers": layers, "sigma_range": owned, "train_range": train, "mass": noise.truncated_mass(*owned)}
+        )
+    return bounds, plans
+
+
+def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True) -> Run:
+    """Build or load the source network, cut it into blocks and write a new run directory.
+
+    The run is assembled in a temporary sibling folder and renamed into place at the end, so
+    a failed or killed split never leaves a half-written run, and an existing run is only
+    replaced when `force` is set.
+    """
+    family = get_family(recipe.model.family)
+    out = Path(out) if out is not None else recipe.output_dir()
+    if (out / MANIFEST).exists() and not force:
+        raise RunError(f"{out} already holds a run; pass --force to replace it or --out DIR for another folder")
+    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise RunError(f"{out} exists and is not an empty folder or a dbconvert run; choose another --out")
+
+    source = family.source(recipe)
+    bounds, plans = plan_blocks(recipe, source.num_layers)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.split-", dir=out.parent))
+    try:
+        save_weights(staging / "source" / "model.safetensors", source.network.state_dict())
+        blocks = []
+        for plan in plans:
+            state = family.block_state(source, *plan["layers"])
+            params = sum(t.numel() for k, t in state.items() if k != "pos_embed")
+            save_weights(staging / "blocks" / Run.block_name(plan["index"]) / "model.safetensors", state)
+            blocks.append(BlockInfo(params=params, **plan).to_dict())
+        family.prepare_run(recipe, staging, source)
+        write_manifest(
+            staging,
+            {
+                "format_version": FORMAT_VERSION,
+                "dbconvert_version": __version__,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "family": recipe.model.family,
+                "orientation": ORIENTATION,
+                "num_layers": source.num_layers,
+                "num_blocks": recipe.blocks.num,
+                "partition": recipe.noise.partition,
+                "gamma": recipe.noise.gamma,
+                "noise": recipe.noise.model_dump(exclude={"partition", "gamma"}),
+                "boundaries": bounds,
+                "source": {"checkpoint": recipe.model.checkpoint, "sha256": source.checkpoint_sha256},
+                "blocks": blocks,
+                "recipe": recipe.to_dict(),
+            },
+        )
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(trash / "run")
+            staging.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    if make_current:
+        set_current(out)
+    return Run.open(out)

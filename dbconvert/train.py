@@ -1,0 +1,326 @@
+"""`train-block` and `train-e2e`: one training loop, fed either one block or the whole network.
+
+A block process loads only its own weights (plus the data), so it needs about 1/B of the
+memory of end-to-end backprop. Randomness is derived from (seed, step), and the data
+order from (seed, epoch), so an interrupted run that resumes ends with exactly the weights
+of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dbconvert.checkpoint import atomic_write_text, load_strict, load_weights, save_weights, write_json
+from dbconvert.config import Recipe, override_recipe
+from dbconvert.devices import resolve_device
+from dbconvert.errors import DbconvertError, RunError
+from dbconvert.families import get_family
+from dbconvert.rundir import Run
+
+TRAIN_OVERRIDABLE = ("train", "sample", "data")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one training process trains: a block or the e2e network."""
+
+    name: str
+    depth: int
+    train_range: tuple[float, float]
+    init_weights: Path
+
+
+@dataclass
+class TrainResult:
+    name: str
+    step: int
+    total_steps: int
+    last_loss: float | None
+    directory: Path
+
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+def block_target(run: Run, index: int) -> Target:
+    info = run.block(index)
+    name = Run.block_name(index)
+    return Target(name, info.layers[1] - info.layers[0], info.train_range, run.model_dir(name) / "model.safetensors")
+
+
+def e2e_target(run: Run) -> Target:
+    noise = run.noise()
+    return Target("e2e", run.num_layers, (noise.sigma_min, noise.sigma_max), run.source_weights)
+
+
+def total_steps(recipe: Recipe, num_examples: int) -> int:
+    """train.steps, or train.epochs worth of full batches."""
+    if recipe.train.steps is not None:
+        return recipe.train.steps
+    per_epoch = max(1, num_examples // recipe.train.batch_size)
+    return max(1, math.ceil(recipe.train.epochs * per_epoch))  # type: ignore[operator]
+
+
+def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
+    """The RNG for one training step: a pure function of (seed, step, target), so resume is exact."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + salt * 10_007 + step) % (2**63))
+
+
+def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
+    """Example indices of `step`: a fresh seeded permutation per epoch, full batches only."""
+    if n < batch:
+        raise DbconvertError(f"the data set has {n} examples, fewer than train.batch_size={batch}; lower the batch size")
+    per_epoch = n // batch
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return perm[pos * batch : (pos + 1) * batch]
+
+
+def train(
+    run: Run,
+    target: Target,
+    steps: int | None = None,
+    epochs: float | None = None,
+    restart: bool = False,
+    overrides: list[str] | None = None,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one block (or the e2e network) of `run`, resuming from its last checkpoint."""
+    recipe = override_recipe(run.recipe, overrides, TRAIN_OVERRIDABLE)
+    if steps is not None or epochs is not None:
+        recipe = override_recipe(recipe, [f"train.steps={steps}" if steps else "train.steps=null",
+                                          f"train.epochs={epochs}" if epochs else "train.epochs=null"], ("train",))
+    family = get_family(run.family_name)
+    device = resolve_device(recipe.train.device)
+    data = family.load_data(recipe)
+    n_total = total_steps(recipe, len(data))
+    out_dir = run.model_dir(target.name)
+
+    network = family.block_network(recipe, target.depth)
+    denoiser = family.denoiser(recipe, network, run.noise()).to(device)
+    ema = family.block_network(recipe, target.depth).to(device).requires_grad_(False)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = _optimizer(recipe, trainable)
+
+    start = 0
+    state_path = out_dir / "state.safetensors"
+    if state_path.exists() and not restart:
+        start = _restore(state_path, network, ema, optimizer, target.name)
+    else:
+        load_strict(network, load_weights(target.init_weights), f"initial weights of {target.name}")
+        ema.load_state_dict(network.state_dict())
+        _truncate_metrics(run.metrics_path(target.name), 0)
+    if start:
+        _truncate_metrics(run.metrics_path(target.name), start)
+    if start >= n_total:
+        return TrainResult(target.name, start, n_total, None, out_dir)
+
+    salt = 0 if target.name == "e2e" else 1 + int(target.name.split("-")[-1])
+    forward = torch.compile(denoiser) if recipe.train.compile else denoiser
+    autocast, scaler = _precision(recipe.train.precision, device)
+    metrics = run.metrics_path(target.name)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    denoiser.train()
+    window: list[float] = []
+    last_loss: float | None = None
+    t_log = time.perf_counter()
+    examples = 0
+    with _progress(progress, target.name, n_total, start) as advance, open(metrics, "a") as log:
+        for step in range(start, n_total):
+            gen = step_generator(recipe.train.seed, step, salt)
+            batch = [t.to(device) for t in data.batch(batch_indices(recipe.train.seed, step, recipe.train.batch_size, len(data)))]
+            lr = _lr(recipe, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast():
+                loss, stats = family.training_loss(forward, batch, target.train_range, recipe, gen)
+            if not torch.isfinite(loss):
+                raise DbconvertError(
+                    f"{target.name}: loss became {loss.item()} at step {step}; the last checkpoint is intact "
+                    "(lower train.lr or use train.precision=fp32, then rerun to resume)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if recipe.train.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(trainable, recipe.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            _ema_update(ema, network, recipe.train.ema_decay)
+            window.append(loss.item())
+            examples += batch[0].shape[0]
+            done = step + 1
+            if done % recipe.train.log_every == 0 or done == n_total:
+                now = time.perf_counter()
+                last_loss = sum(window) / len(window)
+                record = {
+                    "step": done,
+                    "loss": last_loss,
+                    "lr": lr,
+                    **stats,
+                    "examples_per_s": examples / max(now - t_log, 1e-9),
+                    "peak_memory_bytes": peak_memory(device),
+                    "time": time.time(),
+                }
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if on_step:
+                    on_step(record)
+                window, examples, t_log = [], 0, now
+            if done % recipe.train.checkpoint_every == 0 or done == n_total:
+                _checkpoint(out_dir, network, ema, optimizer, done, n_total, target.name)
+            advance(done, last_loss)
+    return TrainResult(target.name, n_total, n_total, last_loss, out_dir)
+
+
+def train_block(run: Run, index: int, **kwargs: Any) -> TrainResult:
+    """Train block `index` alone: only its own weights are ever read."""
+    return train(run, block_target(run, index), **kwargs)
+
+
+def train_e2e(run: Run, **kwargs: Any) -> TrainResult:
+    """The baseline: the whole source network, end to end over the full sigma range.
+
+    By default it runs the recipe's steps, the same as each block: B blocks x S steps x L/B
+    layers equals S steps x L layers, the paper's matched layer updates.
+    """
+    return train(run, e2e_target(run), **kwargs)
+
+
+# --- pieces --------------------------------------------------------------------------------
+
+
+def _optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    t = recipe.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay)
+
+
+def _lr(recipe: Recipe, step: int) -> float:
+    warm = recipe.train.warmup_steps
+    return recipe.train.lr * min(1.0, (step + 1) / warm) if warm else recipe.train.lr
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            e.lerp_(p.detach(), 1.0 - decay)
+
+
+def _precision(precision: str, device: torch.device):  # noqa: ANN202
+    """(autocast context factory, grad scaler) for fp32 / bf16 / fp16."""
+    if precision == "fp32":
+        return nullcontext, torch.amp.GradScaler(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise DbconvertError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 here")
+    return (lambda: torch.autocast(device.type, dtype=dtype)), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak memory in bytes: the CUDA allocator's peak, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: str) -> dict[str, Any]:
+    info = json.loads(meta)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in info["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def _checkpoint(out_dir: Path, network: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+                step: int, total: int, name: str) -> None:
+    """Everything needed to resume in ONE atomically written file, then the exported weights."""
+    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+    state = {f"model.{k}": v for k, v in network.state_dict().items()}
+    state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    state.update(optim_tensors)
+    meta = {"step": str(step), "total_steps": str(total), "target": name, "optimizer": optim_meta}
+    save_weights(out_dir / "state.safetensors", state, metadata=meta)
+    save_weights(out_dir / "model.safetensors", network.state_dict(), metadata={"step": str(step)})
+    save_weights(out_dir / "ema.safetensors", ema.state_dict(), metadata={"step": str(step)})
+    write_json(out_dir / "state.json", {"step": step, "total_steps": total, "target": name})
+
+
+def _restore(path: Path, network: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, name: str) -> int:
+    from safetensors import safe_open
+
+    state = load_weights(path)
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    if meta.get("target") != name or "step" not in meta:
+        raise RunError(f"{path} is not a training state of {name}; rerun with --restart")
+    load_strict(network, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, f"{path} (model)")
+    load_strict(ema, {k[4:]: v for k, v in state.items() if k.startswith("ema.")}, f"{path} (ema)")
+    optimizer.load_state_dict(_unflatten_optimizer({k: v for k, v in state.items() if k.startswith("optim.")}, meta["optimizer"]))
+    return int(meta["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged lines past the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _progress(enabled: bool, name: str, total: int, start: int):  # noqa: ANN202
+    """A Rich progress bar (or nothing) yielding `advance(step, loss)`."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    @contextmanager
+    def bar():  # noqa: ANN202
+        if not enabled:
+            yield lambda step, loss: None
+            return
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns) as prog:
+            task = prog.add_task(name, total=total, completed=start, loss="-")
+
+            def advance(step: int, loss: float | None) -> None:
+                prog.update(task, completed=step, loss=f"{loss:.4f}" if loss is not None else "-")
+
+            yield advance
+
+    return bar()
