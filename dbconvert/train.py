@@ -110,7 +110,9 @@ def train(
     out_dir = run.model_dir(target.name)
 
     network = family.block_network(recipe, target.depth)
-    denoiser = family.denoiser(recipe, network, run.noise()).to(device)
+    is_e2e = target.name == "e2e"
+    wrap = family.e2e_model if is_e2e else family.denoiser
+    denoiser = wrap(recipe, network, run.noise()).to(device)
     ema = family.block_network(recipe, target.depth).to(device).requires_grad_(False)
     trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = _optimizer(recipe, trainable)
@@ -128,7 +130,7 @@ def train(
     if start >= n_total:
         return TrainResult(target.name, start, n_total, None, out_dir)
 
-    salt = 0 if target.name == "e2e" else 1 + int(target.name.split("-")[-1])
+    salt = 0 if is_e2e else 1 + int(target.name.split("-")[-1])
     forward = torch.compile(denoiser) if recipe.train.compile else denoiser
     autocast, scaler = _precision(recipe.train.precision, device)
     metrics = run.metrics_path(target.name)
@@ -146,7 +148,10 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast():
-                loss, stats = family.training_loss(forward, batch, target.train_range, recipe, gen)
+                if is_e2e:
+                    loss, stats = family.e2e_loss(forward, batch, recipe, run.noise(), gen)
+                else:
+                    loss, stats = family.training_loss(forward, batch, target.train_range, recipe, gen)
             if not torch.isfinite(loss):
                 raise DbconvertError(
                     f"{target.name}: loss became {loss.item()} at step {step}; the last checkpoint is intact "

@@ -1,2 +1,264 @@
-def main(): pass
-app=None
+"""The Typer app: each command parses and validates, then calls one library function.
+
+Errors a user can cause are `DbconvertError`s; `handle_errors` prints them as one line and
+exits with status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dbconvert.errors import DbconvertError
+
+app = typer.Typer(
+    name="dbconvert",
+    help="Turn residual networks (DiT, Llama) into diffusion blocks, train each block alone, sample, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# --- shared options (defined once) ---------------------------------------------------------
+
+RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the last run split here).")]
+Overrides = Annotated[
+    Optional[list[str]], typer.Argument(help="Recipe overrides, key.sub=value (e.g. train.lr=3e-4).", show_default=False)
+]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Train for this many steps (overrides the recipe).")]
+EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Train for this many epochs (overrides the recipe).")]
+RestartOpt = Annotated[bool, typer.Option("--restart", help="Ignore the saved training state and start over.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Which weights: blocks or e2e.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def handle_errors(func: F) -> F:
+    """Turn user errors into one red line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DbconvertError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; rerun the same command to resume from the last checkpoint")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def command(name: str, **kwargs: Any) -> Callable[[F], F]:
+    """Register a Typer command with the shared error handling."""
+
+    def deco(func: F) -> F:
+        app.command(name, **kwargs)(handle_errors(func))
+        return func
+
+    return deco
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+# --- output helpers ------------------------------------------------------------------------
+
+
+def _fmt_range(r: tuple[float, float] | list[float]) -> str:
+    return f"{r[0]:.4g} – {r[1]:.4g}"
+
+
+def blocks_table(run: Any) -> Table:
+    from dbconvert.rundir import Run
+
+    table = Table(title=f"{run.root}  ({run.family_name}, {run.num_layers} layers, {run.num_blocks} blocks, "
+                        f"{run.manifest['partition']}, gamma={run.manifest['gamma']})")
+    for col in ("block", "layers", "owned sigma", "training sigma", "mass", "params", "trained steps"):
+        table.add_column(col, justify="right" if col in ("mass", "params", "trained steps") else "left")
+    for b in run.blocks:
+        status = run.status(Run.block_name(b.index))
+        steps = f"{status.step}/{status.total_steps}" if status.total_steps else "-"
+        table.add_row(str(b.index), f"[{b.layers[0]}, {b.layers[1]})", _fmt_range(b.sigma_range),
+                      _fmt_range(b.train_range), f"{b.mass:.4f}", f"{b.params:,}", steps)
+    return table
+
+
+def announce(title: str, payload: dict[str, Any]) -> None:
+    """Print the resolved configuration before a long run starts."""
+    console.rule(f"[bold]{title}")
+    console.print_json(json.dumps(payload), indent=None)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@command("recipes")
+def recipes_cmd(
+    show: Annotated[Optional[str], typer.Option("--show", help="Print one recipe's YAML.")] = None,
+) -> None:
+    """List the shipped recipes (or print one with --show NAME)."""
+    from dbconvert.config import read_recipe_text, shipped_recipes
+
+    if show:
+        console.print(read_recipe_text(show)[0], highlight=False, markup=False)
+        return
+    table = Table(title="shipped recipes (dbconvert split NAME)")
+    table.add_column("name")
+    table.add_column("description")
+    for name, desc in shipped_recipes().items():
+        table.add_row(name, desc)
+    console.print(table)
+
+
+@command("split")
+def split_cmd(
+    recipe: Annotated[str, typer.Argument(help="A shipped recipe name or a path to a YAML recipe.")],
+    overrides: Overrides = None,
+    blocks: Annotated[Optional[int], typer.Option("--blocks", "-b", help="Number of blocks B (overrides blocks.num).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: the recipe's output.dir).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run in the output folder.")] = False,
+) -> None:
+    """Convert a checkpoint (or a fresh config) into B diffusion blocks and write the run directory."""
+    from dbconvert.config import load_recipe
+    from dbconvert.split import split
+
+    if blocks is not None and blocks < 1:
+        raise_user(f"--blocks must be at least 1, got {blocks}")
+    extra = [f"blocks.num={blocks}"] if blocks is not None else []
+    resolved = load_recipe(recipe, [*(overrides or []), *extra])
+    run = split(resolved, out=out, force=force)
+    console.print(blocks_table(run))
+    console.print(f"run written to [bold]{run.root}[/] (now the current run); next: dbconvert train-block 0")
+
+
+@command("info")
+def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json", help="Print the blocks as JSON.")] = False) -> None:
+    """Show the current run's blocks: layers, sigma ranges, mass, parameters, training progress."""
+    from dbconvert.rundir import resolve_run
+
+    opened = resolve_run(run)
+    if as_json:
+        typer.echo(json.dumps([b.to_dict() for b in opened.blocks], indent=2))
+        return
+    console.print(blocks_table(opened))
+    e2e = opened.status("e2e")
+    console.print(f"e2e baseline: {'%d/%s steps' % (e2e.step, e2e.total_steps) if e2e.trained else 'not trained'}")
+
+
+def _train(run_dir: Optional[Path], which: str, index: int | None, overrides: list[str] | None,
+           steps: int | None, epochs: float | None, restart: bool, quiet: bool) -> None:
+    from dbconvert.config import override_recipe
+    from dbconvert.rundir import resolve_run
+    from dbconvert.train import TRAIN_OVERRIDABLE, train_block, train_e2e
+
+    run = resolve_run(run_dir)
+    if index is not None:
+        run.block(index)  # validates the index before anything else
+    resolved = override_recipe(run.recipe, overrides, TRAIN_OVERRIDABLE)
+    target = f"block {index}" if index is not None else "e2e baseline"
+    announce(f"training {target} of {run.root}", {
+        "train": resolved.train.model_dump(mode="json"),
+        **({"steps": steps} if steps else {}), **({"epochs": epochs} if epochs else {}),
+        **({"train_range": list(run.block(index).train_range), "layers": list(run.block(index).layers)} if index is not None else {}),
+    })
+    kwargs = dict(steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet)
+    result = train_block(run, index, **kwargs) if index is not None else train_e2e(run, **kwargs)
+    loss = f", last logged loss {result.last_loss:.4f}" if result.last_loss is not None else " (already finished)"
+    console.print(f"{result.name}: step {result.step}/{result.total_steps}{loss}; weights in {result.directory}")
+
+
+@command("train-block")
+def train_block_cmd(
+    index: Annotated[int, typer.Argument(help="Block index, 0 = first layers = highest noise.")],
+    overrides: Overrides = None,
+    run: RunOpt = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    restart: RestartOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train one block alone on its noise range; resumes from its last checkpoint when rerun."""
+    _train(run, "block", index, overrides, steps, epochs, restart, quiet)
+
+
+@command("train-e2e")
+def train_e2e_cmd(
+    overrides: Overrides = None,
+    run: RunOpt = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    restart: RestartOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train the unsplit network end to end (the baseline), matched to the blocks in layer updates."""
+    _train(run, "e2e", None, overrides, steps, epochs, restart, quiet)
+
+
+@command("sample")
+def sample_cmd(
+    run: RunOpt = None,
+    model: ModelOpt = "blocks",
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion steps (default: recipe).")] = None,
+    solver: Annotated[Optional[str], typer.Option("--solver", help="euler or heun (default: recipe).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale w (1 = none).")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", min=1, help="Number of samples.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    class_label: Annotated[Optional[int], typer.Option("--class", help="Generate this class only.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="ema or model weights.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN/samples/...).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text prompt (language models).")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="File of prompts, one per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 64,
+) -> None:
+    """Generate with the trained blocks (or --model e2e); writes the samples into the run."""
+    from dbconvert.families import get_family
+    from dbconvert.rundir import resolve_run
+    from dbconvert.sampling import SampleRequest
+
+    if solver is not None and solver not in ("euler", "heun"):
+        raise_user(f"--solver must be euler or heun, not {solver!r}")
+    if weights is not None and weights not in ("ema", "model"):
+        raise_user(f"--weights must be ema or model, not {weights!r}")
+    opened = resolve_run(run)
+    request = SampleRequest(model, steps, solver, guidance, num, seed, class_label, weights, out,
+                            prompt, prompt_file, max_new_tokens)
+    result = get_family(opened.family_name).sample(opened, request)
+    for text in result.text:
+        console.print(text, highlight=False, markup=False)
+    console.print(f"wrote {len(result.files)} files to [bold]{result.directory}[/]"
+                  + (f" (grid: {result.files[0]})" if result.files and result.files[0].suffix == ".png" else ""))
+
+
+@command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo run.")] = Path("dbconvert-demo"),
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps per block (default: recipe).")] = None,
+    e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also train the end-to-end baseline.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing demo run.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The built-in default: digits, tiny DiT, B=4; split -> train every block -> sample."""
+    from dbconvert.demo import run_demo
+
+    result = run_demo(out=out, steps=steps, e2e=e2e, force=force, progress=not quiet, console=console)
+    console.print(f"[bold green]demo done[/]: run {result.run.root}; samples {result.samples.directory}")
+    for path in result.samples.files[:1]:
+        console.print(f"look at the grid: {path}")
+
+
+def raise_user(message: str) -> None:
+    raise DbconvertError(message)

@@ -63,6 +63,16 @@ class Family(ABC):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one batch with sigmas drawn inside `sigma_range`; returns (loss, sigma stats)."""
 
+    def e2e_model(self, recipe: "Recipe", network: nn.Module, noise: "NoiseSettings") -> nn.Module:
+        """What `train-e2e` trains around the full network. Default: the same denoiser as a block."""
+        return self.denoiser(recipe, network, noise)
+
+    def e2e_loss(
+        self, model: nn.Module, batch: Any, recipe: "Recipe", noise: "NoiseSettings", generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of the e2e baseline. Default: the block loss over the full [sigma_min, sigma_max]."""
+        return self.training_loss(model, batch, (noise.sigma_min, noise.sigma_max), recipe, generator)
+
     @abstractmethod
     def sample(self, run: "Run", request: "SampleRequest") -> "SampleResult":
         """Generate with the run's blocks (or its e2e network) and write the output into the run."""
