@@ -6,8 +6,8 @@ Sources (`data.source`, with `data.kind` = auto to guess):
 - a hub name such as `cifar10`: `datasets.load_dataset(name, split=...)`; offline this fails
   with a message saying what to download and where to point `data.source`.
 - a local image folder: the `imagefolder` builder (class sub-folders become labels).
-- a `.npz` file, or a folder of `.npz` shards: arrays `x` (or `images`, `latents`) in NCHW or
-  NHWC and optional `y` (or `labels`). uint8 arrays are scaled to [-1, 1]; float arrays
+- a `.npz` file, or a folder of `.npz` shards: arrays `x` (or `images`, `latents`); uint8 pixels
+  in NHWC (or unambiguous NCHW), float arrays in NCHW and optional `y` (or `labels`). uint8 arrays are scaled to [-1, 1]; float arrays
   (e.g. precomputed VAE latents) are used as they are.
 """
 
@@ -155,7 +155,9 @@ def _to_tensors(x: np.ndarray, labels: np.ndarray, name: str) -> ImageData:
     if x.ndim != 4:
         raise DataError(f"data set {name!r}: expected images of rank 3 or 4, got shape {x.shape}")
     if x.dtype == np.uint8:
-        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        # uint8 pixels are conventionally NHWC (PIL, numpy); NCHW only when unambiguous
+        channels_first = x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4)
+        if not channels_first:
             x = x.transpose(0, 3, 1, 2)
         tensor = torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1.0
     else:

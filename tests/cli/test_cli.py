@@ -1,0 +1,139 @@
+"""Every command through Typer's runner, including the bad-input cases (one line, exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dbconvert.cli import app
+from tests.conftest import TINY_OVERRIDES
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # noqa: ANN201
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, match: str) -> None:  # noqa: ANN001
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr or result.output
+    assert match in lines[0], lines[0]
+
+
+@pytest.fixture
+def cli_run(in_tmp: Path) -> Path:
+    result = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "--blocks", "4")
+    assert result.exit_code == 0, result.output
+    return in_tmp / "runs" / "dit-tiny-digits-B4"
+
+
+def test_recipes_lists_and_shows() -> None:
+    result = invoke("recipes")
+    assert result.exit_code == 0 and "dit-tiny-digits" in result.output and "dit-s2-cifar10" in result.output
+    shown = invoke("recipes", "--show", "dit-s2-cifar10")
+    assert shown.exit_code == 0 and "DiT-S/2" in shown.output
+
+
+def test_pipeline_split_info_train_sample(cli_run: Path) -> None:
+    info = invoke("info", "--json")
+    assert info.exit_code == 0
+    blocks = json.loads(info.output)
+    assert [b["index"] for b in blocks] == [0, 1, 2, 3]
+    assert {"index", "layers", "sigma_range", "train_range", "mass", "params"} <= set(blocks[0])
+    assert blocks[0]["sigma_range"][1] == 80.0
+    table = invoke("info")
+    assert table.exit_code == 0 and "owned sigma" in table.output
+
+    untrained = invoke("sample", "--steps", "3")
+    assert_user_error(untrained, "untrained blocks: block-00, block-01, block-02, block-03")
+
+    for i in range(4):
+        result = invoke("train-block", str(i), "-q")
+        assert result.exit_code == 0, result.output
+    sample = invoke("sample", "--steps", "3", "--num", "6", "--solver", "heun", "--guidance", "1.5")
+    assert sample.exit_code == 0, sample.output
+    out = cli_run / "samples" / "blocks-heun-3steps-g1.5-seed0"
+    assert (out / "grid.png").is_file() and (out / "samples.npz").is_file() and len(list(out.glob("0*.png"))) == 6
+
+    assert_user_error(invoke("sample", "--model", "e2e"), "e2e baseline is not trained")
+    assert invoke("train-e2e", "--steps", "2", "-q").exit_code == 0
+    assert invoke("sample", "--model", "e2e", "--steps", "2", "--num", "2", "--class", "3").exit_code == 0
+
+
+def test_samples_are_deterministic_by_seed(cli_run: Path) -> None:
+    import numpy as np
+
+    for i in range(4):
+        assert invoke("train-block", str(i), "-q").exit_code == 0
+    a = invoke("sample", "--steps", "3", "--num", "4", "--seed", "7", "--out", "a")
+    b = invoke("sample", "--steps", "3", "--num", "4", "--seed", "7", "--out", "b")
+    c = invoke("sample", "--steps", "3", "--num", "4", "--seed", "8", "--out", "c")
+    assert a.exit_code == b.exit_code == c.exit_code == 0
+    xa, xb, xc = (np.load(f"{d}/samples.npz")["x"] for d in "abc")
+    assert np.array_equal(xa, xb) and not np.array_equal(xa, xc)
+
+
+def test_run_option_selects_another_run(cli_run: Path, in_tmp: Path) -> None:
+    assert invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "--blocks", "2", "--out", "two").exit_code == 0
+    assert len(json.loads(invoke("info", "--json").output)) == 2  # the last split is current
+    assert len(json.loads(invoke("info", "--json", "--run", cli_run).output)) == 4
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["split", "no-such-recipe"], "no recipe named 'no-such-recipe'"),
+        (["split", "missing.yaml"], "not found"),
+        (["split", "dit-tiny-digits", "train.lrr=1"], "unknown key 'train.lrr'"),
+        (["split", "dit-tiny-digits", "--blocks", "0"], "--blocks must be"),
+        (["split", "dit-tiny-digits", "--blocks", "3"], "do not divide"),
+        (["split", "dit-tiny-digits", "--blocks", "9"], "between 1 and"),
+        (["split", "dit-tiny-digits", "model.checkpoint=nope.pt"], "not found"),
+        (["info"], "no current run"),
+        (["train-block", "0"], "no current run"),
+        (["sample"], "no current run"),
+    ],
+)
+def test_bad_input_without_a_run(in_tmp: Path, args: list[str], match: str) -> None:
+    assert_user_error(invoke(*args), match)
+
+
+def test_malformed_recipe_file(in_tmp: Path) -> None:
+    (in_tmp / "bad.yaml").write_text("name: x\nmodel: {family: dit\n")
+    assert_user_error(invoke("split", "bad.yaml"), "malformed YAML")
+
+
+def test_bad_input_with_a_run(cli_run: Path) -> None:
+    assert_user_error(invoke("train-block", "4"), "block index 4 is out of range: this run has blocks 0..3")
+    assert_user_error(invoke("train-block", "--", "-1"), "out of range")
+    assert_user_error(invoke("train-block", "0", "noise.gamma=0.2"), "fixed when the run is split")
+    assert_user_error(invoke("split", "dit-tiny-digits"), "already holds a run")
+    assert_user_error(invoke("sample", "--solver", "rk4"), "--solver must be euler or heun")
+
+
+def test_corrupt_block_weights_are_reported_and_left_alone(cli_run: Path) -> None:
+    weights = cli_run / "blocks" / "block-01" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = weights.read_bytes()
+    assert_user_error(invoke("train-block", "1"), "corrupt or truncated")
+    assert weights.read_bytes() == before
+
+
+def test_unreachable_hub_data_is_a_clear_error(in_tmp: Path) -> None:
+    result = invoke("split", "dit-s2-cifar10", "model.arch=DiT-Micro/2", "train.steps=1", "train.batch_size=2")
+    assert result.exit_code == 0, result.output
+    assert_user_error(invoke("train-block", "0"), "could not be loaded from the Hugging Face hub")
+
+
+def test_python_m_dbconvert_works() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dbconvert", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train-block" in out.stdout
