@@ -159,7 +159,7 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
     console.print(f"e2e baseline: {'%d/%s steps' % (e2e.step, e2e.total_steps) if e2e.trained else 'not trained'}")
 
 
-def _train(run_dir: Optional[Path], which: str, index: int | None, overrides: list[str] | None,
+def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | None,
            steps: int | None, epochs: float | None, restart: bool, quiet: bool) -> None:
     from dbconvert.config import override_recipe
     from dbconvert.rundir import resolve_run
@@ -192,7 +192,7 @@ def train_block_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train one block alone on its noise range; resumes from its last checkpoint when rerun."""
-    _train(run, "block", index, overrides, steps, epochs, restart, quiet)
+    _train(run, index, overrides, steps, epochs, restart, quiet)
 
 
 @command("train-e2e")
@@ -205,7 +205,7 @@ def train_e2e_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train the unsplit network end to end (the baseline), matched to the blocks in layer updates."""
-    _train(run, "e2e", None, overrides, steps, epochs, restart, quiet)
+    _train(run, None, overrides, steps, epochs, restart, quiet)
 
 
 @command("sample")
