@@ -45,6 +45,11 @@ class DataConfig(Section):
     label_key: str | None = None
     text_key: str = "text"
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    # --- text data only (Llama family; image families ignore these) ---
+    text_unit: Literal["line", "paragraph", "document"] = "line"
+    """What one document of a local text file is (EOS goes between documents when packing)."""
+    hub_config: str | None = None
+    """Configuration name of a hub text data set (e.g. wikitext-103-raw-v1)."""
 
 
 class NoiseConfig(Section):

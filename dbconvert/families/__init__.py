@@ -12,6 +12,7 @@ from dbconvert.families.base import Family
 
 _FAMILIES: dict[str, str] = {
     "dit": "dbconvert.families.dit:DiTFamily",
+    "llama": "dbconvert.families.llama:LlamaFamily",
 }
 _CACHE: dict[str, Family] = {}
 
