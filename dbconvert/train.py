@@ -104,6 +104,7 @@ def train(
         recipe = override_recipe(recipe, [f"train.steps={steps}" if steps else "train.steps=null",
                                           f"train.epochs={epochs}" if epochs else "train.epochs=null"], ("train",))
     family = get_family(run.family_name)
+    family.attach_run(run)
     device = resolve_device(recipe.train.device)
     data = family.load_data(recipe)
     n_total = total_steps(recipe, len(data))
