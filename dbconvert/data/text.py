@@ -71,7 +71,7 @@ def local_files(source: str) -> list[Path]:
         else:
             files = [pattern] if pattern.is_file() else []
         if files:
-            return files
+            return [f.resolve() for f in files]
         if Path(source).expanduser().is_absolute():
             break
     raise DataError(
