@@ -1,0 +1,465 @@
+"""`dbconvert bench`: measure the two claims the tool exists for (DESIGN 8).
+
+Memory: the peak memory of one full training step (forward, backward, optimizer step with
+the recipe's optimizer, EMA update) of each block alone and of the whole network end to
+end, at the same batch and data shape. Speed: seconds per sampling step and per training
+step, blocks vs the whole network.
+
+Networks are built fresh from the recipe through the family registry, with random weights
+(memory and time do not depend on the values), and fed synthetic random data of the
+model's shape, so no run directory, checkpoint or data set is needed.
+
+How CPU memory is measured (the honest part): each measurement runs in a fresh Python
+process (`python -m dbconvert.bench`, reading a JSON spec on stdin) so one target's
+allocations never inflate another's peak. That process imports everything, warms the
+kernels up on a throwaway one-layer network, and records its resident memory (VmRSS) as
+the baseline; it then builds the target network, its optimizer and EMA copy, runs one
+small-batch step so the optimizer state exists (a steady-state step, not the lazy first
+one), resets the kernel's high-water mark (`/proc/self/clear_refs`) and runs the measured
+step. Peak = VmHWM - baseline, so the interpreter and libraries are not counted but the
+parameters, gradients, optimizer state, EMA weights and activations are. glibc's malloc
+would otherwise keep freed tensors in its heap and move its mmap threshold around, which
+makes RSS depend on allocation history; the worker is started with a fixed
+`MALLOC_MMAP_THRESHOLD_`, so every tensor-sized allocation is its own mapping and goes
+back to the kernel when freed. On CUDA the allocator's own peak is used in-process.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dbconvert import noise as nz
+from dbconvert.config import Recipe, apply_overrides, validate_recipe
+from dbconvert.devices import resolve_device
+from dbconvert.errors import DbconvertError
+from dbconvert.families import Family, get_family
+
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
+"""Environment of the CPU memory worker: every allocation >= 64 KiB is an mmap, unmapped on free."""
+
+WARMUP_BATCH = 2
+"""Batch of the unmeasured steps that initialise kernels and optimizer state."""
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    """One thing to measure: block i (its depth and training range) or the whole network."""
+
+    name: str
+    depth: int
+    layers: tuple[int, int]
+    sigma_range: tuple[float, float]
+    e2e: bool
+
+
+# --- targets and inputs --------------------------------------------------------------------
+
+
+def with_blocks(recipe: Recipe, blocks: int) -> Recipe:
+    """The recipe with B blocks (validated here so the error names --blocks)."""
+    if blocks < 1:
+        raise DbconvertError(f"--blocks must be at least 1, got {blocks}")
+    return validate_recipe(apply_overrides(recipe.to_dict(), [f"blocks.num={blocks}"]), "recipe")
+
+
+def num_layers(family: Family, recipe: Recipe) -> int:
+    """The source network's layer count, from the family (built on the meta device: no memory)."""
+    if getattr(recipe.model, "checkpoint", None) is None:
+        with torch.device("meta"):
+            return family.source(recipe).num_layers
+    return family.source(recipe).num_layers
+
+
+def bench_targets(recipe: Recipe, blocks: int) -> list[BenchTarget]:
+    """Every block of a B-way split (same layers and ranges as `split`), then the e2e network."""
+    from dbconvert.split import plan_blocks
+
+    recipe = with_blocks(recipe, blocks)
+    family = get_family(recipe.model.family)
+    synthetic_batch(family, recipe, 1, torch.Generator())  # fails early, in one line, for unsupported families
+    total = num_layers(family, recipe)
+    _, plans = plan_blocks(recipe, total)
+    out = [
+        BenchTarget(f"block-{p['index']}", p["layers"][1] - p["layers"][0], tuple(p["layers"]), tuple(p["train_range"]), False)
+        for p in plans
+    ]
+    n = recipe.noise
+    out.append(BenchTarget("e2e", total, (0, total), (n.sigma_min, n.sigma_max), True))
+    return out
+
+
+def noise_settings(recipe: Recipe) -> nz.NoiseSettings:
+    n = recipe.noise
+    return nz.NoiseSettings(n.sigma_min, n.sigma_max, n.sigma_data, n.p_mean, n.p_std)
+
+
+def synthetic_batch(family: Family, recipe: Recipe, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Random training data of the model's shape; a family may provide `synthetic_batch` itself."""
+    maker = getattr(family, "synthetic_batch", None)
+    if maker is not None:
+        return list(maker(recipe, batch, generator))
+    if family.name == "dit":
+        cfg = recipe.model
+        shape = (batch, cfg.in_channels, cfg.input_size, cfg.input_size)  # type: ignore[attr-defined]
+        x = torch.rand(shape, generator=generator) * 2 - 1
+        y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=generator)  # type: ignore[attr-defined]
+        return [x, y]
+    raise DbconvertError(f"bench has no synthetic data for the {family.name!r} family yet")
+
+
+def _check_batch(batch: int) -> None:
+    if batch < 1:
+        raise DbconvertError(f"--batch must be at least 1, got {batch}")
+
+
+# --- one training process, as train.py runs it ---------------------------------------------
+
+
+class Trainer:
+    """The network, optimizer and EMA copy of one target, stepping exactly like `train.train`."""
+
+    def __init__(self, recipe: Recipe, target: BenchTarget, device: torch.device) -> None:
+        from dbconvert.train import _optimizer, _precision
+
+        self.recipe, self.target, self.device = recipe, target, device
+        self.family = get_family(recipe.model.family)
+        self.noise = noise_settings(recipe)
+        torch.manual_seed(recipe.train.seed)
+        self.network = self.family.block_network(recipe, target.depth)
+        wrap = self.family.e2e_model if target.e2e else self.family.denoiser
+        self.model = wrap(recipe, self.network, self.noise).to(device)
+        self.ema = self.family.block_network(recipe, target.depth).to(device).requires_grad_(False)
+        self.trainable = [p for p in self.network.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(recipe, self.trainable)
+        self.autocast, self.scaler = _precision(recipe.train.precision, device)
+
+    def step(self, batch: list[torch.Tensor], seed: int = 0) -> None:
+        """One training step: forward, backward, optimizer step, EMA update (the order of train.py)."""
+        from dbconvert.train import _ema_update
+
+        self.model.train()
+        gen = torch.Generator().manual_seed(seed)
+        with self.autocast():
+            if self.target.e2e:
+                loss, _ = self.family.e2e_loss(self.model, batch, self.recipe, self.noise, gen)
+            else:
+                loss, _ = self.family.training_loss(self.model, batch, self.target.sigma_range, self.recipe, gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.recipe.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trainable, self.recipe.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        _ema_update(self.ema, self.network, self.recipe.train.ema_decay)
+
+    @torch.no_grad()
+    def sample_step(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One sampling step's network evaluation, with the recipe's classifier-free guidance."""
+        from dbconvert.sampling import guided
+
+        self.model.eval()
+        lo, hi = self.target.sigma_range
+        sigma = (lo * hi) ** 0.5
+        null = getattr(self.recipe.model, "num_classes", 0)
+        guidance = self.recipe.sample.guidance if null else 1.0
+        return guided(self.model, z, sigma, y, guidance, null)
+
+    def breakdown(self) -> dict[str, int]:
+        """Exact bytes of parameters (and buffers), gradients, optimizer state and EMA weights."""
+        params = sum(_nbytes(t) for t in self.network.parameters()) + sum(_nbytes(t) for t in self.network.buffers())
+        grads = sum(_nbytes(p.grad) for p in self.trainable if p.grad is not None)
+        optim = sum(_nbytes(v) for state in self.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+        ema = sum(_nbytes(t) for t in self.ema.parameters()) + sum(_nbytes(t) for t in self.ema.buffers())
+        return {"parameters": params, "gradients": grads, "optimizer_state": optim, "ema": ema}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class SavedActivations:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded.
+
+    They are all alive together at the end of the forward pass, so this is the exact
+    saved-activation share of a peak; the rest of `activations` is temporaries (activation
+    gradients, attention workspaces) and allocator overhead.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.exclude = {p.untyped_storage().data_ptr() for p in network.parameters()}
+        self.exclude |= {b.untyped_storage().data_ptr() for b in network.buffers()}
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.exclude:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedActivations":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _maxrss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_cpu_step(recipe: Recipe, target: BenchTarget, batch: int) -> dict[str, Any]:
+    """Peak RSS growth of one steady-state training step, in THIS process (meant for a fresh worker)."""
+    device = torch.device("cpu")
+    family = get_family(recipe.model.family)
+    gen = torch.Generator().manual_seed(recipe.train.seed)
+    data = synthetic_batch(family, recipe, batch, gen)
+    small = [t[:WARMUP_BATCH] for t in data]
+    # Initialise kernels, thread pools and lazy imports on a throwaway network before the baseline.
+    scratch = Trainer(recipe, BenchTarget("warmup", 1, (0, 1), target.sigma_range, False), device)
+    scratch.step(small)
+    del scratch
+    gc.collect()
+    rss_kb = _status_kb("VmRSS")
+    use_proc = rss_kb is not None
+    baseline = rss_kb * 1024 if use_proc else _maxrss_bytes()
+    trainer = Trainer(recipe, target, device)
+    trainer.step(small)  # creates the optimizer state: the measured step is a steady-state one
+    use_proc = use_proc and _reset_peak_rss()
+    with SavedActivations(trainer.network) as saved:
+        trainer.step(data, seed=1)
+    peak = _status_kb("VmHWM") * 1024 if use_proc else _maxrss_bytes()  # type: ignore[operator]
+    method = ("peak RSS (VmHWM after /proc/self/clear_refs) minus VmRSS before building the network"
+              if use_proc else "ru_maxrss after the step minus ru_maxrss before building the network")
+    return {"peak_bytes": peak - baseline, "baseline_bytes": baseline, "method": method, **trainer.breakdown(),
+            "saved_activations": saved.nbytes}
+
+
+def measure_cuda_step(recipe: Recipe, target: BenchTarget, batch: int, device: torch.device) -> dict[str, Any]:
+    """The CUDA allocator's peak during one steady-state step, minus what was allocated before."""
+    family = get_family(recipe.model.family)
+    gen = torch.Generator().manual_seed(recipe.train.seed)
+    data = [t.to(device) for t in synthetic_batch(family, recipe, batch, gen)]
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated(device)
+    trainer = Trainer(recipe, target, device)
+    trainer.step([t[:WARMUP_BATCH] for t in data])
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with SavedActivations(trainer.network) as saved:
+        trainer.step(data, seed=1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - baseline
+    out = {"peak_bytes": int(peak), "baseline_bytes": int(baseline),
+           "method": "CUDA allocator peak (max_memory_allocated) minus memory allocated before building the network",
+           **trainer.breakdown(), "saved_activations": saved.nbytes}
+    del trainer, data
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def _run_worker(recipe: Recipe, target: BenchTarget, batch: int) -> dict[str, Any]:
+    """Measure one target in a fresh interpreter, so no earlier allocation shapes its peak."""
+    spec = json.dumps({"recipe": recipe.to_dict(), "target": asdict(target), "batch": batch,
+                       "threads": torch.get_num_threads()})
+    env = {**os.environ, **WORKER_ENV}
+    proc = subprocess.run([sys.executable, "-m", "dbconvert.bench"], input=spec, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        if proc.returncode in (-9, 137):
+            raise DbconvertError(f"the {target.name} measurement was killed (out of memory?); lower --batch")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DbconvertError(f"the {target.name} measurement failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(
+    recipe: Recipe,
+    blocks: int,
+    batch: int | None = None,
+    device: str | None = None,
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Peak training-step memory of each block and of the e2e network; ratio = e2e / largest block.
+
+    `batch` defaults to the recipe's train.batch_size; `device` to its train.device. Each
+    entry of `breakdown` splits a peak into exact tensor bytes and the remainder
+    (`activations`: saved activations, temporaries and allocator overhead), and reports the
+    exact bytes autograd saved for backward (`saved_activations`, a part of `activations`).
+    """
+    batch = recipe.train.batch_size if batch is None else batch
+    _check_batch(batch)
+    targets = bench_targets(recipe, blocks)
+    dev = resolve_device(device or recipe.train.device)
+    if dev.type not in ("cpu", "cuda"):
+        raise DbconvertError(f"bench memory measures cpu or cuda, not {dev.type}; pass --device cpu")
+    results: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        if dev.type == "cuda":
+            res = measure_cuda_step(recipe, target, batch, dev)
+        else:
+            res = _run_worker(recipe, target, batch)
+        exact = sum(res[k] for k in ("parameters", "gradients", "optimizer_state", "ema"))
+        res["activations"] = res["peak_bytes"] - exact
+        results[target.name] = res
+        if on_result:
+            on_result(target.name, res)
+    block_peaks = [results[t.name]["peak_bytes"] for t in targets if not t.e2e]
+    e2e = results["e2e"]
+    keys = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "activations", "saved_activations")
+    return {
+        "recipe": recipe.name,
+        "device": str(dev),
+        "method": e2e["method"] + (" (fresh subprocess per measurement)" if dev.type == "cpu" else ""),
+        "blocks": blocks,
+        "layers": targets[-1].depth,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "e2e_peak_bytes": e2e["peak_bytes"],
+        "block_peak_bytes": block_peaks,
+        "ratio": e2e["peak_bytes"] / max(block_peaks),
+        "breakdown": {
+            t.name: {"layers": list(t.layers), **{k: results[t.name][k] for k in keys}} for t in targets
+        },
+    }
+
+
+# --- speed ---------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_speed(
+    recipe: Recipe,
+    blocks: int,
+    batch: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Median seconds per sampling step and per training step, each block vs the e2e network.
+
+    `batch` (default: the recipe's sample.num) is the batch of both steps; a sampling step
+    doubles it internally when the recipe uses classifier-free guidance, as `sample` does.
+    Repetitions go round-robin over the targets, so a change in machine load hits all of
+    them alike. Ratios are e2e / slowest block.
+    """
+    batch = recipe.sample.num if batch is None else batch
+    _check_batch(batch)
+    if repeats < 1 or warmup < 0:
+        raise DbconvertError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+    targets = bench_targets(recipe, blocks)
+    dev = resolve_device(device or recipe.train.device)
+    family = get_family(recipe.model.family)
+    gen = torch.Generator().manual_seed(recipe.train.seed)
+    data = [t.to(dev) for t in synthetic_batch(family, recipe, batch, gen)]
+    z = torch.randn(data[0].shape, generator=gen).to(dev)
+    trainers = [Trainer(recipe, t, dev) for t in targets]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    timings: dict[str, dict[str, list[float]]] = {t.name: {"sample": [], "train": []} for t in targets}
+    for kind in ("sample", "train"):
+        for rep in range(warmup + repeats):
+            for trainer in trainers:
+                if on_progress:
+                    on_progress(f"{kind} step, {'warm-up' if rep < warmup else 'repetition'} {rep + 1}, {trainer.target.name}")
+                fn = (lambda tr=trainer: tr.sample_step(z, data[1])) if kind == "sample" else (
+                    lambda tr=trainer, r=rep: tr.step(data, seed=r))
+                seconds = _timed(fn, dev)
+                if rep >= warmup:
+                    timings[trainer.target.name][kind].append(seconds)
+    med = {name: {k: statistics.median(v) for k, v in kinds.items()} for name, kinds in timings.items()}
+    block_names = [t.name for t in targets if not t.e2e]
+    guidance = recipe.sample.guidance if getattr(recipe.model, "num_classes", 0) else 1.0
+    return {
+        "recipe": recipe.name,
+        "device": str(dev),
+        "blocks": blocks,
+        "layers": targets[-1].depth,
+        "batch": batch,
+        "sample_forward_batch": batch * (2 if guidance != 1.0 else 1),
+        "guidance": guidance,
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "e2e_sample_step_s": med["e2e"]["sample"],
+        "block_sample_step_s": [med[n]["sample"] for n in block_names],
+        "e2e_train_step_s": med["e2e"]["train"],
+        "block_train_step_s": [med[n]["train"] for n in block_names],
+        "sample_step_ratio": med["e2e"]["sample"] / max(med[n]["sample"] for n in block_names),
+        "train_step_ratio": med["e2e"]["train"] / max(med[n]["train"] for n in block_names),
+        "raw_seconds": timings,
+    }
+
+
+# --- worker entry point --------------------------------------------------------------------
+
+
+def _worker() -> None:
+    """`python -m dbconvert.bench`: read {recipe, target, batch} as JSON on stdin, print one JSON line."""
+    spec = json.loads(sys.stdin.read())
+    torch.set_num_threads(spec["threads"])  # the same setting as the process that asked
+    recipe = validate_recipe(spec["recipe"], "bench worker")
+    t = spec["target"]
+    target = BenchTarget(t["name"], t["depth"], tuple(t["layers"]), tuple(t["sigma_range"]), t["e2e"])
+    print(json.dumps(measure_cpu_step(recipe, target, int(spec["batch"]))), flush=True)
+
+
+if __name__ == "__main__":
+    _worker()
