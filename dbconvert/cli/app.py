@@ -262,3 +262,91 @@ def demo_cmd(
 
 def raise_user(message: str) -> None:
     raise DbconvertError(message)
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+bench_app = typer.Typer(help="Measure the claims: training memory and step time of one block vs the whole network.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+RecipeArg = Annotated[str, typer.Argument(help="A shipped recipe name or a path to a YAML recipe.")]
+BenchBlocksOpt = Annotated[int, typer.Option("--blocks", "-b", help="Number of blocks B to compare against the whole network.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, ... (default: the recipe's train.device).")]
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+@bench_app.command("memory")
+@handle_errors
+def bench_memory_cmd(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    blocks: BenchBlocksOpt = 4,
+    batch: Annotated[Optional[int], typer.Option("--batch", help="Training batch (default: the recipe's train.batch_size).")] = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Peak memory of one training step: each block alone vs the whole network end to end."""
+    from dbconvert.bench import bench_memory
+    from dbconvert.config import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    progress = None if as_json else (lambda name, res: err_console.print(f"measured {name}: {_mib(res['peak_bytes'])} MiB"))
+    result = bench_memory(resolved, blocks, batch, device, on_result=progress)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"peak training-step memory, MiB ({result['recipe']}, {result['layers']} layers, "
+                        f"B={result['blocks']}, batch {result['batch']}, {result['device']})")
+    cols = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "activations", "saved_activations")
+    heads = ("peak", "params", "grads", "optim", "EMA", "activ.", "saved")
+    table.add_column("network")
+    table.add_column("layers")
+    for head in heads:
+        table.add_column(head, justify="right")
+    for name, row in result["breakdown"].items():
+        table.add_row(name, f"[{row['layers'][0]}, {row['layers'][1]})", *(_mib(row[c]) for c in cols))
+    console.print(table)
+    console.print(f"ratio e2e / largest block: [bold]{result['ratio']:.2f}x[/]")
+    console.print(f"method: {result['method']}. params, grads, optim (optimizer state) and EMA are exact tensor "
+                  "bytes; activ. = peak minus those (saved activations, temporaries, allocator overhead); "
+                  "saved = the part of activ. autograd kept for backward, exact.", highlight=False)
+
+
+@bench_app.command("speed")
+@handle_errors
+def bench_speed_cmd(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    blocks: BenchBlocksOpt = 4,
+    batch: Annotated[Optional[int], typer.Option("--batch", help="Batch of the sampling and training steps (default: the recipe's sample.num).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repetitions per measurement (the median is reported).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")] = 1,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Seconds per sampling step and per training step: each block vs all layers."""
+    from dbconvert.bench import bench_speed
+    from dbconvert.config import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    progress = None if as_json else (lambda msg: err_console.print(msg, highlight=False))
+    result = bench_speed(resolved, blocks, batch, repeats, warmup, device, on_progress=progress)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"median seconds per step ({result['recipe']}, {result['layers']} layers, B={result['blocks']}, "
+                        f"batch {result['batch']}, {result['device']}, {result['threads']} threads)")
+    for col in ("network", "sampling step", "training step"):
+        table.add_column(col, justify="left" if col == "network" else "right")
+    for i, (s, t) in enumerate(zip(result["block_sample_step_s"], result["block_train_step_s"])):
+        table.add_row(f"block-{i}", f"{s:.4f}", f"{t:.4f}")
+    table.add_row("e2e", f"{result['e2e_sample_step_s']:.4f}", f"{result['e2e_train_step_s']:.4f}")
+    console.print(table)
+    console.print(f"e2e / slowest block: sampling step [bold]{result['sample_step_ratio']:.2f}x[/], "
+                  f"training step [bold]{result['train_step_ratio']:.2f}x[/]  (median of {result['repeats']} after "
+                  f"{result['warmup']} warm-up; sampling forward batch {result['sample_forward_batch']})")
