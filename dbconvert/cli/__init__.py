@@ -1,5 +1,8 @@
 """The `dbconvert` command line (see `dbconvert.cli.app`)."""
 
 from dbconvert.cli.app import app, main
+from dbconvert.cli.eval_cmd import eval_app
+
+app.add_typer(eval_app, name="eval")
 
 __all__ = ["app", "main"]
