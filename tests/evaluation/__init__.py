@@ -1,0 +1,1 @@
+"""Tests of dbconvert eval (FID through clean-fid, MAUVE through mauve-text)."""

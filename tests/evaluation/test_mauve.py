@@ -1,0 +1,95 @@
+"""MAUVE: parity with mauve.compute_mauve, the featurisers, the CLI on a tiny Llama run, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dbconvert.cli import app
+from tests.families.test_llama import CORPUS, tiny_overrides
+
+runner = CliRunner()
+
+
+def invoke(*args: object):  # noqa: ANN201
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, match: str) -> None:  # noqa: ANN001
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert match in lines[0], lines[0]
+
+
+def test_wrapper_equals_compute_mauve_on_same_features() -> None:
+    import mauve
+
+    from dbconvert.evaluation.mauve import mauve_scores
+
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(60, 16)).astype(np.float32)
+    q = (rng.normal(size=(80, 16)) + 0.3).astype(np.float32)
+    ours = mauve_scores(p, q, [25, 26])
+    direct = [mauve.compute_mauve(p_features=p, q_features=q, seed=s).mauve for s in (25, 26)]
+    assert ours == pytest.approx(direct, abs=1e-12)
+    assert 0.0 < ours[0] < 1.0
+    assert mauve_scores(p, p, [25])[0] == pytest.approx(1.0)
+
+
+def test_minilm_featurizer_offline() -> None:
+    import torch
+
+    from dbconvert.evaluation.mauve import resolve_featurizer
+
+    feat = resolve_featurizer("minilm", torch.device("cpu"))
+    x = feat.encode(["ROMEO: But soft, what light", "", "a plague on both your houses"])
+    assert x.shape == (3, 384) and np.isfinite(x).all()
+    assert "minilm" in feat.name and feat.info["pooling"] == "mean"
+    assert np.allclose(feat.encode(["ROMEO: But soft, what light"]), x[:1], atol=1e-5)
+
+
+@pytest.fixture
+def llama_run(in_tmp: Path) -> Path:
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    res = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus), "--blocks", "2", "--out", "run")
+    assert res.exit_code == 0, res.output
+    return in_tmp / "run"
+
+
+def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
+    args = ("eval", "mauve", "--prompt-tokens", "4", "--new-tokens", "4", "--num-prompts", "4",
+            "--samples-per-prompt", "2", "--featurizer", "minilm", "--seeds", "2", "--steps", "2", "-q")
+    assert_user_error(invoke(*args), "no trained model")
+    for i in (0, 1):
+        assert invoke("train-block", str(i), "--steps", "1", "-q").exit_code == 0
+    res = invoke(*args, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    saved = json.loads(Path(out["file"]).read_text())
+    assert saved["metric"] == "mauve" and saved["model"] == "blocks" and saved["split"] == "val"
+    assert saved["num_samples"] == 8 and saved["num_prompts"] == 4 and len(saved["values"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in saved["values"]) and saved["mean"] == pytest.approx(np.mean(saved["values"]))
+    assert saved["features"].startswith("minilm") and saved["sampler"]["steps"] == 2
+    gens = (Path(saved["samples"][0]) / "generations.jsonl").read_text().splitlines()
+    assert len(gens) == 8 and {"prompt", "truth", "generation"} <= set(json.loads(gens[0]))
+
+    assert invoke("train-e2e", "--steps", "1", "-q").exit_code == 0
+    res = invoke(*args[:-1], "--model", "e2e", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["sampler"]["solver"] == "ancestral"
+    table = invoke("eval", "compare")
+    assert table.exit_code == 0 and "MAUVE with features minilm" in table.stdout and "e2e" in table.stdout
+
+    # bad input
+    assert_user_error(invoke(*args[:2], "--prompt-tokens", "10", "--new-tokens", "10", "-q"), "too short for the protocol")
+    assert_user_error(invoke(*args, "--num-prompts", "100000"), "too short for the protocol")
+    assert_user_error(invoke(*args, "--featurizer", "no-such-featurizer"), "--featurizer must be")
+    offline = invoke(*args, "--featurizer", "gpt2-large")
+    assert_user_error(offline, "could not be loaded")
+    assert_user_error(invoke("eval", "fid", "--num", "70", "-q"), "eval fid is for image runs")
