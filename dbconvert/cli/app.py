@@ -247,11 +247,11 @@ def sample_cmd(
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo run.")] = Path("dbconvert-demo"),
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps per block (default: recipe).")] = None,
-    e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also train the end-to-end baseline.")] = False,
+    e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also train the end-to-end baseline (and compare FIDs).")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing demo run.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """The built-in default: digits, tiny DiT, B=4; split -> train every block -> sample."""
+    """The built-in default: digits, tiny DiT, B=4; split -> train every block -> sample -> e2e -> FID of both."""
     from dbconvert.demo import run_demo
 
     result = run_demo(out=out, steps=steps, e2e=e2e, force=force, progress=not quiet, console=console)
