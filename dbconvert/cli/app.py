@@ -277,7 +277,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, .
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:,.1f}"
+    mib = n / 2**20
+    return f"{mib:,.1f}" if abs(mib) < 100 else f"{mib:,.0f}"
 
 
 @bench_app.command("memory")
@@ -305,14 +306,14 @@ def bench_memory_cmd(
     cols = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "activations", "saved_activations")
     heads = ("peak", "params", "grads", "optim", "EMA", "activ.", "saved")
     table.add_column("network")
-    table.add_column("layers")
+    table.add_column("layers", justify="right")
     for head in heads:
         table.add_column(head, justify="right")
     for name, row in result["breakdown"].items():
-        table.add_row(name, f"[{row['layers'][0]}, {row['layers'][1]})", *(_mib(row[c]) for c in cols))
+        table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", *(_mib(row[c]) for c in cols))
     console.print(table)
     console.print(f"ratio e2e / largest block: [bold]{result['ratio']:.2f}x[/]")
-    console.print(f"method: {result['method']}. params, grads, optim (optimizer state) and EMA are exact tensor "
+    console.print(f"method: {result['method']}. layers: source layers [start, end). params, grads, optim (optimizer state) and EMA are exact tensor "
                   "bytes; activ. = peak minus those (saved activations, temporaries, allocator overhead); "
                   "saved = the part of activ. autograd kept for backward, exact.", highlight=False)
 
