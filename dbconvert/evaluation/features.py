@@ -253,8 +253,12 @@ class InceptionExtractor:
 
     def __init__(self, path: Path, device: torch.device) -> None:
         self.device = device
+        import warnings
+
         try:
-            self.base = torch.jit.load(str(path), map_location=device).eval()
+            with warnings.catch_warnings():  # torch's deprecation notice of jit.load: clean-fid ships torchscript
+                warnings.simplefilter("ignore", FutureWarning)
+                self.base = torch.jit.load(str(path), map_location=device).eval()
             self.layers = self.base.layers
         except Exception as exc:
             raise CheckpointError(
