@@ -148,7 +148,7 @@ class Trainer:
 
     def step(self, batch: list[torch.Tensor], seed: int = 0) -> None:
         """One training step: forward, backward, optimizer step, EMA update (the order of train.py)."""
-        from dbconvert.train import _ema_update
+        from dbconvert.train import _ema_update, optimizer_step
 
         self.model.train()
         gen = torch.Generator().manual_seed(seed)
@@ -157,13 +157,7 @@ class Trainer:
                 loss, _ = self.family.e2e_loss(self.model, batch, self.recipe, self.noise, gen)
             else:
                 loss, _ = self.family.training_loss(self.model, batch, self.target.sigma_range, self.recipe, gen)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.recipe.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.trainable, self.recipe.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(loss, self.optimizer, self.scaler, self.trainable, self.recipe.train.grad_clip)
         _ema_update(self.ema, self.network, self.recipe.train.ema_decay)
 
     @torch.no_grad()
@@ -179,9 +173,13 @@ class Trainer:
         return guided(self.model, z, sigma, y, guidance, null)
 
     def breakdown(self) -> dict[str, int]:
-        """Exact bytes of parameters (and buffers), gradients, optimizer state and EMA weights."""
+        """Exact bytes of parameters (and buffers), gradients, optimizer state and EMA weights.
+
+        Gradients are freed after each optimizer step, but all of them are alive between the
+        backward pass and the step, so they count at the size of the trainable parameters.
+        """
         params = sum(_nbytes(t) for t in self.network.parameters()) + sum(_nbytes(t) for t in self.network.buffers())
-        grads = sum(_nbytes(p.grad) for p in self.trainable if p.grad is not None)
+        grads = sum(_nbytes(p) for p in self.trainable)
         optim = sum(_nbytes(v) for state in self.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
         ema = sum(_nbytes(t) for t in self.ema.parameters()) + sum(_nbytes(t) for t in self.ema.buffers())
         return {"parameters": params, "gradients": grads, "optimizer_state": optim, "ema": ema}

@@ -8,7 +8,6 @@ from pathlib import Path
 from rich.console import Console
 
 from dbconvert.config import load_recipe
-from dbconvert.families import get_family
 from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest, SampleResult
 from dbconvert.split import split
@@ -51,7 +50,7 @@ def run_demo(
     for block in run.blocks:
         result = train_block(run, block.index, progress=progress)
         console.print(f"block {block.index}: {result.step} steps, loss {result.last_loss}")
-    family = get_family(run.family_name)
+    family = run.family()
     samples = family.sample(run, SampleRequest())
     e2e_samples = None
     if e2e:

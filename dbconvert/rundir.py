@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -26,6 +26,9 @@ from dbconvert.checkpoint import atomic_write_text
 from dbconvert.config import Recipe, validate_recipe
 from dbconvert.errors import RunError
 from dbconvert.noise import NoiseSettings
+
+if TYPE_CHECKING:
+    from dbconvert.families.base import Family
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.yaml"
@@ -108,6 +111,12 @@ class Run:
     @property
     def family_name(self) -> str:
         return str(self.manifest["family"])
+
+    def family(self) -> "Family":
+        """The run's model family, bound to this run (so it can read the run's shared artefacts)."""
+        from dbconvert.families import get_family
+
+        return get_family(self.family_name).bind(self)
 
     @property
     def num_blocks(self) -> int:

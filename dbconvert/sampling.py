@@ -19,7 +19,6 @@ from dbconvert import noise as nz
 from dbconvert.checkpoint import atomic_write, load_strict, load_weights
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError, RunError
-from dbconvert.families import get_family
 from dbconvert.rundir import Run
 
 Denoise = Callable[[int, torch.Tensor, float], torch.Tensor]
@@ -82,7 +81,7 @@ def guided(model: nn.Module, z: torch.Tensor, sigma: float, y: torch.Tensor, sca
 
 def load_models(run: Run, model: str, weights: str, device: torch.device) -> list[nn.Module]:
     """The trained denoisers of `run`: every block (model="blocks") or the e2e network."""
-    family = get_family(run.family_name)
+    family = run.family()
     if model == "blocks":
         names = [Run.block_name(b.index) for b in run.blocks]
         depths = [b.layers[1] - b.layers[0] for b in run.blocks]

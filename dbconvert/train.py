@@ -26,7 +26,6 @@ from dbconvert.checkpoint import atomic_write_text, load_strict, load_weights, s
 from dbconvert.config import Recipe, override_recipe
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError, RunError
-from dbconvert.families import get_family
 from dbconvert.rundir import Run
 
 TRAIN_OVERRIDABLE = ("train", "sample", "data")
@@ -103,8 +102,7 @@ def train(
     if steps is not None or epochs is not None:
         recipe = override_recipe(recipe, [f"train.steps={steps}" if steps else "train.steps=null",
                                           f"train.epochs={epochs}" if epochs else "train.epochs=null"], ("train",))
-    family = get_family(run.family_name)
-    family.attach_run(run)
+    family = run.family()
     device = resolve_device(recipe.train.device)
     data = family.load_data(recipe)
     n_total = total_steps(recipe, len(data))
@@ -158,13 +156,7 @@ def train(
                     f"{target.name}: loss became {loss.item()} at step {step}; the last checkpoint is intact "
                     "(lower train.lr or use train.precision=fp32, then rerun to resume)"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if recipe.train.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trainable, recipe.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler, trainable, recipe.train.grad_clip)
             _ema_update(ema, network, recipe.train.ema_decay)
             window.append(loss.item())
             examples += batch[0].shape[0]
@@ -216,6 +208,27 @@ def _optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimi
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     return torch.optim.SGD(params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: list[nn.Parameter],
+    grad_clip: float | None,
+) -> None:
+    """Backward, optional clipping, optimizer step, then free the gradients.
+
+    Freeing them right after the step (not before the next backward) keeps one gradient-sized
+    buffer out of the next forward pass's peak memory.
+    """
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _lr(recipe: Recipe, step: int) -> float:

@@ -225,7 +225,6 @@ def sample_cmd(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 64,
 ) -> None:
     """Generate with the trained blocks (or --model e2e); writes the samples into the run."""
-    from dbconvert.families import get_family
     from dbconvert.rundir import resolve_run
     from dbconvert.sampling import SampleRequest
 
@@ -236,7 +235,7 @@ def sample_cmd(
     opened = resolve_run(run)
     request = SampleRequest(model, steps, solver, guidance, num, seed, class_label, weights, out,
                             prompt, prompt_file, max_new_tokens)
-    result = get_family(opened.family_name).sample(opened, request)
+    result = opened.family().sample(opened, request)
     for text in result.text:
         console.print(text, highlight=False, markup=False)
     console.print(f"wrote {len(result.files)} files to [bold]{result.directory}[/]"

@@ -209,7 +209,6 @@ def evaluate_fid(
 ) -> dict[str, Any]:
     """FID (and KID) of the run's samples (or a sample folder) against the data set's split (or a folder)."""
     import dbconvert
-    from dbconvert.families import get_family
 
     start = time.time()
     if repeats < 1:
@@ -261,7 +260,7 @@ def evaluate_fid(
         fids.append(fid), kids.append(kid), dirs.append(str(samples)), counts.append(len(feats))
     else:
         assert run is not None and sampler is not None and num is not None
-        family = get_family(run.family_name)
+        family = run.family()
         from dbconvert.sampling import SampleRequest
 
         for r in range(repeats):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dbconvert.errors import DataError, DbconvertError, RunError
+from dbconvert.errors import DataError, DbconvertError
 
 MAUVE_SEED = 25
 Log = Callable[[str], None]
@@ -211,7 +211,6 @@ def evaluate_mauve(
     """MAUVE of the run's continuations (blocks or e2e) against the true continuations."""
     import dbconvert
     from dbconvert.checkpoint import atomic_write_text
-    from dbconvert.families import get_family
     from dbconvert.families.llama import _diffuse
     from dbconvert.noise import edm_steps
     from dbconvert.sampling import load_models
@@ -242,8 +241,7 @@ def evaluate_mauve(
                         f"protocol needs {need} ({prompt_tokens} prompt + {new_tokens} continuation); lower "
                         "--prompt-tokens/--new-tokens or use a run with a longer context")
 
-    family = get_family("llama")
-    family.attach_run(run)
+    family = run.family()
     rows = family.load_data(run.recipe, split).tokens
     if len(rows) < 2:
         raise DataError(f"text too short for the protocol: the {split} split has {len(rows)} sequence(s) of {need}+ tokens; "

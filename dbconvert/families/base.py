@@ -77,8 +77,12 @@ class Family(ABC):
     def sample(self, run: "Run", request: "SampleRequest") -> "SampleResult":
         """Generate with the run's blocks (or its e2e network) and write the output into the run."""
 
-    def attach_run(self, run: "Run") -> None:
-        """Called before training a run, for families that read its shared artefacts. Default: nothing."""
+    def bind(self, run: "Run") -> "Family":
+        """This family for one run, for families that read its shared artefacts (tokenizer, target table).
+
+        Returns a new object rather than mutating the registry's shared instance. Default: itself.
+        """
+        return self
 
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """Write shared artefacts into a new run (e.g. a text target table). Default: nothing."""

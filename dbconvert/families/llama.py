@@ -318,12 +318,12 @@ class LlamaFamily(Family):
     name = "llama"
     config_cls = LlamaConfig
 
-    def __init__(self) -> None:
-        self._shared: Path | None = None
+    def __init__(self, shared: Path | None = None) -> None:
+        self._shared = shared
 
-    def attach_run(self, run: "Run") -> None:
+    def bind(self, run: "Run") -> "LlamaFamily":
         """Training and sampling read the run's shared tokenizer and target table."""
-        self._shared = run.shared_dir
+        return LlamaFamily(run.shared_dir)
 
     def _shared_dir(self) -> Path:
         if self._shared is None:
@@ -470,7 +470,6 @@ class LlamaFamily(Family):
     # -- sampling --------------------------------------------------------------------------
 
     def sample(self, run: "Run", request: "SampleRequest") -> "SampleResult":
-        self.attach_run(run)
         return sample_text(run, request)
 
 
