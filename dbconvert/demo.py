@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 from dbconvert.config import load_recipe
-from dbconvert.rundir import Run
+from dbconvert.errors import RunError
+from dbconvert.rundir import MANIFEST, Run, set_current
 from dbconvert.sampling import SampleRequest, SampleResult
 from dbconvert.split import split
 from dbconvert.train import train_block, train_e2e
@@ -40,21 +41,30 @@ def run_demo(
 ) -> DemoResult:
     """Split `dit-tiny-digits` into 4 blocks, train each, sample, train the e2e baseline, then FID of both.
 
+    Rerunning continues an existing demo run in `out` (training resumes where it stopped);
+    `force` starts over.
+
     The FID uses the built-in digits features (a small CNN trained once on the digits train split,
     cached) against the digits test split; both models get the same number of samples and seed.
     """
     console = console or Console()
-    overrides = [f"train.steps={steps or DEMO_STEPS}"]
-    run = split(load_recipe(DEMO_RECIPE, overrides), out=out, force=force)
-    console.print(f"split {DEMO_RECIPE} into {run.num_blocks} blocks at {run.root}")
+    if (Path(out) / MANIFEST).exists() and not force:
+        run = Run.open(out)
+        if run.recipe.name != DEMO_RECIPE:
+            raise RunError(f"{out} holds a run of {run.recipe.name!r}, not the demo; choose another --out")
+        set_current(run.root)
+        console.print(f"continuing the demo run in {run.root} (--force starts over)")
+    else:
+        run = split(load_recipe(DEMO_RECIPE, [f"train.steps={DEMO_STEPS}"]), out=out, force=force)
+        console.print(f"split {DEMO_RECIPE} into {run.num_blocks} blocks at {run.root}")
     for block in run.blocks:
-        result = train_block(run, block.index, progress=progress)
+        result = train_block(run, block.index, steps=steps, progress=progress)
         console.print(f"block {block.index}: {result.step} steps, loss {result.last_loss}")
     family = run.family()
     samples = family.sample(run, SampleRequest())
     e2e_samples = None
     if e2e:
-        train_e2e(run, progress=progress)
+        train_e2e(run, steps=steps, progress=progress)
         e2e_samples = family.sample(run, SampleRequest(model="e2e"))
     result = DemoResult(run, samples, e2e_samples)
     if fid:

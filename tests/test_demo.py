@@ -1,0 +1,36 @@
+"""`dbconvert demo`: the whole pipeline on digits, and rerunning continues instead of failing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from dbconvert.demo import run_demo
+from dbconvert.errors import RunError
+from dbconvert.rundir import resolve_run
+
+
+def test_demo_runs_end_to_end_and_continues(in_tmp: Path) -> None:
+    out = io.StringIO()
+    result = run_demo(out=in_tmp / "demo", steps=2, progress=False, fid_samples=70, console=Console(file=out))
+    assert (result.samples.directory / "grid.png").is_file() and result.e2e_samples is not None
+    assert set(result.fid) == {"blocks", "e2e"}
+    assert all(r["metric"] == "fid" and r["value"] >= 0 and r["features"] for r in result.fid.values()), result.fid
+    assert len(list((in_tmp / "demo" / "eval").glob("*.json"))) == 2
+    assert resolve_run(None).root.resolve() == (in_tmp / "demo").resolve()
+
+    again = io.StringIO()
+    run_demo(out=in_tmp / "demo", steps=3, progress=False, fid=False, console=Console(file=again))
+    assert "continuing the demo run" in again.getvalue()
+    assert result.run.status("block-00").step == 3  # resumed from step 2 to 3
+
+
+def test_demo_refuses_a_folder_holding_another_run(in_tmp: Path, tiny_recipe) -> None:  # noqa: ANN001
+    from dbconvert.split import split
+
+    other = split(tiny_recipe.model_copy(update={"name": "not-the-demo"}), out=in_tmp / "other")
+    with pytest.raises(RunError, match="not the demo"):
+        run_demo(out=other.root, steps=1, progress=False, fid=False)
