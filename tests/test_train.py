@@ -111,3 +111,10 @@ def test_batches_cover_each_example_once_per_epoch() -> None:
     seen = torch.cat([batch_indices(0, s, 10, 50) for s in range(5)])
     assert sorted(seen.tolist()) == list(range(50))
     assert not torch.equal(batch_indices(0, 0, 10, 50), batch_indices(0, 5, 10, 50))  # reshuffled next epoch
+
+
+def test_epochs_override_sets_the_length_in_full_batches(tiny_run: Run) -> None:
+    # digits train has 1438 images: 89 full batches of 16 per epoch, so 0.05 epochs = ceil(4.45) = 5 steps
+    result = train_block(tiny_run, 0, epochs=0.05, progress=False)
+    assert result.step == result.total_steps == 5
+    assert tiny_run.status("block-00").total_steps == 5
