@@ -26,6 +26,12 @@ class Source:
     checkpoint_sha256: str | None = None
 
 
+def shard_slice(local: int, shard: tuple[int, int]) -> tuple[int, slice]:
+    """(global batch, this rank's slice of it) for a local batch of `local` examples."""
+    rank, world = shard
+    return local * world, slice(rank * local, (rank + 1) * local)
+
+
 class Family(ABC):
     """One model family (DiT, Llama, ...). Stateless: every method takes the resolved recipe."""
 
@@ -60,18 +66,25 @@ class Family(ABC):
         sigma_range: tuple[float, float],
         recipe: "Recipe",
         generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one batch with sigmas drawn inside `sigma_range`; returns (loss, sigma stats)."""
+        """Loss of one batch with sigmas drawn inside `sigma_range`; returns (loss, sigma stats).
+
+        `shard` = (rank, world size) under data parallelism: `batch` is slice `rank` of a global
+        batch `world` times larger. Draw the randomness for the global batch and keep that slice
+        (`shard_slice`), so every example gets the same noise as in a single-process run.
+        """
 
     def e2e_model(self, recipe: "Recipe", network: nn.Module, noise: "NoiseSettings") -> nn.Module:
         """What `train-e2e` trains around the full network. Default: the same denoiser as a block."""
         return self.denoiser(recipe, network, noise)
 
     def e2e_loss(
-        self, model: nn.Module, batch: Any, recipe: "Recipe", noise: "NoiseSettings", generator: torch.Generator
+        self, model: nn.Module, batch: Any, recipe: "Recipe", noise: "NoiseSettings", generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of the e2e baseline. Default: the block loss over the full [sigma_min, sigma_max]."""
-        return self.training_loss(model, batch, (noise.sigma_min, noise.sigma_max), recipe, generator)
+        return self.training_loss(model, batch, (noise.sigma_min, noise.sigma_max), recipe, generator, shard)
 
     @abstractmethod
     def sample(self, run: "Run", request: "SampleRequest") -> "SampleResult":

@@ -23,7 +23,7 @@ from dbconvert.checkpoint import KeyMap, apply_key_map, file_sha256, load_strict
 from dbconvert.config import ModelConfig, Recipe
 from dbconvert.data.images import ImageData, load_images
 from dbconvert.errors import DataError
-from dbconvert.families.base import Family, Source
+from dbconvert.families.base import Family, Source, shard_slice
 from dbconvert.families.dit_model import ARCHS, DiT, DiTShape, variance_channel_mask
 
 if TYPE_CHECKING:
@@ -202,13 +202,14 @@ class DiTFamily(Family):
         sigma_range: tuple[float, float],
         recipe: Recipe,
         generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
         x, y = batch
-        n = x.shape[0]
+        n, keep = shard_slice(x.shape[0], shard)  # draws for the global batch, this rank's slice kept
         noise = denoiser.noise
-        sigma = nz.sample_sigmas(n, *sigma_range, noise, generator)
-        eps = torch.randn(x.shape, generator=generator)
-        drop = torch.rand(n, generator=generator) < recipe.train.label_dropout
+        sigma = nz.sample_sigmas(n, *sigma_range, noise, generator)[keep]
+        eps = torch.randn((n, *x.shape[1:]), generator=generator)[keep]
+        drop = (torch.rand(n, generator=generator) < recipe.train.label_dropout)[keep]
         sigma, eps, drop = sigma.to(x.device), eps.to(x.device), drop.to(x.device)
         y = torch.where(drop, torch.full_like(y, denoiser.null_class), y)
         s = sigma.reshape(-1, 1, 1, 1)

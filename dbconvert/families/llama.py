@@ -42,7 +42,7 @@ from dbconvert.checkpoint import KeyMap, apply_key_map, file_sha256, load_strict
 from dbconvert.config import ModelConfig, Recipe, _one_line
 from dbconvert.data.text import TextData, load_text, read_documents
 from dbconvert.errors import CheckpointError, DbconvertError, RecipeError, RunError
-from dbconvert.families.base import Family, Source
+from dbconvert.families.base import Family, Source, shard_slice
 from dbconvert.families.llama_model import KVCache, LlamaBlockNet, LlamaShape
 from dbconvert.tokenizer import Tokenizer, checkpoint_tokenizer, install, run_tokenizer, train_bpe
 
@@ -432,13 +432,15 @@ class LlamaFamily(Family):
         sigma_range: tuple[float, float],
         recipe: Recipe,
         generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
         tokens = batch[0]
         b, t = tokens.shape
+        n, keep = shard_slice(b, shard)  # draws for the global batch, this rank's slice kept
         noise: nz.NoiseSettings = denoiser.noise
         table: torch.Tensor = denoiser.table
-        sigma = nz.sample_sigmas(b * t, *sigma_range, noise, generator).view(b, t).to(tokens.device)
-        eps = torch.randn((b, t, table.shape[1]), generator=generator).to(tokens.device)
+        sigma = nz.sample_sigmas(n * t, *sigma_range, noise, generator).view(n, t)[keep].to(tokens.device)
+        eps = torch.randn((n, t, table.shape[1]), generator=generator)[keep].to(tokens.device)
         z = table[tokens] + sigma[..., None] * eps
         logits = denoiser(tokens, z, sigma)
         ce = F.cross_entropy(logits.reshape(b * t, -1), tokens.reshape(-1), reduction="none").view(b, t)
@@ -459,9 +461,10 @@ class LlamaFamily(Family):
         return CausalLM(network)
 
     def e2e_loss(
-        self, model: nn.Module, batch: Any, recipe: Recipe, noise: nz.NoiseSettings, generator: torch.Generator
+        self, model: nn.Module, batch: Any, recipe: Recipe, noise: nz.NoiseSettings, generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Ordinary causal next-token cross-entropy of the unsplit network."""
+        """Ordinary causal next-token cross-entropy of the unsplit network (no randomness to shard)."""
         tokens = batch[0]
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
