@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dbconvert import distributed, locks
 from dbconvert.checkpoint import atomic_write_text, load_strict, load_weights, save_weights, write_json
 from dbconvert.config import Recipe, override_recipe
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError, RunError
+from dbconvert.locks import LOCK_NAME
 from dbconvert.rundir import Run
 
 TRAIN_OVERRIDABLE = ("train", "sample", "data")
@@ -87,6 +89,16 @@ def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
     return perm[pos * batch : (pos + 1) * batch]
 
 
+def training_recipe(run: Run, overrides: list[str] | None = None, steps: int | None = None,
+                    epochs: float | None = None) -> Recipe:
+    """The run's recipe with training overrides and --steps / --epochs applied."""
+    recipe = override_recipe(run.recipe, overrides, TRAIN_OVERRIDABLE)
+    if steps is not None or epochs is not None:
+        recipe = override_recipe(recipe, [f"train.steps={steps}" if steps else "train.steps=null",
+                                          f"train.epochs={epochs}" if epochs else "train.epochs=null"], ("train",))
+    return recipe
+
+
 def train(
     run: Run,
     target: Target,
@@ -96,17 +108,51 @@ def train(
     overrides: list[str] | None = None,
     on_step: StepCallback | None = None,
     progress: bool = True,
+    note: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train one block (or the e2e network) of `run`, resuming from its last checkpoint."""
-    recipe = override_recipe(run.recipe, overrides, TRAIN_OVERRIDABLE)
-    if steps is not None or epochs is not None:
-        recipe = override_recipe(recipe, [f"train.steps={steps}" if steps else "train.steps=null",
-                                          f"train.epochs={epochs}" if epochs else "train.epochs=null"], ("train",))
+    """Train one block (or the e2e network) of `run`, resuming from its last checkpoint.
+
+    Under torchrun (RANK/WORLD_SIZE/... in the environment) this process is one rank of a
+    data-parallel group: the recipe's batch is the global batch, split across ranks; only
+    rank 0 logs, shows progress, holds the lock and writes checkpoints.
+    """
+    import torch.distributed as td
+
+    recipe = training_recipe(run, overrides, steps, epochs)
+    owned_group = not (td.is_available() and td.is_initialized())
+    dist, device_name = distributed.setup(recipe.train.device)
+    note = note or (lambda msg: print(msg, file=sys.stderr))
+    lock_path = run.model_dir(target.name) / LOCK_NAME
+    owner = None
+    try:
+        failure = None
+        if dist.is_main:
+            try:
+                owner = locks.acquire(lock_path, f"{target.name} of {run.root}", note)
+            except DbconvertError as exc:
+                failure = str(exc)
+        distributed.broadcast_error(dist, failure)
+        return _train(run, target, recipe, dist, device_name, restart, on_step, progress and dist.is_main)
+    finally:
+        if owner is not None:
+            locks.release(lock_path, owner)
+        if owned_group:
+            distributed.teardown(dist)
+
+
+def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, device_name: str, restart: bool,
+           on_step: StepCallback | None, progress: bool) -> TrainResult:
     family = run.family()
-    device = resolve_device(recipe.train.device)
+    device = resolve_device(device_name)
+    global_batch = recipe.train.batch_size
+    local = dist.slice(global_batch)  # the global batch must divide by the world size
     data = family.load_data(recipe)
     n_total = total_steps(recipe, len(data))
     out_dir = run.model_dir(target.name)
+    main = dist.is_main
+    autocast, scaler = _precision(recipe.train.precision, device)
+    if recipe.train.compile:
+        _check_compiler(device)
 
     network = family.block_network(recipe, target.depth)
     is_e2e = target.name == "e2e"
@@ -118,59 +164,78 @@ def train(
 
     start = 0
     state_path = out_dir / "state.safetensors"
+    if main:
+        _remove_stale_temp_files(run, target.name)
     if state_path.exists() and not restart:
         start = _restore(state_path, network, ema, optimizer, target.name)
     else:
         load_strict(network, load_weights(target.init_weights), f"initial weights of {target.name}")
         ema.load_state_dict(network.state_dict())
-        _truncate_metrics(run.metrics_path(target.name), 0)
-    if start:
+        if main:
+            _truncate_metrics(run.metrics_path(target.name), 0)
+    if start and main:
         _truncate_metrics(run.metrics_path(target.name), start)
     if start >= n_total:
         return TrainResult(target.name, start, n_total, None, out_dir)
 
     salt = 0 if is_e2e else 1 + int(target.name.split("-")[-1])
-    forward = torch.compile(denoiser) if recipe.train.compile else denoiser
-    autocast, scaler = _precision(recipe.train.precision, device)
+    model = distributed.wrap(dist, denoiser, device, find_unused=is_e2e)
+    forward = torch.compile(model) if recipe.train.compile else model
+    shard = {"shard": dist.shard} if dist.enabled else {}
     metrics = run.metrics_path(target.name)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
+    if main:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
     denoiser.train()
     window: list[float] = []
     last_loss: float | None = None
     t_log = time.perf_counter()
     examples = 0
-    with _progress(progress, target.name, n_total, start) as advance, open(metrics, "a") as log:
+    with _progress(progress, target.name, n_total, start) as advance, \
+            (open(metrics, "a") if main else nullcontext()) as log:
         for step in range(start, n_total):
             gen = step_generator(recipe.train.seed, step, salt)
-            batch = [t.to(device) for t in data.batch(batch_indices(recipe.train.seed, step, recipe.train.batch_size, len(data)))]
+            indices = batch_indices(recipe.train.seed, step, global_batch, len(data))[local]
+            batch = [t.to(device) for t in data.batch(indices)]
             lr = _lr(recipe, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast():
-                if is_e2e:
-                    loss, stats = family.e2e_loss(forward, batch, recipe, run.noise(), gen)
-                else:
-                    loss, stats = family.training_loss(forward, batch, target.train_range, recipe, gen)
-            if not torch.isfinite(loss):
+                try:
+                    if is_e2e:
+                        loss, stats = family.e2e_loss(forward, batch, recipe, run.noise(), gen, **shard)
+                    else:
+                        loss, stats = family.training_loss(forward, batch, target.train_range, recipe, gen, **shard)
+                except Exception as exc:
+                    if recipe.train.compile and type(exc).__module__.startswith("torch._"):
+                        raise DbconvertError(f"train.compile=true failed on {device} ({_first_line(exc)}); "
+                                             "rerun with train.compile=false") from None
+                    raise
+            loss_value = distributed.mean_across(dist, loss)  # the same value on every rank
+            if not torch.isfinite(loss_value):
                 raise DbconvertError(
-                    f"{target.name}: loss became {loss.item()} at step {step}; the last checkpoint is intact "
+                    f"{target.name}: loss became {loss_value.item()} at step {step}; the last checkpoint is intact "
                     "(lower train.lr or use train.precision=fp32, then rerun to resume)"
                 )
             optimizer_step(loss, optimizer, scaler, trainable, recipe.train.grad_clip)
             _ema_update(ema, network, recipe.train.ema_decay)
-            window.append(loss.item())
-            examples += batch[0].shape[0]
+            window.append(loss_value.item())
+            examples += global_batch
             done = step + 1
-            if done % recipe.train.log_every == 0 or done == n_total:
+            log_now = done % recipe.train.log_every == 0 or done == n_total
+            if log_now and dist.enabled:
+                stats = distributed.reduce_stats(dist, stats)  # every rank takes part; rank 0 writes
+            if main and log_now:
                 now = time.perf_counter()
                 last_loss = sum(window) / len(window)
                 record = {
                     "step": done,
+                    "total_steps": n_total,
                     "loss": last_loss,
                     "lr": lr,
                     **stats,
                     "examples_per_s": examples / max(now - t_log, 1e-9),
                     "peak_memory_bytes": peak_memory(device),
+                    "world_size": dist.world_size,
                     "time": time.time(),
                 }
                 log.write(json.dumps(record) + "\n")
@@ -178,9 +243,10 @@ def train(
                 if on_step:
                     on_step(record)
                 window, examples, t_log = [], 0, now
-            if done % recipe.train.checkpoint_every == 0 or done == n_total:
+            if main and (done % recipe.train.checkpoint_every == 0 or done == n_total):
                 _checkpoint(out_dir, network, ema, optimizer, done, n_total, target.name)
             advance(done, last_loss)
+    distributed.barrier(dist)  # every rank ends after rank 0's last checkpoint
     return TrainResult(target.name, n_total, n_total, last_loss, out_dir)
 
 
@@ -253,6 +319,21 @@ def _precision(precision: str, device: torch.device):  # noqa: ANN202
     return (lambda: torch.autocast(device.type, dtype=dtype)), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def _check_compiler(device: torch.device) -> None:
+    """torch.compile (inductor) on the CPU builds C++ kernels: without a compiler, say so in one line."""
+    import os
+    import shutil
+
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        raise DbconvertError("train.compile=true on the CPU needs a C++ compiler (g++ or clang++) for torch.compile; "
+                             "install one or rerun with train.compile=false")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
 def peak_memory(device: torch.device) -> int:
     """Peak memory in bytes: the CUDA allocator's peak, or this process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -313,11 +394,29 @@ def _restore(path: Path, network: nn.Module, ema: nn.Module, optimizer: torch.op
     return int(meta["step"])
 
 
+def _remove_stale_temp_files(run: Run, name: str) -> None:
+    """Temp files of atomic writes cut short by a kill (we hold the lock: nobody else writes here)."""
+    out_dir = run.model_dir(name)
+    for final in ("state.safetensors", "model.safetensors", "ema.safetensors", "state.json"):
+        for tmp in out_dir.glob(f".{final}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    metrics = run.metrics_path(name)
+    for tmp in metrics.parent.glob(f".{metrics.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop logged lines past the checkpoint we resume from (they will be logged again)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed process
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -1,0 +1,155 @@
+"""One lock file per trained block: two processes never train the same block at once.
+
+The lock is a small JSON file (`RUN/blocks/block-02/train.lock`) holding the owner's pid,
+host, start time and a random token. It is created complete or not at all (written to a
+temp file, then hard-linked into place, which fails if a lock exists), so a reader never
+sees half a lock. A lock whose owner is dead on this host (its pid is gone, or the pid now
+belongs to a process started later) is stale and is taken over, with a note. A lock held
+from another host cannot be checked from here: it is refused, and the message says which
+file to delete if that process is really gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from dbconvert.errors import DbconvertError
+
+LOCK_NAME = "train.lock"
+
+
+class LockedError(DbconvertError):
+    """Another live process holds the lock."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), to tell a reused pid from the owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "started": _start_time(pid),
+            "token": secrets.token_hex(8), "time": time.time()}
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_stale(owner: dict[str, Any]) -> bool:
+    """True when the owner is known to be dead: same host, and its pid is gone or reused."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    pid = owner["pid"]
+    if not _alive(pid):
+        return True
+    started = owner.get("started")
+    return started is not None and _start_time(pid) not in (None, started)
+
+
+def describe(owner: dict[str, Any]) -> str:
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+
+
+@contextmanager
+def hold(path: Path, what: str, note: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Take the lock at `path` for the duration of the block (released on any exit but SIGKILL)."""
+    owner = acquire(path, what, note)
+    try:
+        yield owner
+    finally:
+        release(path, owner)
+
+
+def acquire(path: Path, what: str, note: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Create the lock file or fail with a one-line LockedError naming the owner."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = _owner()
+    tmp = path.with_name(f".{path.name}.{me['pid']}.{me['token']}.tmp")
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(20):
+            try:
+                os.link(tmp, path)
+                return me
+            except FileExistsError:
+                pass
+            held = _read(path)
+            if held is None:
+                continue  # released meanwhile: try again
+            if not held:
+                # unreadable: an empty or foreign file; only a stale one would be, but be explicit
+                raise LockedError(f"{what} is locked by {path}, which cannot be read; delete it if no process is training")
+            if not is_stale(held):
+                raise LockedError(
+                    f"{what} is already being trained by {describe(held)} (lock {path}); wait for it, "
+                    "or delete the lock file if that process is gone"
+                )
+            if _take_over(path, held):
+                if note:
+                    note(f"note: took over the stale lock of {what} left by {describe(held)}, which is no longer running")
+        raise LockedError(f"could not take the lock {path} (it keeps changing hands); try again")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _take_over(path: Path, held: dict[str, Any]) -> bool:
+    """Remove a stale lock, unless someone else replaced it meanwhile (serialised by flock)."""
+    import fcntl
+
+    guard = path.with_name(f".{path.name}.guard")
+    with open(guard, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            now = _read(path)
+            if now is not None and now.get("token") == held.get("token"):
+                path.unlink(missing_ok=True)
+                return True
+            return False
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def release(path: Path, owner: dict[str, Any]) -> None:
+    """Remove the lock if it is still ours."""
+    held = _read(Path(path))
+    if held and held.get("token") == owner.get("token"):
+        Path(path).unlink(missing_ok=True)
+
+
+def current_owner(path: Path) -> dict[str, Any] | None:
+    """The live owner of a lock, or None (no lock, or a stale one)."""
+    held = _read(Path(path))
+    if not held or is_stale(held):
+        return None
+    return held
