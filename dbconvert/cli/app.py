@@ -162,6 +162,7 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
 def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | None,
            steps: int | None, epochs: float | None, restart: bool, quiet: bool) -> None:
     from dbconvert.config import override_recipe
+    from dbconvert.distributed import from_env
     from dbconvert.rundir import resolve_run
     from dbconvert.train import TRAIN_OVERRIDABLE, train_block, train_e2e
 
@@ -170,13 +171,19 @@ def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | No
         run.block(index)  # validates the index before anything else
     resolved = override_recipe(run.recipe, overrides, TRAIN_OVERRIDABLE)
     target = f"block {index}" if index is not None else "e2e baseline"
-    announce(f"training {target} of {run.root}", {
-        "train": resolved.train.model_dump(mode="json"),
-        **({"steps": steps} if steps else {}), **({"epochs": epochs} if epochs else {}),
-        **({"train_range": list(run.block(index).train_range), "layers": list(run.block(index).layers)} if index is not None else {}),
-    })
-    kwargs = dict(steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet)
+    dist = from_env()  # under torchrun only rank 0 talks
+    if dist.is_main:
+        announce(f"training {target} of {run.root}", {
+            **({"world_size": dist.world_size} if dist.enabled else {}),
+            "train": resolved.train.model_dump(mode="json"),
+            **({"steps": steps} if steps else {}), **({"epochs": epochs} if epochs else {}),
+            **({"train_range": list(run.block(index).train_range), "layers": list(run.block(index).layers)} if index is not None else {}),
+        })
+    kwargs = dict(steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet,
+                  note=lambda msg: err_console.print(msg, highlight=False, markup=False))
     result = train_block(run, index, **kwargs) if index is not None else train_e2e(run, **kwargs)
+    if not dist.is_main:
+        return
     loss = f", last logged loss {result.last_loss:.4f}" if result.last_loss is not None else " (already finished)"
     console.print(f"{result.name}: step {result.step}/{result.total_steps}{loss}; weights in {result.directory}")
 
@@ -193,6 +200,33 @@ def train_block_cmd(
 ) -> None:
     """Train one block alone on its noise range; resumes from its last checkpoint when rerun."""
     _train(run, index, overrides, steps, epochs, restart, quiet)
+
+
+@command("train-all")
+def train_all_cmd(
+    overrides: Overrides = None,
+    run: RunOpt = None,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Blocks trained at the same time (one process each).")] = 1,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train every untrained or unfinished block, up to --parallel at a time, one process (and device) each."""
+    from dbconvert.rundir import resolve_run
+    from dbconvert.train import training_recipe
+    from dbconvert.train_all import BUSY, train_all
+
+    opened = resolve_run(run)
+    training_recipe(opened, overrides, steps, epochs)  # bad overrides fail here, not in every block's process
+    result = train_all(opened, parallel, steps, epochs, overrides, console=console, live=not quiet)
+    busy = [j for j in result.jobs if j.state == BUSY]
+    if busy:
+        console.print(f"left to other processes: {', '.join(f'block {j.index} ({j.detail})' for j in busy)}", highlight=False)
+    if result.failed:
+        raise_user("; ".join(f"block {j.index} failed ({j.detail or j.returncode}), log {j.log}" for j in result.failed)
+                   + " (the other blocks went on; rerun to continue each from its last checkpoint)")
+    console.print(f"[bold green]every block of {opened.root} is trained[/]" if not busy
+                  else "the other blocks are trained", highlight=False)
 
 
 @command("train-e2e")
