@@ -1,0 +1,134 @@
+"""`dbconvert ablate`: one row per variant, matched layer updates, resume without retraining, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from dbconvert.ablate import plan_ablation, run_ablation
+from dbconvert.cli import app
+from dbconvert.config import load_recipe
+from dbconvert.errors import DbconvertError, RecipeError
+from dbconvert.rundir import Run
+from tests.conftest import TINY_OVERRIDES
+
+runner = CliRunner()
+TINY = [*TINY_OVERRIDES, "train.log_every=1"]  # DiT-Micro/2 (4 layers); the ablation sets the steps
+NUM = 70  # FID on the built-in 64-d features needs >= 65 samples
+GAMMAS = (0.0, 0.1, 0.2)  # a subset of the paper's five, to keep the file fast
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """One feature/statistics cache for the session: the digits CNN is trained once."""
+    path = tmp_path_factory.getbasetemp() / "dbconvert-cache"
+    monkeypatch.setenv("DBCONVERT_CACHE", str(path))
+    return path
+
+
+def invoke(*args: object):  # noqa: ANN201
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, match: str) -> None:  # noqa: ANN001
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert match in lines[0], lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    """mtime (ns) of every training state and evaluation file below the ablation folder."""
+    files = [*folder.glob("*/blocks/*/state.safetensors"), *folder.glob("*/eval/*.json")]
+    return {str(p): p.stat().st_mtime_ns for p in files}
+
+
+def test_overlap_one_row_per_gamma_matched_updates_and_resume(in_tmp: Path) -> None:
+    out = in_tmp / "abl"
+    log = io.StringIO()
+    result = run_ablation("overlap", "dit-tiny-digits", TINY, steps=2, out=out, num=NUM, values=GAMMAS,
+                          progress=False, console=Console(file=log, width=200))
+    rows = result.rows
+    assert [r["value"] for r in rows] == list(GAMMAS)
+    assert all(r["steps_per_block"] == 2 and r["blocks"] == 4 and r["samples"] == NUM for r in rows)
+    assert {r["layer_updates"] for r in rows} == {2 * 4}  # S steps x L layers, for every variant
+    assert all(r["fid"] >= 0 and r["features"].startswith("builtin") for r in rows)
+    for r in rows:
+        run = Run.open(r["run"])
+        assert run.manifest["gamma"] == r["value"] and Path(r["run"]).parent == out
+        assert all(run.status(Run.block_name(b.index)).step == 2 for b in run.blocks)
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["variable"] == "gamma" and len(saved["rows"]) == 3
+    md = (out / "ablation.md").read_text()
+    assert md.count("\n| ") == 1 + 3  # header + one row per variant
+    assert "| gamma | FID | KID | steps/block |" in md
+
+    before = _snapshot(out)
+    assert len(before) == 3 * 4 + 3
+    again = io.StringIO()
+    rerun = run_ablation("overlap", "dit-tiny-digits", TINY, steps=2, out=out, num=NUM, values=GAMMAS,
+                         progress=False, console=Console(file=again, width=200))
+    assert _snapshot(out) == before  # nothing retrained, nothing re-evaluated
+    assert [r["fid"] for r in rerun.rows] == [r["fid"] for r in rows]
+    assert again.getvalue().count("skipped") == 3 and "trained to step" not in again.getvalue()
+
+
+def test_blocks_ablation_deepens_the_network_so_every_b_divides_it(in_tmp: Path) -> None:
+    result = run_ablation("blocks", "dit-tiny-digits", TINY, steps=2, out=in_tmp / "b", num=NUM, values=(3, 4),
+                          progress=False, console=Console(file=io.StringIO()))
+    rows = result.rows
+    assert [(r["blocks"], r["layers"], r["layers_per_block"]) for r in rows] == [(3, 12, 4), (4, 12, 3)]
+    assert rows[0]["layer_updates"] == rows[1]["layer_updates"] == 2 * 12
+    assert "model.depth=12" in result.summary["overrides"] and "depth 12" in result.summary["notes"][0]
+
+
+def test_default_variants_are_the_papers() -> None:
+    recipe = load_recipe("dit-tiny-digits")
+    assert [v.name for v in plan_ablation("overlap", recipe).variants] == [
+        "gamma-0", "gamma-0.05", "gamma-0.1", "gamma-0.15", "gamma-0.2"]
+    partition = plan_ablation("partition", recipe)
+    assert [v.value for v in partition.variants] == ["equiprobable", "uniform"] and partition.common == ["noise.gamma=0"]
+    blocks = plan_ablation("blocks", recipe)
+    assert [v.value for v in blocks.variants] == [1, 2, 3, 4, 6] and blocks.common == ["model.depth=12"]
+
+
+def test_blocks_plan_keeps_the_depth_when_uneven_and_refuses_an_explicit_depth() -> None:
+    uneven = plan_ablation("blocks", load_recipe("dit-tiny-digits", ["blocks.uneven=true"]))
+    assert uneven.common == [] and "uneven" in uneven.notes[0]
+    assert [v.value for v in uneven.variants] == [1, 2, 3, 4, 6]
+    assert plan_ablation("blocks", load_recipe("dit-tiny-digits"), values=(1, 2, 4, 8)).common == []
+    with pytest.raises(RecipeError, match="blocks.uneven=true"):
+        plan_ablation("blocks", load_recipe("dit-tiny-digits", ["model.depth=8"]), ["model.depth=8"])
+
+
+def test_cli_partition_writes_both_tables_and_refuses_changed_settings(in_tmp: Path) -> None:
+    out = in_tmp / "p"
+    result = invoke("ablate", "partition", "dit-tiny-digits", *TINY, "--steps", 1, "--num", NUM, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert "equiprobable" in result.stdout and "uniform" in result.stdout
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [(r["value"], r["gamma"], r["partition"]) for r in rows] == [
+        ("equiprobable", 0.0, "equiprobable"), ("uniform", 0.0, "uniform")]
+    assert (out / "ablation.md").is_file()
+    changed = invoke("ablate", "partition", "dit-tiny-digits", *TINY, "train.lr=5e-4", "--steps", 1, "--num", NUM,
+                     "--out", out, "-q")
+    assert_user_error(changed, "other settings (train.lr")
+
+
+def test_bad_inputs_are_one_line_errors(in_tmp: Path) -> None:
+    unknown = invoke("ablate", "depth", "dit-tiny-digits")
+    assert unknown.exit_code == 2 and "No such command" in unknown.output
+    assert_user_error(invoke("ablate", "overlap", "llama-tiny-shakespeare", "-q"), "image FID")
+    assert_user_error(invoke("ablate", "blocks", "dit-tiny-digits", "model.depth=8", "--values", "2,3", "-q"),
+                      "blocks.uneven=true")
+    assert_user_error(invoke("ablate", "overlap", "dit-tiny-digits", "--num", 10, "-q"), "at least 65")
+    assert_user_error(invoke("ablate", "overlap", "dit-tiny-digits", "--values", "0,2", "-q"), "[0, 1]")
+    assert_user_error(invoke("ablate", "partition", "dit-tiny-digits", "--values", "random", "-q"), "equiprobable")
+    assert not (in_tmp / "runs").exists()  # nothing trained or split on bad input
+    with pytest.raises(DbconvertError, match="unknown ablation"):
+        run_ablation("depth", "dit-tiny-digits")
