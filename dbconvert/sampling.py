@@ -146,7 +146,10 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
 
 
 def write_images(out: Path, x: torch.Tensor, y: torch.Tensor) -> list[Path]:
-    """samples.npz always; grid.png and one PNG per image when the data are 1 or 3 channel pixels."""
+    """samples.npz always; grid.png and one PNG per image when the data are 1 or 3 channel pixels.
+
+    Returns every file written, the grid first when there is one.
+    """
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +169,7 @@ def write_images(out: Path, x: torch.Tensor, y: torch.Tensor) -> list[Path]:
     for i, img in enumerate(images):
         path = out / f"{i:05d}.png"
         img.save(path)
+        files.append(path)
     h, w = pixels.shape[1:3]
     scale = max(1, 32 // max(h, w))
     cols = int(np.ceil(np.sqrt(len(images))))
