@@ -279,7 +279,7 @@ def sample_cmd(
 @command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo run.")] = Path("dbconvert-demo"),
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps per block and for the baseline (default: 500).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps per block and for the baseline (default: 1000).")] = None,
     e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also train the end-to-end baseline (and compare FIDs).")] = True,
     force: Annotated[bool, typer.Option("--force", help="Start over instead of continuing an existing demo run.")] = False,
     quiet: QuietOpt = False,
