@@ -88,6 +88,8 @@ class TrainConfig(Section):
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    ema_warmup: bool = True
+    """Use min(ema_decay, (1 + step) / (10 + step)), so short runs' EMA is not dominated by the init."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
     device: str = "auto"

@@ -217,7 +217,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                     "(lower train.lr or use train.precision=fp32, then rerun to resume)"
                 )
             optimizer_step(loss, optimizer, scaler, trainable, recipe.train.grad_clip)
-            _ema_update(ema, network, recipe.train.ema_decay)
+            _ema_update(ema, network, ema_decay_at(recipe.train.ema_decay, step, recipe.train.ema_warmup))
             window.append(loss_value.item())
             examples += global_batch
             done = step + 1
@@ -303,6 +303,15 @@ def _lr(recipe: Recipe, step: int) -> float:
 
 
 @torch.no_grad()
+def ema_decay_at(decay: float, step: int, warmup: bool = True) -> float:
+    """EMA decay of `step` (0-based): with warmup, min(decay, (1 + step) / (10 + step)).
+
+    A plain 0.9999 EMA still holds 90% of the initial weights after 1000 steps; the warmup
+    makes the EMA follow the model early and reach the full decay later (0.999 by ~9000 steps).
+    """
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
         if p.requires_grad:

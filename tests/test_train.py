@@ -118,3 +118,13 @@ def test_epochs_override_sets_the_length_in_full_batches(tiny_run: Run) -> None:
     result = train_block(tiny_run, 0, epochs=0.05, progress=False)
     assert result.step == result.total_steps == 5
     assert tiny_run.status("block-00").total_steps == 5
+
+
+def test_ema_decay_warms_up_to_the_recipe_value() -> None:
+    from dbconvert.train import ema_decay_at
+
+    assert ema_decay_at(0.9999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.9999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.9999, 10**7) == 0.9999
+    assert ema_decay_at(0.995, 10**4) == 0.995
+    assert ema_decay_at(0.9999, 0, warmup=False) == 0.9999
