@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
 from dbconvert.ablate import plan_ablation, run_ablation
-from dbconvert.cli import app
 from dbconvert.config import load_recipe
 from dbconvert.errors import DbconvertError, RecipeError
 from dbconvert.rundir import Run
 from tests.conftest import TINY_OVERRIDES
+from tests.cli_helpers import assert_user_error, invoke
 
-runner = CliRunner()
 TINY = [*TINY_OVERRIDES, "train.log_every=1"]  # DiT-Micro/2 (4 layers); the ablation sets the steps
 NUM = 70  # FID on the built-in 64-d features needs >= 65 samples
 GAMMAS = (0.0, 0.1, 0.2)  # a subset of the paper's five, to keep the file fast
@@ -31,15 +29,8 @@ def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPa
     return path
 
 
-def invoke(*args: object):  # noqa: ANN201
-    return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_user_error(result, match: str) -> None:  # noqa: ANN001
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert match in lines[0], lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, int]:

@@ -6,24 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from dbconvert.cli import app
 from tests.conftest import TINY_OVERRIDES
-
-runner = CliRunner()
-
-
-def invoke(*args: str):  # noqa: ANN201
-    return runner.invoke(app, [str(a) for a in args])
+from tests.cli_helpers import assert_user_error, invoke
 
 
-def assert_user_error(result, match: str) -> None:  # noqa: ANN001
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr or result.output
-    assert match in lines[0], lines[0]
+
+
+
 
 
 @pytest.fixture

@@ -9,16 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from dbconvert.cli import app
 from dbconvert.config import load_recipe
+from tests.cli_helpers import assert_user_error, invoke
 
-runner = CliRunner()
 
 
-def invoke(*args: object):  # noqa: ANN201
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def invoke_q(*args: object):  # noqa: ANN201
@@ -26,12 +22,6 @@ def invoke_q(*args: object):  # noqa: ANN201
     return invoke(*args, "-q")
 
 
-def assert_user_error(result, match: str) -> None:  # noqa: ANN001
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    assert match in lines[0], lines[0]
 
 
 @pytest.fixture(autouse=True)

@@ -7,23 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from dbconvert.cli import app
 from tests.families.test_llama import CORPUS, tiny_overrides
-
-runner = CliRunner()
-
-
-def invoke(*args: object):  # noqa: ANN201
-    return runner.invoke(app, [str(a) for a in args])
+from tests.cli_helpers import assert_user_error, invoke
 
 
-def assert_user_error(result, match: str) -> None:  # noqa: ANN001
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert match in lines[0], lines[0]
+
+
+
 
 
 def test_wrapper_equals_compute_mauve_on_same_features() -> None:
