@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dbconvert.errors import CheckpointError
+from dbconvert.errors import CheckpointError, first_line
 
 StateDict = dict[str, torch.Tensor]
 
@@ -65,7 +65,7 @@ def load_weights(path: Path) -> StateDict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"weights file {path} is corrupt or truncated ({str(exc).splitlines()[0]}); "
+            f"weights file {path} is corrupt or truncated ({first_line(exc)}); "
             "restore it or re-create it (split / train again)"
         ) from None
 
@@ -97,9 +97,8 @@ def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for truncated/corrupt/pickled files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
-                f"checkpoint {path} cannot be read as a weights-only PyTorch file ({first[:160]}); "
+                f"checkpoint {path} cannot be read as a weights-only PyTorch file ({first_line(exc, 160)}); "
                 "it is truncated, corrupt, or holds pickled objects"
             ) from None
     if isinstance(state, dict):

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from dbconvert.errors import DbconvertError
+from dbconvert.errors import DbconvertError, first_line
 
 FILENAMES = ("tokenizer.json", "tokenizer.model")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -54,7 +54,7 @@ class Tokenizer:
         except TokenizerError:
             raise
         except Exception as exc:
-            raise TokenizerError(f"cannot read tokenizer {self.path} ({str(exc).splitlines()[0][:120]})") from None
+            raise TokenizerError(f"cannot read tokenizer {self.path} ({first_line(exc, 120)})") from None
 
     def encode(self, text: str) -> list[int]:
         if self._sp is not None:

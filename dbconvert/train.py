@@ -26,7 +26,7 @@ from dbconvert import distributed, locks
 from dbconvert.checkpoint import atomic_write_text, load_strict, load_weights, save_weights, write_json
 from dbconvert.config import Recipe, override_recipe
 from dbconvert.devices import resolve_device
-from dbconvert.errors import DbconvertError, RunError
+from dbconvert.errors import DbconvertError, RunError, first_line
 from dbconvert.locks import LOCK_NAME
 from dbconvert.rundir import Run
 
@@ -207,7 +207,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                         loss, stats = family.training_loss(forward, batch, target.train_range, recipe, gen, **shard)
                 except Exception as exc:
                     if recipe.train.compile and type(exc).__module__.startswith("torch._"):
-                        raise DbconvertError(f"train.compile=true failed on {device} ({_first_line(exc)}); "
+                        raise DbconvertError(f"train.compile=true failed on {device} ({first_line(exc)}); "
                                              "rerun with train.compile=false") from None
                     raise
             loss_value = distributed.mean_across(dist, loss)  # the same value on every rank
@@ -336,11 +336,6 @@ def _check_compiler(device: torch.device) -> None:
     if device.type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
         raise DbconvertError("train.compile=true on the CPU needs a C++ compiler (g++ or clang++) for torch.compile; "
                              "install one or rerun with train.compile=false")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def peak_memory(device: torch.device) -> int:

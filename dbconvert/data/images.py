@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dbconvert.config import DataConfig
-from dbconvert.errors import DataError
+from dbconvert.errors import DataError, first_line
 
 IMAGE_KEYS = ("image", "img", "pixel_values", "x", "images", "latents")
 LABEL_KEYS = ("label", "labels", "fine_label", "y")
@@ -97,10 +97,10 @@ def _load_hf(name: str, split: str, **kwargs: str):  # noqa: ANN202 - datasets.D
     try:
         return datasets.load_dataset(name, split=split, **kwargs)
     except (ValueError, KeyError) as exc:
-        raise DataError(f"data set {name!r} has no split {split!r} ({str(exc).splitlines()[0][:120]})") from None
+        raise DataError(f"data set {name!r} has no split {split!r} ({first_line(exc, 120)})") from None
     except Exception as exc:  # connection errors surface under many types
         if "imagefolder" in name:
-            raise DataError(f"cannot read image folder {kwargs.get('data_dir')!r}: {str(exc).splitlines()[0][:160]}") from None
+            raise DataError(f"cannot read image folder {kwargs.get('data_dir')!r}: {first_line(exc, 160)}") from None
         raise DataError(
             f"data set {name!r} could not be loaded from the Hugging Face hub (offline or unknown name: "
             f"{type(exc).__name__}); download it where there is internet (datasets.load_dataset({name!r}) fills "
@@ -120,7 +120,7 @@ def _from_hf(ds, cfg: DataConfig, name: str) -> ImageData:  # noqa: ANN001
     try:
         arrays = [np.asarray(img) for img in ds[image_key]]
     except Exception as exc:
-        raise DataError(f"data set {name!r}: an image cannot be read ({str(exc).splitlines()[0][:120]})") from None
+        raise DataError(f"data set {name!r}: an image cannot be read ({first_line(exc, 120)})") from None
     if len({a.shape for a in arrays}) != 1:
         raise DataError(f"data set {name!r} has images of different sizes; resize them to one size first")
     x = np.stack(arrays)
@@ -145,7 +145,7 @@ def _npz(path: Path) -> ImageData:
         except DataError:
             raise
         except Exception as exc:
-            raise DataError(f"cannot read {file}: {str(exc).splitlines()[0][:120]}") from None
+            raise DataError(f"cannot read {file}: {first_line(exc, 120)}") from None
     return _to_tensors(np.concatenate(xs), np.concatenate(ys), str(path))
 
 

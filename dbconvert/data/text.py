@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dbconvert.config import DataConfig
-from dbconvert.errors import DataError
+from dbconvert.errors import DataError, first_line
 from dbconvert.tokenizer import Tokenizer
 
 VAL_SPLITS = ("val", "validation")
@@ -94,7 +94,7 @@ def read_documents(cfg: DataConfig, split: str = "train") -> list[str]:
         except Exception as exc:
             raise DataError(
                 f"cannot read text data {cfg.source!r} as UTF-8 text ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); check the file(s)"
+                f"{first_line(exc, 120)}); check the file(s)"
             ) from None
         key = "text"
     else:
@@ -116,7 +116,7 @@ def _load_hub(cfg: DataConfig, split: str):  # noqa: ANN202 - datasets.Dataset
     try:
         return datasets.load_dataset(cfg.source, cfg.hub_config, split=split)
     except (ValueError, KeyError) as exc:
-        raise DataError(f"data set {cfg.source!r} has no split {split!r} ({str(exc).splitlines()[0][:120]})") from None
+        raise DataError(f"data set {cfg.source!r} has no split {split!r} ({first_line(exc, 120)})") from None
     except Exception as exc:  # offline / unknown name surface under many exception types
         raise DataError(
             f"text data set {cfg.source!r} could not be loaded from the Hugging Face hub (offline or unknown name: "

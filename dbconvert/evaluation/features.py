@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dbconvert.errors import CheckpointError, DataError, DbconvertError
+from dbconvert.errors import CheckpointError, DataError, DbconvertError, first_line
 
 CNN_VERSION = "cnn-v1"
 CNN_DIM = 64
@@ -307,7 +307,7 @@ def _download(url: str, path: Path, timeout: float) -> None:
         reason = getattr(exc, "reason", None) or exc
         raise CheckpointError(
             f"Inception weights missing: clean-fid looks for {path} and downloads it from {url} on first use, "
-            f"but the download failed ({type(exc).__name__}: {str(reason).splitlines()[0][:80] if str(reason) else 'no detail'}); "
+            f"but the download failed ({type(exc).__name__}: {first_line(reason, 80)}); "
             f"fetch that file where there is internet and copy it to {path}, or pass --inception-weights PATH "
             "(or use --features builtin offline)"
         ) from None

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
 from dbconvert.evaluation.features import (FeatureSpec, builtin_features, cache_dir, data_key, inception_features,
                                            to_uint8)
@@ -164,10 +165,6 @@ def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: tor
 # --- the command ---------------------------------------------------------------------------
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def resolve_features(features: str, run: Any, inception_weights: Path | None, channels: int | None,
                      device: torch.device, log: Log) -> FeatureSpec:
     """auto = Inception for 3-channel images, the built-in CNN for 1-channel ones; builtin[:SOURCE]."""
@@ -219,7 +216,7 @@ def evaluate_fid(
         raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
     if model not in ("blocks", "e2e"):
         raise DbconvertError(f"--model must be blocks or e2e, not {model!r}")
-    device = _device()
+    device = resolve_device(run.recipe.train.device if run is not None else "auto")
 
     sampler: dict[str, Any] | None = None
     if run is not None and (samples is None or reference is None) and not hasattr(run.recipe.model, "in_channels"):

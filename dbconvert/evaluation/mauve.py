@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dbconvert.errors import DataError, DbconvertError
+from dbconvert.devices import resolve_device
+from dbconvert.errors import DataError, DbconvertError, first_line
 
 MAUVE_SEED = 25
 Log = Callable[[str], None]
@@ -73,7 +74,7 @@ def mean_pooled_encoder(path: Path, device: torch.device, batch_size: int = 32, 
         model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
     except Exception as exc:
         raise DbconvertError(f"cannot load a Hugging Face encoder from {path} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); give a save_pretrained folder") from None
+                             f"{first_line(exc, 100)}); give a save_pretrained folder") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
 
@@ -254,7 +255,7 @@ def evaluate_mauve(
         log(f"the {split} split has {len(rows)} sequences of {need}+ tokens; using all of them as prompts (paper: 1000)")
 
     tok = family.tokenizer()
-    device = torch.device("cuda" if torch.cuda.is_available() and run.recipe.train.device != "cpu" else "cpu")
+    device = resolve_device(run.recipe.train.device)
     models = load_models(run, model, weights, device)
     noise = run.noise()
     owned = run.owned_ranges() if model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
