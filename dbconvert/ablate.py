@@ -42,6 +42,7 @@ from rich.table import Table
 from dbconvert.checkpoint import atomic_write_text, write_json
 from dbconvert.config import Recipe, load_recipe, parse_overrides
 from dbconvert.errors import DbconvertError, RecipeError, RunError
+from dbconvert.evaluation import LOWER_IS_BETTER
 from dbconvert.rundir import MANIFEST, Run
 
 KINDS = ("partition", "overlap", "blocks")
@@ -130,10 +131,9 @@ def parse_values(kind: str, text: str | None) -> tuple[Any, ...]:
 
 
 def _depth(recipe: Recipe) -> int:
-    shape = getattr(recipe.model, "shape", None)
-    if shape is None:
-        raise DbconvertError(f"cannot tell the depth of a {recipe.model.family} model for the blocks ablation")
-    return int(shape().depth)
+    from dbconvert.split import source_depth
+
+    return source_depth(recipe)
 
 
 def _blocks_depth(base: Recipe, overrides: list[str] | None, counts: tuple[int, ...]) -> tuple[list[str], list[str]]:
@@ -195,14 +195,22 @@ def default_out(base: Recipe, kind: str) -> Path:
     return base.output_dir().parent / f"{base.name}-ablate-{kind}"
 
 
-def _require_images(recipe: Recipe, name: str) -> None:
-    channels = getattr(recipe.model, "in_channels", None)
-    if channels is None:
-        raise DbconvertError(f"ablate scores variants by image FID; {name} is a {recipe.model.family} "
-                             "(text) recipe: use an image recipe such as dit-tiny-digits")
-    if channels not in (1, 3):
-        raise DbconvertError(f"ablate scores variants by FID on pixels; {name} models {channels}-channel latents "
-                             "(use a pixel-space recipe such as dit-tiny-digits)")
+def _check_metric(recipe: Recipe, name: str, num: int) -> str:
+    """The family's default metric, and a one-line error where it cannot score this recipe's variants."""
+    from dbconvert.families import get_family
+
+    family = get_family(recipe.model.family)
+    metric = family.default_metric
+    if metric == "fid":
+        channels = family.sample_shape(recipe)[0]
+        if channels not in (1, 3):
+            raise DbconvertError(f"ablate scores variants by FID on pixels; {name} models {channels}-channel latents "
+                                 "(use a pixel-space recipe such as dit-tiny-digits)")
+        if num < 65:
+            raise DbconvertError(f"--num must be at least 65 (FID on the built-in 64-d features needs d + 1), got {num}")
+    elif num < 2:
+        raise DbconvertError(f"--num (prompts for {metric.upper()}) must be at least 2, got {num}")
+    return metric
 
 
 # --- one variant ---------------------------------------------------------------------------
@@ -277,9 +285,7 @@ def run_ablation(
     if kind not in KINDS:
         raise DbconvertError(f"unknown ablation {kind!r}; choose one of {', '.join(KINDS)}")
     base = load_recipe(recipe, overrides)
-    _require_images(base, recipe)
-    if num < 65:
-        raise DbconvertError(f"--num must be at least 65 (FID on the built-in 64-d features needs d + 1), got {num}")
+    metric = _check_metric(base, recipe, num)
     plan = plan_ablation(kind, base, overrides, values)
     length = [f"train.steps={steps}", "train.epochs=null"] if steps is not None else []
     out = Path(out) if out is not None else default_out(base, kind)
@@ -308,7 +314,7 @@ def run_ablation(
         stage = prog.add_task("", total=None)
         for variant, vrecipe in zip(plan.variants, recipes):
             rows.append(_run_variant(plan, variant, vrecipe, out / variant.name, steps, num, sampler, force,
-                                     prog, stage, log))
+                                     prog, stage, log, metric))
             prog.advance(overall)
         prog.update(stage, visible=False)
     summary = {
@@ -324,7 +330,8 @@ def run_ablation(
         "num_samples": num,
         "features": rows[0]["features"] if rows else None,
         "reference": rows[0]["reference"] if rows else None,
-        "best": min(rows, key=lambda r: r["fid"])["value"] if rows else None,
+        "metric": metric,
+        "best": (min if LOWER_IS_BETTER[metric] else max)(rows, key=lambda r: r["score"])["value"] if rows else None,
         "rows": rows,
         "seconds_this_call": round(time.time() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -337,8 +344,8 @@ def run_ablation(
 
 
 def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, steps: int | None, num: int,
-                 sampler: dict[str, Any], force: bool, prog: Any, stage: Any, log: Log) -> dict[str, Any]:
-    from dbconvert.evaluation.fid import evaluate_fid
+                 sampler: dict[str, Any], force: bool, prog: Any, stage: Any, log: Log, metric: str) -> dict[str, Any]:
+    from dbconvert.evaluation import evaluate
     from dbconvert.evaluation.results import write_result
     from dbconvert.train import train_block
 
@@ -368,29 +375,30 @@ def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, ste
 
     statuses = [run.status(Run.block_name(b.index)) for b in run.blocks]
     trained = [s.step for s in statuses]
-    fid_key = {"num": num, "sampler": sampler, "trained_steps": trained, "features": "builtin"}
+    fid_key = {"num": num, "sampler": sampler, "trained_steps": trained, "metric": metric}
     fid_file = folder / "eval" / str(record.get("fid_file", ""))
     if record.get("fid_key") == fid_key and record.get("fid_file") and fid_file.is_file():
         res = _read_json(fid_file)
-        log(f"{variant.name}: FID already evaluated ({fid_file.name}); skipped")
+        log(f"{variant.name}: {metric.upper()} already evaluated ({fid_file.name}); skipped")
     else:
-        prog.update(stage, description=f"{variant.name}: FID on {num} samples", total=None, completed=0)
-        res = evaluate_fid(run, model="blocks", num=num, features="builtin", steps=sampler["steps"],
-                           solver=sampler["solver"], guidance=sampler["guidance"], seed=sampler["seed"],
-                           weights=sampler["weights"], log=lambda m: log(f"{variant.name}: {m}"))
+        prog.update(stage, description=f"{variant.name}: {metric.upper()} on {num} samples", total=None, completed=0)
+        res = evaluate(run, metric, model="blocks", num=num, steps=sampler["steps"], solver=sampler["solver"],
+                       guidance=sampler["guidance"], seed=sampler["seed"], weights=sampler["weights"],
+                       log=lambda m: log(f"{variant.name}: {m}"))
         res["trained_steps_per_block"] = trained
         path = write_result(run.root / "eval", res)
         record.update({"fid_file": path.name, "fid_key": fid_key})
         write_json(record_path, record)
-        log(f"{variant.name}: FID {res['value']:.4f}")
+        log(f"{variant.name}: {metric.upper()} {res['value']:.4f}")
     layers = [b.layers[1] - b.layers[0] for b in run.blocks]
     train_s = sum(record["train_seconds"].values())
     return {
         "variant": variant.name,
         "variable": plan.variable,
         "value": variant.value,
-        "fid": res["value"],
-        "kid": res["kid"]["min"],
+        "metric": metric,
+        "score": res["value"],
+        "spread": res["kid"]["min"] if metric == "fid" else res.get("std", 0.0),
         "steps_per_block": trained[0] if len(set(trained)) == 1 else trained,
         "blocks": run.num_blocks,
         "layers": run.num_layers,
@@ -410,14 +418,19 @@ def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, ste
 
 # --- tables --------------------------------------------------------------------------------
 
-COLUMNS = ("FID", "KID", "steps/block", "blocks", "layers/block", "layer updates", "samples", "time")
+COLUMNS = ("steps/block", "blocks", "layers/block", "layer updates", "samples", "time")
+
+
+def _metric_columns(metric: str) -> tuple[str, str]:
+    """FID is shown with KID beside it; MAUVE with its spread over k-means seeds."""
+    return ("FID", "KID") if metric == "fid" else (metric.upper(), "± std")
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
     def join(v: Any) -> str:
         return "/".join(map(str, v)) if isinstance(v, list) else str(v)
 
-    return [f"{row['fid']:.3f}", f"{row['kid']:.4f}", join(row["steps_per_block"]), str(row["blocks"]),
+    return [f"{row['score']:.3f}", f"{row['spread']:.4f}", join(row["steps_per_block"]), str(row["blocks"]),
             join(row["layers_per_block"]), f"{row['layer_updates']:,}", str(row["samples"]), f"{row['seconds']:.0f}s"]
 
 
@@ -428,14 +441,15 @@ def _title(s: dict[str, Any]) -> str:
 def markdown_table(s: dict[str, Any]) -> str:
     sm = s["sampler"]
     lines = [f"### {_title(s)}", "",
-             f"| {s['variable']} | " + " | ".join(COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+             f"| {s['variable']} | " + " | ".join((*_metric_columns(s['metric']), *COLUMNS)) + " |",
+             "|---|" + "---:|" * (len(COLUMNS) + 2)]
     for row in s["rows"]:
         best = row["value"] == s["best"]
         value = f"**{_fmt(row['value'])}**" if best else _fmt(row["value"])
         lines.append(f"| {value} | " + " | ".join(_cells(row)) + " |")
     lines += ["",
-              f"FID (lower is better; best in bold) and KID on features `{s['features']}` against {s['reference']}; "
+              f"{_metric_columns(s['metric'])[0]} ({'lower' if LOWER_IS_BETTER[s['metric']] else 'higher'} is better; "
+              f"best in bold) and {_metric_columns(s['metric'])[1]} on features `{s['features']}` against {s['reference']}; "
               f"{s['num_samples']} samples per variant, {sm['solver']} {sm['steps']} steps, guidance {sm['guidance']:g}, "
               f"{sm['weights']} weights, sampling seed {sm['seed']}. Training seed {s['train_seed']}, batch {s['batch_size']}; "
               f"every block of every variant trains the same number of steps (matched layer updates). "
@@ -448,7 +462,7 @@ def rich_table(s: dict[str, Any]) -> Table:
     table = Table(title=_title(s), caption=f"features {s['features']}; {s['num_samples']} samples, sampling seed "
                                            f"{s['sampler']['seed']}; {'; '.join(s['notes'])}")
     table.add_column(s["variable"])
-    for col in COLUMNS:
+    for col in (*_metric_columns(s["metric"]), *COLUMNS):
         table.add_column(col, justify="right")
     for row in s["rows"]:
         style = "bold green" if row["value"] == s["best"] else None

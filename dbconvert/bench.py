@@ -41,11 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbconvert import noise as nz
 from dbconvert.config import Recipe, apply_overrides, validate_recipe
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
-from dbconvert.families import Family, get_family
+from dbconvert.families import get_family
+from dbconvert.trainstep import build_state
 
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
 """Environment of the CPU memory worker: every allocation >= 64 KiB is an mmap, unmapped on free."""
@@ -75,22 +75,12 @@ def with_blocks(recipe: Recipe, blocks: int) -> Recipe:
     return validate_recipe(apply_overrides(recipe.to_dict(), [f"blocks.num={blocks}"]), "recipe")
 
 
-def num_layers(family: Family, recipe: Recipe) -> int:
-    """The source network's layer count, from the family (built on the meta device: no memory)."""
-    if getattr(recipe.model, "checkpoint", None) is None:
-        with torch.device("meta"):
-            return family.source(recipe).num_layers
-    return family.source(recipe).num_layers
-
-
 def bench_targets(recipe: Recipe, blocks: int) -> list[BenchTarget]:
     """Every block of a B-way split (same layers and ranges as `split`), then the e2e network."""
-    from dbconvert.split import plan_blocks
+    from dbconvert.split import plan_blocks, source_depth
 
     recipe = with_blocks(recipe, blocks)
-    family = get_family(recipe.model.family)
-    synthetic_batch(family, recipe, 1, torch.Generator())  # fails early, in one line, for unsupported families
-    total = num_layers(family, recipe)
+    total = source_depth(recipe)
     _, plans = plan_blocks(recipe, total)
     out = [
         BenchTarget(f"block-{p['index']}", p["layers"][1] - p["layers"][0], tuple(p["layers"]), tuple(p["train_range"]), False)
@@ -99,25 +89,6 @@ def bench_targets(recipe: Recipe, blocks: int) -> list[BenchTarget]:
     n = recipe.noise
     out.append(BenchTarget("e2e", total, (0, total), (n.sigma_min, n.sigma_max), True))
     return out
-
-
-def noise_settings(recipe: Recipe) -> nz.NoiseSettings:
-    n = recipe.noise
-    return nz.NoiseSettings(n.sigma_min, n.sigma_max, n.sigma_data, n.p_mean, n.p_std)
-
-
-def synthetic_batch(family: Family, recipe: Recipe, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Random training data of the model's shape; a family may provide `synthetic_batch` itself."""
-    maker = getattr(family, "synthetic_batch", None)
-    if maker is not None:
-        return list(maker(recipe, batch, generator))
-    if family.name == "dit":
-        cfg = recipe.model
-        shape = (batch, cfg.in_channels, cfg.input_size, cfg.input_size)  # type: ignore[attr-defined]
-        x = torch.rand(shape, generator=generator) * 2 - 1
-        y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=generator)  # type: ignore[attr-defined]
-        return [x, y]
-    raise DbconvertError(f"bench has no synthetic data for the {family.name!r} family yet")
 
 
 def _check_batch(batch: int) -> None:
@@ -129,48 +100,31 @@ def _check_batch(batch: int) -> None:
 
 
 class Trainer:
-    """The network, optimizer and EMA copy of one target, stepping exactly like `train.train`."""
+    """The training state of one target, stepping exactly like `train.train` (through `trainstep`)."""
 
     def __init__(self, recipe: Recipe, target: BenchTarget, device: torch.device) -> None:
-        from dbconvert.train import _optimizer, _precision
-
         self.recipe, self.target, self.device = recipe, target, device
         self.family = get_family(recipe.model.family)
-        self.noise = noise_settings(recipe)
         torch.manual_seed(recipe.train.seed)
-        self.network = self.family.block_network(recipe, target.depth)
-        wrap = self.family.e2e_model if target.e2e else self.family.denoiser
-        self.model = wrap(recipe, self.network, self.noise).to(device)
-        self.ema = self.family.block_network(recipe, target.depth).to(device).requires_grad_(False)
-        self.trainable = [p for p in self.network.parameters() if p.requires_grad]
-        self.optimizer = _optimizer(recipe, self.trainable)
-        self.autocast, self.scaler = _precision(recipe.train.precision, device)
+        self.state = build_state(self.family, recipe, target.depth, recipe.noise.settings(), device)
+        self.network = self.state.network
 
     def step(self, batch: list[torch.Tensor], seed: int = 0) -> None:
         """One training step: forward, backward, optimizer step, EMA update (the order of train.py)."""
-        from dbconvert.train import _ema_update, optimizer_step
+        self.state.step(batch, self.target.sigma_range, torch.Generator().manual_seed(seed))
 
-        self.model.train()
-        gen = torch.Generator().manual_seed(seed)
-        with self.autocast():
-            if self.target.e2e:
-                loss, _ = self.family.e2e_loss(self.model, batch, self.recipe, self.noise, gen)
-            else:
-                loss, _ = self.family.training_loss(self.model, batch, self.target.sigma_range, self.recipe, gen)
-        optimizer_step(loss, self.optimizer, self.scaler, self.trainable, self.recipe.train.grad_clip)
-        _ema_update(self.ema, self.network, self.recipe.train.ema_decay)
-
-    @torch.no_grad()
-    def sample_step(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One sampling step's network evaluation, with the recipe's classifier-free guidance."""
-        from dbconvert.sampling import guided
-
-        self.model.eval()
+    def sampling_step(self, batch: list[torch.Tensor]) -> Callable[[], Any]:
+        """One sampling step's network evaluation at the geometric middle of the target's range."""
+        self.state.model.eval()
         lo, hi = self.target.sigma_range
-        sigma = (lo * hi) ** 0.5
-        null = getattr(self.recipe.model, "num_classes", 0)
-        guidance = self.recipe.sample.guidance if null else 1.0
-        return guided(self.model, z, sigma, y, guidance, null)
+        with torch.no_grad():
+            fn = self.family.sampling_step(self.recipe, self.state.model, batch, (lo * hi) ** 0.5)
+
+        def run() -> Any:
+            with torch.no_grad():
+                return fn()
+
+        return run
 
     def breakdown(self) -> dict[str, int]:
         """Exact bytes of parameters (and buffers), gradients, optimizer state and EMA weights.
@@ -178,10 +132,11 @@ class Trainer:
         Gradients are freed after each optimizer step, but all of them are alive between the
         backward pass and the step, so they count at the size of the trainable parameters.
         """
-        params = sum(_nbytes(t) for t in self.network.parameters()) + sum(_nbytes(t) for t in self.network.buffers())
-        grads = sum(_nbytes(p) for p in self.trainable)
-        optim = sum(_nbytes(v) for state in self.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
-        ema = sum(_nbytes(t) for t in self.ema.parameters()) + sum(_nbytes(t) for t in self.ema.buffers())
+        s = self.state
+        params = sum(_nbytes(t) for t in s.network.parameters()) + sum(_nbytes(t) for t in s.network.buffers())
+        grads = sum(_nbytes(p) for p in s.trainable)
+        optim = sum(_nbytes(v) for st in s.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+        ema = sum(_nbytes(t) for t in s.ema.parameters()) + sum(_nbytes(t) for t in s.ema.buffers())
         return {"parameters": params, "gradients": grads, "optimizer_state": optim, "ema": ema}
 
 
@@ -255,7 +210,7 @@ def measure_cpu_step(recipe: Recipe, target: BenchTarget, batch: int) -> dict[st
     device = torch.device("cpu")
     family = get_family(recipe.model.family)
     gen = torch.Generator().manual_seed(recipe.train.seed)
-    data = synthetic_batch(family, recipe, batch, gen)
+    data = family.synthetic_batch(recipe, batch, gen)
     small = [t[:WARMUP_BATCH] for t in data]
     # Initialise kernels, thread pools and lazy imports on a throwaway network before the baseline.
     scratch = Trainer(recipe, BenchTarget("warmup", 1, (0, 1), target.sigma_range, False), device)
@@ -281,7 +236,7 @@ def measure_cuda_step(recipe: Recipe, target: BenchTarget, batch: int, device: t
     """The CUDA allocator's peak during one steady-state step, minus what was allocated before."""
     family = get_family(recipe.model.family)
     gen = torch.Generator().manual_seed(recipe.train.seed)
-    data = [t.to(device) for t in synthetic_batch(family, recipe, batch, gen)]
+    data = [t.to(device) for t in family.synthetic_batch(recipe, batch, gen)]
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -405,9 +360,9 @@ def bench_speed(
     dev = resolve_device(device or recipe.train.device)
     family = get_family(recipe.model.family)
     gen = torch.Generator().manual_seed(recipe.train.seed)
-    data = [t.to(dev) for t in synthetic_batch(family, recipe, batch, gen)]
-    z = torch.randn(data[0].shape, generator=gen).to(dev)
+    data = [t.to(dev) for t in family.synthetic_batch(recipe, batch, gen)]
     trainers = [Trainer(recipe, t, dev) for t in targets]
+    samplers = {tr.target.name: tr.sampling_step(data) for tr in trainers}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     timings: dict[str, dict[str, list[float]]] = {t.name: {"sample": [], "train": []} for t in targets}
     for kind in ("sample", "train"):
@@ -415,22 +370,20 @@ def bench_speed(
             for trainer in trainers:
                 if on_progress:
                     on_progress(f"{kind} step, {'warm-up' if rep < warmup else 'repetition'} {rep + 1}, {trainer.target.name}")
-                fn = (lambda tr=trainer: tr.sample_step(z, data[1])) if kind == "sample" else (
+                fn = samplers[trainer.target.name] if kind == "sample" else (
                     lambda tr=trainer, r=rep: tr.step(data, seed=r))
                 seconds = _timed(fn, dev)
                 if rep >= warmup:
                     timings[trainer.target.name][kind].append(seconds)
     med = {name: {k: statistics.median(v) for k, v in kinds.items()} for name, kinds in timings.items()}
     block_names = [t.name for t in targets if not t.e2e]
-    guidance = recipe.sample.guidance if getattr(recipe.model, "num_classes", 0) else 1.0
     return {
         "recipe": recipe.name,
         "device": str(dev),
         "blocks": blocks,
         "layers": targets[-1].depth,
         "batch": batch,
-        "sample_forward_batch": batch * (2 if guidance != 1.0 else 1),
-        "guidance": guidance,
+        "guidance": recipe.sample.guidance,
         "repeats": repeats,
         "warmup": warmup,
         "threads": torch.get_num_threads(),

@@ -10,113 +10,14 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
 from dbconvert.errors import RecipeError
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class ModelConfig(Section):
-    """Fields common to every family; each family subclasses this with its own fields."""
-
-    family: str
-    checkpoint: str | None = None
-
-
-class DataConfig(Section):
-    """Where the training data comes from.
-
-    `source` is a built-in name (`digits`), a Hugging Face hub data set name (`cifar10`),
-    a local image folder, a `.npz` file or a folder of `.npz` shards, or text file(s).
-    """
-
-    source: str = "digits"
-    kind: Literal["auto", "builtin", "hub", "imagefolder", "npz", "text"] = "auto"
-    split: str = "train"
-    image_key: str | None = None
-    label_key: str | None = None
-    text_key: str = "text"
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    # --- text data only (Llama family; image families ignore these) ---
-    text_unit: Literal["line", "paragraph", "document"] = "line"
-    """What one document of a local text file is (EOS goes between documents when packing)."""
-    hub_config: str | None = None
-    """Configuration name of a hub text data set (e.g. wikitext-103-raw-v1)."""
-
-
-class NoiseConfig(Section):
-    """DESIGN 2: VE noise levels, the training log-normal, the partition and its overlap."""
-
-    sigma_min: float = Field(0.002, gt=0)
-    sigma_max: float = Field(80.0, gt=0)
-    sigma_data: float = Field(0.5, gt=0)
-    p_mean: float = -1.2
-    p_std: float = Field(1.2, gt=0)
-    partition: Literal["equiprobable", "uniform"] = "equiprobable"
-    gamma: float = Field(0.1, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "NoiseConfig":
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError("noise.sigma_min must be smaller than noise.sigma_max")
-        return self
-
-
-class BlocksConfig(Section):
-    """How the source network's layers are cut: `num` blocks, evenly unless `uneven` allows otherwise."""
-
-    num: int = Field(4, ge=1)
-    uneven: bool = False
-
-
-class TrainConfig(Section):
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(None, gt=0)
-    batch_size: int = Field(256, ge=1)
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
-    ema_warmup: bool = True
-    """Use min(ema_decay, (1 + step) / (10 + step)), so short runs' EMA is not dominated by the init."""
-    label_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
-    log_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(1000, ge=1)
-
-    @model_validator(mode="after")
-    def _length(self) -> "TrainConfig":
-        if self.steps is None and self.epochs is None:
-            raise ValueError("set train.steps or train.epochs")
-        return self
-
-
-class SampleConfig(Section):
-    steps: int = Field(50, ge=1)
-    solver: Literal["euler", "heun"] = "euler"
-    guidance: float = Field(1.0, ge=0.0)
-    rho: float = Field(7.0, gt=0)
-    num: int = Field(64, ge=1)
-    seed: int = 0
-    weights: Literal["ema", "model"] = "ema"
-
-
-class OutputConfig(Section):
-    dir: str = "runs/{name}-B{blocks}"
+from dbconvert.schema import (BlocksConfig, DataConfig, ModelConfig, NoiseConfig, OutputConfig, SampleConfig, Section,
+                              TrainConfig, one_line)
 
 
 class Recipe(Section):
@@ -137,10 +38,9 @@ class Recipe(Section):
     def _family_model(cls, raw: Any) -> Any:
         """Validate `model` against the schema of the family it names (via the registry)."""
         if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
-            from dbconvert.families import get_family
+            from dbconvert.families import config_class
 
-            family = get_family(raw["model"].get("family", ""))
-            raw = {**raw, "model": family.config_cls.model_validate(raw["model"])}
+            raw = {**raw, "model": config_class(raw["model"].get("family", "")).model_validate(raw["model"])}
         return raw
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,22 +123,7 @@ def validate_recipe(raw: Any, origin: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(f"{origin}: {_one_line(exc)}") from None
-
-
-def _one_line(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-    loc = loc.replace(".DiTConfig", "").replace(".LlamaConfig", "")
-    if err["type"] == "extra_forbidden":
-        return f"unknown key '{loc}' (remove it or fix its spelling; see `dbconvert recipes --show NAME`)"
-    if err["type"] == "missing":
-        return f"missing required key '{loc}'"
-    msg = err["msg"].removeprefix("Value error, ")
-    where = f"key '{loc}': " if loc else ""
-    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{where}{msg}{got}{more}"
+        raise RecipeError(f"{origin}: {one_line(exc)}") from None
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:

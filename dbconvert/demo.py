@@ -62,11 +62,11 @@ def run_demo(
         result = train_block(run, block.index, steps=steps, progress=progress)
         console.print(f"block {block.index}: {result.step} steps, loss {result.last_loss}")
     family = run.family()
-    samples = family.sample(run, SampleRequest())
+    samples = family.generate(run, SampleRequest())
     e2e_samples = None
     if e2e:
         train_e2e(run, steps=steps, progress=progress)
-        e2e_samples = family.sample(run, SampleRequest(model="e2e"))
+        e2e_samples = family.generate(run, SampleRequest(model="e2e"))
     result = DemoResult(run, samples, e2e_samples)
     if fid:
         from dbconvert.evaluation.fid import evaluate_fid

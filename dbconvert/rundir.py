@@ -24,15 +24,17 @@ import yaml
 
 from dbconvert.checkpoint import atomic_write_text
 from dbconvert.config import Recipe, validate_recipe
-from dbconvert.errors import RunError
+from dbconvert.errors import DbconvertError, RunError
 from dbconvert.noise import NoiseSettings
 
 if TYPE_CHECKING:
-    from dbconvert.families.base import Family
+    from dbconvert.families.contract import Family
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.yaml"
 POINTER = Path(".dbconvert") / "current-run"
+SINGLE_MODELS = ("e2e", "ar", "source")
+"""Models stored as one network in a folder of their own name (blocks live under blocks/)."""
 ORIENTATION = "block 0 = first source layers = highest noise; block B-1 = last layers = lowest noise"
 
 
@@ -127,8 +129,7 @@ class Run:
         return int(self.manifest["num_layers"])
 
     def noise(self) -> NoiseSettings:
-        n = self.recipe.noise
-        return NoiseSettings(n.sigma_min, n.sigma_max, n.sigma_data, n.p_mean, n.p_std)
+        return self.recipe.noise.settings()
 
     def owned_ranges(self) -> list[tuple[float, float]]:
         return [b.sigma_range for b in self.blocks]
@@ -141,8 +142,31 @@ class Run:
     # -- paths -----------------------------------------------------------------------------
 
     def model_dir(self, name: str) -> Path:
-        """`block-02` -> blocks/block-02, `e2e` -> e2e."""
-        return self.root / "e2e" if name == "e2e" else self.root / "blocks" / name
+        """`block-02` -> blocks/block-02; `e2e`, `ar`, `source` -> a folder of that name."""
+        return self.root / name if name in SINGLE_MODELS else self.root / "blocks" / name
+
+    def model_targets(self, model: str) -> list[tuple[str, int]]:
+        """(name, depth) of every network that makes up `model` (blocks | e2e | ar | source)."""
+        if model == "blocks":
+            return [(self.block_name(b.index), b.layers[1] - b.layers[0]) for b in self.blocks]
+        kinds = self.family().model_kinds
+        if model not in kinds:
+            raise DbconvertError(f"--model must be one of {', '.join(kinds)} for a {self.family_name} run, not {model!r}")
+        return [(model, self.num_layers)]
+
+    def require_trained(self, model: str) -> None:
+        """A one-line RunError naming the command to run when `model` has nothing trained to use."""
+        targets = self.model_targets(model)
+        if model == "source":
+            return
+        untrained = [name for name, _ in targets if not self.status(name).trained]
+        if not untrained:
+            return
+        if model == "blocks":
+            raise RunError(f"untrained blocks: {', '.join(untrained)}; train them with `dbconvert train-block I` first")
+        if model == "e2e":
+            raise RunError("the e2e baseline is not trained; run `dbconvert train-e2e` first")
+        raise RunError(f"the {model} reference is not trained; run `dbconvert train-e2e --objective {model}` first")
 
     @staticmethod
     def block_name(index: int) -> str:

@@ -1,8 +1,8 @@
 """Sampling (DESIGN 4): EDM steps, Euler / Heun, owning-block dispatch, classifier-free guidance.
 
 At every step only the block that owns the current sigma runs; Heun's correction at
-t_{j+1} runs the block that owns t_{j+1}. `sample_images` drives this for image families and
-writes a PNG grid, the single PNGs and an `.npz` into the run.
+t_{j+1} runs the block that owns t_{j+1}. Each family's `generate` drives this (images for DiT,
+one token at a time for Llama) and writes its files into the run.
 """
 
 from __future__ import annotations
@@ -11,14 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import atomic_write, load_strict, load_weights
-from dbconvert.devices import resolve_device
-from dbconvert.errors import DbconvertError, RunError
+from dbconvert.checkpoint import load_strict, load_weights
 from dbconvert.rundir import Run
 
 Denoise = Callable[[int, torch.Tensor, float], torch.Tensor]
@@ -39,6 +36,14 @@ class SampleRequest:
     prompt: str | None = None
     prompt_file: Path | None = None
     max_new_tokens: int = 64
+    temperature: float | None = None
+    top_p: float | None = None
+    progress: bool = False
+    """Show a progress bar (the CLI sets it; library calls stay quiet)."""
+    prompt_ids: list[list[int]] | None = None
+    """Text families: prompts as token ids (evaluation protocols), instead of --prompt text."""
+    on_progress: Callable[[int, int], None] | None = None
+    """(done, total) callback, e.g. for a log line every so often."""
 
 
 @dataclass
@@ -47,6 +52,10 @@ class SampleResult:
     files: list[Path] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    tokens_per_second: float | None = None
+    sampler: dict = field(default_factory=dict)
+    """How the samples were drawn (solver/steps or temperature/top-p, weights, seed): goes into results."""
 
 
 def edm_sample(
@@ -80,104 +89,18 @@ def guided(model: nn.Module, z: torch.Tensor, sigma: float, y: torch.Tensor, sca
 
 
 def load_models(run: Run, model: str, weights: str, device: torch.device) -> list[nn.Module]:
-    """The trained denoisers of `run`: every block (model="blocks") or the e2e network."""
-    family = run.family()
-    if model == "blocks":
-        names = [Run.block_name(b.index) for b in run.blocks]
-        depths = [b.layers[1] - b.layers[0] for b in run.blocks]
-        untrained = [n for n in names if not run.status(n).trained]
-        if untrained:
-            raise RunError(f"untrained blocks: {', '.join(untrained)}; train them with `dbconvert train-block I` first")
-    elif model == "e2e":
-        names, depths = ["e2e"], [run.num_layers]
-        if not run.status("e2e").trained:
-            raise RunError("the e2e baseline is not trained; run `dbconvert train-e2e` first")
-    else:
-        raise DbconvertError(f"--model must be blocks or e2e, not {model!r}")
-    models = []
-    for name, depth in zip(names, depths):
-        net = family.block_network(run.recipe, depth)
-        path = run.model_dir(name) / f"{weights}.safetensors"
-        load_strict(net, load_weights(path), str(path))
-        models.append(family.denoiser(run.recipe, net, run.noise()).to(device).eval())
-    return models
+    """The trained models of `run` for `model` (see `Run.model_targets`), wrapped by the run's family.
 
-
-def sample_images(run: Run, request: SampleRequest) -> SampleResult:
-    """Generate images with the run's blocks (or e2e) and write them into the run."""
-    cfg = run.recipe.sample
-    steps, solver = request.steps or cfg.steps, request.solver or cfg.solver
-    guidance = cfg.guidance if request.guidance is None else request.guidance
-    num, seed = request.num or cfg.num, cfg.seed if request.seed is None else request.seed
-    weights = request.weights or cfg.weights
-    model_cfg = run.recipe.model
-    num_classes: int = getattr(model_cfg, "num_classes", 0)
-    if request.class_label is not None and not 0 <= request.class_label < max(num_classes, 1):
-        raise DbconvertError(f"--class {request.class_label} is out of range: the model has classes 0..{num_classes - 1}")
-    if num_classes == 0 and guidance != 1.0:
-        raise DbconvertError("guidance needs a class-conditional model; this one has model.num_classes=0 (use --guidance 1)")
-
-    device = resolve_device(run.recipe.train.device)
-    models = load_models(run, request.model, weights, device)
-    noise = run.noise()
-    owned = run.owned_ranges() if request.model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
-    ts = nz.edm_steps(steps, noise, run.recipe.sample.rho)
-    gen = torch.Generator().manual_seed(seed)
-    shape = (num, model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)  # type: ignore[attr-defined]
-    z = (ts[0] * torch.randn(shape, generator=gen, dtype=torch.float64)).to(torch.float32).to(device)
-    if request.class_label is not None:
-        y = torch.full((num,), request.class_label, dtype=torch.long)
-    else:
-        y = torch.arange(num) % max(num_classes, 1)
-    y = y.to(device)
-    calls = [0] * len(models)
-
-    def denoise(i: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
-        calls[i] += 1
-        return guided(models[i], z, sigma, y, guidance, num_classes)
-
-    with torch.no_grad():
-        x = edm_sample(denoise, owned, ts, z, solver).clamp(-1, 1).cpu()
-
-    tag = f"{request.model}-{solver}-{steps}steps-g{guidance:g}-seed{seed}"
-    out = Path(request.out) if request.out else run.root / "samples" / tag
-    files = write_images(out, x, y.cpu())
-    return SampleResult(out, files, calls=calls)
-
-
-def write_images(out: Path, x: torch.Tensor, y: torch.Tensor) -> list[Path]:
-    """samples.npz always; grid.png and one PNG per image when the data are 1 or 3 channel pixels.
-
-    Returns every file written, the grid first when there is one.
+    `blocks` and `e2e` are denoisers; `ar` is the family's autoregressive reference; `source`
+    is the unsplit converted source (its weights as `split` wrote them, no training needed).
     """
-    from PIL import Image
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "samples.npz"]
-    arr = x.numpy()
-
-    def save_npz(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, x=arr, y=y.numpy())
-
-    atomic_write(files[0], save_npz)
-    if arr.shape[1] not in (1, 3):
-        return files  # latents: decode with the VAE before viewing
-    pixels = np.clip((arr + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    mode = "L" if pixels.shape[-1] == 1 else "RGB"
-    images = [Image.fromarray(p[..., 0] if mode == "L" else p, mode) for p in pixels]
-    for i, img in enumerate(images):
-        path = out / f"{i:05d}.png"
-        img.save(path)
-        files.append(path)
-    h, w = pixels.shape[1:3]
-    scale = max(1, 32 // max(h, w))
-    cols = int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / cols))
-    grid = Image.new(mode, (cols * w * scale + (cols + 1) * 2, rows * h * scale + (rows + 1) * 2))
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        grid.paste(img.resize((w * scale, h * scale), Image.NEAREST), (2 + c * (w * scale + 2), 2 + r * (h * scale + 2)))
-    grid.save(out / "grid.png")
-    files.insert(0, out / "grid.png")
-    return files
+    run.require_trained(model)
+    family = run.family()
+    models = []
+    for name, depth in run.model_targets(model):
+        net = family.block_network(run.recipe, depth)
+        file = "model" if name == "source" else weights
+        path = run.model_dir(name) / f"{file}.safetensors"
+        load_strict(net, load_weights(path), str(path))
+        models.append(family.wrap(model, run.recipe, net, run.noise()).to(device).eval())
+    return models

@@ -42,7 +42,7 @@ def layer_ranges(num_layers: int, num_blocks: int, uneven: bool = False) -> list
 def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict]]:
     """Boundaries and, per block, its layers and owned / training sigma ranges and mass."""
     n = recipe.noise
-    noise = nz.NoiseSettings(n.sigma_min, n.sigma_max, n.sigma_data, n.p_mean, n.p_std)
+    noise = n.settings()
     bounds = nz.boundaries(noise, recipe.blocks.num, n.partition)
     plans = []
     for i, (layers, owned) in enumerate(
@@ -53,6 +53,17 @@ def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict
             {"index": i, "layers": layers, "sigma_range": owned, "train_range": train, "mass": noise.truncated_mass(*owned)}
         )
     return bounds, plans
+
+
+def source_depth(recipe: Recipe) -> int:
+    """The source network's layer count, from its family (a fresh one is built on the meta device: no memory)."""
+    import torch
+
+    family = get_family(recipe.model.family)
+    if recipe.model.checkpoint is None:
+        with torch.device("meta"):
+            return family.source(recipe).num_layers
+    return family.source(recipe).num_layers
 
 
 def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True) -> Run:

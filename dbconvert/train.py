@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dbconvert import distributed, locks
 from dbconvert.checkpoint import atomic_write_text, load_strict, load_weights, save_weights, write_json
@@ -29,18 +28,22 @@ from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError, RunError, first_line
 from dbconvert.locks import LOCK_NAME
 from dbconvert.rundir import Run
+from dbconvert.trainstep import Objective, TrainingState, build_state, learning_rate
 
 TRAIN_OVERRIDABLE = ("train", "sample", "data")
 
 
 @dataclass(frozen=True)
 class Target:
-    """What one training process trains: a block or the e2e network."""
+    """What one training process trains: a block, the e2e baseline, or the AR reference."""
 
     name: str
     depth: int
     train_range: tuple[float, float]
     init_weights: Path
+    objective: Objective = "denoiser"
+    salt: int = 0
+    """Mixed into the per-step RNG so different targets of one run draw different noise."""
 
 
 @dataclass
@@ -58,11 +61,18 @@ StepCallback = Callable[[dict[str, Any]], None]
 def block_target(run: Run, index: int) -> Target:
     info = run.block(index)
     name = Run.block_name(index)
-    return Target(name, info.layers[1] - info.layers[0], info.train_range, run.model_dir(name) / "model.safetensors")
+    return Target(name, info.layers[1] - info.layers[0], info.train_range, run.model_dir(name) / "model.safetensors",
+                  salt=1 + index)
 
 
-def e2e_target(run: Run) -> Target:
+def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
+    """The whole network from the converted source: the e2e baseline (same denoiser, full sigma range) or `ar`."""
     noise = run.noise()
+    if objective == "ar":
+        run.model_targets("ar")  # a one-line error for families without an AR reference
+        return Target("ar", run.num_layers, (noise.sigma_min, noise.sigma_max), run.source_weights, "ar", salt=999_983)
+    if objective != "denoiser":
+        raise DbconvertError(f"--objective must be denoiser or ar, not {objective!r}")
     return Target("e2e", run.num_layers, (noise.sigma_min, noise.sigma_max), run.source_weights)
 
 
@@ -132,7 +142,7 @@ def train(
             except DbconvertError as exc:
                 failure = str(exc)
         distributed.broadcast_error(dist, failure)
-        return _train(run, target, recipe, dist, device_name, restart, on_step, progress and dist.is_main)
+        return _train(run, target, recipe, dist, device_name, restart, on_step, progress and dist.is_main, note)
     finally:
         if owner is not None:
             locks.release(lock_path, owner)
@@ -141,7 +151,7 @@ def train(
 
 
 def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, device_name: str, restart: bool,
-           on_step: StepCallback | None, progress: bool) -> TrainResult:
+           on_step: StepCallback | None, progress: bool, note: Callable[[str], None]) -> TrainResult:
     family = run.family()
     device = resolve_device(device_name)
     global_batch = recipe.train.batch_size
@@ -150,42 +160,39 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     n_total = total_steps(recipe, len(data))
     out_dir = run.model_dir(target.name)
     main = dist.is_main
-    autocast, scaler = _precision(recipe.train.precision, device)
     if recipe.train.compile:
         _check_compiler(device)
 
-    network = family.block_network(recipe, target.depth)
-    is_e2e = target.name == "e2e"
-    wrap = family.e2e_model if is_e2e else family.denoiser
-    denoiser = wrap(recipe, network, run.noise()).to(device)
-    ema = family.block_network(recipe, target.depth).to(device).requires_grad_(False)
-    trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = _optimizer(recipe, trainable)
-
+    state = build_state(family, recipe, target.depth, run.noise(), device, target.objective)
     start = 0
-    state_path = out_dir / "state.safetensors"
+    state_path = out_dir / STATE_FILE
     if main:
         _remove_stale_temp_files(run, target.name)
-    if state_path.exists() and not restart:
-        start = _restore(state_path, network, ema, optimizer, target.name)
+        if restart:
+            clear_training_state(out_dir)  # a kill before the first new checkpoint must not resume the old run
+    distributed.barrier(dist)
+    if state_path.exists():
+        start, saved = _restore(state_path, state, target.name)
+        if saved.get("batch_size") not in (None, global_batch) and main and start < n_total:
+            note(f"{target.name}: resuming at step {start} with train.batch_size={global_batch} (the checkpoint was "
+                 f"trained with {saved['batch_size']}); steps continue from {start}, later batches are drawn with the new "
+                 "size, and the optimizer state is kept. Use --restart to start over with the new batch size.")
     else:
-        load_strict(network, load_weights(target.init_weights), f"initial weights of {target.name}")
-        ema.load_state_dict(network.state_dict())
-        if main:
-            _truncate_metrics(run.metrics_path(target.name), 0)
-    if start and main:
+        load_strict(state.network, load_weights(target.init_weights), f"initial weights of {target.name}")
+        state.ema.load_state_dict(state.network.state_dict())
+    if main:
         _truncate_metrics(run.metrics_path(target.name), start)
     if start >= n_total:
+        if main and not exports_match(out_dir, start):  # killed between the state file and the exports
+            _export(out_dir, state, start, n_total, target.name, global_batch)
         return TrainResult(target.name, start, n_total, None, out_dir)
 
-    salt = 0 if is_e2e else 1 + int(target.name.split("-")[-1])
-    model = distributed.wrap(dist, denoiser, device, find_unused=is_e2e)
+    model = distributed.wrap(dist, state.model, device, find_unused=target.objective == "ar")
     forward = torch.compile(model) if recipe.train.compile else model
-    shard = {"shard": dist.shard} if dist.enabled else {}
     metrics = run.metrics_path(target.name)
     if main:
         metrics.parent.mkdir(parents=True, exist_ok=True)
-    denoiser.train()
+    state.model.train()
     window: list[float] = []
     last_loss: float | None = None
     t_log = time.perf_counter()
@@ -193,31 +200,26 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     with _progress(progress, target.name, n_total, start) as advance, \
             (open(metrics, "a") if main else nullcontext()) as log:
         for step in range(start, n_total):
-            gen = step_generator(recipe.train.seed, step, salt)
+            gen = step_generator(recipe.train.seed, step, target.salt)
             indices = batch_indices(recipe.train.seed, step, global_batch, len(data))[local]
             batch = [t.to(device) for t in data.batch(indices)]
-            lr = _lr(recipe, step)
-            for group in optimizer.param_groups:
+            lr = learning_rate(recipe, step)
+            for group in state.optimizer.param_groups:
                 group["lr"] = lr
-            with autocast():
-                try:
-                    if is_e2e:
-                        loss, stats = family.e2e_loss(forward, batch, recipe, run.noise(), gen, **shard)
-                    else:
-                        loss, stats = family.training_loss(forward, batch, target.train_range, recipe, gen, **shard)
-                except Exception as exc:
-                    if recipe.train.compile and type(exc).__module__.startswith("torch._"):
-                        raise DbconvertError(f"train.compile=true failed on {device} ({first_line(exc)}); "
-                                             "rerun with train.compile=false") from None
-                    raise
+            try:
+                loss, stats = state.loss(forward, batch, target.train_range, gen, dist.shard)
+            except Exception as exc:
+                if recipe.train.compile and type(exc).__module__.startswith("torch._"):
+                    raise DbconvertError(f"train.compile=true failed on {device} ({first_line(exc)}); "
+                                         "rerun with train.compile=false") from None
+                raise
             loss_value = distributed.mean_across(dist, loss)  # the same value on every rank
             if not torch.isfinite(loss_value):
                 raise DbconvertError(
                     f"{target.name}: loss became {loss_value.item()} at step {step}; the last checkpoint is intact "
                     "(lower train.lr or use train.precision=fp32, then rerun to resume)"
                 )
-            optimizer_step(loss, optimizer, scaler, trainable, recipe.train.grad_clip)
-            _ema_update(ema, network, ema_decay_at(recipe.train.ema_decay, step, recipe.train.ema_warmup))
+            state.update(loss, step)
             window.append(loss_value.item())
             examples += global_batch
             done = step + 1
@@ -244,7 +246,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                     on_step(record)
                 window, examples, t_log = [], 0, now
             if main and (done % recipe.train.checkpoint_every == 0 or done == n_total):
-                _checkpoint(out_dir, network, ema, optimizer, done, n_total, target.name)
+                _checkpoint(out_dir, state, done, n_total, target.name, global_batch)
             advance(done, last_loss)
     distributed.barrier(dist)  # every rank ends after rank 0's last checkpoint
     return TrainResult(target.name, n_total, n_total, last_loss, out_dir)
@@ -255,77 +257,17 @@ def train_block(run: Run, index: int, **kwargs: Any) -> TrainResult:
     return train(run, block_target(run, index), **kwargs)
 
 
-def train_e2e(run: Run, **kwargs: Any) -> TrainResult:
-    """The baseline: the whole source network, end to end over the full sigma range.
+def train_e2e(run: Run, objective: Objective = "denoiser", **kwargs: Any) -> TrainResult:
+    """The baseline: the whole source network, end to end over the full sigma range (the same denoiser).
 
     By default it runs the recipe's steps, the same as each block: B blocks x S steps x L/B
-    layers equals S steps x L layers, the paper's matched layer updates.
+    layers equals S steps x L layers, the paper's matched layer updates. `objective="ar"`
+    trains the autoregressive reference instead (families that have one), into RUN/ar/.
     """
-    return train(run, e2e_target(run), **kwargs)
+    return train(run, e2e_target(run, objective), **kwargs)
 
 
 # --- pieces --------------------------------------------------------------------------------
-
-
-def _optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    t = recipe.train
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay)
-
-
-def optimizer_step(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    params: list[nn.Parameter],
-    grad_clip: float | None,
-) -> None:
-    """Backward, optional clipping, optimizer step, then free the gradients.
-
-    Freeing them right after the step (not before the next backward) keeps one gradient-sized
-    buffer out of the next forward pass's peak memory.
-    """
-    scaler.scale(loss).backward()
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _lr(recipe: Recipe, step: int) -> float:
-    warm = recipe.train.warmup_steps
-    return recipe.train.lr * min(1.0, (step + 1) / warm) if warm else recipe.train.lr
-
-
-@torch.no_grad()
-def ema_decay_at(decay: float, step: int, warmup: bool = True) -> float:
-    """EMA decay of `step` (0-based): with warmup, min(decay, (1 + step) / (10 + step)).
-
-    A plain 0.9999 EMA still holds 90% of the initial weights after 1000 steps; the warmup
-    makes the EMA follow the model early and reach the full decay later (0.999 by ~9000 steps).
-    """
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
-
-
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        if p.requires_grad:
-            e.lerp_(p.detach(), 1.0 - decay)
-
-
-def _precision(precision: str, device: torch.device):  # noqa: ANN202
-    """(autocast context factory, grad scaler) for fp32 / bf16 / fp16."""
-    if precision == "fp32":
-        return nullcontext, torch.amp.GradScaler(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise DbconvertError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 here")
-    return (lambda: torch.autocast(device.type, dtype=dtype)), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def _check_compiler(device: torch.device) -> None:
@@ -370,38 +312,74 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: str) -> dict[st
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def _checkpoint(out_dir: Path, network: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
-                step: int, total: int, name: str) -> None:
-    """Everything needed to resume in ONE atomically written file, then the exported weights."""
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
-    state = {f"model.{k}": v for k, v in network.state_dict().items()}
-    state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    state.update(optim_tensors)
-    meta = {"step": str(step), "total_steps": str(total), "target": name, "optimizer": optim_meta}
-    save_weights(out_dir / "state.safetensors", state, metadata=meta)
-    save_weights(out_dir / "model.safetensors", network.state_dict(), metadata={"step": str(step)})
-    save_weights(out_dir / "ema.safetensors", ema.state_dict(), metadata={"step": str(step)})
-    write_json(out_dir / "state.json", {"step": step, "total_steps": total, "target": name})
+STATE_FILE = "state.safetensors"
+EXPORTS = ("model.safetensors", "ema.safetensors", "state.json")
 
 
-def _restore(path: Path, network: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, name: str) -> int:
+def _checkpoint(out_dir: Path, state: TrainingState, step: int, total: int, name: str, batch_size: int) -> None:
+    """Everything needed to resume in ONE atomically written file, then the exported weights.
+
+    A kill between the two leaves a state file ahead of the exports; `_train` sees that on the
+    next run (`exports_match`) and re-exports from the state file before returning.
+    """
+    optim_tensors, optim_meta = _flatten_optimizer(state.optimizer)
+    tensors = {f"model.{k}": v for k, v in state.network.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
+    tensors.update(optim_tensors)
+    meta = {"step": str(step), "total_steps": str(total), "target": name, "optimizer": optim_meta,
+            "grad_scaler": json.dumps(state.scaler.state_dict()), "batch_size": str(batch_size)}
+    save_weights(out_dir / STATE_FILE, tensors, metadata=meta)
+    _export(out_dir, state, step, total, name, batch_size)
+
+
+def _export(out_dir: Path, state: TrainingState, step: int, total: int, name: str, batch_size: int) -> None:
+    save_weights(out_dir / "model.safetensors", state.network.state_dict(), metadata={"step": str(step)})
+    save_weights(out_dir / "ema.safetensors", state.ema.state_dict(), metadata={"step": str(step)})
+    write_json(out_dir / "state.json", {"step": step, "total_steps": total, "target": name, "batch_size": batch_size})
+
+
+def exports_match(out_dir: Path, step: int) -> bool:
+    """Do model/EMA weights and state.json all say `step` (the step of the state file)?"""
     from safetensors import safe_open
 
-    state = load_weights(path)
+    try:
+        for file in ("model.safetensors", "ema.safetensors"):
+            with safe_open(str(out_dir / file), "pt") as fh:
+                if (fh.metadata() or {}).get("step") != str(step):
+                    return False
+        return int(json.loads((out_dir / "state.json").read_text()).get("step", -1)) == step
+    except Exception:  # missing or damaged exports (any read error): re-export
+        return False
+
+
+def clear_training_state(out_dir: Path) -> None:
+    """Remove a target's training state and exports (for --restart), state file first."""
+    for file in (STATE_FILE, *EXPORTS):
+        (out_dir / file).unlink(missing_ok=True)
+
+
+def _restore(path: Path, state: TrainingState, name: str) -> tuple[int, dict[str, str]]:
+    from safetensors import safe_open
+
+    tensors = load_weights(path)
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata() or {}
     if meta.get("target") != name or "step" not in meta:
         raise RunError(f"{path} is not a training state of {name}; rerun with --restart")
-    load_strict(network, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, f"{path} (model)")
-    load_strict(ema, {k[4:]: v for k, v in state.items() if k.startswith("ema.")}, f"{path} (ema)")
-    optimizer.load_state_dict(_unflatten_optimizer({k: v for k, v in state.items() if k.startswith("optim.")}, meta["optimizer"]))
-    return int(meta["step"])
+    load_strict(state.network, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, f"{path} (model)")
+    load_strict(state.ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, f"{path} (ema)")
+    state.optimizer.load_state_dict(
+        _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"]))
+    if meta.get("grad_scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(json.loads(meta["grad_scaler"]))
+    saved = {"batch_size": int(meta["batch_size"])} if meta.get("batch_size") else {}
+    return int(meta["step"]), saved
 
 
 def _remove_stale_temp_files(run: Run, name: str) -> None:
     """Temp files of atomic writes cut short by a kill (we hold the lock: nobody else writes here)."""
     out_dir = run.model_dir(name)
-    for final in ("state.safetensors", "model.safetensors", "ema.safetensors", "state.json"):
+    for final in (STATE_FILE, *EXPORTS):
         for tmp in out_dir.glob(f".{final}.*.tmp"):
             tmp.unlink(missing_ok=True)
     metrics = run.metrics_path(name)

@@ -32,7 +32,7 @@ def main() -> None:
     for block in run.blocks:
         result = train_block(run, block.index, progress=False)
         print(f"block {block.index}: {result.step} steps, last loss {result.last_loss:.4f}")
-    samples = get_family(run.family_name).sample(run, SampleRequest(steps=20, num=16))
+    samples = get_family(run.family_name).generate(run, SampleRequest(steps=20, num=16))
     print(f"samples: {samples.files[0]} (each block ran {samples.calls} times)")
 
 

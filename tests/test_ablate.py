@@ -48,7 +48,7 @@ def test_overlap_one_row_per_gamma_matched_updates_and_resume(in_tmp: Path) -> N
     assert [r["value"] for r in rows] == list(GAMMAS)
     assert all(r["steps_per_block"] == 2 and r["blocks"] == 4 and r["samples"] == NUM for r in rows)
     assert {r["layer_updates"] for r in rows} == {2 * 4}  # S steps x L layers, for every variant
-    assert all(r["fid"] >= 0 and r["features"].startswith("builtin") for r in rows)
+    assert all(r["metric"] == "fid" and r["score"] >= 0 and r["features"].startswith("builtin") for r in rows)
     for r in rows:
         run = Run.open(r["run"])
         assert run.manifest["gamma"] == r["value"] and Path(r["run"]).parent == out
@@ -65,7 +65,7 @@ def test_overlap_one_row_per_gamma_matched_updates_and_resume(in_tmp: Path) -> N
     rerun = run_ablation("overlap", "dit-tiny-digits", TINY, steps=2, out=out, num=NUM, values=GAMMAS,
                          progress=False, console=Console(file=again, width=200))
     assert _snapshot(out) == before  # nothing retrained, nothing re-evaluated
-    assert [r["fid"] for r in rerun.rows] == [r["fid"] for r in rows]
+    assert [r["score"] for r in rerun.rows] == [r["score"] for r in rows]
     assert again.getvalue().count("skipped") == 3 and "trained to step" not in again.getvalue()
 
 

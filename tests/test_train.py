@@ -121,7 +121,7 @@ def test_epochs_override_sets_the_length_in_full_batches(tiny_run: Run) -> None:
 
 
 def test_ema_decay_warms_up_to_the_recipe_value() -> None:
-    from dbconvert.train import ema_decay_at
+    from dbconvert.trainstep import ema_decay_at
 
     assert ema_decay_at(0.9999, 0) == pytest.approx(0.1)
     assert ema_decay_at(0.9999, 90) == pytest.approx(0.91)

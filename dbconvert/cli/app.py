@@ -39,7 +39,8 @@ Overrides = Annotated[
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Train for this many steps (overrides the recipe).")]
 EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Train for this many epochs (overrides the recipe).")]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Ignore the saved training state and start over.")]
-ModelOpt = Annotated[str, typer.Option("--model", help="Which weights: blocks or e2e.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Which model: blocks, e2e (same denoiser, all layers), "
+                                                      "source (the unsplit converted source) or ar (text: the AR reference).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
@@ -160,28 +161,25 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
 
 
 def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | None,
-           steps: int | None, epochs: float | None, restart: bool, quiet: bool) -> None:
-    from dbconvert.config import override_recipe
+           steps: int | None, epochs: float | None, restart: bool, quiet: bool, objective: str = "denoiser") -> None:
     from dbconvert.distributed import from_env
     from dbconvert.rundir import resolve_run
-    from dbconvert.train import TRAIN_OVERRIDABLE, train_block, train_e2e
+    from dbconvert.train import block_target, e2e_target, train, training_recipe
 
     run = resolve_run(run_dir)
-    if index is not None:
-        run.block(index)  # validates the index before anything else
-    resolved = override_recipe(run.recipe, overrides, TRAIN_OVERRIDABLE)
-    target = f"block {index}" if index is not None else "e2e baseline"
+    target = block_target(run, index) if index is not None else e2e_target(run, objective)  # validates first
+    resolved = training_recipe(run, overrides, steps, epochs)  # the values that will be used, --steps included
+    what = f"block {index}" if index is not None else {"e2e": "e2e baseline", "ar": "AR reference"}[target.name]
     dist = from_env()  # under torchrun only rank 0 talks
     if dist.is_main:
-        announce(f"training {target} of {run.root}", {
+        announce(f"training {what} of {run.root}", {
             **({"world_size": dist.world_size} if dist.enabled else {}),
             "train": resolved.train.model_dump(mode="json"),
-            **({"steps": steps} if steps else {}), **({"epochs": epochs} if epochs else {}),
-            **({"train_range": list(run.block(index).train_range), "layers": list(run.block(index).layers)} if index is not None else {}),
+            "objective": target.objective, "layers": run.num_layers if index is None else list(run.block(index).layers),
+            "train_range": list(target.train_range),
         })
-    kwargs = dict(steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet,
-                  note=lambda msg: err_console.print(msg, highlight=False, markup=False))
-    result = train_block(run, index, **kwargs) if index is not None else train_e2e(run, **kwargs)
+    result = train(run, target, steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet,
+                   note=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
     if not dist.is_main:
         return
     loss = f", last logged loss {result.last_loss:.4f}" if result.last_loss is not None else " (already finished)"
@@ -237,9 +235,12 @@ def train_e2e_cmd(
     epochs: EpochsOpt = None,
     restart: RestartOpt = False,
     quiet: QuietOpt = False,
+    objective: Annotated[str, typer.Option("--objective", help="denoiser: the e2e baseline (the blocks' denoiser over "
+                                           "all layers and the full sigma range); ar: the autoregressive reference "
+                                           "(text), into RUN/ar/.")] = "denoiser",
 ) -> None:
     """Train the unsplit network end to end (the baseline), matched to the blocks in layer updates."""
-    _train(run, None, overrides, steps, epochs, restart, quiet)
+    _train(run, None, overrides, steps, epochs, restart, quiet, objective)
 
 
 @command("sample")
@@ -257,8 +258,12 @@ def sample_cmd(
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text prompt (language models).")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="File of prompts, one per line.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 64,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="AR decoding (ar, text source): "
+                                                         "softmax temperature, 0 = greedy (default: recipe, 1).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR decoding: nucleus probability (default: recipe, 1).")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Generate with the trained blocks (or --model e2e); writes the samples into the run."""
+    """Generate with the trained blocks (or --model e2e / source / ar); writes the samples into the run."""
     from dbconvert.rundir import resolve_run
     from dbconvert.sampling import SampleRequest
 
@@ -268,10 +273,12 @@ def sample_cmd(
         raise_user(f"--weights must be ema or model, not {weights!r}")
     opened = resolve_run(run)
     request = SampleRequest(model, steps, solver, guidance, num, seed, class_label, weights, out,
-                            prompt, prompt_file, max_new_tokens)
-    result = opened.family().sample(opened, request)
+                            prompt, prompt_file, max_new_tokens, temperature, top_p, progress=not quiet)
+    result = opened.family().generate(opened, request)
     for text in result.text:
         console.print(text, highlight=False, markup=False)
+    if result.tokens_per_second is not None:
+        console.print(f"{result.tokens_per_second:.1f} new tokens/s", highlight=False)
     console.print(f"wrote {len(result.files)} files to [bold]{result.directory}[/]"
                   + (f" (grid: {result.files[0]})" if result.files and result.files[0].suffix == ".png" else ""))
 
@@ -383,7 +390,7 @@ def bench_speed_cmd(
     console.print(table)
     console.print(f"e2e / slowest block: sampling step [bold]{result['sample_step_ratio']:.2f}x[/], "
                   f"training step [bold]{result['train_step_ratio']:.2f}x[/]  (median of {result['repeats']} after "
-                  f"{result['warmup']} warm-up; sampling forward batch {result['sample_forward_batch']})")
+                  f"{result['warmup']} warm-up; batch {result['batch']}, guidance {result['guidance']:g})")
 
 
 # --- ablate --------------------------------------------------------------------------------

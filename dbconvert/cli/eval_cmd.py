@@ -119,7 +119,7 @@ def mauve_cmd(
 @eval_app.command("compare")
 @handle_errors
 def compare_cmd(run: RunOpt = None, as_json: JsonOpt = False) -> None:
-    """Every evaluation of the run, one table per metric and features: blocks vs e2e, with settings."""
+    """Every evaluation of the run, one table per metric and features: blocks vs e2e vs ar or source, with settings."""
     from dbconvert.evaluation.results import compare_tables, require_results
     from dbconvert.rundir import resolve_run
 

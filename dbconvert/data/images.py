@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dbconvert.config import DataConfig
+from dbconvert.schema import DataConfig
 from dbconvert.errors import DataError, first_line
 
 IMAGE_KEYS = ("image", "img", "pixel_values", "x", "images", "latents")

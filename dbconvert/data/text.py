@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dbconvert.config import DataConfig
+from dbconvert.schema import DataConfig
 from dbconvert.errors import DataError, first_line
 from dbconvert.tokenizer import Tokenizer
 
@@ -145,13 +145,14 @@ def pack(docs: list[str], tokenizer: Tokenizer, context: int, seed: int) -> np.n
     return stream[: rows * context].reshape(rows, context)
 
 
-def load_text(cfg: DataConfig, tokenizer: Tokenizer, context: int, seed: int, split: str | None = None) -> TextData:
+def load_text(cfg: DataConfig, tokenizer: Tokenizer, context: int, split: str | None = None) -> TextData:
     """Packed rows of the requested split (`train`, `val`; hub data sets also name their own splits)."""
     split = split or cfg.split
     held_out = split in VAL_SPLITS
     if held_out and cfg.val_fraction == 0.0 and resolve_kind(cfg) == "text":
         raise DataError("local text has no validation split; set data.val_fraction (e.g. 0.1) to hold some rows out")
     source_split = cfg.split if (held_out and cfg.val_fraction > 0.0) or resolve_kind(cfg) == "text" else split
+    seed = cfg.split_seed  # a property of the data, never of training: held-out rows stay held out
     rows = pack(read_documents(cfg, source_split), tokenizer, context, seed)
     if cfg.val_fraction > 0.0:
         perm = np.random.default_rng(seed + 1).permutation(len(rows))

@@ -168,7 +168,7 @@ def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: tor
 def resolve_features(features: str, run: Any, inception_weights: Path | None, channels: int | None,
                      device: torch.device, log: Log) -> FeatureSpec:
     """auto = Inception for 3-channel images, the built-in CNN for 1-channel ones; builtin[:SOURCE]."""
-    from dbconvert.config import DataConfig
+    from dbconvert.schema import DataConfig
 
     kind, _, source = features.partition(":")
     if kind not in FEATURE_CHOICES or (source and kind != "builtin"):
@@ -214,13 +214,14 @@ def evaluate_fid(
         raise DbconvertError("--repeats needs freshly generated samples; a --samples folder is one fixed set (drop --repeats)")
     if run is None and (samples is None or reference is None):
         raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
-    if model not in ("blocks", "e2e"):
-        raise DbconvertError(f"--model must be blocks or e2e, not {model!r}")
+    if run is not None and samples is None:
+        run.model_targets(model)  # one line naming the models this run has
     device = resolve_device(run.recipe.train.device if run is not None else "auto")
 
     sampler: dict[str, Any] | None = None
-    if run is not None and (samples is None or reference is None) and not hasattr(run.recipe.model, "in_channels"):
-        raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model (use eval mauve)")
+    if run is not None and (samples is None or reference is None) and run.family().default_metric != "fid":
+        raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model "
+                             f"(use eval {run.family().default_metric})")
     if run is not None:
         cfg = run.recipe.sample
         sampler = {"solver": solver or cfg.solver, "steps": steps or cfg.steps,
@@ -228,12 +229,12 @@ def evaluate_fid(
                    "seed": cfg.seed if seed is None else seed}
     if samples is None:
         assert run is not None and sampler is not None
-        _check_trained(run, model)
+        run.require_trained(model)
         num = num or 10_000
 
     channels = None
-    if run is not None:
-        channels = getattr(run.recipe.model, "in_channels", None)
+    if run is not None and run.family().default_metric == "fid":
+        channels = run.family().sample_shape(run.recipe)[0]
     spec = resolve_features(features, run, inception_weights, channels, device, log)
     if num is not None:
         check_count(num, spec, "--num")
@@ -269,7 +270,7 @@ def evaluate_fid(
             t0 = time.time()
             for c, lo in enumerate(range(0, num, CHUNK)):
                 n = min(CHUNK, num - lo)
-                family.sample(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
+                family.generate(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
                                                  guidance=sampler["guidance"], num=n, seed=base + c,
                                                  weights=sampler["weights"], out=out / f"chunk-{c:03d}"))
             log(f"repeat {r + 1}/{repeats}: {num} samples ({model}, seed {base}) in {time.time() - t0:.1f}s -> {out}")
@@ -301,15 +302,3 @@ def evaluate_fid(
         "dbconvert_version": dbconvert.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-
-
-def _check_trained(run: Any, model: str) -> None:
-    from dbconvert.rundir import Run
-
-    if model == "blocks":
-        untrained = [Run.block_name(b.index) for b in run.blocks if not run.status(Run.block_name(b.index)).trained]
-        if untrained:
-            raise RunError(f"no trained model to evaluate: untrained blocks {', '.join(untrained)}; "
-                           "train them with `dbconvert train-block I` first")
-    elif not run.status("e2e").trained:
-        raise RunError("no trained model to evaluate: the e2e baseline is not trained; run `dbconvert train-e2e` first")

@@ -5,8 +5,9 @@ Protocol: held-out sequences of at least `prompt_tokens + new_tokens` tokens (de
 joined with EOS, rows of `model.context` tokens; for local text the `val` rows held out by
 `data.val_fraction`, for hub data sets their `test` split), so the protocol needs
 `model.context >= prompt_tokens + new_tokens`. The first `prompt_tokens` tokens are the prompt;
-each prompt gets `samples_per_prompt` continuations of `new_tokens` tokens (blocks: the run's
-diffusion steps per token; e2e: ancestral sampling at temperature 1, since greedy decoding would
+each prompt gets `samples_per_prompt` continuations of `new_tokens` tokens from the family's
+batched generator (blocks and e2e: the run's diffusion steps per token; ar / source: ancestral
+sampling with the recipe's temperature and top-p, default 1 and 1, never greedy, which would
 make the continuations of one prompt identical). MAUVE compares the continuations' text (p =
 the true continuations, q = the generations) featurised by:
 
@@ -169,23 +170,6 @@ def mauve_scores(p_features: np.ndarray, q_features: np.ndarray, seeds: list[int
 # --- generation --------------------------------------------------------------------------------
 
 
-def _ancestral(net: Any, ids: list[int], eos: int | None, max_new: int, context: int, gen: torch.Generator,
-               device: torch.device) -> list[int]:
-    """e2e baseline: sample each next token from the causal LM's softmax (temperature 1)."""
-    seq = list(ids)
-    cache, logits = net.extend(None, torch.tensor([seq], device=device), 0)
-    new: list[int] = []
-    while len(new) < max_new and len(seq) < context:
-        probs = torch.softmax(logits[0].float().cpu(), -1)
-        token = int(torch.multinomial(probs, 1, generator=gen))
-        if token == eos:
-            break
-        new.append(token)
-        cache, logits = net.extend(cache, torch.tensor([[token]], device=device), len(seq))
-        seq.append(token)
-    return new
-
-
 def default_split(run: Any) -> str:
     from dbconvert.data.text import resolve_kind
 
@@ -207,29 +191,28 @@ def evaluate_mauve(
     solver: str | None = None,
     seed: int | None = None,
     weights: str | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
     log: Log = _nolog,
 ) -> dict[str, Any]:
-    """MAUVE of the run's continuations (blocks or e2e) against the true continuations."""
+    """MAUVE of the run's continuations (blocks, e2e, ar or source) against the true continuations."""
     import dbconvert
     from dbconvert.checkpoint import atomic_write_text
-    from dbconvert.families.llama import _diffuse
-    from dbconvert.noise import edm_steps
-    from dbconvert.sampling import load_models
+    from dbconvert.sampling import SampleRequest
+    from dbconvert.tokenizer import run_tokenizer
 
     start = time.time()
-    if run.family_name != "llama":
-        raise DbconvertError(f"eval mauve is for language-model runs; this run is a {run.family_name} model (use eval fid)")
-    if model not in ("blocks", "e2e"):
-        raise DbconvertError(f"--model must be blocks or e2e, not {model!r}")
+    if run.family().default_metric != "mauve":
+        raise DbconvertError(f"eval mauve is for language-model runs; this run is a {run.family_name} model "
+                             f"(use eval {run.family().default_metric})")
+    run.model_targets(model)  # one line naming the models this run has
     for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--prompt-tokens", prompt_tokens),
                         ("--new-tokens", new_tokens), ("--seeds", seeds)):
         if value < 1:
             raise DbconvertError(f"{flag} must be at least 1, got {value}")
     if num_prompts is not None and num_prompts < 2:
         raise DbconvertError(f"--num-prompts must be at least 2, got {num_prompts}")
-    from dbconvert.evaluation.fid import _check_trained
-
-    _check_trained(run, model)
+    run.require_trained(model)
     cfg = run.recipe.sample
     steps, solver = steps or cfg.steps, solver or cfg.solver
     seed = cfg.seed if seed is None else seed
@@ -254,36 +237,29 @@ def evaluate_mauve(
     if num_prompts is None and n < 1000:
         log(f"the {split} split has {len(rows)} sequences of {need}+ tokens; using all of them as prompts (paper: 1000)")
 
-    tok = family.tokenizer()
-    device = resolve_device(run.recipe.train.device)
-    models = load_models(run, model, weights, device)
-    noise = run.noise()
-    owned = run.owned_ranges() if model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
-    ts = edm_steps(steps, noise, cfg.rho)
-    calls = [0] * len(models)
-    records = []
+    tok = run_tokenizer(run.shared_dir)
+    prompts = [rows[i, :prompt_tokens].tolist() for i in range(n)]
+    truths_ids = [rows[i, prompt_tokens:need].tolist() for i in range(n)]
+    out = run.root / "eval" / "samples" / f"mauve-{model}-seed{seed}-p{n}x{samples_per_prompt}"
     t0 = time.time()
-    with torch.no_grad():
-        for i in range(n):
-            prompt, truth = rows[i, :prompt_tokens].tolist(), rows[i, prompt_tokens:need].tolist()
-            for k in range(samples_per_prompt):
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + i * samples_per_prompt + k)
-                if model == "e2e":
-                    new = _ancestral(models[0].net, prompt, tok.eos_id, new_tokens, context, gen, device)
-                else:
-                    new, _ = _diffuse(models, owned, ts, solver, prompt, tok.eos_id, new_tokens, context, gen, calls, device)
-                records.append({"prompt": tok.decode(prompt), "truth": tok.decode(truth), "generation": tok.decode(new),
-                                "prompt_index": i, "sample": k, "new_tokens": len(new)})
-            if (i + 1) % max(1, n // 10) == 0 or i + 1 == n:
-                log(f"generated {(i + 1) * samples_per_prompt}/{n * samples_per_prompt} continuations "
-                    f"({time.time() - t0:.0f}s)")
-    sampler_name = f"{solver} {steps} steps" if model == "blocks" else "ancestral (temperature 1)"
-    tag = f"mauve-{model}-{solver}-{steps}steps-seed{seed}-p{n}x{samples_per_prompt}" if model == "blocks" else \
-        f"mauve-e2e-ancestral-seed{seed}-p{n}x{samples_per_prompt}"
-    out = run.root / "eval" / "samples" / tag
+    step_log = max(1, n * samples_per_prompt * new_tokens // 10)
+    logged = [0]
+
+    def report(done: int, total: int) -> None:
+        if done - logged[0] >= step_log or done == total:
+            logged[0] = done
+            log(f"generated {done}/{total} tokens ({done / max(time.time() - t0, 1e-9):.1f} tokens/s)")
+
+    result = family.generate(run, SampleRequest(model=model, steps=steps, solver=solver, seed=seed, weights=weights,
+                                                num=samples_per_prompt, prompt_ids=prompts, max_new_tokens=new_tokens,
+                                                temperature=temperature, top_p=top_p, out=out, on_progress=report))
+    records = [{"prompt": tok.decode(prompts[r["prompt_index"]]), "truth": tok.decode(truths_ids[r["prompt_index"]]),
+                "generation": r["completion"], "prompt_index": r["prompt_index"], "sample": r["sample"],
+                "new_tokens": r["new_tokens"]} for r in result.records]
+    sampler = result.sampler
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
-    feat = resolve_featurizer(featurizer, device, log)
+    feat = resolve_featurizer(featurizer, resolve_device(run.recipe.train.device), log)
     truths = [r["truth"] for r in records if r["sample"] == 0]
     p_features = feat.encode(truths)
     q_features = feat.encode([r["generation"] for r in records])
@@ -308,8 +284,7 @@ def evaluate_mauve(
         "new_tokens": new_tokens,
         "reference": f"{run.recipe.data.source}:{split} true continuations",
         "split": split,
-        "sampler": {"solver": solver if model == "blocks" else "ancestral", "steps": steps if model == "blocks" else None,
-                    "guidance": None, "weights": weights, "seed": seed, "name": sampler_name},
+        "sampler": sampler,
         "seed": seed,
         "samples": [str(out)],
         "seconds": round(time.time() - start, 2),

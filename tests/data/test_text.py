@@ -43,15 +43,15 @@ def test_folder_and_glob(tmp_path: Path, text_file: Path) -> None:
 
 def test_packing_splits_and_seed(text_file: Path, tok: Tokenizer) -> None:
     cfg = DataConfig(source=str(text_file), kind="text", text_unit="paragraph", val_fraction=0.2)
-    train = load_text(cfg, tok, 16, seed=0)
-    val = load_text(cfg, tok, 16, seed=0, split="val")
+    train = load_text(cfg, tok, 16)
+    val = load_text(cfg, tok, 16, split="val")
     assert train.tokens.shape[1] == 16 and train.tokens.dtype == torch.int64
     assert len(val) == round(0.2 * (len(train) + len(val)))
     rows = {tuple(r) for r in train.tokens.tolist()}
     assert not rows & {tuple(r) for r in val.tokens.tolist()}
     assert (train.tokens == tok.eos_id).sum() > 0  # EOS between documents
-    assert torch.equal(load_text(cfg, tok, 16, seed=0).tokens, train.tokens)
-    assert not torch.equal(load_text(cfg, tok, 16, seed=1).tokens, train.tokens)
+    assert torch.equal(load_text(cfg, tok, 16).tokens, train.tokens)
+    assert not torch.equal(load_text(cfg.model_copy(update={"split_seed": 1}), tok, 16).tokens, train.tokens)
     (batch,) = train.batch(torch.tensor([0, 2]))
     assert batch.shape == (2, 16)
 
@@ -67,9 +67,9 @@ def test_bad_text_sources(tmp_path: Path, tok: Tokenizer) -> None:
         read_documents(DataConfig(source=str(tmp_path / "binary.txt"), kind="text"))
     (tmp_path / "short.txt").write_text("tiny\n")
     with pytest.raises(DataError, match="fewer than one context"):
-        load_text(DataConfig(source=str(tmp_path / "short.txt"), kind="text"), tok, 64, seed=0)
+        load_text(DataConfig(source=str(tmp_path / "short.txt"), kind="text"), tok, 64)
     with pytest.raises(DataError, match="val_fraction"):
-        load_text(DataConfig(source=str(tmp_path / "short.txt"), kind="text"), tok, 4, seed=0, split="val")
+        load_text(DataConfig(source=str(tmp_path / "short.txt"), kind="text"), tok, 4, split="val")
 
 
 def test_hub_name_offline_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,7 +129,7 @@ def test_missing_inception_weights_offline(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_cli_fid_of_tiny_run_blocks_and_e2e(tiny_run, in_tmp: Path) -> None:  # noqa: ANN001
     from dbconvert.train import train_block, train_e2e
 
-    assert_user_error(invoke_q("eval", "fid", "--num", "70"), "no trained model")
+    assert_user_error(invoke_q("eval", "fid", "--num", "70"), "untrained blocks")
     for b in tiny_run.blocks:
         train_block(tiny_run, b.index, progress=False)
     assert_user_error(invoke_q("eval", "fid", "--num", "10"), "FID needs at least 65")

@@ -56,7 +56,7 @@ def llama_run(in_tmp: Path) -> Path:
 def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
     args = ("eval", "mauve", "--prompt-tokens", "4", "--new-tokens", "4", "--num-prompts", "4",
             "--samples-per-prompt", "2", "--featurizer", "minilm", "--seeds", "2", "--steps", "2", "-q")
-    assert_user_error(invoke(*args), "no trained model")
+    assert_user_error(invoke(*args), "untrained blocks")
     for i in (0, 1):
         assert invoke("train-block", str(i), "--steps", "1", "-q").exit_code == 0
     res = invoke(*args, "--json")
@@ -70,12 +70,20 @@ def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
     gens = (Path(saved["samples"][0]) / "generations.jsonl").read_text().splitlines()
     assert len(gens) == 8 and {"prompt", "truth", "generation"} <= set(json.loads(gens[0]))
 
+    # the e2e baseline is the same denoiser, sampled by the same diffusion sampler; ar is the AR reference
+    assert_user_error(invoke(*args[:-1], "--model", "ar"), "train-e2e --objective ar")
     assert invoke("train-e2e", "--steps", "1", "-q").exit_code == 0
+    assert invoke("train-e2e", "--objective", "ar", "--steps", "1", "-q").exit_code == 0
     res = invoke(*args[:-1], "--model", "e2e", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout.strip().splitlines()[-1])["sampler"]["solver"] == "ancestral"
+    assert json.loads(res.stdout.strip().splitlines()[-1])["sampler"]["solver"] == "euler"
+    res = invoke(*args[:-1], "--model", "ar", "--json")
+    assert res.exit_code == 0, res.output
+    sampler = json.loads(res.stdout.strip().splitlines()[-1])["sampler"]
+    assert sampler["solver"] == "ancestral" and sampler["temperature"] == 1.0
     table = invoke("eval", "compare")
-    assert table.exit_code == 0 and "MAUVE with features minilm" in table.stdout and "e2e" in table.stdout
+    assert table.exit_code == 0 and "MAUVE with features minilm" in table.stdout
+    assert all(m in table.stdout for m in ("blocks", "e2e", "ar"))
 
     # bad input
     assert_user_error(invoke(*args[:2], "--prompt-tokens", "10", "--new-tokens", "10", "-q"), "too short for the protocol")

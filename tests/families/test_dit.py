@@ -13,8 +13,9 @@ from dbconvert.checkpoint import read_checkpoint
 from dbconvert.config import load_recipe
 from dbconvert.errors import CheckpointError
 from dbconvert.families import get_family
-from dbconvert.families.dit import EDMDenoiser, block_key_map, sigma_to_timestep
-from dbconvert.families.dit_model import DiT, DiTShape, variance_channel_mask
+from dbconvert.families.dit.convert import block_key_map
+from dbconvert.families.dit.objective import EDMDenoiser, sigma_to_timestep
+from dbconvert.families.dit.model import DiT, DiTShape, variance_channel_mask
 
 XL2 = DiTShape(input_size=32, in_channels=4, num_classes=1000, depth=28, hidden_size=1152, num_heads=16, patch_size=2,
                learn_sigma=True)

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from dbconvert.config import load_recipe
 from dbconvert.errors import CheckpointError, DbconvertError, RecipeError
 from dbconvert.families import get_family
-from dbconvert.families.llama import LlamaDenoiser, normalised_table
-from dbconvert.families.llama_model import LlamaBlockNet, block_diffusion_mask
+from dbconvert.families.llama.convert import normalised_table
+from dbconvert.families.llama.objective import LlamaDenoiser
+from dbconvert.families.llama.model import LlamaBlockNet, block_diffusion_mask
 from dbconvert.noise import NoiseSettings
 
 CORPUS = "\n\n".join(
@@ -236,10 +237,18 @@ def test_split_train_sample_cli(in_tmp: Path, corpus: Path) -> None:
         outs.append((in_tmp / "run" / "samples" / "blocks-euler-6steps-seed0" / "samples.txt").read_text())
     assert outs[0] == outs[1] and outs[0].startswith("ROMEO:")
     (in_tmp / "prompts.txt").write_text("JULIET:\nFRIAR:\n")
-    res = invoke("sample", "--model", "e2e", "--prompt-file", "prompts.txt", "--max-new-tokens", "4", "--run", "run")
+    res = invoke("sample", "--model", "e2e", "--prompt-file", "prompts.txt", "--max-new-tokens", "4", "--num", "2",
+                 "--steps", "4", "--run", "run")
     assert res.exit_code == 0, res.output
-    records = [json.loads(x) for x in (in_tmp / "run" / "samples" / "e2e-greedy-seed0" / "samples.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in records] == ["JULIET:", "FRIAR:"]
+    records = [json.loads(x) for x in (in_tmp / "run" / "samples" / "e2e-euler-4steps-seed0" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["JULIET:", "JULIET:", "FRIAR:", "FRIAR:"]
+    # the converted source is a causal LM: sampled ancestrally (temperature 1 by default), N different continuations
+    res = invoke("sample", "--model", "source", "--prompt", "ROMEO:", "--max-new-tokens", "8", "--num", "3", "--run", "run")
+    assert res.exit_code == 0, res.output
+    records = [json.loads(x) for x in (in_tmp / "run" / "samples" / "source-t1-p1-seed0" / "samples.jsonl").read_text().splitlines()]
+    assert len({r["completion"] for r in records}) > 1
+    res = invoke("sample", "--model", "ar", "--prompt", "ROMEO:", "--run", "run")
+    assert res.exit_code == 2 and "train-e2e --objective ar" in res.output and "Traceback" not in res.output
 
     res = invoke("sample", "--prompt", "ROMEO " * 40, "--run", "run")
     assert res.exit_code == 2 and "context" in res.output and "Traceback" not in res.output
@@ -254,7 +263,7 @@ def test_sampling_dispatches_to_owning_blocks(in_tmp: Path, corpus: Path) -> Non
     for i in range(run.num_blocks):
         train_block(run, i, progress=False)
     family = get_family("llama")
-    result = family.sample(run, SampleRequest(prompt="ROMEO:", steps=32, max_new_tokens=1))
+    result = family.generate(run, SampleRequest(prompt="ROMEO:", steps=32, max_new_tokens=1))
     assert len(result.calls) == 4 and all(c > 0 for c in result.calls)
     assert sum(result.calls) == 32  # one token: M Euler steps, each run by exactly one (the owning) block
 

@@ -165,12 +165,21 @@ class DecoderLayer(nn.Module):
         cond: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """cond (B, S, H) sigma embedding per position, zero rows where there is no noise (or None)."""
+        """cond (B, N, H): the sigma embedding of the LAST N positions of x (the noisy ones), or None.
+
+        The other positions (clean context) get no modulation at all, not even the Linear's bias:
+        their keys and values must not depend on sigma, or the sampler's clean-prefix cache would
+        compute a different function from the training forward (DESIGN 5).
+        """
         if cond is None:
             h, kv = self.self_attn(self.input_layernorm(x), rope, mask, past)
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x)), kv
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(cond).chunk(6, dim=-1)
+        mod = self.adaLN_modulation(cond)
+        clean = x.shape[1] - cond.shape[1]
+        if clean:
+            mod = torch.cat([mod.new_zeros(mod.shape[0], clean, mod.shape[2]), mod], dim=1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         h, kv = self.self_attn(self.input_layernorm(x) * (1 + scale1) + shift1, rope, mask, past)
         x = x + (1 + gate1) * h
         h = self.mlp(self.post_attention_layernorm(x) * (1 + scale2) + shift2)
@@ -259,8 +268,7 @@ class LlamaBlockNet(nn.Module):
         """
         b, t = tokens.shape
         x = torch.cat([self.embed_tokens(tokens), self.noisy_in(noisy)], dim=1)
-        cond_noisy = self.sigma_embed(c_noise)
-        cond = torch.cat([torch.zeros_like(cond_noisy), cond_noisy], dim=1)
+        cond = self.sigma_embed(c_noise)  # the noisy half only: clean positions are not modulated
         pos = torch.arange(t, device=tokens.device)
         positions = torch.cat([pos, pos])[None].expand(b, -1)
         h, _ = self.run_layers(x, positions, block_diffusion_mask(t, tokens.device), cond)
@@ -276,11 +284,16 @@ class LlamaBlockNet(nn.Module):
 
     # -- incremental decoding --------------------------------------------------------------
 
-    def extend(self, cache: KVCache | None, tokens: torch.Tensor, start: int) -> tuple[KVCache, torch.Tensor]:
-        """Append clean tokens (B, m) at positions start.. to the cache; returns (cache, logits of the last one)."""
+    def extend(self, cache: KVCache | None, tokens: torch.Tensor, start: int,
+               pad: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
+        """Append clean tokens (B, m) at columns start.. to the cache; returns (cache, logits of the last one).
+
+        `pad` (B,): left-padding columns of each row (prompts of different lengths in one batch).
+        Row r's token at column c has rotary position c - pad[r] and never attends to its pad columns.
+        """
         b, m = tokens.shape
-        positions = torch.arange(start, start + m, device=tokens.device)[None].expand(b, -1)
-        mask = torch.ones(m, start + m, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+        columns = torch.arange(start, start + m, device=tokens.device)
+        positions, mask = decode_geometry(columns, start + m, pad, b)
         h, new = self.run_layers(self.embed_tokens(tokens), positions, mask, cache=cache)
         if cache is None:
             merged = new
@@ -288,9 +301,32 @@ class LlamaBlockNet(nn.Module):
             merged = [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(cache, new)]
         return merged, self.logits(h[:, -1])
 
-    def noisy_step(self, cache: KVCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int) -> torch.Tensor:
-        """Head logits of one noisy query (B, 1, H) at `position`, attending to the cached clean prefix and itself."""
+    def noisy_step(self, cache: KVCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
+                   pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Head logits of one noisy query (B, 1, H) at column `position`, attending to the cached clean prefix and itself."""
         b = noisy.shape[0]
-        positions = torch.full((b, 1), position, dtype=torch.long, device=noisy.device)
-        h, _ = self.run_layers(self.noisy_in(noisy), positions, None, self.sigma_embed(c_noise), cache)
+        columns = torch.tensor([position], device=noisy.device)
+        positions, mask = decode_geometry(columns, position + 1, pad, b)
+        if pad is None:
+            mask = None  # the query sees every cached column and itself
+        h, _ = self.run_layers(self.noisy_in(noisy), positions, mask, self.sigma_embed(c_noise), cache)
         return self.logits(h[:, -1])
+
+
+def decode_geometry(columns: torch.Tensor, keys: int, pad: torch.Tensor | None,
+                    batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions (B, m) and the attention mask of queries at `columns` over `keys` cached columns.
+
+    Without padding the mask is (m, keys), causal. With `pad` it is (B, 1, m, keys): causal, no pad
+    columns, and every query may see itself, so a pad query has one key and stays finite.
+    """
+    device = columns.device
+    keycols = torch.arange(keys, device=device)
+    causal = keycols[None, :] <= columns[:, None]
+    if pad is None:
+        return columns[None].expand(batch, -1), causal
+    pad = pad.to(device)
+    positions = (columns[None, :] - pad[:, None]).clamp_min(0)
+    visible = causal[None] & (keycols[None, None, :] >= pad[:, None, None])
+    visible = visible | (keycols[None, None, :] == columns[None, :, None])
+    return positions, visible[:, None]

@@ -1,0 +1,144 @@
+"""The contract a model family fulfils for the generic split / train / sample / eval / bench machinery.
+
+Nothing outside `families/<name>/` looks at a family's name or its config's attributes: it
+calls these methods. A new family is one package under `families/` with a `Family`
+subclass and one line in the registry (`families/__init__.py`); `tests/families/test_contract.py`
+registers a toy family that way and runs split, train-block and sample through it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from dbconvert.errors import DbconvertError
+
+if TYPE_CHECKING:
+    from dbconvert.config import Recipe
+    from dbconvert.noise import NoiseSettings
+    from dbconvert.rundir import Run
+    from dbconvert.sampling import SampleRequest, SampleResult
+    from dbconvert.schema import ModelConfig
+
+
+@dataclass
+class Source:
+    """The source network ready to be cut: its layer count and its state dict (reference names)."""
+
+    network: nn.Module
+    num_layers: int
+    checkpoint_sha256: str | None = None
+
+
+def shard_slice(local: int, shard: tuple[int, int]) -> tuple[int, slice]:
+    """(global batch, this rank's slice of it) for a local batch of `local` examples."""
+    rank, world = shard
+    return local * world, slice(rank * local, (rank + 1) * local)
+
+
+class Family(ABC):
+    """One model family (DiT, Llama, ...). Stateless apart from `bind`: every method takes the recipe."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type["ModelConfig"]]
+    default_metric: ClassVar[str]
+    """The evaluation `eval`, `ablate` and `demo` use for this family: `fid` or `mauve`."""
+    model_kinds: ClassVar[tuple[str, ...]] = ("blocks", "e2e", "source")
+    """What `sample --model` / `eval --model` accept: the blocks, the e2e baseline, the unsplit source,
+    and, for families that have one, an autoregressive reference (`ar`)."""
+
+    # -- split -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def source(self, recipe: "Recipe") -> Source:
+        """Build the source network from the recipe's config, or load it from its checkpoint."""
+
+    @abstractmethod
+    def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
+        """An empty stand-alone network of `depth` layers, the skeleton a block's weights load into."""
+
+    @abstractmethod
+    def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
+        """State dict of the block holding source layers [start, end), through an explicit key map."""
+
+    def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
+        """Write shared artefacts into a new run (e.g. a text target table). Default: nothing."""
+
+    def bind(self, run: "Run") -> "Family":
+        """This family for one run, for families that read its shared artefacts (tokenizer, target table).
+
+        Returns a new object rather than mutating the registry's shared instance. Default: itself.
+        """
+        return self
+
+    # -- training --------------------------------------------------------------------------
+
+    @abstractmethod
+    def denoiser(self, recipe: "Recipe", network: nn.Module, noise: "NoiseSettings") -> nn.Module:
+        """Wrap a network into the family's denoiser (preconditioning + noise conditioning)."""
+
+    @abstractmethod
+    def load_data(self, recipe: "Recipe", split: str | None = None) -> Any:
+        """The training data (`.batch(indices)` -> list of tensors, `len()`), validated against the model."""
+
+    @abstractmethod
+    def training_loss(
+        self,
+        denoiser: nn.Module,
+        batch: Any,
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one batch with sigmas drawn inside `sigma_range`; returns (loss, logged stats).
+
+        The e2e baseline uses the same loss over the full [sigma_min, sigma_max].
+        `shard` = (rank, world size) under data parallelism: `batch` is slice `rank` of a global
+        batch `world` times larger. Draw the randomness for the global batch and keep that slice
+        (`shard_slice`), so every example gets the same noise as in a single-process run.
+        """
+
+    def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: "NoiseSettings") -> nn.Module:
+        """The network of `model` (one of `model_kinds`) wrapped for generation. Default: the AR reference
+        for `ar`, the denoiser otherwise (a family whose source is not a denoiser overrides this)."""
+        return self.ar_model(recipe, network) if model == "ar" else self.denoiser(recipe, network, noise)
+
+    def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
+        """The autoregressive reference around the full network (families with `ar` in model_kinds)."""
+        raise DbconvertError(f"the {self.name} family has no autoregressive reference; use --model blocks or e2e")
+
+    def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
+                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+        """Next-token loss of the autoregressive reference."""
+        raise DbconvertError(f"the {self.name} family has no autoregressive reference; use --model blocks or e2e")
+
+    # -- generation ------------------------------------------------------------------------
+
+    @abstractmethod
+    def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":
+        """Generate with the run's blocks (or another of `model_kinds`) and write the output into the run."""
+
+    @abstractmethod
+    def sample_shape(self, recipe: "Recipe") -> tuple[int, ...]:
+        """The shape of one generated sample: (channels, height, width) for images, (context,) for text."""
+
+    # -- benchmarks ------------------------------------------------------------------------
+
+    @abstractmethod
+    def synthetic_batch(self, recipe: "Recipe", batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """Random training data of the model's shape, for `bench` (no data set needed)."""
+
+    @abstractmethod
+    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
+                      sigma: float) -> Callable[[], Any]:
+        """A closure running ONE sampling step's network evaluation of `model` on `batch` (for `bench speed`).
+
+        Set-up that a real sampler does once (e.g. a KV cache of the prompt) happens here, outside the closure.
+        """

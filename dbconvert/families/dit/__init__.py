@@ -1,0 +1,1 @@
+"""The DiT family (image diffusion transformers): config, model, convert, objective, generate, family."""

@@ -1,0 +1,111 @@
+"""The DiT family: image diffusion transformers cut into diffusion blocks (the contract's DiT side)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dbconvert import noise as nz
+from dbconvert.checkpoint import apply_key_map, file_sha256, load_strict, read_checkpoint
+from dbconvert.data.images import ImageData, load_images
+from dbconvert.errors import DataError
+from dbconvert.families.contract import Family, Source
+from dbconvert.families.dit.config import DiTConfig
+from dbconvert.families.dit.convert import block_key_map, drop_variance, is_layer_key
+from dbconvert.families.dit.generate import sample_images
+from dbconvert.families.dit.model import DiT
+from dbconvert.families.dit.objective import EDMDenoiser, edm_loss
+from dbconvert.sampling import guided
+
+if TYPE_CHECKING:
+    from dbconvert.config import Recipe
+    from dbconvert.rundir import Run
+    from dbconvert.sampling import SampleRequest, SampleResult
+
+
+def _cfg(recipe: "Recipe") -> DiTConfig:
+    return recipe.model  # type: ignore[return-value]
+
+
+class DiTFamily(Family):
+    name = "dit"
+    config_cls = DiTConfig
+    default_metric = "fid"
+
+    def source(self, recipe: "Recipe") -> Source:
+        cfg = _cfg(recipe)
+        shape = cfg.shape(learn_sigma=False)
+        if cfg.checkpoint is None:
+            torch.manual_seed(cfg.init_seed)
+            return Source(DiT(shape), shape.depth)
+        reference = DiT(cfg.shape())
+        what = f"checkpoint {cfg.checkpoint} vs {cfg.arch} (input_size={cfg.input_size}, learn_sigma={cfg.learn_sigma})"
+        load_strict(reference, read_checkpoint(cfg.checkpoint), what)
+        net = DiT(shape)
+        net.load_state_dict(drop_variance(reference.state_dict(), cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth))
+        return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint))
+
+    def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
+        return DiT(_cfg(recipe).shape(learn_sigma=False).with_depth(depth))
+
+    def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
+        return apply_key_map(
+            source.network.state_dict(),
+            block_key_map(start, end),
+            ignored=lambda key: is_layer_key(key, source.num_layers),
+            what=f"DiT block of layers [{start}, {end})",
+        )
+
+    def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
+        assert isinstance(network, DiT)
+        return EDMDenoiser(network, noise)
+
+    def load_data(self, recipe: "Recipe", split: str | None = None) -> ImageData:
+        cfg = _cfg(recipe)
+        data = load_images(recipe.data, split)
+        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if tuple(data.x.shape[1:]) != expected:
+            raise DataError(
+                f"data set {recipe.data.source!r} has images of shape {tuple(data.x.shape[1:])}, but the model "
+                f"expects {expected} (set model.in_channels / model.input_size to match)"
+            )
+        if cfg.num_classes and data.num_classes > cfg.num_classes:
+            raise DataError(
+                f"data set {recipe.data.source!r} has {data.num_classes} classes but model.num_classes is {cfg.num_classes}"
+            )
+        return data
+
+    def training_loss(
+        self,
+        denoiser: nn.Module,
+        batch: Any,
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return edm_loss(denoiser, batch, sigma_range, recipe.train.label_dropout, generator, shard)  # type: ignore[arg-type]
+
+    def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":
+        return sample_images(run, request)
+
+    def sample_shape(self, recipe: "Recipe") -> tuple[int, ...]:
+        cfg = _cfg(recipe)
+        return (cfg.in_channels, cfg.input_size, cfg.input_size)
+
+    def synthetic_batch(self, recipe: "Recipe", batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        cfg = _cfg(recipe)
+        x = torch.rand((batch, *self.sample_shape(recipe)), generator=generator) * 2 - 1
+        y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=generator)
+        return [x, y]
+
+    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
+                      sigma: float) -> Callable[[], Any]:
+        """One guided forward (both CFG halves in one batch when the recipe's guidance is not 1)."""
+        classes = _cfg(recipe).num_classes
+        scale = recipe.sample.guidance if classes else 1.0
+        z = torch.randn_like(batch[0])
+        return lambda: guided(model, z, sigma, batch[1], scale, classes)

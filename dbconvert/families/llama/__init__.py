@@ -1,0 +1,1 @@
+"""The Llama family (causal language models): config, model, convert, objective, generate, family."""

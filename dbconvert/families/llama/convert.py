@@ -1,0 +1,188 @@
+"""Llama checkpoint conversion as data: Hugging Face key maps, reading save_pretrained folders, the target table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from dbconvert.checkpoint import KeyMap, apply_key_map, file_sha256, load_strict, load_weights, read_checkpoint
+from dbconvert.errors import CheckpointError, RecipeError
+from dbconvert.families.llama.config import LlamaConfig
+from dbconvert.families.llama.model import LlamaBlockNet, LlamaShape
+from dbconvert.schema import one_line
+
+TARGETS_FILE = "targets.safetensors"
+
+SHARED_KEYS: tuple[str, ...] = (
+    "embed_tokens.weight",
+    "noisy_in.weight",
+    "sigma_embed.mlp.0.weight",
+    "sigma_embed.mlp.0.bias",
+    "sigma_embed.mlp.2.weight",
+    "sigma_embed.mlp.2.bias",
+    "norm.weight",
+    "lm_head.weight",
+)
+"""Keys every block copies from the source network: embedding, noise input, final norm, head."""
+
+NEW_KEYS: tuple[str, ...] = SHARED_KEYS[1:6]
+"""Keys a Hugging Face checkpoint does not have: the noisy-input path, created at conversion."""
+
+HF_LAYER_KEYS: tuple[str, ...] = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
+ATTN_BIAS_KEYS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias")
+MLP_BIAS_KEYS = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
+MOD_KEYS = ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
+
+
+
+# --- key maps ------------------------------------------------------------------------------
+
+
+def layer_keys(shape: LlamaShape) -> tuple[str, ...]:
+    """Keys of one decoder layer below `layers.{k}.` in the block network."""
+    bias = (ATTN_BIAS_KEYS if shape.attention_bias else ()) + (MLP_BIAS_KEYS if shape.mlp_bias else ())
+    return HF_LAYER_KEYS + bias + MOD_KEYS
+
+
+def hf_key_map(shape: LlamaShape, tied: bool) -> KeyMap:
+    """Block-network key -> Hugging Face LlamaForCausalLM key, for everything the checkpoint has."""
+    hf_layer = HF_LAYER_KEYS + (ATTN_BIAS_KEYS if shape.attention_bias else ()) + (MLP_BIAS_KEYS if shape.mlp_bias else ())
+    key_map = {
+        "embed_tokens.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "model.embed_tokens.weight" if tied else "lm_head.weight",
+    }
+    for k in range(shape.num_layers):
+        for name in hf_layer:
+            key_map[f"layers.{k}.{name}"] = f"model.layers.{k}.{name}"
+    return key_map
+
+
+def block_key_map(shape: LlamaShape, start: int, end: int) -> KeyMap:
+    """Block key -> source-network key for the block holding source layers [start, end)."""
+    key_map = {key: key for key in SHARED_KEYS}
+    for local, src in enumerate(range(start, end)):
+        for name in layer_keys(shape):
+            key_map[f"layers.{local}.{name}"] = f"layers.{src}.{name}"
+    return key_map
+
+
+def normalised_table(embed: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm: the shared target space (see the module docstring)."""
+    embed = embed.detach().to(torch.float32)
+    return embed / embed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+# --- reading Hugging Face checkpoints -------------------------------------------------------
+
+
+def read_hf_checkpoint(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], str]:
+    """(transformers LlamaConfig, state dict in float32, sha256) of a save_pretrained folder."""
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"model.checkpoint {folder} is not a folder; give a Hugging Face LlamaForCausalLM folder "
+            "(config.json + model.safetensors, as save_pretrained writes)"
+        )
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"checkpoint folder {folder} has no config.json; give the folder save_pretrained wrote")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{cfg_file} is not valid JSON; restore the checkpoint's config.json") from None
+    archs = raw.get("architectures") or []
+    if raw.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
+        raise CheckpointError(
+            f"checkpoint {folder} is a {raw.get('model_type')!r} model ({', '.join(archs) or 'no architectures'}), "
+            "not a Llama; give a LlamaForCausalLM checkpoint"
+        )
+    hf_cfg = HFLlamaConfig.from_pretrained(str(folder))
+    files = _weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        part = load_weights(file) if file.suffix == ".safetensors" else read_checkpoint(file)
+        state.update({k: v.to(torch.float32) for k, v in part.items()})
+    digest = file_sha256(files[0]) if len(files) == 1 else hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+    return hf_cfg, state, digest
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            try:
+                names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                raise CheckpointError(f"{folder / index} is not a valid shard index; restore it") from None
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise CheckpointError(f"checkpoint {folder} is missing shard {missing[0]} named in {index}")
+            return [folder / n for n in names]
+    raise CheckpointError(f"checkpoint folder {folder} has no weights (model.safetensors); save it with save_pretrained")
+
+
+def config_from_hf(cfg: "LlamaConfig", hf: Any) -> "LlamaConfig":
+    """The recipe's model section with the architecture taken from the checkpoint's config."""
+    fields = {
+        "layers": hf.num_hidden_layers,
+        "hidden": hf.hidden_size,
+        "heads": hf.num_attention_heads,
+        "kv_heads": hf.num_key_value_heads,
+        "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        "intermediate": hf.intermediate_size,
+        "vocab_size": hf.vocab_size,
+        "max_positions": hf.max_position_embeddings,
+        "rope_parameters": dict(hf.rope_parameters),
+        "rope_theta": float(hf.rope_parameters.get("rope_theta", cfg.rope_theta)),
+        "rms_norm_eps": hf.rms_norm_eps,
+        "hidden_act": hf.hidden_act,
+        "attention_bias": bool(hf.attention_bias),
+        "mlp_bias": bool(getattr(hf, "mlp_bias", False)),
+        "tie_embeddings": bool(hf.tie_word_embeddings),
+    }
+    try:
+        return LlamaConfig.model_validate({**cfg.model_dump(), **fields})
+    except ValidationError as exc:
+        raise RecipeError(f"checkpoint {cfg.checkpoint}: {one_line(exc)}") from None
+
+
+def convert_hf_state(
+    hf_state: dict[str, torch.Tensor], shape: LlamaShape, tied: bool, seed: int, what: str = "fresh Llama",
+    sigma_data: float = 0.5,
+) -> LlamaBlockNet:
+    """HF LlamaForCausalLM state -> the block network of all L layers, via the explicit key map.
+
+    The new parts (noisy input, sigma embedder, zero modulation) come from a seeded init;
+    `noisy_in` starts as a scaled identity that maps c_in * z of a clean (unit-norm) row,
+    ~T_v / sigma_data, to the RMS of the source embedding rows.
+    """
+    ignored = lambda key: key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight")  # noqa: E731
+    mapped = apply_key_map(hf_state, hf_key_map(shape, tied), ignored=ignored, what=what)
+    torch.manual_seed(seed + 1)
+    net = LlamaBlockNet(shape)
+    fresh = net.state_dict()
+    rms = mapped["embed_tokens.weight"].pow(2).mean(-1).sqrt().mean()
+    fresh["noisy_in.weight"] = torch.eye(shape.hidden_size) * rms * sigma_data * math.sqrt(shape.hidden_size)
+    state = {**{k: v for k, v in fresh.items() if k in NEW_KEYS or k.endswith(MOD_KEYS)}, **mapped}
+    load_strict(net, state, what)
+    return net

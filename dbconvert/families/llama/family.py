@@ -1,0 +1,200 @@
+"""The Llama family: a causal language model cut into diffusion blocks over token embeddings.
+
+Decisions written down (DESIGN 5):
+
+- Target space: ONE frozen table T (vocab x hidden) for the whole run, stored once as
+  RUN/shared/targets.safetensors: the source model's input embeddings with every row scaled
+  to unit L2 norm. Without a checkpoint it is the fresh source's (seeded, random) embedding.
+  The noisy variable of token j is z = T[x_j] + sigma * eps. Unit rows put the noise level
+  at which tokens become distinguishable (sigma ~ 0.3 for hundreds of tokens) inside the
+  default sigma range, so more than one block has real work; rows of RMS sigma_data would
+  make every token readable from z for all but the top block.
+- Denoiser: the block's head gives logits for token j; we add the exact Gaussian
+  log-likelihood of z under each row, (z . T_v - |T_v|^2 / 2) / sigma^2, the discrete
+  counterpart of EDM's c_skip path (it makes D -> z as sigma -> 0, so the network only has
+  to learn the context prior). D(z, sigma) = softmax(logits) @ T, the softmax-weighted mean
+  of the target table, in training and sampling alike. The network's noisy input is
+  c_in(sigma) * z and its noise input is c_noise(sigma), as in EDM; c_skip / c_out are
+  replaced by the likelihood term above.
+- Loss: cross-entropy of token j at every noisy position, weighted by lambda(sigma) divided
+  by the mean of lambda over the block's training distribution (so the weights average 1).
+- Decoding (sampling): Euler/Heun over the EDM steps ends at t_N = 0 with z = D(z, sigma_min);
+  the new token is the table row nearest to that final z (Euclidean).
+- Tied input/output embeddings are untied on conversion: every block gets its own head copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dbconvert import noise as nz
+from dbconvert.checkpoint import apply_key_map, load_weights, save_weights
+from dbconvert.data.text import TextData, load_text, read_documents
+from dbconvert.errors import RecipeError, RunError
+from dbconvert.families.contract import Family, Source
+from dbconvert.families.llama.config import LlamaConfig
+from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
+                                              normalised_table, read_hf_checkpoint)
+from dbconvert.families.llama.generate import sample_text
+from dbconvert.families.llama.model import LlamaBlockNet
+from dbconvert.families.llama.objective import CausalLM, LlamaDenoiser, ar_loss, diffusion_loss
+from dbconvert.tokenizer import Tokenizer, checkpoint_tokenizer, install, run_tokenizer, train_bpe
+
+if TYPE_CHECKING:
+    from dbconvert.config import Recipe
+    from dbconvert.rundir import Run
+    from dbconvert.sampling import SampleRequest, SampleResult
+
+
+def _cfg(recipe: "Recipe") -> LlamaConfig:
+    return recipe.model  # type: ignore[return-value]
+
+
+class LlamaFamily(Family):
+    name = "llama"
+    config_cls = LlamaConfig
+    default_metric = "mauve"
+    model_kinds = ("blocks", "e2e", "ar", "source")
+
+    def __init__(self, shared: Path | None = None) -> None:
+        self._shared = shared
+
+    def bind(self, run: "Run") -> "LlamaFamily":
+        """Training and sampling read the run's shared tokenizer and target table."""
+        return LlamaFamily(run.shared_dir)
+
+    def _shared_dir(self) -> Path:
+        if self._shared is None:
+            raise RunError("the Llama family needs its run (tokenizer and target table); open the run first")
+        return self._shared
+
+    # -- split -----------------------------------------------------------------------------
+
+    def source(self, recipe: "Recipe") -> Source:
+        cfg = _cfg(recipe)
+        if cfg.checkpoint is None:
+            from transformers import LlamaForCausalLM
+
+            shape = cfg.shape()
+            torch.manual_seed(cfg.init_seed)
+            hf_state = LlamaForCausalLM(shape.hf_config()).state_dict()
+            return Source(convert_hf_state(hf_state, shape, False, cfg.init_seed, sigma_data=recipe.noise.sigma_data), shape.num_layers)
+        hf_cfg, hf_state, digest = read_hf_checkpoint(cfg.checkpoint)
+        cfg = config_from_hf(cfg, hf_cfg)
+        recipe.model = cfg  # the manifest records the checkpoint's architecture, so blocks rebuild without it
+        shape = cfg.shape()
+        net = convert_hf_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
+                               recipe.noise.sigma_data)
+        return Source(net, shape.num_layers, checkpoint_sha256=digest)
+
+    def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
+        cfg = _cfg(recipe)
+        return LlamaBlockNet(cfg.shape(depth))
+
+    def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
+        shape = source.network.shape  # type: ignore[union-attr]
+        keys = layer_keys(shape)
+        return apply_key_map(
+            source.network.state_dict(),
+            block_key_map(shape, start, end),
+            ignored=lambda key: key.startswith("layers.") and key.split(".", 2)[2] in keys,
+            what=f"Llama block of layers [{start}, {end})",
+        )
+
+    def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
+        """Write the shared target table and the run's tokenizer into RUN/shared/."""
+        cfg = _cfg(recipe)
+        shared = run_dir / "shared"
+        table = normalised_table(source.network.embed_tokens.weight)  # type: ignore[union-attr]
+        save_weights(shared / TARGETS_FILE, {"table": table})
+        if cfg.tokenizer:
+            path = Path(cfg.tokenizer).expanduser()
+            if not path.is_file():
+                raise RecipeError(
+                    f"model.tokenizer {cfg.tokenizer} not found; give a SentencePiece .model or tokenizers .json file "
+                    "(e.g. Llama-2's tokenizer.model), or unset it to train a BPE on the data"
+                )
+            install(path, shared)
+        elif cfg.checkpoint and (found := checkpoint_tokenizer(Path(cfg.checkpoint))):
+            install(found, shared)
+        else:
+            train_bpe(read_documents(recipe.data, recipe.data.split), cfg.vocab_size, shared / "tokenizer.json")
+        run_tokenizer(shared).check_vocab(cfg.vocab_size)
+
+    # -- training --------------------------------------------------------------------------
+
+    def tokenizer(self) -> Tokenizer:
+        return run_tokenizer(self._shared_dir())
+
+    def table(self) -> torch.Tensor:
+        return load_weights(self._shared_dir() / TARGETS_FILE)["table"]
+
+    def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
+        assert isinstance(network, LlamaBlockNet)
+        table = self.table()
+        if tuple(table.shape) != (network.shape.vocab_size, network.shape.hidden_size):
+            raise RunError(f"the run's target table has shape {tuple(table.shape)}, not the model's; split again")
+        return LlamaDenoiser(network, table, noise)
+
+    def load_data(self, recipe: "Recipe", split: str | None = None) -> TextData:
+        cfg = _cfg(recipe)
+        tok = self.tokenizer()
+        tok.check_vocab(cfg.vocab_size)
+        return load_text(recipe.data, tok, cfg.context, split)
+
+    def training_loss(
+        self,
+        denoiser: nn.Module,
+        batch: Any,
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard)  # type: ignore[arg-type]
+
+    def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
+        """The converted source is a causal LM (its noise modulation is still zero): decode it like `ar`."""
+        if model in ("ar", "source"):
+            return self.ar_model(recipe, network)
+        return self.denoiser(recipe, network, noise)
+
+    def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
+        assert isinstance(network, LlamaBlockNet)
+        return CausalLM(network)
+
+    def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
+                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+        return ar_loss(model, batch[0])
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":
+        return sample_text(run, request)
+
+    def sample_shape(self, recipe: "Recipe") -> tuple[int, ...]:
+        return (_cfg(recipe).context,)
+
+    def synthetic_batch(self, recipe: "Recipe", batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        cfg = _cfg(recipe)
+        return [torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=generator)]
+
+    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
+                      sigma: float) -> Callable[[], Any]:
+        """One denoising step of the next token for every row, over a KV cache of the row as prompt.
+
+        The cache is built once here (a sampler extends it by one token per M steps); the closure
+        is the per-step cost: one noisy query per row through the model's layers.
+        """
+        tokens = batch[0][:, :-1]
+        if isinstance(model, CausalLM):  # the AR reference: one cached next-token forward per token
+            cache, _ = model.net.extend(None, tokens[:, :-1], 0)
+            return lambda: model.net.extend(cache, tokens[:, -1:], tokens.shape[1] - 1)
+        cache, _ = model.net.extend(None, tokens, 0)
+        z = torch.randn(tokens.shape[0], model.table.shape[1], device=tokens.device)
+        return lambda: model.step(cache, z, sigma, tokens.shape[1])

@@ -1,0 +1,337 @@
+"""Llama generation, batched: diffusion per token (blocks, e2e) and ancestral decoding (ar, source).
+
+All prompts x samples are decoded together in batches. Prompts of different lengths are
+left-padded; row r's token at column c has rotary position c - pad[r] and never attends to
+its pad columns (`model.decode_geometry`), so a row computes what it would compute alone.
+
+Diffusion (DESIGN 5): for each new token, M Euler/Heun steps over the EDM schedule from
+z = sigma_max * eps, each by the block owning sigma, whose KV cache of the clean prefix is
+brought up to date lazily (a block that owns no step of a token never runs for it). The token
+is the table row nearest to the final z. Ancestral decoding samples the causal LM's softmax
+with temperature and nucleus (top-p) filtering; never greedy unless temperature is 0.
+
+Randomness is one generator per output row, seeded by (seed, row index), so a row's text
+does not depend on the batch it was decoded in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dbconvert import noise as nz
+from dbconvert.checkpoint import atomic_write_text
+from dbconvert.devices import resolve_device
+from dbconvert.errors import DbconvertError
+from dbconvert.families.llama.model import KVCache
+from dbconvert.sampling import SampleResult, edm_sample, load_models
+from dbconvert.tokenizer import Tokenizer, run_tokenizer
+
+if TYPE_CHECKING:
+    from dbconvert.rundir import Run
+    from dbconvert.sampling import SampleRequest
+
+DIFFUSION_MODELS = ("blocks", "e2e")
+"""Models decoded by diffusion; the others (`ar`, `source`) are causal LMs decoded ancestrally."""
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Everything that decides the text besides the weights: written next to the samples."""
+
+    max_new_tokens: int
+    context: int
+    eos: int | None
+    seed: int
+    steps: int = 50
+    solver: str = "euler"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rho: float = 7.0
+
+
+Progress = Callable[[int, int], None]
+"""(tokens generated so far, tokens at most) -> None."""
+
+
+def read_prompts(request: "SampleRequest") -> list[str]:
+    """--prompt, or one prompt per non-empty line of --prompt-file, or one empty prompt."""
+    if request.prompt is not None and request.prompt_file is not None:
+        raise DbconvertError("give --prompt or --prompt-file, not both")
+    if request.prompt_file is not None:
+        try:
+            lines = Path(request.prompt_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DbconvertError(f"cannot read --prompt-file {request.prompt_file} ({type(exc).__name__}); give a UTF-8 text file") from None
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise DbconvertError(f"--prompt-file {request.prompt_file} has no prompts (one per line)")
+        return prompts
+    return [request.prompt or ""]
+
+
+def start_ids(ids: list[int], tok: Tokenizer) -> list[int]:
+    """The ids a prompt is decoded from: an empty prompt starts after an EOS (a document boundary, as packed)."""
+    if ids:
+        return list(ids)
+    if tok.eos_id is None:
+        raise DbconvertError("an empty prompt needs an EOS token to start from, and this tokenizer has none; give --prompt")
+    return [tok.eos_id]
+
+
+def left_pad(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (N, Lmax) left-padded with `fill`, pad (N,) columns of padding per row)."""
+    width = max(len(r) for r in rows)
+    pad = torch.tensor([width - len(r) for r in rows], dtype=torch.long)
+    tokens = torch.tensor([[fill] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    return tokens, pad
+
+
+def _finish(new: torch.Tensor, length: torch.Tensor, dec: Decoding) -> tuple[list[list[int]], list[str]]:
+    """Cut each row's new tokens at EOS / max_new_tokens / the context; say why each stopped."""
+    out, why = [], []
+    for r in range(new.shape[0]):
+        tokens = new[r].tolist()
+        room = dec.context - int(length[r])
+        limit = min(dec.max_new_tokens, room)
+        cut, reason = limit, "max_new_tokens" if dec.max_new_tokens <= room else "context"
+        if dec.eos is not None and dec.eos in tokens[:limit]:
+            cut, reason = tokens.index(dec.eos), "eos"
+        out.append(tokens[:cut])
+        why.append(reason)
+    return out, why
+
+
+@torch.no_grad()
+def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: list[list[int]], dec: Decoding,
+            row_seeds: list[int], device: torch.device, calls: list[int] | None = None,
+            progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
+    """Continue every row by diffusion, one token at a time for all rows together (see module docstring)."""
+    tokens, pad, length = _batch(rows, device)
+    budget = min(dec.max_new_tokens, dec.context - int(length.min()))
+    return _diffuse_loop(models, owned, tokens, pad, length, budget, dec, row_seeds, device, calls, progress)
+
+
+def _diffuse_loop(models: list[nn.Module], owned: list[tuple[float, float]], tokens: torch.Tensor, pad: torch.Tensor,
+                  length: torch.Tensor, budget: int, dec: Decoding, row_seeds: list[int], device: torch.device,
+                  calls: list[int] | None, progress: Progress | None) -> tuple[list[list[int]], list[str]]:
+    n, hidden = tokens.shape[0], models[0].table.shape[1]
+    ts = nz.edm_steps(dec.steps, models[0].noise, dec.rho)
+    gens = [torch.Generator().manual_seed(s) for s in row_seeds]
+    caches: list[KVCache | None] = [None] * len(models)
+    cached = [0] * len(models)
+    calls = calls if calls is not None else [0] * len(models)
+    new = torch.zeros(n, 0, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool)
+    for k in range(budget):
+        seq = torch.cat([tokens, new], dim=1)
+        column = seq.shape[1]
+
+        def denoise(b: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
+            calls[b] += 1
+            if cached[b] < column:  # bring this block's cache up to the current prefix (lazily)
+                caches[b], _ = models[b].net.extend(caches[b], seq[:, cached[b]:], cached[b], pad)
+                cached[b] = column
+            return models[b].step(caches[b], z, sigma, column, pad)
+
+        eps = torch.stack([torch.randn(hidden, generator=g, dtype=torch.float64) for g in gens])
+        z = edm_sample(denoise, owned, ts, (ts[0] * eps).to(torch.float32).to(device), dec.solver)
+        new = torch.cat([new, models[0].nearest(z)[:, None]], dim=1)
+        done |= _stopped(new[:, -1].cpu(), length + k + 1, dec)
+        if progress:
+            progress(n * (k + 1), n * budget)
+        if bool(done.all()):
+            break
+    return _finish(new.cpu(), length, dec)
+
+
+def _stopped(last: torch.Tensor, length: torch.Tensor, dec: Decoding) -> torch.Tensor:
+    hit_eos = last == dec.eos if dec.eos is not None else torch.zeros_like(last, dtype=torch.bool)
+    return hit_eos | (length >= dec.context)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Temperature, then nucleus filtering: keep the smallest set of tokens whose probability reaches top_p."""
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # the first token is always kept
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def ancestral(net: nn.Module, rows: list[list[int]], dec: Decoding, row_seeds: list[int], device: torch.device,
+              progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
+    """Continue every row by sampling the causal LM (`LlamaBlockNet.extend`) with temperature / top-p."""
+    tokens, pad, length = _batch(rows, device)
+    budget = min(dec.max_new_tokens, dec.context - int(length.min()))
+    gens = [torch.Generator().manual_seed(s) for s in row_seeds]
+    cache, logits = net.extend(None, tokens, 0, pad)
+    new = torch.zeros(len(rows), 0, dtype=torch.long)
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    for k in range(budget):
+        if dec.temperature == 0:
+            nxt = logits.float().argmax(-1).cpu()
+        else:
+            probs = filter_logits(logits, dec.temperature, dec.top_p).softmax(-1).cpu()
+            nxt = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(gens)])
+        new = torch.cat([new, nxt[:, None]], dim=1)
+        done |= _stopped(nxt, length + k + 1, dec)
+        if progress:
+            progress(len(rows) * (k + 1), len(rows) * budget)
+        if bool(done.all()) or k + 1 == budget:
+            break
+        cache, logits = net.extend(cache, nxt[:, None].to(device), tokens.shape[1] + k, pad)
+    return _finish(new, length, dec)
+
+
+def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, row_seeds: list[int],
+                  weights: str, batch_size: int = 64, progress: Progress | None = None,
+                  calls: list[int] | None = None) -> tuple[list[list[int]], list[str]]:
+    """New tokens for every row of ids, with `model` of the run, `batch_size` rows at a time."""
+    device = resolve_device(run.recipe.train.device)
+    models = load_models(run, model, weights, device)
+    noise = run.noise()
+    owned = run.owned_ranges() if model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
+    calls = calls if calls is not None else []
+    calls[:] = [0] * len(models)  # block forwards, per model: filled in for the caller
+    out: list[list[int]] = []
+    why: list[str] = []
+    total = sum(min(dec.max_new_tokens, dec.context - len(r)) for r in rows)
+    done_before = 0
+    for lo in range(0, len(rows), batch_size):
+        part, seeds = rows[lo:lo + batch_size], row_seeds[lo:lo + batch_size]
+        base = done_before
+        report = (lambda k, _n, b=base: progress(b + k, total)) if progress else None
+        if model in DIFFUSION_MODELS:
+            new, reasons = diffuse(models, owned, part, dec, seeds, device, calls, report)
+        else:
+            new, reasons = ancestral(models[0].net, part, dec, seeds, device, report)
+        out += new
+        why += reasons
+        done_before += sum(min(dec.max_new_tokens, dec.context - len(r)) for r in part)
+    return out, why
+
+
+def _batch(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens, pad = left_pad(rows, rows[0][0])
+    return tokens.to(device), pad.to(device), torch.tensor([len(r) for r in rows])
+
+
+def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
+    """`dbconvert sample` for a Llama run: N continuations of every prompt, written as .txt and .jsonl.
+
+    Prompts are --prompt / --prompt-file text, or token ids (`request.prompt_ids`, for evaluation).
+    """
+    cfg = run.recipe.sample
+    context = int(run.recipe.model.context)  # type: ignore[attr-defined]
+    if request.guidance not in (None, 1.0):
+        raise DbconvertError("guidance applies to class-conditional image models; language models take --guidance 1")
+    run.model_targets(request.model)  # one line naming the models this run has
+    tok = run_tokenizer(run.shared_dir)
+    tok.check_vocab(int(run.recipe.model.vocab_size))  # type: ignore[attr-defined]
+    if request.prompt_ids is not None:
+        encoded = [list(ids) for ids in request.prompt_ids]
+        prompts = [tok.decode(ids) for ids in encoded]
+    else:
+        prompts = read_prompts(request)
+        encoded = [tok.encode(p) for p in prompts]
+    for prompt, ids in zip(prompts, encoded):
+        if len(ids) >= context:
+            raise DbconvertError(f"prompt {prompt[:30]!r} has {len(ids)} tokens, not shorter than the context of "
+                                 f"{context}; shorten it")
+    dec = decoding(run, request, tok)
+    weights = request.weights or cfg.weights
+    num = request.num or 1
+    rows = [start_ids(ids, tok) for ids in encoded for _ in range(num)]
+    seeds = [dec.seed * 1_000_003 + i for i in range(len(rows))]
+    calls: list[int] = []
+    start = time.perf_counter()
+    with progress_bar(request.progress, f"sample {request.model}") as bar:
+        def report(done: int, total: int) -> None:
+            for fn in (bar, request.on_progress):
+                if fn:
+                    fn(done, total)
+
+        new, why = continue_rows(run, request.model, rows, dec, seeds, weights, progress=report, calls=calls)
+    seconds = time.perf_counter() - start
+    records = []
+    for i, (toks, reason) in enumerate(zip(new, why)):
+        prompt_ids = encoded[i // num]
+        text = tok.decode(prompt_ids + toks)
+        records.append({"prompt": prompts[i // num], "prompt_index": i // num, "sample": i % num,
+                        "completion": text[len(tok.decode(prompt_ids)):], "text": text, "new_tokens": len(toks),
+                        "stopped_by": reason, "model": request.model})
+    out = Path(request.out) if request.out else run.root / "samples" / sample_tag(request.model, dec)
+    atomic_write_text(out / "samples.txt", "".join(r["text"] + "\n\n" for r in records))
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    tokens = sum(r["new_tokens"] for r in records)
+    return SampleResult(out, [out / "samples.txt", out / "samples.jsonl"], text=[r["text"] for r in records],
+                        calls=calls, records=records, tokens_per_second=tokens / max(seconds, 1e-9),
+                        sampler=sampler_info(request.model, dec, weights))
+
+
+def sampler_info(model: str, dec: Decoding, weights: str) -> dict[str, Any]:
+    """The sampler as evaluation results record it."""
+    if model in DIFFUSION_MODELS:
+        return {"solver": dec.solver, "steps": dec.steps, "guidance": None, "weights": weights, "seed": dec.seed,
+                "name": f"{dec.solver} {dec.steps} steps per token"}
+    return {"solver": "ancestral", "steps": None, "guidance": None, "weights": weights if model == "ar" else "model",
+            "seed": dec.seed, "temperature": dec.temperature, "top_p": dec.top_p,
+            "name": f"ancestral (temperature {dec.temperature:g}, top-p {dec.top_p:g})"}
+
+
+def decoding(run: "Run", request: "SampleRequest", tok: Tokenizer) -> Decoding:
+    """The request's decoding settings, the recipe's where the request leaves them unset."""
+    cfg = run.recipe.sample
+    temperature = cfg.temperature if request.temperature is None else request.temperature
+    top_p = cfg.top_p if request.top_p is None else request.top_p
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    return Decoding(max_new_tokens=request.max_new_tokens, context=int(run.recipe.model.context),  # type: ignore[attr-defined]
+                    eos=tok.eos_id, seed=cfg.seed if request.seed is None else request.seed,
+                    steps=request.steps or cfg.steps, solver=request.solver or cfg.solver,
+                    temperature=temperature, top_p=top_p, rho=cfg.rho)
+
+
+def sample_tag(model: str, dec: Decoding) -> str:
+    """The samples folder name: what was decoded and how."""
+    if model in DIFFUSION_MODELS:
+        return f"{model}-{dec.solver}-{dec.steps}steps-seed{dec.seed}"
+    return f"{model}-t{dec.temperature:g}-p{dec.top_p:g}-seed{dec.seed}"
+
+
+def progress_bar(enabled: bool, label: str) -> Any:
+    """A Rich progress bar of generated tokens with tokens/s (plain periodic lines when not a terminal)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar() -> Any:
+        if not enabled:
+            yield None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        start = time.perf_counter()
+        with Progress(*columns, transient=False) as prog:
+            task = prog.add_task(label, total=None, rate="")
+
+            def report(done: int, total: int) -> None:
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                prog.update(task, completed=done, total=total, rate=f"{rate:.1f} tok/s")
+
+            yield report
+
+    return bar()
