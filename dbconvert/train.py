@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbconvert import distributed, locks
+from dbconvert import distributed, locks, tblog
 from dbconvert.checkpoint import atomic_write_text, load_strict, load_weights, save_weights, write_json
 from dbconvert.config import Recipe, override_recipe
 from dbconvert.devices import resolve_device
@@ -153,6 +153,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     autocast, scaler = _precision(recipe.train.precision, device)
     if recipe.train.compile:
         _check_compiler(device)
+    if recipe.train.tensorboard:
+        tblog.require_tensorboard()  # every rank fails alike, before any work
 
     network = family.block_network(recipe, target.depth)
     is_e2e = target.name == "e2e"
@@ -191,7 +193,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     t_log = time.perf_counter()
     examples = 0
     with _progress(progress, target.name, n_total, start) as advance, \
-            (open(metrics, "a") if main else nullcontext()) as log:
+            (open(metrics, "a") if main else nullcontext()) as log, \
+            (tblog.TensorBoardLog(run.root, target.name, start) if main and recipe.train.tensorboard else nullcontext()) as tb:
         for step in range(start, n_total):
             gen = step_generator(recipe.train.seed, step, salt)
             indices = batch_indices(recipe.train.seed, step, global_batch, len(data))[local]
@@ -240,6 +243,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                if tb is not None:
+                    tb.write(record)
                 if on_step:
                     on_step(record)
                 window, examples, t_log = [], 0, now
