@@ -115,6 +115,16 @@ def layers_text(layers: list[int] | tuple[int, int] | None) -> str:
     return f"layer {first}" if first == last else f"layers {first}–{last}"
 
 
+def mass_text(mass: float, percent: bool = False) -> str:
+    """A block's probability mass with the digits that matter (uniform partitions reach 1e-4)."""
+    value = 100 * mass if percent else mass
+    if percent:
+        text = f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+    else:
+        text = f"{value:.3f}" if value >= 0.01 else f"{value:.2g}"
+    return text + ("%" if percent else "")
+
+
 def draw_partition(ax: Axes, noise: NoiseSettings, blocks: list[dict[str, Any]], gamma: float, title: str,
                    legend: bool = True) -> None:
     """Density curve, shaded owned ranges with their mass, and one training-range bar per block above the curve."""
@@ -133,7 +143,7 @@ def draw_partition(ax: Axes, noise: NoiseSettings, blocks: list[dict[str, Any]],
         xs = np.linspace(own_lo, own_hi, 200)
         ax.fill_between(xs, 0, log_sigma_density(noise, xs), color=color, alpha=0.35, linewidth=0)
         if own_hi - own_lo > 0.06 * (hi - lo):  # room for the mass inside the shaded area
-            ax.text((own_lo + own_hi) / 2, top * 0.04, f"{100 * b['mass']:.1f}%", ha="center", va="bottom",
+            ax.text((own_lo + own_hi) / 2, top * 0.04, mass_text(b["mass"], percent=True), ha="center", va="bottom",
                     fontsize=8, color="0.15")
         if b["sigma_range"][0] > noise.sigma_min:
             ax.axvline(own_lo, color="0.4", linewidth=0.8, linestyle=":")
@@ -141,8 +151,9 @@ def draw_partition(ax: Axes, noise: NoiseSettings, blocks: list[dict[str, Any]],
         ax.plot([tr_lo, tr_hi], [level, level], color=color, linewidth=1.6, marker="|", markersize=9)
         ax.plot([own_lo, own_hi], [level, level], color=color, linewidth=6, solid_capstyle="butt")
         layers = layers_text(b.get("layers"))
-        label = f"block {i}: mass {b['mass']:.3f}" + (f", {layers}" if layers else "")
-        ax.text((own_lo + own_hi) / 2, level + row * 0.22, label, ha="center", va="bottom", fontsize=8, color="0.1",
+        label = f"block {i}: mass {mass_text(b['mass'])}" + (f", {layers}" if layers else "")
+        middle = min(max((own_lo + own_hi) / 2, lo + 0.13 * (hi - lo)), hi - 0.13 * (hi - lo))  # stay inside
+        ax.text(middle, level + row * 0.22, label, ha="center", va="bottom", fontsize=8, color="0.1",
                 clip_on=False)
     ax.plot(x, y, color="black", linewidth=1.6)
     ax.set_xlim(lo, hi)
@@ -278,7 +289,8 @@ def plot_loss(run: Run) -> Path:
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabels[field] + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.set_title(f"{titles[field]} (raw faint, EMA-smoothed bold)", fontsize=11)
-        ax.grid(True, alpha=0.3, which="both")
+        ax.grid(True, alpha=0.3)
+        ax.grid(True, which="minor", alpha=0.08)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"{run_title(run)}: training curves from metrics/*.jsonl", fontsize=12)
     return save_figure(fig, plots_dir(run) / "loss.png")
