@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dbconvert.config import load_recipe
-from dbconvert.errors import RunError
+from dbconvert.errors import DbconvertError, RunError, first_line
 from dbconvert.rundir import MANIFEST, Run, set_current
 from dbconvert.sampling import SampleRequest, SampleResult
 from dbconvert.split import split
@@ -28,6 +28,7 @@ class DemoResult:
     samples: SampleResult
     e2e_samples: SampleResult | None
     fid: dict[str, dict] = field(default_factory=dict)  # model -> result of eval fid (built-in features)
+    figures: list[Path] = field(default_factory=list)  # RUN/plots/*.png: partition, loss, eval
 
 
 def run_demo(
@@ -82,4 +83,12 @@ def run_demo(
             result.fid[model] = res
         for table in compare_tables(list(result.fid.values())):
             console.print(table)
+    try:  # figures are a bonus: a plotting problem must not cost the user the trained demo
+        from dbconvert.plots import has_data, make_figures
+
+        result.figures = [p for name in ("partition", "loss", "eval") if has_data(run, name) for p in make_figures(run, name)]
+    except (ImportError, DbconvertError) as exc:
+        console.print(f"figures skipped: {first_line(exc)}", highlight=False, markup=False)
+    for path in result.figures:
+        console.print(f"look at the figure: {path}", highlight=False, markup=False, soft_wrap=True)
     return result

@@ -100,6 +100,8 @@ class TrainConfig(Section):
     compile: bool = False
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
+    tensorboard: bool = False
+    """Also log the metrics to RUN/tensorboard/<block> for `tensorboard --logdir RUN/tensorboard` (the tensorboard extra)."""
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":

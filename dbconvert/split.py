@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,6 +56,19 @@ def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict
     return bounds, plans
 
 
+def keep_initial(weights: Path) -> None:
+    """init.safetensors beside a block's first weights: what --restart starts from after training replaced them.
+
+    A hard link costs no disk (training replaces model.safetensors by renaming a new file over it,
+    so the link keeps the split weights); where links are not possible, a copy.
+    """
+    init = weights.with_name("init.safetensors")
+    try:
+        os.link(weights, init)
+    except OSError:
+        shutil.copyfile(weights, init)
+
+
 def source_depth(recipe: Recipe) -> int:
     """The source network's layer count, from its family (a fresh one is built on the meta device: no memory)."""
     import torch
@@ -91,7 +105,9 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
         for plan in plans:
             state = family.block_state(source, *plan["layers"])
             params = sum(t.numel() for k, t in state.items() if k != "pos_embed")
-            save_weights(staging / "blocks" / Run.block_name(plan["index"]) / "model.safetensors", state)
+            weights = staging / "blocks" / Run.block_name(plan["index"]) / "model.safetensors"
+            save_weights(weights, state)
+            keep_initial(weights)
             blocks.append(BlockInfo(params=params, **plan).to_dict())
         family.prepare_run(recipe, staging, source)
         write_manifest(

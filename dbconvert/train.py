@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dbconvert import distributed, locks
+from dbconvert import distributed, locks, tblog
 from dbconvert.checkpoint import atomic_write_text, load_strict, load_weights, save_weights, write_json
 from dbconvert.config import Recipe, override_recipe
 from dbconvert.devices import resolve_device
@@ -61,8 +61,10 @@ StepCallback = Callable[[dict[str, Any]], None]
 def block_target(run: Run, index: int) -> Target:
     info = run.block(index)
     name = Run.block_name(index)
-    return Target(name, info.layers[1] - info.layers[0], info.train_range, run.model_dir(name) / "model.safetensors",
-                  salt=1 + index)
+    init = run.model_dir(name) / INIT_FILE  # what split wrote; runs split before it existed start from model.safetensors
+    if not init.is_file():
+        init = run.model_dir(name) / "model.safetensors"
+    return Target(name, info.layers[1] - info.layers[0], info.train_range, init, salt=1 + index)
 
 
 def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
@@ -162,6 +164,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     main = dist.is_main
     if recipe.train.compile:
         _check_compiler(device)
+    if recipe.train.tensorboard:
+        tblog.require_tensorboard()  # every rank fails alike, before any work
 
     state = build_state(family, recipe, target.depth, run.noise(), device, target.objective)
     start = 0
@@ -169,7 +173,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     if main:
         _remove_stale_temp_files(run, target.name)
         if restart:
-            clear_training_state(out_dir)  # a kill before the first new checkpoint must not resume the old run
+            clear_training_state(out_dir, keep=target.init_weights)  # a kill before the next checkpoint must not resume the old run
     distributed.barrier(dist)
     if state_path.exists():
         start, saved = _restore(state_path, state, target.name)
@@ -198,7 +202,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     t_log = time.perf_counter()
     examples = 0
     with _progress(progress, target.name, n_total, start) as advance, \
-            (open(metrics, "a") if main else nullcontext()) as log:
+            (open(metrics, "a") if main else nullcontext()) as log, \
+            (tblog.TensorBoardLog(run.root, target.name, start) if main and recipe.train.tensorboard else nullcontext()) as tb:
         for step in range(start, n_total):
             gen = step_generator(recipe.train.seed, step, target.salt)
             indices = batch_indices(recipe.train.seed, step, global_batch, len(data))[local]
@@ -242,6 +247,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                if tb is not None:
+                    tb.write(record)
                 if on_step:
                     on_step(record)
                 window, examples, t_log = [], 0, now
@@ -313,6 +320,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: str) -> dict[st
 
 
 STATE_FILE = "state.safetensors"
+INIT_FILE = "init.safetensors"
+"""A block's weights as split wrote them (a hard link to the first model.safetensors: no extra disk)."""
 EXPORTS = ("model.safetensors", "ema.safetensors", "state.json")
 
 
@@ -352,10 +361,11 @@ def exports_match(out_dir: Path, step: int) -> bool:
         return False
 
 
-def clear_training_state(out_dir: Path) -> None:
-    """Remove a target's training state and exports (for --restart), state file first."""
+def clear_training_state(out_dir: Path, keep: Path) -> None:
+    """Remove a target's training state and exports (for --restart), state file first; never `keep` (its init)."""
     for file in (STATE_FILE, *EXPORTS):
-        (out_dir / file).unlink(missing_ok=True)
+        if (out_dir / file).resolve() != keep.resolve():
+            (out_dir / file).unlink(missing_ok=True)
 
 
 def _restore(path: Path, state: TrainingState, name: str) -> tuple[int, dict[str, str]]:

@@ -20,6 +20,8 @@ def test_demo_runs_end_to_end_and_continues(in_tmp: Path) -> None:
     assert set(result.fid) == {"blocks", "e2e"}
     assert all(r["metric"] == "fid" and r["value"] >= 0 and r["features"] for r in result.fid.values()), result.fid
     assert len(list((in_tmp / "demo" / "eval").glob("*.json"))) == 2
+    assert [p.name for p in result.figures] == ["partition.png", "loss.png", "eval.png"]
+    assert all(p.is_file() and str(p) in out.getvalue() for p in result.figures)
     assert resolve_run(None).root.resolve() == (in_tmp / "demo").resolve()
 
     again = io.StringIO()

@@ -2,6 +2,7 @@
 
 from dbconvert.cli.app import app, main
 from dbconvert.cli.eval_cmd import eval_app
+from dbconvert.cli import plot_cmd  # noqa: F401  (registers `dbconvert plot`)
 
 app.add_typer(eval_app, name="eval")
 
