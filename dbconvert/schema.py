@@ -101,6 +101,10 @@ class TrainConfig(Section):
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
     tensorboard: bool = False
+    loss_weight: Literal["default", "lambda", "uniform", "network-share"] = "default"
+    """Per-sigma loss weight. default: the family's choice (DiT: EDM's lambda; text: see README "Loss weight")."""
+    val_every: int = Field(0, ge=0)
+    """Every this many steps, log held-out metrics (val_ce, per-bucket CE, ...) on a fixed batch; 0 = never."""
     """Also log the metrics to RUN/tensorboard/<block> for `tensorboard --logdir RUN/tensorboard` (the tensorboard extra)."""
 
     @model_validator(mode="after")

@@ -191,6 +191,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
             _export(out_dir, state, start, n_total, target.name, global_batch)
         return TrainResult(target.name, start, n_total, None, out_dir)
 
+    heldout = heldout_batch(family, recipe, device, note) if main and recipe.train.val_every else None
     model = distributed.wrap(dist, state.model, device, find_unused=target.objective == "ar")
     forward = torch.compile(model) if recipe.train.compile else model
     metrics = run.metrics_path(target.name)
@@ -245,6 +246,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                     "world_size": dist.world_size,
                     "time": time.time(),
                 }
+                if heldout is not None and (done % recipe.train.val_every == 0 or done == n_total):
+                    record.update(state.heldout(heldout, target.train_range, recipe.train.seed))
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if tb is not None:
@@ -257,6 +260,20 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
             advance(done, last_loss)
     distributed.barrier(dist)  # every rank ends after rank 0's last checkpoint
     return TrainResult(target.name, n_total, n_total, last_loss, out_dir)
+
+
+HELDOUT_ROWS = 32
+"""Rows of the fixed held-out batch that `train.val_every` evaluates."""
+
+
+def heldout_batch(family: Any, recipe: Recipe, device: torch.device, note: Callable[[str], None]) -> list[torch.Tensor] | None:
+    """The first HELDOUT_ROWS examples of the held-out split, or None (with a note) when there is none."""
+    try:
+        data = family.load_data(recipe, "val")
+    except DbconvertError as exc:
+        note(f"train.val_every is set but there is no held-out data ({first_line(exc)}); no val_* metrics")
+        return None
+    return [t.to(device) for t in data.batch(torch.arange(min(HELDOUT_ROWS, len(data))))]
 
 
 def train_block(run: Run, index: int, **kwargs: Any) -> TrainResult:

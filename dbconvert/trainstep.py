@@ -111,6 +111,16 @@ class TrainingState:
                 return self.family.ar_loss(forward, batch, self.recipe, shard)
             return self.family.training_loss(forward, batch, sigma_range, self.recipe, generator, shard)
 
+    def heldout(self, batch: list[torch.Tensor], sigma_range: tuple[float, float], seed: int) -> dict[str, float]:
+        """The family's held-out metrics of a fixed batch, in eval mode, with a fixed generator (comparable over steps)."""
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                return self.family.heldout_metrics(self.model, batch, sigma_range, self.recipe,
+                                                   torch.Generator().manual_seed(seed), self.objective)
+        finally:
+            self.model.train()
+
     def update(self, loss: torch.Tensor, step: int) -> None:
         """Backward, optimizer step, EMA update at `step`'s decay (train.py's order)."""
         t = self.recipe.train

@@ -119,6 +119,11 @@ class Family(ABC):
         """Next-token loss of the autoregressive reference."""
         raise DbconvertError(f"the {self.name} family has no autoregressive reference; use --model blocks or e2e")
 
+    def heldout_metrics(self, model: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
+                        recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
+        """Metrics of a fixed held-out batch, logged every `train.val_every` steps (`val_*` keys). Default: none."""
+        return {}
+
     # -- generation ------------------------------------------------------------------------
 
     @abstractmethod

@@ -11,7 +11,7 @@ from torch import nn
 from dbconvert import noise as nz
 from dbconvert.checkpoint import apply_key_map, file_sha256, load_strict, read_checkpoint
 from dbconvert.data.images import ImageData, load_images
-from dbconvert.errors import DataError
+from dbconvert.errors import DataError, DbconvertError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.convert import block_key_map, drop_variance, is_layer_key
@@ -87,6 +87,9 @@ class DiTFamily(Family):
         generator: torch.Generator,
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        if recipe.train.loss_weight not in ("default", "lambda"):
+            raise DbconvertError(f"train.loss_weight={recipe.train.loss_weight} is a text-family option; DiT trains "
+                                 "with EDM's lambda(sigma) (use default or lambda)")
         return edm_loss(denoiser, batch, sigma_range, recipe.train.label_dropout, generator, shard)  # type: ignore[arg-type]
 
     def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":

@@ -42,13 +42,18 @@ from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, confi
                                               normalised_table, read_hf_checkpoint)
 from dbconvert.families.llama.generate import sample_text
 from dbconvert.families.llama.model import LlamaBlockNet
-from dbconvert.families.llama.objective import CausalLM, LlamaDenoiser, ar_loss, diffusion_loss
+from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
+                                                heldout_diffusion_metrics)
 from dbconvert.tokenizer import Tokenizer, checkpoint_tokenizer, install, run_tokenizer, train_bpe
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
     from dbconvert.rundir import Run
     from dbconvert.sampling import SampleRequest, SampleResult
+
+
+DEFAULT_WEIGHTING = "lambda"
+"""train.loss_weight=default for text; chosen by held-out measurement (README "Loss weight")."""
 
 
 def _cfg(recipe: "Recipe") -> LlamaConfig:
@@ -156,7 +161,14 @@ class LlamaFamily(Family):
         generator: torch.Generator,
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard)  # type: ignore[arg-type]
+        weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
+        return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting)  # type: ignore[arg-type]
+
+    def heldout_metrics(self, model: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
+                        recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
+        if objective == "ar":
+            return heldout_ar_metrics(model, batch[0])
+        return heldout_diffusion_metrics(model, batch[0], sigma_range, generator)  # type: ignore[arg-type]
 
     def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
         """The converted source is a causal LM (its noise modulation is still zero): decode it like `ar`."""

@@ -62,13 +62,56 @@ class CausalLM(nn.Module):
         return self.net.forward_causal(tokens)
 
 
-@functools.lru_cache(maxsize=64)
-def mean_loss_weight(lo: float, hi: float, noise: nz.NoiseSettings, points: int = 4096) -> float:
-    """E[lambda(sigma)] for sigma from the log-normal restricted to [lo, hi] (midpoint rule in probability)."""
+WEIGHTINGS = ("lambda", "uniform", "network-share")
+"""Per-sigma weights of the text cross-entropy, each normalised to mean 1 over the block's training sigmas:
+
+- `lambda`: EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (DESIGN 5's first choice). It puts almost
+  all weight on the lowest sigmas, where the likelihood term already pins the token (CE ~ 0).
+- `uniform`: every noisy position counts alike (cross-entropy is already a per-token quantity).
+- `network-share`: c_out^2 / sd^2 = sigma^2 / (sigma^2 + sd^2), the share of D the network supplies
+  beyond the skip path (1 - c_skip): ~0 where z alone decides the token, ~1 where only context can.
+"""
+
+BUCKETS = 4
+"""Cross-entropy is logged per quarter of the block's training distribution (q0 = lowest noise)."""
+
+
+def raw_weight(sigma: torch.Tensor, sigma_data: float, kind: str) -> torch.Tensor:
+    if kind == "lambda":
+        return nz.loss_weight(sigma, sigma_data)
+    if kind == "uniform":
+        return torch.ones_like(sigma)
+    if kind == "network-share":
+        return sigma**2 / (sigma**2 + sigma_data**2)
+    raise ValueError(f"unknown loss weighting {kind!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+def quantile_sigmas(lo: float, hi: float, noise: nz.NoiseSettings, u: torch.Tensor) -> torch.Tensor:
+    """sigma at probability u in [0, 1] of the log-normal restricted to [lo, hi]."""
     f_lo, f_hi = noise.cdf(lo), noise.cdf(hi)
-    u = f_lo + (f_hi - f_lo) * (torch.arange(points, dtype=torch.float64) + 0.5) / points
-    sigma = torch.exp(noise.p_mean + noise.p_std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)).clamp(lo, hi)
-    return float(nz.loss_weight(sigma, noise.sigma_data).mean())
+    p = (f_lo + (f_hi - f_lo) * u.to(torch.float64)).clamp(1e-12, 1 - 1e-12)
+    return torch.exp(noise.p_mean + noise.p_std * math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)).clamp(lo, hi)
+
+
+@functools.lru_cache(maxsize=256)
+def mean_loss_weight(lo: float, hi: float, noise: nz.NoiseSettings, kind: str = "lambda", points: int = 4096) -> float:
+    """E[weight(sigma)] for sigma from the log-normal restricted to [lo, hi] (midpoint rule in probability)."""
+    sigma = quantile_sigmas(lo, hi, noise, (torch.arange(points, dtype=torch.float64) + 0.5) / points)
+    return float(raw_weight(sigma, noise.sigma_data, kind).mean())
+
+
+def loss_weights(sigma: torch.Tensor, sigma_range: tuple[float, float], noise: nz.NoiseSettings, kind: str) -> torch.Tensor:
+    """The weighting `kind`, normalised to mean 1 over the block's training distribution."""
+    return raw_weight(sigma, noise.sigma_data, kind) / mean_loss_weight(*sigma_range, noise, kind)
+
+
+def sigma_bucket(sigma: torch.Tensor, sigma_range: tuple[float, float], noise: nz.NoiseSettings,
+                 buckets: int = BUCKETS) -> torch.Tensor:
+    """Which quarter (by probability) of the block's training distribution each sigma falls in."""
+    lo, hi = sigma_range
+    f_lo, f_hi = noise.cdf(lo), noise.cdf(hi)
+    u = 0.5 * (1 + torch.erf((sigma.double().log() - noise.p_mean) / (noise.p_std * math.sqrt(2.0))))
+    return ((u - f_lo) / (f_hi - f_lo) * buckets).floor().clamp(0, buckets - 1).long()
 
 
 def diffusion_loss(
@@ -77,8 +120,12 @@ def diffusion_loss(
     sigma_range: tuple[float, float],
     generator: torch.Generator,
     shard: tuple[int, int] = (0, 1),
+    weighting: str = "lambda",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted cross-entropy of every token at its noisy position, one sigma per position (DESIGN 5)."""
+    """Weighted cross-entropy of every token at its noisy position, one sigma per position (DESIGN 5).
+
+    Logs the plain cross-entropy overall and per sigma bucket (`ce_q0` lowest noise .. `ce_q3`).
+    """
     b, t = tokens.shape
     n, keep = shard_slice(b, shard)  # draws for the global batch, this rank's slice kept
     noise: nz.NoiseSettings = denoiser.noise
@@ -88,17 +135,54 @@ def diffusion_loss(
     z = table[tokens] + sigma[..., None] * eps
     logits = denoiser(tokens, z, sigma)
     ce = F.cross_entropy(logits.reshape(b * t, -1), tokens.reshape(-1), reduction="none").view(b, t)
-    weight = nz.loss_weight(sigma, noise.sigma_data) / mean_loss_weight(*sigma_range, noise)
-    loss = (weight * ce).mean()
+    loss = (loss_weights(sigma, sigma_range, noise, weighting) * ce).mean()
     with torch.no_grad():
         acc = (logits.argmax(-1) == tokens).float().mean().item()
+        bucket = sigma_bucket(sigma, sigma_range, noise).to(ce.device)
+        per_bucket = {f"ce_q{k}": ce[bucket == k].mean().item() for k in range(BUCKETS) if bool((bucket == k).any())}
     return loss, {
         "ce": ce.mean().item(),
+        **per_bucket,
         "accuracy": acc,
         "sigma_min": sigma.min().item(),
         "sigma_max": sigma.max().item(),
         "log_sigma_mean": sigma.log().mean().item(),
     }
+
+
+@torch.no_grad()
+def heldout_diffusion_metrics(denoiser: LlamaDenoiser, tokens: torch.Tensor, sigma_range: tuple[float, float],
+                              generator: torch.Generator) -> dict[str, float]:
+    """Held-out cross-entropy at each bucket's median sigma, and how much the top bucket uses the context.
+
+    `val_context_tv`: the mean total-variation distance between the top bucket's predictions with the
+    true context and with another row's context (same noisy targets): 0 = the context is ignored.
+    """
+    noise = denoiser.noise
+    b, t = tokens.shape
+    out: dict[str, float] = {}
+    eps = torch.randn((b, t, denoiser.table.shape[1]), generator=generator).to(tokens.device)
+    probs_top = None
+    for k in range(BUCKETS):
+        s = float(quantile_sigmas(*sigma_range, noise, torch.tensor([(k + 0.5) / BUCKETS]))[0])
+        sigma = torch.full((b, t), s, device=tokens.device)
+        z = denoiser.table[tokens] + s * eps
+        logits = denoiser(tokens, z, sigma)
+        out[f"val_ce_q{k}"] = F.cross_entropy(logits.reshape(b * t, -1), tokens.reshape(-1)).item()
+        if k == BUCKETS - 1:
+            probs_top = logits.softmax(-1)
+            other = denoiser(tokens.roll(1, dims=0), z, sigma).softmax(-1)
+            out["val_context_tv"] = 0.5 * (probs_top - other).abs().sum(-1).mean().item()
+    out["val_ce"] = sum(out[f"val_ce_q{k}"] for k in range(BUCKETS)) / BUCKETS
+    out["val_ce_top"] = out[f"val_ce_q{BUCKETS - 1}"]
+    return out
+
+
+@torch.no_grad()
+def heldout_ar_metrics(model: nn.Module, tokens: torch.Tensor) -> dict[str, float]:
+    """Held-out next-token cross-entropy of the AR reference (comparable with a block's top-bucket CE)."""
+    logits = model(tokens[:, :-1])
+    return {"val_ce": F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)).item()}
 
 
 def ar_loss(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
