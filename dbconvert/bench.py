@@ -104,7 +104,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, target: BenchTarget, device: torch.device) -> None:
         self.recipe, self.target, self.device = recipe, target, device
-        self.family = get_family(recipe.model.family)
+        self.family = get_family(recipe.model.family).for_bench(recipe)
         torch.manual_seed(recipe.train.seed)
         self.state = build_state(self.family, recipe, target.depth, recipe.noise.settings(), device)
         self.network = self.state.network
@@ -136,7 +136,9 @@ class Trainer:
         params = sum(_nbytes(t) for t in s.network.parameters()) + sum(_nbytes(t) for t in s.network.buffers())
         grads = sum(_nbytes(p) for p in s.trainable)
         optim = sum(_nbytes(v) for st in s.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
-        ema = sum(_nbytes(t) for t in s.ema.parameters()) + sum(_nbytes(t) for t in s.ema.buffers())
+        own = {t.untyped_storage().data_ptr() for t in s.network.parameters()}
+        ema = sum(_nbytes(t) for t in s.ema.parameters() if t.untyped_storage().data_ptr() not in own)
+        ema += sum(_nbytes(t) for t in s.ema.buffers())
         return {"parameters": params, "gradients": grads, "optimizer_state": optim, "ema": ema}
 
 
@@ -395,8 +397,31 @@ def bench_speed(
         "block_train_step_s": [med[n]["train"] for n in block_names],
         "sample_step_ratio": med["e2e"]["sample"] / max(med[n]["sample"] for n in block_names),
         "train_step_ratio": med["e2e"]["train"] / max(med[n]["train"] for n in block_names),
+        **generation_rates(with_blocks(recipe, blocks), targets, med, batch, family.generated_unit),
         "raw_seconds": timings,
     }
+
+
+def generation_rates(recipe: Recipe, targets: list[BenchTarget], med: dict[str, dict[str, float]], batch: int,
+                     unit: str) -> dict[str, Any]:
+    """Generated units (images, or tokens for text) per second with `sample.steps` steps each.
+
+    Blocks: each step runs the block owning its sigma (the EDM schedule decides how many steps each block
+    gets); e2e: every step runs all layers. Model loading and, for text, extending the prompt cache by
+    one token per unit are not included: this is the cost of the denoising steps.
+    """
+    from dbconvert import noise as nz
+    from dbconvert.split import plan_blocks
+
+    steps = recipe.sample.steps
+    noise = recipe.noise.settings()
+    _, plans = plan_blocks(recipe, targets[-1].depth)
+    owned = [tuple(p["sigma_range"]) for p in plans]
+    ts = nz.edm_steps(steps, noise, recipe.sample.rho)
+    per_unit = sum(med[targets[nz.owner_of(t, owned)].name]["sample"] for t in ts[:-1])
+    return {"unit": unit, "sample_steps": steps,
+            "block_units_per_s": batch / per_unit,
+            "e2e_units_per_s": batch / (steps * med["e2e"]["sample"])}
 
 
 # --- worker entry point --------------------------------------------------------------------

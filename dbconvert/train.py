@@ -350,7 +350,9 @@ def _checkpoint(out_dir: Path, state: TrainingState, step: int, total: int, name
     """
     optim_tensors, optim_meta = _flatten_optimizer(state.optimizer)
     tensors = {f"model.{k}": v for k, v in state.network.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
+    shared = {v.untyped_storage().data_ptr() for v in state.network.state_dict().values()}
+    tensors.update({f"ema.{k}": v.clone() if v.untyped_storage().data_ptr() in shared else v  # frozen: same tensor
+                    for k, v in state.ema.state_dict().items()})
     tensors.update(optim_tensors)
     meta = {"step": str(step), "total_steps": str(total), "target": name, "optimizer": optim_meta,
             "grad_scaler": json.dumps(state.scaler.state_dict()), "batch_size": str(batch_size)}

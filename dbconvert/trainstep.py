@@ -136,6 +136,13 @@ class TrainingState:
         return loss.detach(), stats
 
 
+def share_frozen(ema: nn.Module, network: nn.Module) -> None:
+    """The EMA of a frozen parameter is the parameter: let the EMA copy use the same tensor (no second copy)."""
+    for (_, e), (_, p) in zip(ema.named_parameters(), network.named_parameters()):
+        if not p.requires_grad:
+            e.data = p.data
+
+
 def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseSettings, device: torch.device,
                 objective: Objective = "denoiser") -> TrainingState:
     """Network of `depth` layers wrapped for `objective`, its EMA copy, optimizer and precision on `device`."""
@@ -144,6 +151,7 @@ def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseSettings
     model = model.to(device)
     ema = family.block_network(recipe, depth).to(device).requires_grad_(False)
     ema.load_state_dict(network.state_dict())
+    share_frozen(ema, network)
     trainable = [p for p in network.parameters() if p.requires_grad]
     autocast, scaler = precision_context(recipe.train.precision, device)
     return TrainingState(family, recipe, network, model, ema, make_optimizer(recipe, trainable), trainable,

@@ -314,6 +314,8 @@ RecipeArg = Annotated[str, typer.Argument(help="A shipped recipe name or a path 
 BenchBlocksOpt = Annotated[int, typer.Option("--blocks", "-b", help="Number of blocks B to compare against the whole network.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, ... (default: the recipe's train.device).")]
+ContextOpt = Annotated[Optional[int], typer.Option("--context", min=2, help="Text recipes: sequence length "
+                                                   "(overrides model.context).")]
 
 
 def _mib(n: float) -> str:
@@ -328,6 +330,7 @@ def bench_memory_cmd(
     overrides: Overrides = None,
     blocks: BenchBlocksOpt = 4,
     batch: Annotated[Optional[int], typer.Option("--batch", help="Training batch (default: the recipe's train.batch_size).")] = None,
+    context: ContextOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -335,7 +338,7 @@ def bench_memory_cmd(
     from dbconvert.bench import bench_memory
     from dbconvert.config import load_recipe
 
-    resolved = load_recipe(recipe, overrides)
+    resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
     progress = None if as_json else (lambda name, res: err_console.print(f"measured {name}: {_mib(res['peak_bytes'])} MiB"))
     result = bench_memory(resolved, blocks, batch, device, on_result=progress)
     if as_json:
@@ -367,6 +370,7 @@ def bench_speed_cmd(
     batch: Annotated[Optional[int], typer.Option("--batch", help="Batch of the sampling and training steps (default: the recipe's sample.num).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed repetitions per measurement (the median is reported).")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")] = 1,
+    context: ContextOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -374,7 +378,7 @@ def bench_speed_cmd(
     from dbconvert.bench import bench_speed
     from dbconvert.config import load_recipe
 
-    resolved = load_recipe(recipe, overrides)
+    resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
     progress = None if as_json else (lambda msg: err_console.print(msg, highlight=False))
     result = bench_speed(resolved, blocks, batch, repeats, warmup, device, on_progress=progress)
     if as_json:
@@ -391,6 +395,9 @@ def bench_speed_cmd(
     console.print(f"e2e / slowest block: sampling step [bold]{result['sample_step_ratio']:.2f}x[/], "
                   f"training step [bold]{result['train_step_ratio']:.2f}x[/]  (median of {result['repeats']} after "
                   f"{result['warmup']} warm-up; batch {result['batch']}, guidance {result['guidance']:g})")
+    unit = result["unit"]
+    console.print(f"generation with {result['sample_steps']} steps per {unit}: blocks {result['block_units_per_s']:.1f} "
+                  f"{unit}s/s, e2e {result['e2e_units_per_s']:.1f} {unit}s/s (denoising steps only)", highlight=False)
 
 
 # --- ablate --------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class Family(ABC):
     config_cls: ClassVar[type["ModelConfig"]]
     default_metric: ClassVar[str]
     """The evaluation `eval`, `ablate` and `demo` use for this family: `fid` or `mauve`."""
+    generated_unit: ClassVar[str] = "image"
+    """What one sample is, for rates in `bench speed`: `image`, or `token` for text (one token = M steps)."""
     model_kinds: ClassVar[tuple[str, ...]] = ("blocks", "e2e", "source")
     """What `sample --model` / `eval --model` accept: the blocks, the e2e baseline, the unsplit source,
     and, for families that have one, an autoregressive reference (`ar`)."""
@@ -75,6 +77,10 @@ class Family(ABC):
 
         Returns a new object rather than mutating the registry's shared instance. Default: itself.
         """
+        return self
+
+    def for_bench(self, recipe: "Recipe") -> "Family":
+        """This family without a run, for `bench` (synthetic stand-ins for run artefacts). Default: itself."""
         return self
 
     # -- training --------------------------------------------------------------------------

@@ -33,6 +33,17 @@ class LlamaConfig(ModelConfig):
     tie_embeddings: bool = False
     tokenizer: str | None = None
     init_seed: int = 0
+    # --- the vocabulary cost of a block (README "Memory of language-model blocks") ---
+    freeze_embedding: bool = False
+    """Input embedding frozen: no gradient, no optimizer state, no EMA copy (its EMA is the same tensor)."""
+    head: Literal["trainable", "tied-table"] = "trainable"
+    """tied-table: the head is the run's frozen target table times a learned scale (no V x H weight per block);
+    it is also fused with the likelihood term into one matmul. A checkpoint's own lm_head is then not used."""
+    adaln_rank: int | None = Field(None, ge=1)
+    """Low-rank sigma modulation: Linear(H, r) then Linear(r, 6H) instead of Linear(H, 6H) per layer."""
+    loss_chunk: int = Field(0, ge=0)
+    """Cross-entropy over this many positions at a time, recomputed in backward: the full (positions x V)
+    logits are never alive at once. 0 = all positions at once."""
 
     @model_validator(mode="after")
     def _shapes(self) -> "LlamaConfig":
@@ -65,4 +76,6 @@ class LlamaConfig(ModelConfig):
             attention_bias=self.attention_bias,
             mlp_bias=self.mlp_bias,
             rope_parameters=dict(rope),
+            head=self.head,
+            adaln_rank=self.adaln_rank,
         )

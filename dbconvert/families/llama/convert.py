@@ -19,20 +19,29 @@ from dbconvert.schema import one_line
 
 TARGETS_FILE = "targets.safetensors"
 
-SHARED_KEYS: tuple[str, ...] = (
-    "embed_tokens.weight",
+NEW_KEYS: tuple[str, ...] = (
     "noisy_in.weight",
     "sigma_embed.mlp.0.weight",
     "sigma_embed.mlp.0.bias",
     "sigma_embed.mlp.2.weight",
     "sigma_embed.mlp.2.bias",
-    "norm.weight",
-    "lm_head.weight",
 )
-"""Keys every block copies from the source network: embedding, noise input, final norm, head."""
-
-NEW_KEYS: tuple[str, ...] = SHARED_KEYS[1:6]
 """Keys a Hugging Face checkpoint does not have: the noisy-input path, created at conversion."""
+
+HEAD_KEYS = {"trainable": ("lm_head.weight",), "tied-table": ("head_scale",)}
+"""The head's keys: a trainable V x H matrix, or one learned scale on the run's target table."""
+
+
+def shared_keys(shape: LlamaShape) -> tuple[str, ...]:
+    """Keys every block copies from the source network: embedding, noise input, final norm, head."""
+    return ("embed_tokens.weight", *NEW_KEYS, "norm.weight", *HEAD_KEYS[shape.head])
+
+
+def mod_keys(shape: LlamaShape) -> tuple[str, ...]:
+    """The sigma modulation's keys below a layer: full Linear(H, 6H), or low rank H -> r -> 6H."""
+    if shape.adaln_rank is None:
+        return ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
+    return ("adaLN_modulation.1.weight", "adaLN_modulation.2.weight", "adaLN_modulation.2.bias")
 
 HF_LAYER_KEYS: tuple[str, ...] = (
     "self_attn.q_proj.weight",
@@ -47,9 +56,6 @@ HF_LAYER_KEYS: tuple[str, ...] = (
 )
 ATTN_BIAS_KEYS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias")
 MLP_BIAS_KEYS = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
-MOD_KEYS = ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
-
-
 
 # --- key maps ------------------------------------------------------------------------------
 
@@ -57,17 +63,15 @@ MOD_KEYS = ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
 def layer_keys(shape: LlamaShape) -> tuple[str, ...]:
     """Keys of one decoder layer below `layers.{k}.` in the block network."""
     bias = (ATTN_BIAS_KEYS if shape.attention_bias else ()) + (MLP_BIAS_KEYS if shape.mlp_bias else ())
-    return HF_LAYER_KEYS + bias + MOD_KEYS
+    return HF_LAYER_KEYS + bias + mod_keys(shape)
 
 
 def hf_key_map(shape: LlamaShape, tied: bool) -> KeyMap:
     """Block-network key -> Hugging Face LlamaForCausalLM key, for everything the checkpoint has."""
     hf_layer = HF_LAYER_KEYS + (ATTN_BIAS_KEYS if shape.attention_bias else ()) + (MLP_BIAS_KEYS if shape.mlp_bias else ())
-    key_map = {
-        "embed_tokens.weight": "model.embed_tokens.weight",
-        "norm.weight": "model.norm.weight",
-        "lm_head.weight": "model.embed_tokens.weight" if tied else "lm_head.weight",
-    }
+    key_map = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if shape.head == "trainable":
+        key_map["lm_head.weight"] = "model.embed_tokens.weight" if tied else "lm_head.weight"
     for k in range(shape.num_layers):
         for name in hf_layer:
             key_map[f"layers.{k}.{name}"] = f"model.layers.{k}.{name}"
@@ -76,7 +80,7 @@ def hf_key_map(shape: LlamaShape, tied: bool) -> KeyMap:
 
 def block_key_map(shape: LlamaShape, start: int, end: int) -> KeyMap:
     """Block key -> source-network key for the block holding source layers [start, end)."""
-    key_map = {key: key for key in SHARED_KEYS}
+    key_map = {key: key for key in shared_keys(shape)}
     for local, src in enumerate(range(start, end)):
         for name in layer_keys(shape):
             key_map[f"layers.{local}.{name}"] = f"layers.{src}.{name}"
@@ -176,13 +180,15 @@ def convert_hf_state(
     `noisy_in` starts as a scaled identity that maps c_in * z of a clean (unit-norm) row,
     ~T_v / sigma_data, to the RMS of the source embedding rows.
     """
-    ignored = lambda key: key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight")  # noqa: E731
+    drop_head = tied or shape.head != "trainable"  # a tied-table head does not use the checkpoint's lm_head
+    ignored = lambda key: key.endswith("rotary_emb.inv_freq") or (drop_head and key == "lm_head.weight")  # noqa: E731
     mapped = apply_key_map(hf_state, hf_key_map(shape, tied), ignored=ignored, what=what)
     torch.manual_seed(seed + 1)
     net = LlamaBlockNet(shape)
     fresh = net.state_dict()
     rms = mapped["embed_tokens.weight"].pow(2).mean(-1).sqrt().mean()
     fresh["noisy_in.weight"] = torch.eye(shape.hidden_size) * rms * sigma_data * math.sqrt(shape.hidden_size)
-    state = {**{k: v for k, v in fresh.items() if k in NEW_KEYS or k.endswith(MOD_KEYS)}, **mapped}
+    new = (*NEW_KEYS, *(HEAD_KEYS["tied-table"] if shape.head == "tied-table" else ()))
+    state = {**{k: v for k, v in fresh.items() if k in new or k.endswith(mod_keys(shape))}, **mapped}
     load_strict(net, state, what)
     return net

@@ -65,9 +65,17 @@ class LlamaFamily(Family):
     config_cls = LlamaConfig
     default_metric = "mauve"
     model_kinds = ("blocks", "e2e", "ar", "source")
+    generated_unit = "token"
 
-    def __init__(self, shared: Path | None = None) -> None:
+    def __init__(self, shared: Path | None = None, table: torch.Tensor | None = None) -> None:
         self._shared = shared
+        self._table = table
+
+    def for_bench(self, recipe: "Recipe") -> "LlamaFamily":
+        """Without a run: a seeded random unit-norm target table of the model's shape (memory and time only)."""
+        cfg = _cfg(recipe)
+        gen = torch.Generator().manual_seed(cfg.init_seed)
+        return LlamaFamily(table=normalised_table(torch.randn(cfg.vocab_size, cfg.hidden, generator=gen)))
 
     def bind(self, run: "Run") -> "LlamaFamily":
         """Training and sampling read the run's shared tokenizer and target table."""
@@ -99,7 +107,10 @@ class LlamaFamily(Family):
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         cfg = _cfg(recipe)
-        return LlamaBlockNet(cfg.shape(depth))
+        net = LlamaBlockNet(cfg.shape(depth))
+        if cfg.freeze_embedding:
+            net.embed_tokens.weight.requires_grad_(False)
+        return net
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         shape = source.network.shape  # type: ignore[union-attr]
@@ -137,6 +148,8 @@ class LlamaFamily(Family):
         return run_tokenizer(self._shared_dir())
 
     def table(self) -> torch.Tensor:
+        if self._table is not None:
+            return self._table
         return load_weights(self._shared_dir() / TARGETS_FILE)["table"]
 
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
@@ -162,7 +175,8 @@ class LlamaFamily(Family):
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
-        return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting)  # type: ignore[arg-type]
+        return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting,  # type: ignore[arg-type]
+                              _cfg(recipe).loss_chunk)
 
     def heldout_metrics(self, model: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
                         recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
@@ -178,6 +192,8 @@ class LlamaFamily(Family):
 
     def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
         assert isinstance(network, LlamaBlockNet)
+        if network.shape.head == "tied-table":
+            network.attach_table(self.table())
         return CausalLM(network)
 
     def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",

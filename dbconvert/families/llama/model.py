@@ -46,6 +46,10 @@ class LlamaShape:
     mlp_bias: bool = False
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     sigma_features: int = 256
+    head: str = "trainable"
+    """trainable: an lm_head Linear; tied-table: the run's target table times a learned scale."""
+    adaln_rank: int | None = None
+    """None: adaLN_modulation = SiLU, Linear(H, 6H); r: SiLU, Linear(H, r, no bias), Linear(r, 6H)."""
 
     def with_depth(self, depth: int) -> "LlamaShape":
         from dataclasses import replace
@@ -153,9 +157,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(s)
         self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.hidden_size, 6 * s.hidden_size))
-        nn.init.zeros_(self.adaLN_modulation[1].weight)
-        nn.init.zeros_(self.adaLN_modulation[1].bias)
+        if s.adaln_rank is None:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.hidden_size, 6 * s.hidden_size))
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.hidden_size, s.adaln_rank, bias=False),
+                                                  nn.Linear(s.adaln_rank, 6 * s.hidden_size))
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)  # zero modulation: the layer computes what the source did
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(
         self,
@@ -234,7 +242,11 @@ class LlamaBlockNet(nn.Module):
         self.sigma_embed = SigmaEmbedder(s.hidden_size, s.sigma_features)
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
+        self.register_buffer("table", None, persistent=False)  # the run's target table, attached by the family
+        if s.head == "tied-table":
+            self.head_scale = nn.Parameter(torch.ones(()))
+        else:
+            self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
         self.rotary = LlamaRotaryEmbedding(s.hf_config())  # HF's own rotary: rope_theta and scaling as in the source
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,13 +268,30 @@ class LlamaBlockNet(nn.Module):
             new.append(kv)
         return x, new
 
+    def attach_table(self, table: torch.Tensor) -> None:
+        """Hold the run's frozen target table (one buffer, not saved with the weights): the denoiser's target
+        space, and the head itself when head=tied-table."""
+        self.table = table
+
+    def head(self, hn: torch.Tensor) -> torch.Tensor:
+        """Head logits of normed final hidden states."""
+        if self.shape.head == "tied-table":
+            if self.table is None:
+                raise RuntimeError("head=tied-table needs the run's target table: call attach_table first")
+            return self.head_scale * (hn @ self.table.to(hn.dtype).T)  # type: ignore[union-attr]
+        return self.lm_head(hn)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
+        return self.head(self.norm(h))
 
     # -- training --------------------------------------------------------------------------
 
     def forward_train(self, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        """One forward over [clean tokens ; noisy inputs]; returns head logits at the noisy positions.
+        """Head logits at the noisy positions of one forward over [clean tokens ; noisy inputs]."""
+        return self.head(self.hidden_train(tokens, noisy, c_noise))
+
+    def hidden_train(self, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        """One forward over [clean tokens ; noisy inputs]; returns the normed final hidden states at the noisy positions.
 
         tokens (B, T); noisy (B, T, H) = c_in * z; c_noise (B, T). Noisy j shares token j's rotary position.
         """
@@ -272,7 +301,7 @@ class LlamaBlockNet(nn.Module):
         pos = torch.arange(t, device=tokens.device)
         positions = torch.cat([pos, pos])[None].expand(b, -1)
         h, _ = self.run_layers(x, positions, block_diffusion_mask(t, tokens.device), cond)
-        return self.logits(h[:, t:])
+        return self.norm(h[:, t:])
 
     def forward_causal(self, tokens: torch.Tensor) -> torch.Tensor:
         """Plain causal language modelling on clean tokens (the e2e baseline): logits (B, T, V)."""
@@ -304,13 +333,18 @@ class LlamaBlockNet(nn.Module):
     def noisy_step(self, cache: KVCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
                    pad: torch.Tensor | None = None) -> torch.Tensor:
         """Head logits of one noisy query (B, 1, H) at column `position`, attending to the cached clean prefix and itself."""
+        return self.head(self.noisy_hidden(cache, noisy, c_noise, position, pad))
+
+    def noisy_hidden(self, cache: KVCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
+                     pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Normed final hidden state (B, H) of one noisy query at column `position` (see noisy_step)."""
         b = noisy.shape[0]
         columns = torch.tensor([position], device=noisy.device)
         positions, mask = decode_geometry(columns, position + 1, pad, b)
         if pad is None:
             mask = None  # the query sees every cached column and itself
         h, _ = self.run_layers(self.noisy_in(noisy), positions, mask, self.sigma_embed(c_noise), cache)
-        return self.logits(h[:, -1])
+        return self.norm(h[:, -1])
 
 
 def decode_geometry(columns: torch.Tensor, keys: int, pad: torch.Tensor | None,

@@ -15,25 +15,45 @@ from dbconvert.families.llama.model import KVCache, LlamaBlockNet
 
 
 class LlamaDenoiser(nn.Module):
-    """Logits for the token under a noisy target embedding, and D(z, sigma) = softmax(logits) @ T."""
+    """Logits for the token under a noisy target embedding, and D(z, sigma) = softmax(logits) @ T.
+
+    logits = head(h) + (z . T_v - |T_v|^2 / 2) / sigma^2: the head's context prior plus the exact Gaussian
+    log-likelihood of z under each row. With head=tied-table both are products with T and are computed
+    as one matmul, ((scale h + z / sigma^2) . T_v) - |T_v|^2 / (2 sigma^2).
+    """
 
     def __init__(self, net: LlamaBlockNet, table: torch.Tensor, noise: nz.NoiseSettings) -> None:
         super().__init__()
         self.net = net
         self.noise = noise
-        self.register_buffer("table", table.to(torch.float32), persistent=False)
+        net.attach_table(table.to(torch.float32))
         self.register_buffer("table_sq", table.to(torch.float32).pow(2).sum(-1), persistent=False)
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self.net.table  # type: ignore[return-value]
 
     def likelihood(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """log N(z; T_v, sigma^2 I) up to a constant in v, for every row v (float32)."""
         z = z.to(torch.float32)
         return (z @ self.table.T - 0.5 * self.table_sq) / sigma.to(torch.float32)[..., None] ** 2
 
+    def logits(self, hn: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Denoiser logits from normed hidden states hn (..., H), noisy targets z (..., H), sigma (...)."""
+        s2 = sigma.to(torch.float32)[..., None] ** 2
+        if self.net.shape.head == "tied-table":
+            query = self.net.head_scale * hn.to(torch.float32) + z.to(torch.float32) / s2
+            return query @ self.table.T - 0.5 * self.table_sq / s2
+        return self.net.head(hn).to(torch.float32) + self.likelihood(z, sigma)
+
+    def hidden(self, tokens: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states at the noisy positions: tokens (B, T), z (B, T, H), sigma (B, T)."""
+        s = sigma[..., None]
+        return self.net.hidden_train(tokens, nz.c_in(s, self.noise.sigma_data) * z, nz.c_noise(sigma))
+
     def forward(self, tokens: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Training forward: tokens (B, T), z (B, T, H), sigma (B, T) -> logits (B, T, V) at the noisy positions."""
-        s = sigma[..., None]
-        head = self.net.forward_train(tokens, nz.c_in(s, self.noise.sigma_data) * z, nz.c_noise(sigma))
-        return head.to(torch.float32) + self.likelihood(z, sigma)
+        return self.logits(self.hidden(tokens, z, sigma), z, sigma)
 
     def step(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
              pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,9 +62,8 @@ class LlamaDenoiser(nn.Module):
         `pad` (B,) left-padding columns per row (see `model.decode_geometry`).
         """
         s = torch.full((z.shape[0], 1), sigma, dtype=torch.float32, device=z.device)
-        head = self.net.noisy_step(cache, (nz.c_in(s, self.noise.sigma_data) * z)[:, None], nz.c_noise(s), position, pad)
-        logits = head.to(torch.float32) + self.likelihood(z, s[:, 0])
-        return torch.softmax(logits, dim=-1) @ self.table
+        hn = self.net.noisy_hidden(cache, (nz.c_in(s, self.noise.sigma_data) * z)[:, None], nz.c_noise(s), position, pad)
+        return torch.softmax(self.logits(hn, z, s[:, 0]), dim=-1) @ self.table
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the table row nearest to each z (Euclidean)."""
@@ -52,7 +71,7 @@ class LlamaDenoiser(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """The e2e baseline: the unsplit network as an ordinary next-token model."""
+    """The AR reference (and the converted source): the unsplit network as an ordinary next-token model."""
 
     def __init__(self, net: LlamaBlockNet) -> None:
         super().__init__()
@@ -94,7 +113,7 @@ def quantile_sigmas(lo: float, hi: float, noise: nz.NoiseSettings, u: torch.Tens
 
 
 @functools.lru_cache(maxsize=256)
-def mean_loss_weight(lo: float, hi: float, noise: nz.NoiseSettings, kind: str = "lambda", points: int = 4096) -> float:
+def mean_loss_weight(lo: float, hi: float, noise: nz.NoiseSettings, kind: str = "lambda", points: int = 1 << 16) -> float:
     """E[weight(sigma)] for sigma from the log-normal restricted to [lo, hi] (midpoint rule in probability)."""
     sigma = quantile_sigmas(lo, hi, noise, (torch.arange(points, dtype=torch.float64) + 0.5) / points)
     return float(raw_weight(sigma, noise.sigma_data, kind).mean())
@@ -114,6 +133,30 @@ def sigma_bucket(sigma: torch.Tensor, sigma_range: tuple[float, float], noise: n
     return ((u - f_lo) / (f_hi - f_lo) * buckets).floor().clamp(0, buckets - 1).long()
 
 
+def token_ce(denoiser: LlamaDenoiser, hn: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor,
+             chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, argmax == token) per position, (B, T) each.
+
+    With `chunk` > 0 the positions go through the vocabulary `chunk` at a time under activation
+    checkpointing: only one chunk's (chunk x V) logits are alive, forward or backward.
+    """
+    b, t = tokens.shape
+
+    def part(hn_c: torch.Tensor, z_c: torch.Tensor, s_c: torch.Tensor, y_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = denoiser.logits(hn_c, z_c, s_c)
+        return F.cross_entropy(logits, y_c, reduction="none"), logits.detach().argmax(-1) == y_c
+
+    flat = (hn.reshape(b * t, -1), z.reshape(b * t, -1), sigma.reshape(-1), tokens.reshape(-1))
+    if not chunk or chunk >= b * t:
+        ce, hit = part(*flat)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        pieces = [checkpoint(part, *(x[i:i + chunk] for x in flat), use_reentrant=False) for i in range(0, b * t, chunk)]
+        ce, hit = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+    return ce.view(b, t), hit.view(b, t)
+
+
 def diffusion_loss(
     denoiser: LlamaDenoiser,
     tokens: torch.Tensor,
@@ -121,6 +164,7 @@ def diffusion_loss(
     generator: torch.Generator,
     shard: tuple[int, int] = (0, 1),
     weighting: str = "lambda",
+    chunk: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted cross-entropy of every token at its noisy position, one sigma per position (DESIGN 5).
 
@@ -133,11 +177,10 @@ def diffusion_loss(
     sigma = nz.sample_sigmas(n * t, *sigma_range, noise, generator).view(n, t)[keep].to(tokens.device)
     eps = torch.randn((n, t, table.shape[1]), generator=generator)[keep].to(tokens.device)
     z = table[tokens] + sigma[..., None] * eps
-    logits = denoiser(tokens, z, sigma)
-    ce = F.cross_entropy(logits.reshape(b * t, -1), tokens.reshape(-1), reduction="none").view(b, t)
+    ce, hit = token_ce(denoiser, denoiser.hidden(tokens, z, sigma), z, sigma, tokens, chunk)
     loss = (loss_weights(sigma, sigma_range, noise, weighting) * ce).mean()
     with torch.no_grad():
-        acc = (logits.argmax(-1) == tokens).float().mean().item()
+        acc = hit.float().mean().item()
         bucket = sigma_bucket(sigma, sigma_range, noise).to(ce.device)
         per_bucket = {f"ce_q{k}": ce[bucket == k].mean().item() for k in range(BUCKETS) if bool((bucket == k).any())}
     return loss, {
