@@ -191,3 +191,21 @@ def test_dit_rejects_text_loss_weights(tiny_run) -> None:  # noqa: ANN001
     with pytest.raises(DbconvertError, match="text-family option"):
         train_block(tiny_run, 0, overrides=["train.loss_weight=uniform"], progress=False)
     assert get_family("dit").default_metric == "fid" and get_family("llama").default_metric == "mauve"
+
+
+def test_model_kinds_are_one_line_errors_where_a_family_has_no_such_model(tiny_run) -> None:  # noqa: ANN001
+    from tests.cli_helpers import assert_user_error, invoke
+
+    assert_user_error(invoke("sample", "--model", "ar", "--run", str(tiny_run.root)), "--model must be one of")
+    assert_user_error(invoke("train-e2e", "--objective", "ar", "--run", str(tiny_run.root)), "--model must be one of")
+    assert_user_error(invoke("train-e2e", "--objective", "mse", "--run", str(tiny_run.root)), "--objective must be")
+
+
+def test_anchored_noisy_input_keeps_the_converted_source_exact_and_trains(in_tmp: Path, corpus: Path) -> None:
+    run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.noisy_anchor": "true"})),
+                out=in_tmp / "run")
+    from dbconvert.checkpoint import load_weights
+
+    block = load_weights(run.model_dir("block-00") / "model.safetensors")
+    assert block["noisy_in.bias"].norm() > 0 and block["noisy_in.weight"].abs().max() > 0
+    assert train_block(run, 0, progress=False).step == 4

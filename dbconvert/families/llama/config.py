@@ -39,6 +39,10 @@ class LlamaConfig(ModelConfig):
     head: Literal["trainable", "tied-table"] = "trainable"
     """tied-table: the head is the run's frozen target table times a learned scale (no V x H weight per block);
     it is also fused with the likelihood term into one matmul. A checkpoint's own lm_head is then not used."""
+    noisy_anchor: bool = False
+    """The noisy input path: False = EDM's c_in * z through a scaled identity (at high sigma every noisy position
+    is a different random vector); True = that at 1/10 the gain plus a shared learned vector, so the noisy
+    query is the same at high noise and can learn to read the context at once (README "Loss weight")."""
     adaln_rank: int | None = Field(None, ge=1)
     """Low-rank sigma modulation: Linear(H, r) then Linear(r, 6H) instead of Linear(H, 6H) per layer."""
     loss_chunk: int = Field(0, ge=0)
@@ -78,4 +82,5 @@ class LlamaConfig(ModelConfig):
             rope_parameters=dict(rope),
             head=self.head,
             adaln_rank=self.adaln_rank,
+            noisy_anchor=self.noisy_anchor,
         )

@@ -34,7 +34,8 @@ HEAD_KEYS = {"trainable": ("lm_head.weight",), "tied-table": ("head_scale",)}
 
 def shared_keys(shape: LlamaShape) -> tuple[str, ...]:
     """Keys every block copies from the source network: embedding, noise input, final norm, head."""
-    return ("embed_tokens.weight", *NEW_KEYS, "norm.weight", *HEAD_KEYS[shape.head])
+    anchor = ("noisy_in.bias",) if shape.noisy_anchor else ()
+    return ("embed_tokens.weight", *NEW_KEYS, *anchor, "norm.weight", *HEAD_KEYS[shape.head])
 
 
 def mod_keys(shape: LlamaShape) -> tuple[str, ...]:
@@ -189,6 +190,12 @@ def convert_hf_state(
     rms = mapped["embed_tokens.weight"].pow(2).mean(-1).sqrt().mean()
     fresh["noisy_in.weight"] = torch.eye(shape.hidden_size) * rms * sigma_data * math.sqrt(shape.hidden_size)
     new = (*NEW_KEYS, *(HEAD_KEYS["tied-table"] if shape.head == "tied-table" else ()))
+    if shape.noisy_anchor:  # a shared query vector: the mean embedding direction at the rows' typical norm
+        embed = mapped["embed_tokens.weight"]
+        mean = embed.mean(0)
+        fresh["noisy_in.weight"] *= 0.1
+        fresh["noisy_in.bias"] = mean / mean.norm().clamp_min(1e-12) * embed.norm(dim=-1).mean()
+        new = (*new, "noisy_in.bias")
     state = {**{k: v for k, v in fresh.items() if k in new or k.endswith(mod_keys(shape))}, **mapped}
     load_strict(net, state, what)
     return net

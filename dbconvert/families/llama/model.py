@@ -48,6 +48,8 @@ class LlamaShape:
     sigma_features: int = 256
     head: str = "trainable"
     """trainable: an lm_head Linear; tied-table: the run's target table times a learned scale."""
+    noisy_anchor: bool = False
+    """noisy_in gets a bias (a fixed 'query' vector every noisy position shares) and a 10x smaller weight."""
     adaln_rank: int | None = None
     """None: adaLN_modulation = SiLU, Linear(H, 6H); r: SiLU, Linear(H, r, no bias), Linear(r, 6H)."""
 
@@ -238,7 +240,7 @@ class LlamaBlockNet(nn.Module):
         self.shape = shape
         s = shape
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
-        self.noisy_in = nn.Linear(s.hidden_size, s.hidden_size, bias=False)
+        self.noisy_in = nn.Linear(s.hidden_size, s.hidden_size, bias=s.noisy_anchor)
         self.sigma_embed = SigmaEmbedder(s.hidden_size, s.sigma_features)
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
