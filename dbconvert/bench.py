@@ -136,8 +136,8 @@ class Trainer:
         params = sum(_nbytes(t) for t in s.network.parameters()) + sum(_nbytes(t) for t in s.network.buffers())
         grads = sum(_nbytes(p) for p in s.trainable)
         optim = sum(_nbytes(v) for st in s.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
-        own = {t.untyped_storage().data_ptr() for t in s.network.parameters()}
-        ema = sum(_nbytes(t) for t in s.ema.parameters() if t.untyped_storage().data_ptr() not in own)
+        # the EMA copy of a frozen parameter is that parameter (trainstep.share_frozen): not counted twice
+        ema = sum(_nbytes(e) for e, p in zip(s.ema.parameters(), s.network.parameters()) if p.requires_grad)
         ema += sum(_nbytes(t) for t in s.ema.buffers())
         return {"parameters": params, "gradients": grads, "optimizer_state": optim, "ema": ema}
 
@@ -323,6 +323,30 @@ def bench_memory(
             t.name: {"layers": list(t.layers), **{k: results[t.name][k] for k in keys}} for t in targets
         },
     }
+
+
+def bench_static(recipe: Recipe, blocks: int) -> dict[str, Any]:
+    """Exact bytes of parameters, gradients, optimizer state and EMA of each block and of e2e, built on the
+    meta device: no memory is allocated, so any size works (activations are not included).
+
+    Optimizer state is what the recipe's optimizer keeps per trainable parameter once it has stepped:
+    two moments for Adam/AdamW, one momentum buffer for SGD.
+    """
+    family = get_family(recipe.model.family)
+    per_param = {"adamw": 2, "adam": 2, "sgd": 1}[recipe.train.optimizer]
+    out: dict[str, Any] = {"recipe": recipe.name, "blocks": blocks, "device": "meta (static)", "breakdown": {}}
+    for target in bench_targets(recipe, blocks):
+        with torch.device("meta"):
+            trainer = Trainer(recipe, target, torch.device("meta"))
+        parts = trainer.breakdown()
+        parts["optimizer_state"] = per_param * parts["gradients"]
+        parts["total_bytes"] = sum(parts.values())
+        out["breakdown"][target.name] = {"layers": list(target.layers), **parts}
+    rows = out["breakdown"]
+    out["e2e_static_bytes"] = rows["e2e"]["total_bytes"]
+    out["block_static_bytes"] = [r["total_bytes"] for name, r in rows.items() if name != "e2e"]
+    out["ratio"] = out["e2e_static_bytes"] / max(out["block_static_bytes"])
+    return out
 
 
 # --- speed ---------------------------------------------------------------------------------

@@ -333,12 +333,29 @@ def bench_memory_cmd(
     context: ContextOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
+    static: Annotated[bool, typer.Option("--static", help="Only the exact bytes of parameters, gradients, optimizer "
+                                         "state and EMA, built on the meta device (any size; no activations).")] = False,
 ) -> None:
     """Peak memory of one training step: each block alone vs the whole network end to end."""
-    from dbconvert.bench import bench_memory
+    from dbconvert.bench import bench_memory, bench_static
     from dbconvert.config import load_recipe
 
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
+    if static:
+        result = bench_static(resolved, blocks)
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        table = Table(title=f"static training memory, GiB ({result['recipe']}, B={result['blocks']}, meta device)")
+        for col in ("network", "layers", "params", "grads", "optim", "EMA", "total"):
+            table.add_column(col, justify="left" if col == "network" else "right")
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        for name, row in result["breakdown"].items():
+            table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", gib(row["parameters"]), gib(row["gradients"]),
+                          gib(row["optimizer_state"]), gib(row["ema"]), gib(row["total_bytes"]))
+        console.print(table)
+        console.print(f"ratio e2e / largest block (static part only): [bold]{result['ratio']:.2f}x[/]")
+        return
     progress = None if as_json else (lambda name, res: err_console.print(f"measured {name}: {_mib(res['peak_bytes'])} MiB"))
     result = bench_memory(resolved, blocks, batch, device, on_result=progress)
     if as_json:
