@@ -224,14 +224,16 @@ def measure_cpu_step(recipe: Recipe, target: BenchTarget, batch: int) -> dict[st
     baseline = rss_kb * 1024 if use_proc else _maxrss_bytes()
     trainer = Trainer(recipe, target, device)
     trainer.step(small)  # creates the optimizer state: the measured step is a steady-state one
+    gc.collect()
     use_proc = use_proc and _reset_peak_rss()
+    before = _status_kb("VmRSS") * 1024 if use_proc else _maxrss_bytes()  # type: ignore[operator]
     with SavedActivations(trainer.network) as saved:
         trainer.step(data, seed=1)
     peak = _status_kb("VmHWM") * 1024 if use_proc else _maxrss_bytes()  # type: ignore[operator]
     method = ("peak RSS (VmHWM after /proc/self/clear_refs) minus VmRSS before building the network"
               if use_proc else "ru_maxrss after the step minus ru_maxrss before building the network")
     return {"peak_bytes": peak - baseline, "baseline_bytes": baseline, "method": method, **trainer.breakdown(),
-            "saved_activations": saved.nbytes}
+            "resident_before_step": before - baseline, "step_peak": peak - before, "saved_activations": saved.nbytes}
 
 
 def measure_cuda_step(recipe: Recipe, target: BenchTarget, batch: int, device: torch.device) -> dict[str, Any]:
@@ -247,13 +249,15 @@ def measure_cuda_step(recipe: Recipe, target: BenchTarget, batch: int, device: t
     trainer.step([t[:WARMUP_BATCH] for t in data])
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     with SavedActivations(trainer.network) as saved:
         trainer.step(data, seed=1)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - baseline
     out = {"peak_bytes": int(peak), "baseline_bytes": int(baseline),
            "method": "CUDA allocator peak (max_memory_allocated) minus memory allocated before building the network",
-           **trainer.breakdown(), "saved_activations": saved.nbytes}
+           **trainer.breakdown(), "resident_before_step": int(before - baseline),
+           "step_peak": int(peak + baseline - before), "saved_activations": saved.nbytes}
     del trainer, data
     gc.collect()
     torch.cuda.empty_cache()
@@ -283,10 +287,13 @@ def bench_memory(
 ) -> dict[str, Any]:
     """Peak training-step memory of each block and of the e2e network; ratio = e2e / largest block.
 
-    `batch` defaults to the recipe's train.batch_size; `device` to its train.device. Each
-    entry of `breakdown` splits a peak into exact tensor bytes and the remainder
-    (`activations`: saved activations, temporaries and allocator overhead), and reports the
-    exact bytes autograd saved for backward (`saved_activations`, a part of `activations`).
+    `batch` defaults to the recipe's train.batch_size; `device` to its train.device. Each entry of
+    `breakdown` has the measured peak, the exact tensor bytes of parameters, gradients (alive
+    between backward and the optimizer step), optimizer state and EMA, and two MEASURED parts of the
+    peak: `resident_before_step` (what is held between steps: parameters, optimizer state, EMA, data,
+    allocator slack) and `step_peak` (the growth during the step: activations, gradients and
+    temporaries alive at the step's worst moment), plus the exact bytes autograd saved for backward
+    (`saved_activations`, alive together at the end of the forward, so a lower bound of `step_peak`).
     """
     batch = recipe.train.batch_size if batch is None else batch
     _check_batch(batch)
@@ -300,14 +307,13 @@ def bench_memory(
             res = measure_cuda_step(recipe, target, batch, dev)
         else:
             res = _run_worker(recipe, target, batch)
-        exact = sum(res[k] for k in ("parameters", "gradients", "optimizer_state", "ema"))
-        res["activations"] = res["peak_bytes"] - exact
         results[target.name] = res
         if on_result:
             on_result(target.name, res)
     block_peaks = [results[t.name]["peak_bytes"] for t in targets if not t.e2e]
     e2e = results["e2e"]
-    keys = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "activations", "saved_activations")
+    keys = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "resident_before_step", "step_peak",
+            "saved_activations")
     return {
         "recipe": recipe.name,
         "device": str(dev),

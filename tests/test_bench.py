@@ -39,15 +39,18 @@ def test_block_step_needs_less_memory_than_e2e(memory_json: dict) -> None:
     assert 0 < max(memory_json["block_peak_bytes"]) < memory_json["e2e_peak_bytes"]
 
 
-def test_memory_breakdown_is_exact_where_it_can_be(memory_json: dict) -> None:
-    """Parameters, gradients, optimizer state and EMA are tensor sizes; AdamW keeps two moments."""
+def test_memory_breakdown_is_measured_and_consistent(memory_json: dict) -> None:
+    """Exact tensor sizes (AdamW keeps two moments) and two measured parts that each bound what must be in them."""
     e2e, block = memory_json["breakdown"]["e2e"], memory_json["breakdown"]["block-0"]
+    mib = 2**20
     for row in (e2e, block):
         assert row["optimizer_state"] >= 2 * row["gradients"] > 0
-        parts = row["parameters"] + row["gradients"] + row["optimizer_state"] + row["ema"] + row["activations"]
-        assert parts == row["peak_bytes"]
-        assert 0 < row["saved_activations"] < row["peak_bytes"]
-    assert block["parameters"] < e2e["parameters"]
+        # held between steps: at least the parameters, optimizer state and EMA (within allocator rounding)
+        assert row["resident_before_step"] >= row["parameters"] + row["optimizer_state"] + row["ema"] - 4 * mib
+        # the step's growth holds at least everything autograd saved for backward
+        assert row["step_peak"] >= row["saved_activations"] - 4 * mib > 0
+        assert abs(row["resident_before_step"] + row["step_peak"] - row["peak_bytes"]) <= mib
+    assert block["parameters"] < e2e["parameters"] and block["step_peak"] < e2e["step_peak"]
     assert block["layers"] == [0, 2] and e2e["layers"] == [0, 4]
 
 

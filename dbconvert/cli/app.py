@@ -363,8 +363,9 @@ def bench_memory_cmd(
         return
     table = Table(title=f"peak training-step memory, MiB ({result['recipe']}, {result['layers']} layers, "
                         f"B={result['blocks']}, batch {result['batch']}, {result['device']})")
-    cols = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "activations", "saved_activations")
-    heads = ("peak", "params", "grads", "optim", "EMA", "activ.", "saved")
+    cols = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "resident_before_step", "step_peak",
+            "saved_activations")
+    heads = ("peak", "params", "grads", "optim", "EMA", "held", "step", "saved")
     table.add_column("network")
     table.add_column("layers", justify="right")
     for head in heads:
@@ -373,9 +374,11 @@ def bench_memory_cmd(
         table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", *(_mib(row[c]) for c in cols))
     console.print(table)
     console.print(f"ratio e2e / largest block: [bold]{result['ratio']:.2f}x[/]")
-    console.print(f"method: {result['method']}. layers: source layers [start, end). params, grads, optim (optimizer state) and EMA are exact tensor "
-                  "bytes; activ. = peak minus those (saved activations, temporaries, allocator overhead); "
-                  "saved = the part of activ. autograd kept for backward, exact.", highlight=False)
+    console.print(f"method: {result['method']}. layers: source layers [start, end). params, grads, optim (optimizer "
+                  "state) and EMA are exact tensor bytes; held = measured memory held between steps; step = measured "
+                  "growth during the step (activations, gradients, temporaries at its worst moment), peak = held + "
+                  "step; saved = bytes autograd kept for backward, exact (a lower bound of step).", highlight=False,
+                  soft_wrap=True)
 
 
 @bench_app.command("speed")
