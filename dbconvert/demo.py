@@ -49,7 +49,7 @@ def run_demo(
     The FID uses the built-in digits features (a small CNN trained once on the digits train split,
     cached) against the digits test split; both models get the same number of samples and seed.
     """
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     if (Path(out) / MANIFEST).exists() and not force:
         run = Run.open(out)
         if run.recipe.name != DEMO_RECIPE:

@@ -25,8 +25,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+"""soft_wrap: long lines (paths, JSON, messages) are never cut into pieces at 80 columns when the output is
+redirected; a terminal wraps them itself. Tables are still laid out to the terminal's width."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -115,7 +117,8 @@ def recipes_cmd(
     from dbconvert.config import read_recipe_text, shipped_recipes
 
     if show:
-        console.print(read_recipe_text(show)[0], highlight=False, markup=False)
+        text = read_recipe_text(show)[0]
+        typer.echo(text, nl=not text.endswith("\n"))  # verbatim: `recipes --show NAME > mine.yaml` is a valid recipe
         return
     table = Table(title="shipped recipes (dbconvert split NAME)")
     table.add_column("name")
