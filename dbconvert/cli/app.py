@@ -112,13 +112,18 @@ def announce(title: str, payload: dict[str, Any]) -> None:
 @command("recipes")
 def recipes_cmd(
     show: Annotated[Optional[str], typer.Option("--show", help="Print one recipe's YAML.")] = None,
+    archs: Annotated[bool, typer.Option("--archs", help="List every named model architecture (sizes, parameters, "
+                                                       "advice on patch size and CPU time).")] = False,
 ) -> None:
-    """List the shipped recipes (or print one with --show NAME)."""
+    """List the shipped recipes (or print one with --show NAME, or the architectures with --archs)."""
     from dbconvert.config import read_recipe_text, shipped_recipes
 
     if show:
         text = read_recipe_text(show)[0]
         typer.echo(text, nl=not text.endswith("\n"))  # verbatim: `recipes --show NAME > mine.yaml` is a valid recipe
+        return
+    if archs:
+        architectures_tables()
         return
     table = Table(title="shipped recipes (dbconvert split NAME)")
     table.add_column("name")
@@ -126,6 +131,25 @@ def recipes_cmd(
     for name, desc in shipped_recipes().items():
         table.add_row(name, desc)
     console.print(table)
+
+
+def architectures_tables() -> None:
+    """One table per family that names its architectures (through the Family contract), then its notes."""
+    from dbconvert.families import family_names, get_family
+
+    for name in family_names():
+        listing = get_family(name).architectures()
+        if not listing.rows:
+            continue
+        columns = list(listing.rows[0])
+        table = Table(title=listing.title or name, box=None, pad_edge=False)  # fits 80 columns
+        for col in columns:
+            table.add_column(col, justify="left" if col == columns[0] else "right", no_wrap=col == columns[0])
+        for row in listing.rows:
+            table.add_row(*(str(row.get(col, "")) for col in columns))
+        console.print(table)
+        for note in listing.notes:
+            console.print(f"- {note}", highlight=False, markup=False)
 
 
 @command("split")

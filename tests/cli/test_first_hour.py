@@ -32,3 +32,21 @@ def test_recipes_show_writes_a_valid_recipe_and_paths_stay_whole_at_40_columns(i
     assert any(str(out) in line for line in split.stdout.splitlines()), split.stdout
     info = narrow("info", "--json")
     assert info.exit_code == 0 and len(json.loads(info.stdout)) == 4
+
+
+def test_archs_lists_every_dit_architecture_with_parameters_counted_from_the_model() -> None:
+    from dbconvert.families import get_family
+    from dbconvert.families.dit.model import ARCHS, DiT, DiTShape
+    from tests.cli_helpers import invoke
+
+    res = invoke("recipes", "--archs")
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith("DiT-")}
+    assert set(rows) == set(ARCHS)
+    a = ARCHS["DiT-Micro/2"]
+    net = DiT(DiTShape(32, 3, 10, a.depth, a.hidden_size, a.num_heads, a.patch_size))
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert rows["DiT-Micro/2"][1:6] == ["4", "32", "2", "2", f"{trainable / 1e3:.1f}k"]
+    assert round(float(rows["DiT-XL/2"][6].rstrip("M"))) == 675  # the DiT paper's 675M for XL/2
+    assert "patch vs image size" in res.stdout and "CPU time" in res.stdout
+    assert get_family("llama").architectures().rows == []  # the contract's default: sizes set in the recipe
