@@ -81,7 +81,7 @@ def run_demo(
             write_result(run.root / "eval", res)
             console.print(result_table(res))
             result.fid[model] = res
-        for table in compare_tables(list(result.fid.values())):
+        for table in compare_tables(list(result.fid.values()), run.root):
             console.print(table)
     try:  # figures are a bonus: a plotting problem must not cost the user the trained demo
         from dbconvert.plots import has_data, make_figures

@@ -55,7 +55,8 @@ def fid_cmd(
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Independent sample sets; reports each, the minimum (paper) and the mean.")] = 1,
     samples: Annotated[Optional[Path], typer.Option("--samples", help="Evaluate this image folder instead of generating.")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference image folder instead of the data set.")] = None,
-    split: Annotated[str, typer.Option("--split", help="Reference split of the recipe's data set (the paper: test).")] = "test",
+    split: Annotated[Optional[str], typer.Option("--split", help="Reference split of the recipe's data set (default: train "
+                                                 "for cifar10, as published FIDs use; test otherwise).")] = None,
     features: Annotated[str, typer.Option("--features", help="auto (Inception for RGB, built-in CNN for grey), inception, builtin or builtin:SOURCE.")] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="clean-fid's inception-2015-12-05.pt, if not in /tmp.")] = None,
     steps: StepsOpt = None,
@@ -128,5 +129,5 @@ def compare_cmd(run: RunOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(json.dumps(results))
         return
-    for table in compare_tables(results):
+    for table in compare_tables(results, opened.root):
         console.print(table)

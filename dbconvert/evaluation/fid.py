@@ -30,6 +30,10 @@ from dbconvert.evaluation.features import (FeatureSpec, builtin_features, cache_
                                            to_uint8)
 
 CHUNK = 1000
+PUBLISHED_REFERENCE_SPLITS = {"cifar10": "train", "uoft-cs/cifar10": "train"}
+"""Hub data sets whose published FIDs use a known reference split. CIFAR-10: the 50,000 TRAINING images
+(EDM and clean-fid, whose precomputed cifar10 statistics are of the train split). Every other data set
+defaults to its test split."""
 SKIP_NAMES = {"grid.png"}
 IMAGE_EXTS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}
 FEATURE_CHOICES = ("auto", "inception", "builtin")
@@ -130,11 +134,67 @@ def write_pngs(x: torch.Tensor, folder: Path) -> list[Path]:
     return files
 
 
+def default_split(data_cfg: Any) -> str:
+    """The reference split `eval fid` uses unless --split says otherwise (see PUBLISHED_REFERENCE_SPLITS)."""
+    from dbconvert.data.images import resolve_kind
+
+    if resolve_kind(data_cfg) == "hub":
+        return PUBLISHED_REFERENCE_SPLITS.get(str(data_cfg.source).lower(), "test")
+    return "test"
+
+
+def split_overlaps_training(data_cfg: Any, split: str) -> bool:
+    """Whether the reference `split` holds images the run trains on (`data.split`)."""
+    if split == data_cfg.split or "all" in (split, data_cfg.split):
+        return True
+    test_source = getattr(data_cfg, "test_source", None)
+    if split == "test" and test_source is not None:
+        return Path(test_source).expanduser().resolve() == Path(data_cfg.source).expanduser().resolve()
+    return False
+
+
+def image_digests(pixels: np.ndarray) -> set[str]:
+    """sha1 of every uint8 image (NCHW): equal digests are equal images."""
+    import hashlib
+
+    return {hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixels}
+
+
+def folder_overlap(files: list[Path], data_cfg: Any) -> int:
+    """How many images of a reference folder are, pixel for pixel, images of the run's training split."""
+    from PIL import Image
+
+    from dbconvert.data.images import load_images
+
+    pixels = to_uint8(load_images(data_cfg, data_cfg.split).x)
+    if pixels.shape[1] not in (1, 3):
+        return 0  # latents: a folder of images cannot hold them
+    train = image_digests(pixels)
+    mode = "L" if pixels.shape[1] == 1 else "RGB"
+    count = 0
+    for path in files:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert(mode))
+        chw = arr[None] if mode == "L" else arr.transpose(2, 0, 1)
+        count += bool(image_digests(chw[None]) & train)
+    return count
+
+
+def reference_key(data_cfg: Any, split: str) -> str:
+    """Cache id of a reference set: the data set, the split and every setting that decides what the split holds."""
+    import hashlib
+    import json
+
+    fields = {k: getattr(data_cfg, k, None) for k in ("test_source", "test_fraction", "split_seed", "image_key", "label_key")}
+    digest = hashlib.sha256(json.dumps([str(data_cfg.source), split, fields], default=str).encode()).hexdigest()[:8]
+    return f"{data_key(data_cfg.source)}-{split}-{digest}"
+
+
 def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = _nolog) -> tuple[np.ndarray, str]:
     """Features of the data set's `split`, cached in $DBCONVERT_CACHE/fid-ref/ per data set / split / features."""
     from dbconvert.data.images import load_images
 
-    path = cache_dir() / "fid-ref" / f"{data_key(data_cfg.source)}-{split}-{spec.key}.npz"
+    path = cache_dir() / "fid-ref" / f"{reference_key(data_cfg, split)}-{spec.key}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as arr:
@@ -194,7 +254,7 @@ def evaluate_fid(
     repeats: int = 1,
     samples: Path | None = None,
     reference: Path | None = None,
-    split: str = "test",
+    split: str | None = None,
     features: str = "auto",
     inception_weights: Path | None = None,
     steps: int | None = None,
@@ -204,7 +264,11 @@ def evaluate_fid(
     weights: str | None = None,
     log: Log = _nolog,
 ) -> dict[str, Any]:
-    """FID (and KID) of the run's samples (or a sample folder) against the data set's split (or a folder)."""
+    """FID (and KID) of the run's samples (or a sample folder) against the data set's split (or a folder).
+
+    `split` defaults to `default_split` (cifar10: train, as published FIDs; otherwise test). Every result
+    names its reference (data set, split, size) and says whether it overlaps the run's training images.
+    """
     import dbconvert
 
     start = time.time()
@@ -240,15 +304,23 @@ def evaluate_fid(
         check_count(num, spec, "--num")
 
     # reference
+    overlap_images: int | None = None
     if reference is not None:
         ref_feats = folder_features(Path(reference), spec, device, f"reference folder {reference}")
-        ref_desc = f"folder {reference} ({len(ref_feats)} images)"
+        ref_desc = f"folder {Path(reference).resolve()} ({len(ref_feats)} images)"
         split_used = None
+        if run is not None and run.family().default_metric == "fid":
+            overlap_images = folder_overlap(list_images(Path(reference)), run.recipe.data)
+        overlaps: bool | None = None if overlap_images is None else overlap_images > 0
     else:
         assert run is not None
-        ref_feats, ref_desc = reference_features(run.recipe.data, split, spec, device, log)
-        split_used = split
+        split_used = split or default_split(run.recipe.data)
+        ref_feats, ref_desc = reference_features(run.recipe.data, split_used, spec, device, log)
+        overlaps = split_overlaps_training(run.recipe.data, split_used)
     check_count(len(ref_feats), spec, f"the reference {ref_desc}")
+    if overlaps:
+        what = f"{overlap_images} of its images are" if overlap_images else "it is"
+        log(f"note: the reference {ref_desc} overlaps the training data ({what} training images); the result says so")
 
     fids, kids, dirs, counts = [], [], [], []
     if samples is not None:
@@ -288,11 +360,16 @@ def evaluate_fid(
         "mean": float(np.mean(fids)),
         "kid": {"values": kids, "min": min(kids), "mean": float(np.mean(kids))},
         "model": model if samples is None else f"folder:{Path(samples).name}",
+        "source": ({"kind": "folder", "path": str(Path(samples).resolve())} if samples is not None
+                   else {"kind": "run", "path": str(Path(run.root).resolve())}),
         "features": spec.name,
         "features_info": spec.info,
         "num_samples": counts[0],
         "repeats": len(fids),
         "reference": ref_desc,
+        "reference_size": int(len(ref_feats)),
+        "reference_overlaps_training": overlaps,
+        **({"reference_overlap_images": overlap_images} if overlap_images is not None else {}),
         "split": split_used,
         "sampler": sampler if samples is None else None,
         "seed": sampler["seed"] if sampler and samples is None else None,

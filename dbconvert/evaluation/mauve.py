@@ -274,6 +274,7 @@ def evaluate_mauve(
         "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
         "kmeans_seeds": kmeans_seeds,
         "model": model,
+        "source": {"kind": "run", "path": str(Path(run.root).resolve())},
         "features": feat.name,
         "features_info": feat.info,
         "num_samples": len(records),
