@@ -59,6 +59,8 @@ def fid_cmd(
                                                  "for cifar10, as published FIDs use; test otherwise).")] = None,
     features: Annotated[str, typer.Option("--features", help="auto (Inception for RGB, built-in CNN for grey), inception, builtin or builtin:SOURCE.")] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="clean-fid's inception-2015-12-05.pt, if not in /tmp.")] = None,
+    feature_images: Annotated[int, typer.Option("--feature-images", min=0, help="Built-in features: train the CNN on at "
+                                                "most this many images of the train split (0 = all of them).")] = 5000,
     steps: StepsOpt = None,
     solver: SolverOpt = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", min=0.0, help="Classifier-free guidance w (default: recipe).")] = None,
@@ -81,7 +83,8 @@ def fid_cmd(
         opened = None  # two folders need no run
     result = evaluate_fid(opened, model=model, num=num, repeats=repeats, samples=samples, reference=reference,
                           split=split, features=features, inception_weights=inception_weights, steps=steps,
-                          solver=solver, guidance=guidance, seed=seed, weights=weights, log=_log(quiet or as_json))
+                          solver=solver, guidance=guidance, seed=seed, weights=weights, log=_log(quiet or as_json),
+                          feature_images=feature_images, progress=not quiet)
     _report(result, opened, as_json)
 
 

@@ -26,8 +26,8 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
-from dbconvert.evaluation.features import (FeatureSpec, builtin_features, cache_dir, data_key, inception_features,
-                                           to_uint8)
+from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
+                                           inception_features, to_uint8)
 
 CHUNK = 1000
 PUBLISHED_REFERENCE_SPLITS = {"cifar10": "train", "uoft-cs/cifar10": "train"}
@@ -226,8 +226,13 @@ def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: tor
 
 
 def resolve_features(features: str, run: Any, inception_weights: Path | None, channels: int | None,
-                     device: torch.device, log: Log) -> FeatureSpec:
-    """auto = Inception for 3-channel images, the built-in CNN for 1-channel ones; builtin[:SOURCE]."""
+                     device: torch.device, log: Log, feature_images: int = CNN_MAX_IMAGES,
+                     progress: bool = False) -> FeatureSpec:
+    """auto = Inception for 3-channel images, the built-in CNN for 1-channel ones; builtin[:SOURCE].
+
+    `builtin:SOURCE` trains the built-in CNN on SOURCE's train split (any `data.source`: digits, a hub name,
+    an image folder, a .npz) instead of the run's data; `feature_images` caps its training images.
+    """
     from dbconvert.schema import DataConfig
 
     kind, _, source = features.partition(":")
@@ -243,7 +248,7 @@ def resolve_features(features: str, run: Any, inception_weights: Path | None, ch
         data_cfg = run.recipe.data
     else:
         raise DbconvertError("--features builtin trains on a run's data set: pass --run DIR or name one, e.g. --features builtin:digits")
-    return builtin_features(data_cfg, device, log)
+    return builtin_features(data_cfg, device, log, max_images=feature_images, progress=progress)
 
 
 def evaluate_fid(
@@ -263,6 +268,8 @@ def evaluate_fid(
     seed: int | None = None,
     weights: str | None = None,
     log: Log = _nolog,
+    feature_images: int = CNN_MAX_IMAGES,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """FID (and KID) of the run's samples (or a sample folder) against the data set's split (or a folder).
 
@@ -299,7 +306,7 @@ def evaluate_fid(
     channels = None
     if run is not None and run.family().default_metric == "fid":
         channels = run.family().sample_shape(run.recipe)[0]
-    spec = resolve_features(features, run, inception_weights, channels, device, log)
+    spec = resolve_features(features, run, inception_weights, channels, device, log, feature_images, progress)
     if num is not None:
         check_count(num, spec, "--num")
 

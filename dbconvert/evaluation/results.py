@@ -111,6 +111,9 @@ def result_table(r: dict[str, Any]) -> Table:
         table.add_row("reference overlaps training", overlap_text(r))
     table.add_row("sampler", _sampler_text(r))
     info = r.get("features_info") or {}
+    if info.get("val_accuracy") is not None:
+        table.add_row("feature net held-out accuracy", f"{info['val_accuracy']:.4f} ({info.get('val_images')} train-split "
+                      f"images it was not trained on; trained on {info.get('train_images')}, {info.get('epochs')} epochs)")
     if info.get("test_accuracy") is not None:
         table.add_row("feature net test accuracy", f"{info['test_accuracy']:.4f} ({info.get('test_images')} images)")
     table.add_row("time", f"{r['seconds']:.1f}s")
