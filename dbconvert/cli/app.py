@@ -159,6 +159,7 @@ def split_cmd(
     blocks: Annotated[Optional[int], typer.Option("--blocks", "-b", help="Number of blocks B (overrides blocks.num).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: the recipe's output.dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in the output folder.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Convert a checkpoint (or a fresh config) into B diffusion blocks and write the run directory."""
     from dbconvert.config import load_recipe
@@ -168,7 +169,7 @@ def split_cmd(
         raise_user(f"--blocks must be at least 1, got {blocks}")
     extra = [f"blocks.num={blocks}"] if blocks is not None else []
     resolved = load_recipe(recipe, [*(overrides or []), *extra])
-    run = split(resolved, out=out, force=force)
+    run = split(resolved, out=out, force=force, progress=not quiet)
     console.print(blocks_table(run))
     console.print(f"run written to [bold]{run.root}[/] (now the current run); next: dbconvert train-block 0")
 

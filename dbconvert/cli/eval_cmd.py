@@ -116,7 +116,7 @@ def mauve_cmd(
     result = evaluate_mauve(opened, model=model, num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
                             prompt_tokens=prompt_tokens, new_tokens=new_tokens, split=split, featurizer=featurizer,
                             seeds=seeds, steps=steps, solver=solver, seed=seed, weights=weights,
-                            log=_log(quiet or as_json))
+                            log=_log(quiet or as_json), progress=not quiet)
     _report(result, opened, as_json)
 
 

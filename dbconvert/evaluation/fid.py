@@ -26,6 +26,7 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
+from dbconvert.progress import progress as show_progress
 from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
                                            inception_features, to_uint8)
 
@@ -80,21 +81,33 @@ def check_images(files: list[Path], what: str) -> tuple[int, int]:
     return next(iter(sizes))
 
 
-def file_features(files: list[Path], spec: FeatureSpec, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """clean-fid features of image files (mode clean; the spec's resize replaces the 299 resize if set)."""
+def file_features(files: list[Path], spec: FeatureSpec, device: torch.device, batch_size: int = 64,
+                  label: str = "FID features", show: bool = False) -> np.ndarray:
+    """clean-fid features of image files (mode clean; the spec's resize replaces the 299 resize if set).
+
+    Read in slices of 8 batches, so progress can be shown; the batches are the ones a single call makes.
+    """
     from cleanfid.fid import get_files_features
 
-    return get_files_features([str(f) for f in files], model=spec.extractor, num_workers=0, batch_size=batch_size,
-                              device=device, mode="clean", custom_fn_resize=spec.resize, verbose=False)
+    step = 8 * batch_size
+    parts = []
+    with show_progress(label, len(files), unit="images", enabled=show) as update:
+        for lo in range(0, len(files), step):
+            parts.append(get_files_features([str(f) for f in files[lo : lo + step]], model=spec.extractor, num_workers=0,
+                                            batch_size=batch_size, device=device, mode="clean",
+                                            custom_fn_resize=spec.resize, verbose=False))
+            update(min(lo + step, len(files)))
+    return np.concatenate(parts)
 
 
-def folder_features(folder: Path, spec: FeatureSpec, device: torch.device, what: str, batch_size: int = 64) -> np.ndarray:
+def folder_features(folder: Path, spec: FeatureSpec, device: torch.device, what: str, batch_size: int = 64,
+                    show: bool = False) -> np.ndarray:
     files = list_images(folder)
     h, w = check_images(files, what)
     if spec.native_size is not None and (h, w) != spec.native_size:
         raise DataError(f"{what} holds {w}x{h} images but the features {spec.name} take "
                         f"{spec.native_size[1]}x{spec.native_size[0]}; use images of the data set's size")
-    return file_features(files, spec, device, batch_size)
+    return file_features(files, spec, device, batch_size, f"FID features of {what}", show)
 
 
 def check_count(n: int, spec: FeatureSpec, what: str) -> None:
@@ -190,7 +203,8 @@ def reference_key(data_cfg: Any, split: str) -> str:
     return f"{data_key(data_cfg.source)}-{split}-{digest}"
 
 
-def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = _nolog) -> tuple[np.ndarray, str]:
+def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = _nolog,
+                       show: bool = False) -> tuple[np.ndarray, str]:
     """Features of the data set's `split`, cached in $DBCONVERT_CACHE/fid-ref/ per data set / split / features."""
     from dbconvert.data.images import load_images
 
@@ -212,7 +226,8 @@ def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: tor
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="ref-", dir=path.parent))
     try:
-        feats = file_features(write_pngs(data.x, tmp), spec, device)
+        feats = file_features(write_pngs(data.x, tmp), spec, device, label=f"FID features of {data.name}:{split}",
+                              show=show)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     desc = f"{data_cfg.source}:{split} ({len(data)} images)"
@@ -313,7 +328,7 @@ def evaluate_fid(
     # reference
     overlap_images: int | None = None
     if reference is not None:
-        ref_feats = folder_features(Path(reference), spec, device, f"reference folder {reference}")
+        ref_feats = folder_features(Path(reference), spec, device, f"reference folder {reference}", show=progress)
         ref_desc = f"folder {Path(reference).resolve()} ({len(ref_feats)} images)"
         split_used = None
         if run is not None and run.family().default_metric == "fid":
@@ -322,7 +337,7 @@ def evaluate_fid(
     else:
         assert run is not None
         split_used = split or default_split(run.recipe.data)
-        ref_feats, ref_desc = reference_features(run.recipe.data, split_used, spec, device, log)
+        ref_feats, ref_desc = reference_features(run.recipe.data, split_used, spec, device, log, show=progress)
         overlaps = split_overlaps_training(run.recipe.data, split_used)
     check_count(len(ref_feats), spec, f"the reference {ref_desc}")
     if overlaps:
@@ -331,7 +346,7 @@ def evaluate_fid(
 
     fids, kids, dirs, counts = [], [], [], []
     if samples is not None:
-        feats = folder_features(Path(samples), spec, device, f"sample folder {samples}")
+        feats = folder_features(Path(samples), spec, device, f"sample folder {samples}", show=progress)
         check_count(len(feats), spec, f"sample folder {samples}")
         fid, kid = fid_kid(feats, ref_feats)
         fids.append(fid), kids.append(kid), dirs.append(str(samples)), counts.append(len(feats))
@@ -347,14 +362,21 @@ def evaluate_fid(
             if out.exists():
                 shutil.rmtree(out)
             t0 = time.time()
-            for c, lo in enumerate(range(0, num, CHUNK)):
-                n = min(CHUNK, num - lo)
-                family.generate(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
-                                                 guidance=sampler["guidance"], num=n, seed=base + c,
-                                                 weights=sampler["weights"], out=out / f"chunk-{c:03d}"))
+            label = f"FID samples ({model}" + (f", repeat {r + 1}/{repeats})" if repeats > 1 else ")")
+            with show_progress(label, num, unit="images", enabled=progress) as update:
+                for c, lo in enumerate(range(0, num, CHUNK)):
+                    n = min(CHUNK, num - lo)
+
+                    def chunk_done(done: int, total: int, lo: int = lo, n: int = n) -> None:
+                        update(lo + n * done / max(total, 1))
+
+                    family.generate(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
+                                                     guidance=sampler["guidance"], num=n, seed=base + c,
+                                                     weights=sampler["weights"], out=out / f"chunk-{c:03d}",
+                                                     on_progress=chunk_done))
             log(f"repeat {r + 1}/{repeats}: {num} samples ({model}, seed {base}) in {time.time() - t0:.1f}s -> {out}")
             files = list_images(out)
-            feats = file_features(files, spec, device)
+            feats = file_features(files, spec, device, label=f"FID features of the samples ({model})", show=progress)
             fid, kid = fid_kid(feats, ref_feats, kid_seed=r)
             log(f"repeat {r + 1}/{repeats}: FID {fid:.4f}, KID {kid:.5f}")
             fids.append(fid), kids.append(kid), dirs.append(str(out)), counts.append(len(feats))

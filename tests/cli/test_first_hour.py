@@ -50,3 +50,44 @@ def test_archs_lists_every_dit_architecture_with_parameters_counted_from_the_mod
     assert round(float(rows["DiT-XL/2"][6].rstrip("M"))) == 675  # the DiT paper's 675M for XL/2
     assert "patch vs image size" in res.stdout and "CPU time" in res.stdout
     assert get_family("llama").architectures().rows == []  # the contract's default: sizes set in the recipe
+
+
+def test_split_sample_and_eval_fid_talk_in_plain_lines_when_not_a_terminal(
+        in_tmp: Path, tmp_path_factory, monkeypatch) -> None:  # noqa: ANN001
+    from tests.cli_helpers import invoke
+
+    monkeypatch.setenv("DBCONVERT_CACHE", str(tmp_path_factory.getbasetemp() / "dbconvert-cache"))
+    split = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES)
+    assert split.exit_code == 0, split.output
+    assert "split into 4 blocks: done, 5 files in" in split.stderr and "MiB/s" in split.stderr
+    for i in range(4):
+        assert invoke("train-block", i, "-q").exit_code == 0
+    sample = invoke("sample", "--steps", "3", "--solver", "heun")
+    assert sample.exit_code == 0, sample.output
+    assert "sample blocks (4 images): done, 5 steps in" in sample.stderr  # Heun: 3 + 2 corrections
+    fid = invoke("eval", "fid", "--num", "70", "--steps", "2")
+    assert fid.exit_code == 0, fid.output
+    assert "FID samples (blocks): done, 70 images in" in fid.stderr and "images/s" in fid.stderr
+    assert "FID features of the samples (blocks): done, 70 images in" in fid.stderr
+    quiet = invoke("sample", "--steps", "2", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_train_block_announces_the_steps_it_runs_and_notes_a_changed_batch_size(in_tmp: Path) -> None:
+    from tests.cli_helpers import invoke
+
+    assert invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "-q").exit_code == 0  # the recipe says 4 steps
+    first = invoke("train-block", "0", "--steps", "2", "train.batch_size=16", "-q")
+    assert first.exit_code == 0, first.output
+    announced = json.loads(next(line for line in first.stdout.splitlines() if line.startswith("{")))
+    assert announced["train"]["steps"] == 2 and announced["train"]["batch_size"] == 16
+    assert "block-00: step 2/2" in first.stdout and first.stderr == ""
+
+    second = invoke("train-block", "0", "--steps", "3", "train.batch_size=8", "-q")
+    assert second.exit_code == 0, second.output
+    announced = json.loads(next(line for line in second.stdout.splitlines() if line.startswith("{")))
+    assert announced["train"]["steps"] == 3 and announced["train"]["batch_size"] == 8
+    note = second.stderr.strip()
+    assert note.startswith("block-00: resuming at step 2 with train.batch_size=8 (the checkpoint was trained with 16)")
+    assert "--restart" in note and len(note.splitlines()) == 1
+    assert "block-00: step 3/3" in second.stdout
