@@ -171,7 +171,11 @@ def split_cmd(
     resolved = load_recipe(recipe, [*(overrides or []), *extra])
     run = split(resolved, out=out, force=force, progress=not quiet)
     console.print(blocks_table(run))
-    console.print(f"run written to [bold]{run.root}[/] (now the current run); next: dbconvert train-block 0")
+    suffix = resolved.data_suffix() if out is None else None
+    why = (f" (named -{suffix} because data.source={resolved.data.source} is not the data of the shipped "
+           f"{resolved.name}; --out DIR to choose)") if suffix else ""
+    console.print(f"run written to [bold]{run.root}[/]{why} (now the current run); next: dbconvert train-block 0",
+                  highlight=False)
 
 
 @command("info")

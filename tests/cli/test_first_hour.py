@@ -91,3 +91,24 @@ def test_train_block_announces_the_steps_it_runs_and_notes_a_changed_batch_size(
     assert note.startswith("block-00: resuming at step 2 with train.batch_size=8 (the checkpoint was trained with 16)")
     assert "--restart" in note and len(note.splitlines()) == 1
     assert "block-00: step 3/3" in second.stdout
+
+
+def test_run_folder_names_data_that_differ_from_the_shipped_recipe(in_tmp: Path) -> None:
+    from dbconvert.config import load_recipe
+    from tests.cli_helpers import invoke
+    from tests.families.test_llama import CORPUS, tiny_overrides
+
+    assert load_recipe("llama-tiny-shakespeare").output_dir() == Path("runs/llama-tiny-shakespeare-B4")
+    corpus = in_tmp / "my corpus.txt"
+    corpus.write_text(CORPUS)
+    assert load_recipe("llama-tiny-shakespeare", [f"data.source={corpus}"]).output_dir() == Path(
+        "runs/llama-tiny-shakespeare-my-corpus-B4")
+    assert load_recipe("llama-tiny-shakespeare", [f"data.source={corpus}", "output.dir=mine"]).output_dir() == Path("mine")
+
+    res = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus), "--blocks", "2", "-q")
+    assert res.exit_code == 0, res.output
+    assert (in_tmp / "runs" / "llama-tiny-shakespeare-my-corpus-B2" / "manifest.yaml").is_file()
+    assert "runs/llama-tiny-shakespeare-my-corpus-B2 (named -my-corpus because data.source=" in res.stdout
+    digits = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "-q")
+    assert digits.exit_code == 0 and "named -" not in digits.stdout
+    assert (in_tmp / "runs" / "dit-tiny-digits-B4").is_dir()
