@@ -332,7 +332,10 @@ def evaluate_fid(
         ref_desc = f"folder {Path(reference).resolve()} ({len(ref_feats)} images)"
         split_used = None
         if run is not None and run.family().default_metric == "fid":
-            overlap_images = folder_overlap(list_images(Path(reference)), run.recipe.data)
+            try:
+                overlap_images = folder_overlap(list_images(Path(reference)), run.recipe.data)
+            except DbconvertError as exc:  # e.g. a hub data set offline: the overlap stays unknown, the FID does not
+                log(f"note: cannot compare the reference folder with the training data ({exc}); overlap unknown")
         overlaps: bool | None = None if overlap_images is None else overlap_images > 0
     else:
         assert run is not None
