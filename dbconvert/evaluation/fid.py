@@ -26,9 +26,9 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
-from dbconvert.progress import progress as show_progress
 from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
                                            inception_features, to_uint8)
+from dbconvert.progress import progress as show_progress
 
 CHUNK = 1000
 PUBLISHED_REFERENCE_SPLITS = {"cifar10": "train", "uoft-cs/cifar10": "train"}

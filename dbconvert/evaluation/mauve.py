@@ -198,9 +198,9 @@ def sample_size_note(num_references: int, num_generations: int) -> str | None:
         return None
     clusters = max(2, int(round(min(num_references, num_generations) / 10)))
     return (f"MAUVE on {num_references} reference and {num_generations} generated texts ({clusters} k-means clusters): "
-            f"MAUVE is stable from about {STABLE_TEXTS} texts per side (its authors' setting, e.g. "
-            f"--num-prompts 1000 --samples-per-prompt 5 against 5000 references); with fewer it reads high and "
-            "moves between seeds, so compare runs only at equal counts")
+            f"it is stable from about {STABLE_TEXTS} texts per side (its authors' setting; references = prompts, "
+            "so --num-prompts 5000 where the split has them); with fewer it reads high and moves between k-means "
+            "seeds, so compare runs only at equal counts")
 
 
 def mauve_scores(p_features: np.ndarray, q_features: np.ndarray, seeds: list[int]) -> list[float]:

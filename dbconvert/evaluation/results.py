@@ -70,7 +70,7 @@ def overlap_text(r: dict[str, Any]) -> str:
     """Whether an FID's reference holds training images, said so that it cannot be missed."""
     overlaps = r.get("reference_overlaps_training")
     if overlaps is None:
-        return "unknown (no run to compare with)" if "reference_overlaps_training" in r else "not recorded"
+        return "unknown (no run, or its training data unreadable)" if "reference_overlaps_training" in r else "not recorded"
     if not overlaps:
         return "no"
     count = r.get("reference_overlap_images")
