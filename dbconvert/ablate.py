@@ -281,7 +281,7 @@ def run_ablation(
     `steps` is the number of training steps of every block of every variant (default: the
     recipe's train.steps). `num` samples per variant, all with the recipe's sampling seed.
     """
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     if kind not in KINDS:
         raise DbconvertError(f"unknown ablation {kind!r}; choose one of {', '.join(KINDS)}")
     base = load_recipe(recipe, overrides)

@@ -338,7 +338,6 @@ def bench_static(recipe: Recipe, blocks: int) -> dict[str, Any]:
     Optimizer state is what the recipe's optimizer keeps per trainable parameter once it has stepped:
     two moments for Adam/AdamW, one momentum buffer for SGD.
     """
-    family = get_family(recipe.model.family)
     per_param = {"adamw": 2, "adam": 2, "sgd": 1}[recipe.train.optimizer]
     out: dict[str, Any] = {"recipe": recipe.name, "blocks": blocks, "device": "meta (static)", "breakdown": {}}
     for target in bench_targets(recipe, blocks):

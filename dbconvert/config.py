@@ -47,7 +47,26 @@ class Recipe(Section):
         return self.model_dump(mode="json")
 
     def output_dir(self) -> Path:
-        return Path(self.output.dir.format(name=self.name, blocks=self.blocks.num))
+        """Where `split` writes the run unless told: output.dir, with `-<data stem>` after the name when the
+        default folder would otherwise hide that the data differ from the shipped recipe's (see `data_suffix`)."""
+        suffix = self.data_suffix()
+        name = f"{self.name}-{suffix}" if suffix else self.name
+        return Path(self.output.dir.format(name=name, blocks=self.blocks.num))
+
+    def data_suffix(self) -> str | None:
+        """A short slug of data.source when it is not the data of the shipped recipe this one is named after.
+
+        `runs/llama-tiny-shakespeare-B4` must not hold a model of other text: with data.source=my/corpus.txt
+        the default folder becomes `runs/llama-tiny-shakespeare-corpus-B4`. None for the shipped data, for
+        recipes that are not named after a shipped one (their own name is the distinction) and when
+        output.dir is not the default (the user chose the folder).
+        """
+        if self.output.dir != OutputConfig.model_fields["dir"].default:
+            return None
+        shipped = shipped_data_source(self.name)
+        if shipped is None or shipped == self.data.source:
+            return None
+        return data_slug(self.data.source)
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -61,6 +80,26 @@ def shipped_recipes() -> dict[str, str]:
             text = entry.read_text()
             out[entry.name[: -len(".yaml")]] = _description(text)
     return out
+
+
+def shipped_data_source(name: str) -> str | None:
+    """data.source of the shipped recipe called `name` (None when there is none)."""
+    resource = resources.files("dbconvert.recipes") / f"{name}.yaml"
+    if not resource.is_file():
+        return None
+    raw = yaml.safe_load(resource.read_text()) or {}
+    data = raw.get("data") if isinstance(raw, dict) else None
+    source = data.get("source") if isinstance(data, dict) else None
+    return str(source) if source is not None else DataConfig.model_fields["source"].default
+
+
+def data_slug(source: str) -> str:
+    """A short file-name-safe name of a data source: its file or folder stem (`corpus` for data/corpus.txt)."""
+    text = str(source).rstrip("/\\")
+    path = Path(text)
+    stem = path.parent.name if any(ch in path.name for ch in "*?") else path.stem
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem).strip("-")[:24].strip("-")
+    return slug or "data"
 
 
 def _description(text: str) -> str:

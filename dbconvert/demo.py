@@ -49,7 +49,7 @@ def run_demo(
     The FID uses the built-in digits features (a small CNN trained once on the digits train split,
     cached) against the digits test split; both models get the same number of samples and seed.
     """
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     if (Path(out) / MANIFEST).exists() and not force:
         run = Run.open(out)
         if run.recipe.name != DEMO_RECIPE:
@@ -63,11 +63,11 @@ def run_demo(
         result = train_block(run, block.index, steps=steps, progress=progress)
         console.print(f"block {block.index}: {result.step} steps, loss {result.last_loss}")
     family = run.family()
-    samples = family.generate(run, SampleRequest())
+    samples = family.generate(run, SampleRequest(progress=progress))
     e2e_samples = None
     if e2e:
         train_e2e(run, steps=steps, progress=progress)
-        e2e_samples = family.generate(run, SampleRequest(model="e2e"))
+        e2e_samples = family.generate(run, SampleRequest(model="e2e", progress=progress))
     result = DemoResult(run, samples, e2e_samples)
     if fid:
         from dbconvert.evaluation.fid import evaluate_fid
@@ -77,11 +77,11 @@ def run_demo(
             console.print(msg, highlight=False, markup=False)
 
         for model in ["blocks", "e2e"] if e2e else ["blocks"]:
-            res = evaluate_fid(run, model=model, num=fid_samples, features="builtin", log=log)
+            res = evaluate_fid(run, model=model, num=fid_samples, features="builtin", log=log, progress=progress)
             write_result(run.root / "eval", res)
             console.print(result_table(res))
             result.fid[model] = res
-        for table in compare_tables(list(result.fid.values())):
+        for table in compare_tables(list(result.fid.values()), run.root):
             console.print(table)
     try:  # figures are a bonus: a plotting problem must not cost the user the trained demo
         from dbconvert.plots import has_data, make_figures

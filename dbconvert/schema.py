@@ -42,8 +42,13 @@ class DataConfig(Section):
     text_key: str = "text"
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     split_seed: int = 0
-    """Seeds the document order and the held-out `val` rows. Deliberately not train.seed: changing the
-    training seed must never move held-out rows into training."""
+    """Seeds the document order and the held-out `val` rows (text) or `test` images (`test_fraction`).
+    Deliberately not train.seed: changing the training seed must never move held-out data into training."""
+    # --- local image data only (a .npz file or shard folder, an image folder) ---
+    test_source: str | None = None
+    """The `test` split of a local image source: another .npz file, shard folder or image folder."""
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Hold out this share of a local image source, chosen by data.split_seed, as `test`; `train` is the rest."""
     # --- text data only (Llama family; image families ignore these) ---
     text_unit: Literal["line", "paragraph", "document"] = "line"
     """What one document of a local text file is (EOS goes between documents when packing)."""

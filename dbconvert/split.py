@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from dbconvert import __version__
@@ -80,13 +81,20 @@ def source_depth(recipe: Recipe) -> int:
     return family.source(recipe).num_layers
 
 
-def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True) -> Run:
+def state_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True,
+          progress: bool = False) -> Run:
     """Build or load the source network, cut it into blocks and write a new run directory.
 
     The run is assembled in a temporary sibling folder and renamed into place at the end, so
     a failed or killed split never leaves a half-written run, and an existing run is only
-    replaced when `force` is set.
+    replaced when `force` is set. `progress` shows the weight files being written (MiB/s).
     """
+    from dbconvert.progress import progress as show
+
     family = get_family(recipe.model.family)
     out = Path(out) if out is not None else recipe.output_dir()
     if (out / MANIFEST).exists() and not force:
@@ -100,15 +108,27 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.split-", dir=out.parent))
     try:
-        save_weights(staging / "source" / "model.safetensors", source.network.state_dict())
-        blocks = []
-        for plan in plans:
-            state = family.block_state(source, *plan["layers"])
-            params = sum(t.numel() for k, t in state.items() if k != "pos_embed")
-            weights = staging / "blocks" / Run.block_name(plan["index"]) / "model.safetensors"
-            save_weights(weights, state)
-            keep_initial(weights)
-            blocks.append(BlockInfo(params=params, **plan).to_dict())
+        with show(f"split into {len(plans)} blocks", 1 + len(plans), unit="files", enabled=progress) as update:
+            t0, written = time.perf_counter(), 0
+
+            def wrote(files: int, state: dict) -> None:
+                nonlocal written
+                written += state_bytes(state)
+                mib = written / 2**20
+                update(files, f"{mib:,.1f} MiB, {mib / max(time.perf_counter() - t0, 1e-9):,.1f} MiB/s")
+
+            source_state = source.network.state_dict()
+            save_weights(staging / "source" / "model.safetensors", source_state)
+            wrote(1, source_state)
+            blocks = []
+            for plan in plans:
+                state = family.block_state(source, *plan["layers"])
+                params = sum(t.numel() for k, t in state.items() if k != "pos_embed")
+                weights = staging / "blocks" / Run.block_name(plan["index"]) / "model.safetensors"
+                save_weights(weights, state)
+                keep_initial(weights)
+                blocks.append(BlockInfo(params=params, **plan).to_dict())
+                wrote(2 + plan["index"], state)
         family.prepare_run(recipe, staging, source)
         write_manifest(
             staging,

@@ -71,6 +71,27 @@ class Tokenizer:
             return str(self._sp.decode(ids))
         return str(self._hf.decode(ids, skip_special_tokens=True))
 
+    def split_decode(self, prefix: list[int], ids: list[int]) -> tuple[str, str]:
+        """(text of `prefix`, text that `ids` add after it), decoded as ONE sequence: the two parts join to
+        `decode(prefix + ids)`.
+
+        Decoding the pieces apart is wrong: a byte-level BPE character split between the two becomes U+FFFD
+        on both sides, and SentencePiece drops the leading space of a piece that starts a decode. So the
+        whole sequence is decoded and the prefix's text stripped from its front; a prefix that ends inside
+        a character (its decode ends in U+FFFD) gives that character to the continuation.
+        """
+        whole = self.decode([*prefix, *ids])
+        head = self.decode(list(prefix))
+        for cut in (head, head.rstrip("\ufffd")):
+            if whole.startswith(cut):
+                return cut, whole[len(cut):]
+        common = next((i for i, (a, b) in enumerate(zip(whole, head)) if a != b), min(len(whole), len(head)))
+        return whole[:common], whole[common:]
+
+    def decode_continuation(self, prefix: list[int], ids: list[int]) -> str:
+        """The text `ids` add after `prefix` (see `split_decode`): what a completion or a true continuation reads."""
+        return self.split_decode(prefix, ids)[1]
+
     def check_vocab(self, model_vocab: int) -> None:
         """Every token id must have an embedding row."""
         if self.vocab_size > model_vocab:

@@ -432,24 +432,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _progress(enabled: bool, name: str, total: int, start: int):  # noqa: ANN202
-    """A Rich progress bar (or nothing) yielding `advance(step, loss)`."""
+    """Progress of the steps (`dbconvert.progress`: a bar, or plain lines when not a terminal) yielding `advance(step, loss)`."""
     from contextlib import contextmanager
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from dbconvert.progress import progress
 
     @contextmanager
     def bar():  # noqa: ANN202
-        if not enabled:
-            yield lambda step, loss: None
-            return
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns) as prog:
-            task = prog.add_task(name, total=total, completed=start, loss="-")
-
-            def advance(step: int, loss: float | None) -> None:
-                prog.update(task, completed=step, loss=f"{loss:.4f}" if loss is not None else "-")
-
-            yield advance
+        with progress(name, total, unit="steps", enabled=enabled, start=start) as update:
+            yield lambda step, loss: update(step, f"loss {loss:.4f}" if loss is not None else "")
 
     return bar()

@@ -25,8 +25,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+"""soft_wrap: long lines (paths, JSON, messages) are never cut into pieces at 80 columns when the output is
+redirected; a terminal wraps them itself. Tables are still laid out to the terminal's width."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -110,12 +112,18 @@ def announce(title: str, payload: dict[str, Any]) -> None:
 @command("recipes")
 def recipes_cmd(
     show: Annotated[Optional[str], typer.Option("--show", help="Print one recipe's YAML.")] = None,
+    archs: Annotated[bool, typer.Option("--archs", help="List every named model architecture (sizes, parameters, "
+                                                       "advice on patch size and CPU time).")] = False,
 ) -> None:
-    """List the shipped recipes (or print one with --show NAME)."""
+    """List the shipped recipes (or print one with --show NAME, or the architectures with --archs)."""
     from dbconvert.config import read_recipe_text, shipped_recipes
 
     if show:
-        console.print(read_recipe_text(show)[0], highlight=False, markup=False)
+        text = read_recipe_text(show)[0]
+        typer.echo(text, nl=not text.endswith("\n"))  # verbatim: `recipes --show NAME > mine.yaml` is a valid recipe
+        return
+    if archs:
+        architectures_tables()
         return
     table = Table(title="shipped recipes (dbconvert split NAME)")
     table.add_column("name")
@@ -125,6 +133,25 @@ def recipes_cmd(
     console.print(table)
 
 
+def architectures_tables() -> None:
+    """One table per family that names its architectures (through the Family contract), then its notes."""
+    from dbconvert.families import family_names, get_family
+
+    for name in family_names():
+        listing = get_family(name).architectures()
+        if not listing.rows:
+            continue
+        columns = list(listing.rows[0])
+        table = Table(title=listing.title or name, box=None, pad_edge=False)  # fits 80 columns
+        for col in columns:
+            table.add_column(col, justify="left" if col == columns[0] else "right", no_wrap=col == columns[0])
+        for row in listing.rows:
+            table.add_row(*(str(row.get(col, "")) for col in columns))
+        console.print(table)
+        for note in listing.notes:
+            console.print(f"- {note}", highlight=False, markup=False)
+
+
 @command("split")
 def split_cmd(
     recipe: Annotated[str, typer.Argument(help="A shipped recipe name or a path to a YAML recipe.")],
@@ -132,6 +159,7 @@ def split_cmd(
     blocks: Annotated[Optional[int], typer.Option("--blocks", "-b", help="Number of blocks B (overrides blocks.num).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: the recipe's output.dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in the output folder.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Convert a checkpoint (or a fresh config) into B diffusion blocks and write the run directory."""
     from dbconvert.config import load_recipe
@@ -141,9 +169,13 @@ def split_cmd(
         raise_user(f"--blocks must be at least 1, got {blocks}")
     extra = [f"blocks.num={blocks}"] if blocks is not None else []
     resolved = load_recipe(recipe, [*(overrides or []), *extra])
-    run = split(resolved, out=out, force=force)
+    run = split(resolved, out=out, force=force, progress=not quiet)
     console.print(blocks_table(run))
-    console.print(f"run written to [bold]{run.root}[/] (now the current run); next: dbconvert train-block 0")
+    suffix = resolved.data_suffix() if out is None else None
+    why = (f" (named -{suffix} because data.source={resolved.data.source} is not the data of the shipped "
+           f"{resolved.name}; --out DIR to choose)") if suffix else ""
+    console.print(f"run written to [bold]{run.root}[/]{why} (now the current run); next: dbconvert train-block 0",
+                  highlight=False)
 
 
 @command("info")

@@ -55,9 +55,12 @@ def fid_cmd(
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Independent sample sets; reports each, the minimum (paper) and the mean.")] = 1,
     samples: Annotated[Optional[Path], typer.Option("--samples", help="Evaluate this image folder instead of generating.")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference image folder instead of the data set.")] = None,
-    split: Annotated[str, typer.Option("--split", help="Reference split of the recipe's data set (the paper: test).")] = "test",
+    split: Annotated[Optional[str], typer.Option("--split", help="Reference split of the recipe's data set (default: train "
+                                                 "for cifar10, as published FIDs use; test otherwise).")] = None,
     features: Annotated[str, typer.Option("--features", help="auto (Inception for RGB, built-in CNN for grey), inception, builtin or builtin:SOURCE.")] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="clean-fid's inception-2015-12-05.pt, if not in /tmp.")] = None,
+    feature_images: Annotated[int, typer.Option("--feature-images", min=0, help="Built-in features: train the CNN on at "
+                                                "most this many images of the train split (0 = all of them).")] = 5000,
     steps: StepsOpt = None,
     solver: SolverOpt = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", min=0.0, help="Classifier-free guidance w (default: recipe).")] = None,
@@ -80,7 +83,8 @@ def fid_cmd(
         opened = None  # two folders need no run
     result = evaluate_fid(opened, model=model, num=num, repeats=repeats, samples=samples, reference=reference,
                           split=split, features=features, inception_weights=inception_weights, steps=steps,
-                          solver=solver, guidance=guidance, seed=seed, weights=weights, log=_log(quiet or as_json))
+                          solver=solver, guidance=guidance, seed=seed, weights=weights, log=_log(quiet or as_json),
+                          feature_images=feature_images, progress=not quiet)
     _report(result, opened, as_json)
 
 
@@ -112,7 +116,7 @@ def mauve_cmd(
     result = evaluate_mauve(opened, model=model, num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
                             prompt_tokens=prompt_tokens, new_tokens=new_tokens, split=split, featurizer=featurizer,
                             seeds=seeds, steps=steps, solver=solver, seed=seed, weights=weights,
-                            log=_log(quiet or as_json))
+                            log=_log(quiet or as_json), progress=not quiet)
     _report(result, opened, as_json)
 
 
@@ -128,5 +132,5 @@ def compare_cmd(run: RunOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(json.dumps(results))
         return
-    for table in compare_tables(results):
+    for table in compare_tables(results, opened.root):
         console.print(table)

@@ -9,6 +9,12 @@ Sources (`data.source`, with `data.kind` = auto to guess):
 - a `.npz` file, or a folder of `.npz` shards: arrays `x` (or `images`, `latents`); uint8 pixels
   in NHWC (or unambiguous NCHW), float arrays in NCHW and optional `y` (or `labels`). uint8 arrays are scaled to [-1, 1]; float arrays
   (e.g. precomputed VAE latents) are used as they are.
+
+Splits of local data (so that FID and the feature network's accuracy never silently use training
+images): `train/` and `test/` sub-folders of the source (image folders or `.npz` shards) are its
+splits; otherwise `data.test_source` names the test data, or `data.test_fraction` holds out a share
+chosen by `data.split_seed`. Without any of these, a local source is all `train` and asking for
+`test` is an error that says how to name one.
 """
 
 from __future__ import annotations
@@ -42,19 +48,45 @@ class ImageData:
         return self.x[index], self.y[index]
 
 
+SPLIT_FOLDERS = ("train", "test", "validation")
+"""Sub-folders of a local source that are its splits (the names the `imagefolder` builder knows)."""
+LOCAL_KINDS = ("imagefolder", "npz")
+
+
+def _is_npz(path: Path) -> bool:
+    return path.suffix == ".npz" or (path.is_dir() and (any(path.glob("*.npz")) or any(
+        (path / name).is_dir() and any((path / name).glob("*.npz")) for name in SPLIT_FOLDERS)))
+
+
+def local_kind(source: str, what: str = "data.source") -> str:
+    """npz or imagefolder for a local path; a one-line error for anything else."""
+    path = Path(source).expanduser()
+    if _is_npz(path):
+        return "npz"
+    if path.is_dir():
+        return "imagefolder"
+    raise DataError(f"{what} {source!r} is neither an image folder nor a .npz file")
+
+
 def resolve_kind(cfg: DataConfig) -> str:
     if cfg.kind != "auto":
         return cfg.kind
     if cfg.source == "digits":
         return "builtin"
-    path = Path(cfg.source)
-    if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
-        return "npz"
-    if path.is_dir():
-        return "imagefolder"
+    path = Path(cfg.source).expanduser()
+    if path.suffix == ".npz":
+        return "npz"  # a missing file is reported by the reader, naming the path
     if path.exists() or cfg.source.startswith((".", "/", "~")):
-        raise DataError(f"data.source {cfg.source!r} is neither an image folder nor a .npz file")
+        return local_kind(cfg.source)
     return "hub"
+
+
+def split_folders(source: str) -> list[str]:
+    """The split sub-folders (`train/`, `test/`, ...) a local source folder has, if it has a `train/` one."""
+    path = Path(source).expanduser()
+    if not path.is_dir() or not (path / "train").is_dir():
+        return []
+    return [name for name in SPLIT_FOLDERS if (path / name).is_dir()]
 
 
 def load_images(cfg: DataConfig, split: str | None = None) -> ImageData:
@@ -63,13 +95,74 @@ def load_images(cfg: DataConfig, split: str | None = None) -> ImageData:
     kind = resolve_kind(cfg)
     if kind == "builtin":
         return _digits(split)
-    if kind == "npz":
-        return _npz(Path(cfg.source))
-    if kind == "imagefolder":
-        return _from_hf(_load_hf("imagefolder", split, data_dir=cfg.source), cfg, cfg.source)
+    if kind in LOCAL_KINDS:
+        return _local(cfg, kind, split)
     if kind == "hub":
         return _from_hf(_load_hf(cfg.source, split), cfg, cfg.source)
     raise DataError(f"data.kind {kind!r} does not hold images; use builtin, hub, imagefolder or npz")
+
+
+def _read(cfg: DataConfig, kind: str, source: str, split: str = "train") -> ImageData:
+    """One local source (or one of its split sub-folders) as it is."""
+    if kind == "npz":
+        folders = split_folders(source)
+        return _npz(Path(source).expanduser() / split if folders else Path(source).expanduser())
+    return _from_hf(_load_hf("imagefolder", split, data_dir=source), cfg, source)
+
+
+def _local(cfg: DataConfig, kind: str, split: str) -> ImageData:
+    """A split of local data: split sub-folders, data.test_source, data.test_fraction, or all of it as train."""
+    folders = split_folders(cfg.source)
+    if cfg.test_source is not None and cfg.test_fraction > 0:
+        raise DataError("set data.test_source or data.test_fraction, not both")
+    if folders and (cfg.test_source is not None or cfg.test_fraction > 0):
+        raise DataError(f"data.source {cfg.source!r} has split sub-folders ({', '.join(folders)}); they are its splits, "
+                        "so drop data.test_source / data.test_fraction")
+    if folders:
+        if split not in folders:
+            raise DataError(f"data.source {cfg.source!r} has no {split!r} split (its sub-folders: {', '.join(folders)})")
+        return _read(cfg, kind, cfg.source, split)
+    if split == "test" and cfg.test_source is not None:
+        test_kind = local_kind(cfg.test_source, "data.test_source")
+        if test_kind == "imagefolder" and kind == "imagefolder":
+            _same_classes(cfg.source, cfg.test_source)
+        return _read(cfg, test_kind, cfg.test_source)
+    if split not in ("train", "test", "all"):
+        raise DataError(f"local data {cfg.source!r} has the splits train and test, not {split!r}")
+    data = _read(cfg, kind, cfg.source)
+    if cfg.test_fraction > 0 and split != "all":
+        return hold_out(data, cfg.test_fraction, cfg.split_seed, split)
+    if split == "test":
+        raise DataError(
+            f"local data {cfg.source!r} has no test split, and the training images must not serve as one: name it "
+            "with data.test_source=PATH, hold out a share with data.test_fraction=0.1, or use train/ and test/ "
+            "sub-folders"
+        )
+    return data
+
+
+def hold_out(data: ImageData, fraction: float, seed: int, split: str) -> ImageData:
+    """The `test` share (a seeded choice of `fraction` of the images) or the `train` rest, in the original order."""
+    n = len(data)
+    n_test = max(1, int(round(fraction * n)))
+    if n_test >= n:
+        raise DataError(f"data.test_fraction={fraction} leaves no training images out of {n}; lower it")
+    chosen = np.random.default_rng(seed).permutation(n)[:n_test]
+    mask = np.zeros(n, dtype=bool)
+    mask[chosen] = True
+    index = torch.from_numpy(np.flatnonzero(mask if split == "test" else ~mask))
+    return ImageData(data.x[index], data.y[index], data.num_classes, data.name)
+
+
+def _same_classes(source: str, test_source: str) -> None:
+    """Labels of an image folder come from its sorted class sub-folders: both folders need the same ones."""
+    def classes(folder: str) -> list[str]:
+        return sorted(p.name for p in Path(folder).expanduser().iterdir() if p.is_dir())
+
+    train, test = classes(source), classes(test_source)
+    if train != test:
+        raise DataError(f"data.test_source {test_source!r} has the class folders {test} but data.source has {train}; "
+                        "labels come from the sorted folder names, so use the same class folders in both")
 
 
 def _digits(split: str) -> ImageData:
@@ -94,6 +187,10 @@ def _load_hf(name: str, split: str, **kwargs: str):  # noqa: ANN202 - datasets.D
 
     hub_logging.set_verbosity_error()  # the hub's retry chatter would bury our one-line error
     datasets.utils.logging.set_verbosity_error()
+    local = name == "imagefolder"
+    bars = datasets.is_progress_bar_enabled()
+    if local:  # "Resolving data files" / "Generating train split" bars say nothing about a local folder
+        datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(name, split=split, **kwargs)
     except (ValueError, KeyError) as exc:
@@ -107,6 +204,9 @@ def _load_hf(name: str, split: str, **kwargs: str):  # noqa: ANN202 - datasets.D
             "~/.cache/huggingface/datasets, then copy that folder here), or point data.source at a local "
             "image folder or .npz file"
         ) from None
+    finally:
+        if local and bars:
+            datasets.enable_progress_bars()
 
 
 def _from_hf(ds, cfg: DataConfig, name: str) -> ImageData:  # noqa: ANN001

@@ -12,9 +12,11 @@ tensor without rescaling, so the extractor receives float tensors (N, 3, H, W) w
   error names the file, the URL and the folder, and `--inception-weights PATH` uses a file the
   user brings. The forward pass is clean-fid's `InceptionV3W` (x - 128) / 128 -> pool3, 2048-d.
 - **Built-in CNN** (default for 1-channel images such as digits): a 3-conv classifier trained
-  once on the data set's TRAIN split (seeded, fixed schedule), cached as safetensors in
-  $DBCONVERT_CACHE (default ~/.cache/dbconvert)/features/, with its test accuracy stored in the
-  file's metadata. Its features are the 64-d penultimate layer before the ReLU. It runs at the
+  once on the data set's TRAIN split, cached as safetensors in $DBCONVERT_CACHE (default
+  ~/.cache/dbconvert)/features/, with its accuracies stored in the file's metadata. Its cost is
+  bounded: a seeded share of the train split (10%, at most 1000 images) is held out, at most
+  `CNN_MAX_IMAGES` of the rest are trained on, and training stops when the held-out accuracy has
+  not improved for `CNN_PATIENCE` epochs (at most `CNN_EPOCHS`); the best epoch's weights are kept. Its features are the 64-d penultimate layer before the ReLU. It runs at the
   images' native size: we pass clean-fid a `custom_fn_resize` that only converts to float32
   (no 299 x 299 resize, which would be meaningless for 8 x 8 digits), and the extractor takes
   channel 0 of the RGB copy (exactly the grey value) and scales it to [-1, 1] as in training.
@@ -28,6 +30,7 @@ import os
 import platform
 import shutil
 import socket
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,9 +43,16 @@ from torch import nn
 
 from dbconvert.errors import CheckpointError, DataError, DbconvertError, first_line
 
-CNN_VERSION = "cnn-v1"
+CNN_VERSION = "cnn-v2"
 CNN_DIM = 64
 CNN_EPOCHS = 30
+"""At most this many epochs; the stopping rule usually ends training sooner."""
+CNN_PATIENCE = 3
+"""Stop after this many epochs without a better held-out accuracy."""
+CNN_MAX_IMAGES = 5000
+"""Train on at most this many images (a seeded subset): enough for a feature space, minutes on a CPU."""
+CNN_HELD_OUT = 0.1
+CNN_MAX_HELD_OUT = 1000
 CNN_BATCH = 64
 CNN_LR = 5e-3
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -129,8 +139,12 @@ def data_key(source: str) -> str:
     return slug if source == "digits" else f"{slug}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
 
 
-def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Callable[[str], None] | None = None) -> FeatureSpec:
-    """The built-in CNN for `data_cfg`'s data set: loaded from the cache, else trained once and cached."""
+def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Callable[[str], None] | None = None,
+                     max_images: int = CNN_MAX_IMAGES, progress: bool = False) -> FeatureSpec:
+    """The built-in CNN for `data_cfg`'s data set: loaded from the cache, else trained once and cached.
+
+    `max_images` caps the training images (0: the whole train split minus the held-out share).
+    """
     from dbconvert.checkpoint import save_weights
     from dbconvert.data.images import load_images
 
@@ -141,10 +155,13 @@ def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Cal
                         f"{train.x.shape[1]} channels (latents: decode them and pass --samples/--reference folders)")
     if train.num_classes < 2:
         raise DataError(f"the built-in features are a classifier and need labelled data; {train.name} has no classes")
+    if len(train) < 2:
+        raise DataError(f"the built-in features need at least 2 training images; {train.name} has {len(train)}")
     pixels = to_uint8(train.x)
     c, h, w = pixels.shape[1:]
     digest = hashlib.sha256()
-    digest.update(json.dumps([CNN_VERSION, CNN_DIM, CNN_EPOCHS, CNN_BATCH, CNN_LR, list(pixels.shape)]).encode())
+    digest.update(json.dumps([CNN_VERSION, CNN_DIM, CNN_EPOCHS, CNN_PATIENCE, max_images, CNN_HELD_OUT,
+                              CNN_MAX_HELD_OUT, CNN_BATCH, CNN_LR, list(pixels.shape)]).encode())
     digest.update(pixels.tobytes())
     digest.update(train.y.numpy().astype(np.int64).tobytes())
     key = f"{data_key(data_cfg.source)}-{digest.hexdigest()[:10]}"
@@ -161,35 +178,68 @@ def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Cal
         except Exception as exc:
             raise CheckpointError(f"cached feature network {path} is damaged ({type(exc).__name__}); delete it and rerun") from None
         if log:
-            log(f"built-in features: cached {path.name} (test accuracy {meta['test_accuracy']})")
+            log(f"built-in features: cached {path.name} (held-out accuracy {meta['val_accuracy']}, "
+                f"test accuracy {meta['test_accuracy']})")
     else:
+        fit, held = split_for_cnn(len(train), max_images)
         if log:
-            log(f"built-in features: training a small CNN on {train.name} train ({len(train)} images, {CNN_EPOCHS} epochs, seed 0)")
-        _train_cnn(net, torch.from_numpy(pixels), train.y)
+            log(f"built-in features: training a small CNN on {len(fit)} of the {len(train)} {train.name} train images "
+                f"(at most {CNN_EPOCHS} epochs, stopping when the accuracy on {len(held)} held-out train images stops "
+                "improving; seed 0)")
+        t0 = time.perf_counter()
+        x = torch.from_numpy(pixels)
+        val_accuracy, epochs = _train_cnn(net, x[fit], train.y[fit], x[held], train.y[held], progress)
         accuracy, test_n = _test_accuracy(net, data_cfg)
-        meta = {"version": CNN_VERSION, "data": str(data_cfg.source), "train_images": len(train), "epochs": CNN_EPOCHS,
-                "seed": 0, "dim": CNN_DIM, "size": [h, w], "channels": c, "test_accuracy": accuracy, "test_images": test_n}
+        meta = {"version": CNN_VERSION, "data": str(data_cfg.source), "train_images": len(fit),
+                "train_split_images": len(train), "epochs": epochs, "seed": 0, "dim": CNN_DIM, "size": [h, w],
+                "channels": c, "val_accuracy": val_accuracy, "val_images": len(held), "test_accuracy": accuracy,
+                "test_images": test_n, "train_seconds": round(time.perf_counter() - t0, 1)}
         save_weights(path, net.state_dict(), metadata={"dbconvert": json.dumps(meta)})
         if log:
-            log(f"built-in features: test accuracy {accuracy} on {test_n} images; cached at {path}")
+            test = f"test accuracy {accuracy} on {test_n} images" if test_n else "no test split to measure it on"
+            log(f"built-in features: {epochs} epochs in {meta['train_seconds']}s, held-out accuracy {val_accuracy} "
+                f"on {len(held)} images, {test}; cached at {path}")
     net = net.to(device).eval()
     name = f"builtin-cnn:{data_key(data_cfg.source)}@{digest.hexdigest()[:8]}"
-    info = {"kind": "builtin-cnn", "weights": str(path), "test_accuracy": meta["test_accuracy"],
-            "test_images": meta["test_images"], "trained_on": f"{data_cfg.source}:train", "dim": CNN_DIM,
+    info = {"kind": "builtin-cnn", "weights": str(path), "val_accuracy": meta.get("val_accuracy"),
+            "val_images": meta.get("val_images"), "test_accuracy": meta["test_accuracy"],
+            "test_images": meta["test_images"], "train_images": meta.get("train_images"),
+            "epochs": meta.get("epochs"), "trained_on": f"{data_cfg.source}:train", "dim": CNN_DIM,
             "input": f"native {h}x{w}, no resize"}
     return FeatureSpec(name, CNN_DIM, BuiltinExtractor(net, c, (h, w)), native_resize, key, (h, w), info)
 
 
-def _train_cnn(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor) -> None:
+def split_for_cnn(n: int, max_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, held-out indices) of n train-split images: a seeded held-out share, then the cap."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_held = min(CNN_MAX_HELD_OUT, max(1, int(round(CNN_HELD_OUT * n))))
+    fit = order[n_held:]
+    if max_images > 0:
+        fit = fit[:max_images]
+    return fit, order[:n_held]
+
+
+def _train_cnn(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor, val_pixels: torch.Tensor,
+               val_labels: torch.Tensor, progress: bool) -> tuple[float, int]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a net this small only loses to thread synchronisation (10x on a busy 2-core CPU)
     try:
-        _train_loop(net, pixels, labels)
+        return _train_loop(net, pixels, labels, val_pixels, val_labels, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_loop(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor) -> None:
+def _accuracy(net: FeatureCNN, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        pred = torch.cat([net(x[i : i + 512]).argmax(-1) for i in range(0, len(x), 512)])
+    return round(float((pred == y).float().mean()), 4)
+
+
+def _train_loop(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor, val_pixels: torch.Tensor,
+                val_labels: torch.Tensor, progress: bool) -> tuple[float, int]:
+    """Adam with a cosine schedule over CNN_EPOCHS; stops early on the held-out accuracy; keeps the best epoch."""
+    from dbconvert.progress import progress as show
+
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     for p in net.parameters():  # deterministic init independent of the global RNG's history
@@ -198,27 +248,39 @@ def _train_loop(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor) -> 
         else:
             nn.init.zeros_(p)
     x = pixels.float() / 127.5 - 1.0
+    val_x = val_pixels.float() / 127.5 - 1.0
+    batch = min(CNN_BATCH, len(x))
+    per_epoch = max(1, len(x) // batch)
     opt = torch.optim.Adam(net.parameters(), lr=CNN_LR)
-    steps = CNN_EPOCHS * max(1, len(x) // CNN_BATCH)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    net.train()
-    step = 0
-    while step < steps:
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(order) - CNN_BATCH + 1, CNN_BATCH):
-            idx = order[i : i + CNN_BATCH]
-            xb = x[idx]
-            shift = torch.randint(-1, 2, (2,), generator=gen).tolist()  # +-1 pixel shifts: robust to sample jitter
-            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
-            loss = nn.functional.cross_entropy(net(xb), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step >= steps:
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, CNN_EPOCHS * per_epoch)
+    best, best_state, best_epoch = -1.0, None, 0
+    label = f"feature network (at most {CNN_EPOCHS} epochs)"
+    with show(label, CNN_EPOCHS * per_epoch, unit="steps", enabled=progress) as update:
+        for epoch in range(1, CNN_EPOCHS + 1):
+            net.train()
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(per_epoch):
+                idx = order[i * batch : (i + 1) * batch]
+                xb = x[idx]
+                shift = torch.randint(-1, 2, (2,), generator=gen).tolist()  # +-1 pixel shifts: robust to sample jitter
+                xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+                loss = nn.functional.cross_entropy(net(xb), labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                update((epoch - 1) * per_epoch + i + 1)
+            net.eval()
+            accuracy = _accuracy(net, val_x, val_labels)
+            if accuracy > best:
+                best, best_epoch = accuracy, epoch
+                best_state = {k: v.clone() for k, v in net.state_dict().items()}
+            elif epoch - best_epoch >= CNN_PATIENCE:
                 break
+    assert best_state is not None
+    net.load_state_dict(best_state)
     net.eval()
+    return best, epoch
 
 
 def _test_accuracy(net: FeatureCNN, data_cfg: Any) -> tuple[float | None, int]:
@@ -228,10 +290,8 @@ def _test_accuracy(net: FeatureCNN, data_cfg: Any) -> tuple[float | None, int]:
         test = load_images(data_cfg, "test")
     except DbconvertError:
         return None, 0
-    with torch.no_grad():
-        x = torch.from_numpy(to_uint8(test.x)).float() / 127.5 - 1.0
-        pred = torch.cat([net(x[i : i + 512]).argmax(-1) for i in range(0, len(x), 512)])
-    return round(float((pred == test.y).float().mean()), 4), len(test)
+    x = torch.from_numpy(to_uint8(test.x)).float() / 127.5 - 1.0
+    return _accuracy(net, x, test.y), len(test)
 
 
 # --- Inception -------------------------------------------------------------------------------

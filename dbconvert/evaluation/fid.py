@@ -26,10 +26,15 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
-from dbconvert.evaluation.features import (FeatureSpec, builtin_features, cache_dir, data_key, inception_features,
-                                           to_uint8)
+from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
+                                           inception_features, to_uint8)
+from dbconvert.progress import progress as show_progress
 
 CHUNK = 1000
+PUBLISHED_REFERENCE_SPLITS = {"cifar10": "train", "uoft-cs/cifar10": "train"}
+"""Hub data sets whose published FIDs use a known reference split. CIFAR-10: the 50,000 TRAINING images
+(EDM and clean-fid, whose precomputed cifar10 statistics are of the train split). Every other data set
+defaults to its test split."""
 SKIP_NAMES = {"grid.png"}
 IMAGE_EXTS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}
 FEATURE_CHOICES = ("auto", "inception", "builtin")
@@ -76,21 +81,33 @@ def check_images(files: list[Path], what: str) -> tuple[int, int]:
     return next(iter(sizes))
 
 
-def file_features(files: list[Path], spec: FeatureSpec, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """clean-fid features of image files (mode clean; the spec's resize replaces the 299 resize if set)."""
+def file_features(files: list[Path], spec: FeatureSpec, device: torch.device, batch_size: int = 64,
+                  label: str = "FID features", show: bool = False) -> np.ndarray:
+    """clean-fid features of image files (mode clean; the spec's resize replaces the 299 resize if set).
+
+    Read in slices of 8 batches, so progress can be shown; the batches are the ones a single call makes.
+    """
     from cleanfid.fid import get_files_features
 
-    return get_files_features([str(f) for f in files], model=spec.extractor, num_workers=0, batch_size=batch_size,
-                              device=device, mode="clean", custom_fn_resize=spec.resize, verbose=False)
+    step = 8 * batch_size
+    parts = []
+    with show_progress(label, len(files), unit="images", enabled=show) as update:
+        for lo in range(0, len(files), step):
+            parts.append(get_files_features([str(f) for f in files[lo : lo + step]], model=spec.extractor, num_workers=0,
+                                            batch_size=batch_size, device=device, mode="clean",
+                                            custom_fn_resize=spec.resize, verbose=False))
+            update(min(lo + step, len(files)))
+    return np.concatenate(parts)
 
 
-def folder_features(folder: Path, spec: FeatureSpec, device: torch.device, what: str, batch_size: int = 64) -> np.ndarray:
+def folder_features(folder: Path, spec: FeatureSpec, device: torch.device, what: str, batch_size: int = 64,
+                    show: bool = False) -> np.ndarray:
     files = list_images(folder)
     h, w = check_images(files, what)
     if spec.native_size is not None and (h, w) != spec.native_size:
         raise DataError(f"{what} holds {w}x{h} images but the features {spec.name} take "
                         f"{spec.native_size[1]}x{spec.native_size[0]}; use images of the data set's size")
-    return file_features(files, spec, device, batch_size)
+    return file_features(files, spec, device, batch_size, f"FID features of {what}", show)
 
 
 def check_count(n: int, spec: FeatureSpec, what: str) -> None:
@@ -130,11 +147,68 @@ def write_pngs(x: torch.Tensor, folder: Path) -> list[Path]:
     return files
 
 
-def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = _nolog) -> tuple[np.ndarray, str]:
+def default_split(data_cfg: Any) -> str:
+    """The reference split `eval fid` uses unless --split says otherwise (see PUBLISHED_REFERENCE_SPLITS)."""
+    from dbconvert.data.images import resolve_kind
+
+    if resolve_kind(data_cfg) == "hub":
+        return PUBLISHED_REFERENCE_SPLITS.get(str(data_cfg.source).lower(), "test")
+    return "test"
+
+
+def split_overlaps_training(data_cfg: Any, split: str) -> bool:
+    """Whether the reference `split` holds images the run trains on (`data.split`)."""
+    if split == data_cfg.split or "all" in (split, data_cfg.split):
+        return True
+    test_source = getattr(data_cfg, "test_source", None)
+    if split == "test" and test_source is not None:
+        return Path(test_source).expanduser().resolve() == Path(data_cfg.source).expanduser().resolve()
+    return False
+
+
+def image_digests(pixels: np.ndarray) -> set[str]:
+    """sha1 of every uint8 image (NCHW): equal digests are equal images."""
+    import hashlib
+
+    return {hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixels}
+
+
+def folder_overlap(files: list[Path], data_cfg: Any) -> int:
+    """How many images of a reference folder are, pixel for pixel, images of the run's training split."""
+    from PIL import Image
+
+    from dbconvert.data.images import load_images
+
+    pixels = to_uint8(load_images(data_cfg, data_cfg.split).x)
+    if pixels.shape[1] not in (1, 3):
+        return 0  # latents: a folder of images cannot hold them
+    train = image_digests(pixels)
+    mode = "L" if pixels.shape[1] == 1 else "RGB"
+    count = 0
+    for path in files:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert(mode))
+        chw = arr[None] if mode == "L" else arr.transpose(2, 0, 1)
+        count += bool(image_digests(chw[None]) & train)
+    return count
+
+
+def reference_key(data_cfg: Any, split: str) -> str:
+    """Cache id of a reference set: the data set, the split and every setting that decides what the split holds."""
+    import hashlib
+    import json
+
+    fields = {k: getattr(data_cfg, k, None) for k in ("test_source", "test_fraction", "split_seed", "image_key", "label_key")}
+    digest = hashlib.sha256(json.dumps([str(data_cfg.source), split, fields], default=str).encode()).hexdigest()[:8]
+    return f"{data_key(data_cfg.source)}-{split}-{digest}"
+
+
+def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = _nolog,
+                       show: bool = False) -> tuple[np.ndarray, str]:
     """Features of the data set's `split`, cached in $DBCONVERT_CACHE/fid-ref/ per data set / split / features."""
     from dbconvert.data.images import load_images
 
-    path = cache_dir() / "fid-ref" / f"{data_key(data_cfg.source)}-{split}-{spec.key}.npz"
+    path = cache_dir() / "fid-ref" / f"{reference_key(data_cfg, split)}-{spec.key}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as arr:
@@ -152,7 +226,8 @@ def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: tor
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="ref-", dir=path.parent))
     try:
-        feats = file_features(write_pngs(data.x, tmp), spec, device)
+        feats = file_features(write_pngs(data.x, tmp), spec, device, label=f"FID features of {data.name}:{split}",
+                              show=show)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     desc = f"{data_cfg.source}:{split} ({len(data)} images)"
@@ -166,8 +241,13 @@ def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: tor
 
 
 def resolve_features(features: str, run: Any, inception_weights: Path | None, channels: int | None,
-                     device: torch.device, log: Log) -> FeatureSpec:
-    """auto = Inception for 3-channel images, the built-in CNN for 1-channel ones; builtin[:SOURCE]."""
+                     device: torch.device, log: Log, feature_images: int = CNN_MAX_IMAGES,
+                     progress: bool = False) -> FeatureSpec:
+    """auto = Inception for 3-channel images, the built-in CNN for 1-channel ones; builtin[:SOURCE].
+
+    `builtin:SOURCE` trains the built-in CNN on SOURCE's train split (any `data.source`: digits, a hub name,
+    an image folder, a .npz) instead of the run's data; `feature_images` caps its training images.
+    """
     from dbconvert.schema import DataConfig
 
     kind, _, source = features.partition(":")
@@ -183,7 +263,7 @@ def resolve_features(features: str, run: Any, inception_weights: Path | None, ch
         data_cfg = run.recipe.data
     else:
         raise DbconvertError("--features builtin trains on a run's data set: pass --run DIR or name one, e.g. --features builtin:digits")
-    return builtin_features(data_cfg, device, log)
+    return builtin_features(data_cfg, device, log, max_images=feature_images, progress=progress)
 
 
 def evaluate_fid(
@@ -194,7 +274,7 @@ def evaluate_fid(
     repeats: int = 1,
     samples: Path | None = None,
     reference: Path | None = None,
-    split: str = "test",
+    split: str | None = None,
     features: str = "auto",
     inception_weights: Path | None = None,
     steps: int | None = None,
@@ -203,8 +283,14 @@ def evaluate_fid(
     seed: int | None = None,
     weights: str | None = None,
     log: Log = _nolog,
+    feature_images: int = CNN_MAX_IMAGES,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """FID (and KID) of the run's samples (or a sample folder) against the data set's split (or a folder)."""
+    """FID (and KID) of the run's samples (or a sample folder) against the data set's split (or a folder).
+
+    `split` defaults to `default_split` (cifar10: train, as published FIDs; otherwise test). Every result
+    names its reference (data set, split, size) and says whether it overlaps the run's training images.
+    """
     import dbconvert
 
     start = time.time()
@@ -235,24 +321,35 @@ def evaluate_fid(
     channels = None
     if run is not None and run.family().default_metric == "fid":
         channels = run.family().sample_shape(run.recipe)[0]
-    spec = resolve_features(features, run, inception_weights, channels, device, log)
+    spec = resolve_features(features, run, inception_weights, channels, device, log, feature_images, progress)
     if num is not None:
         check_count(num, spec, "--num")
 
     # reference
+    overlap_images: int | None = None
     if reference is not None:
-        ref_feats = folder_features(Path(reference), spec, device, f"reference folder {reference}")
-        ref_desc = f"folder {reference} ({len(ref_feats)} images)"
+        ref_feats = folder_features(Path(reference), spec, device, f"reference folder {reference}", show=progress)
+        ref_desc = f"folder {Path(reference).resolve()} ({len(ref_feats)} images)"
         split_used = None
+        if run is not None and run.family().default_metric == "fid":
+            try:
+                overlap_images = folder_overlap(list_images(Path(reference)), run.recipe.data)
+            except DbconvertError as exc:  # e.g. a hub data set offline: the overlap stays unknown, the FID does not
+                log(f"note: cannot compare the reference folder with the training data ({exc}); overlap unknown")
+        overlaps: bool | None = None if overlap_images is None else overlap_images > 0
     else:
         assert run is not None
-        ref_feats, ref_desc = reference_features(run.recipe.data, split, spec, device, log)
-        split_used = split
+        split_used = split or default_split(run.recipe.data)
+        ref_feats, ref_desc = reference_features(run.recipe.data, split_used, spec, device, log, show=progress)
+        overlaps = split_overlaps_training(run.recipe.data, split_used)
     check_count(len(ref_feats), spec, f"the reference {ref_desc}")
+    if overlaps:
+        what = f"{overlap_images} of its images are" if overlap_images else "it is"
+        log(f"note: the reference {ref_desc} overlaps the training data ({what} training images); the result says so")
 
     fids, kids, dirs, counts = [], [], [], []
     if samples is not None:
-        feats = folder_features(Path(samples), spec, device, f"sample folder {samples}")
+        feats = folder_features(Path(samples), spec, device, f"sample folder {samples}", show=progress)
         check_count(len(feats), spec, f"sample folder {samples}")
         fid, kid = fid_kid(feats, ref_feats)
         fids.append(fid), kids.append(kid), dirs.append(str(samples)), counts.append(len(feats))
@@ -268,14 +365,21 @@ def evaluate_fid(
             if out.exists():
                 shutil.rmtree(out)
             t0 = time.time()
-            for c, lo in enumerate(range(0, num, CHUNK)):
-                n = min(CHUNK, num - lo)
-                family.generate(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
-                                                 guidance=sampler["guidance"], num=n, seed=base + c,
-                                                 weights=sampler["weights"], out=out / f"chunk-{c:03d}"))
+            label = f"FID samples ({model}" + (f", repeat {r + 1}/{repeats})" if repeats > 1 else ")")
+            with show_progress(label, num, unit="images", enabled=progress) as update:
+                for c, lo in enumerate(range(0, num, CHUNK)):
+                    n = min(CHUNK, num - lo)
+
+                    def chunk_done(done: int, total: int, lo: int = lo, n: int = n) -> None:
+                        update(lo + n * done / max(total, 1))
+
+                    family.generate(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
+                                                     guidance=sampler["guidance"], num=n, seed=base + c,
+                                                     weights=sampler["weights"], out=out / f"chunk-{c:03d}",
+                                                     on_progress=chunk_done))
             log(f"repeat {r + 1}/{repeats}: {num} samples ({model}, seed {base}) in {time.time() - t0:.1f}s -> {out}")
             files = list_images(out)
-            feats = file_features(files, spec, device)
+            feats = file_features(files, spec, device, label=f"FID features of the samples ({model})", show=progress)
             fid, kid = fid_kid(feats, ref_feats, kid_seed=r)
             log(f"repeat {r + 1}/{repeats}: FID {fid:.4f}, KID {kid:.5f}")
             fids.append(fid), kids.append(kid), dirs.append(str(out)), counts.append(len(feats))
@@ -288,11 +392,16 @@ def evaluate_fid(
         "mean": float(np.mean(fids)),
         "kid": {"values": kids, "min": min(kids), "mean": float(np.mean(kids))},
         "model": model if samples is None else f"folder:{Path(samples).name}",
+        "source": ({"kind": "folder", "path": str(Path(samples).resolve())} if samples is not None
+                   else {"kind": "run", "path": str(Path(run.root).resolve())}),
         "features": spec.name,
         "features_info": spec.info,
         "num_samples": counts[0],
         "repeats": len(fids),
         "reference": ref_desc,
+        "reference_size": int(len(ref_feats)),
+        "reference_overlaps_training": overlaps,
+        **({"reference_overlap_images": overlap_images} if overlap_images is not None else {}),
         "split": split_used,
         "sampler": sampler if samples is None else None,
         "seed": sampler["seed"] if sampler and samples is None else None,

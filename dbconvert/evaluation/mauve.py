@@ -25,8 +25,10 @@ The features go to `mauve.compute_mauve(p_features=..., q_features=...)` once pe
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,14 +159,71 @@ def resolve_featurizer(featurizer: str, device: torch.device, log: Log = _nolog)
 # --- MAUVE -----------------------------------------------------------------------------------
 
 
+STABLE_TEXTS = 5000
+"""Texts per side from which MAUVE is stable: its authors use 5000 each; with fewer it is biased upwards
+(optimistic) and varies more between k-means seeds (mauve-text README, "Best practices")."""
+FAISS_NOISE = "WARNING clustering"
+
+
+@contextmanager
+def quiet_faiss() -> Iterator[None]:
+    """Drop faiss's k-means warnings, which its C++ code writes straight to file descriptor 2; keep the rest.
+
+    With mauve's default number of clusters (a tenth of the texts) faiss asks for 39 points per cluster
+    whenever there are fewer than about 3 generations per reference text, so the warning says nothing about
+    this evaluation; `sample_size_note` says what matters once.
+    """
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines()
+                    if line.strip() and not line.startswith(FAISS_NOISE)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
+
+
+def sample_size_note(num_references: int, num_generations: int) -> str | None:
+    """One line saying how far these counts are from a stable MAUVE, or None when they are enough."""
+    if min(num_references, num_generations) >= STABLE_TEXTS:
+        return None
+    clusters = max(2, int(round(min(num_references, num_generations) / 10)))
+    return (f"MAUVE on {num_references} reference and {num_generations} generated texts ({clusters} k-means clusters): "
+            f"it is stable from about {STABLE_TEXTS} texts per side (its authors' setting; references = prompts, "
+            "so --num-prompts 5000 where the split has them); with fewer it reads high and moves between k-means "
+            "seeds, so compare runs only at equal counts")
+
+
 def mauve_scores(p_features: np.ndarray, q_features: np.ndarray, seeds: list[int]) -> list[float]:
     """mauve.compute_mauve on fixed features, once per k-means seed (all other settings mauve's defaults)."""
     import mauve
 
     if min(len(p_features), len(q_features)) < 2:
         raise DbconvertError("MAUVE needs at least 2 texts on each side; raise --num-prompts")
-    return [float(mauve.compute_mauve(p_features=p_features, q_features=q_features, seed=s, device_id=-1,
-                                      verbose=False).mauve) for s in seeds]
+    with quiet_faiss():
+        return [float(mauve.compute_mauve(p_features=p_features, q_features=q_features, seed=s, device_id=-1,
+                                          verbose=False).mauve) for s in seeds]
+
+
+def encode_with_progress(feat: Featurizer, texts: list[str], label: str, show: bool, chunk: int = 64) -> np.ndarray:
+    """Featurise texts `chunk` at a time, showing progress (texts/s and time left)."""
+    from dbconvert.progress import progress
+
+    parts = []
+    with progress(label, len(texts), unit="texts", enabled=show) as update:
+        for lo in range(0, len(texts), chunk):
+            parts.append(feat.encode(texts[lo : lo + chunk]))
+            update(min(lo + chunk, len(texts)))
+    return np.concatenate(parts)
 
 
 # --- generation --------------------------------------------------------------------------------
@@ -194,6 +253,7 @@ def evaluate_mauve(
     temperature: float | None = None,
     top_p: float | None = None,
     log: Log = _nolog,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """MAUVE of the run's continuations (blocks, e2e, ar or source) against the true continuations."""
     import dbconvert
@@ -241,19 +301,11 @@ def evaluate_mauve(
     prompts = [rows[i, :prompt_tokens].tolist() for i in range(n)]
     truths_ids = [rows[i, prompt_tokens:need].tolist() for i in range(n)]
     out = run.root / "eval" / "samples" / f"mauve-{model}-seed{seed}-p{n}x{samples_per_prompt}"
-    t0 = time.time()
-    step_log = max(1, n * samples_per_prompt * new_tokens // 10)
-    logged = [0]
-
-    def report(done: int, total: int) -> None:
-        if done - logged[0] >= step_log or done == total:
-            logged[0] = done
-            log(f"generated {done}/{total} tokens ({done / max(time.time() - t0, 1e-9):.1f} tokens/s)")
-
     result = family.generate(run, SampleRequest(model=model, steps=steps, solver=solver, seed=seed, weights=weights,
                                                 num=samples_per_prompt, prompt_ids=prompts, max_new_tokens=new_tokens,
-                                                temperature=temperature, top_p=top_p, out=out, on_progress=report))
-    records = [{"prompt": tok.decode(prompts[r["prompt_index"]]), "truth": tok.decode(truths_ids[r["prompt_index"]]),
+                                                temperature=temperature, top_p=top_p, out=out, progress=progress))
+    split_texts = [tok.split_decode(prompts[i], truths_ids[i]) for i in range(n)]  # one decode per prompt + truth
+    records = [{"prompt": split_texts[r["prompt_index"]][0], "truth": split_texts[r["prompt_index"]][1],
                 "generation": r["completion"], "prompt_index": r["prompt_index"], "sample": r["sample"],
                 "new_tokens": r["new_tokens"]} for r in result.records]
     sampler = result.sampler
@@ -261,8 +313,12 @@ def evaluate_mauve(
 
     feat = resolve_featurizer(featurizer, resolve_device(run.recipe.train.device), log)
     truths = [r["truth"] for r in records if r["sample"] == 0]
-    p_features = feat.encode(truths)
-    q_features = feat.encode([r["generation"] for r in records])
+    p_features = encode_with_progress(feat, truths, "MAUVE features of the references", progress)
+    q_features = encode_with_progress(feat, [r["generation"] for r in records], "MAUVE features of the generations",
+                                      progress)
+    note = sample_size_note(len(truths), len(records))
+    if note:
+        log(note)
     kmeans_seeds = [MAUVE_SEED + s for s in range(seeds)]
     values = mauve_scores(p_features, q_features, kmeans_seeds)
     log(f"MAUVE per k-means seed: {', '.join(f'{v:.4f}' for v in values)}")
@@ -274,6 +330,7 @@ def evaluate_mauve(
         "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
         "kmeans_seeds": kmeans_seeds,
         "model": model,
+        "source": {"kind": "run", "path": str(Path(run.root).resolve())},
         "features": feat.name,
         "features_info": feat.info,
         "num_samples": len(records),

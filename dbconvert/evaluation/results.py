@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich import box
+from rich.console import Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from dbconvert.checkpoint import write_json
 from dbconvert.errors import RunError
@@ -63,6 +66,17 @@ def _sampler_text(r: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def overlap_text(r: dict[str, Any]) -> str:
+    """Whether an FID's reference holds training images, said so that it cannot be missed."""
+    overlaps = r.get("reference_overlaps_training")
+    if overlaps is None:
+        return "unknown (no run, or its training data unreadable)" if "reference_overlaps_training" in r else "not recorded"
+    if not overlaps:
+        return "no"
+    count = r.get("reference_overlap_images")
+    return "YES" + (f" ({count} training images)" if count else " (the training split)")
+
+
 def spread_text(r: dict[str, Any]) -> str:
     vals = r.get("values") or [r["value"]]
     if r["metric"] == "mauve":
@@ -89,41 +103,100 @@ def result_table(r: dict[str, Any]) -> Table:
         table.add_row("MAUVE (mean ± std)", f"{r['mean']:.4f} ± {r['std']:.4f}")
         table.add_row("per k-means seed", ", ".join(f"{v:.4f}" for v in r["values"]))
         table.add_row("prompts x samples", f"{r['num_prompts']} x {r['samples_per_prompt']}")
+    kind, path = source_of(r)
+    table.add_row("source", ("sample folder" if kind == "folder" else "run") + (f" {path}" if path else ""))
     table.add_row("samples", str(r["num_samples"]))
     table.add_row("reference", str(r["reference"]))
+    if r["metric"] == "fid":
+        table.add_row("reference overlaps training", overlap_text(r))
     table.add_row("sampler", _sampler_text(r))
     info = r.get("features_info") or {}
+    if info.get("val_accuracy") is not None:
+        table.add_row("feature net held-out accuracy", f"{info['val_accuracy']:.4f} ({info.get('val_images')} train-split "
+                      f"images it was not trained on; trained on {info.get('train_images')}, {info.get('epochs')} epochs)")
     if info.get("test_accuracy") is not None:
         table.add_row("feature net test accuracy", f"{info['test_accuracy']:.4f} ({info.get('test_images')} images)")
     table.add_row("time", f"{r['seconds']:.1f}s")
     return table
 
 
-def compare_tables(results: list[dict[str, Any]]) -> list[Table]:
-    """One table per (metric, features): blocks vs e2e (and folders), with their settings."""
+def source_of(r: dict[str, Any]) -> tuple[str, str | None]:
+    """(kind, path) of what was scored: `run` (a model of the run at path) or `folder` (a sample folder at path)."""
+    source = r.get("source") or {}
+    if source.get("kind") in ("run", "folder"):
+        return source["kind"], source.get("path")
+    return ("folder" if str(r["model"]).startswith("folder:") else "run"), None  # results older than `source`
+
+
+def reference_text(r: dict[str, Any]) -> str:
+    """The reference in a compare row: split (or folder) and size, and a warning when it overlaps training."""
+    size = r.get("reference_size")
+    text = (r.get("split") or "folder") + (f" {size}" if size else "")
+    return text + " OVERLAPS TRAINING" if r.get("reference_overlaps_training") else text
+
+
+def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) -> list[RenderableType]:
+    """One table per (metric, features): blocks vs e2e (and sample folders), each row labelled with its source.
+
+    A row's source is `this run` (a model of `run_root`), `run [k]` (a result of another run folder) or
+    `folder [k]` (a sample folder scored by `eval fid --samples`); the paths follow the table as numbered
+    notes, whole, so a narrow terminal never cuts them. `xR` after a mean: over R repeats (FID) or k-means
+    seeds (MAUVE).
+    """
     if not results:
         return []
+    here = Path(run_root).resolve() if run_root is not None else None
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["metric"], r["features"]), []).append(r)
-    tables = []
+    out: list[RenderableType] = []
     for (metric, features), rows in sorted(groups.items()):
         better = "lower" if metric == "fid" else "higher"
-        table = Table(title=f"{metric.upper()} with features {features} ({better} is better)")
-        cols = (["model", "FID min", "FID mean", "reps", "KID min"] if metric == "fid"
-                else ["model", "MAUVE", "std", "seeds"]) + ["n", "split", "sampler", "seed"]
-        for col in cols:
-            table.add_column(col, justify="left" if col in ("model", "split", "sampler") else "right")
+        table = Table(title=f"{metric.upper()} with features {features} ({better} is better)", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        cols = (["model", "source", "FID", "FID mean", "KID"] if metric == "fid" else ["model", "source", "MAUVE", "std"]
+                ) + ["n", "reference" if metric == "fid" else "split", "sampler, seed"]
+        wrapping = ("reference", "split", "sampler, seed")
+        for col in cols:  # only the settings wrap on a narrow terminal: numbers and labels stay whole
+            table.add_column(col, justify="left" if col in (*wrapping, "model", "source") else "right",
+                             no_wrap=col not in wrapping)
+        notes: list[str] = []
+
+        def where(r: dict[str, Any]) -> tuple[int, str, str]:
+            """(section, model label, source label) of one result."""
+            kind, path = source_of(r)
+            if kind == "folder":
+                if path is None:
+                    return 2, "-", f"folder {str(r['model']).removeprefix('folder:')}"
+                notes.append(path)
+                return 2, "-", f"folder [{len(notes)}]"
+            if here is not None and path is not None and Path(path) != here:
+                notes.append(path)
+                return 1, str(r["model"]), f"run [{len(notes)}]"
+            return 0, str(r["model"]), "this run"
+
         order = {"blocks": 0, "e2e": 1}
-        for r in sorted(rows, key=lambda r: (order.get(r["model"], 2), r["model"], r["num_samples"])):
+        labelled = [(where(r), r) for r in rows]
+        labelled.sort(key=lambda item: (item[0][0], order.get(item[1]["model"], 2), str(item[1]["model"]),
+                                        item[1]["num_samples"]))
+        section = None
+        for (kind, model, source), r in labelled:
+            if section is not None and kind != section:
+                table.add_section()
+            section = kind
             if metric == "fid":
-                head = [f"{r['value']:.4f}", f"{r['mean']:.4f}", str(len(r["values"])), f"{r['kid']['min']:.5f}"]
+                reps = len(r["values"])
+                head = [f"{r['value']:.2f}", f"{r['mean']:.2f}" + (f" x{reps}" if reps > 1 else ""),
+                        f"{r['kid']['min']:.4g}"]
+                ref = reference_text(r)
             else:
-                head = [f"{r['mean']:.4f}", f"{r['std']:.4f}", str(len(r["values"]))]
-            table.add_row(r["model"], *head, str(r["num_samples"]), str(r.get("split") or "-"), _sampler_text(r),
-                          str(r.get("seed") if r.get("seed") is not None else "-"))
-        tables.append(table)
-    return tables
+                head = [f"{r['mean']:.4f}", f"{r['std']:.4f}" + (f" x{len(r['values'])}" if len(r["values"]) > 1 else "")]
+                ref = str(r.get("split") or "-")
+            seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
+            table.add_row(model, source, *head, str(r["num_samples"]), ref, _sampler_text(r) + seed)
+        footnotes = Text("\n".join(f"[{i}] {path}" for i, path in enumerate(notes, 1)), no_wrap=True, overflow="ignore")
+        out.append(Group(table, footnotes) if notes else table)
+    return out
 
 
 def require_results(eval_dir: Path) -> list[dict[str, Any]]:

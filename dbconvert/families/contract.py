@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +36,19 @@ class Source:
     checkpoint_sha256: str | None = None
 
 
+@dataclass
+class Architectures:
+    """The named architectures a family offers, for `dbconvert recipes --archs`.
+
+    `rows` are dicts (column name -> value), one per architecture, in the order to show; `notes`
+    are lines of advice printed under the table (e.g. how size and patch trade quality for time).
+    """
+
+    title: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
 def shard_slice(local: int, shard: tuple[int, int]) -> tuple[int, slice]:
     """(global batch, this rank's slice of it) for a local batch of `local` examples."""
     rank, world = shard
@@ -54,6 +67,13 @@ class Family(ABC):
     model_kinds: ClassVar[tuple[str, ...]] = ("blocks", "e2e", "source")
     """What `sample --model` / `eval --model` accept: the blocks, the e2e baseline, the unsplit source,
     and, for families that have one, an autoregressive reference (`ar`)."""
+
+    def architectures(self) -> Architectures:
+        """The named architectures a recipe's model section can pick, with sizes computed from the models.
+
+        Default: none (a family whose size is set field by field in the recipe).
+        """
+        return Architectures()
 
     # -- split -----------------------------------------------------------------------------
 

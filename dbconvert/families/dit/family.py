@@ -12,11 +12,11 @@ from dbconvert import noise as nz
 from dbconvert.checkpoint import apply_key_map, file_sha256, load_strict, read_checkpoint
 from dbconvert.data.images import ImageData, load_images
 from dbconvert.errors import DataError, DbconvertError
-from dbconvert.families.contract import Family, Source
+from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.convert import block_key_map, drop_variance, is_layer_key
 from dbconvert.families.dit.generate import sample_images
-from dbconvert.families.dit.model import DiT
+from dbconvert.families.dit.model import ARCH_NOTES, DiT, arch_rows
 from dbconvert.families.dit.objective import EDMDenoiser, edm_loss
 from dbconvert.sampling import guided
 
@@ -112,3 +112,6 @@ class DiTFamily(Family):
         scale = recipe.sample.guidance if classes else 1.0
         z = torch.randn_like(batch[0])
         return lambda: guided(model, z, sigma, batch[1], scale, classes)
+
+    def architectures(self) -> Architectures:
+        return Architectures("DiT architectures (model.arch)", arch_rows(), ARCH_NOTES)

@@ -11,6 +11,7 @@ from dbconvert import noise as nz
 from dbconvert.checkpoint import atomic_write
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
+from dbconvert.progress import progress
 from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest, SampleResult, edm_sample, guided, load_models
 
@@ -43,13 +44,20 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
         y = torch.arange(num) % max(num_classes, 1)
     y = y.to(device)
     calls = [0] * len(models)
+    total = (steps if solver == "euler" else 2 * steps - 1)  # Heun: no correction on the last step (to sigma 0)
 
-    def denoise(i: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
-        calls[i] += 1
-        return guided(models[i], z, sigma, y, guidance, num_classes)
+    with progress(f"sample {request.model} ({num} images)", total, unit="steps", enabled=request.progress) as update:
+        def denoise(i: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
+            calls[i] += 1
+            out = guided(models[i], z, sigma, y, guidance, num_classes)
+            done = sum(calls)
+            update(done)
+            if request.on_progress:
+                request.on_progress(done, total)
+            return out
 
-    with torch.no_grad():
-        x = edm_sample(denoise, owned, ts, z, solver).clamp(-1, 1).cpu()
+        with torch.no_grad():
+            x = edm_sample(denoise, owned, ts, z, solver).clamp(-1, 1).cpu()
 
     tag = f"{request.model}-{solver}-{steps}steps-g{guidance:g}-seed{seed}"
     out = Path(request.out) if request.out else run.root / "samples" / tag

@@ -270,7 +270,7 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
         prompt_ids = encoded[i // num]
         text = tok.decode(prompt_ids + toks)
         records.append({"prompt": prompts[i // num], "prompt_index": i // num, "sample": i % num,
-                        "completion": text[len(tok.decode(prompt_ids)):], "text": text, "new_tokens": len(toks),
+                        "completion": tok.decode_continuation(prompt_ids, toks), "text": text, "new_tokens": len(toks),
                         "stopped_by": reason, "model": request.model})
     out = Path(request.out) if request.out else run.root / "samples" / sample_tag(request.model, dec)
     atomic_write_text(out / "samples.txt", "".join(r["text"] + "\n\n" for r in records))
@@ -312,26 +312,17 @@ def sample_tag(model: str, dec: Decoding) -> str:
 
 
 def progress_bar(enabled: bool, label: str) -> Any:
-    """A Rich progress bar of generated tokens with tokens/s (plain periodic lines when not a terminal)."""
+    """Progress of generated tokens with tokens/s (`dbconvert.progress`: a bar, or plain lines when not a terminal)."""
     from contextlib import contextmanager
+
+    from dbconvert.progress import progress
 
     @contextmanager
     def bar() -> Any:
         if not enabled:
             yield None
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-        start = time.perf_counter()
-        with Progress(*columns, transient=False) as prog:
-            task = prog.add_task(label, total=None, rate="")
-
-            def report(done: int, total: int) -> None:
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                prog.update(task, completed=done, total=total, rate=f"{rate:.1f} tok/s")
-
-            yield report
+        with progress(label, None, unit="tokens") as update:
+            yield lambda done, total: update(done, total=total)
 
     return bar()
