@@ -138,8 +138,11 @@ def _depth(recipe: Recipe) -> int:
 
 def _blocks_depth(base: Recipe, overrides: list[str] | None, counts: tuple[int, ...]) -> tuple[list[str], list[str]]:
     """(common overrides, notes) that make every B in `counts` a valid split of the network."""
+    from dbconvert.families import get_family
+
     depth = _depth(base)
-    if max(counts) > depth and not hasattr(base.model, "depth"):
+    key = get_family(base.model.family).depth_key
+    if max(counts) > depth and key is None:
         raise RecipeError(f"B = {max(counts)} exceeds the network's {depth} layers")
     bad = [b for b in counts if depth % b]
     if base.blocks.uneven:
@@ -150,17 +153,17 @@ def _blocks_depth(base: Recipe, overrides: list[str] | None, counts: tuple[int, 
         return [], [note]
     if not bad and max(counts) <= depth:
         return [], [f"depth {depth} (the recipe's), divisible by every B"]
-    explicit = any(path == ["model", "depth"] for path, _ in parse_overrides(overrides))
+    explicit = any(path == ["model", key] for path, _ in parse_overrides(overrides))
     lcm = math.lcm(*counts)
-    if base.model.checkpoint or explicit or not hasattr(base.model, "depth"):
+    if base.model.checkpoint or explicit or key is None:
         why = "the checkpoint's" if base.model.checkpoint else "the requested"
         raise RecipeError(
             f"B = {', '.join(map(str, bad))} cannot divide {why} {depth} layers; set blocks.uneven=true "
             f"(uneven blocks), or use a depth divisible by {lcm}, or choose --values that divide {depth}"
         )
     new = lcm * math.ceil(depth / lcm)
-    return [f"model.depth={new}"], [
-        f"depth {new} instead of the recipe's {depth} (model.depth={new}) so that every B in "
+    return [f"model.{key}={new}"], [
+        f"depth {new} instead of the recipe's {depth} (model.{key}={new}) so that every B in "
         f"{{{', '.join(map(str, counts))}}} divides it; blocks.uneven=true keeps {depth} with uneven blocks"
     ]
 

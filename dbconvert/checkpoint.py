@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -56,18 +57,23 @@ def save_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[s
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load_weights(path: Path) -> StateDict:
-    """Read a safetensors file; a missing, truncated or corrupt file is a CheckpointError."""
+RUN_FILE_REMEDY = "dbconvert wrote it, so re-create it: split again, or retrain the model it belongs to with --restart"
+
+
+def load_weights(path: Path, remedy: str = RUN_FILE_REMEDY) -> StateDict:
+    """Read a safetensors file of a run (dbconvert wrote it); a missing or damaged one is a CheckpointError.
+
+    The message says it is a run file and how to re-create it (`remedy`). Files a user supplies
+    (model.checkpoint) go through `read_checkpoint`, whose errors name the recipe key instead:
+    "split again" would not mend a bad source file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} is missing")
+        raise CheckpointError(f"run file {path} is missing; {remedy}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"weights file {path} is corrupt or truncated ({first_line(exc)}); "
-            "restore it or re-create it (split / train again)"
-        ) from None
+        raise CheckpointError(f"run file {path} is damaged: corrupt or truncated ({first_line(exc)}); {remedy}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -81,36 +87,62 @@ def file_sha256(path: Path) -> str:
 # --- reference checkpoints ------------------------------------------------------------------
 
 
-def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model")) -> StateDict:
-    """A reference checkpoint (`.pt`/`.pth`/`.bin` or `.safetensors`) as a flat state dict.
+def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model"),
+                    key: str = "model.checkpoint") -> StateDict:
+    """A user-supplied checkpoint (`.pt`/`.pth`/`.bin` or `.safetensors`) as a flat state dict.
 
     Accepts a bare state dict or one wrapped under the first of `wrappers` present (the DiT
     training script saves {"model", "ema", "opt", "args"}; the EMA weights are what its
-    sampler uses, so `ema` wins).
+    sampler uses, so `ema` wins). Every error names the recipe `key` the file came from and
+    what is wrong with the file itself.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_error(path, key))
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; check model.checkpoint in the recipe")
+        raise CheckpointError(f"{key} {path} not found; check {key} in the recipe")
     if path.suffix == ".safetensors":
-        state: Any = load_weights(path)
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{key} {path} is not a readable .safetensors file: corrupt or truncated "
+                                  f"({first_line(exc, 160)}); restore it from where it came from") from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for truncated/corrupt/pickled files
             raise CheckpointError(
-                f"checkpoint {path} cannot be read as a weights-only PyTorch file ({first_line(exc, 160)}); "
-                "it is truncated, corrupt, or holds pickled objects"
+                f"{key} {path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is truncated, "
+                "corrupt, or holds pickled objects (only weights are read); restore it from where it came from"
             ) from None
     if isinstance(state, dict):
-        for key in wrappers:
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
+        for wrapper in wrappers:
+            if wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
-            f"checkpoint {path} is not a state dict of tensors (nor one wrapped under {' / '.join(wrappers)})"
+            f"{key} {path} is not a state dict of tensors (nor one wrapped under {' / '.join(wrappers)})"
         )
     return dict(state)
+
+
+def folder_error(path: Path, key: str) -> str:
+    """Why a folder is not a checkpoint file: a Hugging Face model folder names its model and the family to use."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        return f"{key} {path} is a folder, not a .pt/.safetensors checkpoint file; give the file itself"
+    model_type = str(config.get("model_type") or "unknown")
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    model = re.sub(r"(For[A-Z]\w*|LMHeadModel|Model)$", "", archs[0]) if archs else model_type
+    from dbconvert.families import family_names
+
+    hint = (f"use a {model_type} recipe (model.family={model_type})" if model_type in family_names()
+            else "no dbconvert family converts it")
+    return f"{key} {path} is a Hugging Face {model} folder (config.json model_type {model_type!r}), not a checkpoint file of this recipe's family; {hint}"
 
 
 # --- strict checks and key maps ------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from dbconvert.errors import RecipeError
 from dbconvert.schema import (BlocksConfig, DataConfig, ModelConfig, NoiseConfig, OutputConfig, SampleConfig, Section,
@@ -33,15 +33,18 @@ class Recipe(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
-    @model_validator(mode="before")
+    @field_validator("model", mode="wrap")
     @classmethod
-    def _family_model(cls, raw: Any) -> Any:
-        """Validate `model` against the schema of the family it names (via the registry)."""
-        if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+    def _family_model(cls, raw: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Validate `model` against the schema of the family it names (via the registry).
+
+        A field validator, so that errors inside the section are reported as `model.<key>`.
+        """
+        if isinstance(raw, dict):
             from dbconvert.families import config_class
 
-            raw = {**raw, "model": config_class(raw["model"].get("family", "")).model_validate(raw["model"])}
-        return raw
+            return config_class(raw.get("family", "")).model_validate(raw)
+        return handler(raw)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -101,6 +101,7 @@ def load_models(run: Run, model: str, weights: str, device: torch.device) -> lis
         net = family.block_network(run.recipe, depth)
         file = "model" if name == "source" else weights
         path = run.model_dir(name) / f"{file}.safetensors"
-        load_strict(net, load_weights(path), str(path))
+        remedy = "split again" if name == "source" else f"retrain {name} with --restart"
+        load_strict(net, load_weights(path, remedy), str(path))
         models.append(family.wrap(model, run.recipe, net, run.noise()).to(device).eval())
     return models

@@ -147,7 +147,7 @@ def one_line(exc: ValidationError) -> str:
     if err["type"] == "missing":
         return f"missing required key '{loc}'"
     msg = err["msg"].removeprefix("Value error, ")
-    where = f"key '{loc}': " if loc else ""
+    where = f"key '{loc}': " if loc and not msg.startswith(f"{loc}.") else ""  # a message naming its key already
     got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{where}{msg}{got}{more}"

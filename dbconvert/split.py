@@ -14,7 +14,7 @@ from dbconvert import noise as nz
 from dbconvert.checkpoint import save_weights
 from dbconvert.config import Recipe
 from dbconvert.errors import RecipeError, RunError
-from dbconvert.families import get_family
+from dbconvert.families import Family, get_family
 from dbconvert.rundir import FORMAT_VERSION, MANIFEST, ORIENTATION, BlockInfo, Run, set_current, write_manifest
 
 
@@ -81,6 +81,18 @@ def source_depth(recipe: Recipe) -> int:
     return family.source(recipe).num_layers
 
 
+def trainable_params(family: Family, recipe: Recipe, depth: int) -> int:
+    """Trainable parameters of a block of `depth` layers (frozen tables such as DiT's pos_embed not counted).
+
+    Counted on the family's own network, built on the meta device (no memory), so no key name is assumed here.
+    """
+    import torch
+
+    with torch.device("meta"):
+        network = family.block_network(recipe, depth)
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
 def state_bytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -123,7 +135,7 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
             blocks = []
             for plan in plans:
                 state = family.block_state(source, *plan["layers"])
-                params = sum(t.numel() for k, t in state.items() if k != "pos_embed")
+                params = trainable_params(family, recipe, plan["layers"][1] - plan["layers"][0])
                 weights = staging / "blocks" / Run.block_name(plan["index"]) / "model.safetensors"
                 save_weights(weights, state)
                 keep_initial(weights)

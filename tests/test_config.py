@@ -55,6 +55,8 @@ def test_overrides_are_typed_and_nested() -> None:
         (["noise.gamma=2"], r"key 'noise\.gamma'"),
         (["noise.partition=cosine"], r"key 'noise\.partition'"),
         (["model.arch=DiT-Huge/2"], r"DiT-Huge/2"),
+        (["model.patch=2"], r"unknown key 'model\.patch'"),  # keys of the family's section keep their 'model.'
+        (["model.input_size=big"], r"key 'model\.input_size'"),
         (["model.family=gpt"], r"unknown family 'gpt'"),
         (["noise.sigma_min=100"], r"sigma_min must be smaller"),
         (["train.steps=null", "train.epochs=null"], r"set train\.steps or train\.epochs"),

@@ -103,6 +103,50 @@ def test_sigkill_at_random_moments_never_leaves_an_unreadable_checkpoint(tiny_ru
     assert [r["step"] for r in records] == list(range(1, total + 1))
 
 
+def _die_between_the_final_state_and_the_exports(root: str, steps: int) -> None:
+    """A trainer that SIGKILLs itself after writing the final state file, before the final model weights."""
+    import io
+
+    import dbconvert.train as train_mod
+
+    real = train_mod.save_weights
+
+    def save(path: Path, state, metadata=None) -> None:  # noqa: ANN001
+        if Path(path).name == "model.safetensors" and (metadata or {}).get("step") == str(steps):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, state, metadata=metadata)
+
+    train_mod.save_weights = save
+    sys.stderr = io.StringIO()
+    train_block(Run.open(root), 3, steps=steps, progress=False)
+
+
+def test_sigkill_in_the_final_checkpoint_is_repaired_on_rerun(tiny_run: Run) -> None:
+    """The last moment a kill can hit: the state file says "finished", the exports one checkpoint behind."""
+    import multiprocessing
+
+    from safetensors import safe_open
+
+    child = multiprocessing.get_context("fork").Process(
+        target=_die_between_the_final_state_and_the_exports, args=(str(tiny_run.root), 4))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    out = tiny_run.model_dir("block-03")
+    assert _check_readable(tiny_run, "block-03") == 2  # state.json and the weights: the checkpoint of step 2
+    with safe_open(str(out / "state.safetensors"), "pt") as fh:
+        assert (fh.metadata() or {})["step"] == "4"
+
+    notes: list[str] = []
+    result = train_block(tiny_run, 3, steps=4, progress=False, note=notes.append)
+    assert result.step == 4 and result.last_loss is None  # re-exported, nothing trained again
+    assert any("took over the stale lock" in n for n in notes) and not (out / locks.LOCK_NAME).exists()
+    assert _check_readable(tiny_run, "block-03") == 4
+    for name in ("model", "ema"):
+        with safe_open(str(out / f"{name}.safetensors"), "pt") as fh:
+            assert (fh.metadata() or {})["step"] == "4"
+
+
 def test_a_second_process_on_a_locked_block_refuses(tiny_run: Run) -> None:
     lock = tiny_run.model_dir("block-01") / locks.LOCK_NAME
     holder = subprocess.Popen(

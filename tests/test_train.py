@@ -76,11 +76,33 @@ def test_metrics_have_one_json_line_per_logged_step(tiny_run: Run) -> None:
         assert lo <= r["sigma_min"] <= r["sigma_max"] <= hi * (1 + 1e-6)
 
 
-def test_ema_follows_the_decay(tiny_run: Run) -> None:
-    train_block(tiny_run, 0, overrides=["train.ema_decay=0.0"], progress=False)
+def test_ema_follows_the_decay(tiny_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The EMA file equals an EMA computed by hand over the model's weights after every step.
+
+    decay 0.2 with the warm-up: steps 0 and 1 use the warm-up decay (0.1, 0.18), steps 2 and 3 the cap (0.2).
+    """
+    from dbconvert.trainstep import TrainingState, ema_decay_at
+
+    after: list[dict[str, torch.Tensor]] = []
+    real_update = TrainingState.update
+
+    def update(self: TrainingState, loss: torch.Tensor, step: int) -> None:
+        real_update(self, loss, step)
+        after.append({k: v.detach().clone() for k, v in self.network.state_dict().items()})
+
+    monkeypatch.setattr(TrainingState, "update", update)
+    train_block(tiny_run, 0, overrides=["train.ema_decay=0.2"], progress=False)
+    decays = [ema_decay_at(0.2, step) for step in range(len(after))]
+    assert len(after) == 4 and decays[0] < decays[1] < decays[2] == decays[3] == 0.2
+    ema = load_weights(tiny_run.model_dir("block-00") / "init.safetensors")
+    for decay, weights in zip(decays, after):
+        ema = {k: decay * ema[k] + (1 - decay) * weights[k] for k in ema}
+    saved = load_weights(tiny_run.model_dir("block-00") / "ema.safetensors")
     model = load_weights(tiny_run.model_dir("block-00") / "model.safetensors")
-    ema = load_weights(tiny_run.model_dir("block-00") / "ema.safetensors")
-    assert all(torch.equal(model[k], ema[k]) for k in model)
+    for k in saved:
+        torch.testing.assert_close(saved[k], ema[k], rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(saved[k], model[k]) for k in model)  # a real average, not a copy of the model
+    assert all(torch.equal(model[k], after[-1][k]) for k in model)
 
 
 def test_e2e_trains_the_whole_network(tiny_run: Run) -> None:

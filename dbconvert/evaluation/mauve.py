@@ -279,7 +279,7 @@ def evaluate_mauve(
     weights = weights or cfg.weights
     split = split or default_split(run)
     need = prompt_tokens + new_tokens
-    context = int(run.recipe.model.context)
+    context = run.family().sample_shape(run.recipe)[0]  # a text family's sample is one context of tokens
     if context < need:
         raise DataError(f"text too short for the protocol: sequences are model.context = {context} tokens but the "
                         f"protocol needs {need} ({prompt_tokens} prompt + {new_tokens} continuation); lower "

@@ -67,6 +67,9 @@ class Family(ABC):
     model_kinds: ClassVar[tuple[str, ...]] = ("blocks", "e2e", "source")
     """What `sample --model` / `eval --model` accept: the blocks, the e2e baseline, the unsplit source,
     and, for families that have one, an autoregressive reference (`ar`)."""
+    depth_key: ClassVar[str | None] = None
+    """The `model` field that sets a fresh source network's layer count (`ablate blocks` deepens the network
+    through it so that every B divides it), or None when the family has no such field."""
 
     def architectures(self) -> Architectures:
         """The named architectures a recipe's model section can pick, with sizes computed from the models.

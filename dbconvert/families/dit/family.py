@@ -34,6 +34,7 @@ class DiTFamily(Family):
     name = "dit"
     config_cls = DiTConfig
     default_metric = "fid"
+    depth_key = "depth"
 
     def source(self, recipe: "Recipe") -> Source:
         cfg = _cfg(recipe)

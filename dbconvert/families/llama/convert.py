@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from dbconvert.checkpoint import KeyMap, apply_key_map, file_sha256, load_strict, load_weights, read_checkpoint
+from dbconvert.checkpoint import KeyMap, apply_key_map, file_sha256, load_strict, read_checkpoint
 from dbconvert.errors import CheckpointError, RecipeError
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.model import LlamaBlockNet, LlamaShape
@@ -124,7 +124,7 @@ def read_hf_checkpoint(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], 
     files = _weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        part = load_weights(file) if file.suffix == ".safetensors" else read_checkpoint(file)
+        part = read_checkpoint(file)  # a user's file: its errors name model.checkpoint, not "split again"
         state.update({k: v.to(torch.float32) for k, v in part.items()})
     digest = file_sha256(files[0]) if len(files) == 1 else hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
     return hf_cfg, state, digest
