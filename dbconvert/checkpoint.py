@@ -113,6 +113,21 @@ def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model
     return dict(state)
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file (dbconvert's exports record what the weights mean there);
+    empty for other formats, which have no place for it."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"weights file {path} is corrupt or truncated ({first_line(exc)})") from None
+
+
 # --- strict checks and key maps ------------------------------------------------------------
 
 

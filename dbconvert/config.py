@@ -40,7 +40,13 @@ class Recipe(Section):
         if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
             from dbconvert.families import config_class
 
-            raw = {**raw, "model": config_class(raw["model"].get("family", "")).model_validate(raw["model"])}
+            try:
+                model = config_class(raw["model"].get("family", "")).model_validate(raw["model"])
+            except ValidationError as exc:  # re-raised with the section in the key, so errors say 'model.arch'
+                errors = [{"type": e["type"], "loc": ("model", *e["loc"]) if e["loc"] else (), "input": e["input"],
+                           **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]
+                raise ValidationError.from_exception_data(exc.title, errors) from None  # type: ignore[arg-type]
+            raw = {**raw, "model": model}
         return raw
 
     def to_dict(self) -> dict[str, Any]:

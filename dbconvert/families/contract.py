@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,6 +34,8 @@ class Source:
     network: nn.Module
     num_layers: int
     checkpoint_sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+    """Things the user should know about the conversion (recorded in the manifest, printed by split and info)."""
 
 
 def shard_slice(local: int, shard: tuple[int, int]) -> tuple[int, slice]:
@@ -69,6 +71,13 @@ class Family(ABC):
 
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """Write shared artefacts into a new run (e.g. a text target table). Default: nothing."""
+
+    def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
+        """What the network's output means, as recorded in the manifest: `{"name": ...}` plus its settings.
+
+        Called by `split` after `source` (which resolves any `auto` choice). Default: EDM preconditioning.
+        """
+        return {"name": "edm"}
 
     def bind(self, run: "Run") -> "Family":
         """This family for one run, for families that read its shared artefacts (tokenizer, target table).

@@ -14,10 +14,11 @@ from dbconvert.data.images import ImageData, load_images
 from dbconvert.errors import DataError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.dit.config import DiTConfig
-from dbconvert.families.dit.convert import block_key_map, drop_variance, is_layer_key
+from dbconvert.families.dit.convert import (block_key_map, drop_variance, is_layer_key, parameterization_record,
+                                            recorded_parameterization, resolve_parameterization)
 from dbconvert.families.dit.generate import sample_images
 from dbconvert.families.dit.model import DiT
-from dbconvert.families.dit.objective import EDMDenoiser, edm_loss
+from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, edm_loss
 from dbconvert.sampling import guided
 
 if TYPE_CHECKING:
@@ -36,17 +37,23 @@ class DiTFamily(Family):
     default_metric = "fid"
 
     def source(self, recipe: "Recipe") -> Source:
+        """The source network; also resolves `model.parameterization=auto` in the recipe (the manifest records it)."""
         cfg = _cfg(recipe)
         shape = cfg.shape(learn_sigma=False)
         if cfg.checkpoint is None:
+            notes = resolve_parameterization(cfg, recipe.noise.settings(), None)
             torch.manual_seed(cfg.init_seed)
-            return Source(DiT(shape), shape.depth)
+            return Source(DiT(shape), shape.depth, notes=notes)
         reference = DiT(cfg.shape())
         what = f"checkpoint {cfg.checkpoint} vs {cfg.arch} (input_size={cfg.input_size}, learn_sigma={cfg.learn_sigma})"
         load_strict(reference, read_checkpoint(cfg.checkpoint), what)
+        notes = resolve_parameterization(cfg, recipe.noise.settings(), recorded_parameterization(cfg.checkpoint))
         net = DiT(shape)
         net.load_state_dict(drop_variance(reference.state_dict(), cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth))
-        return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint))
+        return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint), notes=notes)
+
+    def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
+        return parameterization_record(_cfg(recipe))
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         return DiT(_cfg(recipe).shape(learn_sigma=False).with_depth(depth))
@@ -60,8 +67,12 @@ class DiTFamily(Family):
         )
 
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
+        """The run's parameterisation decides the wrapper; blocks, e2e and source all share it."""
         assert isinstance(network, DiT)
-        return EDMDenoiser(network, noise)
+        cfg = _cfg(recipe)
+        if cfg.parameterization == "ddpm-eps":
+            return DDPMEpsDenoiser(network, noise, cfg.ddpm)
+        return EDMDenoiser(network, noise)  # edm, or `auto` in a run split before parameterisations were recorded
 
     def load_data(self, recipe: "Recipe", split: str | None = None) -> ImageData:
         cfg = _cfg(recipe)
