@@ -20,7 +20,6 @@ from dbconvert.families import get_family
 from dbconvert.families.dit.config import DDPMSchedule
 from dbconvert.families.dit.model import DiT, DiTShape
 from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, ddpm_sigmas, ddpm_timestep
-from dbconvert.split import split
 from tests.cli_helpers import assert_user_error, invoke
 from tests.ddpm_reference import alphas_cumprod, x0_prediction
 

@@ -35,7 +35,7 @@ from torch import nn
 from dbconvert import noise as nz
 from dbconvert.checkpoint import apply_key_map, load_weights, save_weights
 from dbconvert.data.text import TextData, load_text, read_documents
-from dbconvert.errors import RecipeError, RunError
+from dbconvert.errors import RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
@@ -43,7 +43,7 @@ from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, confi
 from dbconvert.families.llama.generate import sample_text
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import CausalLM, LlamaDenoiser, ar_loss, diffusion_loss
-from dbconvert.tokenizer import Tokenizer, checkpoint_tokenizer, install, run_tokenizer, train_bpe
+from dbconvert.tokenizer import Tokenizer, prepare_run_tokenizer, run_tokenizer
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
@@ -53,6 +53,11 @@ if TYPE_CHECKING:
 
 def _cfg(recipe: "Recipe") -> LlamaConfig:
     return recipe.model  # type: ignore[return-value]
+
+
+def vocab_from(cfg: LlamaConfig) -> str | None:
+    """What fixed the vocabulary size when it is not the recipe's to change (for the tokenizer check's hint)."""
+    return f"the checkpoint's config.json ({cfg.checkpoint})" if cfg.checkpoint else None
 
 
 class LlamaFamily(Family):
@@ -112,19 +117,9 @@ class LlamaFamily(Family):
         shared = run_dir / "shared"
         table = normalised_table(source.network.embed_tokens.weight)  # type: ignore[union-attr]
         save_weights(shared / TARGETS_FILE, {"table": table})
-        if cfg.tokenizer:
-            path = Path(cfg.tokenizer).expanduser()
-            if not path.is_file():
-                raise RecipeError(
-                    f"model.tokenizer {cfg.tokenizer} not found; give a SentencePiece .model or tokenizers .json file "
-                    "(e.g. Llama-2's tokenizer.model), or unset it to train a BPE on the data"
-                )
-            install(path, shared)
-        elif cfg.checkpoint and (found := checkpoint_tokenizer(Path(cfg.checkpoint))):
-            install(found, shared)
-        else:
-            train_bpe(read_documents(recipe.data, recipe.data.split), cfg.vocab_size, shared / "tokenizer.json")
-        run_tokenizer(shared).check_vocab(cfg.vocab_size)
+        tok = prepare_run_tokenizer(shared, cfg.tokenizer, cfg.checkpoint, cfg.train_tokenizer,
+                                    lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size)
+        tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
 
     # -- training --------------------------------------------------------------------------
 
@@ -144,7 +139,7 @@ class LlamaFamily(Family):
     def load_data(self, recipe: "Recipe", split: str | None = None) -> TextData:
         cfg = _cfg(recipe)
         tok = self.tokenizer()
-        tok.check_vocab(cfg.vocab_size)
+        tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
         return load_text(recipe.data, tok, cfg.context, split)
 
     def training_loss(
