@@ -301,3 +301,41 @@ def prepare_run_tokenizer(shared_dir: Path, tokenizer: str | None, checkpoint: s
                                      else (), origin="a byte-level BPE trained on the data: no BOS, EOS " + BPE_EOS)
     write_settings(shared_dir, settings)
     return run_tokenizer(shared_dir)
+
+
+def save_pretrained_tokenizer(shared_dir: Path, out: Path) -> list[Path]:
+    """The run's tokenizer as a transformers folder that `AutoTokenizer.from_pretrained(out)` loads back with the
+    run's behaviour: BOS added exactly when the run adds it, the run's BOS and EOS tokens.
+
+    A tokenizers `.json` is saved through `PreTrainedTokenizerFast` with its post-processor set to the run's BOS
+    choice; a SentencePiece `.model` is copied with a LlamaTokenizer tokenizer_config.json (`add_bos_token`).
+    """
+    tok = run_tokenizer(shared_dir)
+    settings = tok.settings
+    out.mkdir(parents=True, exist_ok=True)
+    if tok._sp is not None:
+        def piece(i: int | None) -> str | None:
+            return None if i is None else str(tok._sp.id_to_piece(i))
+
+        shutil.copyfile(tok.path, out / "tokenizer.model")
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": settings.add_bos, "add_eos_token": False,
+                  "bos_token": piece(settings.bos_id), "eos_token": piece(settings.eos_id),
+                  "unk_token": piece(int(tok._sp.unk_id()))}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return [out / "tokenizer.model", out / "tokenizer_config.json"]
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    raw = HFTokenizer.from_file(str(tok.path))
+    adds, bos = tok.default_bos()
+    if settings.add_bos and (not adds or bos != settings.bos_id):
+        name = raw.id_to_token(settings.bos_id)
+        raw.post_processor = processors.TemplateProcessing(single=f"{name} $A", pair=f"{name} $A {name} $B",
+                                                           special_tokens=[(name, settings.bos_id)])
+    elif not settings.add_bos and adds:
+        raw.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    special = {key: raw.id_to_token(i) for key, i in (("bos_token", settings.bos_id), ("eos_token", settings.eos_id))
+               if i is not None}
+    PreTrainedTokenizerFast(tokenizer_object=raw, **special).save_pretrained(str(out))
+    return [out / "tokenizer.json", out / "tokenizer_config.json"]

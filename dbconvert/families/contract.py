@@ -128,6 +128,21 @@ class Family(ABC):
         """Next-token loss of the autoregressive reference."""
         raise DbconvertError(f"the {self.name} family has no autoregressive reference; use --model blocks or e2e")
 
+    # -- export ----------------------------------------------------------------------------
+
+    def check_export(self, model: str, out: Path) -> None:
+        """A one-line error, before any work, when `model` (source, e2e, ar, blocks) cannot be exported to `out`."""
+        raise DbconvertError(f"the {self.name} family has no reference format to export to")
+
+    def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
+        """Write `network` (the run's `name`: source, e2e, ar or block-XX, of kind `model`) at `out` in the
+        family's reference format; returns notes for the user.
+
+        `out` is a fresh path inside a staging folder (`export.export_model` moves it into place), so
+        an implementation may write a file or a folder there and need not be atomic itself.
+        """
+        raise DbconvertError(f"the {self.name} family has no reference format to export to")
+
     # -- generation ------------------------------------------------------------------------
 
     @abstractmethod

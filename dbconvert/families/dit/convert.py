@@ -140,3 +140,30 @@ def resolve_parameterization(cfg: DiTConfig, noise: NoiseSettings, recorded: dic
                 f"(sigma = {lo:.4g} at t = 0); smaller sigmas are fed t = 0, which is harmless: D stays within "
                 "sigma * |eps_hat| of z there"]
     return []
+
+
+# --- export -----------------------------------------------------------------------------------
+
+EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def export_key_map(depth: int) -> KeyMap:
+    """Reference DiT key -> network key for a DiT of `depth` layers: the reverse of the import map.
+
+    The network already uses the reference names, so the map is the identity; it is still spelled out
+    so that a key the reference does not have fails the export instead of being written.
+    """
+    return {ref: ours for ours, ref in block_key_map(0, depth).items()}
+
+
+def export_state(network_state: dict[str, torch.Tensor], depth: int, what: str) -> dict[str, torch.Tensor]:
+    """The reference-format state dict (learn_sigma=False: C output channels) of a DiT of `depth` layers."""
+    return apply_key_map(network_state, export_key_map(depth), what=what)
+
+
+def export_metadata(record: dict[str, Any], name: str, sigma_range: tuple[float, float] | None) -> dict[str, str]:
+    """The safetensors metadata of an export: what the weights mean, so `split` with `auto` reads them right."""
+    payload: dict[str, Any] = {"parameterization": record, "exported": name}
+    if sigma_range is not None:
+        payload["sigma_range"] = list(sigma_range)
+    return {METADATA_KEY: json.dumps(payload)}

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import apply_key_map, file_sha256, load_strict, read_checkpoint
+from dbconvert.checkpoint import apply_key_map, atomic_write, file_sha256, load_strict, read_checkpoint, save_weights
 from dbconvert.data.images import ImageData, load_images
-from dbconvert.errors import DataError
+from dbconvert.errors import DataError, DbconvertError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.dit.config import DiTConfig
-from dbconvert.families.dit.convert import (block_key_map, drop_variance, is_layer_key, parameterization_record,
-                                            recorded_parameterization, resolve_parameterization)
+from dbconvert.families.dit.convert import (EXPORT_SUFFIXES, block_key_map, drop_variance, export_metadata, export_state,
+                                            is_layer_key, parameterization_record, recorded_parameterization,
+                                            resolve_parameterization)
 from dbconvert.families.dit.generate import sample_images
 from dbconvert.families.dit.model import DiT
 from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, edm_loss
@@ -99,6 +101,32 @@ class DiTFamily(Family):
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
         return edm_loss(denoiser, batch, sigma_range, recipe.train.label_dropout, generator, shard)  # type: ignore[arg-type]
+
+    def check_export(self, model: str, out: Path) -> None:
+        if out.suffix not in EXPORT_SUFFIXES:
+            raise DbconvertError(f"a DiT export is a reference checkpoint file: end the path in {' or '.join(EXPORT_SUFFIXES)}, "
+                                 f"not {out.name!r}")
+
+    def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
+        """A reference DiT checkpoint (learn_sigma=False): `.pt` (plain torch.save state dict) or `.safetensors`."""
+        assert isinstance(network, DiT)
+        state = export_state(network.state_dict(), network.shape.depth, f"export of {name}")
+        record = self.parameterization(run.recipe)
+        owned = next((b.sigma_range for b in run.blocks if run.block_name(b.index) == name), None)
+        if out.suffix == ".safetensors":
+            save_weights(out, state, metadata=export_metadata(record, name, owned))
+            notes = [f"{out.name} records its parameterization ({record['name']}): split it with "
+                     "model.parameterization=auto (the default)"]
+        else:
+            atomic_write(out, lambda tmp: torch.save(state, tmp))
+            notes = [f"{out.name} holds a {record['name']!r} network and a .pt file cannot say so: "
+                     + ("it is a DDPM epsilon-predictor like the reference DiT's, so split it with the default auto"
+                        if record["name"] == "ddpm-eps" else "split it with model.parameterization=edm "
+                        "(a .safetensors export records it)")]
+        if owned is not None:
+            notes.append(f"{name} is a stand-alone denoiser of depth {network.shape.depth} for sigma in "
+                         f"({owned[0]:.4g}, {owned[1]:.4g}] only")
+        return notes
 
     def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":
         return sample_images(run, request)

@@ -39,11 +39,11 @@ from dbconvert.errors import RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
-                                              normalised_table, read_hf_checkpoint)
+                                              normalised_table, read_hf_checkpoint, write_hf_folder)
 from dbconvert.families.llama.generate import sample_text
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import CausalLM, LlamaDenoiser, ar_loss, diffusion_loss
-from dbconvert.tokenizer import Tokenizer, prepare_run_tokenizer, run_tokenizer
+from dbconvert.tokenizer import Tokenizer, prepare_run_tokenizer, run_tokenizer, save_pretrained_tokenizer
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
@@ -166,6 +166,27 @@ class LlamaFamily(Family):
     def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
                 shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
         return ar_loss(model, batch[0])
+
+    # -- export ----------------------------------------------------------------------------
+
+    def check_export(self, model: str, out: Path) -> None:
+        """Only causal LMs (source, ar) export: a denoiser's (blocks, e2e) sigma modulation and noisy-input path
+        are what it learned, and a LlamaForCausalLM cannot hold them."""
+        if model not in ("source", "ar"):
+            raise RunError(f"a Llama {model} network is a denoiser whose sigma modulation and noisy-input path a "
+                           "LlamaForCausalLM cannot hold; export --model source or --model ar (causal LMs)")
+        if out.suffix in (".safetensors", ".pt", ".bin", ".json"):
+            raise RunError(f"a Llama export is a Hugging Face folder (save_pretrained), not a {out.suffix} file; "
+                           "give a folder path")
+
+    def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
+        """A Hugging Face folder (LlamaForCausalLM + the run's tokenizer) of a causal LM: source or ar."""
+        assert isinstance(network, LlamaBlockNet)
+        tok = self.tokenizer()
+        write_hf_folder(network, out, tok.settings.bos_id, tuple(tok.stop_ids), f"export of {name}")
+        save_pretrained_tokenizer(self._shared_dir(), out)
+        return ["the sigma modulation and noisy-input path were left out (clean tokens never use them); load the "
+                "folder with transformers' LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained"]
 
     # -- sampling --------------------------------------------------------------------------
 
