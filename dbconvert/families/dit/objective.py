@@ -92,11 +92,14 @@ class DDPMEpsDenoiser(DiTDenoiser):
         super().__init__(net, noise)
         self.schedule = schedule
         self.log_sigmas = ddpm_sigmas(schedule).log()  # not a buffer: it must stay float64 whatever .to() does
+        self.on_device: dict[torch.device, torch.Tensor] = {}
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """t(sigma) in float64 (on the CPU for devices without float64), handed over as float32 like the embedder uses it."""
         where = sigma.device if sigma.device.type in ("cpu", "cuda") else torch.device("cpu")
-        t = ddpm_timestep(sigma.to(where), self.log_sigmas.to(where))
+        if where not in self.on_device:  # one copy per device, not one per forward
+            self.on_device[where] = self.log_sigmas.to(where)
+        t = ddpm_timestep(sigma.to(where), self.on_device[where])
         return t.to(device=sigma.device, dtype=torch.float32)
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
