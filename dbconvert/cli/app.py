@@ -104,7 +104,9 @@ def parameterization_line(run: Any) -> str:
     name = record.pop("name")
 
     def fmt(value: Any) -> str:
-        return "..".join(f"{v:.4g}" for v in value) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+        if isinstance(value, list):
+            return "..".join(f"{v:.4g}" for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
 
     details = ", ".join(f"{k}={fmt(v)}" for k, v in record.items())
     return f"parameterization: {name}" + (f" ({details})" if details else "")

@@ -72,6 +72,12 @@ class Family(ABC):
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """Write shared artefacts into a new run (e.g. a text target table). Default: nothing."""
 
+    def resolve(self, recipe: "Recipe") -> None:
+        """Settle the recipe's `auto` choices in place, as `split` will record them (default: none to settle).
+
+        `source` does it too; this is for comparing a fresh recipe with an existing run's (ablate's resume).
+        """
+
     def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
         """What the network's output means, as recorded in the manifest: `{"name": ...}` plus its settings.
 

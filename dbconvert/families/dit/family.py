@@ -54,6 +54,12 @@ class DiTFamily(Family):
         net.load_state_dict(drop_variance(reference.state_dict(), cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth))
         return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint), notes=notes)
 
+    def resolve(self, recipe: "Recipe") -> None:
+        """`model.parameterization=auto` -> edm or ddpm-eps (reading a checkpoint's export metadata, if any)."""
+        cfg = _cfg(recipe)
+        recorded = recorded_parameterization(cfg.checkpoint) if cfg.checkpoint else None
+        resolve_parameterization(cfg, recipe.noise.settings(), recorded)
+
     def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
         return parameterization_record(_cfg(recipe))
 
