@@ -244,7 +244,10 @@ def _open_or_split(recipe: Recipe, folder: Path, force: bool, log: Log) -> Run:
     from dbconvert.split import split
 
     if (folder / MANIFEST).exists() and not force:
+        from dbconvert.families import get_family
+
         run = Run.open(folder)
+        get_family(recipe.model.family).resolve(recipe)  # `auto` settings as split recorded them in the run
         diff = _mismatch(run.recipe, recipe)
         if diff:
             raise RunError(f"{folder} holds this variant with other settings ({diff}); "

@@ -145,6 +145,21 @@ def folder_error(path: Path, key: str) -> str:
     return f"{key} {path} is a Hugging Face {model} folder (config.json model_type {model_type!r}), not a checkpoint file of this recipe's family; {hint}"
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file (dbconvert's exports record what the weights mean there);
+    empty for other formats, which have no place for it."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"weights file {path} is corrupt or truncated ({first_line(exc)})") from None
+
+
 # --- strict checks and key maps ------------------------------------------------------------
 
 

@@ -131,6 +131,16 @@ class Run:
     def noise(self) -> NoiseSettings:
         return self.recipe.noise.settings()
 
+    @property
+    def parameterization(self) -> dict[str, Any]:
+        """What the run's networks output (`{"name": "edm"}` for runs split before it was recorded)."""
+        return dict(self.manifest.get("parameterization") or {"name": "edm"})
+
+    @property
+    def notes(self) -> list[str]:
+        """What `split` said about the conversion (e.g. a noise range wider than a checkpoint's schedule)."""
+        return [str(n) for n in self.manifest.get("notes") or []]
+
     def owned_ranges(self) -> list[tuple[float, float]]:
         return [b.sigma_range for b in self.blocks]
 

@@ -157,6 +157,8 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
                 "noise": recipe.noise.model_dump(exclude={"partition", "gamma"}),
                 "boundaries": bounds,
                 "source": {"checkpoint": recipe.model.checkpoint, "sha256": source.checkpoint_sha256},
+                "parameterization": family.parameterization(recipe),
+                "notes": list(source.notes),
                 "blocks": blocks,
                 "recipe": recipe.to_dict(),
             },

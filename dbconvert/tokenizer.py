@@ -3,23 +3,54 @@
 Where a run's tokenizer comes from (`model.tokenizer` in the recipe):
 - a path to a SentencePiece `.model` or a `tokenizers` `.json` file: copied into the run;
 - unset, with a checkpoint: the checkpoint folder's own `tokenizer.json` or `tokenizer.model`;
-- unset, without one (or a checkpoint without a tokenizer): a byte-level BPE with the model's
-  vocabulary size, trained on the recipe's training text and saved as RUN/shared/tokenizer.json.
+- unset, without a checkpoint: a byte-level BPE with the model's vocabulary size, trained on the
+  recipe's training text and saved as RUN/shared/tokenizer.json.
+- a checkpoint folder without a tokenizer is refused (its embeddings belong to its own tokens)
+  unless `model.tokenizer` names one or `model.train_tokenizer=true` asks for a new BPE anyway.
+
+Special tokens follow the checkpoint, and are stored beside the tokenizer as
+RUN/shared/tokenizer_settings.json, so training data and sampling prompts agree:
+- BOS: added in front of every document and prompt exactly when the checkpoint's tokenizer adds
+  it by default: `add_bos_token` of its tokenizer_config.json when present, else what the
+  tokenizers post-processor of tokenizer.json does, else (SentencePiece) whenever the model has a
+  BOS piece, as transformers' LlamaTokenizer does.
+- EOS: the document separator is the tokenizer_config.json `eos_token` (else the config's first
+  `eos_token_id`); generation stops on ANY id of config.json's and generation_config.json's
+  `eos_token_id` (an int or a list: Llama-3 Instruct's `<|eot_id|>` included).
+Runs without the settings file (older runs, trained BPEs) add no BOS and stop on the EOS token.
 
 Sampling reads only the copy inside the run, so a run needs nothing else to generate text.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from dbconvert.errors import DbconvertError, first_line
 
 FILENAMES = ("tokenizer.json", "tokenizer.model")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 BPE_EOS = "<|endoftext|>"
+SETTINGS_FILE = "tokenizer_settings.json"
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """How the run's tokenizer is used: BOS in front of documents and prompts or not, and the EOS ids."""
+
+    add_bos: bool = False
+    bos_id: int | None = None
+    eos_id: int | None = None
+    """The document separator of packed training data (and where an empty prompt starts without BOS)."""
+    stop_ids: tuple[int, ...] = ()
+    """Generation stops at any of these."""
+    origin: str = ""
+    """Where the choices came from (for the user reading the run)."""
 
 
 class TokenizerError(DbconvertError):
@@ -29,7 +60,7 @@ class TokenizerError(DbconvertError):
 class Tokenizer:
     """One interface over `tokenizers` JSON files and SentencePiece models."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, settings: TokenizerSettings | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer file {self.path} not found; set model.tokenizer to a .model or .json file")
@@ -55,16 +86,42 @@ class Tokenizer:
             raise
         except Exception as exc:
             raise TokenizerError(f"cannot read tokenizer {self.path} ({first_line(exc, 120)})") from None
+        self.settings = settings or TokenizerSettings(eos_id=self.eos_id, stop_ids=(() if self.eos_id is None else (self.eos_id,)))
+        self.eos_id = self.settings.eos_id
+        self.bos_id = self.settings.bos_id if self.settings.add_bos else None
+        self.stop_ids = self.settings.stop_ids
 
     def encode(self, text: str) -> list[int]:
+        """The ids of one document or prompt, BOS first when the run's tokenizer adds it."""
         if self._sp is not None:
-            return list(self._sp.encode(text))
-        return list(self._hf.encode(text, add_special_tokens=False).ids)
+            return self._with_bos(list(self._sp.encode(text)))
+        return self._with_bos(list(self._hf.encode(text, add_special_tokens=False).ids))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._sp is not None:
-            return [list(ids) for ids in self._sp.encode(texts)]
-        return [list(e.ids) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+            return [self._with_bos(list(ids)) for ids in self._sp.encode(texts)]
+        return [self._with_bos(list(e.ids)) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        return [self.bos_id, *ids] if self.bos_id is not None else ids
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token string (None when the vocabulary lacks it)."""
+        if self._sp is not None:
+            i = int(self._sp.piece_to_id(token))
+            return i if i != self._sp.unk_id() or token == self._sp.id_to_piece(i) else None
+        return self._hf.token_to_id(token)
+
+    def default_bos(self) -> tuple[bool, int | None]:
+        """(adds BOS by default, BOS id) as the file alone says: the tokenizers post-processor, or SentencePiece's BOS."""
+        if self._sp is not None:
+            bos = int(self._sp.bos_id())
+            return bos >= 0, bos if bos >= 0 else None
+        plain = self._hf.encode("a", add_special_tokens=False).ids
+        full = self._hf.encode("a", add_special_tokens=True).ids
+        if len(full) > len(plain) and full[1:1 + len(plain)] == plain:
+            return True, full[0]
+        return False, None
 
     def decode(self, ids: list[int]) -> str:
         if self._sp is not None:
@@ -92,12 +149,19 @@ class Tokenizer:
         """The text `ids` add after `prefix` (see `split_decode`): what a completion or a true continuation reads."""
         return self.split_decode(prefix, ids)[1]
 
-    def check_vocab(self, model_vocab: int) -> None:
-        """Every token id must have an embedding row."""
+    def check_vocab(self, model_vocab: int, fixed_by: str | None = None) -> None:
+        """Every token id must have an embedding row.
+
+        `fixed_by` names what fixed the vocabulary (a checkpoint's config.json): then model.vocab_size
+        cannot be changed, and the hint says to use the checkpoint's own tokenizer instead.
+        """
         if self.vocab_size > model_vocab:
+            fix = (f"the vocabulary size comes from {fixed_by}, so this tokenizer does not belong to the checkpoint; "
+                   "use the checkpoint's own tokenizer" if fixed_by else
+                   f"use a matching tokenizer or set model.vocab_size >= {self.vocab_size}")
             raise TokenizerError(
                 f"tokenizer {self.path.name} has {self.vocab_size} tokens but the model's vocabulary has "
-                f"{model_vocab} rows; use a matching tokenizer or set model.vocab_size >= {self.vocab_size}"
+                f"{model_vocab} rows; {fix}"
             )
 
 
@@ -141,8 +205,158 @@ def install(src: Path, shared_dir: Path) -> Path:
 
 
 def run_tokenizer(shared_dir: Path) -> Tokenizer:
-    """The tokenizer a run carries."""
+    """The tokenizer a run carries, with the run's settings (BOS, EOS) when it has them."""
+    settings = read_settings(shared_dir)
     for name in FILENAMES:
         if (shared_dir / name).is_file():
-            return Tokenizer(shared_dir / name)
+            return Tokenizer(shared_dir / name, settings)
     raise TokenizerError(f"the run has no tokenizer in {shared_dir}; split it again")
+
+
+# --- the run's tokenizer settings ------------------------------------------------------------
+
+
+def read_settings(shared_dir: Path) -> TokenizerSettings | None:
+    path = shared_dir / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return TokenizerSettings(**{**raw, "stop_ids": tuple(raw.get("stop_ids", ()))})
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+        raise TokenizerError(f"{path} is damaged; split the run again") from None
+
+
+def write_settings(shared_dir: Path, settings: TokenizerSettings) -> None:
+    from dbconvert.checkpoint import atomic_write_text
+
+    atomic_write_text(shared_dir / SETTINGS_FILE, json.dumps({**asdict(settings), "stop_ids": list(settings.stop_ids)},
+                                                             indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict ({} when absent); a damaged one is a one-line error."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TokenizerError(f"{path} is not valid JSON; restore it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def id_list(value: Any) -> list[int]:
+    """`eos_token_id` as a list: config files hold an int, a list of ints, or null."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def checkpoint_settings(tok: Tokenizer, tokenizer_dir: Path, model_dir: Path | None) -> TokenizerSettings:
+    """BOS and EOS of a checkpoint's tokenizer (see the module docstring): tokenizer_config.json beside the
+    tokenizer file, config.json and generation_config.json of the model folder."""
+    tok_cfg = read_json(tokenizer_dir / "tokenizer_config.json")
+    model_cfg = read_json(model_dir / "config.json") if model_dir else {}
+    gen_cfg = read_json(model_dir / "generation_config.json") if model_dir else {}
+    add_bos, bos_id = tok.default_bos()
+    origin = ["BOS from the tokenizer's post-processor" if tok.path.suffix == ".json" else "BOS as SentencePiece's"]
+    if (name := token_content(tok_cfg.get("bos_token"))) is not None and (i := tok.token_id(name)) is not None:
+        bos_id = i
+    elif bos_id is None:
+        bos_id = next(iter(id_list(model_cfg.get("bos_token_id"))), None)
+    if isinstance(tok_cfg.get("add_bos_token"), bool):
+        add_bos, origin = tok_cfg["add_bos_token"], ["BOS from tokenizer_config.json add_bos_token"]
+    if add_bos and bos_id is None:
+        raise TokenizerError(f"the tokenizer in {tokenizer_dir} adds a BOS token but names none; fix its tokenizer_config.json")
+    config_eos = id_list(model_cfg.get("eos_token_id")) + id_list(gen_cfg.get("eos_token_id"))
+    eos_id = tok.eos_id
+    if (name := token_content(tok_cfg.get("eos_token"))) is not None and (i := tok.token_id(name)) is not None:
+        eos_id = i
+    elif config_eos:
+        eos_id = config_eos[0]
+    stops = tuple(dict.fromkeys([*config_eos, *([eos_id] if eos_id is not None else [])]))
+    origin.append("EOS ids from config.json / generation_config.json" if config_eos else "EOS from the tokenizer")
+    return TokenizerSettings(add_bos=add_bos, bos_id=bos_id, eos_id=eos_id, stop_ids=stops, origin="; ".join(origin))
+
+
+def prepare_run_tokenizer(shared_dir: Path, tokenizer: str | None, checkpoint: str | None, train: bool,
+                          documents: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:
+    """Put the run's tokenizer and its settings into RUN/shared/ (see the module docstring for the choices).
+
+    `documents` is only called when a BPE is trained. A checkpoint folder without a tokenizer is an
+    error unless `train` (model.train_tokenizer) says a new BPE is really wanted.
+    """
+    model_dir = Path(checkpoint).expanduser() if checkpoint else None
+    if tokenizer:
+        path = Path(tokenizer).expanduser()
+        if not path.is_file():
+            raise TokenizerError(
+                f"model.tokenizer {tokenizer} not found; give a SentencePiece .model or tokenizers .json file "
+                "(e.g. Llama-2's tokenizer.model), or unset it to train a BPE on the data"
+            )
+        installed = Tokenizer(install(path, shared_dir))
+        settings = checkpoint_settings(installed, path.parent, model_dir)
+    elif model_dir is not None and (found := checkpoint_tokenizer(model_dir)):
+        installed = Tokenizer(install(found, shared_dir))
+        settings = checkpoint_settings(installed, model_dir, model_dir)
+    elif model_dir is not None and not train:
+        raise TokenizerError(
+            f"checkpoint folder {model_dir} has no tokenizer ({' or '.join(FILENAMES)}), and its embeddings only mean "
+            "something with its own tokens; copy the tokenizer there, set model.tokenizer=PATH, or set "
+            "model.train_tokenizer=true to train a new BPE on the data anyway"
+        )
+    else:
+        installed = Tokenizer(train_bpe(documents(), vocab_size, shared_dir / "tokenizer.json"))
+        settings = TokenizerSettings(eos_id=installed.eos_id, stop_ids=(installed.eos_id,) if installed.eos_id is not None
+                                     else (), origin="a byte-level BPE trained on the data: no BOS, EOS " + BPE_EOS)
+    write_settings(shared_dir, settings)
+    return run_tokenizer(shared_dir)
+
+
+def save_pretrained_tokenizer(shared_dir: Path, out: Path) -> list[Path]:
+    """The run's tokenizer as a transformers folder that `AutoTokenizer.from_pretrained(out)` loads back with the
+    run's behaviour: BOS added exactly when the run adds it, the run's BOS and EOS tokens.
+
+    A tokenizers `.json` is saved through `PreTrainedTokenizerFast` with its post-processor set to the run's BOS
+    choice; a SentencePiece `.model` is copied with a LlamaTokenizer tokenizer_config.json (`add_bos_token`).
+    """
+    tok = run_tokenizer(shared_dir)
+    settings = tok.settings
+    out.mkdir(parents=True, exist_ok=True)
+    if tok._sp is not None:
+        def piece(i: int | None) -> str | None:
+            return None if i is None else str(tok._sp.id_to_piece(i))
+
+        shutil.copyfile(tok.path, out / "tokenizer.model")
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": settings.add_bos, "add_eos_token": False,
+                  "bos_token": piece(settings.bos_id), "eos_token": piece(settings.eos_id),
+                  "unk_token": piece(int(tok._sp.unk_id()))}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return [out / "tokenizer.model", out / "tokenizer_config.json"]
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    raw = HFTokenizer.from_file(str(tok.path))
+    adds, bos = tok.default_bos()
+    if settings.add_bos and (not adds or bos != settings.bos_id):
+        name = raw.id_to_token(settings.bos_id)
+        raw.post_processor = processors.TemplateProcessing(single=f"{name} $A", pair=f"{name} $A {name} $B",
+                                                           special_tokens=[(name, settings.bos_id)])
+    elif not settings.add_bos and adds:
+        raw.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    special = {key: raw.id_to_token(i) for key, i in (("bos_token", settings.bos_id), ("eos_token", settings.eos_id))
+               if i is not None}
+    PreTrainedTokenizerFast(tokenizer_object=raw, **special).save_pretrained(str(out))
+    return [out / "tokenizer.json", out / "tokenizer_config.json"]

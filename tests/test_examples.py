@@ -91,3 +91,16 @@ def test_own_data_walkthrough_runs_on_a_tiny_synthetic_copy(in_tmp: Path, tmp_pa
     assert set(scored) == {"blocks", "e2e"}
     for row in scored.values():
         assert row[1:3] == ["this", "run"] and row[6:9] == ["70", "test", "70"]  # n, reference split and size
+
+
+def test_conversion_benefit_script_runs(tmp_path: Path) -> None:
+    """The measurement behind the README's conversion table, at toy size (2 pretraining steps, 70 samples)."""
+    script = EXAMPLE.parent / "conversion_benefit.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "cb"), "--pretrain", "2", "--finetune", "0,1",
+         "--num", "70", "--seeds", "0", "model.arch=DiT-Micro/2", "sample.steps=3"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| 1 |" in out.stdout and (tmp_path / "cb" / "conversion-benefit.png").is_file()
+    assert (tmp_path / "cb" / "converted" / "manifest.yaml").is_file()

@@ -100,6 +100,20 @@ def blocks_table(run: Any) -> Table:
     return table
 
 
+def parameterization_line(run: Any) -> str:
+    """`parameterization: ddpm-eps (beta_start=0.0001, ...)`: what the run's networks output, and its settings."""
+    record = run.parameterization
+    name = record.pop("name")
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, list):
+            return "..".join(f"{v:.4g}" for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    details = ", ".join(f"{k}={fmt(v)}" for k, v in record.items())
+    return f"parameterization: {name}" + (f" ({details})" if details else "")
+
+
 def announce(title: str, payload: dict[str, Any]) -> None:
     """Print the resolved configuration before a long run starts."""
     console.rule(f"[bold]{title}")
@@ -171,6 +185,9 @@ def split_cmd(
     resolved = load_recipe(recipe, [*(overrides or []), *extra])
     run = split(resolved, out=out, force=force, progress=not quiet)
     console.print(blocks_table(run))
+    console.print(parameterization_line(run), highlight=False, markup=False, soft_wrap=True)
+    for note in run.notes:
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     suffix = resolved.data_suffix() if out is None else None
     why = (f" (named -{suffix} because data.source={resolved.data.source} is not the data of the shipped "
            f"{resolved.name}; --out DIR to choose)") if suffix else ""
@@ -188,6 +205,9 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
         typer.echo(json.dumps([b.to_dict() for b in opened.blocks], indent=2))
         return
     console.print(blocks_table(opened))
+    console.print(parameterization_line(opened), highlight=False, markup=False, soft_wrap=True)
+    for note in opened.notes:
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     e2e = opened.status("e2e")
     console.print(f"e2e baseline: {'%d/%s steps' % (e2e.step, e2e.total_steps) if e2e.trained else 'not trained'}")
 

@@ -34,6 +34,8 @@ class Source:
     network: nn.Module
     num_layers: int
     checkpoint_sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+    """Things the user should know about the conversion (recorded in the manifest, printed by split and info)."""
 
 
 @dataclass
@@ -95,6 +97,19 @@ class Family(ABC):
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """Write shared artefacts into a new run (e.g. a text target table). Default: nothing."""
 
+    def resolve(self, recipe: "Recipe") -> None:
+        """Settle the recipe's `auto` choices in place, as `split` will record them (default: none to settle).
+
+        `source` does it too; this is for comparing a fresh recipe with an existing run's (ablate's resume).
+        """
+
+    def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
+        """What the network's output means, as recorded in the manifest: `{"name": ...}` plus its settings.
+
+        Called by `split` after `source` (which resolves any `auto` choice). Default: EDM preconditioning.
+        """
+        return {"name": "edm"}
+
     def bind(self, run: "Run") -> "Family":
         """This family for one run, for families that read its shared artefacts (tokenizer, target table).
 
@@ -152,6 +167,21 @@ class Family(ABC):
                         recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
         """Metrics of a fixed held-out batch, logged every `train.val_every` steps (`val_*` keys). Default: none."""
         return {}
+
+    # -- export ----------------------------------------------------------------------------
+
+    def check_export(self, model: str, out: Path) -> None:
+        """A one-line error, before any work, when `model` (source, e2e, ar, blocks) cannot be exported to `out`."""
+        raise DbconvertError(f"the {self.name} family has no reference format to export to")
+
+    def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
+        """Write `network` (the run's `name`: source, e2e, ar or block-XX, of kind `model`) at `out` in the
+        family's reference format; returns notes for the user.
+
+        `out` is a fresh path inside a staging folder (`export.export_model` moves it into place), so
+        an implementation may write a file or a folder there and need not be atomic itself.
+        """
+        raise DbconvertError(f"the {self.name} family has no reference format to export to")
 
     # -- generation ------------------------------------------------------------------------
 

@@ -282,8 +282,10 @@ def test_tokenizer_vocab_mismatch(in_tmp: Path, corpus: Path) -> None:
 def test_checkpoint_split_uses_checkpoint_tokenizer_or_trains_one(in_tmp: Path, corpus: Path) -> None:
     from dbconvert.split import split
 
-    hf_llama(in_tmp / "hf")
-    run = split(ckpt_recipe(in_tmp / "hf", corpus), out=in_tmp / "run")
+    hf_llama(in_tmp / "hf")  # no tokenizer in the folder: refused unless a new one is asked for
+    with pytest.raises(DbconvertError, match="has no tokenizer .* set model.train_tokenizer=true"):
+        split(ckpt_recipe(in_tmp / "hf", corpus), out=in_tmp / "run")
+    run = split(ckpt_recipe(in_tmp / "hf", corpus, **{"model.train_tokenizer": "true"}), out=in_tmp / "run")
     assert run.manifest["source"]["sha256"] and run.recipe.model.layers == 4
     table = load_file(str(run.shared_dir / "targets.safetensors"))["table"]
     source = load_file(str(in_tmp / "hf" / "model.safetensors"))["model.embed_tokens.weight"]

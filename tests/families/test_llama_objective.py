@@ -127,7 +127,7 @@ def test_batched_decoding_of_prompts_of_different_lengths_matches_one_row_at_a_t
     d = denoiser().eval()
     rows = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
     seeds = [11, 12, 13]
-    dec = Decoding(max_new_tokens=4, context=32, eos=None, seed=0, steps=6)
+    dec = Decoding(max_new_tokens=4, context=32, eos=(), seed=0, steps=6)
     owned = [(0.002, 80.0)]
     together, _ = diffuse([d], owned, rows, dec, seeds, torch.device("cpu"))
     alone = [diffuse([d], owned, [r], dec, [s], torch.device("cpu"))[0][0] for r, s in zip(rows, seeds)]
@@ -140,11 +140,11 @@ def test_batched_decoding_of_prompts_of_different_lengths_matches_one_row_at_a_t
 
 def test_decoding_stops_at_eos_and_the_context() -> None:
     d = denoiser().eval()
-    dec = Decoding(max_new_tokens=10, context=8, eos=None, seed=0, temperature=0.0)
+    dec = Decoding(max_new_tokens=10, context=8, eos=(), seed=0, temperature=0.0)
     new, why = ancestral(d.net, [[1, 2, 3, 4, 5]], dec, [0], torch.device("cpu"))
     assert len(new[0]) == 3 and why == ["context"]
     first = new[0][0]
-    dec = Decoding(max_new_tokens=10, context=32, eos=first, seed=0, temperature=0.0)
+    dec = Decoding(max_new_tokens=10, context=32, eos=(first,), seed=0, temperature=0.0)
     new, why = ancestral(d.net, [[1, 2, 3, 4, 5]], dec, [0], torch.device("cpu"))
     assert new[0] == [] and why == ["eos"]
 

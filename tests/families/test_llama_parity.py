@@ -11,7 +11,6 @@ lengths, in batches of equal rows and of left-padded rows of different lengths.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,22 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from dbconvert.families.dit.model import ARCHS, DiTShape
-from dbconvert.schema import ModelConfig
+from dbconvert.schema import ModelConfig, Section
+
+PARAMETERIZATIONS = ("edm", "ddpm-eps")
+"""What a DiT's output means: `edm` (F of EDM's preconditioning, for fresh networks) or `ddpm-eps`
+(a discrete DDPM epsilon-predictor, the reference DiT's, wrapped as an EDM denoiser)."""
+
+
+class DDPMSchedule(Section):
+    """The discrete DDPM schedule a `ddpm-eps` network was trained on: linear betas over `timesteps` steps.
+
+    The defaults are the reference DiT's (facebookresearch/DiT `create_diffusion`: linear, 1e-4..0.02, 1000).
+    """
+
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    timesteps: int = Field(1000, ge=2)
 
 
 class DiTConfig(ModelConfig):
@@ -21,6 +36,11 @@ class DiTConfig(ModelConfig):
     num_classes: int = Field(10, ge=0)
     learn_sigma: bool = False
     init_seed: int = 0
+    parameterization: Literal["auto", "edm", "ddpm-eps"] = "auto"
+    """`auto`: `ddpm-eps` for a checkpoint (unless its dbconvert metadata says otherwise), `edm` for a fresh
+    network. `split` records the resolved value in the run; an `auto` left in a run's recipe comes from a
+    run split before parameterisations were recorded, which always used `edm`."""
+    ddpm: DDPMSchedule = Field(default_factory=DDPMSchedule)
 
     @model_validator(mode="after")
     def _arch(self) -> "DiTConfig":

@@ -1,11 +1,23 @@
-"""DiT checkpoint conversion as data: the reference key names, and the key map of each block."""
+"""DiT checkpoint conversion as data: the reference key names, the key map of each block, and what the
+weights mean (their parameterisation, recorded in the metadata of dbconvert's safetensors exports)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
 
-from dbconvert.checkpoint import KeyMap, apply_key_map
+from dbconvert.checkpoint import KeyMap, apply_key_map, read_metadata
+from dbconvert.errors import CheckpointError, RecipeError
+from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.model import ARCHS, variance_channel_mask
+from dbconvert.families.dit.objective import ddpm_sigmas
+from dbconvert.noise import NoiseSettings
+
+METADATA_KEY = "dbconvert"
+"""safetensors metadata key of a dbconvert export: JSON holding at least {"parameterization": {"name": ...}}."""
 
 SHARED_KEYS: tuple[str, ...] = (
     "pos_embed",
@@ -61,3 +73,97 @@ def drop_variance(state: dict[str, torch.Tensor], arch: str, in_channels: int, l
         keep = variance_channel_mask(ARCHS[arch].patch_size, in_channels)
         transforms = {"final_layer.linear.weight": lambda w: w[keep], "final_layer.linear.bias": lambda b: b[keep]}
     return apply_key_map(state, block_key_map(0, depth), transforms=transforms, what="DiT checkpoint conversion")
+
+
+# --- what the weights mean --------------------------------------------------------------------
+
+
+def recorded_parameterization(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The parameterisation a dbconvert export recorded in its metadata; None for any other checkpoint."""
+    meta = read_metadata(checkpoint)
+    if METADATA_KEY not in meta:
+        return None
+    try:
+        record = json.loads(meta[METADATA_KEY])["parameterization"]
+        if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {checkpoint}: its {METADATA_KEY!r} metadata has no valid parameterization "
+                              "record; remove the metadata or export the run again") from None
+    return record
+
+
+def parameterization_record(cfg: DiTConfig) -> dict[str, Any]:
+    """The manifest / export record of a resolved parameterisation (`auto` left in a recipe means `edm`)."""
+    name = "edm" if cfg.parameterization == "auto" else cfg.parameterization
+    if name != "ddpm-eps":
+        return {"name": name}
+    sigmas = ddpm_sigmas(cfg.ddpm)
+    return {"name": name, **cfg.ddpm.model_dump(), "sigma_range": [sigmas[0].item(), sigmas[-1].item()]}
+
+
+def resolve_parameterization(cfg: DiTConfig, noise: NoiseSettings, recorded: dict[str, Any] | None) -> list[str]:
+    """Set `cfg.parameterization` from `auto`, check it against the checkpoint and the noise range; return notes.
+
+    `auto` is the checkpoint's recorded parameterisation (a dbconvert export), else `ddpm-eps` for a
+    checkpoint (the reference DiT is a DDPM epsilon-predictor) and `edm` for a fresh network.
+    """
+    where = f"checkpoint {cfg.checkpoint}"
+    if cfg.parameterization == "auto":
+        name = recorded["name"] if recorded else ("ddpm-eps" if cfg.checkpoint else "edm")
+    else:
+        name = cfg.parameterization
+        if recorded and recorded["name"] != name:
+            raise CheckpointError(f"{where} holds a {recorded['name']!r} network (its {METADATA_KEY} metadata says so), but "
+                                  f"model.parameterization is {name!r}; set model.parameterization={recorded['name']} or auto")
+    if name not in ("edm", "ddpm-eps"):
+        raise CheckpointError(f"{where} records the unknown parameterization {name!r}; this dbconvert knows edm and ddpm-eps")
+    cfg.parameterization = name
+    if name != "ddpm-eps":
+        return []
+    schedule = cfg.ddpm.model_dump()
+    if recorded:
+        mismatch = [k for k in schedule if k in recorded and recorded[k] != schedule[k]]
+        if mismatch:
+            want = " ".join(f"model.ddpm.{k}={recorded[k]}" for k in schedule if k in recorded)
+            raise CheckpointError(f"{where} was trained on a DDPM schedule with {mismatch[0]}={recorded[mismatch[0]]} "
+                                  f"(its metadata), but the recipe has model.ddpm.{mismatch[0]}={schedule[mismatch[0]]}; "
+                                  f"set {want}")
+    sigmas = ddpm_sigmas(cfg.ddpm)
+    lo, hi, last = sigmas[0].item(), sigmas[-1].item(), cfg.ddpm.timesteps - 1
+    if noise.sigma_max > hi * (1 + 1e-9):
+        raise RecipeError(f"noise.sigma_max={noise.sigma_max:g} lies above the largest noise level of the ddpm-eps "
+                          f"schedule (sigma = {hi:.4g} at t = {last}), which the network never saw; "
+                          f"set noise.sigma_max <= {hi:.4g}")
+    if noise.sigma_min < lo:
+        return [f"noise.sigma_min={noise.sigma_min:g} lies below the smallest noise level of the ddpm-eps schedule "
+                f"(sigma = {lo:.4g} at t = 0); smaller sigmas are fed t = 0, which is harmless: D stays within "
+                "sigma * |eps_hat| of z there"]
+    return []
+
+
+# --- export -----------------------------------------------------------------------------------
+
+EXPORT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def export_key_map(depth: int) -> KeyMap:
+    """Reference DiT key -> network key for a DiT of `depth` layers: the reverse of the import map.
+
+    The network already uses the reference names, so the map is the identity; it is still spelled out
+    so that a key the reference does not have fails the export instead of being written.
+    """
+    return {ref: ours for ours, ref in block_key_map(0, depth).items()}
+
+
+def export_state(network_state: dict[str, torch.Tensor], depth: int, what: str) -> dict[str, torch.Tensor]:
+    """The reference-format state dict (learn_sigma=False: C output channels) of a DiT of `depth` layers."""
+    return apply_key_map(network_state, export_key_map(depth), what=what)
+
+
+def export_metadata(record: dict[str, Any], name: str, sigma_range: tuple[float, float] | None) -> dict[str, str]:
+    """The safetensors metadata of an export: what the weights mean, so `split` with `auto` reads them right."""
+    payload: dict[str, Any] = {"parameterization": record, "exported": name}
+    if sigma_range is not None:
+        payload["sigma_range"] = list(sigma_range)
+    return {METADATA_KEY: json.dumps(payload)}

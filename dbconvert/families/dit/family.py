@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import apply_key_map, file_sha256, load_strict, read_checkpoint
+from dbconvert.checkpoint import apply_key_map, atomic_write, file_sha256, load_strict, read_checkpoint, save_weights
 from dbconvert.data.images import ImageData, load_images
 from dbconvert.errors import DataError, DbconvertError
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.dit.config import DiTConfig
-from dbconvert.families.dit.convert import block_key_map, drop_variance, is_layer_key
+from dbconvert.families.dit.convert import (EXPORT_SUFFIXES, block_key_map, drop_variance, export_metadata, export_state,
+                                            is_layer_key, parameterization_record, recorded_parameterization,
+                                            resolve_parameterization)
 from dbconvert.families.dit.generate import sample_images
 from dbconvert.families.dit.model import ARCH_NOTES, DiT, arch_rows
-from dbconvert.families.dit.objective import EDMDenoiser, edm_loss
+from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, edm_loss
 from dbconvert.sampling import guided
 
 if TYPE_CHECKING:
@@ -37,17 +40,29 @@ class DiTFamily(Family):
     depth_key = "depth"
 
     def source(self, recipe: "Recipe") -> Source:
+        """The source network; also resolves `model.parameterization=auto` in the recipe (the manifest records it)."""
         cfg = _cfg(recipe)
         shape = cfg.shape(learn_sigma=False)
         if cfg.checkpoint is None:
+            notes = resolve_parameterization(cfg, recipe.noise.settings(), None)
             torch.manual_seed(cfg.init_seed)
-            return Source(DiT(shape), shape.depth)
+            return Source(DiT(shape), shape.depth, notes=notes)
         reference = DiT(cfg.shape())
         what = f"checkpoint {cfg.checkpoint} vs {cfg.arch} (input_size={cfg.input_size}, learn_sigma={cfg.learn_sigma})"
         load_strict(reference, read_checkpoint(cfg.checkpoint), what)
+        notes = resolve_parameterization(cfg, recipe.noise.settings(), recorded_parameterization(cfg.checkpoint))
         net = DiT(shape)
         net.load_state_dict(drop_variance(reference.state_dict(), cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth))
-        return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint))
+        return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint), notes=notes)
+
+    def resolve(self, recipe: "Recipe") -> None:
+        """`model.parameterization=auto` -> edm or ddpm-eps (reading a checkpoint's export metadata, if any)."""
+        cfg = _cfg(recipe)
+        recorded = recorded_parameterization(cfg.checkpoint) if cfg.checkpoint else None
+        resolve_parameterization(cfg, recipe.noise.settings(), recorded)
+
+    def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
+        return parameterization_record(_cfg(recipe))
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         return DiT(_cfg(recipe).shape(learn_sigma=False).with_depth(depth))
@@ -61,8 +76,12 @@ class DiTFamily(Family):
         )
 
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
+        """The run's parameterisation decides the wrapper; blocks, e2e and source all share it."""
         assert isinstance(network, DiT)
-        return EDMDenoiser(network, noise)
+        cfg = _cfg(recipe)
+        if cfg.parameterization == "ddpm-eps":
+            return DDPMEpsDenoiser(network, noise, cfg.ddpm)
+        return EDMDenoiser(network, noise)  # edm, or `auto` in a run split before parameterisations were recorded
 
     def load_data(self, recipe: "Recipe", split: str | None = None) -> ImageData:
         cfg = _cfg(recipe)
@@ -92,6 +111,32 @@ class DiTFamily(Family):
             raise DbconvertError(f"train.loss_weight={recipe.train.loss_weight} is a text-family option; DiT trains "
                                  "with EDM's lambda(sigma) (use default or lambda)")
         return edm_loss(denoiser, batch, sigma_range, recipe.train.label_dropout, generator, shard)  # type: ignore[arg-type]
+
+    def check_export(self, model: str, out: Path) -> None:
+        if out.suffix not in EXPORT_SUFFIXES:
+            raise DbconvertError(f"a DiT export is a reference checkpoint file: end the path in {' or '.join(EXPORT_SUFFIXES)}, "
+                                 f"not {out.name!r}")
+
+    def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
+        """A reference DiT checkpoint (learn_sigma=False): `.pt` (plain torch.save state dict) or `.safetensors`."""
+        assert isinstance(network, DiT)
+        state = export_state(network.state_dict(), network.shape.depth, f"export of {name}")
+        record = self.parameterization(run.recipe)
+        owned = next((b.sigma_range for b in run.blocks if run.block_name(b.index) == name), None)
+        if out.suffix == ".safetensors":
+            save_weights(out, state, metadata=export_metadata(record, name, owned))
+            notes = [f"{out.name} records its parameterization ({record['name']}): split it with "
+                     "model.parameterization=auto (the default)"]
+        else:
+            atomic_write(out, lambda tmp: torch.save(state, tmp))
+            notes = [f"{out.name} holds a {record['name']!r} network and a .pt file cannot say so: "
+                     + ("it is a DDPM epsilon-predictor like the reference DiT's, so split it with the default auto"
+                        if record["name"] == "ddpm-eps" else "split it with model.parameterization=edm "
+                        "(a .safetensors export records it)")]
+        if owned is not None:
+            notes.append(f"{name} is a stand-alone denoiser of depth {network.shape.depth} for sigma in "
+                         f"({owned[0]:.4g}, {owned[1]:.4g}] only")
+        return notes
 
     def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":
         return sample_images(run, request)

@@ -32,6 +32,8 @@ class LlamaConfig(ModelConfig):
     mlp_bias: bool = False
     tie_embeddings: bool = False
     tokenizer: str | None = None
+    train_tokenizer: bool = False
+    """Train a new BPE even though model.checkpoint is set and has no tokenizer (otherwise an error)."""
     init_seed: int = 0
     # --- the vocabulary cost of a block (README "Memory of language-model blocks") ---
     freeze_embedding: bool = False

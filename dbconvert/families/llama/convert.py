@@ -199,3 +199,38 @@ def convert_hf_state(
     state = {**{k: v for k, v in fresh.items() if k in new or k.endswith(mod_keys(shape))}, **mapped}
     load_strict(net, state, what)
     return net
+
+
+# --- export to Hugging Face -------------------------------------------------------------------
+
+
+def hf_export_key_map(shape: LlamaShape) -> KeyMap:
+    """Hugging Face LlamaForCausalLM key -> block-network key: the reverse of the import map, head untied."""
+    return {hf: ours for ours, hf in hf_key_map(shape, tied=False).items()}
+
+
+def diffusion_only(key: str) -> bool:
+    """The parts a LlamaForCausalLM cannot hold: the noisy-input path and the sigma modulation.
+
+    Clean tokens never pass through them (DESIGN 5), so the causal LM they leave behind is exact.
+    """
+    return key in NEW_KEYS or key == "noisy_in.bias" or ".adaLN_modulation." in key
+
+
+def write_hf_folder(network: LlamaBlockNet, out: Path, bos_id: int | None, eos_ids: tuple[int, ...], what: str) -> None:
+    """`network`'s causal LM as a save_pretrained folder (config.json, generation_config.json, model.safetensors)."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    shape = network.shape
+    if shape.head != "trainable":
+        raise CheckpointError(f"{what}: model.head={shape.head} has no lm_head of its own (it is the run's target "
+                              "table times a scale); export writes Hugging Face folders of trainable-head models only")
+    state = apply_key_map(network.state_dict(), hf_export_key_map(shape), ignored=diffusion_only, what=what)
+    config = shape.hf_config()
+    config.architectures = ["LlamaForCausalLM"]
+    config.bos_token_id = bos_id
+    config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else (list(eos_ids) or None)
+    model = LlamaForCausalLM(config)
+    load_strict(model, state, what)
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=config.eos_token_id)
+    model.save_pretrained(str(out))

@@ -35,16 +35,16 @@ from torch import nn
 from dbconvert import noise as nz
 from dbconvert.checkpoint import apply_key_map, load_weights, save_weights
 from dbconvert.data.text import TextData, load_text, read_documents
-from dbconvert.errors import RecipeError, RunError
+from dbconvert.errors import RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
-                                              normalised_table, read_hf_checkpoint)
+                                              normalised_table, read_hf_checkpoint, write_hf_folder)
 from dbconvert.families.llama.generate import sample_text
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
                                                 heldout_diffusion_metrics)
-from dbconvert.tokenizer import Tokenizer, checkpoint_tokenizer, install, run_tokenizer, train_bpe
+from dbconvert.tokenizer import Tokenizer, prepare_run_tokenizer, run_tokenizer, save_pretrained_tokenizer
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
@@ -58,6 +58,11 @@ DEFAULT_WEIGHTING = "lambda"
 
 def _cfg(recipe: "Recipe") -> LlamaConfig:
     return recipe.model  # type: ignore[return-value]
+
+
+def vocab_from(cfg: LlamaConfig) -> str | None:
+    """What fixed the vocabulary size when it is not the recipe's to change (for the tokenizer check's hint)."""
+    return f"the checkpoint's config.json ({cfg.checkpoint})" if cfg.checkpoint else None
 
 
 class LlamaFamily(Family):
@@ -128,19 +133,9 @@ class LlamaFamily(Family):
         shared = run_dir / "shared"
         table = normalised_table(source.network.embed_tokens.weight)  # type: ignore[union-attr]
         save_weights(shared / TARGETS_FILE, {"table": table})
-        if cfg.tokenizer:
-            path = Path(cfg.tokenizer).expanduser()
-            if not path.is_file():
-                raise RecipeError(
-                    f"model.tokenizer {cfg.tokenizer} not found; give a SentencePiece .model or tokenizers .json file "
-                    "(e.g. Llama-2's tokenizer.model), or unset it to train a BPE on the data"
-                )
-            install(path, shared)
-        elif cfg.checkpoint and (found := checkpoint_tokenizer(Path(cfg.checkpoint))):
-            install(found, shared)
-        else:
-            train_bpe(read_documents(recipe.data, recipe.data.split), cfg.vocab_size, shared / "tokenizer.json")
-        run_tokenizer(shared).check_vocab(cfg.vocab_size)
+        tok = prepare_run_tokenizer(shared, cfg.tokenizer, cfg.checkpoint, cfg.train_tokenizer,
+                                    lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size)
+        tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
 
     # -- training --------------------------------------------------------------------------
 
@@ -162,7 +157,7 @@ class LlamaFamily(Family):
     def load_data(self, recipe: "Recipe", split: str | None = None) -> TextData:
         cfg = _cfg(recipe)
         tok = self.tokenizer()
-        tok.check_vocab(cfg.vocab_size)
+        tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
         return load_text(recipe.data, tok, cfg.context, split)
 
     def training_loss(
@@ -199,6 +194,27 @@ class LlamaFamily(Family):
     def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
                 shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
         return ar_loss(model, batch[0])
+
+    # -- export ----------------------------------------------------------------------------
+
+    def check_export(self, model: str, out: Path) -> None:
+        """Only causal LMs (source, ar) export: a denoiser's (blocks, e2e) sigma modulation and noisy-input path
+        are what it learned, and a LlamaForCausalLM cannot hold them."""
+        if model not in ("source", "ar"):
+            raise RunError(f"a Llama {model} network is a denoiser whose sigma modulation and noisy-input path a "
+                           "LlamaForCausalLM cannot hold; export --model source or --model ar (causal LMs)")
+        if out.suffix in (".safetensors", ".pt", ".bin", ".json"):
+            raise RunError(f"a Llama export is a Hugging Face folder (save_pretrained), not a {out.suffix} file; "
+                           "give a folder path")
+
+    def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
+        """A Hugging Face folder (LlamaForCausalLM + the run's tokenizer) of a causal LM: source or ar."""
+        assert isinstance(network, LlamaBlockNet)
+        tok = self.tokenizer()
+        write_hf_folder(network, out, tok.settings.bos_id, tuple(tok.stop_ids), f"export of {name}")
+        save_pretrained_tokenizer(self._shared_dir(), out)
+        return ["the sigma modulation and noisy-input path were left out (clean tokens never use them); load the "
+                "folder with transformers' LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained"]
 
     # -- sampling --------------------------------------------------------------------------
 

@@ -48,7 +48,8 @@ class Decoding:
 
     max_new_tokens: int
     context: int
-    eos: int | None
+    eos: tuple[int, ...]
+    """Stop tokens: a row ends at the first of any of them (a checkpoint's config may name several)."""
     seed: int
     steps: int = 50
     solver: str = "euler"
@@ -78,7 +79,9 @@ def read_prompts(request: "SampleRequest") -> list[str]:
 
 
 def start_ids(ids: list[int], tok: Tokenizer) -> list[int]:
-    """The ids a prompt is decoded from: an empty prompt starts after an EOS (a document boundary, as packed)."""
+    """The ids a prompt is decoded from: an empty prompt starts after an EOS (a document boundary, as packed).
+
+    With a tokenizer that adds BOS, `ids` already start with it (an empty prompt is [BOS])."""
     if ids:
         return list(ids)
     if tok.eos_id is None:
@@ -102,8 +105,9 @@ def _finish(new: torch.Tensor, length: torch.Tensor, dec: Decoding) -> tuple[lis
         room = dec.context - int(length[r])
         limit = min(dec.max_new_tokens, room)
         cut, reason = limit, "max_new_tokens" if dec.max_new_tokens <= room else "context"
-        if dec.eos is not None and dec.eos in tokens[:limit]:
-            cut, reason = tokens.index(dec.eos), "eos"
+        stop = next((j for j, t in enumerate(tokens[:limit]) if t in dec.eos), None)
+        if stop is not None:
+            cut, reason = stop, "eos"
         out.append(tokens[:cut])
         why.append(reason)
     return out, why
@@ -153,7 +157,7 @@ def _diffuse_loop(models: list[nn.Module], owned: list[tuple[float, float]], tok
 
 
 def _stopped(last: torch.Tensor, length: torch.Tensor, dec: Decoding) -> torch.Tensor:
-    hit_eos = last == dec.eos if dec.eos is not None else torch.zeros_like(last, dtype=torch.bool)
+    hit_eos = torch.isin(last, torch.tensor(dec.eos, dtype=last.dtype))
     return hit_eos | (length >= dec.context)
 
 
@@ -299,7 +303,7 @@ def decoding(run: "Run", request: "SampleRequest", tok: Tokenizer) -> Decoding:
     if temperature < 0 or not 0 < top_p <= 1:
         raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
     return Decoding(max_new_tokens=request.max_new_tokens, context=int(run.recipe.model.context),  # type: ignore[attr-defined]
-                    eos=tok.eos_id, seed=cfg.seed if request.seed is None else request.seed,
+                    eos=tuple(tok.stop_ids), seed=cfg.seed if request.seed is None else request.seed,
                     steps=request.steps or cfg.steps, solver=request.solver or cfg.solver,
                     temperature=temperature, top_p=top_p, rho=cfg.rho)
 

@@ -1,0 +1,34 @@
+"""`dbconvert export OUT [--model source|e2e|ar] [--block I]`: a run's network in its family's reference format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dbconvert.cli.app import RunOpt, command, console, err_console
+
+OutArg = Annotated[Path, typer.Argument(help="Where to write: DiT a .pt or .safetensors file, Llama a folder.")]
+ExportModelOpt = Annotated[str, typer.Option("--model", help="source (the converted source, as split wrote it), "
+                                                             "e2e (the trained baseline) or ar (text: the AR reference).")]
+BlockOpt = Annotated[Optional[int], typer.Option("--block", min=0, help="Export block I instead (a stand-alone network "
+                                                                        "of L/B layers).")]
+WeightsOpt = Annotated[str, typer.Option("--weights", help="ema or model weights of a trained network.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+
+
+@command("export")
+def export_cmd(out: OutArg, run: RunOpt = None, model: ExportModelOpt = "source", block: BlockOpt = None,
+               weights: WeightsOpt = "ema", force: ForceOpt = False) -> None:
+    """Export the run's source, e2e baseline, AR reference or one block to the reference format (DiT .pt /
+    .safetensors, Llama Hugging Face folder), e.g. to split it again or to use it elsewhere."""
+    from dbconvert.export import export_model
+    from dbconvert.rundir import resolve_run
+
+    opened = resolve_run(run)
+    result = export_model(opened, out, model=model, block=block, weights=weights, force=force)
+    for note in result.notes:
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"exported {result.name} ({result.weights.name}) of {opened.root} to [bold]{result.path}[/]",
+                  highlight=False, soft_wrap=True)
