@@ -120,6 +120,7 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.split-", dir=out.parent))
     try:
+        family.prepare_run(recipe, staging, source)  # first: its refusals (e.g. no tokenizer) come before any output
         with show(f"split into {len(plans)} blocks", 1 + len(plans), unit="files", enabled=progress) as update:
             t0, written = time.perf_counter(), 0
 
@@ -141,7 +142,6 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
                 keep_initial(weights)
                 blocks.append(BlockInfo(params=params, **plan).to_dict())
                 wrote(2 + plan["index"], state)
-        family.prepare_run(recipe, staging, source)
         write_manifest(
             staging,
             {
