@@ -375,8 +375,12 @@ def bench_speed(
     warmup: int = 1,
     device: str | None = None,
     on_progress: Callable[[str], None] | None = None,
+    sampling_only: bool = False,
 ) -> dict[str, Any]:
     """Median seconds per sampling step and per training step, each block vs the e2e network.
+
+    `sampling_only` skips the training steps (their timings and ratio are NaN): for shapes whose
+    training step is too slow to time on this device.
 
     `batch` (default: the recipe's sample.num) is the batch of both steps; a sampling step
     doubles it internally when the recipe uses classifier-free guidance, as `sample` does.
@@ -396,7 +400,7 @@ def bench_speed(
     samplers = {tr.target.name: tr.sampling_step(data) for tr in trainers}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     timings: dict[str, dict[str, list[float]]] = {t.name: {"sample": [], "train": []} for t in targets}
-    for kind in ("sample", "train"):
+    for kind in ("sample",) if sampling_only else ("sample", "train"):
         for rep in range(warmup + repeats):
             for trainer in trainers:
                 if on_progress:
@@ -406,7 +410,8 @@ def bench_speed(
                 seconds = _timed(fn, dev)
                 if rep >= warmup:
                     timings[trainer.target.name][kind].append(seconds)
-    med = {name: {k: statistics.median(v) for k, v in kinds.items()} for name, kinds in timings.items()}
+    nan = float("nan")  # --sampling-only: no training step was timed
+    med = {name: {k: statistics.median(v) if v else nan for k, v in kinds.items()} for name, kinds in timings.items()}
     block_names = [t.name for t in targets if not t.e2e]
     return {
         "recipe": recipe.name,
@@ -425,7 +430,7 @@ def bench_speed(
         "e2e_train_step_s": med["e2e"]["train"],
         "block_train_step_s": [med[n]["train"] for n in block_names],
         "sample_step_ratio": med["e2e"]["sample"] / max(med[n]["sample"] for n in block_names),
-        "train_step_ratio": med["e2e"]["train"] / max(med[n]["train"] for n in block_names),
+        "train_step_ratio": nan if sampling_only else med["e2e"]["train"] / max(med[n]["train"] for n in block_names),
         **generation_rates(with_blocks(recipe, blocks), targets, med, batch, family.generated_unit),
         "raw_seconds": timings,
     }

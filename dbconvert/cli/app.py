@@ -445,6 +445,7 @@ def bench_speed_cmd(
     context: ContextOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
+    sampling_only: Annotated[bool, typer.Option("--sampling-only", help="Time sampling steps only.")] = False,
 ) -> None:
     """Seconds per sampling step and per training step: each block vs all layers."""
     from dbconvert.bench import bench_speed
@@ -452,7 +453,8 @@ def bench_speed_cmd(
 
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
     progress = None if as_json else (lambda msg: err_console.print(msg, highlight=False))
-    result = bench_speed(resolved, blocks, batch, repeats, warmup, device, on_progress=progress)
+    result = bench_speed(resolved, blocks, batch, repeats, warmup, device, on_progress=progress,
+                         sampling_only=sampling_only)
     if as_json:
         typer.echo(json.dumps(result))
         return
