@@ -202,17 +202,23 @@ def plot_partition(run: Run, compare_uniform: bool = False) -> Path:
 # --- loss ----------------------------------------------------------------------------------
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of one metrics file that have a step and a loss (a line cut short by a kill is skipped)."""
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, one per line (a line cut short by a kill is skipped)."""
     records = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and \
-                isinstance(record.get("loss"), (int, float)):
+        if isinstance(record, dict):
             records.append(record)
+    return records
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of one metrics file that have a step and a loss."""
+    records = [r for r in read_jsonl(path)
+               if isinstance(r.get("step"), (int, float)) and isinstance(r.get("loss"), (int, float))]
     return sorted(records, key=lambda r: r["step"])
 
 
@@ -401,14 +407,7 @@ def text_samples_page(run: Run, files: list[Path]) -> str:
     lines = [f"# Samples of {markdown_cell(run_title(run))}", "",
              "Continuations written by `dbconvert sample`, one section per folder of `samples/`.", ""]
     for path in files:
-        records = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+        records = read_jsonl(path)
         lines += [f"## {markdown_cell(path.parent.name)}", "", "| # | prompt | continuation | new tokens | stopped by |",
                   "| ---: | --- | --- | ---: | --- |"]
         for k, r in enumerate(records):

@@ -18,25 +18,7 @@ from dbconvert.families.llama.objective import LlamaDenoiser
 from dbconvert.families.llama.model import LlamaBlockNet, block_diffusion_mask
 from dbconvert.noise import NoiseSettings
 
-CORPUS = "\n\n".join(
-    f"{name}:\n{line}" for name, line in [
-        ("ROMEO", "But soft, what light through yonder window breaks?"),
-        ("JULIET", "O Romeo, Romeo, wherefore art thou Romeo?"),
-        ("MERCUTIO", "A plague on both your houses!"),
-        ("FRIAR", "These violent delights have violent ends."),
-    ] * 40
-)
-
-
-def tiny_overrides(text: Path, **extra: object) -> list[str]:
-    base = {
-        "model.layers": 4, "model.hidden": 32, "model.heads": 4, "model.kv_heads": 2, "model.intermediate": 48,
-        "model.vocab_size": 300, "model.context": 16, "data.source": str(text), "data.val_fraction": 0.1,
-        "train.batch_size": 4, "train.steps": 4, "train.warmup_steps": 0, "train.log_every": 2,
-        "train.checkpoint_every": 2, "sample.steps": 4,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+from tests.families.llama_tiny import CORPUS, tiny_overrides  # noqa: E402  (shared with the hardening tests)
 
 
 @pytest.fixture
