@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -95,3 +96,13 @@ def test_bad_input_is_one_line_exit_2(command: str, args: list[str], message: st
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_speed_sampling_only_times_no_training_step_and_reports_rates() -> None:
+    result = runner.invoke(app, ["bench", "speed", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--batch", "4",
+                                 "--repeats", "1", "--warmup", "0", "--sampling-only", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert math.isnan(data["train_step_ratio"]) and all(not t for t in
+                                                        (v["train"] for v in data["raw_seconds"].values()))
+    assert data["sample_step_ratio"] > 0 and data["unit"] == "image" and data["block_units_per_s"] > 0
