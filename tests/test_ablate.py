@@ -114,7 +114,7 @@ def test_cli_partition_writes_both_tables_and_refuses_changed_settings(in_tmp: P
 def test_bad_inputs_are_one_line_errors(in_tmp: Path) -> None:
     unknown = invoke("ablate", "depth", "dit-tiny-digits")
     assert unknown.exit_code == 2 and "No such command" in unknown.output
-    assert_user_error(invoke("ablate", "overlap", "llama-tiny-shakespeare", "-q"), "image FID")
+    assert_user_error(invoke("ablate", "overlap", "llama-tiny-shakespeare", "--num", "1", "-q"), "prompts for MAUVE")
     assert_user_error(invoke("ablate", "blocks", "dit-tiny-digits", "model.depth=8", "--values", "2,3", "-q"),
                       "blocks.uneven=true")
     assert_user_error(invoke("ablate", "overlap", "dit-tiny-digits", "--num", 10, "-q"), "at least 65")
