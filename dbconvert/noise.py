@@ -82,20 +82,35 @@ def expand_range(lo: float, hi: float, gamma: float, noise: NoiseSettings) -> tu
     return max(lo / a, noise.sigma_min), min(hi * a, noise.sigma_max)
 
 
+def truncated_quantile(u: torch.Tensor, lo: float, hi: float, noise: NoiseSettings) -> torch.Tensor:
+    """sigma at probability u in [0, 1] of the global log-normal restricted to [lo, hi] (float64).
+
+    p = F(lo) + u (F(hi) - F(lo)), sigma = exp(P_mean + P_std * PhiInv(p)), in float64 so tails near
+    sigma_min/sigma_max do not lose mass to rounding.
+    """
+    f_lo, f_hi = noise.cdf(lo), noise.cdf(hi)
+    p = f_lo + (f_hi - f_lo) * u.to(torch.float64)
+    p = p.clamp(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
+    z = _SQRT2 * torch.erfinv(2.0 * p - 1.0)
+    return torch.exp(noise.p_mean + noise.p_std * z).clamp(lo, hi)
+
+
+def truncated_position(sigma: torch.Tensor, lo: float, hi: float, noise: NoiseSettings) -> torch.Tensor:
+    """The inverse of `truncated_quantile`: where each sigma lies in probability within [lo, hi] (float64)."""
+    f_lo, f_hi = noise.cdf(lo), noise.cdf(hi)
+    f = 0.5 * (1.0 + torch.erf((sigma.double().log() - noise.p_mean) / (noise.p_std * _SQRT2)))
+    return (f - f_lo) / (f_hi - f_lo)
+
+
 def sample_sigmas(
     n: int, lo: float, hi: float, noise: NoiseSettings, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """n training sigmas from the global log-normal restricted to [lo, hi] (inverse-CDF sampling).
 
-    u ~ U(F(lo), F(hi)), sigma = exp(P_mean + P_std * PhiInv(u)). Computed in float64 so
-    tails near sigma_min/sigma_max do not lose mass to rounding.
+    u ~ U(0, 1), sigma = `truncated_quantile(u)`.
     """
-    f_lo, f_hi = noise.cdf(lo), noise.cdf(hi)
-    u = f_lo + (f_hi - f_lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-    u = u.clamp(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
-    z = _SQRT2 * torch.erfinv(2.0 * u - 1.0)
-    sigma = torch.exp(noise.p_mean + noise.p_std * z).clamp(lo, hi)
-    return sigma.to(torch.float32)
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    return truncated_quantile(u, lo, hi, noise).to(torch.float32)
 
 
 def owner_of(sigma: float, owned: list[tuple[float, float]]) -> int:

@@ -16,9 +16,8 @@ from dbconvert.families import get_family
 from dbconvert.families.llama.convert import normalised_table
 from dbconvert.families.llama.generate import Decoding, ancestral, diffuse, filter_logits
 from dbconvert.families.llama.model import LlamaBlockNet, LlamaShape
-from dbconvert.families.llama.objective import (BUCKETS, LlamaDenoiser, diffusion_loss, loss_weights, quantile_sigmas,
-                                                sigma_bucket, token_ce)
-from dbconvert.noise import NoiseSettings, sample_sigmas
+from dbconvert.families.llama.objective import BUCKETS, LlamaDenoiser, diffusion_loss, loss_weights, sigma_bucket, token_ce
+from dbconvert.noise import NoiseSettings, sample_sigmas, truncated_quantile
 from dbconvert.split import split
 from dbconvert.train import train_block, train_e2e
 from dbconvert.trainstep import build_state
@@ -69,7 +68,7 @@ def test_sigma_buckets_split_the_training_distribution_in_equal_probability() ->
     sigma = sample_sigmas(40_000, *rng, NOISE, torch.Generator().manual_seed(1))
     counts = torch.bincount(sigma_bucket(sigma, rng, NOISE), minlength=BUCKETS).float() / len(sigma)
     assert torch.allclose(counts, torch.full((BUCKETS,), 1 / BUCKETS), atol=0.01)
-    mids = quantile_sigmas(*rng, NOISE, (torch.arange(BUCKETS) + 0.5) / BUCKETS)
+    mids = truncated_quantile((torch.arange(BUCKETS) + 0.5) / BUCKETS, *rng, NOISE)
     assert sigma_bucket(mids, rng, NOISE).tolist() == list(range(BUCKETS))
 
 

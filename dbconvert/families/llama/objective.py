@@ -105,17 +105,10 @@ def raw_weight(sigma: torch.Tensor, sigma_data: float, kind: str) -> torch.Tenso
     raise ValueError(f"unknown loss weighting {kind!r}; choose one of {', '.join(WEIGHTINGS)}")
 
 
-def quantile_sigmas(lo: float, hi: float, noise: nz.NoiseSettings, u: torch.Tensor) -> torch.Tensor:
-    """sigma at probability u in [0, 1] of the log-normal restricted to [lo, hi]."""
-    f_lo, f_hi = noise.cdf(lo), noise.cdf(hi)
-    p = (f_lo + (f_hi - f_lo) * u.to(torch.float64)).clamp(1e-12, 1 - 1e-12)
-    return torch.exp(noise.p_mean + noise.p_std * math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)).clamp(lo, hi)
-
-
 @functools.lru_cache(maxsize=256)
 def mean_loss_weight(lo: float, hi: float, noise: nz.NoiseSettings, kind: str = "lambda", points: int = 1 << 16) -> float:
     """E[weight(sigma)] for sigma from the log-normal restricted to [lo, hi] (midpoint rule in probability)."""
-    sigma = quantile_sigmas(lo, hi, noise, (torch.arange(points, dtype=torch.float64) + 0.5) / points)
+    sigma = nz.truncated_quantile((torch.arange(points, dtype=torch.float64) + 0.5) / points, lo, hi, noise)
     return float(raw_weight(sigma, noise.sigma_data, kind).mean())
 
 
@@ -127,10 +120,8 @@ def loss_weights(sigma: torch.Tensor, sigma_range: tuple[float, float], noise: n
 def sigma_bucket(sigma: torch.Tensor, sigma_range: tuple[float, float], noise: nz.NoiseSettings,
                  buckets: int = BUCKETS) -> torch.Tensor:
     """Which quarter (by probability) of the block's training distribution each sigma falls in."""
-    lo, hi = sigma_range
-    f_lo, f_hi = noise.cdf(lo), noise.cdf(hi)
-    u = 0.5 * (1 + torch.erf((sigma.double().log() - noise.p_mean) / (noise.p_std * math.sqrt(2.0))))
-    return ((u - f_lo) / (f_hi - f_lo) * buckets).floor().clamp(0, buckets - 1).long()
+    u = nz.truncated_position(sigma, *sigma_range, noise)
+    return (u * buckets).floor().clamp(0, buckets - 1).long()
 
 
 def token_ce(denoiser: LlamaDenoiser, hn: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor,
@@ -207,7 +198,7 @@ def heldout_diffusion_metrics(denoiser: LlamaDenoiser, tokens: torch.Tensor, sig
     eps = torch.randn((b, t, denoiser.table.shape[1]), generator=generator).to(tokens.device)
     probs_top = None
     for k in range(BUCKETS):
-        s = float(quantile_sigmas(*sigma_range, noise, torch.tensor([(k + 0.5) / BUCKETS]))[0])
+        s = float(nz.truncated_quantile(torch.tensor([(k + 0.5) / BUCKETS]), *sigma_range, noise)[0])
         sigma = torch.full((b, t), s, device=tokens.device)
         z = denoiser.table[tokens] + s * eps
         logits = denoiser(tokens, z, sigma)
