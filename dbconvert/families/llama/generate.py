@@ -97,13 +97,18 @@ def left_pad(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tens
     return tokens, pad
 
 
+def row_budget(length: int, dec: Decoding) -> int:
+    """How many new tokens a row of `length` tokens may get: max_new_tokens, or what the context leaves."""
+    return min(dec.max_new_tokens, dec.context - length)
+
+
 def _finish(new: torch.Tensor, length: torch.Tensor, dec: Decoding) -> tuple[list[list[int]], list[str]]:
     """Cut each row's new tokens at EOS / max_new_tokens / the context; say why each stopped."""
     out, why = [], []
     for r in range(new.shape[0]):
         tokens = new[r].tolist()
         room = dec.context - int(length[r])
-        limit = min(dec.max_new_tokens, room)
+        limit = row_budget(int(length[r]), dec)
         cut, reason = limit, "max_new_tokens" if dec.max_new_tokens <= room else "context"
         stop = next((j for j, t in enumerate(tokens[:limit]) if t in dec.eos), None)
         if stop is not None:
@@ -119,7 +124,7 @@ def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: lis
             progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
     """Continue every row by diffusion, one token at a time for all rows together (see module docstring)."""
     tokens, pad, length = _batch(rows, device)
-    budget = min(dec.max_new_tokens, dec.context - int(length.min()))
+    budget = row_budget(int(length.min()), dec)
     return _diffuse_loop(models, owned, tokens, pad, length, budget, dec, row_seeds, device, calls, progress)
 
 
@@ -178,7 +183,7 @@ def ancestral(net: nn.Module, rows: list[list[int]], dec: Decoding, row_seeds: l
               progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
     """Continue every row by sampling the causal LM (`LlamaBlockNet.extend`) with temperature / top-p."""
     tokens, pad, length = _batch(rows, device)
-    budget = min(dec.max_new_tokens, dec.context - int(length.min()))
+    budget = row_budget(int(length.min()), dec)
     gens = [torch.Generator().manual_seed(s) for s in row_seeds]
     cache, logits = net.extend(None, tokens, 0, pad)
     new = torch.zeros(len(rows), 0, dtype=torch.long)
@@ -211,7 +216,7 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
     calls[:] = [0] * len(models)  # block forwards, per model: filled in for the caller
     out: list[list[int]] = []
     why: list[str] = []
-    total = sum(min(dec.max_new_tokens, dec.context - len(r)) for r in rows)
+    total = sum(row_budget(len(r), dec) for r in rows)
     done_before = 0
     for lo in range(0, len(rows), batch_size):
         part, seeds = rows[lo:lo + batch_size], row_seeds[lo:lo + batch_size]
@@ -223,7 +228,7 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
             new, reasons = ancestral(models[0].net, part, dec, seeds, device, report)
         out += new
         why += reasons
-        done_before += sum(min(dec.max_new_tokens, dec.context - len(r)) for r in part)
+        done_before += sum(row_budget(len(r), dec) for r in part)
     return out, why
 
 
