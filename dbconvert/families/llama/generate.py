@@ -125,12 +125,6 @@ def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: lis
     """Continue every row by diffusion, one token at a time for all rows together (see module docstring)."""
     tokens, pad, length = _batch(rows, device)
     budget = row_budget(int(length.min()), dec)
-    return _diffuse_loop(models, owned, tokens, pad, length, budget, dec, row_seeds, device, calls, progress)
-
-
-def _diffuse_loop(models: list[nn.Module], owned: list[tuple[float, float]], tokens: torch.Tensor, pad: torch.Tensor,
-                  length: torch.Tensor, budget: int, dec: Decoding, row_seeds: list[int], device: torch.device,
-                  calls: list[int] | None, progress: Progress | None) -> tuple[list[list[int]], list[str]]:
     n, hidden = tokens.shape[0], models[0].table.shape[1]
     ts = nz.edm_steps(dec.steps, models[0].noise, dec.rho)
     gens = [torch.Generator().manual_seed(s) for s in row_seeds]
