@@ -44,7 +44,7 @@ def randomised(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def denoiser(**kw: object) -> LlamaDenoiser:
     torch.manual_seed(0)
     s = shape(**kw)
-    table = normalised_table(torch.randn(s.vocab_size, s.hidden_size))
+    table = normalised_table(torch.randn(s.vocab_size, s.target_size))
     return LlamaDenoiser(randomised(LlamaBlockNet(s)), table, NOISE)
 
 
@@ -81,12 +81,26 @@ def test_tied_table_head_is_the_table_times_a_scale_fused_with_the_likelihood() 
     torch.testing.assert_close(d.logits(hn, z, sigma), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("head", ["trainable", "tied-table"])
-def test_chunked_cross_entropy_equals_the_whole_vocabulary_pass_values_and_gradients(head: str) -> None:
-    d = denoiser(head=head)
+def test_narrow_targets_project_the_tied_head_and_fuse_it_with_the_likelihood() -> None:
+    d = denoiser(head="tied-table", target_dim=6)
+    assert d.table.shape == (40, 6) and d.net.noisy_in.in_features == 6
+    assert not hasattr(d.net, "head_scale") and d.net.head_proj.weight.shape == (6, 16)
+    hn, z = torch.randn(3, 16), torch.randn(3, 6)
+    sigma = torch.tensor([0.05, 1.0, 30.0])
+    expected = (hn @ d.net.head_proj.weight.T) @ d.table.T + d.likelihood(z, sigma)
+    torch.testing.assert_close(d.logits(hn, z, sigma), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(d.net.head(hn), (hn @ d.net.head_proj.weight.T) @ d.table.T)
+
+
+@pytest.mark.parametrize("head,target_dim", [("trainable", None), ("tied-table", None), ("tied-table", 6),
+                                             ("trainable", 6)])
+def test_chunked_cross_entropy_equals_the_whole_vocabulary_pass_values_and_gradients(head: str,
+                                                                                   target_dim: int | None) -> None:
+    d = denoiser(head=head, target_dim=target_dim)
+    width = d.table.shape[1]
     tokens = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(2))
     sigma = torch.rand(2, 5, generator=torch.Generator().manual_seed(3)) * 2 + 0.01
-    z = d.table[tokens] + sigma[..., None] * torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    z = d.table[tokens] + sigma[..., None] * torch.randn(2, 5, width, generator=torch.Generator().manual_seed(4))
     grads = []
     for chunk in (0, 3):
         d.zero_grad()

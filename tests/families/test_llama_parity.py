@@ -28,13 +28,22 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 POSITIONS = (0, 1, 5, 14)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+NARROW = {"model.target_dim": 8, "model.head": "tied-table"}
+"""A target space narrower than the hidden state, with the head projected onto it (the fast-sampling setting)."""
+
+
+LOW_RANK = {"model.target_dim": 8, "model.head_rank": 4}
+"""A narrower target space and a trainable low-rank head."""
+
+
+@pytest.fixture(scope="module", params=[{}, NARROW, LOW_RANK],
+                ids=["hidden-width-targets", "narrow-targets-tied-head", "narrow-targets-rank-4-head"])
+def trained_run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Run:
     """B = 2, biases everywhere, every split weight perturbed, then 3 optimizer steps per block."""
     folder = tmp_path_factory.mktemp("parity")
     recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(
         write_corpus(folder), **{"model.attention_bias": "true", "model.mlp_bias": "true", "train.steps": 3,
-                                 "train.lr": "1e-3", "train.checkpoint_every": 3}))
+                                 "train.lr": "1e-3", "train.checkpoint_every": 3, **request.param}))
     run = split(recipe, out=folder / "run", make_current=False)
     gen = torch.Generator().manual_seed(0)
     for block in run.blocks:
@@ -62,6 +71,7 @@ def test_the_blocks_under_test_have_every_parameter_non_zero_and_trained(trained
         name = Run.block_name(block.index)
         den = trained_denoiser(trained_run, block.index)
         params = dict(den.net.named_parameters())
+        assert den.table.shape[1] == (trained_run.recipe.model.target_dim or trained_run.recipe.model.hidden)
         assert any(".self_attn.q_proj.bias" in k for k in params) and any(".mlp.down_proj.bias" in k for k in params)
         assert all(bool((p != 0).all()) for p in params.values())
         assert all(bool(params[k].abs().min() > 0) for k in params if "adaLN_modulation.1" in k)

@@ -41,6 +41,15 @@ class LlamaConfig(ModelConfig):
     head: Literal["trainable", "tied-table"] = "trainable"
     """tied-table: the head is the run's frozen target table times a learned scale (no V x H weight per block);
     it is also fused with the likelihood term into one matmul. A checkpoint's own lm_head is then not used."""
+    head_rank: int | None = Field(None, ge=1)
+    """A trainable head of rank r: Linear(H, r) then Linear(r, V) instead of one V x H matrix (a checkpoint's
+    lm_head is factorised by its best rank-r approximation). Per sampling step the head then costs V x r;
+    with model.target_dim it is what makes a step ~B-fold cheaper than e2e (README "Sampling speed")."""
+    target_dim: int | None = Field(None, ge=2)
+    """Dimension of the shared target space (the diffusion variable). None = model.hidden (the source embedding,
+    rows normalised). Smaller: the embedding's top principal directions, rows normalised; the likelihood term and
+    D = softmax @ T then cost V x target_dim per sampling step instead of V x hidden, and with head=tied-table
+    the head becomes a learned H -> target_dim projection times the table (README "Sampling speed")."""
     noisy_anchor: bool = False
     """The noisy input path: False = EDM's c_in * z through a scaled identity (at high sigma every noisy position
     is a different random vector); True = that at 1/10 the gain plus a shared learned vector, so the noisy
@@ -57,6 +66,15 @@ class LlamaConfig(ModelConfig):
             raise ValueError(f"model.hidden {self.hidden} is not divisible by model.heads {self.heads}")
         if self.heads % (self.kv_heads or self.heads):
             raise ValueError(f"model.heads {self.heads} is not a multiple of model.kv_heads {self.kv_heads}")
+        if self.head_rank is not None and self.head != "trainable":
+            raise ValueError(f"model.head_rank factorises a trainable head; model.head={self.head} has none "
+                             "(drop model.head_rank or set model.head=trainable)")
+        if self.head_rank is not None and self.head_rank >= self.hidden:
+            raise ValueError(f"model.head_rank {self.head_rank} is not below model.hidden {self.hidden}; "
+                             f"use a rank < {self.hidden} (null = the full V x H head)")
+        if self.target_dim is not None and self.target_dim > self.hidden:
+            raise ValueError(f"model.target_dim {self.target_dim} is larger than model.hidden {self.hidden}; "
+                             f"use at most {self.hidden} (null = hidden)")
         if self.max_positions is not None and self.context > self.max_positions:
             raise ValueError(
                 f"model.context {self.context} is longer than the model's maximum of {self.max_positions} positions; "
@@ -85,4 +103,6 @@ class LlamaConfig(ModelConfig):
             head=self.head,
             adaln_rank=self.adaln_rank,
             noisy_anchor=self.noisy_anchor,
+            target_dim=self.target_dim,
+            head_rank=self.head_rank,
         )

@@ -28,14 +28,18 @@ NEW_KEYS: tuple[str, ...] = (
 )
 """Keys a Hugging Face checkpoint does not have: the noisy-input path, created at conversion."""
 
-HEAD_KEYS = {"trainable": ("lm_head.weight",), "tied-table": ("head_scale",)}
-"""The head's keys: a trainable V x H matrix, or one learned scale on the run's target table."""
+def head_keys(shape: LlamaShape) -> tuple[str, ...]:
+    """The head's keys: a trainable V x H matrix, or (tied-table) one learned scale on the run's target
+    table, or a learned H -> target_dim projection when the target space is narrower than the hidden state."""
+    if shape.head == "trainable":
+        return ("lm_head.0.weight", "lm_head.1.weight") if shape.head_rank else ("lm_head.weight",)
+    return ("head_proj.weight",) if shape.projected_targets else ("head_scale",)
 
 
 def shared_keys(shape: LlamaShape) -> tuple[str, ...]:
     """Keys every block copies from the source network: embedding, noise input, final norm, head."""
     anchor = ("noisy_in.bias",) if shape.noisy_anchor else ()
-    return ("embed_tokens.weight", *NEW_KEYS, *anchor, "norm.weight", *HEAD_KEYS[shape.head])
+    return ("embed_tokens.weight", *NEW_KEYS, *anchor, "norm.weight", *head_keys(shape))
 
 
 def mod_keys(shape: LlamaShape) -> tuple[str, ...]:
@@ -92,6 +96,59 @@ def normalised_table(embed: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm: the shared target space (see the module docstring)."""
     embed = embed.detach().to(torch.float32)
     return embed / embed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def principal_directions(rows: torch.Tensor, dim: int, centre: bool) -> torch.Tensor:
+    """(dim, H) orthonormal rows: the top eigenvectors of the rows' H x H second-moment matrix (centred or not).
+
+    float64 eigh, cheap for any vocabulary; each sign is fixed so that the largest component is positive,
+    which makes the result the same on every machine.
+    """
+    rows = rows.detach().to(torch.float64)
+    if centre:
+        rows = rows - rows.mean(0)
+    _, vectors = torch.linalg.eigh(rows.T @ rows)  # ascending eigenvalues
+    basis = vectors[:, -dim:].flip(-1).T  # (dim, H), largest first
+    top = basis.gather(1, basis.abs().argmax(1, keepdim=True))
+    return (basis * top.sign()).to(torch.float32)
+
+
+def factor_head(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """`lm_head.weight` (V x H) -> its best rank-r factors `lm_head.0.weight` (r x H) and `lm_head.1.weight` (V x r).
+
+    W ~ (W P^T) P with P the top r right singular vectors of W (Eckart-Young), so a converted
+    checkpoint's head starts as close to its own as rank r allows.
+    """
+    state = dict(state)
+    weight = state.pop("lm_head.weight").to(torch.float32)
+    basis = principal_directions(weight, rank, centre=False)
+    state["lm_head.0.weight"] = basis
+    state["lm_head.1.weight"] = weight @ basis.T
+    return state
+
+
+def full_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse for export: a factorised head multiplied out into one `lm_head.weight` (the same function)."""
+    if "lm_head.0.weight" not in state:
+        return state
+    state = dict(state)
+    first, second = state.pop("lm_head.0.weight"), state.pop("lm_head.1.weight")
+    state["lm_head.weight"] = second @ first
+    return state
+
+
+def target_basis(embed: torch.Tensor, dim: int) -> torch.Tensor:
+    """(dim, H) orthonormal rows: the top principal directions of the embedding rows (centred), largest first."""
+    return principal_directions(embed, dim, centre=True)
+
+
+def target_table(embed: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The run's target table: normalised embedding rows, or (dim < H) their centred projections on
+    `target_basis`, normalised (DESIGN 5's one target space, narrower: cheaper per sampling step)."""
+    if dim is None or dim == embed.shape[1]:
+        return normalised_table(embed)
+    embed = embed.detach().to(torch.float32)
+    return normalised_table((embed - embed.mean(0)) @ target_basis(embed, dim).T)
 
 
 # --- reading Hugging Face checkpoints -------------------------------------------------------
@@ -179,17 +236,27 @@ def convert_hf_state(
 
     The new parts (noisy input, sigma embedder, zero modulation) come from a seeded init;
     `noisy_in` starts as a scaled identity that maps c_in * z of a clean (unit-norm) row,
-    ~T_v / sigma_data, to the RMS of the source embedding rows.
+    ~T_v / sigma_data, to the RMS of the source embedding rows (with model.target_dim: the principal
+    directions of the embedding lift the narrower target space back into the hidden state).
     """
     drop_head = tied or shape.head != "trainable"  # a tied-table head does not use the checkpoint's lm_head
     ignored = lambda key: key.endswith("rotary_emb.inv_freq") or (drop_head and key == "lm_head.weight")  # noqa: E731
     mapped = apply_key_map(hf_state, hf_key_map(shape, tied), ignored=ignored, what=what)
+    if shape.head == "trainable" and shape.head_rank:
+        mapped = factor_head(mapped, shape.head_rank)
     torch.manual_seed(seed + 1)
     net = LlamaBlockNet(shape)
     fresh = net.state_dict()
     rms = mapped["embed_tokens.weight"].pow(2).mean(-1).sqrt().mean()
-    fresh["noisy_in.weight"] = torch.eye(shape.hidden_size) * rms * sigma_data * math.sqrt(shape.hidden_size)
-    new = (*NEW_KEYS, *(HEAD_KEYS["tied-table"] if shape.head == "tied-table" else ()))
+    lift = torch.eye(shape.hidden_size)  # target space -> hidden: identity, or the principal directions
+    if shape.projected_targets:
+        lift = target_basis(mapped["embed_tokens.weight"], shape.target_size).T
+    fresh["noisy_in.weight"] = lift * rms * sigma_data * math.sqrt(shape.hidden_size)
+    new = NEW_KEYS
+    if shape.head == "tied-table":  # the learned scale starts at 1, the projection at the principal directions
+        new = (*new, *head_keys(shape))
+        if shape.projected_targets:
+            fresh["head_proj.weight"] = lift.T.contiguous()
     if shape.noisy_anchor:  # a shared query vector: the mean embedding direction at the rows' typical norm
         embed = mapped["embed_tokens.weight"]
         mean = embed.mean(0)
@@ -225,7 +292,7 @@ def write_hf_folder(network: LlamaBlockNet, out: Path, bos_id: int | None, eos_i
     if shape.head != "trainable":
         raise CheckpointError(f"{what}: model.head={shape.head} has no lm_head of its own (it is the run's target "
                               "table times a scale); export writes Hugging Face folders of trainable-head models only")
-    state = apply_key_map(network.state_dict(), hf_export_key_map(shape), ignored=diffusion_only, what=what)
+    state = apply_key_map(full_head(network.state_dict()), hf_export_key_map(shape), ignored=diffusion_only, what=what)
     config = shape.hf_config()
     config.architectures = ["LlamaForCausalLM"]
     config.bos_token_id = bos_id

@@ -5,6 +5,9 @@ Decisions written down (DESIGN 5):
 - Target space: ONE frozen table T (vocab x hidden) for the whole run, stored once as
   RUN/shared/targets.safetensors: the source model's input embeddings with every row scaled
   to unit L2 norm. Without a checkpoint it is the fresh source's (seeded, random) embedding.
+  With model.target_dim = k < hidden it is (vocab x k): the embedding rows' centred projections
+  on their top k principal directions, normalised; the per-step vocabulary work of the
+  likelihood and of D then scales with k (README "Sampling speed of language-model blocks").
   The noisy variable of token j is z = T[x_j] + sigma * eps. Unit rows put the noise level
   at which tokens become distinguishable (sigma ~ 0.3 for hundreds of tokens) inside the
   default sigma range, so more than one block has real work; rows of RMS sigma_data would
@@ -16,8 +19,8 @@ Decisions written down (DESIGN 5):
   of the target table, in training and sampling alike. The network's noisy input is
   c_in(sigma) * z and its noise input is c_noise(sigma), as in EDM; c_skip / c_out are
   replaced by the likelihood term above.
-- Loss: cross-entropy of token j at every noisy position, weighted by lambda(sigma) divided
-  by the mean of lambda over the block's training distribution (so the weights average 1).
+- Loss: cross-entropy of token j at every noisy position, with a per-sigma weight chosen by
+  train.loss_weight (default uniform, decided by held-out measurement; README "Loss weight").
 - Decoding (sampling): Euler/Heun over the EDM steps ends at t_N = 0 with z = D(z, sigma_min);
   the new token is the table row nearest to that final z (Euclidean).
 - Tied input/output embeddings are untied on conversion: every block gets its own head copy.
@@ -39,7 +42,8 @@ from dbconvert.errors import RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
-                                              normalised_table, read_hf_checkpoint, write_hf_folder)
+                                              normalised_table, read_hf_checkpoint, target_table,
+                                              write_hf_folder)
 from dbconvert.families.llama.generate import sample_text
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
@@ -80,7 +84,8 @@ class LlamaFamily(Family):
         """Without a run: a seeded random unit-norm target table of the model's shape (memory and time only)."""
         cfg = _cfg(recipe)
         gen = torch.Generator().manual_seed(cfg.init_seed)
-        return LlamaFamily(table=normalised_table(torch.randn(cfg.vocab_size, cfg.hidden, generator=gen)))
+        return LlamaFamily(table=normalised_table(torch.randn(cfg.vocab_size, cfg.shape().target_size,
+                                                                      generator=gen)))
 
     def bind(self, run: "Run") -> "LlamaFamily":
         """Training and sampling read the run's shared tokenizer and target table."""
@@ -131,7 +136,7 @@ class LlamaFamily(Family):
         """Write the shared target table and the run's tokenizer into RUN/shared/."""
         cfg = _cfg(recipe)
         shared = run_dir / "shared"
-        table = normalised_table(source.network.embed_tokens.weight)  # type: ignore[union-attr]
+        table = target_table(source.network.embed_tokens.weight, cfg.target_dim)  # type: ignore[union-attr]
         save_weights(shared / TARGETS_FILE, {"table": table})
         tok = prepare_run_tokenizer(shared, cfg.tokenizer, cfg.checkpoint, cfg.train_tokenizer,
                                     lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size)
@@ -150,7 +155,7 @@ class LlamaFamily(Family):
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
         assert isinstance(network, LlamaBlockNet)
         table = self.table()
-        if tuple(table.shape) != (network.shape.vocab_size, network.shape.hidden_size):
+        if tuple(table.shape) != (network.shape.vocab_size, network.shape.target_size):
             raise RunError(f"the run's target table has shape {tuple(table.shape)}, not the model's; split again")
         return LlamaDenoiser(network, table, noise)
 

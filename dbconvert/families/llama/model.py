@@ -52,6 +52,19 @@ class LlamaShape:
     """noisy_in gets a bias (a fixed 'query' vector every noisy position shares) and a 10x smaller weight."""
     adaln_rank: int | None = None
     """None: adaLN_modulation = SiLU, Linear(H, 6H); r: SiLU, Linear(H, r, no bias), Linear(r, 6H)."""
+    target_dim: int | None = None
+    """Width of the target table (the diffusion variable); None = hidden_size."""
+    head_rank: int | None = None
+    """head=trainable only: None = lm_head Linear(H, V); r = Sequential(Linear(H, r), Linear(r, V)), no biases."""
+
+    @property
+    def target_size(self) -> int:
+        return self.target_dim or self.hidden_size
+
+    @property
+    def projected_targets(self) -> bool:
+        """True when the target space is narrower than the hidden state (model.target_dim < hidden)."""
+        return self.target_size != self.hidden_size
 
     def with_depth(self, depth: int) -> "LlamaShape":
         from dataclasses import replace
@@ -240,13 +253,18 @@ class LlamaBlockNet(nn.Module):
         self.shape = shape
         s = shape
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
-        self.noisy_in = nn.Linear(s.hidden_size, s.hidden_size, bias=s.noisy_anchor)
+        self.noisy_in = nn.Linear(s.target_size, s.hidden_size, bias=s.noisy_anchor)
         self.sigma_embed = SigmaEmbedder(s.hidden_size, s.sigma_features)
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.register_buffer("table", None, persistent=False)  # the run's target table, attached by the family
-        if s.head == "tied-table":
+        if s.head == "tied-table" and s.projected_targets:
+            self.head_proj = nn.Linear(s.hidden_size, s.target_size, bias=False)
+        elif s.head == "tied-table":
             self.head_scale = nn.Parameter(torch.ones(()))
+        elif s.head_rank is not None:
+            self.lm_head = nn.Sequential(nn.Linear(s.hidden_size, s.head_rank, bias=False),
+                                         nn.Linear(s.head_rank, s.vocab_size, bias=False))
         else:
             self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
         self.rotary = LlamaRotaryEmbedding(s.hf_config())  # HF's own rotary: rope_theta and scaling as in the source
@@ -275,12 +293,18 @@ class LlamaBlockNet(nn.Module):
         space, and the head itself when head=tied-table."""
         self.table = table
 
+    def table_query(self, hn: torch.Tensor) -> torch.Tensor:
+        """head=tied-table: the vector whose products with the table rows are the head logits (in target space)."""
+        if self.shape.projected_targets:
+            return self.head_proj(hn)
+        return self.head_scale * hn
+
     def head(self, hn: torch.Tensor) -> torch.Tensor:
         """Head logits of normed final hidden states."""
         if self.shape.head == "tied-table":
             if self.table is None:
                 raise RuntimeError("head=tied-table needs the run's target table: call attach_table first")
-            return self.head_scale * (hn @ self.table.to(hn.dtype).T)  # type: ignore[union-attr]
+            return self.table_query(hn) @ self.table.to(hn.dtype).T  # type: ignore[union-attr]
         return self.lm_head(hn)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -295,7 +319,7 @@ class LlamaBlockNet(nn.Module):
     def hidden_train(self, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         """One forward over [clean tokens ; noisy inputs]; returns the normed final hidden states at the noisy positions.
 
-        tokens (B, T); noisy (B, T, H) = c_in * z; c_noise (B, T). Noisy j shares token j's rotary position.
+        tokens (B, T); noisy (B, T, target width) = c_in * z; c_noise (B, T). Noisy j shares token j's rotary position.
         """
         b, t = tokens.shape
         x = torch.cat([self.embed_tokens(tokens), self.noisy_in(noisy)], dim=1)

@@ -19,7 +19,8 @@ class LlamaDenoiser(nn.Module):
 
     logits = head(h) + (z . T_v - |T_v|^2 / 2) / sigma^2: the head's context prior plus the exact Gaussian
     log-likelihood of z under each row. With head=tied-table both are products with T and are computed
-    as one matmul, ((scale h + z / sigma^2) . T_v) - |T_v|^2 / (2 sigma^2).
+    as one matmul, ((q(h) + z / sigma^2) . T_v) - |T_v|^2 / (2 sigma^2), q(h) = scale h, or a learned
+    projection of h when the target space is narrower than the hidden state (model.target_dim).
     """
 
     def __init__(self, net: LlamaBlockNet, table: torch.Tensor, noise: nz.NoiseSettings) -> None:
@@ -42,7 +43,7 @@ class LlamaDenoiser(nn.Module):
         """Denoiser logits from normed hidden states hn (..., H), noisy targets z (..., H), sigma (...)."""
         s2 = sigma.to(torch.float32)[..., None] ** 2
         if self.net.shape.head == "tied-table":
-            query = self.net.head_scale * hn.to(torch.float32) + z.to(torch.float32) / s2
+            query = self.net.table_query(hn).to(torch.float32) + z.to(torch.float32) / s2
             return query @ self.table.T - 0.5 * self.table_sq / s2
         return self.net.head(hn).to(torch.float32) + self.likelihood(z, sigma)
 
