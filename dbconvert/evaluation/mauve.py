@@ -1,7 +1,7 @@
 """MAUVE through mauve-text on SEDD's conditional protocol.
 
 Protocol: held-out sequences of at least `prompt_tokens + new_tokens` tokens (default 50 + 50 =
-100). We take the packed rows of the evaluation split exactly as training packs text (documents
+100; a run whose context is shorter gets half its context each, announced and recorded). We take the packed rows of the evaluation split exactly as training packs text (documents
 joined with EOS, rows of `model.context` tokens; for local text the `val` rows held out by
 `data.val_fraction`, for hub data sets their `test` split), so the protocol needs
 `model.context >= prompt_tokens + new_tokens`. The first `prompt_tokens` tokens are the prompt;
@@ -235,14 +235,40 @@ def default_split(run: Any) -> str:
     return "val" if resolve_kind(run.recipe.data) == "text" else "test"
 
 
+PROTOCOL_TOKENS = 50
+"""SEDD's conditional protocol: 50-token prompts, 50-token continuations."""
+
+
+def protocol_lengths(context: int, prompt_tokens: int | None, new_tokens: int | None, log: Log) -> tuple[int, int]:
+    """(prompt, continuation) lengths: as given, else SEDD's 50 + 50, else (a context shorter than 100, such
+    as the tiny recipe's 64) what is not given shares the context (an even split when neither is given).
+
+    The fallback is announced, and the result records the lengths used, so runs compare only at equal lengths.
+    """
+    if prompt_tokens is not None and new_tokens is not None:
+        return prompt_tokens, new_tokens
+    if prompt_tokens is None and new_tokens is None and context >= 2 * PROTOCOL_TOKENS:
+        return PROTOCOL_TOKENS, PROTOCOL_TOKENS
+    if prompt_tokens is None and new_tokens is None:
+        prompt_tokens = context // 2
+    if new_tokens is None:  # at least 1: a prompt that fills the context is then the "too short" error
+        new_tokens = max(1, min(PROTOCOL_TOKENS, context - prompt_tokens))  # type: ignore[operator]
+    if prompt_tokens is None:
+        prompt_tokens = max(1, min(PROTOCOL_TOKENS, context - new_tokens))
+    if (prompt_tokens, new_tokens) != (PROTOCOL_TOKENS, PROTOCOL_TOKENS):
+        log(f"protocol: {prompt_tokens}-token prompts, {new_tokens}-token continuations (model.context = {context}; "
+            f"SEDD uses {PROTOCOL_TOKENS} + {PROTOCOL_TOKENS}); --prompt-tokens/--new-tokens choose them")
+    return prompt_tokens, new_tokens
+
+
 def evaluate_mauve(
     run: Any,
     *,
     model: str = "blocks",
     num_prompts: int | None = None,
     samples_per_prompt: int = 5,
-    prompt_tokens: int = 50,
-    new_tokens: int = 50,
+    prompt_tokens: int | None = None,
+    new_tokens: int | None = None,
     split: str | None = None,
     featurizer: str = "auto",
     seeds: int = 3,
@@ -266,6 +292,8 @@ def evaluate_mauve(
         raise DbconvertError(f"eval mauve is for language-model runs; this run is a {run.family_name} model "
                              f"(use eval {run.family().default_metric})")
     run.model_targets(model)  # one line naming the models this run has
+    context = run.family().sample_shape(run.recipe)[0]  # a text family's sample is one context of tokens
+    prompt_tokens, new_tokens = protocol_lengths(context, prompt_tokens, new_tokens, log)
     for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--prompt-tokens", prompt_tokens),
                         ("--new-tokens", new_tokens), ("--seeds", seeds)):
         if value < 1:
@@ -279,7 +307,6 @@ def evaluate_mauve(
     weights = weights or cfg.weights
     split = split or default_split(run)
     need = prompt_tokens + new_tokens
-    context = run.family().sample_shape(run.recipe)[0]  # a text family's sample is one context of tokens
     if context < need:
         raise DataError(f"text too short for the protocol: sequences are model.context = {context} tokens but the "
                         f"protocol needs {need} ({prompt_tokens} prompt + {new_tokens} continuation); lower "

@@ -32,6 +32,24 @@ def test_wrapper_equals_compute_mauve_on_same_features() -> None:
     assert mauve_scores(p, p, [25])[0] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("context,given,expected", [
+    (256, (None, None), (50, 50)),   # SEDD's protocol when it fits
+    (64, (None, None), (32, 32)),    # the tiny recipe: half the context each
+    (16, (10, None), (10, 6)),       # one length given: the other takes what the context leaves
+    (16, (None, 4), (12, 4)),
+    (64, (20, 30), (20, 30)),        # both given: used as they are
+    (16, (16, None), (16, 1)),       # no room left: 1, so the length check says "too short"
+])
+def test_protocol_lengths_fit_the_context(context: int, given: tuple, expected: tuple) -> None:
+    from dbconvert.evaluation.mauve import protocol_lengths
+
+    said: list[str] = []
+    assert protocol_lengths(context, *given, said.append) == expected
+    assert bool(said) == (expected != (50, 50) and None in given)  # a default that is not 50 + 50 is announced
+    if said:
+        assert f"model.context = {context}" in said[0] and "--prompt-tokens" in said[0]
+
+
 def test_minilm_featurizer_offline() -> None:
     import torch
 
@@ -84,6 +102,15 @@ def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
     table = invoke("eval", "compare")
     assert table.exit_code == 0 and "MAUVE with features minilm" in table.stdout
     assert all(m in table.stdout for m in ("blocks", "e2e", "ar"))
+
+    # without lengths, a 16-token context gets 8-token prompts and continuations (SEDD's 50 + 50 do not fit)
+    res = invoke("eval", "mauve", "--num-prompts", "2", "--samples-per-prompt", "1", "--featurizer", "minilm",
+                 "--seeds", "1", "--steps", "2")
+    assert res.exit_code == 0, res.output
+    assert "8-token prompts, 8-token continuations (model.context = 16" in res.stderr
+    newest = max((llama_run / "eval").glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
+    saved = json.loads(newest.read_text())
+    assert (saved["prompt_tokens"], saved["new_tokens"], saved["num_prompts"]) == (8, 8, 2)
 
     # bad input
     assert_user_error(invoke(*args[:2], "--prompt-tokens", "10", "--new-tokens", "10", "-q"), "too short for the protocol")
