@@ -43,7 +43,7 @@ class LlamaDenoiser(nn.Module):
         """Denoiser logits from normed hidden states hn (..., H), noisy targets z (..., H), sigma (...)."""
         s2 = sigma.to(torch.float32)[..., None] ** 2
         if self.net.shape.head == "tied-table":
-            query = self.net.table_query(hn).to(torch.float32) + z.to(torch.float32) / s2
+            query = self.net.table_query(hn.to(torch.float32)).to(torch.float32) + z.to(torch.float32) / s2
             return query @ self.table.T - 0.5 * self.table_sq / s2
         return self.net.head(hn).to(torch.float32) + self.likelihood(z, sigma)
 
