@@ -431,14 +431,16 @@ def bench_speed(
         "block_train_step_s": [med[n]["train"] for n in block_names],
         "sample_step_ratio": med["e2e"]["sample"] / max(med[n]["sample"] for n in block_names),
         "train_step_ratio": nan if sampling_only else med["e2e"]["train"] / max(med[n]["train"] for n in block_names),
-        **generation_rates(with_blocks(recipe, blocks), targets, med, batch, family.generated_unit),
+        **generation_rates(with_blocks(recipe, blocks), targets, med, batch, family.generated_unit,
+                           family.protocol_units),
         "raw_seconds": timings,
     }
 
 
 def generation_rates(recipe: Recipe, targets: list[BenchTarget], med: dict[str, dict[str, float]], batch: int,
-                     unit: str) -> dict[str, Any]:
-    """Generated units (images, or tokens for text) per second with `sample.steps` steps each.
+                     unit: str, protocol_units: int) -> dict[str, Any]:
+    """Generated units (images, or tokens for text) per second with `sample.steps` steps each, and the hours
+    the paper's evaluation protocol (`protocol_units` of them) takes at those rates.
 
     Blocks: each step runs the block owning its sigma (the EDM schedule decides how many steps each block
     gets); e2e: every step runs all layers. Model loading and, for text, extending the prompt cache by
@@ -453,9 +455,10 @@ def generation_rates(recipe: Recipe, targets: list[BenchTarget], med: dict[str, 
     owned = [tuple(p["sigma_range"]) for p in plans]
     ts = nz.edm_steps(steps, noise, recipe.sample.rho)
     per_unit = sum(med[targets[nz.owner_of(t, owned)].name]["sample"] for t in ts[:-1])
-    return {"unit": unit, "sample_steps": steps,
-            "block_units_per_s": batch / per_unit,
-            "e2e_units_per_s": batch / (steps * med["e2e"]["sample"])}
+    rates = {"block_units_per_s": batch / per_unit, "e2e_units_per_s": batch / (steps * med["e2e"]["sample"])}
+    return {"unit": unit, "sample_steps": steps, **rates, "protocol_units": protocol_units,
+            "block_protocol_hours": protocol_units / rates["block_units_per_s"] / 3600,
+            "e2e_protocol_hours": protocol_units / rates["e2e_units_per_s"] / 3600}
 
 
 # --- worker entry point --------------------------------------------------------------------

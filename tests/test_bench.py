@@ -106,3 +106,5 @@ def test_speed_sampling_only_times_no_training_step_and_reports_rates() -> None:
     assert math.isnan(data["train_step_ratio"]) and all(not t for t in
                                                         (v["train"] for v in data["raw_seconds"].values()))
     assert data["sample_step_ratio"] > 0 and data["unit"] == "image" and data["block_units_per_s"] > 0
+    assert data["protocol_units"] == 50_000  # FID-50k
+    assert data["e2e_protocol_hours"] == pytest.approx(50_000 / data["e2e_units_per_s"] / 3600)

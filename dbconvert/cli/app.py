@@ -472,6 +472,9 @@ def bench_speed_cmd(
     unit = result["unit"]
     console.print(f"generation with {result['sample_steps']} steps per {unit}: blocks {result['block_units_per_s']:.1f} "
                   f"{unit}s/s, e2e {result['e2e_units_per_s']:.1f} {unit}s/s (denoising steps only)", highlight=False)
+    console.print(f"the paper's evaluation protocol ({result['protocol_units']:,} {unit}s) at these rates and this batch: "
+                  f"blocks {result['block_protocol_hours']:.1f} h, e2e {result['e2e_protocol_hours']:.1f} h "
+                  f"on {result['device']}", highlight=False)
 
 
 # --- ablate --------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ class Family(ABC):
     """The evaluation `eval`, `ablate` and `demo` use for this family: `fid` or `mauve`."""
     generated_unit: ClassVar[str] = "image"
     """What one sample is, for rates in `bench speed`: `image`, or `token` for text (one token = M steps)."""
+    protocol_units: ClassVar[int] = 50_000
+    """How many units the paper's evaluation protocol generates (FID-50k: 50,000 images; text: 1000 prompts x
+    5 samples x 50 tokens = 250,000 tokens): `bench speed` turns its measured rate into the protocol's time."""
     model_kinds: ClassVar[tuple[str, ...]] = ("blocks", "e2e", "source")
     """What `sample --model` / `eval --model` accept: the blocks, the e2e baseline, the unsplit source,
     and, for families that have one, an autoregressive reference (`ar`)."""

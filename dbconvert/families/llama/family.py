@@ -75,6 +75,7 @@ class LlamaFamily(Family):
     default_metric = "mauve"
     model_kinds = ("blocks", "e2e", "ar", "source")
     generated_unit = "token"
+    protocol_units = 1000 * 5 * 50  # SEDD's conditional MAUVE protocol, as the paper runs it
 
     def __init__(self, shared: Path | None = None, table: torch.Tensor | None = None) -> None:
         self._shared = shared
