@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--weights", nargs="+", default=["lambda", "uniform", "network-share"])
-    ap.add_argument("--baselines-for", default="lambda", help="loss weight whose runs also train e2e and ar")
+    ap.add_argument("--baselines-for", default="lambda", help="loss weight whose runs also train e2e and ar ('none': blocks only, e.g. to measure a model option)")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples-per-prompt", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=32)
