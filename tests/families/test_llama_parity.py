@@ -2,7 +2,7 @@
 
 Training runs every noisy query against the whole [clean ; noisy] sequence under the block-diffusion
 mask; sampling caches the clean prefix (`net.extend`) and runs one noisy query at a time
-(`net.noisy_step` / `LlamaDenoiser.step`). They agree only if clean positions carry no sigma
+(`net.noisy_hidden` / `LlamaDenoiser.step`). They agree only if clean positions carry no sigma
 modulation at all, so every parameter is made non-zero here (the zero-initialised adaLN weights
 AND biases included, and the attention / MLP biases the recipe switches on), then each block takes
 a few real optimizer steps, and the two paths are compared at several positions and prompt
@@ -66,6 +66,23 @@ def trained_denoiser(run: Run, index: int) -> torch.nn.Module:
     return family.denoiser(run.recipe, net, run.noise()).eval()
 
 
+def block_under_test(run: Run, index: int, seed: int) -> tuple[torch.nn.Module, float, float, torch.Generator]:
+    """Block `index`'s trained denoiser, its training sigma range and a generator seeded for this test."""
+    lo, hi = run.blocks[index].train_range
+    return trained_denoiser(run, index), lo, hi, torch.Generator().manual_seed(seed)
+
+
+def training_logits(net: torch.nn.Module, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    """Head logits at the noisy positions of the training forward over [clean tokens ; noisy inputs]."""
+    return net.head(net.hidden_train(tokens, noisy, c_noise))
+
+
+def cached_logits(net: torch.nn.Module, cache: list | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
+                  pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Head logits of one noisy query through the sampler's cached path."""
+    return net.head(net.noisy_hidden(cache, noisy, c_noise, position, pad))
+
+
 def test_the_blocks_under_test_have_every_parameter_non_zero_and_trained(trained_run: Run) -> None:
     for block in trained_run.blocks:
         name = Run.block_name(block.index)
@@ -82,16 +99,14 @@ def test_the_blocks_under_test_have_every_parameter_non_zero_and_trained(trained
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_cached_noisy_steps_equal_the_training_forward(trained_run: Run, index: int) -> None:
-    den = trained_denoiser(trained_run, index)
+    den, lo, hi, gen = block_under_test(trained_run, index, 10 + index)
     net, sd = den.net, den.noise.sigma_data
-    lo, hi = trained_run.blocks[index].train_range
-    gen = torch.Generator().manual_seed(10 + index)
     b, t, h = 2, 16, den.table.shape[1]
     tokens = torch.randint(0, den.table.shape[0], (b, t), generator=gen)
     z = torch.randn(b, t, h, generator=gen)
     sigma = lo * (hi / lo) ** torch.rand(b, t, generator=gen)  # a different sigma at every position
     with torch.no_grad():
-        head = net.forward_train(tokens, nz.c_in(sigma[..., None], sd) * z, nz.c_noise(sigma))
+        head = training_logits(net, tokens, nz.c_in(sigma[..., None], sd) * z, nz.c_noise(sigma))
         logits = den(tokens, z, sigma)
         for j in POSITIONS:
             cache = None
@@ -99,7 +114,7 @@ def test_cached_noisy_steps_equal_the_training_forward(trained_run: Run, index: 
                 if e > a:
                     cache, _ = net.extend(cache, tokens[:, a:e], a)
             s = sigma[:, j : j + 1]
-            cached = net.noisy_step(cache, (nz.c_in(s, sd) * z[:, j])[:, None], nz.c_noise(s), j)
+            cached = cached_logits(net, cache, (nz.c_in(s, sd) * z[:, j])[:, None], nz.c_noise(s), j)
             torch.testing.assert_close(cached, head[:, j], **TOL)
             one = float(sigma[0, j])  # `step` takes one sigma for the batch: D of row 0 at that sigma
             step = den.step(cache, z[:, j], one, j)
@@ -110,10 +125,8 @@ def test_cached_noisy_steps_equal_the_training_forward(trained_run: Run, index: 
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_left_padded_rows_of_different_lengths_equal_each_row_alone(trained_run: Run, index: int) -> None:
-    den = trained_denoiser(trained_run, index)
+    den, lo, hi, gen = block_under_test(trained_run, index, 20 + index)
     net, sd = den.net, den.noise.sigma_data
-    lo, hi = trained_run.blocks[index].train_range
-    gen = torch.Generator().manual_seed(20 + index)
     vocab, h = den.table.shape
     lengths = [9, 3, 6, 1]  # prompt lengths of the rows; the batch is left-padded to the longest
     width = max(lengths)
@@ -125,12 +138,12 @@ def test_left_padded_rows_of_different_lengths_equal_each_row_alone(trained_run:
     with torch.no_grad():
         cache, _ = net.extend(None, batch[:, :4], 0, pad=pad)
         cache, _ = net.extend(cache, batch[:, 4:], 4, pad=pad)
-        cached = net.noisy_step(cache, (nz.c_in(sigma, sd) * z)[:, None], nz.c_noise(sigma), width, pad=pad)
+        cached = cached_logits(net, cache, (nz.c_in(sigma, sd) * z)[:, None], nz.c_noise(sigma), width, pad=pad)
         for r, prompt in enumerate(prompts):
             n = len(prompt)
             tokens = torch.cat([prompt, torch.zeros(1, dtype=torch.long)])[None]  # the token at n is never seen
             zs = torch.zeros(1, n + 1, h)
             zs[0, n] = z[r]
             sig = torch.full((1, n + 1), float(sigma[r, 0]))
-            alone = net.forward_train(tokens, nz.c_in(sig[..., None], sd) * zs, nz.c_noise(sig))[0, n]
+            alone = training_logits(net, tokens, nz.c_in(sig[..., None], sd) * zs, nz.c_noise(sig))[0, n]
             torch.testing.assert_close(cached[r], alone, **TOL)

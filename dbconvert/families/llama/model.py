@@ -312,10 +312,6 @@ class LlamaBlockNet(nn.Module):
 
     # -- training --------------------------------------------------------------------------
 
-    def forward_train(self, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        """Head logits at the noisy positions of one forward over [clean tokens ; noisy inputs]."""
-        return self.head(self.hidden_train(tokens, noisy, c_noise))
-
     def hidden_train(self, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         """One forward over [clean tokens ; noisy inputs]; returns the normed final hidden states at the noisy positions.
 
@@ -356,14 +352,10 @@ class LlamaBlockNet(nn.Module):
             merged = [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(cache, new)]
         return merged, self.logits(h[:, -1])
 
-    def noisy_step(self, cache: KVCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
-                   pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Head logits of one noisy query (B, 1, H) at column `position`, attending to the cached clean prefix and itself."""
-        return self.head(self.noisy_hidden(cache, noisy, c_noise, position, pad))
-
     def noisy_hidden(self, cache: KVCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
                      pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Normed final hidden state (B, H) of one noisy query at column `position` (see noisy_step)."""
+        """Normed final hidden state (B, H) of one noisy query (B, 1, target width) at column `position`, attending
+        to the cached clean prefix and itself."""
         b = noisy.shape[0]
         columns = torch.tensor([position], device=noisy.device)
         positions, mask = decode_geometry(columns, position + 1, pad, b)
