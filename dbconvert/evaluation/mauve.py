@@ -239,13 +239,24 @@ PROTOCOL_TOKENS = 50
 """SEDD's conditional protocol: 50-token prompts, 50-token continuations."""
 
 
+def check_fits(context: int, prompt_tokens: int, new_tokens: int) -> None:
+    """A prompt and its continuation must fit in one packed row of `model.context` tokens."""
+    need = prompt_tokens + new_tokens
+    if context < need:
+        raise DataError(f"text too short for the protocol: sequences are model.context = {context} tokens but the "
+                        f"protocol needs {need} ({prompt_tokens} prompt + {new_tokens} continuation); lower "
+                        "--prompt-tokens/--new-tokens or use a run with a longer context")
+
+
 def protocol_lengths(context: int, prompt_tokens: int | None, new_tokens: int | None, log: Log) -> tuple[int, int]:
     """(prompt, continuation) lengths: as given, else SEDD's 50 + 50, else (a context shorter than 100, such
     as the tiny recipe's 64) what is not given shares the context (an even split when neither is given).
 
-    The fallback is announced, and the result records the lengths used, so runs compare only at equal lengths.
+    The fallback is announced, and the result records the lengths used, so runs compare only at equal lengths;
+    lengths that do not fit the context are the one-line "too short" error, before any announcement.
     """
     if prompt_tokens is not None and new_tokens is not None:
+        check_fits(context, prompt_tokens, new_tokens)
         return prompt_tokens, new_tokens
     if prompt_tokens is None and new_tokens is None and context >= 2 * PROTOCOL_TOKENS:
         return PROTOCOL_TOKENS, PROTOCOL_TOKENS
@@ -255,6 +266,7 @@ def protocol_lengths(context: int, prompt_tokens: int | None, new_tokens: int | 
         new_tokens = max(1, min(PROTOCOL_TOKENS, context - prompt_tokens))  # type: ignore[operator]
     if prompt_tokens is None:
         prompt_tokens = max(1, min(PROTOCOL_TOKENS, context - new_tokens))
+    check_fits(context, prompt_tokens, new_tokens)  # before announcing lengths that cannot be used
     if (prompt_tokens, new_tokens) != (PROTOCOL_TOKENS, PROTOCOL_TOKENS):
         log(f"protocol: {prompt_tokens}-token prompts, {new_tokens}-token continuations (model.context = {context}; "
             f"SEDD uses {PROTOCOL_TOKENS} + {PROTOCOL_TOKENS}); --prompt-tokens/--new-tokens choose them")
@@ -307,10 +319,6 @@ def evaluate_mauve(
     weights = weights or cfg.weights
     split = split or default_split(run)
     need = prompt_tokens + new_tokens
-    if context < need:
-        raise DataError(f"text too short for the protocol: sequences are model.context = {context} tokens but the "
-                        f"protocol needs {need} ({prompt_tokens} prompt + {new_tokens} continuation); lower "
-                        "--prompt-tokens/--new-tokens or use a run with a longer context")
 
     family = run.family()
     rows = family.load_data(run.recipe, split).tokens

@@ -38,7 +38,6 @@ def test_wrapper_equals_compute_mauve_on_same_features() -> None:
     (16, (10, None), (10, 6)),       # one length given: the other takes what the context leaves
     (16, (None, 4), (12, 4)),
     (64, (20, 30), (20, 30)),        # both given: used as they are
-    (16, (16, None), (16, 1)),       # no room left: 1, so the length check says "too short"
 ])
 def test_protocol_lengths_fit_the_context(context: int, given: tuple, expected: tuple) -> None:
     from dbconvert.evaluation.mauve import protocol_lengths
@@ -48,6 +47,17 @@ def test_protocol_lengths_fit_the_context(context: int, given: tuple, expected: 
     assert bool(said) == (expected != (50, 50) and None in given)  # a default that is not 50 + 50 is announced
     if said:
         assert f"model.context = {context}" in said[0] and "--prompt-tokens" in said[0]
+
+
+@pytest.mark.parametrize("given", [(16, None), (10, 10), (None, 20)])
+def test_protocol_lengths_that_do_not_fit_are_refused_before_any_announcement(given: tuple) -> None:
+    from dbconvert.errors import DataError
+    from dbconvert.evaluation.mauve import protocol_lengths
+
+    said: list[str] = []
+    with pytest.raises(DataError, match="text too short for the protocol: sequences are model.context = 16"):
+        protocol_lengths(16, *given, said.append)  # (16, None): no room left for a continuation
+    assert said == []
 
 
 def test_minilm_featurizer_offline() -> None:
