@@ -114,11 +114,12 @@ class Trainer:
         self.state.step(batch, self.target.sigma_range, torch.Generator().manual_seed(seed))
 
     def sampling_step(self, batch: list[torch.Tensor]) -> Callable[[], Any]:
-        """One sampling step's network evaluation at the geometric middle of the target's range."""
+        """One sampling step's network evaluation at the middle of the target's range (on the process's axis)."""
         self.state.model.eval()
-        lo, hi = self.target.sigma_range
+        process = self.recipe.noise.settings()
+        middle = process.level_at(sum(float(process.coordinate(v)) for v in self.target.sigma_range) / 2)
         with torch.no_grad():
-            fn = self.family.sampling_step(self.recipe, self.state.model, batch, (lo * hi) ** 0.5)
+            fn = self.family.sampling_step(self.recipe, self.state.model, batch, middle)
 
         def run() -> Any:
             with torch.no_grad():
@@ -446,15 +447,14 @@ def generation_rates(recipe: Recipe, targets: list[BenchTarget], med: dict[str, 
     gets); e2e: every step runs all layers. Model loading and, for text, extending the prompt cache by
     one token per unit are not included: this is the cost of the denoising steps.
     """
-    from dbconvert import noise as nz
+    from dbconvert.noise_process import owner_of
     from dbconvert.split import plan_blocks
 
     steps = recipe.sample.steps
-    noise = recipe.noise.settings()
     _, plans = plan_blocks(recipe, targets[-1].depth)
-    owned = [tuple(p["sigma_range"]) for p in plans]
-    ts = nz.edm_steps(steps, noise, recipe.sample.rho)
-    per_unit = sum(med[targets[nz.owner_of(t, owned)].name]["sample"] for t in ts[:-1])
+    owned = [tuple(p["owned_range"]) for p in plans]
+    ts = recipe.noise.settings().schedule(steps, recipe.sample.rho)
+    per_unit = sum(med[targets[owner_of(t, owned)].name]["sample"] for t in ts[:-1])
     rates = {"block_units_per_s": batch / per_unit, "e2e_units_per_s": batch / (steps * med["e2e"]["sample"])}
     return {"unit": unit, "sample_steps": steps, **rates, "protocol_units": protocol_units,
             "block_protocol_hours": protocol_units / rates["block_units_per_s"] / 3600,

@@ -11,15 +11,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
+
+from dbconvert.noise_process import NoiseProcess, owned_ranges, owner_of
+
+if TYPE_CHECKING:
+    from dbconvert.schema import NoiseConfig
 
 _SQRT2 = math.sqrt(2.0)
 
 
 @dataclass(frozen=True)
-class NoiseSettings:
-    """The sigma settings a run fixes at split time (all of them recipe fields)."""
+class NoiseSettings(NoiseProcess):
+    """The EDM noise process (the default): the sigma settings a run fixes at split time (all recipe fields)."""
+
+    name: ClassVar[str] = "edm"
+    level_name: ClassVar[str] = "sigma"
+    level_symbol: ClassVar[str] = "σ"
+    coordinate_label: ClassVar[str] = "ln σ"
 
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -39,6 +51,49 @@ class NoiseSettings:
     def truncated_mass(self, lo: float, hi: float) -> float:
         """Probability mass of [lo, hi] under the log-normal truncated to [sigma_min, sigma_max]."""
         return (self.cdf(hi) - self.cdf(lo)) / (self.cdf(self.sigma_max) - self.cdf(self.sigma_min))
+
+    # -- the NoiseProcess contract (each method is one of the formulas below) --------------
+
+    @classmethod
+    def from_config(cls, config: "NoiseConfig") -> "NoiseSettings":
+        return cls(config.sigma_min, config.sigma_max, config.sigma_data, config.p_mean, config.p_std)
+
+    def full_range(self) -> tuple[float, float]:
+        return self.sigma_min, self.sigma_max
+
+    def boundaries(self, num_blocks: int, partition: str = "equiprobable") -> list[float]:
+        return boundaries(self, num_blocks, partition)
+
+    def expand(self, lo: float, hi: float, gamma: float) -> tuple[float, float]:
+        return expand_range(lo, hi, gamma, self)
+
+    def mass(self, lo: float, hi: float) -> float:
+        return self.truncated_mass(lo, hi)
+
+    def draw(self, n: int, lo: float, hi: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        return sample_sigmas(n, lo, hi, self, generator)
+
+    def schedule(self, num_steps: int, rho: float = 7.0) -> list[float]:
+        return edm_steps(num_steps, self, rho)
+
+    def coordinate(self, level: float | np.ndarray) -> float | np.ndarray:
+        return np.log(level) if isinstance(level, np.ndarray) else math.log(level)
+
+    def level_at(self, x: float) -> float:
+        return math.exp(x)
+
+    def density(self, x: np.ndarray) -> np.ndarray:
+        """Density of ln(sigma) ~ N(P_mean, P_std^2) truncated to [sigma_min, sigma_max] (integrates to 1)."""
+        z = (x - self.p_mean) / self.p_std
+        pdf = np.exp(-0.5 * z**2) / (self.p_std * math.sqrt(2.0 * math.pi))
+        return pdf / (self.cdf(self.sigma_max) - self.cdf(self.sigma_min))
+
+    def describe(self) -> str:
+        return f"ln σ ~ N({self.p_mean:g}, {self.p_std:g}²) truncated to [{self.sigma_min:g}, {self.sigma_max:g}]"
+
+    def ticks(self) -> list[float]:
+        inner = [v for v in (0.002, 0.01, 0.1, 1.0, 10.0, 80.0) if self.sigma_min <= v <= self.sigma_max]
+        return sorted({self.sigma_min, self.sigma_max, *inner})
 
 
 def _phi_inv(u: float) -> float:
@@ -68,12 +123,6 @@ def boundaries(noise: NoiseSettings, num_blocks: int, partition: str = "equiprob
     else:
         raise ValueError(f"unknown partition {partition!r}; choose one of {PARTITIONS}")
     return [noise.sigma_min, *inner, noise.sigma_max]
-
-
-def owned_ranges(bounds: list[float]) -> list[tuple[float, float]]:
-    """Owned [lo, hi] per block, in block order: block 0 gets the highest range."""
-    num_blocks = len(bounds) - 1
-    return [(bounds[num_blocks - 1 - i], bounds[num_blocks - i]) for i in range(num_blocks)]
 
 
 def expand_range(lo: float, hi: float, gamma: float, noise: NoiseSettings) -> tuple[float, float]:
@@ -111,19 +160,6 @@ def sample_sigmas(
     """
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     return truncated_quantile(u, lo, hi, noise).to(torch.float32)
-
-
-def owner_of(sigma: float, owned: list[tuple[float, float]]) -> int:
-    """Index of the block that owns `sigma` at sampling time (un-expanded ranges).
-
-    Ranges are half-open: block i owns lo_i < sigma <= hi_i, so a boundary sigma belongs to
-    the lower-noise block. Sigmas above sigma_max go to block 0, sigmas at or below
-    sigma_min to the last block.
-    """
-    for i, (lo, hi) in enumerate(owned):
-        if lo < sigma <= hi:
-            return i
-    return 0 if sigma > owned[0][1] else len(owned) - 1
 
 
 # --- EDM preconditioning (DESIGN 3) -------------------------------------------------------

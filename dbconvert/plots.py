@@ -35,7 +35,7 @@ from dbconvert.checkpoint import atomic_write, atomic_write_text
 from dbconvert.config import override_recipe
 from dbconvert.errors import DbconvertError, RunError
 from dbconvert.evaluation.results import collect_results
-from dbconvert.noise import PARTITIONS, NoiseSettings
+from dbconvert.noise_process import NoiseProcess
 from dbconvert.rundir import Run
 from dbconvert.split import plan_blocks
 
@@ -92,13 +92,6 @@ def run_title(run: Run) -> str:
 # --- partition -----------------------------------------------------------------------------
 
 
-def log_sigma_density(noise: NoiseSettings, log_sigma: np.ndarray) -> np.ndarray:
-    """Density of ln(sigma) ~ N(P_mean, P_std^2) truncated to [sigma_min, sigma_max] (integrates to 1)."""
-    z = (log_sigma - noise.p_mean) / noise.p_std
-    pdf = np.exp(-0.5 * z**2) / (noise.p_std * math.sqrt(2.0 * math.pi))
-    return pdf / (noise.cdf(noise.sigma_max) - noise.cdf(noise.sigma_min))
-
-
 def partition_blocks(run: Run, partition: str) -> list[dict[str, Any]]:
     """The run's own blocks for its partition; for the other one, what `split` would have planned."""
     if partition == run.manifest["partition"]:
@@ -125,12 +118,15 @@ def mass_text(mass: float, percent: bool = False) -> str:
     return text + ("%" if percent else "")
 
 
-def draw_partition(ax: Axes, noise: NoiseSettings, blocks: list[dict[str, Any]], gamma: float, title: str,
+def draw_partition(ax: Axes, noise: NoiseProcess, blocks: list[dict[str, Any]], gamma: float, title: str,
                    legend: bool = True) -> None:
-    """Density curve, shaded owned ranges with their mass, and one training-range bar per block above the curve."""
-    lo, hi = math.log(noise.sigma_min), math.log(noise.sigma_max)
+    """Density curve, shaded owned ranges with their mass, and one training-range bar per block above the curve.
+
+    Drawn on the noise process's own axis (`coordinate`: ln sigma for EDM) with its training density.
+    """
+    lo, hi = (float(noise.coordinate(v)) for v in noise.full_range())
     x = np.linspace(lo, hi, 800)
-    y = log_sigma_density(noise, x)
+    y = noise.density(x)
     top = float(y.max())
     num = len(blocks)
     row = top * min(0.14, 1.2 / num)
@@ -138,14 +134,14 @@ def draw_partition(ax: Axes, noise: NoiseSettings, blocks: list[dict[str, Any]],
     for b in blocks:
         i = b["index"]
         color = block_color(i, num)
-        own_lo, own_hi = (math.log(s) for s in b["sigma_range"])
-        tr_lo, tr_hi = (math.log(s) for s in b["train_range"])
+        own_lo, own_hi = (float(noise.coordinate(s)) for s in b["owned_range"])
+        tr_lo, tr_hi = (float(noise.coordinate(s)) for s in b["train_range"])
         xs = np.linspace(own_lo, own_hi, 200)
-        ax.fill_between(xs, 0, log_sigma_density(noise, xs), color=color, alpha=0.35, linewidth=0)
+        ax.fill_between(xs, 0, noise.density(xs), color=color, alpha=0.35, linewidth=0)
         if own_hi - own_lo > 0.06 * (hi - lo):  # room for the mass inside the shaded area
             ax.text((own_lo + own_hi) / 2, top * 0.04, mass_text(b["mass"], percent=True), ha="center", va="bottom",
                     fontsize=8, color="0.15")
-        if b["sigma_range"][0] > noise.sigma_min:
+        if b["owned_range"][0] > noise.full_range()[0]:
             ax.axvline(own_lo, color="0.4", linewidth=0.8, linestyle=":")
         level = base + (num - 1 - i) * row
         ax.plot([tr_lo, tr_hi], [level, level], color=color, linewidth=1.6, marker="|", markersize=9)
@@ -158,17 +154,16 @@ def draw_partition(ax: Axes, noise: NoiseSettings, blocks: list[dict[str, Any]],
     ax.plot(x, y, color="black", linewidth=1.6)
     ax.set_xlim(lo, hi)
     ax.set_ylim(0, base + num * row + row * 0.3)
-    ax.set_xlabel("noise level ln σ")
-    ax.set_ylabel("training density of ln σ")
+    ax.set_xlabel(f"noise level {noise.coordinate_label}")
+    ax.set_ylabel(f"training density of {noise.coordinate_label}")
     ax.set_title(title, fontsize=11)
-    ticks = [v for v in (0.002, 0.01, 0.1, 1.0, 10.0, 80.0) if noise.sigma_min <= v <= noise.sigma_max]
-    ticks = sorted({noise.sigma_min, noise.sigma_max, *ticks})
+    ticks = noise.ticks()
     sigma_axis = ax.secondary_xaxis("top")
-    sigma_axis.set_xticks([math.log(v) for v in ticks], labels=[f"{v:g}" for v in ticks])
-    sigma_axis.set_xlabel("σ", fontsize=9)
+    sigma_axis.set_xticks([float(noise.coordinate(v)) for v in ticks], labels=[f"{v:g}" for v in ticks])
+    sigma_axis.set_xlabel(noise.level_symbol, fontsize=9)
     sigma_axis.tick_params(labelsize=8)
     if legend:
-        ax.legend(handles=[Line2D([], [], color="black", label="log-normal training density"),
+        ax.legend(handles=[Line2D([], [], color="black", label="training density"),
                            Patch(color="0.55", alpha=0.45, label="owned range (sampling), % of the mass"),
                            Line2D([], [], color="0.3", linewidth=1.6, marker="|", markersize=9,
                                   label=f"training range (overlap γ = {gamma:g})")],
@@ -180,8 +175,7 @@ def plot_partition(run: Run, compare_uniform: bool = False) -> Path:
     noise = run.noise()
     gamma = float(run.manifest["gamma"])
     own = str(run.manifest["partition"])
-    desc = (f"ln σ ~ N({noise.p_mean:g}, {noise.p_std:g}²) truncated to [{noise.sigma_min:g}, {noise.sigma_max:g}], "
-            f"B = {run.num_blocks}")
+    desc = f"{noise.describe()}, B = {run.num_blocks}"
     if not compare_uniform:
         fig = new_figure(10, 5.4)
         draw_partition(fig.add_subplot(), noise, partition_blocks(run, own), gamma,
@@ -190,10 +184,10 @@ def plot_partition(run: Run, compare_uniform: bool = False) -> Path:
         return save_figure(fig, plots_dir(run) / "partition.png")
     fig = new_figure(16, 5.6)
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, partition in zip(axes, PARTITIONS):
+    for ax, partition in zip(axes, noise.partitions):
         mine = " (this run)" if partition == own else " (what split would give)"
         draw_partition(ax, noise, partition_blocks(run, partition), gamma,
-                       f"{PARTITION_TITLES.get(partition, partition)}{mine}", legend=partition == PARTITIONS[0])
+                       f"{PARTITION_TITLES.get(partition, partition)}{mine}", legend=partition == noise.partitions[0])
     axes[1].set_ylabel("")
     fig.suptitle(f"{run_title(run)}: equi-probability vs uniform partition — {desc}", fontsize=12)
     return save_figure(fig, plots_dir(run) / "partition-compare.png")

@@ -25,7 +25,7 @@ import yaml
 from dbconvert.checkpoint import atomic_write_text
 from dbconvert.config import Recipe, validate_recipe
 from dbconvert.errors import DbconvertError, RunError
-from dbconvert.noise import NoiseSettings
+from dbconvert.noise_process import NoiseProcess
 
 if TYPE_CHECKING:
     from dbconvert.families.contract import Family
@@ -42,7 +42,9 @@ ORIENTATION = "block 0 = first source layers = highest noise; block B-1 = last l
 class BlockInfo:
     index: int
     layers: tuple[int, int]
-    sigma_range: tuple[float, float]
+    owned_range: tuple[float, float]
+    """The noise levels the block owns at sampling time (sigma for EDM; the manifest of runs split before
+    noise processes were plug-ins calls it `sigma_range`)."""
     train_range: tuple[float, float]
     mass: float
     params: int
@@ -51,7 +53,7 @@ class BlockInfo:
         return {
             "index": self.index,
             "layers": list(self.layers),
-            "sigma_range": list(self.sigma_range),
+            "owned_range": list(self.owned_range),
             "train_range": list(self.train_range),
             "mass": self.mass,
             "params": self.params,
@@ -83,7 +85,7 @@ class Run:
             BlockInfo(
                 index=b["index"],
                 layers=tuple(b["layers"]),
-                sigma_range=tuple(b["sigma_range"]),
+                owned_range=tuple(b["owned_range"] if "owned_range" in b else b["sigma_range"]),
                 train_range=tuple(b["train_range"]),
                 mass=b["mass"],
                 params=b["params"],
@@ -128,7 +130,8 @@ class Run:
     def num_layers(self) -> int:
         return int(self.manifest["num_layers"])
 
-    def noise(self) -> NoiseSettings:
+    def noise(self) -> NoiseProcess:
+        """The run's noise process (recorded in its recipe; `edm` for runs split before it was a choice)."""
         return self.recipe.noise.settings()
 
     @property
@@ -142,7 +145,7 @@ class Run:
         return [str(n) for n in self.manifest.get("notes") or []]
 
     def owned_ranges(self) -> list[tuple[float, float]]:
-        return [b.sigma_range for b in self.blocks]
+        return [b.owned_range for b in self.blocks]
 
     def block(self, index: int) -> BlockInfo:
         if not 0 <= index < self.num_blocks:

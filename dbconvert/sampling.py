@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dbconvert import noise as nz
+from dbconvert.noise_process import owner_of
 from dbconvert.checkpoint import load_strict, load_weights
 from dbconvert.rundir import Run
 
@@ -69,10 +69,10 @@ def edm_sample(
     if solver not in ("euler", "heun"):
         raise ValueError(f"unknown solver {solver!r}")
     for t, t_next in zip(ts[:-1], ts[1:]):
-        d = (z - denoise(nz.owner_of(t, list(owned)), z, t)) / t
+        d = (z - denoise(owner_of(t, list(owned)), z, t)) / t
         z_next = z + (t_next - t) * d
         if solver == "heun" and t_next > 0:
-            d_next = (z_next - denoise(nz.owner_of(t_next, list(owned)), z_next, t_next)) / t_next
+            d_next = (z_next - denoise(owner_of(t_next, list(owned)), z_next, t_next)) / t_next
             z_next = z + (t_next - t) * 0.5 * (d + d_next)
         z = z_next
     return z

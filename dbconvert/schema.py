@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dbconvert.noise import NoiseSettings
+from dbconvert.noise_process import NoiseProcess, process_class, process_names
 
 
 class Section(BaseModel):
@@ -57,8 +57,11 @@ class DataConfig(Section):
 
 
 class NoiseConfig(Section):
-    """DESIGN 2: VE noise levels, the training log-normal, the partition and its overlap."""
+    """DESIGN 2: the noise process (EDM's VE sigma by default), its settings, the partition and its overlap."""
 
+    process: str = "edm"
+    """The noise process (`noise_process.PROCESSES`): `edm` (continuous sigma) or a plug-in such as `masking`.
+    The sigma_* and p_* keys are EDM's settings."""
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
     sigma_data: float = Field(0.5, gt=0)
@@ -69,13 +72,16 @@ class NoiseConfig(Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> "NoiseConfig":
+        if self.process not in process_names():
+            raise ValueError(f"noise.process: unknown noise process {self.process!r}; "
+                             f"choose one of {', '.join(process_names())}")
         if self.sigma_min >= self.sigma_max:
             raise ValueError("noise.sigma_min must be smaller than noise.sigma_max")
         return self
 
-    def settings(self) -> NoiseSettings:
-        """The one place a recipe's noise section becomes the NoiseSettings the formulas take."""
-        return NoiseSettings(self.sigma_min, self.sigma_max, self.sigma_data, self.p_mean, self.p_std)
+    def settings(self) -> NoiseProcess:
+        """The one place a recipe's noise section becomes the noise process the formulas take."""
+        return process_class(self.process).from_config(self)
 
 
 class BlocksConfig(Section):

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 from dbconvert import __version__
-from dbconvert import noise as nz
 from dbconvert.checkpoint import save_weights
 from dbconvert.config import Recipe
 from dbconvert.errors import RecipeError, RunError
 from dbconvert.families import Family, get_family
+from dbconvert.noise_process import owned_ranges
 from dbconvert.rundir import FORMAT_VERSION, MANIFEST, ORIENTATION, BlockInfo, Run, set_current, write_manifest
 
 
@@ -42,19 +42,32 @@ def layer_ranges(num_layers: int, num_blocks: int, uneven: bool = False) -> list
 
 
 def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict]]:
-    """Boundaries and, per block, its layers and owned / training sigma ranges and mass."""
+    """Boundaries and, per block, its layers and owned / training noise-level ranges and mass.
+
+    The run's noise process (`recipe.noise.process`) draws the boundaries, widens them by the overlap and
+    weighs them; the orientation is the same for every process (block 0 = first layers = highest noise).
+    """
     n = recipe.noise
-    noise = n.settings()
-    bounds = nz.boundaries(noise, recipe.blocks.num, n.partition)
+    process = n.settings()
+    if n.partition not in process.partitions:
+        raise RecipeError(f"noise.partition={n.partition} is not a partition of the {process.name} noise process; "
+                          f"choose one of {', '.join(process.partitions)}")
+    bounds = process.boundaries(recipe.blocks.num, n.partition)
     plans = []
     for i, (layers, owned) in enumerate(
-        zip(layer_ranges(num_layers, recipe.blocks.num, recipe.blocks.uneven), nz.owned_ranges(bounds))
+        zip(layer_ranges(num_layers, recipe.blocks.num, recipe.blocks.uneven), owned_ranges(bounds))
     ):
-        train = nz.expand_range(*owned, n.gamma, noise)
-        plans.append(
-            {"index": i, "layers": layers, "sigma_range": owned, "train_range": train, "mass": noise.truncated_mass(*owned)}
-        )
+        train = process.expand(*owned, n.gamma)
+        plans.append({"index": i, "layers": layers, "owned_range": owned, "train_range": train,
+                      "mass": process.mass(*owned)})
     return bounds, plans
+
+
+def check_noise_process(family: Family, recipe: Recipe) -> None:
+    """A one-line error when the recipe's noise process is not one the family's objectives take."""
+    if recipe.noise.process not in family.noise_processes:
+        raise RecipeError(f"noise.process={recipe.noise.process} does not apply to the {family.name} family "
+                          f"(it takes {', '.join(family.noise_processes)}); remove the override")
 
 
 def keep_initial(weights: Path) -> None:
@@ -108,6 +121,7 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
     from dbconvert.progress import progress as show
 
     family = get_family(recipe.model.family)
+    check_noise_process(family, recipe)
     out = Path(out) if out is not None else recipe.output_dir()
     if (out / MANIFEST).exists() and not force:
         raise RunError(f"{out} already holds a run; pass --force to replace it or --out DIR for another folder")

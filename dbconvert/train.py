@@ -69,13 +69,13 @@ def block_target(run: Run, index: int) -> Target:
 
 def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
     """The whole network from the converted source: the e2e baseline (same denoiser, full sigma range) or `ar`."""
-    noise = run.noise()
+    full = run.noise().full_range()
     if objective == "ar":
         run.model_targets("ar")  # a one-line error for families without an AR reference
-        return Target("ar", run.num_layers, (noise.sigma_min, noise.sigma_max), run.source_weights, "ar", salt=999_983)
+        return Target("ar", run.num_layers, full, run.source_weights, "ar", salt=999_983)
     if objective != "denoiser":
         raise DbconvertError(f"--objective must be denoiser or ar, not {objective!r}")
-    return Target("e2e", run.num_layers, (noise.sigma_min, noise.sigma_max), run.source_weights)
+    return Target("e2e", run.num_layers, full, run.source_weights)
 
 
 def total_steps(recipe: Recipe, num_examples: int) -> int:

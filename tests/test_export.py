@@ -88,7 +88,7 @@ def test_dit_export_of_trained_networks(in_tmp: Path) -> None:
     assert result.exit_code == 0 and "stand-alone denoiser of depth 1" in result.stderr
     with safe_open(str(in_tmp / "block1.safetensors"), framework="pt") as fh:
         meta = json.loads(fh.metadata()["dbconvert"])
-    assert meta["exported"] == "block-01" and meta["sigma_range"] == list(run.block(1).sigma_range)
+    assert meta["exported"] == "block-01" and meta["sigma_range"] == list(run.block(1).owned_range)
     net = DiT(DiTShape(8, 1, 10, 1, 32, 2, 2))
     net.load_state_dict(load_weights(in_tmp / "block1.safetensors"), strict=True)
 

@@ -72,13 +72,13 @@ def test_partition_figure_of_a_four_block_run(tiny_run: Run) -> None:
     own = plots.partition_blocks(tiny_run, "equiprobable")
     assert [b["mass"] for b in own] == pytest.approx([0.25] * 4)
     uniform = plots.partition_blocks(tiny_run, "uniform")  # planned by split's own code, not drawn from memory
-    widths = [math.log(b["sigma_range"][1] / b["sigma_range"][0]) for b in uniform]
+    widths = [math.log(b["owned_range"][1] / b["owned_range"][0]) for b in uniform]
     assert widths == pytest.approx([widths[0]] * 4) and sum(b["mass"] for b in uniform) == pytest.approx(1.0)
     assert max(b["mass"] for b in uniform) > 0.4  # uniform in ln(sigma) is far from equal mass
 
     noise = tiny_run.noise()
     x = np.linspace(math.log(noise.sigma_min), math.log(noise.sigma_max), 20001)
-    density = plots.log_sigma_density(noise, x)
+    density = noise.density(x)
     assert (density.sum() - (density[0] + density[-1]) / 2) * (x[1] - x[0]) == pytest.approx(1.0, rel=1e-4)  # trapezoid rule
 
 

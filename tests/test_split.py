@@ -35,7 +35,7 @@ def test_split_writes_a_self_describing_run(tiny_run: Run) -> None:
     assert manifest["recipe"]["model"]["arch"] == "DiT-Micro/2"  # the family fields survive the round trip
     assert manifest["source"] == {"checkpoint": None, "sha256": None}
     assert [b["layers"] for b in manifest["blocks"]] == [[0, 1], [1, 2], [2, 3], [3, 4]]
-    assert manifest["blocks"][0]["sigma_range"][1] == 80.0 and manifest["blocks"][-1]["sigma_range"][0] == 0.002
+    assert manifest["blocks"][0]["owned_range"][1] == 80.0 and manifest["blocks"][-1]["owned_range"][0] == 0.002
     for b in manifest["blocks"]:
         assert b["mass"] == pytest.approx(0.25, abs=1e-9)
         assert (root / "blocks" / f"block-{b['index']:02d}" / "model.safetensors").is_file()

@@ -90,12 +90,13 @@ def blocks_table(run: Any) -> Table:
 
     table = Table(title=f"{run.root}  ({run.family_name}, {run.num_layers} layers, {run.num_blocks} blocks, "
                         f"{run.manifest['partition']}, gamma={run.manifest['gamma']})")
-    for col in ("block", "layers", "owned sigma", "training sigma", "mass", "params", "trained steps"):
+    level = run.noise().level_name
+    for col in ("block", "layers", f"owned {level}", f"training {level}", "mass", "params", "trained steps"):
         table.add_column(col, justify="right" if col in ("mass", "params", "trained steps") else "left")
     for b in run.blocks:
         status = run.status(Run.block_name(b.index))
         steps = f"{status.step}/{status.total_steps}" if status.total_steps else "-"
-        table.add_row(str(b.index), f"[{b.layers[0]}, {b.layers[1]})", _fmt_range(b.sigma_range),
+        table.add_row(str(b.index), f"[{b.layers[0]}, {b.layers[1]})", _fmt_range(b.owned_range),
                       _fmt_range(b.train_range), f"{b.mass:.4f}", f"{b.params:,}", steps)
     return table
 

@@ -21,7 +21,7 @@ from dbconvert.errors import DbconvertError
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
-    from dbconvert.noise import NoiseSettings
+    from dbconvert.noise_process import NoiseProcess
     from dbconvert.rundir import Run
     from dbconvert.sampling import SampleRequest, SampleResult
     from dbconvert.schema import ModelConfig
@@ -72,6 +72,8 @@ class Family(ABC):
     model_kinds: ClassVar[tuple[str, ...]] = ("blocks", "e2e", "source")
     """What `sample --model` / `eval --model` accept: the blocks, the e2e baseline, the unsplit source,
     and, for families that have one, an autoregressive reference (`ar`)."""
+    noise_processes: ClassVar[tuple[str, ...]] = ("edm",)
+    """The noise processes (`recipe.noise.process`, see `noise_process.py`) this family's objectives take."""
     depth_key: ClassVar[str | None] = None
     """The `model` field that sets a fresh source network's layer count (`ablate blocks` deepens the network
     through it so that every B divides it), or None when the family has no such field."""
@@ -127,7 +129,7 @@ class Family(ABC):
     # -- training --------------------------------------------------------------------------
 
     @abstractmethod
-    def denoiser(self, recipe: "Recipe", network: nn.Module, noise: "NoiseSettings") -> nn.Module:
+    def denoiser(self, recipe: "Recipe", network: nn.Module, noise: "NoiseProcess") -> nn.Module:
         """Wrap a network into the family's denoiser (preconditioning + noise conditioning)."""
 
     @abstractmethod
@@ -144,15 +146,16 @@ class Family(ABC):
         generator: torch.Generator,
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one batch with sigmas drawn inside `sigma_range`; returns (loss, logged stats).
+        """Loss of one batch with noise levels drawn inside `sigma_range` (`noise.draw`); returns (loss, logged stats).
 
-        The e2e baseline uses the same loss over the full [sigma_min, sigma_max].
+        `sigma_range` is a range of the run's noise process's levels (sigma for EDM, t for masking).
+        The e2e baseline uses the same loss over the process's full range.
         `shard` = (rank, world size) under data parallelism: `batch` is slice `rank` of a global
         batch `world` times larger. Draw the randomness for the global batch and keep that slice
         (`shard_slice`), so every example gets the same noise as in a single-process run.
         """
 
-    def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: "NoiseSettings") -> nn.Module:
+    def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: "NoiseProcess") -> nn.Module:
         """The network of `model` (one of `model_kinds`) wrapped for generation. Default: the AR reference
         for `ar`, the denoiser otherwise (a family whose source is not a denoiser overrides this)."""
         return self.ar_model(recipe, network) if model == "ar" else self.denoiser(recipe, network, noise)

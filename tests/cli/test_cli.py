@@ -35,8 +35,8 @@ def test_pipeline_split_info_train_sample(cli_run: Path) -> None:
     assert info.exit_code == 0
     blocks = json.loads(info.output)
     assert [b["index"] for b in blocks] == [0, 1, 2, 3]
-    assert {"index", "layers", "sigma_range", "train_range", "mass", "params"} <= set(blocks[0])
-    assert blocks[0]["sigma_range"][1] == 80.0
+    assert {"index", "layers", "owned_range", "train_range", "mass", "params"} <= set(blocks[0])
+    assert blocks[0]["owned_range"][1] == 80.0
     table = invoke("info")
     assert table.exit_code == 0 and "owned sigma" in table.output
 

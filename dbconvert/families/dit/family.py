@@ -122,7 +122,7 @@ class DiTFamily(Family):
         assert isinstance(network, DiT)
         state = export_state(network.state_dict(), network.shape.depth, f"export of {name}")
         record = self.parameterization(run.recipe)
-        owned = next((b.sigma_range for b in run.blocks if run.block_name(b.index) == name), None)
+        owned = next((b.owned_range for b in run.blocks if run.block_name(b.index) == name), None)
         if out.suffix == ".safetensors":
             save_weights(out, state, metadata=export_metadata(record, name, owned))
             notes = [f"{out.name} records its parameterization ({record['name']}): split it with "
