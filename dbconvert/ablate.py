@@ -42,7 +42,7 @@ from rich.table import Table
 from dbconvert.checkpoint import atomic_write_text, write_json
 from dbconvert.config import Recipe, load_recipe, parse_overrides
 from dbconvert.errors import DbconvertError, RecipeError, RunError
-from dbconvert.evaluation import LOWER_IS_BETTER
+from dbconvert.evaluation.metric import get_metric
 from dbconvert.rundir import MANIFEST, Run
 
 KINDS = ("partition", "overlap", "blocks")
@@ -198,22 +198,13 @@ def default_out(base: Recipe, kind: str) -> Path:
     return base.output_dir().parent / f"{base.name}-ablate-{kind}"
 
 
-def _check_metric(recipe: Recipe, name: str, num: int) -> str:
+def _check_metric(recipe: Recipe, num: int) -> str:
     """The family's default metric, and a one-line error where it cannot score this recipe's variants."""
     from dbconvert.families import get_family
 
     family = get_family(recipe.model.family)
-    metric = family.default_metric
-    if metric == "fid":
-        channels = family.sample_shape(recipe)[0]
-        if channels not in (1, 3):
-            raise DbconvertError(f"ablate scores variants by FID on pixels; {name} models {channels}-channel latents "
-                                 "(use a pixel-space recipe such as dit-tiny-digits)")
-        if num < 65:
-            raise DbconvertError(f"--num must be at least 65 (FID on the built-in 64-d features needs d + 1), got {num}")
-    elif num < 2:
-        raise DbconvertError(f"--num (prompts for {metric.upper()}) must be at least 2, got {num}")
-    return metric
+    get_metric(family.default_metric).check(recipe, family, num)
+    return family.default_metric
 
 
 # --- one variant ---------------------------------------------------------------------------
@@ -291,7 +282,7 @@ def run_ablation(
     if kind not in KINDS:
         raise DbconvertError(f"unknown ablation {kind!r}; choose one of {', '.join(KINDS)}")
     base = load_recipe(recipe, overrides)
-    metric = _check_metric(base, recipe, num)
+    metric = _check_metric(base, num)
     plan = plan_ablation(kind, base, overrides, values)
     length = [f"train.steps={steps}", "train.epochs=null"] if steps is not None else []
     out = Path(out) if out is not None else default_out(base, kind)
@@ -337,7 +328,7 @@ def run_ablation(
         "features": rows[0]["features"] if rows else None,
         "reference": rows[0]["reference"] if rows else None,
         "metric": metric,
-        "best": (min if LOWER_IS_BETTER[metric] else max)(rows, key=lambda r: r["score"])["value"] if rows else None,
+        "best": (min if get_metric(metric).lower_is_better else max)(rows, key=lambda r: r["score"])["value"] if rows else None,
         "rows": rows,
         "seconds_this_call": round(time.time() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -381,13 +372,14 @@ def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, ste
 
     statuses = [run.status(Run.block_name(b.index)) for b in run.blocks]
     trained = [s.step for s in statuses]
-    fid_key = {"num": num, "sampler": sampler, "trained_steps": trained, "metric": metric}
+    scorer = get_metric(metric)
+    fid_key = {"num": num, "sampler": sampler, "trained_steps": trained, "metric": metric}  # record keys kept: resume
     fid_file = folder / "eval" / str(record.get("fid_file", ""))
     if record.get("fid_key") == fid_key and record.get("fid_file") and fid_file.is_file():
         res = _read_json(fid_file)
-        log(f"{variant.name}: {metric.upper()} already evaluated ({fid_file.name}); skipped")
+        log(f"{variant.name}: {scorer.title} already evaluated ({fid_file.name}); skipped")
     else:
-        prog.update(stage, description=f"{variant.name}: {metric.upper()} on {num} samples", total=None, completed=0)
+        prog.update(stage, description=f"{variant.name}: {scorer.title} on {num} samples", total=None, completed=0)
         res = evaluate(run, metric, model="blocks", num=num, steps=sampler["steps"], solver=sampler["solver"],
                        guidance=sampler["guidance"], seed=sampler["seed"], weights=sampler["weights"],
                        log=lambda m: log(f"{variant.name}: {m}"))
@@ -395,7 +387,7 @@ def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, ste
         path = write_result(run.root / "eval", res)
         record.update({"fid_file": path.name, "fid_key": fid_key})
         write_json(record_path, record)
-        log(f"{variant.name}: {metric.upper()} {res['value']:.4f}")
+        log(f"{variant.name}: {scorer.title} {res['value']:.4f}")
     layers = [b.layers[1] - b.layers[0] for b in run.blocks]
     train_s = sum(record["train_seconds"].values())
     return {
@@ -403,8 +395,8 @@ def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, ste
         "variable": plan.variable,
         "value": variant.value,
         "metric": metric,
-        "score": res["value"],
-        "spread": res["kid"]["min"] if metric == "fid" else res.get("std", 0.0),
+        "score": scorer.headline(res),
+        "spread": scorer.spread(res),
         "steps_per_block": trained[0] if len(set(trained)) == 1 else trained,
         "blocks": run.num_blocks,
         "layers": run.num_layers,
@@ -414,7 +406,7 @@ def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, ste
         "gamma": run.manifest["gamma"],
         "samples": res["num_samples"],
         "train_seconds": round(train_s, 1),
-        "fid_seconds": res["seconds"],
+        "eval_seconds": res["seconds"],
         "seconds": round(train_s + float(res["seconds"]), 1),
         "features": res["features"],
         "reference": res["reference"],
@@ -428,8 +420,9 @@ COLUMNS = ("steps/block", "blocks", "layers/block", "layer updates", "samples", 
 
 
 def _metric_columns(metric: str) -> tuple[str, str]:
-    """FID is shown with KID beside it; MAUVE with its spread over k-means seeds."""
-    return ("FID", "KID") if metric == "fid" else (metric.upper(), "± std")
+    """The metric's headline and the number beside it (FID: KID; MAUVE: its spread over k-means seeds)."""
+    scorer = get_metric(metric)
+    return scorer.title, scorer.spread_label
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
@@ -454,12 +447,12 @@ def markdown_table(s: dict[str, Any]) -> str:
         value = f"**{_fmt(row['value'])}**" if best else _fmt(row["value"])
         lines.append(f"| {value} | " + " | ".join(_cells(row)) + " |")
     lines += ["",
-              f"{_metric_columns(s['metric'])[0]} ({'lower' if LOWER_IS_BETTER[s['metric']] else 'higher'} is better; "
+              f"{_metric_columns(s['metric'])[0]} ({get_metric(s['metric']).better_text()}; "
               f"best in bold) and {_metric_columns(s['metric'])[1]} on features `{s['features']}` against {s['reference']}; "
               f"{s['num_samples']} samples per variant, {sm['solver']} {sm['steps']} steps, guidance {sm['guidance']:g}, "
               f"{sm['weights']} weights, sampling seed {sm['seed']}. Training seed {s['train_seed']}, batch {s['batch_size']}; "
               f"every block of every variant trains the same number of steps (matched layer updates). "
-              f"Time = training + FID on this machine.",
+              f"Time = training + {get_metric(s['metric']).title} on this machine.",
               f"Settings: {'; '.join(s['notes'])}. Overrides: `{' '.join(s['overrides']) or '(none)'}`.", ""]
     return "\n".join(lines)
 

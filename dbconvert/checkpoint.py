@@ -11,7 +11,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,19 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what
 
 KeyMap = dict[str, str]
 """Destination key -> source key. Conversions are written as these explicit maps."""
+
+
+def layer_slice_key_map(shared: Iterable[str], prefix: str, layer_keys: Iterable[str], start: int, end: int) -> KeyMap:
+    """Block key -> source key for the block holding source layers [start, end) (every family's block map).
+
+    Shared keys (embedders, head) keep their names; layer keys `{prefix}.{src}.{name}` are renumbered
+    from 0 (`{prefix}.{src - start}.{name}`).
+    """
+    names = tuple(layer_keys)
+    key_map = {key: key for key in shared}
+    for local, src in enumerate(range(start, end)):
+        key_map.update({f"{prefix}.{local}.{name}": f"{prefix}.{src}.{name}" for name in names})
+    return key_map
 
 
 def apply_key_map(

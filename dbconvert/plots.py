@@ -34,6 +34,7 @@ from matplotlib.patches import Patch
 from dbconvert.checkpoint import atomic_write, atomic_write_text
 from dbconvert.config import override_recipe
 from dbconvert.errors import DbconvertError, RunError
+from dbconvert.evaluation.metric import metric_of
 from dbconvert.evaluation.results import collect_results
 from dbconvert.noise_process import NoiseProcess
 from dbconvert.rundir import Run
@@ -47,7 +48,7 @@ PARTITION_TITLES = {"equiprobable": "equi-probability", "uniform": "uniform"}
 
 MISSING = {
     "loss": "no training metrics in {dir}: train a block first (`dbconvert train-block 0`)",
-    "eval": "no evaluation results in {dir}: run `dbconvert eval fid` (images) or `dbconvert eval mauve` (text) first",
+    "eval": "no evaluation results in {dir}: run `dbconvert eval METRIC` first (the run's family lists its metrics)",
     "samples": "no samples in {dir}: run `dbconvert sample` first",
 }
 """Why a figure cannot be drawn yet, and the command that provides its data."""
@@ -335,7 +336,8 @@ def plot_eval(run: Run) -> Path:
     fig = new_figure(ncols * max(5.0, 1.3 * widest + 2.0), nrows * 4.6 + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     order = {"blocks": 0, "e2e": 1}
-    for ax, ((metric, features), rows) in zip(axes, sorted(groups.items())):
+    for ax, ((name, features), rows) in zip(axes, sorted(groups.items())):
+        metric = metric_of(rows[0])
         rows = sorted(rows, key=lambda r: (order.get(r["model"], 2), str(r["model"]), r.get("num_samples") or 0))
         for x, r in enumerate(rows):
             values, mean, std = result_spread(r)
@@ -346,16 +348,16 @@ def plot_eval(run: Run) -> Path:
             ax.errorbar([x], [mean], yerr=[std], fmt="o", color=color, markersize=7, capsize=5, linewidth=1.8,
                         zorder=3)
             text = f"{mean:.4g}" if len(values) == 1 else f"mean {mean:.4g} ± {std:.2g}"
-            if metric == "fid" and len(values) > 1:
-                text += f"\nmin {min(values):.4g}"  # the paper's convention for FID over repeats
+            note = metric.summary_note(r)
+            if note:
+                text += f"\n{note}"
             ax.annotate(text, (x, mean), xytext=(10, 0), textcoords="offset points", va="center", fontsize=8)
         ax.set_xticks(range(len(rows)), labels=[result_label(r) for r in rows], fontsize=8)
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.margins(y=0.25)
-        better = "lower" if metric == "fid" else "higher"
-        ax.set_ylabel(f"{metric.upper()} ({better} is better)")
+        ax.set_ylabel(f"{metric.title} ({metric.better_text()})")
         ax.set_xlabel("model and settings")
-        ax.set_title("\n".join(textwrap.wrap(f"{metric.upper()}, features {features}", 48, break_on_hyphens=False)), fontsize=10)
+        ax.set_title("\n".join(textwrap.wrap(f"{metric.title}, features {features}", 48, break_on_hyphens=False)), fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     for ax in axes[len(groups):]:
         ax.set_visible(False)

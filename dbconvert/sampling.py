@@ -10,40 +10,89 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dbconvert.noise_process import owner_of
 from dbconvert.checkpoint import load_strict, load_weights
+from dbconvert.errors import DbconvertError
 from dbconvert.rundir import Run
+
+if TYPE_CHECKING:
+    from dbconvert.schema import SampleConfig
 
 Denoise = Callable[[int, torch.Tensor, float], torch.Tensor]
 """(block index, z, sigma) -> D(z, sigma) of that block."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SampleRequest:
+    """What to generate: the settings every family shares, and the family's own `options`.
+
+    `options` is an instance of the family's `Family.sample_options_type` (DiT: guidance and class; a
+    language model: prompts and decoding), built by keyword with `Family.sample_options`; None = its defaults.
+    """
+
     model: str = "blocks"
     steps: int | None = None
     solver: str | None = None
-    guidance: float | None = None
     num: int | None = None
     seed: int | None = None
-    class_label: int | None = None
     weights: str | None = None
     out: Path | None = None
-    prompt: str | None = None
-    prompt_file: Path | None = None
-    max_new_tokens: int = 64
-    temperature: float | None = None
-    top_p: float | None = None
+    options: Any = None
     progress: bool = False
     """Show a progress bar (the CLI sets it; library calls stay quiet)."""
-    prompt_ids: list[list[int]] | None = None
-    """Text families: prompts as token ids (evaluation protocols), instead of --prompt text."""
     on_progress: Callable[[int, int], None] | None = None
     """(done, total) callback, e.g. for a log line every so often."""
+
+    def settings(self, cfg: "SampleConfig", **family: Any) -> SamplerSettings:
+        """This request's sampler settings, the recipe's where it leaves them unset; `family` holds the family's own
+        settings that the recipe also has a default for (guidance, temperature, top_p)."""
+        return resolve_sampler(cfg, steps=self.steps, solver=self.solver, num=self.num, seed=self.seed,
+                               weights=self.weights, **family)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The sampler's settings after `resolve_sampler`: every value set."""
+
+    steps: int
+    solver: str
+    guidance: float
+    num: int
+    seed: int
+    weights: str
+    temperature: float
+    top_p: float
+    rho: float
+
+
+SOLVERS = ("euler", "heun")
+WEIGHTS = ("ema", "model")
+
+
+def check_sampler_choices(solver: str | None, weights: str | None) -> None:
+    """The one check of --solver / --weights (None = the recipe's, which its schema has checked)."""
+    if solver is not None and solver not in SOLVERS:
+        raise DbconvertError(f"--solver must be {' or '.join(SOLVERS)}, not {solver!r}")
+    if weights is not None and weights not in WEIGHTS:
+        raise DbconvertError(f"--weights must be {' or '.join(WEIGHTS)}, not {weights!r}")
+
+
+def resolve_sampler(cfg: "SampleConfig", *, steps: int | None = None, solver: str | None = None,
+                    guidance: float | None = None, num: int | None = None, seed: int | None = None,
+                    weights: str | None = None, temperature: float | None = None,
+                    top_p: float | None = None) -> SamplerSettings:
+    """Each setting as given, else the recipe's `sample` section: the one place this choice is written."""
+    check_sampler_choices(solver, weights)
+    return SamplerSettings(
+        steps=steps or cfg.steps, solver=solver or cfg.solver, guidance=cfg.guidance if guidance is None else guidance,
+        num=num or cfg.num, seed=cfg.seed if seed is None else seed, weights=weights or cfg.weights,
+        temperature=cfg.temperature if temperature is None else temperature,
+        top_p=cfg.top_p if top_p is None else top_p, rho=cfg.rho)
 
 
 @dataclass
@@ -66,7 +115,7 @@ def edm_sample(
     solver: str = "euler",
 ) -> torch.Tensor:
     """Integrate the probability-flow ODE over the steps `ts` (ending in 0) from z = t_0 * eps."""
-    if solver not in ("euler", "heun"):
+    if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}")
     for t, t_next in zip(ts[:-1], ts[1:]):
         d = (z - denoise(owner_of(t, list(owned)), z, t)) / t

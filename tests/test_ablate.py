@@ -48,7 +48,10 @@ def test_overlap_one_row_per_gamma_matched_updates_and_resume(in_tmp: Path) -> N
     assert [r["value"] for r in rows] == list(GAMMAS)
     assert all(r["steps_per_block"] == 2 and r["blocks"] == 4 and r["samples"] == NUM for r in rows)
     assert {r["layer_updates"] for r in rows} == {2 * 4}  # S steps x L layers, for every variant
-    assert all(r["metric"] == "fid" and r["score"] >= 0 and r["features"].startswith("builtin") for r in rows)
+    assert all(r["metric"] == "fid" and r["features"].startswith("builtin") for r in rows)
+    for r in rows:  # each row's score and spread are its variant's own FID and KID, as evaluated and stored
+        stored = json.loads(next((Path(r["run"]) / "eval").glob("fid-*.json")).read_text())
+        assert r["score"] == stored["value"] and r["spread"] == stored["kid"]["min"] and stored["num_samples"] == NUM
     for r in rows:
         run = Run.open(r["run"])
         assert run.manifest["gamma"] == r["value"] and Path(r["run"]).parent == out

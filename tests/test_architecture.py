@@ -259,6 +259,22 @@ def test_no_module_outside_families_asks_which_family_it_has() -> None:
     assert not found, "\n".join(found)
 
 
+def test_no_generic_module_asks_which_metric_or_noise_process_it_has() -> None:
+    """Metrics and noise processes are plug-ins: only their own modules (and the registries' tables) name them."""
+    from dbconvert.evaluation.metric import METRICS
+    from dbconvert.noise_process import PROCESSES
+
+    names = set(METRICS) | set(PROCESSES)
+    own = {PACKAGE / "evaluation" / "fid.py", PACKAGE / "evaluation" / "mauve.py", PACKAGE / "noise.py"}
+    found = [f"{name}:{line} {what}" for name, path in MODULES.items()
+             if path not in own and not path.is_relative_to(PACKAGE / "families")
+             for line, what in sniffing(parse(name), names, set())
+             if "a table keyed by" not in what or path.name not in ("metric.py", "noise_process.py")]
+    assert not found, "\n".join(found)
+    code = ast.parse("m == 'fid'\nm in ('mauve',)\np == 'edm'\n")
+    assert [line for line, _ in sniffing(code, names, set())] == [1, 2, 3]
+
+
 def test_no_module_outside_families_imports_a_family_package() -> None:
     """Generic code reaches a family through the registry, never by importing its package."""
     names, _ = family_names_and_fields()

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from dbconvert.demo import run_demo
 from dbconvert.errors import RunError
+from dbconvert.evaluation.fid import fid_of_folder
 from dbconvert.rundir import resolve_run
 
 
@@ -18,7 +19,10 @@ def test_demo_runs_end_to_end_and_continues(in_tmp: Path) -> None:
     result = run_demo(out=in_tmp / "demo", steps=2, progress=False, fid_samples=70, console=Console(file=out))
     assert (result.samples.directory / "grid.png").is_file() and result.e2e_samples is not None
     assert set(result.fid) == {"blocks", "e2e"}
-    assert all(r["metric"] == "fid" and r["value"] >= 0 and r["features"] for r in result.fid.values()), result.fid
+    assert all(r["metric"] == "fid" and r["features"].startswith("builtin") for r in result.fid.values()), result.fid
+    for r in result.fid.values():  # each FID is the one of its own sample folder against its reference
+        again = fid_of_folder(result.run, Path(r["samples"][0]), split=r["split"], features="builtin")
+        assert again["value"] == pytest.approx(r["value"], rel=1e-6) and 0 < r["value"] < 1e4
     assert len(list((in_tmp / "demo" / "eval").glob("*.json"))) == 2
     assert [p.name for p in result.figures] == ["partition.png", "loss.png", "eval.png"]
     assert all(p.is_file() and str(p) in out.getvalue() for p in result.figures)

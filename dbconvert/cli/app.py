@@ -310,7 +310,7 @@ def sample_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN/samples/...).")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text prompt (language models).")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="File of prompts, one per line.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 64,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Tokens to generate (default 64).")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="AR decoding (ar, text source): "
                                                          "softmax temperature, 0 = greedy (default: recipe, 1).")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR decoding: nucleus probability (default: recipe, 1).")] = None,
@@ -318,16 +318,17 @@ def sample_cmd(
 ) -> None:
     """Generate with the trained blocks (or --model e2e / source / ar); writes the samples into the run."""
     from dbconvert.rundir import resolve_run
-    from dbconvert.sampling import SampleRequest
+    from dbconvert.sampling import SampleRequest, check_sampler_choices
 
-    if solver is not None and solver not in ("euler", "heun"):
-        raise_user(f"--solver must be euler or heun, not {solver!r}")
-    if weights is not None and weights not in ("ema", "model"):
-        raise_user(f"--weights must be ema or model, not {weights!r}")
+    check_sampler_choices(solver, weights)
     opened = resolve_run(run)
-    request = SampleRequest(model, steps, solver, guidance, num, seed, class_label, weights, out,
-                            prompt, prompt_file, max_new_tokens, temperature, top_p, progress=not quiet)
-    result = opened.family().generate(opened, request)
+    family = opened.family()
+    given = {"guidance": guidance, "class_label": class_label, "prompt": prompt, "prompt_file": prompt_file,
+             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    options = family.sample_options({"class_label": "--class"}, **{k: v for k, v in given.items() if v is not None})
+    request = SampleRequest(model=model, steps=steps, solver=solver, num=num, seed=seed, weights=weights, out=out,
+                            options=options, progress=not quiet)
+    result = family.generate(opened, request)
     for text in result.text:
         console.print(text, highlight=False, markup=False)
     if result.tokens_per_second is not None:

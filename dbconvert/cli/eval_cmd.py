@@ -1,17 +1,23 @@
-"""`dbconvert eval fid | mauve | compare` (DESIGN 7): each writes RUN/eval/<name>.json and prints a table."""
+"""`dbconvert eval METRIC | compare` (DESIGN 7): one subcommand per registered metric, built from the registry.
+
+Each metric command takes the shared options (--run, --model, --seed, --steps, --solver, --weights, --json,
+-q) and the metric's own (`Metric.options`), calls `Metric.evaluate`, writes RUN/eval/<name>.json and prints
+the metric's table. A metric registered at run time (a plug-in family's) gets its command the same way.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from dbconvert.cli.app import ModelOpt, RunOpt, console, err_console, handle_errors
-
-eval_app = typer.Typer(help="Evaluate a run: FID/KID (clean-fid) for images, MAUVE (mauve-text) for text, and compare.",
-                       no_args_is_help=True)
+from dbconvert.evaluation.metric import Metric, get_metric, metric_names
 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: recipe).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion steps (default: recipe).")]
@@ -23,15 +29,6 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messa
 
 def _log(quiet: bool):  # noqa: ANN202
     return (lambda msg: None) if quiet else (lambda msg: err_console.print(msg, highlight=False, markup=False))
-
-
-def _check_choices(solver: Optional[str], weights: Optional[str]) -> None:
-    from dbconvert.errors import DbconvertError
-
-    if solver is not None and solver not in ("euler", "heun"):
-        raise DbconvertError(f"--solver must be euler or heun, not {solver!r}")
-    if weights is not None and weights not in ("ema", "model"):
-        raise DbconvertError(f"--weights must be ema or model, not {weights!r}")
 
 
 def _report(result: dict, run, as_json: bool) -> None:  # noqa: ANN001
@@ -46,78 +43,88 @@ def _report(result: dict, run, as_json: bool) -> None:  # noqa: ANN001
         console.print(f"written to [bold]{path}[/]; `dbconvert eval compare` lists every evaluation of the run")
 
 
-@eval_app.command("fid")
-@handle_errors
-def fid_cmd(
-    run: RunOpt = None,
-    model: ModelOpt = "blocks",
-    num: Annotated[Optional[int], typer.Option("--num", min=1, help="Samples to generate per repeat (default 10000; the paper: 50000).")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Independent sample sets; reports each, the minimum (paper) and the mean.")] = 1,
-    samples: Annotated[Optional[Path], typer.Option("--samples", help="Evaluate this image folder instead of generating.")] = None,
-    reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference image folder instead of the data set.")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Reference split of the recipe's data set (default: train "
-                                                 "for cifar10, as published FIDs use; test otherwise).")] = None,
-    features: Annotated[str, typer.Option("--features", help="auto (Inception for RGB, built-in CNN for grey), inception, builtin or builtin:SOURCE.")] = "auto",
-    inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="clean-fid's inception-2015-12-05.pt, if not in /tmp.")] = None,
-    feature_images: Annotated[int, typer.Option("--feature-images", min=0, help="Built-in features: train the CNN on at "
-                                                "most this many images of the train split (0 = all of them).")] = 5000,
-    steps: StepsOpt = None,
-    solver: SolverOpt = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", min=0.0, help="Classifier-free guidance w (default: recipe).")] = None,
-    seed: SeedOpt = None,
-    weights: WeightsOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """FID and KID (clean-fid, mode clean) of the run's samples against the data set's reference images."""
-    from dbconvert.errors import DbconvertError
-    from dbconvert.evaluation.fid import evaluate_fid
-    from dbconvert.rundir import resolve_run
+SHARED = [
+    ("run", RunOpt, None), ("model", ModelOpt, "blocks"), ("steps", StepsOpt, None), ("solver", SolverOpt, None),
+    ("seed", SeedOpt, None), ("weights", WeightsOpt, None), ("as_json", JsonOpt, False), ("quiet", QuietOpt, False),
+]
 
-    _check_choices(solver, weights)
-    try:
+
+def _option_parameter(option: Any) -> inspect.Parameter:
+    """A Typer option parameter from a `MetricOption` (its flag, type, default, minimum and help)."""
+    kind = option.type if option.default is not None else Optional[option.type]
+    extra = {"min": option.min} if option.min is not None else {}
+    annotation = Annotated[kind, typer.Option(option.flag, help=option.help, **extra)]
+    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=annotation)
+
+
+def run_metric(metric: Metric, run: Optional[Path], model: str, steps: Optional[int], solver: Optional[str],
+               seed: Optional[int], weights: Optional[str], as_json: bool, quiet: bool, **options: Any) -> None:
+    """What every `eval METRIC` command does: resolve the run, evaluate through the registry, report."""
+    from dbconvert.rundir import resolve_run
+    from dbconvert.sampling import check_sampler_choices
+
+    check_sampler_choices(solver, weights)
+    if run is None and not metric.needs_run and _scores_files_alone(options):
+        opened = _current_run_for(metric)  # folders alone need no run; the current one helps where it applies
+    else:
         opened = resolve_run(run)
-    except DbconvertError:
-        if run is not None or samples is None or reference is None:
-            raise
-        opened = None  # two folders need no run
-    result = evaluate_fid(opened, model=model, num=num, repeats=repeats, samples=samples, reference=reference,
-                          split=split, features=features, inception_weights=inception_weights, steps=steps,
-                          solver=solver, guidance=guidance, seed=seed, weights=weights, log=_log(quiet or as_json),
-                          feature_images=feature_images, progress=not quiet)
+        metric.require(opened)
+    sampler = {"steps": steps, "solver": solver, "seed": seed, "weights": weights}
+    result = metric.evaluate(opened, model=model, log=_log(quiet or as_json), progress=not quiet,
+                             **{k: v for k, v in sampler.items() if v is not None}, **options)
     _report(result, opened, as_json)
 
 
-@eval_app.command("mauve")
-@handle_errors
-def mauve_cmd(
-    run: RunOpt = None,
-    model: ModelOpt = "blocks",
-    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="Prompts (default: up to 1000, the paper).")] = None,
-    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", min=1, help="Continuations per prompt.")] = 5,
-    prompt_tokens: Annotated[Optional[int], typer.Option("--prompt-tokens", min=1, help="Prompt length in tokens (default: SEDD's 50, or half the run's context when it is shorter than 100).")] = None,
-    new_tokens: Annotated[Optional[int], typer.Option("--new-tokens", min=1, help="Continuation length in tokens (default: SEDD's 50, or what the context leaves).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Held-out split (default: val for local text, test for hub data).")] = None,
-    featurizer: Annotated[str, typer.Option("--featurizer", help="auto, minilm, gpt2-large or a local Hugging Face encoder folder.")] = "auto",
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="MAUVE k-means seeds to average over.")] = 3,
-    steps: StepsOpt = None,
-    solver: SolverOpt = None,
-    seed: SeedOpt = None,
-    weights: WeightsOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """MAUVE (mauve-text) on SEDD's conditional protocol: 50-token prompts, 50-token continuations."""
-    from dbconvert.evaluation.mauve import evaluate_mauve
+def _current_run_for(metric: Metric) -> Any:
+    """The current run when there is one and the metric applies to its family (its data and features), else None."""
+    from dbconvert.errors import DbconvertError
     from dbconvert.rundir import resolve_run
 
-    _check_choices(solver, weights)
-    opened = resolve_run(run)
-    result = evaluate_mauve(opened, model=model, num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
-                            prompt_tokens=prompt_tokens, new_tokens=new_tokens, split=split, featurizer=featurizer,
-                            seeds=seeds, steps=steps, solver=solver, seed=seed, weights=weights,
-                            log=_log(quiet or as_json), progress=not quiet)
-    _report(result, opened, as_json)
+    try:
+        current = resolve_run(None)
+    except DbconvertError:
+        return None
+    return current if metric.name in current.family().metrics else None
+
+
+def _scores_files_alone(options: dict[str, Any]) -> bool:
+    """Both a sample folder and a reference folder given: what a metric without `needs_run` scores alone."""
+    return options.get("samples") is not None and options.get("reference") is not None
+
+
+def metric_command(metric: Metric) -> click.Command:
+    """The click command of `dbconvert eval NAME` for one metric."""
+
+    def command(**kwargs: Any) -> None:
+        shared = {name: kwargs.pop(name) for name, _, _ in SHARED}
+        run_metric(metric, **shared, **kwargs)
+
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+              for name, annotation, default in SHARED]
+    params += [_option_parameter(o) for o in metric.options]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = metric.help or f"{metric.title} of the run's models."
+    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    sub.command(metric.name)(handle_errors(command))
+    return typer.main.get_command(sub)
+
+
+class MetricGroup(TyperGroup):
+    """`dbconvert eval`: `compare`, plus one command per metric registered when the command line is read."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *metric_names()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and cmd_name in metric_names():
+            found = metric_command(get_metric(cmd_name))
+        return found
+
+
+eval_app = typer.Typer(cls=MetricGroup, no_args_is_help=True,
+                       help="Evaluate a run with one of its metrics (FID/KID for images, MAUVE for text, and those a "
+                            "family registers), and compare every result.")
 
 
 @eval_app.command("compare")

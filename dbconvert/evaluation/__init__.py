@@ -1,5 +1,6 @@
-"""Evaluation (DESIGN 7): FID/KID through clean-fid and MAUVE through mauve-text.
+"""Evaluation (DESIGN 7): metrics as plug-ins (`metric.py`), FID/KID through clean-fid and MAUVE through mauve-text.
 
+- `metric`: the registry: one `Metric` object per metric (name, direction, options, evaluate, rendering).
 - `features`: which image features FID uses: clean-fid's Inception (where it applies) or a
   small built-in CNN trained once on the data set's training split (tiny grey images, offline).
 - `fid`: image folders -> features -> FID and KID, reference statistics cached per
@@ -9,32 +10,28 @@
 - `results`: RUN/eval/*.json and the tables of `dbconvert eval ...`.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from dbconvert.evaluation.fid import evaluate_fid
 from dbconvert.evaluation.mauve import evaluate_mauve
+from dbconvert.evaluation.metric import Log, Metric, get_metric, metric_names, nolog, register_metric
 from dbconvert.evaluation.results import collect_results, write_result
 
-__all__ = ["evaluate_fid", "evaluate_mauve", "collect_results", "write_result"]
 
-LOWER_IS_BETTER = {"fid": True, "mauve": False}
-"""Which direction is better for each metric a family can name as its default."""
+def evaluate(run: Any, metric: str | None = None, *, model: str = "blocks", num: int, log: Log | None = None,
+             **sampler: Any) -> dict[str, Any]:
+    """The run's family's default metric (or `metric`) of `model` with `num` generated units (images, prompts...).
 
-
-def evaluate(run, metric: str | None = None, *, model: str = "blocks", num: int, seed: int | None = None,  # noqa: ANN001
-             steps: int | None = None, solver: str | None = None, guidance: float | None = None,
-             weights: str | None = None, log=None) -> dict:  # noqa: ANN001
-    """The run's family's default metric (or `metric`) of `model`: FID on `num` samples, or MAUVE on `num` prompts.
-
-    Callers that score whatever family a run holds (ablate, demo) use this, never the family's name.
+    `sampler` holds seed / steps / solver / weights / guidance (None = the recipe's); a metric gets those
+    it takes. Callers that score whatever family a run holds (ablate, demo) use this, never a metric's name.
     """
-    metric = metric or run.family().default_metric
-    extra = {"log": log} if log is not None else {}
-    if metric == "fid":
-        return evaluate_fid(run, model=model, num=num, steps=steps, solver=solver, guidance=guidance, seed=seed,
-                            weights=weights, **extra)
-    if metric == "mauve":
-        return evaluate_mauve(run, model=model, num_prompts=num, steps=steps, solver=solver, seed=seed,
-                              weights=weights, **extra)
-    raise ValueError(f"unknown metric {metric!r}")
+    chosen = get_metric(metric or run.family().default_metric)
+    chosen.require(run)
+    options = {k: v for k, v in sampler.items() if chosen.accepts(k)}
+    return chosen.evaluate(run, model=model, log=log or nolog, **{chosen.num_option: num}, **options)
 
 
-__all__ = ["LOWER_IS_BETTER", "collect_results", "evaluate", "evaluate_fid", "evaluate_mauve", "write_result"]
+__all__ = ["Metric", "collect_results", "evaluate", "evaluate_fid", "evaluate_mauve", "get_metric", "metric_names",
+           "register_metric", "write_result"]

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
 from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
                                            inception_features, to_uint8)
+from dbconvert.evaluation.metric import Metric, MetricOption
 from dbconvert.progress import progress as show_progress
 
 CHUNK = 1000
@@ -266,123 +268,59 @@ def resolve_features(features: str, run: Any, inception_weights: Path | None, ch
     return builtin_features(data_cfg, device, log, max_images=feature_images, progress=progress)
 
 
-def evaluate_fid(
-    run: Any | None,
-    *,
-    model: str = "blocks",
-    num: int | None = None,
-    repeats: int = 1,
-    samples: Path | None = None,
-    reference: Path | None = None,
-    split: str | None = None,
-    features: str = "auto",
-    inception_weights: Path | None = None,
-    steps: int | None = None,
-    solver: str | None = None,
-    guidance: float | None = None,
-    seed: int | None = None,
-    weights: str | None = None,
-    log: Log = _nolog,
-    feature_images: int = CNN_MAX_IMAGES,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """FID (and KID) of the run's samples (or a sample folder) against the data set's split (or a folder).
+@dataclass
+class Reference:
+    """The reference side of an FID: its features, how it is described, and whether it holds training images."""
 
-    `split` defaults to `default_split` (cifar10: train, as published FIDs; otherwise test). Every result
-    names its reference (data set, split, size) and says whether it overlaps the run's training images.
-    """
-    import dbconvert
-
-    start = time.time()
-    if repeats < 1:
-        raise DbconvertError(f"--repeats must be at least 1, got {repeats}")
-    if samples is not None and repeats > 1:
-        raise DbconvertError("--repeats needs freshly generated samples; a --samples folder is one fixed set (drop --repeats)")
-    if run is None and (samples is None or reference is None):
-        raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
-    if run is not None and samples is None:
-        run.model_targets(model)  # one line naming the models this run has
-    device = resolve_device(run.recipe.train.device if run is not None else "auto")
-
-    sampler: dict[str, Any] | None = None
-    if run is not None and (samples is None or reference is None) and run.family().default_metric != "fid":
-        raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model "
-                             f"(use eval {run.family().default_metric})")
-    if run is not None:
-        cfg = run.recipe.sample
-        sampler = {"solver": solver or cfg.solver, "steps": steps or cfg.steps,
-                   "guidance": cfg.guidance if guidance is None else guidance, "weights": weights or cfg.weights,
-                   "seed": cfg.seed if seed is None else seed}
-    if samples is None:
-        assert run is not None and sampler is not None
-        run.require_trained(model)
-        num = num or 10_000
-
-    channels = None
-    if run is not None and run.family().default_metric == "fid":
-        channels = run.family().sample_shape(run.recipe)[0]
-    spec = resolve_features(features, run, inception_weights, channels, device, log, feature_images, progress)
-    if num is not None:
-        check_count(num, spec, "--num")
-
-    # reference
+    feats: np.ndarray
+    desc: str
+    split: str | None
+    overlaps: bool | None
     overlap_images: int | None = None
+
+
+def image_channels(run: Any) -> int | None:
+    """The channels of the run's samples when FID applies to its family (its `sample_shape` is C, H, W)."""
+    return run.family().sample_shape(run.recipe)[0] if run is not None and "fid" in run.family().metrics else None
+
+
+def sampler_settings(run: Any, steps: int | None, solver: str | None, guidance: float | None, seed: int | None,
+                     weights: str | None) -> dict[str, Any]:
+    """The sampler an FID's samples are drawn with: each setting given, else the recipe's."""
+    from dbconvert.sampling import resolve_sampler
+
+    s = resolve_sampler(run.recipe.sample, steps=steps, solver=solver, guidance=guidance, seed=seed, weights=weights)
+    return {"solver": s.solver, "steps": s.steps, "guidance": s.guidance, "weights": s.weights, "seed": s.seed}
+
+
+def resolve_reference(run: Any | None, reference: Path | None, split: str | None, spec: FeatureSpec,
+                      device: torch.device, log: Log, progress: bool) -> Reference:
+    """A reference folder, or the run's data set split (default: `default_split`), with its training overlap."""
     if reference is not None:
-        ref_feats = folder_features(Path(reference), spec, device, f"reference folder {reference}", show=progress)
-        ref_desc = f"folder {Path(reference).resolve()} ({len(ref_feats)} images)"
-        split_used = None
-        if run is not None and run.family().default_metric == "fid":
+        feats = folder_features(Path(reference), spec, device, f"reference folder {reference}", show=progress)
+        ref = Reference(feats, f"folder {Path(reference).resolve()} ({len(feats)} images)", None, None)
+        if image_channels(run) is not None:
             try:
-                overlap_images = folder_overlap(list_images(Path(reference)), run.recipe.data)
+                ref.overlap_images = folder_overlap(list_images(Path(reference)), run.recipe.data)
+                ref.overlaps = ref.overlap_images > 0
             except DbconvertError as exc:  # e.g. a hub data set offline: the overlap stays unknown, the FID does not
                 log(f"note: cannot compare the reference folder with the training data ({exc}); overlap unknown")
-        overlaps: bool | None = None if overlap_images is None else overlap_images > 0
     else:
-        assert run is not None
         split_used = split or default_split(run.recipe.data)
-        ref_feats, ref_desc = reference_features(run.recipe.data, split_used, spec, device, log, show=progress)
-        overlaps = split_overlaps_training(run.recipe.data, split_used)
-    check_count(len(ref_feats), spec, f"the reference {ref_desc}")
-    if overlaps:
-        what = f"{overlap_images} of its images are" if overlap_images else "it is"
-        log(f"note: the reference {ref_desc} overlaps the training data ({what} training images); the result says so")
+        feats, desc = reference_features(run.recipe.data, split_used, spec, device, log, show=progress)
+        ref = Reference(feats, desc, split_used, split_overlaps_training(run.recipe.data, split_used))
+    check_count(len(ref.feats), spec, f"the reference {ref.desc}")
+    if ref.overlaps:
+        what = f"{ref.overlap_images} of its images are" if ref.overlap_images else "it is"
+        log(f"note: the reference {ref.desc} overlaps the training data ({what} training images); the result says so")
+    return ref
 
-    fids, kids, dirs, counts = [], [], [], []
-    if samples is not None:
-        feats = folder_features(Path(samples), spec, device, f"sample folder {samples}", show=progress)
-        check_count(len(feats), spec, f"sample folder {samples}")
-        fid, kid = fid_kid(feats, ref_feats)
-        fids.append(fid), kids.append(kid), dirs.append(str(samples)), counts.append(len(feats))
-    else:
-        assert run is not None and sampler is not None and num is not None
-        family = run.family()
-        from dbconvert.sampling import SampleRequest
 
-        for r in range(repeats):
-            base = sampler["seed"] + 10_000 * r
-            tag = f"fid-{model}-{sampler['solver']}-{sampler['steps']}steps-g{sampler['guidance']:g}-seed{base}-n{num}"
-            out = run.root / "eval" / "samples" / tag
-            if out.exists():
-                shutil.rmtree(out)
-            t0 = time.time()
-            label = f"FID samples ({model}" + (f", repeat {r + 1}/{repeats})" if repeats > 1 else ")")
-            with show_progress(label, num, unit="images", enabled=progress) as update:
-                for c, lo in enumerate(range(0, num, CHUNK)):
-                    n = min(CHUNK, num - lo)
-
-                    def chunk_done(done: int, total: int, lo: int = lo, n: int = n) -> None:
-                        update(lo + n * done / max(total, 1))
-
-                    family.generate(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
-                                                     guidance=sampler["guidance"], num=n, seed=base + c,
-                                                     weights=sampler["weights"], out=out / f"chunk-{c:03d}",
-                                                     on_progress=chunk_done))
-            log(f"repeat {r + 1}/{repeats}: {num} samples ({model}, seed {base}) in {time.time() - t0:.1f}s -> {out}")
-            files = list_images(out)
-            feats = file_features(files, spec, device, label=f"FID features of the samples ({model})", show=progress)
-            fid, kid = fid_kid(feats, ref_feats, kid_seed=r)
-            log(f"repeat {r + 1}/{repeats}: FID {fid:.4f}, KID {kid:.5f}")
-            fids.append(fid), kids.append(kid), dirs.append(str(out)), counts.append(len(feats))
+def fid_record(spec: FeatureSpec, ref: Reference, fids: list[float], kids: list[float], dirs: list[str],
+               count: int, model: str, source: dict[str, str], sampler: dict[str, Any] | None,
+               start: float) -> dict[str, Any]:
+    """The result record of one FID evaluation (every mode)."""
+    import dbconvert
 
     return {
         "metric": "fid",
@@ -391,23 +329,192 @@ def evaluate_fid(
         "min": min(fids),
         "mean": float(np.mean(fids)),
         "kid": {"values": kids, "min": min(kids), "mean": float(np.mean(kids))},
-        "model": model if samples is None else f"folder:{Path(samples).name}",
-        "source": ({"kind": "folder", "path": str(Path(samples).resolve())} if samples is not None
-                   else {"kind": "run", "path": str(Path(run.root).resolve())}),
+        "model": model,
+        "source": source,
         "features": spec.name,
         "features_info": spec.info,
-        "num_samples": counts[0],
+        "num_samples": count,
         "repeats": len(fids),
-        "reference": ref_desc,
-        "reference_size": int(len(ref_feats)),
-        "reference_overlaps_training": overlaps,
-        **({"reference_overlap_images": overlap_images} if overlap_images is not None else {}),
-        "split": split_used,
-        "sampler": sampler if samples is None else None,
-        "seed": sampler["seed"] if sampler and samples is None else None,
+        "reference": ref.desc,
+        "reference_size": int(len(ref.feats)),
+        "reference_overlaps_training": ref.overlaps,
+        **({"reference_overlap_images": ref.overlap_images} if ref.overlap_images is not None else {}),
+        "split": ref.split,
+        "sampler": sampler,
+        "seed": sampler["seed"] if sampler else None,
         "samples": dirs,
         "mode": "clean",
         "seconds": round(time.time() - start, 2),
         "dbconvert_version": dbconvert.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def fid_of_folder(run: Any | None, samples: Path, *, reference: Path | None = None, split: str | None = None,
+                  features: str = "auto", inception_weights: Path | None = None, log: Log = _nolog,
+                  feature_images: int = CNN_MAX_IMAGES, progress: bool = False) -> dict[str, Any]:
+    """FID of a folder of sample images against a reference folder or (with a run) the run's data set split."""
+    start = time.time()
+    if run is None and reference is None:
+        raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
+    if reference is None and image_channels(run) is None:
+        raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model "
+                             f"(use eval {run.family().default_metric}, or give --reference FOLDER)")
+    device = resolve_device(run.recipe.train.device if run is not None else "auto")
+    spec = resolve_features(features, run, inception_weights, image_channels(run), device, log, feature_images,
+                            progress)
+    ref = resolve_reference(run, reference, split, spec, device, log, progress)
+    feats = folder_features(Path(samples), spec, device, f"sample folder {samples}", show=progress)
+    check_count(len(feats), spec, f"sample folder {samples}")
+    fid, kid = fid_kid(feats, ref.feats)
+    return fid_record(spec, ref, [fid], [kid], [str(samples)], len(feats), f"folder:{Path(samples).name}",
+                      {"kind": "folder", "path": str(Path(samples).resolve())}, None, start)
+
+
+def fid_of_model(run: Any, *, model: str = "blocks", num: int | None = None, repeats: int = 1,
+                 reference: Path | None = None, split: str | None = None, features: str = "auto",
+                 inception_weights: Path | None = None, steps: int | None = None, solver: str | None = None,
+                 guidance: float | None = None, seed: int | None = None, weights: str | None = None,
+                 log: Log = _nolog, feature_images: int = CNN_MAX_IMAGES, progress: bool = False) -> dict[str, Any]:
+    """FID of `num` fresh samples of the run's `model` (per repeat) against the data set split or a folder."""
+    start = time.time()
+    if repeats < 1:
+        raise DbconvertError(f"--repeats must be at least 1, got {repeats}")
+    run.model_targets(model)  # one line naming the models this run has
+    if image_channels(run) is None:
+        raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model "
+                             f"(use eval {run.family().default_metric})")
+    sampler = sampler_settings(run, steps, solver, guidance, seed, weights)
+    run.require_trained(model)
+    num = num or 10_000
+    device = resolve_device(run.recipe.train.device)
+    spec = resolve_features(features, run, inception_weights, image_channels(run), device, log, feature_images,
+                            progress)
+    check_count(num, spec, "--num")
+    ref = resolve_reference(run, reference, split, spec, device, log, progress)
+    fids, kids, dirs, counts = [], [], [], []
+    for r in range(repeats):
+        base = sampler["seed"] + 10_000 * r
+        label = f"FID samples ({model}" + (f", repeat {r + 1}/{repeats})" if repeats > 1 else ")")
+        t0 = time.time()
+        out = generate_images(run, model, sampler, base, num, label, progress)
+        log(f"repeat {r + 1}/{repeats}: {num} samples ({model}, seed {base}) in {time.time() - t0:.1f}s -> {out}")
+        feats = file_features(list_images(out), spec, device, label=f"FID features of the samples ({model})",
+                              show=progress)
+        fid, kid = fid_kid(feats, ref.feats, kid_seed=r)
+        log(f"repeat {r + 1}/{repeats}: FID {fid:.4f}, KID {kid:.5f}")
+        fids.append(fid), kids.append(kid), dirs.append(str(out)), counts.append(len(feats))
+    return fid_record(spec, ref, fids, kids, dirs, counts[0], model,
+                      {"kind": "run", "path": str(Path(run.root).resolve())}, sampler, start)
+
+
+def generate_images(run: Any, model: str, sampler: dict[str, Any], base: int, num: int, label: str,
+                    progress: bool) -> Path:
+    """`num` samples of `model` in chunks of CHUNK (chunk c with seed base + c) under RUN/eval/samples/."""
+    from dbconvert.sampling import SampleRequest
+
+    family = run.family()
+    tag = f"fid-{model}-{sampler['solver']}-{sampler['steps']}steps-g{sampler['guidance']:g}-seed{base}-n{num}"
+    out = run.root / "eval" / "samples" / tag
+    if out.exists():
+        shutil.rmtree(out)
+    with show_progress(label, num, unit="images", enabled=progress) as update:
+        for c, lo in enumerate(range(0, num, CHUNK)):
+            n = min(CHUNK, num - lo)
+
+            def chunk_done(done: int, total: int, lo: int = lo, n: int = n) -> None:
+                update(lo + n * done / max(total, 1))
+
+            family.generate(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
+                                             options=family.sample_options(guidance=sampler["guidance"]), num=n,
+                                             seed=base + c, weights=sampler["weights"], out=out / f"chunk-{c:03d}",
+                                             on_progress=chunk_done))
+    return out
+
+
+def evaluate_fid(run: Any | None, *, samples: Path | None = None, repeats: int = 1, **options: Any) -> dict[str, Any]:
+    """FID (and KID) of the run's samples (`fid_of_model`) or of a sample folder (`fid_of_folder`).
+
+    `split` defaults to `default_split` (cifar10: train, as published FIDs; otherwise test). Every result
+    names its reference (data set, split, size) and says whether it overlaps the run's training images.
+    """
+    if samples is None:
+        if run is None:
+            raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
+        return fid_of_model(run, repeats=repeats, **options)
+    if repeats > 1:
+        raise DbconvertError("--repeats needs freshly generated samples; a --samples folder is one fixed set (drop --repeats)")
+    unused = [k for k in ("model", "num", "steps", "solver", "guidance", "seed", "weights")
+              if options.pop(k, None) not in (None, "blocks")]
+    if unused:
+        raise DbconvertError(f"--samples scores a fixed folder: drop {', '.join('--' + k for k in unused)}")
+    return fid_of_folder(run, samples, **options)
+
+
+class FIDMetric(Metric):
+    """FID and KID through clean-fid (DESIGN 7): the image families' metric."""
+
+    name = "fid"
+    title = "FID"
+    lower_is_better = True
+    needs_run = False
+    spread_label = "KID"
+    help = "FID and KID (clean-fid, mode clean) of the run's samples against the data set's reference images."
+    options = (
+        MetricOption("num", int, None, "Samples to generate per repeat (default 10000; the paper: 50000).", min=1),
+        MetricOption("repeats", int, 1, "Independent sample sets; reports each, the minimum (paper) and the mean.", min=1),
+        MetricOption("samples", Path, None, "Evaluate this image folder instead of generating."),
+        MetricOption("reference", Path, None, "Reference image folder instead of the data set."),
+        MetricOption("split", str, None, "Reference split of the recipe's data set (default: train for cifar10, as "
+                     "published FIDs use; test otherwise)."),
+        MetricOption("features", str, "auto", "auto (Inception for RGB, built-in CNN for grey), inception, builtin or "
+                     "builtin:SOURCE."),
+        MetricOption("inception_weights", Path, None, "clean-fid's inception-2015-12-05.pt, if not in /tmp."),
+        MetricOption("feature_images", int, CNN_MAX_IMAGES, "Built-in features: train the CNN on at most this many "
+                     "images of the train split (0 = all of them).", min=0),
+        MetricOption("guidance", float, None, "Classifier-free guidance w (default: recipe).", min=0.0),
+    )
+
+    def check(self, recipe: Any, family: Any, num: int) -> None:
+        channels = family.sample_shape(recipe)[0]
+        if channels not in (1, 3):
+            raise DbconvertError(f"FID scores pixels; {recipe.name} models {channels}-channel latents "
+                                 "(use a pixel-space recipe such as dit-tiny-digits)")
+        if num < 65:
+            raise DbconvertError(f"--num must be at least 65 (FID on the built-in 64-d features needs d + 1), got {num}")
+
+    def evaluate(self, run: Any | None, *, model: str = "blocks", log: Log = _nolog, progress: bool = False,
+                 **options: Any) -> dict[str, Any]:
+        return evaluate_fid(run, model=model, log=log, progress=progress, **options)
+
+    def spread(self, r: dict[str, Any]) -> float:
+        return float(r["kid"]["min"])
+
+    def summary_note(self, r: dict[str, Any]) -> str | None:
+        values = self.values(r)
+        return f"min {min(values):.4g}" if len(values) > 1 else None  # the paper's convention over repeats
+
+    def detail_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
+        repeated = r.get("repeats", 1) > 1
+        rows = [("FID (min over repeats)" if repeated else "FID", f"{r['value']:.4f}")]
+        if repeated:
+            rows += [("FID mean", f"{r['mean']:.4f}"), ("FID per repeat", ", ".join(f"{v:.4f}" for v in r["values"]))]
+        kid = r["kid"]
+        return rows + [("KID" + (" (min)" if len(kid["values"]) > 1 else ""), f"{kid['min']:.5f}")]
+
+    def extra_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
+        from dbconvert.evaluation.results import overlap_text
+
+        return [("reference overlaps training", overlap_text(r))]
+
+    def compare_columns(self) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
+        def mean(r: dict[str, Any]) -> str:
+            reps = len(r["values"])
+            return f"{r['mean']:.2f}" + (f" x{reps}" if reps > 1 else "")
+
+        return [("FID", lambda r: f"{r['value']:.2f}"), ("FID mean", mean), ("KID", lambda r: f"{r['kid']['min']:.4g}")]
+
+    def reference_column(self) -> tuple[str, Callable[[dict[str, Any]], str]]:
+        from dbconvert.evaluation.results import reference_text
+
+        return "reference", reference_text

@@ -38,6 +38,7 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
+from dbconvert.evaluation.metric import Metric, MetricOption
 
 MAUVE_SEED = 25
 Log = Callable[[str], None]
@@ -296,13 +297,11 @@ def evaluate_mauve(
     """MAUVE of the run's continuations (blocks, e2e, ar or source) against the true continuations."""
     import dbconvert
     from dbconvert.checkpoint import atomic_write_text
-    from dbconvert.sampling import SampleRequest
+    from dbconvert.sampling import SampleRequest, resolve_sampler
     from dbconvert.tokenizer import run_tokenizer
 
     start = time.time()
-    if run.family().default_metric != "mauve":
-        raise DbconvertError(f"eval mauve is for language-model runs; this run is a {run.family_name} model "
-                             f"(use eval {run.family().default_metric})")
+    MauveMetric().require(run)
     run.model_targets(model)  # one line naming the models this run has
     context = run.family().sample_shape(run.recipe)[0]  # a text family's sample is one context of tokens
     prompt_tokens, new_tokens = protocol_lengths(context, prompt_tokens, new_tokens, log)
@@ -313,10 +312,8 @@ def evaluate_mauve(
     if num_prompts is not None and num_prompts < 2:
         raise DbconvertError(f"--num-prompts must be at least 2, got {num_prompts}")
     run.require_trained(model)
-    cfg = run.recipe.sample
-    steps, solver = steps or cfg.steps, solver or cfg.solver
-    seed = cfg.seed if seed is None else seed
-    weights = weights or cfg.weights
+    s = resolve_sampler(run.recipe.sample, steps=steps, solver=solver, seed=seed, weights=weights)
+    steps, solver, seed, weights = s.steps, s.solver, s.seed, s.weights
     split = split or default_split(run)
     need = prompt_tokens + new_tokens
 
@@ -336,9 +333,9 @@ def evaluate_mauve(
     prompts = [rows[i, :prompt_tokens].tolist() for i in range(n)]
     truths_ids = [rows[i, prompt_tokens:need].tolist() for i in range(n)]
     out = run.root / "eval" / "samples" / f"mauve-{model}-seed{seed}-p{n}x{samples_per_prompt}"
+    options = family.sample_options(prompt_ids=prompts, max_new_tokens=new_tokens, temperature=temperature, top_p=top_p)
     result = family.generate(run, SampleRequest(model=model, steps=steps, solver=solver, seed=seed, weights=weights,
-                                                num=samples_per_prompt, prompt_ids=prompts, max_new_tokens=new_tokens,
-                                                temperature=temperature, top_p=top_p, out=out, progress=progress))
+                                                num=samples_per_prompt, options=options, out=out, progress=progress))
     split_texts = [tok.split_decode(prompts[i], truths_ids[i]) for i in range(n)]  # one decode per prompt + truth
     records = [{"prompt": split_texts[r["prompt_index"]][0], "truth": split_texts[r["prompt_index"]][1],
                 "generation": r["completion"], "prompt_index": r["prompt_index"], "sample": r["sample"],
@@ -383,3 +380,33 @@ def evaluate_mauve(
         "dbconvert_version": dbconvert.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+class MauveMetric(Metric):
+    """MAUVE through mauve-text on SEDD's conditional protocol: the language-model families' metric."""
+
+    name = "mauve"
+    title = "MAUVE"
+    lower_is_better = False
+    num_option = "num_prompts"
+    help = "MAUVE (mauve-text) on SEDD's conditional protocol: 50-token prompts, 50-token continuations."
+    options = (
+        MetricOption("num_prompts", int, None, "Prompts (default: up to 1000, the paper)."),
+        MetricOption("samples_per_prompt", int, 5, "Continuations per prompt.", min=1),
+        MetricOption("prompt_tokens", int, None, "Prompt length in tokens (default: SEDD's 50, or half the run's "
+                     "context when it is shorter than 100).", min=1),
+        MetricOption("new_tokens", int, None, "Continuation length in tokens (default: SEDD's 50, or what the "
+                     "context leaves).", min=1),
+        MetricOption("split", str, None, "Held-out split (default: val for local text, test for hub data)."),
+        MetricOption("featurizer", str, "auto", "auto, minilm, gpt2-large or a local Hugging Face encoder folder."),
+        MetricOption("seeds", int, 3, "MAUVE k-means seeds to average over.", min=1),
+    )
+
+    def evaluate(self, run: Any, *, model: str = "blocks", log: Log = _nolog, progress: bool = False,
+                 **options: Any) -> dict[str, Any]:
+        return evaluate_mauve(run, model=model, log=log, progress=progress, **options)
+
+    def detail_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
+        return [("MAUVE (mean ± std)", f"{r['mean']:.4f} ± {r['std']:.4f}"),
+                ("per k-means seed", ", ".join(f"{v:.4f}" for v in r["values"])),
+                ("prompts x samples", f"{r['num_prompts']} x {r['samples_per_prompt']}")]

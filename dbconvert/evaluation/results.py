@@ -19,6 +19,7 @@ from rich.text import Text
 
 from dbconvert.checkpoint import write_json
 from dbconvert.errors import RunError
+from dbconvert.evaluation.metric import metric_names, metric_of
 
 
 def _slug(text: str) -> str:
@@ -30,7 +31,7 @@ def _slug(text: str) -> str:
 
 def result_name(result: dict[str, Any]) -> str:
     sampler = result.get("sampler") or {}
-    parts = [result["metric"], result["model"], result["features"].split(" ")[0], result.get("split") or "folder",
+    parts = [result["metric"], result["model"], str(result.get("features", "-")).split(" ")[0], result.get("split") or "folder",
              f"{sampler.get('solver', '')}{sampler.get('steps') or ''}", f"g{sampler['guidance']:g}" if sampler.get("guidance") is not None else "",
              f"n{result['num_samples']}", f"seed{result['seed']}" if result.get("seed") is not None else ""]
     return _slug("-".join(p for p in parts if p))
@@ -50,7 +51,8 @@ def collect_results(eval_dir: Path) -> list[dict[str, Any]]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and {"metric", "value", "features", "model"} <= set(data):
+        if isinstance(data, dict) and {"metric", "value", "model"} <= set(data):
+            data.setdefault("features", "-")
             data["_file"] = path.name
             results.append(data)
     return results
@@ -77,38 +79,20 @@ def overlap_text(r: dict[str, Any]) -> str:
     return "YES" + (f" ({count} training images)" if count else " (the training split)")
 
 
-def spread_text(r: dict[str, Any]) -> str:
-    vals = r.get("values") or [r["value"]]
-    if r["metric"] == "mauve":
-        return f"{r['mean']:.4f} ± {r['std']:.4f} ({len(vals)} seeds)"
-    if len(vals) == 1:
-        return f"{vals[0]:.4f}"
-    return f"min {r['min']:.4f}, mean {r['mean']:.4f} of [{', '.join(f'{v:.4f}' for v in vals)}]"
-
-
 def result_table(r: dict[str, Any]) -> Table:
-    """The table one evaluation prints."""
-    title = f"{r['metric'].upper()} — {r['model']} — features: {r['features']}"
-    table = Table(title=title)
+    """The table one evaluation prints: the metric's own rows, then where the numbers come from."""
+    metric = metric_of(r)
+    table = Table(title=f"{metric.title} — {r['model']} — features: {r['features']}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    if r["metric"] == "fid":
-        table.add_row("FID (min over repeats)" if r.get("repeats", 1) > 1 else "FID", f"{r['value']:.4f}")
-        if r.get("repeats", 1) > 1:
-            table.add_row("FID mean", f"{r['mean']:.4f}")
-            table.add_row("FID per repeat", ", ".join(f"{v:.4f}" for v in r["values"]))
-        kid = r["kid"]
-        table.add_row("KID" + (" (min)" if len(kid["values"]) > 1 else ""), f"{kid['min']:.5f}")
-    else:
-        table.add_row("MAUVE (mean ± std)", f"{r['mean']:.4f} ± {r['std']:.4f}")
-        table.add_row("per k-means seed", ", ".join(f"{v:.4f}" for v in r["values"]))
-        table.add_row("prompts x samples", f"{r['num_prompts']} x {r['samples_per_prompt']}")
+    for row in metric.detail_rows(r):
+        table.add_row(*row)
     kind, path = source_of(r)
     table.add_row("source", ("sample folder" if kind == "folder" else "run") + (f" {path}" if path else ""))
     table.add_row("samples", str(r["num_samples"]))
-    table.add_row("reference", str(r["reference"]))
-    if r["metric"] == "fid":
-        table.add_row("reference overlaps training", overlap_text(r))
+    table.add_row("reference", str(r.get("reference", "-")))
+    for row in metric.extra_rows(r):
+        table.add_row(*row)
     table.add_row("sampler", _sampler_text(r))
     info = r.get("features_info") or {}
     if info.get("val_accuracy") is not None:
@@ -136,7 +120,8 @@ def reference_text(r: dict[str, Any]) -> str:
 
 
 def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) -> list[RenderableType]:
-    """One table per (metric, features): blocks vs e2e (and sample folders), each row labelled with its source.
+    """One table per (metric, features), in the metric's own columns: blocks vs e2e (and sample folders), each row
+    labelled with its source.
 
     A row's source is `this run` (a model of `run_root`), `run [k]` (a result of another run folder) or
     `folder [k]` (a sample folder scored by `eval fid --samples`); the paths follow the table as numbered
@@ -150,13 +135,14 @@ def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) 
     for r in results:
         groups.setdefault((r["metric"], r["features"]), []).append(r)
     out: list[RenderableType] = []
-    for (metric, features), rows in sorted(groups.items()):
-        better = "lower" if metric == "fid" else "higher"
-        table = Table(title=f"{metric.upper()} with features {features} ({better} is better)", box=box.SIMPLE_HEAD,
+    for (name, features), rows in sorted(groups.items()):
+        metric = metric_of(rows[0])
+        columns = metric.compare_columns()
+        ref_header, ref_cell = metric.reference_column()
+        table = Table(title=f"{metric.title} with features {features} ({metric.better_text()})", box=box.SIMPLE_HEAD,
                       pad_edge=False)
-        cols = (["model", "source", "FID", "FID mean", "KID"] if metric == "fid" else ["model", "source", "MAUVE", "std"]
-                ) + ["n", "reference" if metric == "fid" else "split", "sampler, seed"]
-        wrapping = ("reference", "split", "sampler, seed")
+        cols = ["model", "source", *(header for header, _ in columns), "n", ref_header, "sampler, seed"]
+        wrapping = (ref_header, "sampler, seed")
         for col in cols:  # only the settings wrap on a narrow terminal: numbers and labels stay whole
             table.add_column(col, justify="left" if col in (*wrapping, "model", "source") else "right",
                              no_wrap=col not in wrapping)
@@ -184,16 +170,9 @@ def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) 
             if section is not None and kind != section:
                 table.add_section()
             section = kind
-            if metric == "fid":
-                reps = len(r["values"])
-                head = [f"{r['value']:.2f}", f"{r['mean']:.2f}" + (f" x{reps}" if reps > 1 else ""),
-                        f"{r['kid']['min']:.4g}"]
-                ref = reference_text(r)
-            else:
-                head = [f"{r['mean']:.4f}", f"{r['std']:.4f}" + (f" x{len(r['values'])}" if len(r["values"]) > 1 else "")]
-                ref = str(r.get("split") or "-")
             seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
-            table.add_row(model, source, *head, str(r["num_samples"]), ref, _sampler_text(r) + seed)
+            table.add_row(model, source, *(cell(r) for _, cell in columns), str(r["num_samples"]), ref_cell(r),
+                          _sampler_text(r) + seed)
         footnotes = Text("\n".join(f"[{i}] {path}" for i, path in enumerate(notes, 1)), no_wrap=True, overflow="ignore")
         out.append(Group(table, footnotes) if notes else table)
     return out
@@ -202,5 +181,6 @@ def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) 
 def require_results(eval_dir: Path) -> list[dict[str, Any]]:
     results = collect_results(eval_dir)
     if not results:
-        raise RunError(f"no evaluations in {eval_dir}; run `dbconvert eval fid` or `dbconvert eval mauve` first")
+        raise RunError(f"no evaluations in {eval_dir}; run `dbconvert eval METRIC` first (metrics: "
+                       f"{', '.join(metric_names())})")
     return results

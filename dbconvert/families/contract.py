@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -51,6 +51,11 @@ class Architectures:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class NoSampleOptions:
+    """The sampling options of a family that has none beyond the shared ones."""
+
+
 def shard_slice(local: int, shard: tuple[int, int]) -> tuple[int, slice]:
     """(global batch, this rank's slice of it) for a local batch of `local` examples."""
     rank, world = shard
@@ -62,8 +67,9 @@ class Family(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type["ModelConfig"]]
-    default_metric: ClassVar[str]
-    """The evaluation `eval`, `ablate` and `demo` use for this family: `fid` or `mauve`."""
+    metrics: ClassVar[tuple[str, ...]]
+    """The registered metrics (`evaluation/metric.py`) that apply to this family, its default first:
+    the one `ablate` and `demo` score with."""
     generated_unit: ClassVar[str] = "image"
     """What one sample is, for rates in `bench speed`: `image`, or `token` for text (one token = M steps)."""
     protocol_units: ClassVar[int] = 50_000
@@ -74,9 +80,15 @@ class Family(ABC):
     and, for families that have one, an autoregressive reference (`ar`)."""
     noise_processes: ClassVar[tuple[str, ...]] = ("edm",)
     """The noise processes (`recipe.noise.process`, see `noise_process.py`) this family's objectives take."""
+    sample_options_type: ClassVar[type] = NoSampleOptions
+    """A dataclass of the family's own sampling options (`SampleRequest.options`), e.g. guidance or prompts."""
     depth_key: ClassVar[str | None] = None
     """The `model` field that sets a fresh source network's layer count (`ablate blocks` deepens the network
     through it so that every B divides it), or None when the family has no such field."""
+
+    @property
+    def default_metric(self) -> str:
+        return self.metrics[0]
 
     def architectures(self) -> Architectures:
         """The named architectures a recipe's model section can pick, with sizes computed from the models.
@@ -190,6 +202,23 @@ class Family(ABC):
         raise DbconvertError(f"the {self.name} family has no reference format to export to")
 
     # -- generation ------------------------------------------------------------------------
+
+    def sample_options(self, flags: dict[str, str] | None = None, **given: Any) -> Any:
+        """The family's sampling options from keywords; a one-line error naming an option that does not apply.
+
+        `flags` maps an option to how the user wrote it (`class_label` -> `--class`; default `--name-with-dashes`).
+        """
+        names = {f.name for f in fields(self.sample_options_type)}
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            flag = (flags or {}).get(unknown[0], "--" + unknown[0].replace("_", "-"))
+            known = ", ".join(sorted((flags or {}).get(n, "--" + n.replace("_", "-")) for n in names)) or "none"
+            raise DbconvertError(f"{flag} does not apply to a {self.name} run (its sampling options: {known}); drop it")
+        return self.sample_options_type(**given)
+
+    def options_of(self, request: "SampleRequest") -> Any:
+        """The request's family options, or the family's defaults when it has none."""
+        return request.options if request.options is not None else self.sample_options_type()
 
     @abstractmethod
     def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":

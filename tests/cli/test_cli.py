@@ -54,6 +54,12 @@ def test_pipeline_split_info_train_sample(cli_run: Path) -> None:
     assert_user_error(invoke("sample", "--model", "e2e"), "e2e baseline is not trained")
     assert invoke("train-e2e", "--steps", "2", "-q").exit_code == 0
     assert invoke("sample", "--model", "e2e", "--steps", "2", "--num", "2", "--class", "3").exit_code == 0
+    # a language model's options on an image run: one line naming the option, nothing sampled
+    before = sorted(p.name for p in (cli_run / "samples").iterdir())
+    assert_user_error(invoke("sample", "--prompt", "ROMEO:"), "--prompt does not apply to a dit run")
+    assert_user_error(invoke("sample", "--top-p", "0.9"), "--top-p does not apply to a dit run (its sampling options: "
+                      "--class, --guidance)")
+    assert sorted(p.name for p in (cli_run / "samples").iterdir()) == before
 
 
 def test_samples_are_deterministic_by_seed(cli_run: Path) -> None:

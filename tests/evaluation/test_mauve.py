@@ -128,4 +128,6 @@ def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
     assert_user_error(invoke(*args, "--featurizer", "no-such-featurizer"), "--featurizer must be")
     offline = invoke(*args, "--featurizer", "gpt2-large")
     assert_user_error(offline, "could not be loaded")
-    assert_user_error(invoke("eval", "fid", "--num", "70", "-q"), "eval fid is for image runs")
+    assert_user_error(invoke("eval", "fid", "--num", "70", "-q"), "eval fid does not apply to this llama run; use eval mauve")
+    assert_user_error(invoke("sample", "--guidance", "2", "-q"), "--guidance does not apply to a llama run")
+    assert_user_error(invoke("sample", "--class", "2", "-q"), "--class does not apply to a llama run")

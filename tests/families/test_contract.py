@@ -21,12 +21,13 @@ import pytest
 import dbconvert
 from dbconvert import families
 from dbconvert.config import load_recipe
+from dbconvert.evaluation.metric import register_metric, unregister_metric
 from dbconvert.errors import RecipeError
 from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest
 
 from tests.cli_helpers import assert_user_error, invoke
-from tests.families.toy_family import ToyConfig, ToyFamily
+from tests.families.toy_family import ToyConfig, ToyFamily, corner_distance
 
 MODULE = "tests.families.toy_family"
 ROOT = Path(dbconvert.__file__).resolve().parents[1]
@@ -45,10 +46,12 @@ sample: {steps: 16, num: 256}
 
 @pytest.fixture
 def toy() -> Iterator[str]:
-    """The toy family, registered for one test (the one line a new family needs), then unregistered."""
+    """The toy family and its metric, registered for one test (one line each), then unregistered."""
     families.register("toy", f"{MODULE}:ToyFamily", f"{MODULE}:ToyConfig")
+    register_metric("corner", f"{MODULE}:CornerMetric")
     yield "toy"
     families.unregister("toy")
+    unregister_metric("corner")
 
 
 @pytest.fixture
@@ -56,12 +59,6 @@ def toy_recipe(in_tmp: Path, toy: str) -> Path:
     path = in_tmp / "toy.yaml"
     path.write_text(RECIPE)
     return path
-
-
-def corner_distance(x: np.ndarray) -> float:
-    """Mean distance of each coordinate from its sample's nearest cluster centre (+-0.5 on every axis)."""
-    sign = np.sign(x.mean(axis=1, keepdims=True))
-    return float(np.abs(x - 0.5 * sign).mean())
 
 
 def test_the_registered_family_is_known_to_recipes(toy_recipe: Path) -> None:
@@ -118,6 +115,29 @@ def test_split_train_sample_bench_through_the_cli(toy_recipe: Path) -> None:
     speed = json.loads(result.stdout)
     assert len(speed["block_sample_step_s"]) == 2 and speed["e2e_sample_step_s"] > 0
 
+    # eval: the toy's own metric through the registry (nothing generic knows it), blocks and e2e
+    scores = {}
+    for model in ("blocks", "e2e"):
+        result = invoke("eval", "corner", "--model", model, "--num", "128", "--json", "-q")
+        assert result.exit_code == 0, result.output
+        scores[model] = json.loads(result.stdout)
+    blocks = scores["blocks"]
+    assert blocks["metric"] == "corner" and len(blocks["values"]) == 2 and Path(blocks["file"]).is_file()
+    again = family_samples(run, "blocks", num=128, seed=run.recipe.sample.seed + 1)
+    assert blocks["values"][1] == pytest.approx(corner_distance(again))  # the number is the samples' distance
+    assert blocks["value"] < 0.2  # trained blocks: near the clusters (the untrained source is 3x further, above)
+    result = invoke("eval", "corner", "--num", "1")  # the metric's own option bounds, from its declaration
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert_user_error(invoke("eval", "fid", "--num", "100", "-q"), "eval fid does not apply to this toy run")
+
+    # eval compare and plot eval render the toy's results with its title and direction
+    table = invoke("eval", "compare").stdout
+    assert "corner distance with features coordinates (lower is better)" in table
+    assert f"{blocks['value']:.4f}" in table and f"{scores['e2e']['value']:.4f}" in table
+    result = invoke("plot", "eval")
+    assert result.exit_code == 0, result.output
+    assert (run.root / "plots" / "eval.png").stat().st_size > 10_000
+
 
 def test_bench_memory_measures_the_toy_in_worker_processes(toy_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -130,8 +150,8 @@ def test_bench_memory_measures_the_toy_in_worker_processes(toy_recipe: Path, mon
     assert 0 < block["parameters"] < e2e["parameters"] and block["optimizer_state"] >= 2 * block["gradients"]  # AdamW: two moments (+ step counters)
 
 
-def family_samples(run: Run, model: str) -> np.ndarray:
-    result = run.family().generate(run, SampleRequest(model=model, num=256, out=Path(f"check-{model}")))
+def family_samples(run: Run, model: str, num: int = 256, seed: int | None = None) -> np.ndarray:
+    result = run.family().generate(run, SampleRequest(model=model, num=num, seed=seed, out=Path(f"check-{model}")))
     return np.load(result.files[0])["x"]
 
 
@@ -161,3 +181,20 @@ def test_bad_plugin_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(families.PLUGINS_ENV, json.dumps({"gone": ["no_such_module:Family", "no_such_module:Config"]}))
     with pytest.raises(RecipeError, match="family class no_such_module:Config cannot be loaded .*PYTHONPATH"):
         families.config_class("gone")
+
+
+def test_ablate_scores_variants_with_the_familys_metric(toy_recipe: Path) -> None:
+    from dbconvert.ablate import run_ablation
+
+    result = run_ablation("overlap", str(toy_recipe), ["sample.steps=4"], steps=30, out=Path("abl"), num=16,
+                          values=(0.0, 0.2), progress=False)
+    rows = result.summary["rows"]
+    assert result.summary["metric"] == "corner" and [r["value"] for r in rows] == [0.0, 0.2]
+    for row in rows:  # each score is the variant's own evaluation, read back from its run
+        stored = json.loads(next((Path(row["run"]) / "eval").glob("corner-*.json")).read_text())
+        assert row["score"] == stored["value"] and row["spread"] == stored["std"] and row["samples"] == 16
+    best = min(rows, key=lambda r: r["score"])["value"]  # the metric's direction: lower is better
+    assert result.summary["best"] == best
+    markdown = result.markdown.read_text()
+    assert "| corner distance | ± std |" in markdown and "lower is better" in markdown
+    assert "Time = training + corner distance" in markdown

@@ -245,7 +245,7 @@ def test_sampling_dispatches_to_owning_blocks(in_tmp: Path, corpus: Path) -> Non
     for i in range(run.num_blocks):
         train_block(run, i, progress=False)
     family = get_family("llama")
-    result = family.generate(run, SampleRequest(prompt="ROMEO:", steps=32, max_new_tokens=1))
+    result = family.generate(run, SampleRequest(steps=32, options=family.sample_options(prompt="ROMEO:", max_new_tokens=1)))
     assert len(result.calls) == 4 and all(c > 0 for c in result.calls)
     assert sum(result.calls) == 32  # one token: M Euler steps, each run by exactly one (the owning) block
 

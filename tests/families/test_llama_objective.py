@@ -191,12 +191,12 @@ def test_memory_options_train_sample_and_keep_the_frozen_embedding(in_tmp: Path,
     assert {"val_ce", "val_ce_top", "val_context_tv", "ce_q0"} <= set(record)
     from dbconvert.sampling import SampleRequest
 
-    result = family.generate(run, SampleRequest(prompt="ROMEO:", steps=4, max_new_tokens=3, num=2))
+    result = family.generate(run, SampleRequest(steps=4, num=2, options=family.sample_options(prompt="ROMEO:", max_new_tokens=3)))
     assert len(result.records) == 2 and result.sampler["steps"] == 4
     train_e2e(run, objective="ar", progress=False)
     ar = json.loads(run.metrics_path("ar").read_text().splitlines()[-1])
     assert "val_ce" in ar and "val_ce_top" not in ar
-    result = family.generate(run, SampleRequest(model="ar", prompt="ROMEO:", max_new_tokens=3))
+    result = family.generate(run, SampleRequest(model="ar", options=family.sample_options(prompt="ROMEO:", max_new_tokens=3)))
     assert result.sampler["solver"] == "ancestral"
 
 

@@ -116,7 +116,7 @@ def test_split_train_and_sample_in_a_narrow_target_space(tmp_path: Path, head: d
     torch.testing.assert_close(d, table[tokens], atol=1e-4, rtol=1e-4)
     for block in run.blocks:
         train_block(run, block.index, progress=False)
-    result = run.family().generate(run, SampleRequest(prompt="ROMEO:", steps=4, max_new_tokens=3, num=2))
+    result = run.family().generate(run, SampleRequest(steps=4, num=2, options=run.family().sample_options(prompt="ROMEO:", max_new_tokens=3)))
     assert len(result.records) == 2 and all(r["prompt"] == "ROMEO:" for r in result.records)
 
 

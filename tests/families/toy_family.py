@@ -9,8 +9,13 @@ Everything a family needs is here, in one module, written only against the publi
 The source network is a residual MLP over `dim`-dimensional vectors: an input projection and a
 noise embedding (shared, copied into every block), `layers` residual MLP layers (cut into
 blocks), and an output head (shared). Its data are points of a fixed two-cluster mixture, so a
-few hundred CPU steps train it. `tests/families/test_contract.py` runs split, train-block,
-sample and bench through it.
+few hundred CPU steps train it. Its metric, `corner` (`CornerMetric`: how far generated points lie
+from the data's cluster centres), is registered the same way, one line:
+
+    register_metric("corner", "tests.families.toy_family:CornerMetric")
+
+`tests/families/test_contract.py` runs split, train-block, sample, bench, eval, eval compare, ablate and
+plot through them.
 """
 
 from __future__ import annotations
@@ -19,14 +24,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import time
+
 import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import KeyMap, apply_key_map, atomic_write
+from dbconvert.checkpoint import apply_key_map, atomic_write, layer_slice_key_map
 from dbconvert.devices import resolve_device
+from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
 from dbconvert.families.contract import Family, Source, shard_slice
 from dbconvert.sampling import SampleRequest, SampleResult, edm_sample, load_models
 from dbconvert.schema import ModelConfig
@@ -108,14 +116,6 @@ class ToyData:
         return [self.x[indices]]
 
 
-def block_key_map(start: int, end: int) -> KeyMap:
-    """Block key -> source key for the block holding source layers [start, end)."""
-    key_map = {key: key for key in SHARED_KEYS}
-    for local, src in enumerate(range(start, end)):
-        key_map.update({f"layers.{local}.{k}": f"layers.{src}.{k}" for k in LAYER_KEYS})
-    return key_map
-
-
 def _cfg(recipe: "Recipe") -> ToyConfig:
     assert isinstance(recipe.model, ToyConfig)
     return recipe.model
@@ -124,7 +124,7 @@ def _cfg(recipe: "Recipe") -> ToyConfig:
 class ToyFamily(Family):
     name = "toy"
     config_cls = ToyConfig
-    default_metric = "fid"
+    metrics = ("corner",)
 
     def source(self, recipe: "Recipe") -> Source:
         cfg = _cfg(recipe)
@@ -136,7 +136,7 @@ class ToyFamily(Family):
         return ToyNet(cfg.dim, cfg.hidden, depth)
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
-        return apply_key_map(source.network.state_dict(), block_key_map(start, end),
+        return apply_key_map(source.network.state_dict(), layer_slice_key_map(SHARED_KEYS, "layers", LAYER_KEYS, start, end),
                              ignored=lambda key: key.startswith("layers."), what=f"toy block [{start}, {end})")
 
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
@@ -160,14 +160,13 @@ class ToyFamily(Family):
         return loss, {"sigma_min": sigma.min().item(), "sigma_max": sigma.max().item()}
 
     def generate(self, run: "Run", request: SampleRequest) -> SampleResult:
-        cfg = run.recipe.sample
-        steps, solver = request.steps or cfg.steps, request.solver or cfg.solver
-        num, seed = request.num or cfg.num, cfg.seed if request.seed is None else request.seed
+        s = request.settings(run.recipe.sample)
+        steps, solver, num, seed = s.steps, s.solver, s.num, s.seed
         device = resolve_device(run.recipe.train.device)
-        models = load_models(run, request.model, request.weights or cfg.weights, device)
+        models = load_models(run, request.model, s.weights, device)
         noise = run.noise()
-        owned = run.owned_ranges() if request.model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
-        ts = nz.edm_steps(steps, noise, cfg.rho)
+        owned = run.owned_ranges() if request.model == "blocks" else [noise.full_range()]
+        ts = noise.schedule(steps, s.rho)
         z = ts[0] * torch.randn((num, *self.sample_shape(run.recipe)), generator=torch.Generator().manual_seed(seed))
         calls = [0] * len(models)
 
@@ -198,3 +197,39 @@ class ToyFamily(Family):
         z = torch.randn_like(batch[0])
         s = torch.full((z.shape[0],), sigma, device=z.device)
         return lambda: model(z, s)
+
+
+def corner_distance(x: np.ndarray) -> float:
+    """Mean distance of each coordinate from its sample's nearest cluster centre (+-0.5 on every axis)."""
+    sign = np.sign(x.mean(axis=1, keepdims=True))
+    return float(np.abs(x - 0.5 * sign).mean())
+
+
+class CornerMetric(Metric):
+    """The toy's metric: `corner_distance` of generated points, over `repeats` sampling seeds (lower is better)."""
+
+    name = "corner"
+    title = "corner distance"
+    lower_is_better = True
+    help = "Mean distance of generated points from the nearest cluster centre of the toy data."
+    options = (MetricOption("num", int, 256, "Points to generate per seed.", min=2),
+               MetricOption("repeats", int, 2, "Sampling seeds (seed, seed + 1, ...).", min=1))
+
+    def evaluate(self, run: "Run", *, model: str = "blocks", log: Log = nolog, progress: bool = False,
+                 num: int = 256, repeats: int = 2, seed: int | None = None, steps: int | None = None,
+                 solver: str | None = None, weights: str | None = None) -> dict[str, Any]:
+        start = time.time()
+        base = run.recipe.sample.seed if seed is None else seed
+        values, sampler = [], {}
+        for r in range(repeats):
+            out = run.root / "eval" / "samples" / f"corner-{model}-seed{base + r}-n{num}"
+            result = run.family().generate(run, SampleRequest(model=model, num=num, seed=base + r, steps=steps,
+                                                              solver=solver, weights=weights, out=out))
+            values.append(corner_distance(np.load(result.files[0])["x"]))
+            sampler = result.sampler
+            log(f"seed {base + r}: corner distance {values[-1]:.4f}")
+        return {"metric": self.name, "model": model, "value": float(np.mean(values)), "values": values,
+                "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "features": "coordinates", "num_samples": num, "seed": base, "sampler": sampler, "split": None,
+                "reference": "cluster centres +-0.5", "source": {"kind": "run", "path": str(run.root.resolve())},
+                "seconds": round(time.time() - start, 2)}

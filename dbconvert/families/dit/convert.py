@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dbconvert.checkpoint import KeyMap, apply_key_map, read_metadata
+from dbconvert.checkpoint import KeyMap, apply_key_map, layer_slice_key_map, read_metadata
 from dbconvert.errors import CheckpointError, RecipeError
 from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.model import ARCHS, variance_channel_mask
@@ -52,11 +52,7 @@ LAYER_KEYS: tuple[str, ...] = (
 
 def block_key_map(start: int, end: int) -> KeyMap:
     """Block key -> source key for the block holding source layers [start, end)."""
-    key_map = {key: key for key in SHARED_KEYS}
-    for local, src in enumerate(range(start, end)):
-        for name in LAYER_KEYS:
-            key_map[f"blocks.{local}.{name}"] = f"blocks.{src}.{name}"
-    return key_map
+    return layer_slice_key_map(SHARED_KEYS, "blocks", LAYER_KEYS, start, end)
 
 
 def is_layer_key(key: str, num_layers: int) -> bool:

@@ -18,7 +18,7 @@ from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.convert import (EXPORT_SUFFIXES, block_key_map, drop_variance, export_metadata, export_state,
                                             is_layer_key, parameterization_record, recorded_parameterization,
                                             resolve_parameterization)
-from dbconvert.families.dit.generate import sample_images
+from dbconvert.families.dit.generate import ImageSampleOptions, sample_images
 from dbconvert.families.dit.model import ARCH_NOTES, DiT, arch_rows
 from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, edm_loss
 from dbconvert.sampling import guided
@@ -36,7 +36,8 @@ def _cfg(recipe: "Recipe") -> DiTConfig:
 class DiTFamily(Family):
     name = "dit"
     config_cls = DiTConfig
-    default_metric = "fid"
+    metrics = ("fid",)
+    sample_options_type = ImageSampleOptions
     depth_key = "depth"
 
     def source(self, recipe: "Recipe") -> Source:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,23 @@ from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest, SampleResult, edm_sample, guided, load_models
 
 
+@dataclass
+class ImageSampleOptions:
+    """DiT's own sampling options: classifier-free guidance w (None = the recipe's) and one class to draw."""
+
+    guidance: float | None = None
+    class_label: int | None = None
+
+
 def sample_images(run: Run, request: SampleRequest) -> SampleResult:
     """Generate images with the run's blocks (or e2e) and write them into the run."""
-    cfg = run.recipe.sample
-    steps, solver = request.steps or cfg.steps, request.solver or cfg.solver
-    guidance = cfg.guidance if request.guidance is None else request.guidance
-    num, seed = request.num or cfg.num, cfg.seed if request.seed is None else request.seed
-    weights = request.weights or cfg.weights
+    opts: ImageSampleOptions = run.family().options_of(request)
+    s = request.settings(run.recipe.sample, guidance=opts.guidance)
+    steps, solver, guidance, num, seed, weights = s.steps, s.solver, s.guidance, s.num, s.seed, s.weights
     model_cfg = run.recipe.model
     num_classes: int = getattr(model_cfg, "num_classes", 0)
-    if request.class_label is not None and not 0 <= request.class_label < max(num_classes, 1):
-        raise DbconvertError(f"--class {request.class_label} is out of range: the model has classes 0..{num_classes - 1}")
+    if opts.class_label is not None and not 0 <= opts.class_label < max(num_classes, 1):
+        raise DbconvertError(f"--class {opts.class_label} is out of range: the model has classes 0..{num_classes - 1}")
     if num_classes == 0 and guidance != 1.0:
         raise DbconvertError("guidance needs a class-conditional model; this one has model.num_classes=0 (use --guidance 1)")
 
@@ -38,8 +45,8 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
     gen = torch.Generator().manual_seed(seed)
     shape = (num, model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)  # type: ignore[attr-defined]
     z = (ts[0] * torch.randn(shape, generator=gen, dtype=torch.float64)).to(torch.float32).to(device)
-    if request.class_label is not None:
-        y = torch.full((num,), request.class_label, dtype=torch.long)
+    if opts.class_label is not None:
+        y = torch.full((num,), opts.class_label, dtype=torch.long)
     else:
         y = torch.arange(num) % max(num_classes, 1)
     y = y.to(device)

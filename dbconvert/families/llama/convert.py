@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from dbconvert.checkpoint import KeyMap, apply_key_map, file_sha256, load_strict, read_checkpoint
+from dbconvert.checkpoint import KeyMap, apply_key_map, file_sha256, layer_slice_key_map, load_strict, read_checkpoint
 from dbconvert.errors import CheckpointError, RecipeError
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.model import LlamaBlockNet, LlamaShape
@@ -85,11 +85,7 @@ def hf_key_map(shape: LlamaShape, tied: bool) -> KeyMap:
 
 def block_key_map(shape: LlamaShape, start: int, end: int) -> KeyMap:
     """Block key -> source-network key for the block holding source layers [start, end)."""
-    key_map = {key: key for key in shared_keys(shape)}
-    for local, src in enumerate(range(start, end)):
-        for name in layer_keys(shape):
-            key_map[f"layers.{local}.{name}"] = f"layers.{src}.{name}"
-    return key_map
+    return layer_slice_key_map(shared_keys(shape), "layers", layer_keys(shape), start, end)
 
 
 def normalised_table(embed: torch.Tensor) -> torch.Tensor:

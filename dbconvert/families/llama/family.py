@@ -44,7 +44,7 @@ from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
                                               normalised_table, read_hf_checkpoint, target_table,
                                               write_hf_folder)
-from dbconvert.families.llama.generate import sample_text
+from dbconvert.families.llama.generate import TextSampleOptions, sample_text
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
                                                 heldout_diffusion_metrics)
@@ -72,7 +72,8 @@ def vocab_from(cfg: LlamaConfig) -> str | None:
 class LlamaFamily(Family):
     name = "llama"
     config_cls = LlamaConfig
-    default_metric = "mauve"
+    metrics = ("mauve",)
+    sample_options_type = TextSampleOptions
     model_kinds = ("blocks", "e2e", "ar", "source")
     generated_unit = "token"
     protocol_units = 1000 * 5 * 50  # SEDD's conditional MAUVE protocol, as the paper runs it

@@ -62,7 +62,20 @@ Progress = Callable[[int, int], None]
 """(tokens generated so far, tokens at most) -> None."""
 
 
-def read_prompts(request: "SampleRequest") -> list[str]:
+@dataclass
+class TextSampleOptions:
+    """A language model's own sampling options: prompts (text, a file, or token ids) and AR decoding."""
+
+    prompt: str | None = None
+    prompt_file: Path | None = None
+    prompt_ids: list[list[int]] | None = None
+    """Prompts as token ids (evaluation protocols), instead of --prompt text."""
+    max_new_tokens: int = 64
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+def read_prompts(request: "TextSampleOptions") -> list[str]:
     """--prompt, or one prompt per non-empty line of --prompt-file, or one empty prompt."""
     if request.prompt is not None and request.prompt_file is not None:
         raise DbconvertError("give --prompt or --prompt-file, not both")
@@ -237,24 +250,23 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     Prompts are --prompt / --prompt-file text, or token ids (`request.prompt_ids`, for evaluation).
     """
     cfg = run.recipe.sample
+    opts: TextSampleOptions = run.family().options_of(request)
     context = int(run.recipe.model.context)  # type: ignore[attr-defined]
-    if request.guidance not in (None, 1.0):
-        raise DbconvertError("guidance applies to class-conditional image models; language models take --guidance 1")
     run.model_targets(request.model)  # one line naming the models this run has
     tok = run_tokenizer(run.shared_dir)
     tok.check_vocab(int(run.recipe.model.vocab_size))  # type: ignore[attr-defined]
-    if request.prompt_ids is not None:
-        encoded = [list(ids) for ids in request.prompt_ids]
+    if opts.prompt_ids is not None:
+        encoded = [list(ids) for ids in opts.prompt_ids]
         prompts = [tok.decode(ids) for ids in encoded]
     else:
-        prompts = read_prompts(request)
+        prompts = read_prompts(opts)
         encoded = [tok.encode(p) for p in prompts]
     for prompt, ids in zip(prompts, encoded):
         if len(ids) >= context:
             raise DbconvertError(f"prompt {prompt[:30]!r} has {len(ids)} tokens, not shorter than the context of "
                                  f"{context}; shorten it")
-    dec = decoding(run, request, tok)
-    weights = request.weights or cfg.weights
+    dec = decoding(run, request, opts, tok)
+    weights = request.settings(cfg).weights
     num = request.num or 1
     rows = [start_ids(ids, tok) for ids in encoded for _ in range(num)]
     seeds = [dec.seed * 1_000_003 + i for i in range(len(rows))]
@@ -294,17 +306,14 @@ def sampler_info(model: str, dec: Decoding, weights: str) -> dict[str, Any]:
             "name": f"ancestral (temperature {dec.temperature:g}, top-p {dec.top_p:g})"}
 
 
-def decoding(run: "Run", request: "SampleRequest", tok: Tokenizer) -> Decoding:
+def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok: Tokenizer) -> Decoding:
     """The request's decoding settings, the recipe's where the request leaves them unset."""
-    cfg = run.recipe.sample
-    temperature = cfg.temperature if request.temperature is None else request.temperature
-    top_p = cfg.top_p if request.top_p is None else request.top_p
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
-    return Decoding(max_new_tokens=request.max_new_tokens, context=int(run.recipe.model.context),  # type: ignore[attr-defined]
-                    eos=tuple(tok.stop_ids), seed=cfg.seed if request.seed is None else request.seed,
-                    steps=request.steps or cfg.steps, solver=request.solver or cfg.solver,
-                    temperature=temperature, top_p=top_p, rho=cfg.rho)
+    s = request.settings(run.recipe.sample, temperature=opts.temperature, top_p=opts.top_p)
+    if s.temperature < 0 or not 0 < s.top_p <= 1:
+        raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {s.temperature} and {s.top_p}")
+    return Decoding(max_new_tokens=opts.max_new_tokens, context=int(run.recipe.model.context),  # type: ignore[attr-defined]
+                    eos=tuple(tok.stop_ids), seed=s.seed, steps=s.steps, solver=s.solver,
+                    temperature=s.temperature, top_p=s.top_p, rho=s.rho)
 
 
 def sample_tag(model: str, dec: Decoding) -> str:

@@ -1,0 +1,200 @@
+"""The metric registry: one object per metric, so a new metric touches nothing generic.
+
+A metric knows its name, its direction (written once: `lower_is_better`), its own command-line options,
+how to evaluate a run (`evaluate` -> a result record, written to RUN/eval/*.json) and how a result
+renders: the rows of its own table (`detail_rows`), its columns in `eval compare` (`compare_columns`),
+its headline number and spread in `ablate` tables and the eval figure (`headline`, `spread`).
+A family lists the metrics that apply to it (`Family.metrics`, default first); `dbconvert eval METRIC`,
+`eval compare`, `ablate` and `plot eval` go through this registry and never test a metric's name.
+
+A result record is a dict with at least `metric`, `model`, `value`, `features` (what the numbers were
+computed on, `-` when nothing applies), `num_samples`, `seconds`; optionally `values` (repeats / seeds),
+`mean`, `std`, `split`, `sampler`, `seed`, `source`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from dbconvert.errors import DbconvertError
+
+if TYPE_CHECKING:
+    from dbconvert.config import Recipe
+    from dbconvert.families.contract import Family
+    from dbconvert.rundir import Run
+
+Log = Callable[[str], None]
+
+METRICS: dict[str, str] = {
+    "fid": "dbconvert.evaluation.fid:FIDMetric",
+    "mauve": "dbconvert.evaluation.mauve:MauveMetric",
+}
+"""metric name -> "module:Class" of its `Metric` subclass (imported on first use)."""
+
+_runtime: dict[str, str] = {}
+_instances: dict[str, "Metric"] = {}
+
+
+@dataclass(frozen=True)
+class MetricOption:
+    """One command-line option of `dbconvert eval METRIC`, passed to `Metric.evaluate` by keyword `name`."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    min: float | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SAMPLER_OPTIONS = ("seed", "steps", "solver", "weights")
+"""Options every metric's `evaluate` takes (None = the recipe's): how the scored samples are drawn."""
+
+
+def nolog(_: str) -> None:
+    return None
+
+
+class Metric(ABC):
+    """One evaluation metric. Stateless: every method takes the run or the result record."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    """How the metric is written in tables and figures (`FID`, `MAUVE`, `top-1`)."""
+    lower_is_better: ClassVar[bool]
+    help: ClassVar[str] = ""
+    options: ClassVar[tuple[MetricOption, ...]] = ()
+    """The metric's own command-line options (beyond --run, --model, --seed, --steps, --solver, --weights)."""
+    needs_run: ClassVar[bool] = True
+    """False when some option set scores files alone (FID of two image folders)."""
+    num_option: ClassVar[str] = "num"
+    """The option that sets how much is generated (`ablate --num` and `demo` set it)."""
+    spread_label: ClassVar[str] = "± std"
+
+    def check(self, recipe: "Recipe", family: "Family", num: int) -> None:
+        """A one-line error, before any training, when this metric cannot score the recipe's runs with `num`."""
+        if num < 2:
+            raise DbconvertError(f"--num ({self.num_option} for {self.title}) must be at least 2, got {num}")
+
+    def accepts(self, option: str) -> bool:
+        """Whether `evaluate` takes `option` (the sampler options, or one of the metric's own)."""
+        return option in SAMPLER_OPTIONS or any(o.name == option for o in self.options)
+
+    def require(self, run: "Run") -> None:
+        """A one-line error when the run's family does not list this metric."""
+        family = run.family()
+        if self.name not in family.metrics:
+            raise DbconvertError(f"eval {self.name} does not apply to this {run.family_name} run; use eval "
+                                 f"{family.default_metric} (its family's metrics: {', '.join(family.metrics)})")
+
+    @abstractmethod
+    def evaluate(self, run: "Run | None", *, model: str = "blocks", log: Log = nolog, progress: bool = False,
+                 **options: Any) -> dict[str, Any]:
+        """Score `model` of `run`; `options` are the generic sampler settings (num, seed, steps, solver,
+        guidance, weights; None = the recipe's) and the metric's own `options`. Returns the result record."""
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def headline(self, r: dict[str, Any]) -> float:
+        """The one number of a result in ablate tables and the figure's annotations."""
+        return float(r["value"])
+
+    def spread(self, r: dict[str, Any]) -> float:
+        """The number beside the headline (`spread_label`): the std over seeds by default."""
+        return float(r.get("std") or 0.0)
+
+    def values(self, r: dict[str, Any]) -> list[float]:
+        return [float(v) for v in (r.get("values") or [r["value"]])]
+
+    def summary_note(self, r: dict[str, Any]) -> str | None:
+        """An extra line under a figure point (FID: the minimum over repeats, the paper's convention)."""
+        return None
+
+    def detail_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
+        """The metric's rows at the top of the table one evaluation prints."""
+        values = self.values(r)
+        rows = [(self.title, f"{r['value']:.4f}")]
+        if len(values) > 1:
+            rows.append((f"{self.title} (mean ± std)", f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"))
+            rows.append(("per seed", ", ".join(f"{v:.4f}" for v in values)))
+        return rows
+
+    def extra_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
+        """Rows after the reference (e.g. FID's overlap with training)."""
+        return []
+
+    def compare_columns(self) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
+        """(header, cell) of the metric's columns in `eval compare`."""
+        def std(r: dict[str, Any]) -> str:
+            n = len(self.values(r))
+            return f"{self.spread(r):.4f}" + (f" x{n}" if n > 1 else "")
+
+        return [(self.title, lambda r: f"{self.headline(r):.4f}"), ("std", std)]
+
+    def reference_column(self) -> tuple[str, Callable[[dict[str, Any]], str]]:
+        """(header, cell) of what a result was measured against."""
+        return "split", lambda r: str(r.get("split") or "-")
+
+    def better_text(self) -> str:
+        return "lower is better" if self.lower_is_better else "higher is better"
+
+
+class UnknownMetric(Metric):
+    """How a result of a metric not registered in this process renders (a plug-in not loaded): its value only."""
+
+    lower_is_better = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # type: ignore[misc]
+        self.title = name.upper()  # type: ignore[misc]
+
+    def better_text(self) -> str:
+        return "direction unknown: its metric is not registered here"
+
+    def evaluate(self, run: "Run | None", **options: Any) -> dict[str, Any]:
+        raise DbconvertError(f"unknown metric {self.name!r}; choose one of {', '.join(metric_names())}")
+
+
+def metric_names() -> list[str]:
+    return sorted({**METRICS, **_runtime})
+
+
+def register_metric(name: str, path: str) -> None:
+    """Register a metric by "module:Class" (plug-in families and tests)."""
+    _runtime[name] = path
+    _instances.pop(name, None)
+
+
+def unregister_metric(name: str) -> None:
+    _runtime.pop(name, None)
+    _instances.pop(name, None)
+
+
+def get_metric(name: str) -> Metric:
+    """The registered metric `name` (a one-line error naming the choices otherwise)."""
+    table = {**METRICS, **_runtime}
+    if name not in table:
+        raise DbconvertError(f"unknown metric {name!r}; choose one of {', '.join(metric_names())}")
+    if name not in _instances:
+        module, _, attr = table[name].partition(":")
+        _instances[name] = getattr(import_module(module), attr)()
+    return _instances[name]
+
+
+def metric_of(result: dict[str, Any]) -> Metric:
+    """The metric that renders a stored result (its value alone when that metric is not registered here)."""
+    name = str(result["metric"])
+    return get_metric(name) if name in {**METRICS, **_runtime} else UnknownMetric(name)
+
+
+__all__ = ["METRICS", "SAMPLER_OPTIONS", "Metric", "MetricOption", "UnknownMetric", "get_metric", "metric_names", "metric_of",
+           "nolog", "register_metric", "unregister_metric"]
