@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from dbconvert.checkpoint import save_weights
 from dbconvert.config import Recipe
 from dbconvert.errors import RecipeError, RunError
 from dbconvert.families import Family, get_family
+from dbconvert.locks import disown, make_staging, stale_staging
 from dbconvert.rundir import FORMAT_VERSION, MANIFEST, ORIENTATION, BlockInfo, Run, set_current, write_manifest
 
 
@@ -97,6 +97,16 @@ def state_bytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def remove_stale_split_folders(out: Path) -> None:
+    """Remove what killed splits to `out` left: staging folders (a partial run), and folders holding a replaced
+    run once the new run is in place. Those of splits still running are left alone."""
+    for staging in stale_staging(out.parent, f".{out.name}.split-"):
+        shutil.rmtree(staging, ignore_errors=True)
+    if (out / MANIFEST).exists():
+        for trash in stale_staging(out.parent, f".{out.name}.old-"):
+            shutil.rmtree(trash, ignore_errors=True)
+
+
 def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True,
           progress: bool = False) -> Run:
     """Build or load the source network, cut it into blocks and write a new run directory.
@@ -118,7 +128,8 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
     bounds, plans = plan_blocks(recipe, source.num_layers)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.split-", dir=out.parent))
+    remove_stale_split_folders(out)
+    staging = make_staging(out.parent, f".{out.name}.split-")
     try:
         family.prepare_run(recipe, staging, source)  # first: its refusals (e.g. no tokenizer) come before any output
         with show(f"split into {len(plans)} blocks", 1 + len(plans), unit="files", enabled=progress) as update:
@@ -163,8 +174,9 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
                 "recipe": recipe.to_dict(),
             },
         )
+        disown(staging)  # it becomes the run: no owner file inside
         if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            trash = make_staging(out.parent, f".{out.name}.old-")
             out.rename(trash / "run")
             staging.rename(out)
             shutil.rmtree(trash, ignore_errors=True)

@@ -128,7 +128,7 @@ class DiTFamily(Family):
             notes = [f"{out.name} records its parameterization ({record['name']}): split it with "
                      "model.parameterization=auto (the default)"]
         else:
-            atomic_write(out, lambda tmp: torch.save(state, tmp))
+            atomic_write(out, lambda tmp: save_pt(state, tmp))
             notes = [f"{out.name} holds a {record['name']!r} network and a .pt file cannot say so: "
                      + ("it is a DDPM epsilon-predictor like the reference DiT's, so split it with the default auto"
                         if record["name"] == "ddpm-eps" else "split it with model.parameterization=edm "
@@ -161,3 +161,10 @@ class DiTFamily(Family):
 
     def architectures(self) -> Architectures:
         return Architectures("DiT architectures (model.arch)", arch_rows(), ARCH_NOTES)
+
+
+def save_pt(state: dict[str, torch.Tensor], path: Path) -> None:
+    """torch.save through an open file: given a path, torch records the (temporary, random) file name inside the
+    zip, so the same weights would give different bytes; through a file object the record name is fixed."""
+    with open(path, "wb") as fh:
+        torch.save(state, fh)
