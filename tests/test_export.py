@@ -211,3 +211,21 @@ def test_llama_source_exports_a_transformers_folder_that_splits_back(in_tmp: Pat
     assert invoke("export", "exported", "--run", "first", "--force").exit_code == 0  # an earlier export: replaced
     assert_user_error(invoke("export", "hf", "--run", "first", "--force"), "not an earlier llama export")
     assert LlamaForCausalLM.from_pretrained(in_tmp / "hf") is not None  # a folder export did not write: intact
+
+
+def test_split_of_a_pt_export_says_its_parameterization_is_assumed_and_a_block_export_says_its_range_is_ignored(
+        in_tmp: Path) -> None:
+    split_cli("run")
+    assert invoke("export", "src.pt", "--run", "run").exit_code == 0
+    result = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=src.pt", "--out", "again")
+    assert result.exit_code == 0, result.output
+    assert "taken as a DDPM epsilon-predictor" in result.stderr and "model.parameterization=edm" in result.stderr
+    explicit = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=src.pt",
+                      "model.parameterization=edm", "--out", "edm")
+    assert explicit.exit_code == 0 and "taken as" not in explicit.stderr
+    assert invoke("train-block", "1", "--run", "run", "--steps", "1", "-q").exit_code == 0
+    assert invoke("export", "block1.safetensors", "--block", "1", "--run", "run").exit_code == 0
+    block = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=block1.safetensors", "model.depth=1", "-b", "1",
+                   "--out", "from-block")
+    assert block.exit_code == 0, block.output
+    assert "is a block export" in block.stderr and "that range ignored" in block.stderr

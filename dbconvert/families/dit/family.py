@@ -17,7 +17,7 @@ from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.convert import (EXPORT_SUFFIXES, block_key_map, drop_variance, export_metadata, export_state,
                                             is_layer_key, parameterization_record, recorded_parameterization,
-                                            resolve_parameterization)
+                                            recorded_sigma_range, resolve_parameterization)
 from dbconvert.families.dit.generate import sample_images
 from dbconvert.families.dit.model import ARCH_NOTES, DiT, arch_rows
 from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, edm_loss
@@ -51,6 +51,11 @@ class DiTFamily(Family):
         what = f"checkpoint {cfg.checkpoint} vs {cfg.arch} (input_size={cfg.input_size}, learn_sigma={cfg.learn_sigma})"
         load_strict(reference, read_checkpoint(cfg.checkpoint), what)
         notes = resolve_parameterization(cfg, recipe.noise.settings(), recorded_parameterization(cfg.checkpoint))
+        owned = recorded_sigma_range(cfg.checkpoint)
+        if owned is not None:
+            notes.append(f"checkpoint {cfg.checkpoint} is a block export, a denoiser for sigma in ({owned[0]:.4g}, "
+                         f"{owned[1]:.4g}] only (its metadata); split as a source it is used over the whole noise "
+                         "range, that range ignored")
         net = DiT(shape)
         net.load_state_dict(drop_variance(reference.state_dict(), cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth))
         return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint), notes=notes)
