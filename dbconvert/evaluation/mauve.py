@@ -296,6 +296,7 @@ def evaluate_mauve(
     """MAUVE of the run's continuations (blocks, e2e, ar or source) against the true continuations."""
     import dbconvert
     from dbconvert.checkpoint import atomic_write_text
+    from dbconvert.data.text import text_split_overlaps_training
     from dbconvert.sampling import SampleRequest
     from dbconvert.tokenizer import run_tokenizer
 
@@ -318,6 +319,7 @@ def evaluate_mauve(
     seed = cfg.seed if seed is None else seed
     weights = weights or cfg.weights
     split = split or default_split(run)
+    overlaps = text_split_overlaps_training(run.recipe.data, split)  # an unknown split of local text: one line
     need = prompt_tokens + new_tokens
 
     family = run.family()
@@ -376,6 +378,7 @@ def evaluate_mauve(
         "new_tokens": new_tokens,
         "reference": f"{run.recipe.data.source}:{split} true continuations",
         "split": split,
+        "reference_overlaps_training": overlaps,
         "sampler": sampler,
         "seed": seed,
         "samples": [str(out)],
