@@ -81,6 +81,9 @@ def fid_cmd(
         if run is not None or samples is None or reference is None:
             raise
         opened = None  # two folders need no run
+    if run is None and samples is not None and reference is not None and opened is not None \
+            and opened.family().default_metric != "fid":
+        opened = None  # two folders need no run, and the current run (of another metric) has no say in their FID
     result = evaluate_fid(opened, model=model, num=num, repeats=repeats, samples=samples, reference=reference,
                           split=split, features=features, inception_weights=inception_weights, steps=steps,
                           solver=solver, guidance=guidance, seed=seed, weights=weights, log=_log(quiet or as_json),

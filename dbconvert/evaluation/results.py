@@ -22,7 +22,7 @@ from dbconvert.errors import RunError
 
 
 def _slug(text: str) -> str:
-    out = "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
+    out = "".join(c if c.isalnum() or c in ".-+" else "-" for c in text)  # + kept: g1e+30 is not g1e-30
     while "--" in out:
         out = out.replace("--", "-")
     return out.strip("-")[:120]
