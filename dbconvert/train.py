@@ -30,7 +30,9 @@ from dbconvert.locks import LOCK_NAME
 from dbconvert.rundir import Run
 from dbconvert.trainstep import Objective, TrainingState, build_state, learning_rate
 
-TRAIN_OVERRIDABLE = ("train", "sample", "data")
+TRAIN_OVERRIDABLE = ("train", "sample")
+"""data.* is fixed at split like model and noise: a training-time data change (the held-out rows, another source)
+would be used silently, unrecorded, and unseen by the evaluations' overlap checks."""
 
 
 @dataclass(frozen=True)
