@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import shutil
 import time
@@ -45,16 +46,29 @@ def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict
     """Boundaries and, per block, its layers and owned / training sigma ranges and mass."""
     n = recipe.noise
     noise = n.settings()
+    setting = f"noise.p_mean={n.p_mean:g}, noise.p_std={n.p_std:g}"
+    total = noise.cdf(n.sigma_max) - noise.cdf(n.sigma_min)
+    if not total > MIN_MASS:
+        raise RecipeError(f"{setting}: the training log-normal puts (almost) no mass ({total:.3g}) in [noise.sigma_min, "
+                          f"noise.sigma_max] = [{n.sigma_min:g}, {n.sigma_max:g}]; choose p_mean inside "
+                          f"[{math.log(n.sigma_min):.3g}, {math.log(n.sigma_max):.3g}] (ln sigma) and a p_std near 1.2")
     bounds = nz.boundaries(noise, recipe.blocks.num, n.partition)
     plans = []
     for i, (layers, owned) in enumerate(
         zip(layer_ranges(num_layers, recipe.blocks.num, recipe.blocks.uneven), nz.owned_ranges(bounds))
     ):
         train = nz.expand_range(*owned, n.gamma, noise)
-        plans.append(
-            {"index": i, "layers": layers, "sigma_range": owned, "train_range": train, "mass": noise.truncated_mass(*owned)}
-        )
+        mass = noise.truncated_mass(*owned)
+        if not (owned[1] > owned[0] and mass > MIN_MASS):
+            raise RecipeError(f"{setting}: block {i} would own the noise levels ({owned[0]:.4g}, {owned[1]:.4g}] of "
+                              f"mass {mass:.3g}, i.e. none; widen noise.p_std (default 1.2), or use fewer blocks")
+        plans.append({"index": i, "layers": layers, "sigma_range": owned, "train_range": train, "mass": mass})
     return bounds, plans
+
+
+MIN_MASS = 1e-9
+"""Below this share of the training noise distribution a block (or the whole [sigma_min, sigma_max]) owns
+nothing a float64 quantile can sample from: such settings are refused at split."""
 
 
 def keep_initial(weights: Path) -> None:

@@ -73,7 +73,9 @@ def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
     """The whole network from the converted source: the e2e baseline (same denoiser, full sigma range) or `ar`."""
     noise = run.noise()
     if objective == "ar":
-        run.model_targets("ar")  # a one-line error for families without an AR reference
+        if "ar" not in run.family().model_kinds:
+            raise DbconvertError(f"--objective ar trains an autoregressive reference, which a {run.family_name} run "
+                                 "has none of (language models only); use --objective denoiser (the default)")
         return Target("ar", run.num_layers, (noise.sigma_min, noise.sigma_max), run.source_weights, "ar", salt=999_983)
     if objective != "denoiser":
         raise DbconvertError(f"--objective must be denoiser or ar, not {objective!r}")

@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from dbconvert.cli.app import ModelOpt, RunOpt, console, err_console, handle_errors
+from rich.text import Text
+
+from dbconvert.cli.app import ModelOpt, RunOpt, bold, console, err_console, handle_errors, print_table
 
 eval_app = typer.Typer(help="Evaluate a run: FID/KID (clean-fid) for images, MAUVE (mauve-text) for text, and compare.",
                        no_args_is_help=True)
@@ -41,9 +43,9 @@ def _report(result: dict, run, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
         typer.echo(json.dumps({**result, "file": str(path) if path else None}))
         return
-    console.print(result_table(result))
+    print_table(result_table(result))
     if path:
-        console.print(f"written to [bold]{path}[/]; `dbconvert eval compare` lists every evaluation of the run")
+        console.print(Text.assemble("written to ", bold(path), "; `dbconvert eval compare` lists every evaluation of the run"))
 
 
 @eval_app.command("fid")
@@ -136,4 +138,4 @@ def compare_cmd(run: RunOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(json.dumps(results))
         return
     for table in compare_tables(results, opened.root):
-        console.print(table)
+        print_table(table)

@@ -27,6 +27,11 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
     num_classes: int = getattr(model_cfg, "num_classes", 0)
     if request.class_label is not None and not 0 <= request.class_label < max(num_classes, 1):
         raise DbconvertError(f"--class {request.class_label} is out of range: the model has classes 0..{num_classes - 1}")
+    text_only = {"--prompt": request.prompt, "--prompt-file": request.prompt_file, "--temperature": request.temperature,
+                 "--top-p": request.top_p}
+    given = [flag for flag, value in text_only.items() if value is not None]
+    if given:
+        raise DbconvertError(f"{given[0]} is an option of language models; an image model does not read it (remove it)")
     if num_classes == 0 and guidance != 1.0:
         raise DbconvertError("guidance needs a class-conditional model; this one has model.num_classes=0 (use --guidance 1)")
 

@@ -240,6 +240,9 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     context = int(run.recipe.model.context)  # type: ignore[attr-defined]
     if request.guidance not in (None, 1.0):
         raise DbconvertError("guidance applies to class-conditional image models; language models take --guidance 1")
+    if request.class_label is not None:
+        raise DbconvertError("--class is an option of class-conditional image models; a language model has no classes "
+                             "(give --prompt instead)")
     run.model_targets(request.model)  # one line naming the models this run has
     tok = run_tokenizer(run.shared_dir)
     tok.check_vocab(int(run.recipe.model.vocab_size))  # type: ignore[attr-defined]
