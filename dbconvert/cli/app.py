@@ -33,18 +33,25 @@ class OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)  # returns an Exit's status
-        except click.exceptions.NoArgsIsHelpError as exc:
-            exc.show()
-            sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+        except CLICK_ERRORS as exc:
+            if "NoArgsIsHelpError" in {cls.__name__ for cls in type(exc).__mro__}:
+                exc.show()  # `dbconvert` alone: the help
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             message = " ".join(exc.format_message().split())
             err_console.print(Text.assemble(("error:", "bold red"), f" {message}{where}"), highlight=False)
-            sys.exit(exc.exit_code if isinstance(exc, click.UsageError) else 2)
-        except click.exceptions.Abort:
+            sys.exit(2)
+        except ABORTS:
             err_console.print("aborted", highlight=False)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+CLICK_ERRORS = tuple({cls for base in (click.UsageError, typer.BadParameter) for cls in base.__mro__
+                      if cls.__name__ == "ClickException"})
+"""click's ClickException, and the one of the copy of click that newer Typer versions carry (typer._click)."""
+ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
 
 app = typer.Typer(

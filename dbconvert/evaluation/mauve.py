@@ -305,6 +305,7 @@ def evaluate_mauve(
         raise DbconvertError(f"eval mauve is for language-model runs; this run is a {run.family_name} model "
                              f"(use eval {run.family().default_metric})")
     run.model_targets(model)  # one line naming the models this run has
+    overlaps = text_split_overlaps_training(run.recipe.data, split or default_split(run))  # unknown split: one line
     context = run.family().sample_shape(run.recipe)[0]  # a text family's sample is one context of tokens
     prompt_tokens, new_tokens = protocol_lengths(context, prompt_tokens, new_tokens, log)
     for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--prompt-tokens", prompt_tokens),
@@ -319,7 +320,6 @@ def evaluate_mauve(
     seed = cfg.seed if seed is None else seed
     weights = weights or cfg.weights
     split = split or default_split(run)
-    overlaps = text_split_overlaps_training(run.recipe.data, split)  # an unknown split of local text: one line
     need = prompt_tokens + new_tokens
 
     family = run.family()
