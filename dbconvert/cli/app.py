@@ -74,8 +74,15 @@ def print_table(table: Any, to: Console | None = None) -> None:
     """Print a table; when the output is not a terminal (a pipe, a file), as wide as its content needs, so no
     number is ever cut to `112,778,…` at the 80 columns rich assumes there. A terminal gets its own width."""
     to = to or console
-    width = None if to.is_terminal else max(to.width, to.measure(table).maximum)
-    to.print(table, width=width)
+    from rich.measure import Measurement
+
+    if to.is_terminal:
+        to.print(table)
+        return
+    natural = Measurement.get(to, to.options.update_width(1_000_000), table).maximum  # unconstrained width
+    wide = Console(file=to.file, width=max(to.width, natural), markup=False, soft_wrap=True,
+                   color_system=to.color_system)  # type: ignore[arg-type]
+    wide.print(table)
 
 
 def bold(text: object, style: str = "bold") -> Text:
