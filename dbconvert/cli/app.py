@@ -35,7 +35,9 @@ class OneLineErrors(TyperGroup):
             code = super().main(args, prog_name, complete_var, False, **extra)  # returns an Exit's status
         except CLICK_ERRORS as exc:
             if "NoArgsIsHelpError" in {cls.__name__ for cls in type(exc).__mro__}:
-                exc.show()  # `dbconvert` alone: the help
+                from typer import rich_utils  # `dbconvert` alone: the help, shown as Typer shows it
+
+                rich_utils.rich_format_error(exc)
                 sys.exit(exc.exit_code)
             ctx = getattr(exc, "ctx", None)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
