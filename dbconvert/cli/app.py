@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -50,10 +49,10 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-CLICK_ERRORS = tuple({cls for base in (click.UsageError, typer.BadParameter) for cls in base.__mro__
-                      if cls.__name__ == "ClickException"})
-"""click's ClickException, and the one of the copy of click that newer Typer versions carry (typer._click)."""
-ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+CLICK_ERRORS = tuple(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+"""The ClickException of the click Typer uses (click itself, or the copy newer Typers carry), reached through
+Typer's public BadParameter so that either works."""
+ABORTS = (typer.Abort,)
 
 
 app = typer.Typer(
