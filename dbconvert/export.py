@@ -74,6 +74,9 @@ def check_out(run: Run, out: Path, force: bool) -> None:
     if target == root or root in target.parents or target in root.parents:
         where = "is" if target == root else "is inside" if root in target.parents else "contains"
         raise RunError(f"{out} {where} the run folder {run.root}; export to a path outside the run")
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise RunError(f"{out} is the working folder or holds it; export to a new path (e.g. {out.name or 'export'}-hf)")
     if not (out.exists() or out.is_symlink()):
         return
     if not force:

@@ -133,7 +133,7 @@ def test_export_dot_outside_the_run_is_one_line_not_oserror(in_tmp: Path, monkey
     (in_tmp / "elsewhere").mkdir()
     (in_tmp / "elsewhere" / "mine.txt").write_text("keep")
     monkeypatch.chdir(in_tmp / "elsewhere")
-    assert_user_error(invoke("export", ".", "--run", str(in_tmp / "run"), "--force"), "not an earlier dit export")
+    assert_user_error(invoke("export", ".", "--run", str(in_tmp / "run"), "--force"), "is the working folder")
     assert (in_tmp / "elsewhere" / "mine.txt").read_text() == "keep"
 
 
