@@ -83,8 +83,11 @@ def fid_cmd(
         if run is not None or samples is None or reference is None:
             raise
         opened = None  # two folders need no run
-    if run is None and samples is not None and reference is not None and opened is not None \
-            and opened.family().default_metric != "fid":
+    if run is None and samples is not None and opened is not None and opened.family().default_metric != "fid":
+        if reference is None:
+            raise DbconvertError(f"--samples {samples} needs a reference: give --reference DIR, or --run an image run "
+                                 f"whose data set is the reference (the current run {opened.root} is a "
+                                 f"{opened.family_name} run)")
         opened = None  # two folders need no run, and the current run (of another metric) has no say in their FID
     result = evaluate_fid(opened, model=model, num=num, repeats=repeats, samples=samples, reference=reference,
                           split=split, features=features, inception_weights=inception_weights, steps=steps,

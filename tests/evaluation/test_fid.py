@@ -169,3 +169,4 @@ def test_fid_of_two_folders_needs_no_run_even_when_the_current_run_is_a_text_run
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["value"] > 1.0
     assert not (in_tmp / "lm" / "eval").exists()  # nothing written into the unrelated text run
+    assert_user_error(invoke("eval", "fid", "--samples", folders["shifted"]), "needs a reference: give --reference DIR")
