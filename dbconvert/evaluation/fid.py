@@ -29,6 +29,7 @@ from dbconvert.errors import DataError, DbconvertError, RunError
 from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
                                            inception_features, to_uint8)
 from dbconvert.progress import progress as show_progress
+from dbconvert.sampling import check_finite_samples
 
 CHUNK = 1000
 PUBLISHED_REFERENCE_SPLITS = {"cifar10": "train", "uoft-cs/cifar10": "train"}
@@ -298,6 +299,8 @@ def evaluate_fid(
         raise DbconvertError(f"--repeats must be at least 1, got {repeats}")
     if samples is not None and repeats > 1:
         raise DbconvertError("--repeats needs freshly generated samples; a --samples folder is one fixed set (drop --repeats)")
+    if samples is not None:
+        check_finite_samples(Path(samples))  # NaN samples' PNGs look like pictures: refuse them
     if run is None and (samples is None or reference is None):
         raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
     if run is not None and samples is None:

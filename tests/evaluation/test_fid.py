@@ -170,3 +170,13 @@ def test_fid_of_two_folders_needs_no_run_even_when_the_current_run_is_a_text_run
     assert json.loads(res.stdout.strip().splitlines()[-1])["value"] > 1.0
     assert not (in_tmp / "lm" / "eval").exists()  # nothing written into the unrelated text run
     assert_user_error(invoke("eval", "fid", "--samples", folders["shifted"]), "needs a reference: give --reference DIR")
+
+
+def test_a_sample_folder_of_non_finite_samples_is_refused(folders, tmp_path: Path, in_tmp: Path) -> None:  # noqa: ANN001
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    for i in range(70):
+        Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(nan / f"{i:05d}.png")  # what NaN samples became
+    np.savez(nan / "samples.npz", x=np.full((70, 1, 8, 8), np.nan, np.float32), y=np.zeros(70, np.int64))
+    result = invoke_q("eval", "fid", "--samples", nan, "--reference", folders["test"], "--features", "builtin:digits")
+    assert_user_error(result, "70 of the samples in")
