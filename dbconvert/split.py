@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dbconvert import __version__
 from dbconvert import noise as nz
-from dbconvert.checkpoint import save_weights
+from dbconvert.checkpoint import current_umask, save_weights
 from dbconvert.config import Recipe
 from dbconvert.errors import RecipeError, RunError
 from dbconvert.families import Family, get_family
@@ -189,6 +189,7 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
             },
         )
         disown(staging)  # it becomes the run: no owner file inside
+        os.chmod(staging, 0o777 & ~current_umask())  # a new folder's permissions, not mkdtemp's private 0700
         if out.exists():
             trash = make_staging(out.parent, f".{out.name}.old-")
             out.rename(trash / "run")

@@ -98,3 +98,4 @@ def test_split_removes_the_staging_folders_of_killed_splits_but_not_of_running_o
     assert left == [".run.split-live", ".run.split-newver"]
     assert not (run.root / ".owner.json").exists()
     assert (run.root / "source" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert run.root.stat().st_mode & 0o777 == 0o777 & ~current_umask()
