@@ -30,7 +30,8 @@ StateDict = dict[str, torch.Tensor]
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temp file in the same folder, fsync, then rename over `path`.
 
-    A process killed at any moment leaves either the old file or the new one, never half of one.
+    A process killed at any moment leaves either the old file or the new one, never half of one. The file gets
+    the permissions of any new file (0666 less the umask, as `open` gives), not the temp file's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,10 +42,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # `write` may have made the file anew
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -17,7 +17,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, ValidatorFunctionWr
 
 from dbconvert.errors import RecipeError
 from dbconvert.schema import (BlocksConfig, DataConfig, ModelConfig, NoiseConfig, OutputConfig, SampleConfig, Section,
-                              TrainConfig, one_line)
+                              TrainConfig, foreign_data_option, one_line)
 
 
 class Recipe(Section):
@@ -180,7 +180,20 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         raise RecipeError(f"{origin}: malformed YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{origin}: the recipe must be a YAML mapping of sections (model, data, train, ...)")
-    return validate_recipe(apply_overrides(raw, overrides), origin)
+    recipe = validate_recipe(apply_overrides(raw, overrides), origin)
+    check_data_options(recipe, origin)
+    return recipe
+
+
+def check_data_options(recipe: Recipe, origin: str = "recipe") -> None:
+    """Refuse data options the model's family would ignore (text options on an image model and the reverse).
+
+    Checked where recipes come in (files, overrides), not when a run's stored recipe is read back."""
+    modality = type(recipe.model).data_modality
+    foreign = foreign_data_option(recipe.data, modality)
+    if foreign is not None:
+        raise RecipeError(f"{origin}: {foreign} is an option of {'text' if modality == 'image' else 'image'} data, "
+                          f"which a {recipe.model.family} model ({modality} data) does not read; remove it")
 
 
 def override_recipe(recipe: Recipe, overrides: list[str] | None, allowed: tuple[str, ...]) -> Recipe:

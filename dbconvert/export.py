@@ -7,18 +7,23 @@ family's `convert.py` holds the export key map (the reverse of its import map).
 The export is written into a staging folder beside OUT and renamed into place at the end, so a failed
 or killed export leaves an existing OUT as it was; an existing OUT is only replaced with `force` (a
 file in one atomic rename; a folder is first moved into the staging folder, then the new one in).
+Never replaced, even with `force`: the run folder, a folder inside it or holding it, a non-empty folder
+that is not an earlier folder export of the same family (folder exports hold `dbconvert_export.json`),
+a non-empty folder by a file or a file by a folder. The staging folder holds an owner file (pid, host):
+the next export to the same OUT removes the ones whose process is gone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dbconvert.checkpoint import load_strict, load_weights
 from dbconvert.errors import DbconvertError, RunError
+from dbconvert.locks import make_staging, stale_staging
 from dbconvert.rundir import Run
 
 WEIGHTS = ("ema", "model")
@@ -56,12 +61,58 @@ def export_target(run: Run, model: str, block: int | None, weights: str) -> tupl
     return model, name, depth, run.model_dir(name) / f"{weights}.safetensors"
 
 
+EXPORT_MARKER = "dbconvert_export.json"
+"""Written into every folder export: what makes a folder "an earlier export", which --force may replace."""
+
+
+def check_out(run: Run, out: Path, force: bool) -> None:
+    """Refuse an OUT whose replacement would lose data: the run itself, a folder holding it or a folder inside it,
+    and (even with --force) a non-empty folder that is not an earlier folder export of this family."""
+    if not out.name:
+        raise RunError(f"{out} is not a path export can write to; give a new file or folder name")
+    root, target = run.root.resolve(), out.resolve()
+    if target == root or root in target.parents or target in root.parents:
+        where = "is" if target == root else "is inside" if root in target.parents else "contains"
+        raise RunError(f"{out} {where} the run folder {run.root}; export to a path outside the run")
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise RunError(f"{out} is the working folder or holds it; export to a new path (e.g. {out.name or 'export'}-hf)")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise RunError(f"{out} already exists; pass --force to replace it, or choose another path")
+    if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not is_export_of(out, run.family_name):
+        raise RunError(f"{out} is a folder that is not an earlier {run.family_name} export, so --force will not "
+                       "replace it; choose another path (or empty it yourself)")
+
+
+def is_export_of(folder: Path, family: str) -> bool:
+    """True when `folder` is a folder export of `family` (it holds the marker export writes)."""
+    try:
+        marker = json.loads((folder / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("family") == family
+
+
+def remove_stale_staging(out: Path) -> int:
+    """Remove the staging folders of exports to `out` that were killed; an old OUT a killed export had already
+    moved aside (and not yet replaced) is put back first. Folders of running exports are left alone."""
+    removed = 0
+    for staging in stale_staging(out.parent, f".{out.name}.export-"):
+        replaced = staging / ".replaced"
+        if (replaced.exists() or replaced.is_symlink()) and not (out.exists() or out.is_symlink()):
+            os.replace(replaced, out)
+        shutil.rmtree(staging, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def export_model(run: Run, out: Path, model: str = "source", block: int | None = None, weights: str = "ema",
                  force: bool = False) -> ExportResult:
     """Export one network of `run` to `out` (see the module docstring)."""
-    out = Path(out)
-    if (out.exists() or out.is_symlink()) and not force:
-        raise RunError(f"{out} already exists; pass --force to replace it, or choose another path")
+    out = Path(os.path.abspath(out))  # `.` and `..` by name: a folder is never renamed as "."
+    check_out(run, out, force)
     family = run.family()
     if block is None:
         run.model_targets(model)  # one line naming the models this run has
@@ -70,15 +121,25 @@ def export_model(run: Run, out: Path, model: str = "source", block: int | None =
     network = family.block_network(run.recipe, depth)
     load_strict(network, load_weights(source), str(source))
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    removed = remove_stale_staging(out)
+    staging = make_staging(out.parent, f".{out.name}.export-")
     try:
         written = staging / out.name
         notes = family.export(run, kind, name, network, written)
         if not written.exists():
             raise DbconvertError(f"the {run.family_name} family wrote nothing for {name}")
+        if written.is_dir():
+            if out.exists() and not out.is_dir() or out.is_symlink():
+                raise RunError(f"{out} is a file and a {run.family_name} export is a folder; choose another path")
+            (written / EXPORT_MARKER).write_text(json.dumps({"family": run.family_name, "exported": name}) + "\n")
+        elif out.is_dir() and not out.is_symlink() and any(out.iterdir()):
+            raise RunError(f"{out} is a non-empty folder and a {run.family_name} {name} export is a file; "
+                           "choose another path")
         if out.is_dir() and not out.is_symlink() or written.is_dir() and out.exists():
             os.replace(out, staging / ".replaced")  # a folder cannot be renamed over: move the old one aside first
         os.replace(written, out)  # one atomic rename for files
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if removed:
+        notes.append(f"removed {removed} staging folder(s) of killed exports to {out.name}")
     return ExportResult(out, name, source, notes)

@@ -153,3 +153,49 @@ def current_owner(path: Path) -> dict[str, Any] | None:
     if not held or is_stale(held):
         return None
     return held
+
+
+# --- staging folders ---------------------------------------------------------------------------
+
+OWNER_FILE = ".owner.json"
+UNOWNED_STALE_S = 3600.0
+"""A staging folder without an owner file (made by an older version, or killed within microseconds of its
+creation) is taken as abandoned once it has not changed for this long."""
+
+
+def make_staging(parent: Path, prefix: str) -> Path:
+    """A new hidden folder `PARENT/PREFIXxxxxxxxx` holding an owner file (pid, host, start time), so that a later
+    run can tell a folder left by a killed process (see `remove_stale_staging`) from one still being written."""
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (staging / OWNER_FILE).write_text(json.dumps(_owner()))
+    return staging
+
+
+def disown(staging: Path) -> None:
+    """Drop the owner file, before `staging` is renamed into place as a finished folder."""
+    (Path(staging) / OWNER_FILE).unlink(missing_ok=True)
+
+
+def staging_is_stale(staging: Path) -> bool:
+    """True when the process that made `staging` (with `make_staging`) is known to be gone."""
+    owner = _read(Path(staging) / OWNER_FILE)
+    if owner:
+        return is_stale(owner)
+    try:
+        age = time.time() - Path(staging).stat().st_mtime
+    except OSError:
+        return False
+    return age > UNOWNED_STALE_S
+
+
+def stale_staging(parent: Path, prefix: str) -> list[Path]:
+    """The folders `PARENT/PREFIX*` left behind by processes that are no longer running."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    import glob
+
+    return sorted(p for p in parent.glob(f"{glob.escape(prefix)}*") if p.is_dir() and not p.is_symlink()
+                  and staging_is_stale(p))

@@ -92,6 +92,17 @@ class NoiseProcess(ABC):
     def describe(self) -> str:
         """One line naming the process and its settings (figure titles)."""
 
+    def validate(self) -> None:
+        """A RecipeError when the settings leave blocks nothing to own (checked by split before `boundaries`)."""
+
+    def settings_text(self) -> str:
+        """The settings that decide how mass is spread, as the user writes them (error messages)."""
+        return f"noise.process={self.name}"
+
+    def widen_hint(self) -> str:
+        """How to give a too-narrow block more mass (error messages)."""
+        return "spread the training distribution wider"
+
     def expand(self, lo: float, hi: float, gamma: float) -> tuple[float, float]:
         """The training range of a block owning [lo, hi] with overlap gamma.
 

@@ -101,9 +101,9 @@ def progress(label: str, total: float | None, *, unit: str = "steps", enabled: b
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[detail]}"))
+    columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+               TextColumn(unit, markup=False), TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[detail]}", markup=False))  # labels hold paths: literal
     t0 = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(label, total=total, completed=start, rate="", detail="")

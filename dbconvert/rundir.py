@@ -24,7 +24,7 @@ import yaml
 
 from dbconvert.checkpoint import atomic_write_text
 from dbconvert.config import Recipe, validate_recipe
-from dbconvert.errors import DbconvertError, RunError
+from dbconvert.errors import DbconvertError, RunError, first_line
 from dbconvert.noise_process import NoiseProcess
 
 if TYPE_CHECKING:
@@ -74,6 +74,10 @@ class TrainStatus:
         return self.total_steps is not None and self.step >= self.total_steps
 
 
+MANIFEST_KEYS = ("family", "num_layers", "num_blocks", "partition", "gamma", "boundaries", "blocks", "recipe")
+"""What every manifest split writes holds; a manifest without one of them is damaged (e.g. truncated)."""
+
+
 class Run:
     """An opened run directory: its manifest, resolved recipe and paths."""
 
@@ -108,7 +112,13 @@ class Run:
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             got = manifest.get("format_version") if isinstance(manifest, dict) else None
             raise RunError(f"{path} has format version {got!r}; this dbconvert reads version {FORMAT_VERSION}")
-        return cls(root, manifest)
+        missing = [key for key in MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise RunError(f"{path} is incomplete (it has no {missing[0]!r}): the run is damaged; split again")
+        try:
+            return cls(root, manifest)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise RunError(f"{path} is damaged ({type(exc).__name__}: {first_line(exc, 80)}); split again") from None
 
     # -- settings --------------------------------------------------------------------------
 

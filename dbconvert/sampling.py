@@ -154,3 +154,24 @@ def load_models(run: Run, model: str, weights: str, device: torch.device) -> lis
         load_strict(net, load_weights(path, remedy), str(path))
         models.append(family.wrap(model, run.recipe, net, run.noise()).to(device).eval())
     return models
+
+
+def check_finite_samples(folder: Path) -> None:
+    """A sample folder's `samples.npz` (written by `sample`) must hold finite values: PNGs cannot show a NaN, so
+    images of NaN samples would be scored as if they were pictures. Folders without one are not checked."""
+    import numpy as np
+
+    from dbconvert.errors import DataError
+
+    path = Path(folder) / "samples.npz"
+    if not path.is_file():
+        return
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x = data["x"] if "x" in data.files else None
+            bad = 0 if x is None else int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())
+    except (OSError, ValueError, KeyError):
+        raise DataError(f"{path} cannot be read; remove it or make the samples again") from None
+    if bad:
+        raise DataError(f"{bad} of the samples in {path} are not finite (NaN or inf); their images mean nothing: "
+                        "make the samples again (lower --guidance)")

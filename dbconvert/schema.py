@@ -7,9 +7,9 @@ import graph one-way: config -> families -> schema.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dbconvert.noise_process import NoiseProcess, process_class, process_names
 
@@ -19,12 +19,33 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """true/false is never a number: pydantic would read `model.head_rank=true` as 1."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not Any and annotation is not bool and bool not in get_args(annotation):
+                raise ValueError(f"expected {annotation_text(annotation)}, not {str(value).lower()}")
+        return value
+
+
+def annotation_text(annotation: Any) -> str:
+    """`int`, `int or null`, ... : a field's type in words, for errors."""
+    args = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    names = [getattr(a, "__name__", str(a)) for a in args]
+    return " or ".join(names) + (" or null" if type(None) in get_args(annotation) else "")
+
 
 class ModelConfig(Section):
     """Fields common to every family; each family subclasses this with its own fields."""
 
     family: str
     checkpoint: str | None = None
+
+    data_modality: ClassVar[str] = ""
+    """`image` or `text`: which of DataConfig's modality options (IMAGE_DATA_OPTIONS, TEXT_DATA_OPTIONS) the family
+    reads; a recipe setting the other modality's options is refused instead of silently ignoring them."""
 
 
 class DataConfig(Section):
@@ -54,6 +75,29 @@ class DataConfig(Section):
     """What one document of a local text file is (EOS goes between documents when packing)."""
     hub_config: str | None = None
     """Configuration name of a hub text data set (e.g. wikitext-103-raw-v1)."""
+
+
+DATA_OPTIONS = {
+    "image": ("image_key", "label_key", "test_source", "test_fraction"),
+    "text": ("text_key", "val_fraction", "text_unit", "hub_config"),
+}
+"""The data options only one modality reads (the rest of DataConfig is shared)."""
+DATA_KINDS = {"image": ("builtin", "imagefolder", "npz"), "text": ("text",)}
+"""The data.kind values only one modality has (auto and hub are shared)."""
+
+
+def foreign_data_option(data: DataConfig, modality: str) -> str | None:
+    """The first data option set away from its default that a `modality` family would ignore, as `key=value`."""
+    for other, keys in DATA_OPTIONS.items():
+        if other == modality or not modality:
+            continue
+        for key in keys:
+            value = getattr(data, key)
+            if value != DataConfig.model_fields[key].default:
+                return f"data.{key}={value}"
+        if data.kind in DATA_KINDS[other]:
+            return f"data.kind={data.kind}"
+    return None
 
 
 class NoiseConfig(Section):

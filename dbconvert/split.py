@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from dbconvert import __version__
-from dbconvert.checkpoint import save_weights
+from dbconvert.checkpoint import current_umask, save_weights
 from dbconvert.config import Recipe
 from dbconvert.errors import RecipeError, RunError
 from dbconvert.families import Family, get_family
+from dbconvert.locks import disown, make_staging, stale_staging
 from dbconvert.noise_process import owned_ranges
 from dbconvert.rundir import FORMAT_VERSION, MANIFEST, ORIENTATION, BlockInfo, Run, set_current, write_manifest
 
@@ -52,15 +53,24 @@ def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict
     if n.partition not in process.partitions:
         raise RecipeError(f"noise.partition={n.partition} is not a partition of the {process.name} noise process; "
                           f"choose one of {', '.join(process.partitions)}")
+    process.validate()
     bounds = process.boundaries(recipe.blocks.num, n.partition)
     plans = []
     for i, (layers, owned) in enumerate(
         zip(layer_ranges(num_layers, recipe.blocks.num, recipe.blocks.uneven), owned_ranges(bounds))
     ):
         train = process.expand(*owned, n.gamma)
-        plans.append({"index": i, "layers": layers, "owned_range": owned, "train_range": train,
-                      "mass": process.mass(*owned)})
+        mass = process.mass(*owned)
+        if not (owned[1] > owned[0] and mass > MIN_MASS):
+            raise RecipeError(f"{process.settings_text()}: block {i} would own the noise levels ({owned[0]:.4g}, "
+                              f"{owned[1]:.4g}] of mass {mass:.3g}, i.e. none; {process.widen_hint()}, or use fewer blocks")
+        plans.append({"index": i, "layers": layers, "owned_range": owned, "train_range": train, "mass": mass})
     return bounds, plans
+
+
+MIN_MASS = 1e-9
+"""Below this share of the training noise distribution a block owns nothing a float64 quantile can sample
+from: such settings are refused at split."""
 
 
 def check_noise_process(family: Family, recipe: Recipe) -> None:
@@ -110,6 +120,16 @@ def state_bytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def remove_stale_split_folders(out: Path) -> None:
+    """Remove what killed splits to `out` left: staging folders (a partial run), and folders holding a replaced
+    run once the new run is in place. Those of splits still running are left alone."""
+    for staging in stale_staging(out.parent, f".{out.name}.split-"):
+        shutil.rmtree(staging, ignore_errors=True)
+    if (out / MANIFEST).exists():
+        for trash in stale_staging(out.parent, f".{out.name}.old-"):
+            shutil.rmtree(trash, ignore_errors=True)
+
+
 def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True,
           progress: bool = False) -> Run:
     """Build or load the source network, cut it into blocks and write a new run directory.
@@ -132,7 +152,8 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
     bounds, plans = plan_blocks(recipe, source.num_layers)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.split-", dir=out.parent))
+    remove_stale_split_folders(out)
+    staging = make_staging(out.parent, f".{out.name}.split-")
     try:
         family.prepare_run(recipe, staging, source)  # first: its refusals (e.g. no tokenizer) come before any output
         with show(f"split into {len(plans)} blocks", 1 + len(plans), unit="files", enabled=progress) as update:
@@ -177,8 +198,10 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
                 "recipe": recipe.to_dict(),
             },
         )
+        disown(staging)  # it becomes the run: no owner file inside
+        os.chmod(staging, 0o777 & ~current_umask())  # a new folder's permissions, not mkdtemp's private 0700
         if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            trash = make_staging(out.parent, f".{out.name}.old-")
             out.rename(trash / "run")
             staging.rename(out)
             shutil.rmtree(trash, ignore_errors=True)

@@ -30,7 +30,9 @@ from dbconvert.locks import LOCK_NAME
 from dbconvert.rundir import Run
 from dbconvert.trainstep import Objective, TrainingState, build_state, learning_rate
 
-TRAIN_OVERRIDABLE = ("train", "sample", "data")
+TRAIN_OVERRIDABLE = ("train", "sample")
+"""data.* is fixed at split like model and noise: a training-time data change (the held-out rows, another source)
+would be used silently, unrecorded, and unseen by the evaluations' overlap checks."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
     """The whole network from the converted source: the e2e baseline (same denoiser, full sigma range) or `ar`."""
     full = run.noise().full_range()
     if objective == "ar":
-        run.model_targets("ar")  # a one-line error for families without an AR reference
+        if "ar" not in run.family().model_kinds:
+            raise DbconvertError(f"--objective ar trains an autoregressive reference, which a {run.family_name} run "
+                                 "has none of (language models only); use --objective denoiser (the default)")
         return Target("ar", run.num_layers, full, run.source_weights, "ar", salt=999_983)
     if objective != "denoiser":
         raise DbconvertError(f"--objective must be denoiser or ar, not {objective!r}")

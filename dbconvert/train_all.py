@@ -231,8 +231,9 @@ def last_record(path: Path) -> dict[str, Any] | None:
 
 def _table(run: Run, jobs: dict[int, BlockJob]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"train-all: {run.root}")
+    table = Table(title=Text(f"train-all: {run.root}"))
     for col in ("block", "state", "step", "loss", "examples/s", "device", "log"):
         table.add_column(col, justify="right" if col in ("step", "loss", "examples/s") else "left")
     styles = {RUNNING: "cyan", DONE: "green", FINISHED: "green", FAILED: "bold red", BUSY: "yellow", PENDING: "dim"}
@@ -245,7 +246,7 @@ def _table(run: Run, jobs: dict[int, BlockJob]) -> Any:
         loss = rec.get("loss")
         speed = rec.get("examples_per_s")
         state = job.state if job.state != FAILED else f"failed ({job.returncode})"
-        table.add_row(str(i), f"[{styles.get(job.state, '')}]{state}[/]", f"{step}/{total or '?'}",
+        table.add_row(str(i), Text(state, style=styles.get(job.state, "")), f"{step}/{total or '?'}",
                       f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
                       f"{speed:,.0f}" if isinstance(speed, (int, float)) and job.state == RUNNING else "-",
                       job.device or "cpu", str(job.log) if job.state in (RUNNING, FAILED) else "")

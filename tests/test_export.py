@@ -105,9 +105,69 @@ def test_export_to_an_existing_path_needs_force_and_never_damages_it(in_tmp: Pat
     assert_user_error(invoke("export", str(folder), "--run", "run"), "already exists")
     assert invoke("export", str(out), "--run", "run", "--force").exit_code == 0
     assert isinstance(torch.load(out, weights_only=True), dict)
-    assert invoke("export", str(folder), "--run", "run", "--force").exit_code == 0  # a folder replaced by the file
+    assert_user_error(invoke("export", str(folder), "--run", "run", "--force"), "not an earlier dit export")
+    assert (folder / "inside").read_text() == "x"  # a non-empty folder is never replaced by a file
+    folder.joinpath("inside").unlink()
+    assert invoke("export", str(folder), "--run", "run", "--force").exit_code == 0  # an empty one may be
     assert folder.is_file()
     assert not [p for p in in_tmp.iterdir() if p.name.startswith(".") and "export" in p.name]
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `root` with its size and mtime: what must not change."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("target", ["run", ".", "run/source/x.pt", "run/blocks"])
+def test_export_force_never_replaces_the_run_or_a_folder_around_or_inside_it(in_tmp: Path, target: str) -> None:
+    split_cli("run")
+    (in_tmp / "unrelated.txt").write_text("keep")
+    before = tree(in_tmp)
+    result = invoke("export", target, "--run", "run", "--force")
+    assert_user_error(result, "the run folder")
+    assert tree(in_tmp) == before
+
+
+def test_export_dot_outside_the_run_is_one_line_not_oserror(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    split_cli("run")
+    (in_tmp / "elsewhere").mkdir()
+    (in_tmp / "elsewhere" / "mine.txt").write_text("keep")
+    monkeypatch.chdir(in_tmp / "elsewhere")
+    assert_user_error(invoke("export", ".", "--run", str(in_tmp / "run"), "--force"), "is the working folder")
+    assert (in_tmp / "elsewhere" / "mine.txt").read_text() == "keep"
+
+
+def test_exported_files_have_normal_permissions_and_pt_exports_are_byte_reproducible(in_tmp: Path) -> None:
+    import os
+
+    split_cli("run")
+    old = os.umask(0o022)
+    try:
+        for name in ("a.pt", "b.pt", "c.safetensors"):
+            assert invoke("export", name, "--run", "run").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (in_tmp / "a.pt").read_bytes() == (in_tmp / "b.pt").read_bytes()
+    for name in ("a.pt", "c.safetensors", "run/source/model.safetensors"):
+        assert (in_tmp / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export_but_not_a_live_ones(in_tmp: Path) -> None:
+    import os
+    import socket
+
+    split_cli("run")
+    dead = in_tmp / ".out.pt.export-dead1234"
+    live = in_tmp / ".out.pt.export-live1234"
+    other = in_tmp / ".other.pt.export-dead5678"
+    for folder, pid in ((dead, 2**22 + 7), (live, os.getpid()), (other, 2**22 + 7)):
+        folder.mkdir()
+        (folder / "out.pt").write_bytes(b"partial")
+        (folder / ".owner.json").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": None}))
+    result = invoke("export", "out.pt", "--run", "run")
+    assert result.exit_code == 0, result.output
+    assert not dead.exists() and live.exists() and other.exists()
+    assert "removed 1 staging folder" in result.stderr
 
 
 # --- Llama ----------------------------------------------------------------------------------
@@ -148,3 +208,24 @@ def test_llama_source_exports_a_transformers_folder_that_splits_back(in_tmp: Pat
                       "a Llama blocks network is a denoiser")
     assert_user_error(invoke("export", "e2e", "--model", "e2e", "--run", "first"), "export --model source or --model ar")
     assert_user_error(invoke("export", "x.safetensors", "--run", "first"), "a Hugging Face folder")
+    assert invoke("export", "exported", "--run", "first", "--force").exit_code == 0  # an earlier export: replaced
+    assert_user_error(invoke("export", "hf", "--run", "first", "--force"), "not an earlier llama export")
+    assert LlamaForCausalLM.from_pretrained(in_tmp / "hf") is not None  # a folder export did not write: intact
+
+
+def test_split_of_a_pt_export_says_its_parameterization_is_assumed_and_a_block_export_says_its_range_is_ignored(
+        in_tmp: Path) -> None:
+    split_cli("run")
+    assert invoke("export", "src.pt", "--run", "run").exit_code == 0
+    result = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=src.pt", "--out", "again")
+    assert result.exit_code == 0, result.output
+    assert "taken as a DDPM epsilon-predictor" in result.stderr and "model.parameterization=edm" in result.stderr
+    explicit = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=src.pt",
+                      "model.parameterization=edm", "--out", "edm")
+    assert explicit.exit_code == 0 and "taken as" not in explicit.stderr
+    assert invoke("train-block", "1", "--run", "run", "--steps", "1", "-q").exit_code == 0
+    assert invoke("export", "block1.safetensors", "--block", "1", "--run", "run").exit_code == 0
+    block = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=block1.safetensors", "model.depth=1", "-b", "1",
+                   "--out", "from-block")
+    assert block.exit_code == 0, block.output
+    assert "is a block export" in block.stderr and "that range ignored" in block.stderr

@@ -67,3 +67,28 @@ def test_classifier_free_guidance_formula() -> None:
     assert torch.allclose(guided(_Affine(), z, 1.0, y, w, null), uncond + w * (cond - uncond))
     assert torch.allclose(guided(_Affine(), z, 1.0, y, 1.0, null), cond)
     assert torch.allclose(guided(_Affine(), z, 1.0, y, 0.0, null), uncond)
+
+
+def test_non_finite_samples_are_an_error_and_nothing_is_written(tiny_run) -> None:  # noqa: ANN001
+    from dbconvert.checkpoint import load_weights, save_weights
+    from tests.cli_helpers import assert_user_error, invoke
+
+    state = load_weights(tiny_run.source_weights)  # a fresh DiT's zero final layer ignores the class: wake it up
+    gen = torch.Generator().manual_seed(0)
+    for key in state:
+        if key.startswith(("final_layer.", "y_embedder.")):
+            state[key] = torch.randn(state[key].shape, generator=gen)
+    save_weights(tiny_run.source_weights, state)
+    result = invoke("sample", "--run", tiny_run.root, "--model", "source", "--guidance", "1e30", "--num", "2", "-q")
+    assert_user_error(result, "samples are not finite")
+    assert not (tiny_run.root / "samples").exists()
+
+
+def test_result_names_keep_the_sign_of_the_guidance_exponent() -> None:
+    from dbconvert.evaluation.results import result_name
+
+    def name(guidance: float) -> str:
+        return result_name({"metric": "fid", "model": "blocks", "features": "x", "num_samples": 4, "seed": 0,
+                            "sampler": {"solver": "heun", "steps": 4, "guidance": guidance}})
+
+    assert name(1e30) != name(1e-30) and "g1e+30" in name(1e30)

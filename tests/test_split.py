@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from dbconvert.checkpoint import load_weights
+from dbconvert.checkpoint import current_umask, load_weights
 from dbconvert.errors import RecipeError, RunError
 from dbconvert.rundir import FORMAT_VERSION, Run, resolve_run
 from dbconvert.split import layer_ranges, split
@@ -77,3 +77,25 @@ def test_no_current_run_is_a_clear_error(in_tmp: Path) -> None:
         resolve_run(None)
     with pytest.raises(RunError, match="not a dbconvert run"):
         resolve_run(in_tmp)
+
+
+def test_split_removes_the_staging_folders_of_killed_splits_but_not_of_running_ones(in_tmp: Path, tiny_recipe) -> None:  # noqa: ANN001
+    import json
+    import os
+    import socket
+    import time
+
+    owners = {"dead": 2**22 + 7, "live": os.getpid()}
+    for name, pid in owners.items():
+        folder = in_tmp / f".run.split-{name}"
+        (folder / "blocks").mkdir(parents=True)
+        (folder / ".owner.json").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": None}))
+    unowned_old, unowned_new = in_tmp / ".run.split-oldver", in_tmp / ".run.split-newver"
+    unowned_old.mkdir(), unowned_new.mkdir()  # no owner file (an older version): stale after an hour unchanged
+    os.utime(unowned_old, (time.time() - 7200, time.time() - 7200))
+    run = split(tiny_recipe, out=in_tmp / "run")
+    left = sorted(p.name for p in in_tmp.glob(".run.*"))
+    assert left == [".run.split-live", ".run.split-newver"]
+    assert not (run.root / ".owner.json").exists()
+    assert (run.root / "source" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert run.root.stat().st_mode & 0o777 == 0o777 & ~current_umask()

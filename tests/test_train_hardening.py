@@ -131,4 +131,14 @@ def test_text_validation_rows_do_not_depend_on_the_training_seed(in_tmp: Path) -
     assert len(val) >= 2
     assert torch.equal(rows("train.seed=1"), val) and torch.equal(rows("train.seed=12345"), val)
     assert torch.equal(rows("train.seed=1", split="train"), rows("train.seed=0", split="train"))
-    assert not torch.equal(rows("data.split_seed=1"), val)  # the data's own seed does move them
+    moved = run.recipe.model_copy(update={"data": run.recipe.data.model_copy(update={"split_seed": 1})})
+    assert not torch.equal(family.load_data(moved, "val").tokens, val)  # the data's own seed does move them
+
+
+def test_data_settings_are_fixed_at_split_and_refused_at_training_time(tiny_run) -> None:  # noqa: ANN001
+    from tests.cli_helpers import assert_user_error, invoke
+
+    for override in ("data.test_fraction=0", "data.source=other.npz", "data.split_seed=3"):
+        result = invoke("train-block", "0", override, "--run", tiny_run.root, "--steps", "1", "-q")
+        assert_user_error(result, "the 'data' section is fixed when the run is split")
+    assert not (tiny_run.root / "blocks" / "block-00" / "state.json").exists()

@@ -15,20 +15,80 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from dbconvert.errors import DbconvertError
 
+class OneLineErrors(TyperGroup):
+    """The command group: a command-line parse error (unknown option, bad value, missing argument) is one
+    `error: ...` line on stderr and exit status 2, like every other user error, instead of a box of usage text."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        import sys
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)  # returns an Exit's status
+        except CLICK_ERRORS as exc:
+            if "NoArgsIsHelpError" in {cls.__name__ for cls in type(exc).__mro__}:
+                from typer import rich_utils  # `dbconvert` alone: the help, shown as Typer shows it
+
+                rich_utils.rich_format_error(exc)
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            err_console.print(Text.assemble(("error:", "bold red"), f" {message}{where}"), highlight=False)
+            sys.exit(2)
+        except ABORTS:
+            err_console.print("aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+CLICK_ERRORS = tuple(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+"""The ClickException of the click Typer uses (click itself, or the copy newer Typers carry), reached through
+Typer's public BadParameter so that either works."""
+ABORTS = (typer.Abort,)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="dbconvert",
     help="Turn residual networks (DiT, Llama) into diffusion blocks, train each block alone, sample, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+console = Console(soft_wrap=True, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
 """soft_wrap: long lines (paths, JSON, messages) are never cut into pieces at 80 columns when the output is
-redirected; a terminal wraps them itself. Tables are still laid out to the terminal's width."""
+redirected; a terminal wraps them itself. Tables are still laid out to the terminal's width.
+markup=False: text is printed literally, never read as Rich markup (a prompt `[/INST] ...`, a path with
+`[/b]`, `pip install "dbconvert[tensorboard]"`); styles are given as `Text` (see `bold`)."""
+
+
+def print_table(table: Any, to: Console | None = None) -> None:
+    """Print a table; when the output is not a terminal (a pipe, a file), as wide as its content needs, so no
+    number is ever cut to `112,778,…` at the 80 columns rich assumes there. A terminal gets its own width."""
+    to = to or console
+    from rich.measure import Measurement
+
+    if to.is_terminal:
+        to.print(table)
+        return
+    natural = Measurement.get(to, to.options.update_width(1_000_000), table).maximum  # unconstrained width
+    wide = Console(file=to.file, width=max(to.width, natural), markup=False, soft_wrap=True,
+                   color_system=to.color_system)  # type: ignore[arg-type]
+    wide.print(table)
+
+
+def bold(text: object, style: str = "bold") -> Text:
+    """`text` in a style, literally (no markup is read in it)."""
+    return Text(str(text), style=style)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,7 +114,7 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except DbconvertError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; rerun the same command to resume from the last checkpoint")
@@ -117,7 +177,7 @@ def parameterization_line(run: Any) -> str:
 
 def announce(title: str, payload: dict[str, Any]) -> None:
     """Print the resolved configuration before a long run starts."""
-    console.rule(f"[bold]{title}")
+    console.rule(bold(title))
     console.print_json(json.dumps(payload), indent=None)
 
 
@@ -145,7 +205,7 @@ def recipes_cmd(
     table.add_column("description")
     for name, desc in shipped_recipes().items():
         table.add_row(name, desc)
-    console.print(table)
+    print_table(table)
 
 
 def architectures_tables() -> None:
@@ -162,7 +222,7 @@ def architectures_tables() -> None:
             table.add_column(col, justify="left" if col == columns[0] else "right", no_wrap=col == columns[0])
         for row in listing.rows:
             table.add_row(*(str(row.get(col, "")) for col in columns))
-        console.print(table)
+        print_table(table)
         for note in listing.notes:
             console.print(f"- {note}", highlight=False, markup=False)
 
@@ -185,15 +245,15 @@ def split_cmd(
     extra = [f"blocks.num={blocks}"] if blocks is not None else []
     resolved = load_recipe(recipe, [*(overrides or []), *extra])
     run = split(resolved, out=out, force=force, progress=not quiet)
-    console.print(blocks_table(run))
+    print_table(blocks_table(run))
     console.print(parameterization_line(run), highlight=False, markup=False, soft_wrap=True)
     for note in run.notes:
         err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     suffix = resolved.data_suffix() if out is None else None
     why = (f" (named -{suffix} because data.source={resolved.data.source} is not the data of the shipped "
            f"{resolved.name}; --out DIR to choose)") if suffix else ""
-    console.print(f"run written to [bold]{run.root}[/]{why} (now the current run); next: dbconvert train-block 0",
-                  highlight=False)
+    console.print(Text.assemble("run written to ", bold(run.root), f"{why} (now the current run); next: dbconvert "
+                                "train-block 0"), highlight=False)
 
 
 @command("info")
@@ -205,7 +265,7 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
     if as_json:
         typer.echo(json.dumps([b.to_dict() for b in opened.blocks], indent=2))
         return
-    console.print(blocks_table(opened))
+    print_table(blocks_table(opened))
     console.print(parameterization_line(opened), highlight=False, markup=False, soft_wrap=True)
     for note in opened.notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
@@ -276,7 +336,7 @@ def train_all_cmd(
     if result.failed:
         raise_user("; ".join(f"block {j.index} failed ({j.detail or j.returncode}), log {j.log}" for j in result.failed)
                    + " (the other blocks went on; rerun to continue each from its last checkpoint)")
-    console.print(f"[bold green]every block of {opened.root} is trained[/]" if not busy
+    console.print(bold(f"every block of {opened.root} is trained", "bold green") if not busy
                   else "the other blocks are trained", highlight=False)
 
 
@@ -333,8 +393,8 @@ def sample_cmd(
         console.print(text, highlight=False, markup=False)
     if result.tokens_per_second is not None:
         console.print(f"{result.tokens_per_second:.1f} new tokens/s", highlight=False)
-    console.print(f"wrote {len(result.files)} files to [bold]{result.directory}[/]"
-                  + (f" (grid: {result.files[0]})" if result.files and result.files[0].suffix == ".png" else ""))
+    console.print(Text.assemble(f"wrote {len(result.files)} files to ", bold(result.directory),
+                                (f" (grid: {result.files[0]})" if result.files and result.files[0].suffix == ".png" else "")))
 
 
 @command("demo")
@@ -349,7 +409,7 @@ def demo_cmd(
     from dbconvert.demo import run_demo
 
     result = run_demo(out=out, steps=steps, e2e=e2e, force=force, progress=not quiet, console=console)
-    console.print(f"[bold green]demo done[/]: run {result.run.root}; samples {result.samples.directory}")
+    console.print(Text.assemble(bold("demo done", "bold green"), f": run {result.run.root}; samples {result.samples.directory}"))
     for path in result.samples.files[:1]:
         console.print(f"look at the grid: {path}")
 
@@ -407,8 +467,8 @@ def bench_memory_cmd(
         for name, row in result["breakdown"].items():
             table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", gib(row["parameters"]), gib(row["gradients"]),
                           gib(row["optimizer_state"]), gib(row["ema"]), gib(row["total_bytes"]))
-        console.print(table)
-        console.print(f"ratio e2e / largest block (static part only): [bold]{result['ratio']:.2f}x[/]")
+        print_table(table)
+        console.print(Text.assemble("ratio e2e / largest block (static part only): ", bold(f"{result['ratio']:.2f}x")))
         return
     progress = None if as_json else (lambda name, res: err_console.print(f"measured {name}: {_mib(res['peak_bytes'])} MiB"))
     result = bench_memory(resolved, blocks, batch, device, on_result=progress)
@@ -426,8 +486,8 @@ def bench_memory_cmd(
         table.add_column(head, justify="right")
     for name, row in result["breakdown"].items():
         table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", *(_mib(row[c]) for c in cols))
-    console.print(table)
-    console.print(f"ratio e2e / largest block: [bold]{result['ratio']:.2f}x[/]")
+    print_table(table)
+    console.print(Text.assemble("ratio e2e / largest block: ", bold(f"{result['ratio']:.2f}x")))
     console.print(f"method: {result['method']}. layers: source layers [start, end). params, grads, optim (optimizer "
                   "state) and EMA are exact tensor bytes; held = measured memory held between steps; step = measured "
                   "growth during the step (activations, gradients, temporaries at its worst moment), peak = held + "
@@ -467,10 +527,11 @@ def bench_speed_cmd(
     for i, (s, t) in enumerate(zip(result["block_sample_step_s"], result["block_train_step_s"])):
         table.add_row(f"block-{i}", f"{s:.4f}", f"{t:.4f}")
     table.add_row("e2e", f"{result['e2e_sample_step_s']:.4f}", f"{result['e2e_train_step_s']:.4f}")
-    console.print(table)
-    console.print(f"e2e / slowest block: sampling step [bold]{result['sample_step_ratio']:.2f}x[/], "
-                  f"training step [bold]{result['train_step_ratio']:.2f}x[/]  (median of {result['repeats']} after "
-                  f"{result['warmup']} warm-up; batch {result['batch']}, guidance {result['guidance']:g})")
+    print_table(table)
+    console.print(Text.assemble("e2e / slowest block: sampling step ", bold(f"{result['sample_step_ratio']:.2f}x"),
+                                ", training step ", bold(f"{result['train_step_ratio']:.2f}x"),
+                                f"  (median of {result['repeats']} after {result['warmup']} warm-up; batch "
+                                f"{result['batch']}, guidance {result['guidance']:g})"))
     unit = result["unit"]
     console.print(f"generation with {result['sample_steps']} steps per {unit}: blocks {result['block_units_per_s']:.1f} "
                   f"{unit}s/s, e2e {result['e2e_units_per_s']:.1f} {unit}s/s (denoising steps only)", highlight=False)
@@ -499,8 +560,9 @@ def _ablate(kind: str, recipe: str, overrides: Optional[list[str]], steps: Optio
 
     result = run_ablation(kind, recipe, overrides, steps=steps, out=out, num=num, values=parse_values(kind, values),
                           force=force, progress=not quiet, console=console)
-    console.print(rich_table(result.summary))
-    console.print(f"tables written to [bold]{result.markdown}[/] and [bold]{result.json_path}[/]", highlight=False)
+    print_table(rich_table(result.summary))
+    console.print(Text.assemble("tables written to ", bold(result.markdown), " and ", bold(result.json_path)),
+                  highlight=False)
 
 
 @ablate_app.command("partition")

@@ -16,7 +16,9 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from dbconvert.cli.app import ModelOpt, RunOpt, console, err_console, handle_errors
+from rich.text import Text
+
+from dbconvert.cli.app import ModelOpt, RunOpt, bold, console, err_console, handle_errors, print_table
 from dbconvert.evaluation.metric import Metric, get_metric, metric_names
 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: recipe).")]
@@ -38,9 +40,9 @@ def _report(result: dict, run, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
         typer.echo(json.dumps({**result, "file": str(path) if path else None}))
         return
-    console.print(result_table(result))
+    print_table(result_table(result))
     if path:
-        console.print(f"written to [bold]{path}[/]; `dbconvert eval compare` lists every evaluation of the run")
+        console.print(Text.assemble("written to ", bold(path), "; `dbconvert eval compare` lists every evaluation of the run"))
 
 
 SHARED = [
@@ -60,14 +62,19 @@ def _option_parameter(option: Any) -> inspect.Parameter:
 def run_metric(metric: Metric, run: Optional[Path], model: str, steps: Optional[int], solver: Optional[str],
                seed: Optional[int], weights: Optional[str], as_json: bool, quiet: bool, **options: Any) -> None:
     """What every `eval METRIC` command does: resolve the run, evaluate through the registry, report."""
+    from dbconvert.errors import DbconvertError
     from dbconvert.rundir import resolve_run
     from dbconvert.sampling import check_sampler_choices
 
     check_sampler_choices(solver, weights)
-    if run is None and not metric.needs_run and _scores_files_alone(options):
-        opened = _current_run_for(metric)  # folders alone need no run; the current one helps where it applies
+    given = [name for name in metric.alone_options if options.get(name) is not None]
+    if run is None and given and given == list(metric.alone_options):
+        opened = _current_run_for(metric)  # files alone need no run; the current one helps where it applies
     else:
         opened = resolve_run(run)
+        if run is None and given and metric.name not in opened.family().metrics:
+            raise DbconvertError(f"{metric.alone_hint} (the current run {opened.root} is a {opened.family_name} run, "
+                                 f"which eval {metric.name} does not apply to)")
         metric.require(opened)
     sampler = {"steps": steps, "solver": solver, "seed": seed, "weights": weights}
     result = metric.evaluate(opened, model=model, log=_log(quiet or as_json), progress=not quiet,
@@ -85,11 +92,6 @@ def _current_run_for(metric: Metric) -> Any:
     except DbconvertError:
         return None
     return current if metric.name in current.family().metrics else None
-
-
-def _scores_files_alone(options: dict[str, Any]) -> bool:
-    """Both a sample folder and a reference folder given: what a metric without `needs_run` scores alone."""
-    return options.get("samples") is not None and options.get("reference") is not None
 
 
 def metric_command(metric: Metric) -> click.Command:
@@ -140,4 +142,4 @@ def compare_cmd(run: RunOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(json.dumps(results))
         return
     for table in compare_tables(results, opened.root):
-        console.print(table)
+        print_table(table)

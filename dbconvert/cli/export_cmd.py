@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from dbconvert.cli.app import RunOpt, command, console, err_console
+from rich.text import Text
+
+from dbconvert.cli.app import RunOpt, bold, command, console, err_console
 
 OutArg = Annotated[Path, typer.Argument(help="Where to write: DiT a .pt or .safetensors file, Llama a folder.")]
 ExportModelOpt = Annotated[str, typer.Option("--model", help="source (the converted source, as split wrote it), "
@@ -30,5 +32,5 @@ def export_cmd(out: OutArg, run: RunOpt = None, model: ExportModelOpt = "source"
     result = export_model(opened, out, model=model, block=block, weights=weights, force=force)
     for note in result.notes:
         err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
-    console.print(f"exported {result.name} ({result.weights.name}) of {opened.root} to [bold]{result.path}[/]",
+    console.print(Text.assemble(f"exported {result.name} ({result.weights.name}) of {opened.root} to ", bold(result.path)),
                   highlight=False, soft_wrap=True)

@@ -145,8 +145,21 @@ def pack(docs: list[str], tokenizer: Tokenizer, context: int, seed: int) -> np.n
     return stream[: rows * context].reshape(rows, context)
 
 
+def text_split_overlaps_training(cfg: DataConfig, split: str) -> bool:
+    """Whether rows of `split` are rows training uses (`data.split`); local text has `train` and `val` only,
+    any other name is a DataError (it would otherwise read the training rows)."""
+    if resolve_kind(cfg) == "text":
+        if split not in ("train", *VAL_SPLITS):
+            raise DataError(f"local text has the splits train and val (rows held out by data.val_fraction), "
+                            f"not {split!r}")
+        return split not in VAL_SPLITS
+    return split == cfg.split
+
+
 def load_text(cfg: DataConfig, tokenizer: Tokenizer, context: int, split: str | None = None) -> TextData:
     """Packed rows of the requested split (`train`, `val`; hub data sets also name their own splits)."""
+    if split is not None:
+        text_split_overlaps_training(cfg, split)  # an unknown split of local text is an error, not the training rows
     split = split or cfg.split
     held_out = split in VAL_SPLITS
     if held_out and cfg.val_fraction == 0.0 and resolve_kind(cfg) == "text":

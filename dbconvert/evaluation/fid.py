@@ -31,6 +31,7 @@ from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_
                                            inception_features, to_uint8)
 from dbconvert.evaluation.metric import Metric, MetricOption
 from dbconvert.progress import progress as show_progress
+from dbconvert.sampling import check_finite_samples
 
 CHUNK = 1000
 PUBLISHED_REFERENCE_SPLITS = {"cifar10": "train", "uoft-cs/cifar10": "train"}
@@ -355,6 +356,7 @@ def fid_of_folder(run: Any | None, samples: Path, *, reference: Path | None = No
                   feature_images: int = CNN_MAX_IMAGES, progress: bool = False) -> dict[str, Any]:
     """FID of a folder of sample images against a reference folder or (with a run) the run's data set split."""
     start = time.time()
+    check_finite_samples(Path(samples))  # NaN samples' PNGs look like pictures: refuse them
     if run is None and reference is None:
         raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
     if reference is None and image_channels(run) is None:
@@ -457,7 +459,8 @@ class FIDMetric(Metric):
     name = "fid"
     title = "FID"
     lower_is_better = True
-    needs_run = False
+    alone_options = ("samples", "reference")
+    alone_hint = "--samples needs a reference: give --reference DIR, or --run an image run whose data set is the reference"
     spread_label = "KID"
     help = "FID and KID (clean-fid, mode clean) of the run's samples against the data set's reference images."
     options = (

@@ -297,12 +297,14 @@ def evaluate_mauve(
     """MAUVE of the run's continuations (blocks, e2e, ar or source) against the true continuations."""
     import dbconvert
     from dbconvert.checkpoint import atomic_write_text
+    from dbconvert.data.text import text_split_overlaps_training
     from dbconvert.sampling import SampleRequest, resolve_sampler
     from dbconvert.tokenizer import run_tokenizer
 
     start = time.time()
     MauveMetric().require(run)
     run.model_targets(model)  # one line naming the models this run has
+    overlaps = text_split_overlaps_training(run.recipe.data, split or default_split(run))  # unknown split: one line
     context = run.family().sample_shape(run.recipe)[0]  # a text family's sample is one context of tokens
     prompt_tokens, new_tokens = protocol_lengths(context, prompt_tokens, new_tokens, log)
     for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--prompt-tokens", prompt_tokens),
@@ -373,6 +375,7 @@ def evaluate_mauve(
         "new_tokens": new_tokens,
         "reference": f"{run.recipe.data.source}:{split} true continuations",
         "split": split,
+        "reference_overlaps_training": overlaps,
         "sampler": sampler,
         "seed": seed,
         "samples": [str(out)],

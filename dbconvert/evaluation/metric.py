@@ -74,8 +74,10 @@ class Metric(ABC):
     help: ClassVar[str] = ""
     options: ClassVar[tuple[MetricOption, ...]] = ()
     """The metric's own command-line options (beyond --run, --model, --seed, --steps, --solver, --weights)."""
-    needs_run: ClassVar[bool] = True
-    """False when some option set scores files alone (FID of two image folders)."""
+    alone_options: ClassVar[tuple[str, ...]] = ()
+    """Options that, all given, score files with no run (FID: samples and reference folders); empty: a run is needed."""
+    alone_hint: ClassVar[str] = ""
+    """What to give to score files alone, for a user who gave the first of `alone_options` but not the rest."""
     num_option: ClassVar[str] = "num"
     """The option that sets how much is generated (`ablate --num` and `demo` set it)."""
     spread_label: ClassVar[str] = "± std"

@@ -23,7 +23,7 @@ from dbconvert.evaluation.metric import metric_names, metric_of
 
 
 def _slug(text: str) -> str:
-    out = "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
+    out = "".join(c if c.isalnum() or c in ".-+" else "-" for c in text)  # + kept: g1e+30 is not g1e-30
     while "--" in out:
         out = out.replace("--", "-")
     return out.strip("-")[:120]

@@ -133,3 +133,30 @@ def test_python_m_dbconvert_works() -> None:
 
     out = subprocess.run([sys.executable, "-m", "dbconvert", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "train-block" in out.stdout
+
+
+def test_tables_never_cut_numbers_when_not_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from dbconvert.cli.app import print_table
+
+    table = Table(title="a long title " * 8)
+    for col in ("block", "layers", "owned sigma", "training sigma", "mass", "params", "trained steps"):
+        table.add_column(col)
+    table.add_row("0", "[0, 30)", "2.637 – 80", "1.969 – 80", "0.2500", "112,778,880", "123456/200000")
+    sink = io.StringIO()
+    print_table(table, Console(file=sink, width=80, markup=False))  # a pipe: rich would assume 80 columns
+    assert "112,778,880" in sink.getvalue() and "123456/200000" in sink.getvalue() and "…" not in sink.getvalue()
+
+
+def test_paths_and_messages_are_printed_literally_never_as_markup(in_tmp: Path) -> None:
+    out = "run[/b][bold]"
+    result = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"run written to {in_tmp / out}" in result.stdout or f"run written to {out}" in result.stdout
+    result = invoke("export", "[/INST].pt", "--run", out)
+    assert result.exit_code == 0, result.output
+    assert "to [/INST].pt" in result.stdout or "[/INST].pt" in result.stdout.replace(str(in_tmp) + "/", "")

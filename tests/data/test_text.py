@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dbconvert.config import DataConfig
-from dbconvert.data.text import load_text, local_files, read_documents
+from dbconvert.data.text import load_text, local_files, read_documents, text_split_overlaps_training
 from dbconvert.errors import DataError
 from dbconvert.tokenizer import Tokenizer, TokenizerError, train_bpe
 
@@ -108,3 +108,13 @@ def test_shipped_recipe_finds_tinyshakespeare(tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(tmp_path)  # the relative data.source resolves against the repo when not found here
     recipe = load_recipe("llama-tiny-shakespeare")
     assert local_files(recipe.data.source) == [SHAKESPEARE.resolve()]
+
+
+def test_local_text_knows_train_and_val_only_and_says_which_overlaps_training(text_file: Path, tok: Tokenizer) -> None:
+    cfg = DataConfig(source=str(text_file), kind="text", text_unit="paragraph", val_fraction=0.2)
+    for name in ("test", "nope"):
+        with pytest.raises(DataError, match="local text has the splits train and val"):
+            load_text(cfg, tok, 16, split=name)  # it used to return the training rows
+    assert text_split_overlaps_training(cfg, "train") and not text_split_overlaps_training(cfg, "val")
+    hub = DataConfig(source="lm1b", kind="hub")
+    assert text_split_overlaps_training(hub, "train") and not text_split_overlaps_training(hub, "test")

@@ -156,3 +156,27 @@ def test_cli_fid_of_tiny_run_blocks_and_e2e(tiny_run, in_tmp: Path) -> None:  # 
     assert "blocks" in table.stdout and "e2e" in table.stdout and table.stdout.count("FID with features") == 1
     listed = json.loads(invoke("eval", "compare", "--json").stdout)
     assert sorted(r["model"] for r in listed) == ["blocks", "e2e"]
+
+
+def test_fid_of_two_folders_needs_no_run_even_when_the_current_run_is_a_text_run(folders, in_tmp: Path) -> None:  # noqa: ANN001
+    from tests.families.test_llama import CORPUS, tiny_overrides
+
+    (in_tmp / "corpus.txt").write_text(CORPUS)
+    split = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(in_tmp / "corpus.txt"), "-b", "2", "--out", "lm")
+    assert split.exit_code == 0, split.output  # now the current run
+    res = invoke("eval", "fid", "--samples", folders["shifted"], "--reference", folders["test"],
+                 "--features", "builtin:digits", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["value"] > 1.0
+    assert not (in_tmp / "lm" / "eval").exists()  # nothing written into the unrelated text run
+    assert_user_error(invoke("eval", "fid", "--samples", folders["shifted"]), "needs a reference: give --reference DIR")
+
+
+def test_a_sample_folder_of_non_finite_samples_is_refused(folders, tmp_path: Path, in_tmp: Path) -> None:  # noqa: ANN001
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    for i in range(70):
+        Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(nan / f"{i:05d}.png")  # what NaN samples became
+    np.savez(nan / "samples.npz", x=np.full((70, 1, 8, 8), np.nan, np.float32), y=np.zeros(70, np.int64))
+    result = invoke_q("eval", "fid", "--samples", nan, "--reference", folders["test"], "--features", "builtin:digits")
+    assert_user_error(result, "70 of the samples in")

@@ -92,6 +92,8 @@ def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     saved = json.loads(Path(out["file"]).read_text())
     assert saved["metric"] == "mauve" and saved["model"] == "blocks" and saved["split"] == "val"
+    assert saved["reference_overlaps_training"] is False
+    assert_user_error(invoke(*args, "--split", "test"), "local text has the splits train and val")  # not the train rows
     assert saved["num_samples"] == 8 and saved["num_prompts"] == 4 and len(saved["values"]) == 2
     assert all(0.0 <= v <= 1.0 for v in saved["values"]) and saved["mean"] == pytest.approx(np.mean(saved["values"]))
     assert saved["features"].startswith("minilm") and saved["sampler"]["steps"] == 2

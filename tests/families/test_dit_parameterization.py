@@ -122,8 +122,9 @@ def test_noise_range_outside_the_schedule(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"noise.sigma_max=200 lies above .* set noise.sigma_max <= 157.4"):
         family.source(recipe_for(tmp_path / "ref.pt", "noise.sigma_max=200"))
     source = family.source(recipe_for(tmp_path / "ref.pt"))  # the recipe's sigma_min 0.002 < sigma_0 = 0.01
-    assert len(source.notes) == 1 and "fed t = 0" in source.notes[0]
-    assert family.source(recipe_for(tmp_path / "ref.pt", "noise.sigma_min=0.02")).notes == []
+    assumed = "does not say what its network predicts, so it is taken as a DDPM epsilon-predictor"
+    assert len(source.notes) == 2 and assumed in source.notes[0] and "fed t = 0" in source.notes[1]
+    assert [assumed in n for n in family.source(recipe_for(tmp_path / "ref.pt", "noise.sigma_min=0.02")).notes] == [True]
 
 
 def test_unknown_parameterization_is_a_one_line_error(in_tmp: Path) -> None:

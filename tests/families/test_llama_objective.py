@@ -210,7 +210,7 @@ def test_model_kinds_are_one_line_errors_where_a_family_has_no_such_model(tiny_r
     from tests.cli_helpers import assert_user_error, invoke
 
     assert_user_error(invoke("sample", "--model", "ar", "--run", str(tiny_run.root)), "--model must be one of")
-    assert_user_error(invoke("train-e2e", "--objective", "ar", "--run", str(tiny_run.root)), "--model must be one of")
+    assert_user_error(invoke("train-e2e", "--objective", "ar", "--run", str(tiny_run.root)), "--objective ar trains an autoregressive reference")
     assert_user_error(invoke("train-e2e", "--objective", "mse", "--run", str(tiny_run.root)), "--objective must be")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,11 +24,19 @@ class DDPMSchedule(Section):
     beta_end: float = Field(0.02, gt=0, lt=1)
     timesteps: int = Field(1000, ge=2)
 
+    @model_validator(mode="after")
+    def _increasing(self) -> "DDPMSchedule":
+        if self.beta_start > self.beta_end:
+            raise ValueError(f"model.ddpm.beta_start {self.beta_start:g} is above model.ddpm.beta_end {self.beta_end:g}: "
+                             "a DDPM schedule adds noise, its betas increase (the reference DiT's: 1e-4 to 0.02)")
+        return self
+
 
 class DiTConfig(ModelConfig):
     """A DiT: a named architecture (`DiT-S/2`, ...) plus the data shape it models."""
 
     family: Literal["dit"] = "dit"
+    data_modality: ClassVar[str] = "image"
     arch: str = "DiT-Tiny/2"
     depth: int | None = Field(None, ge=1)
     input_size: int = Field(32, ge=1)

@@ -89,6 +89,16 @@ def recorded_parameterization(checkpoint: str | Path) -> dict[str, Any] | None:
     return record
 
 
+def recorded_sigma_range(checkpoint: str | Path) -> list[float] | None:
+    """The owned sigma range a block export recorded in its metadata; None for a full-range network."""
+    meta = read_metadata(checkpoint)
+    try:
+        found = json.loads(meta[METADATA_KEY]).get("sigma_range") if METADATA_KEY in meta else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return found if isinstance(found, list) and len(found) == 2 else None
+
+
 def parameterization_record(cfg: DiTConfig) -> dict[str, Any]:
     """The manifest / export record of a resolved parameterisation (`auto` left in a recipe means `edm`)."""
     name = "edm" if cfg.parameterization == "auto" else cfg.parameterization
@@ -105,8 +115,13 @@ def resolve_parameterization(cfg: DiTConfig, noise: NoiseSettings, recorded: dic
     checkpoint (the reference DiT is a DDPM epsilon-predictor) and `edm` for a fresh network.
     """
     where = f"checkpoint {cfg.checkpoint}"
+    assumed: list[str] = []
     if cfg.parameterization == "auto":
         name = recorded["name"] if recorded else ("ddpm-eps" if cfg.checkpoint else "edm")
+        if cfg.checkpoint and not recorded:
+            assumed = [f"{where} does not say what its network predicts, so it is taken as a DDPM epsilon-predictor "
+                       "(ddpm-eps, as the reference DiT); if it is a .pt export of a dbconvert edm run, split it with "
+                       "model.parameterization=edm"]
     else:
         name = cfg.parameterization
         if recorded and recorded["name"] != name:
@@ -115,8 +130,11 @@ def resolve_parameterization(cfg: DiTConfig, noise: NoiseSettings, recorded: dic
     if name not in ("edm", "ddpm-eps"):
         raise CheckpointError(f"{where} records the unknown parameterization {name!r}; this dbconvert knows edm and ddpm-eps")
     cfg.parameterization = name
-    if name != "ddpm-eps":
-        return []
+    return assumed + ddpm_notes(cfg, noise, recorded, where) if name == "ddpm-eps" else assumed
+
+
+def ddpm_notes(cfg: DiTConfig, noise: NoiseSettings, recorded: dict[str, Any] | None, where: str) -> list[str]:
+    """Check a ddpm-eps source's schedule against its recorded one and the noise range; notes to show."""
     schedule = cfg.ddpm.model_dump()
     if recorded:
         mismatch = [k for k in schedule if k in recorded and recorded[k] != schedule[k]]

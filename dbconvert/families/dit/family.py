@@ -17,7 +17,7 @@ from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.convert import (EXPORT_SUFFIXES, block_key_map, drop_variance, export_metadata, export_state,
                                             is_layer_key, parameterization_record, recorded_parameterization,
-                                            resolve_parameterization)
+                                            recorded_sigma_range, resolve_parameterization)
 from dbconvert.families.dit.generate import ImageSampleOptions, sample_images
 from dbconvert.families.dit.model import ARCH_NOTES, DiT, arch_rows
 from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, edm_loss
@@ -52,6 +52,11 @@ class DiTFamily(Family):
         what = f"checkpoint {cfg.checkpoint} vs {cfg.arch} (input_size={cfg.input_size}, learn_sigma={cfg.learn_sigma})"
         load_strict(reference, read_checkpoint(cfg.checkpoint), what)
         notes = resolve_parameterization(cfg, recipe.noise.settings(), recorded_parameterization(cfg.checkpoint))
+        owned = recorded_sigma_range(cfg.checkpoint)
+        if owned is not None:
+            notes.append(f"checkpoint {cfg.checkpoint} is a block export, a denoiser for sigma in ({owned[0]:.4g}, "
+                         f"{owned[1]:.4g}] only (its metadata); split as a source it is used over the whole noise "
+                         "range, that range ignored")
         net = DiT(shape)
         net.load_state_dict(drop_variance(reference.state_dict(), cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth))
         return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint), notes=notes)
@@ -129,7 +134,7 @@ class DiTFamily(Family):
             notes = [f"{out.name} records its parameterization ({record['name']}): split it with "
                      "model.parameterization=auto (the default)"]
         else:
-            atomic_write(out, lambda tmp: torch.save(state, tmp))
+            atomic_write(out, lambda tmp: save_pt(state, tmp))
             notes = [f"{out.name} holds a {record['name']!r} network and a .pt file cannot say so: "
                      + ("it is a DDPM epsilon-predictor like the reference DiT's, so split it with the default auto"
                         if record["name"] == "ddpm-eps" else "split it with model.parameterization=edm "
@@ -162,3 +167,10 @@ class DiTFamily(Family):
 
     def architectures(self) -> Architectures:
         return Architectures("DiT architectures (model.arch)", arch_rows(), ARCH_NOTES)
+
+
+def save_pt(state: dict[str, torch.Tensor], path: Path) -> None:
+    """torch.save through an open file: given a path, torch records the (temporary, random) file name inside the
+    zip, so the same weights would give different bytes; through a file object the record name is fixed."""
+    with open(path, "wb") as fh:
+        torch.save(state, fh)

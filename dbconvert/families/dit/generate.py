@@ -64,7 +64,12 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
             return out
 
         with torch.no_grad():
-            x = edm_sample(denoise, owned, ts, z, solver).clamp(-1, 1).cpu()
+            x = edm_sample(denoise, owned, ts, z, solver)
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        if bad:
+            raise DbconvertError(f"{bad} of {num} samples are not finite (NaN or inf) with guidance {guidance:g}, "
+                                 f"{solver}, {steps} steps; nothing was written (lower --guidance, or retrain)")
+        x = x.clamp(-1, 1).cpu()
 
     tag = f"{request.model}-{solver}-{steps}steps-g{guidance:g}-seed{seed}"
     out = Path(request.out) if request.out else run.root / "samples" / tag

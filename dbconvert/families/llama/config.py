@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -15,6 +15,7 @@ class LlamaConfig(ModelConfig):
     """A Llama: either a Hugging Face checkpoint folder (its config.json wins) or these fields."""
 
     family: Literal["llama"] = "llama"
+    data_modality: ClassVar[str] = "text"
     layers: int = Field(8, ge=1)
     hidden: int = Field(128, ge=2)
     heads: int = Field(4, ge=1)
@@ -72,6 +73,9 @@ class LlamaConfig(ModelConfig):
         if self.head_rank is not None and self.head_rank >= self.hidden:
             raise ValueError(f"model.head_rank {self.head_rank} is not below model.hidden {self.hidden}; "
                              f"use a rank < {self.hidden} (null = the full V x H head)")
+        if self.adaln_rank is not None and self.adaln_rank >= self.hidden:
+            raise ValueError(f"model.adaln_rank {self.adaln_rank} is not below model.hidden {self.hidden}; "
+                             f"use a rank < {self.hidden} (null = the full Linear(H, 6H) modulation, which is smaller)")
         if self.target_dim is not None and self.target_dim > self.hidden:
             raise ValueError(f"model.target_dim {self.target_dim} is larger than model.hidden {self.hidden}; "
                              f"use at most {self.hidden} (null = hidden)")

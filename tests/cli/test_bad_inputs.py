@@ -1,0 +1,155 @@
+"""Every bad input a hostile new user tried (issue 20), as a table: each one is exit 2, exactly one `error:` line on
+stderr, no traceback, and nothing on disk changed (every file's bytes and mtime, every folder, before and after).
+
+To cover a new option, add a `Bad(...)` row: the command line (run from a folder holding the DiT run `run` and the
+Llama run `lm`, `lm` being the current run), a piece of the expected error line, and, if the input needs a file
+made first, a `setup` that makes it (it runs before the snapshot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from dbconvert.rundir import set_current
+from tests.cli_helpers import assert_user_error, invoke
+from tests.conftest import TINY_OVERRIDES
+
+DIT = ("dit-tiny-digits", *TINY_OVERRIDES)
+
+
+def llama_recipe(root: Path) -> tuple[str, ...]:
+    from tests.families.test_llama import tiny_overrides
+
+    return ("llama-tiny-shakespeare", *tiny_overrides(root / "corpus.txt"))
+
+
+@dataclass
+class Bad:
+    id: str
+    args: tuple[str, ...] | Callable[[Path], tuple[str, ...]]
+    match: str
+    setup: Callable[[Path], None] | None = None
+    skip: str | None = None
+    marks: list = field(default_factory=list)
+
+
+def truncated_manifest(root: Path) -> None:
+    (root / "broken").mkdir()
+    text = (root / "run" / "manifest.yaml").read_text()
+    (root / "broken" / "manifest.yaml").write_text(text[: text.index("recipe:")])
+
+
+def non_empty_folder(root: Path) -> None:
+    (root / "mine.pt").mkdir()
+    (root / "mine.pt" / "notes.txt").write_text("mine")
+
+
+def existing_file(root: Path) -> None:
+    (root / "old.pt").write_text("keep")
+
+
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+ROWS = [
+    # --- data loss: export never replaces the run, a folder around or inside it, or a folder that is not an export
+    Bad("export-into-the-run", ("export", "run", "--run", "run", "--force"), "is the run folder"),
+    Bad("export-dot-holding-the-run", ("export", ".", "--run", "run", "--force"), "contains the run folder"),
+    Bad("export-inside-the-run", ("export", "run/source/x.pt", "--run", "run", "--force"), "is inside the run folder"),
+    Bad("export-over-a-non-empty-folder", ("export", "mine.pt", "--run", "run", "--force"), "not an earlier dit export",
+        setup=non_empty_folder),
+    Bad("export-over-a-file-without-force", ("export", "old.pt", "--run", "run"), "already exists; pass --force",
+        setup=existing_file),
+    # --- silent wrong answers
+    Bad("train-with-data-test-fraction", ("train-block", "0", "data.test_fraction=0", "--run", "run", "-q"),
+        "the 'data' section is fixed when the run is split"),
+    Bad("train-with-another-data-source", ("train-block", "1", "data.source=digits", "--run", "run", "-q"),
+        "the 'data' section is fixed when the run is split"),
+    Bad("mauve-unknown-split", ("eval", "mauve", "--run", "lm", "--split", "nope"), "local text has the splits"),
+    Bad("mauve-test-split-of-local-text", ("eval", "mauve", "--run", "lm", "--split", "test"), "not 'test'"),
+    Bad("p-std-without-mass", ("split", *DIT, "noise.p_std=1e-30", "--out", "new"), "would own the noise levels"),
+    Bad("p-mean-far-above", ("split", *DIT, "noise.p_mean=50", "--out", "new"), "puts (almost) no mass"),
+    Bad("p-mean-far-below", ("split", *DIT, "noise.p_mean=-50", "--out", "new"), "puts (almost) no mass"),
+    Bad("inverted-ddpm-schedule", ("split", *DIT, "model.ddpm.beta_start=0.03", "--out", "new"), "betas increase"),
+    Bad("bool-as-a-number", ("split", *DIT, "train.lr=true", "--out", "new"), "expected float, not true"),
+    Bad("text-data-option-on-an-image-run", ("split", *DIT, "data.text_unit=document", "--out", "new"),
+        "data.text_unit=document is an option of text data"),
+    Bad("image-data-kind-on-an-image-run", ("split", *DIT, "data.kind=text", "--out", "new"), "data.kind=text"),
+    Bad("head-rank-true", lambda root: ("split", *llama_recipe(root), "model.head_rank=true", "--out", "new"),
+        "expected int or null, not true"),
+    Bad("absurd-adaln-rank", lambda root: ("split", *llama_recipe(root), "model.adaln_rank=100000", "--out", "new"),
+        "model.adaln_rank 100000 is not below model.hidden"),
+    Bad("image-data-option-on-a-text-run", lambda root: ("split", *llama_recipe(root), "data.test_fraction=0.1",
+                                                         "--out", "new"), "is an option of image data"),
+    Bad("prompt-on-an-image-run", ("sample", "--run", "run", "--prompt", "hi"), "--prompt does not apply to a dit run"),
+    Bad("temperature-on-an-image-run", ("sample", "--run", "run", "--temperature", "0.5"), "--temperature does not apply to a dit run"),
+    Bad("class-on-a-text-run", ("sample", "--run", "lm", "--model", "source", "--class", "3"),
+        "--class does not apply to a llama run"),
+    # --- tracebacks and unclear errors
+    Bad("brackets-in-a-path-print-literally", ("split", "[/INST] [/b].yaml"), "'[/INST] [/b].yaml' not found"),
+    Bad("tensorboard-install-hint", ("train-block", "0", "train.tensorboard=true", "--run", "run", "-q"),
+        'pip install "dbconvert[tensorboard]"', skip="tensorboard is installed" if TENSORBOARD else None),
+    Bad("truncated-manifest", ("info", "--run", "broken"), "is incomplete (it has no 'recipe')",
+        setup=truncated_manifest),
+    Bad("objective-ar-on-an-image-run", ("train-e2e", "--objective", "ar", "--run", "run", "-q"), "--objective ar"),
+    Bad("bad-option-value", ("split", "dit-tiny-digits", "--blocks", "x"), "Invalid value for '--blocks'"),
+    Bad("unknown-option", ("export", "x.pt", "--nope"), "No such option: --nope"),
+    Bad("missing-argument", ("train-block",), "Missing argument 'index'"),
+    Bad("out-of-range-option", ("sample", "--run", "run", "--steps", "0"), "'--steps'"),
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DiT run `run` and a Llama run `lm` (the current run), split once for the whole table."""
+    import os
+
+    from tests.families.test_llama import CORPUS
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "corpus.txt").write_text(CORPUS)
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        for args in (("split", *DIT, "--out", "run"), ("split", *llama_recipe(root), "-b", "2", "--out", "lm")):
+            result = invoke(*args)
+            assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under `root`: folders by name, files by size, mtime and sha256."""
+    out: dict[str, tuple] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_dir():
+            out[str(path.relative_to(root))] = ("dir",)
+        else:
+            stat = path.stat()
+            out[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns,
+                                                hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(row: Bad, workspace: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if row.skip:
+        pytest.skip(row.skip)
+    root = tmp_path / "ws"
+    shutil.copytree(workspace, root, symlinks=True)  # each row gets its own copy: a failure cannot spill over
+    monkeypatch.chdir(root)
+    set_current(root / "lm")  # the copy's own current run, not the original's
+    if row.setup:
+        row.setup(root)
+    args = row.args(root) if callable(row.args) else row.args
+    before = snapshot(root)
+    assert_user_error(invoke(*args), row.match)
+    assert snapshot(root) == before
