@@ -44,6 +44,8 @@ class SampleRequest:
     """Text families: prompts as token ids (evaluation protocols), instead of --prompt text."""
     on_progress: Callable[[int, int], None] | None = None
     """(done, total) callback, e.g. for a log line every so often."""
+    images: Path | None = None
+    """Classifier families: a folder of images to classify (instead of the data set's test split)."""
 
 
 @dataclass

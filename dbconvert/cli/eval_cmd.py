@@ -120,6 +120,21 @@ def mauve_cmd(
     _report(result, opened, as_json)
 
 
+@eval_app.command("accuracy")
+@handle_errors
+def accuracy_cmd(run: RunOpt = None, model: ModelOpt = "blocks", steps: Annotated[Optional[int], typer.Option(
+                 "--steps", min=1, help="Denoising steps (default: one per block).")] = None,
+                 seed: SeedOpt = None, weights: WeightsOpt = None, as_json: JsonOpt = False) -> None:
+    """Classifier runs (ViT): top-1, top-5, NLL, ECE on the test split and the top-1 after every denoising step."""
+    from dbconvert.families.vit.metrics import evaluate_accuracy
+    from dbconvert.rundir import resolve_run
+
+    _check_choices(None, weights)
+    result = evaluate_accuracy(resolve_run(run), model=model, steps=steps, weights=weights, seed=seed)
+    typer.echo(json.dumps(result) if as_json else " ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k not in ("sampler", "run")))
+
+
 @eval_app.command("compare")
 @handle_errors
 def compare_cmd(run: RunOpt = None, as_json: JsonOpt = False) -> None:
