@@ -220,10 +220,10 @@ TIMM_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def export_timm_state(net: ViTNet) -> dict[str, torch.Tensor]:
-    state = net.state_dict()
-    return apply_key_map(state, {k: k for k in timm_keys(net.shape.depth)},
-                         ignored=lambda key: key not in TIMM_SHARED and not key.startswith("blocks."),
-                         what="export to timm")
+    """timm's keys of `net` (the noise modulation, its embedder and `label_pos` left out: a classifier never uses them)."""
+    keys = timm_keys(net.shape.depth)
+    own = set(net.state_dict()) - set(keys)
+    return apply_key_map(net.state_dict(), {k: k for k in keys}, ignored=lambda key: key in own, what="export to timm")
 
 
 def timm_kwargs(shape: ViTShape) -> dict:
