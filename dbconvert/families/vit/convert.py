@@ -184,7 +184,8 @@ def hf_shape_fields(config: dict, what: str) -> dict:
         raise CheckpointError(f"{what}: hidden_act={config.get('hidden_act')!r}, qkv_bias={config.get('qkv_bias')} "
                               "differ from timm's ViT (gelu, qkv bias); this family does not convert it")
     ratio = config.get("intermediate_size", 3072) / config.get("hidden_size", 768)
-    return {"norm_eps": float(config.get("layer_norm_eps", 1e-12)), "mlp_ratio": ratio}
+    return {"norm_eps": float(config.get("layer_norm_eps", 1e-12)), "mlp_ratio": ratio,
+            "num_heads": int(config.get("num_attention_heads", 12))}
 
 
 def load_source(net: ViTNet, timm_state: dict[str, torch.Tensor], what: str) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from dbconvert import noise as nz
 from dbconvert.checkpoint import apply_key_map, atomic_write, load_weights, save_weights
-from dbconvert.errors import DbconvertError, RunError
+from dbconvert.errors import CheckpointError, DbconvertError, RunError
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.vit.config import ARCHS, ViTConfig, arch_sizes
 from dbconvert.families.vit.convert import (LABELS_FILE, TIMM_SUFFIXES, block_key_map, check_against, checkpoint_shape,
@@ -97,6 +97,9 @@ class ViTFamily(Family):
         notes = []
         if hf is not None:
             fields = hf_shape_fields(hf, what)
+            if fields["num_heads"] != cfg.shape().num_heads:
+                raise CheckpointError(f"{what} has num_attention_heads={fields['num_heads']} but the recipe has "
+                                      f"model.num_heads={cfg.shape().num_heads}; set model.num_heads={fields['num_heads']}")
             if abs(fields["mlp_ratio"] - cfg.shape().mlp_ratio) > 1e-9:
                 cfg.mlp_ratio = fields["mlp_ratio"]
             cfg.norm_eps = fields["norm_eps"]  # the manifest records the checkpoint's eps

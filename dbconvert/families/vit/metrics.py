@@ -73,6 +73,7 @@ def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None,
     final = scores(logits[-1], labels)
     result: dict[str, Any] = {
         "metric": NAME, "direction": DIRECTION, "model": model, "split": split, "images": n,
+        "num_samples": n, "seed": seed,
         **final,
         "per_step_top1": [(lg.argmax(-1) == labels).float().mean().item() for lg in logits],
         "sampler": {"steps": steps, "levels": "evenly spaced in the log-normal CDF", "weights": weights, "seed": seed},
