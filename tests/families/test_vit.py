@@ -220,7 +220,7 @@ def test_split_train_eval_sample_export_through_the_cli(in_tmp: Path) -> None:
     saved = json.loads((in_tmp / "r" / "eval" / "accuracy-blocks.json").read_text())
     assert saved["top1"] == blocks["top1"]
     five = json.loads(invoke("eval", "accuracy", "--model", "e2e", "--steps", "5", "--json").stdout)
-    assert len(five["per_step_top1"]) == 5
+    assert len(five["per_step_top1"]) == 5 and five["file"].endswith("accuracy-e2e-5steps.json")
     ref = json.loads(invoke("eval", "accuracy", "--model", "classifier", "--json").stdout)
     assert len(ref["per_step_top1"]) == 1
     assert_user_error(invoke("eval", "accuracy", "--model", "classifier", "--steps", "2"), "--steps applies")

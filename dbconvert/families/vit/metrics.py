@@ -1,7 +1,8 @@
 """The accuracy metric of a ViT run: top-1, top-5, NLL and expected calibration error on the test split, and
 the top-1 accuracy after every denoising step (how the answer forms block by block).
 
-`evaluate_accuracy(run, model)` writes RUN/eval/accuracy-<model>.json and returns the same dict. It is
+`evaluate_accuracy(run, model)` writes RUN/eval/accuracy-<model>.json (`-<N>steps` added for a denoiser
+evaluated with N steps other than one per block) and returns the same dict. It is
 self-contained (no evaluation-registry imports) so the registry can wrap it.
 """
 
@@ -53,7 +54,8 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None, weights: str | None = None,
                       seed: int | None = None, split: str = "test", num: int | None = None,
                       out_dir: Path | None = None) -> dict[str, Any]:
-    """Accuracy of `model` (blocks, e2e, classifier or source) on `split`; writes RUN/eval/accuracy-<model>.json."""
+    """Accuracy of `model` (blocks, e2e, classifier or source) on `split`; writes RUN/eval/accuracy-<model>.json
+    (accuracy-<model>-<N>steps.json for a denoiser evaluated with other than one step per block)."""
     from dbconvert.families.vit.data import load_labelled
     from dbconvert.families.vit.generate import default_steps, step_logits
 
@@ -84,7 +86,8 @@ def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None,
 
         result["per_step_sigma"] = cdf_levels(steps, run.noise())  # type: ignore[arg-type]
     result["stderr_top1"] = math.sqrt(max(final["top1"] * (1 - final["top1"]), 0.0) / max(n, 1))
-    path = (out_dir or run.root / "eval") / f"accuracy-{model}.json"
+    suffix = f"-{steps}steps" if is_denoiser and steps != default_steps(run, model) else ""
+    path = (out_dir or run.root / "eval") / f"accuracy-{model}{suffix}.json"
     write_json(path, result)
     result["file"] = str(path)
     return result
