@@ -126,11 +126,16 @@ def accuracy_cmd(run: RunOpt = None, model: ModelOpt = "blocks", steps: Annotate
                  "--steps", min=1, help="Denoising steps (default: one per block).")] = None,
                  seed: SeedOpt = None, weights: WeightsOpt = None, as_json: JsonOpt = False) -> None:
     """Classifier runs (ViT): top-1, top-5, NLL, ECE on the test split and the top-1 after every denoising step."""
-    from dbconvert.families.vit.metrics import evaluate_accuracy
+    from dbconvert.errors import DbconvertError
     from dbconvert.rundir import resolve_run
 
     _check_choices(None, weights)
-    result = evaluate_accuracy(resolve_run(run), model=model, steps=steps, weights=weights, seed=seed)
+    opened = resolve_run(run)
+    evaluate = opened.family().metrics().get("accuracy")
+    if evaluate is None:
+        raise DbconvertError(f"eval accuracy applies to classifier runs; this {opened.family_name} run is scored by "
+                             f"{opened.family().default_metric} (use eval {opened.family().default_metric})")
+    result = evaluate(opened, model=model, steps=steps, weights=weights, seed=seed)
     typer.echo(json.dumps(result) if as_json else " ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k not in ("sampler", "run")))
 

@@ -174,6 +174,11 @@ class Family(ABC):
         """Metrics of a fixed held-out batch, logged every `train.val_every` steps (`val_*` keys). Default: none."""
         return {}
 
+    def metrics(self) -> dict[str, Callable[..., dict[str, Any]]]:
+        """Metrics this family defines itself: name -> `evaluate(run, model=..., **options)` returning a result dict
+        (e.g. the ViT family's `accuracy`). Default: none (the generic FID / MAUVE apply)."""
+        return {}
+
     # -- export ----------------------------------------------------------------------------
 
     def check_export(self, model: str, out: Path) -> None:

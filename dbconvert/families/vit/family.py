@@ -166,6 +166,12 @@ class ViTFamily(Family):
                 shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
         return classifier_loss(model, batch)  # type: ignore[arg-type]
 
+    def metrics(self) -> dict[str, Callable[..., dict[str, Any]]]:
+        """`accuracy`: top-1 / top-5 / NLL / ECE and the per-step top-1 (families/vit/metrics.py)."""
+        from dbconvert.families.vit.metrics import evaluate_accuracy
+
+        return {"accuracy": evaluate_accuracy}
+
     # -- export ----------------------------------------------------------------------------
 
     def check_export(self, model: str, out: Path) -> None:
