@@ -207,7 +207,9 @@ class ViTNet(nn.Module):
         patches = self.patch_embed(x) + self.pos_embed[:, 1:]
         first = self.cls_token.expand(x.shape[0], -1, -1)
         if label is not None and self.shape.label_token == "cls":
-            first = label.unsqueeze(1).to(patches.dtype)
+            # the label takes the CLS slot; `0 * cls_token` keeps cls_token in the graph (a zero gradient), so data
+            # parallelism without find_unused_parameters sees every parameter used
+            first = label.unsqueeze(1).to(patches.dtype) + 0 * first
         seq = [first + self.pos_embed[:, :1], patches]
         if label is not None and self.shape.label_token == "append":
             seq.append(label.unsqueeze(1).to(patches.dtype) + self.label_pos)
