@@ -7,6 +7,7 @@ checkpoint must agree with the recipe on every one of them (one-line error other
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -34,6 +35,7 @@ ARCHS: dict[str, ViTArch] = {
 (12 layers, width 128, 4 heads, patch 4). Any timm VisionTransformer name (vit_tiny_patch16_224, ...) works too."""
 
 
+@lru_cache(maxsize=None)
 def timm_arch(name: str) -> ViTArch:
     """The sizes of timm architecture `name`, read from the model built on the meta device (no weights)."""
     import timm

@@ -1,7 +1,7 @@
 """Classification with a ViT run: the logits after every denoising step, and `sample` (predictions written).
 
 `sample` on a ViT run classifies images: `--images DIR` (image files, or class sub-folders of them) or,
-without it, the first `--num` images of the data set's test split. It writes predictions.csv (file or
+without it, the first `--num` (default: sample.num) images of the data set's test split. It writes predictions.csv (file or
 index, predicted class, its probability, and the true label where known) and probs.npz (the
 probabilities of every class, after every step).
 """
@@ -96,7 +96,7 @@ def classify(run: Run, request: SampleRequest) -> SampleResult:
         x, names = read_image_folder(Path(images), cfg.in_chans, cfg.img_size)  # type: ignore[attr-defined]
     else:
         data = load_labelled(run.recipe.data, cfg, "test", train_split=False)  # type: ignore[arg-type]
-        num = min(request.num or len(data), len(data))
+        num = min(request.num or run.recipe.sample.num, len(data))
         x, labels = data.x[:num], data.y[:num]
         names = [str(i) for i in range(num)]
     if request.model not in ("blocks", "e2e") and request.steps is not None:
