@@ -271,3 +271,24 @@ def test_augmentation_is_deterministic_by_batch_and_changes_images() -> None:
     assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
     flip_only = augment_images(x, Augment(flip=True), torch.Generator().manual_seed(0))
     assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in zip(flip_only, x))
+
+
+def test_fresh_network_from_a_timm_name_and_bad_names() -> None:
+    r = recipe("model.arch=vit_tiny_patch16_224", "model.depth=null", "model.embed_dim=null", "model.num_heads=null",
+               "model.img_size=32", "model.in_chans=3", "model.patch_size=8")
+    shape = r.model.shape()
+    assert (shape.embed_dim, shape.num_heads, shape.depth, shape.mlp_ratio) == (192, 3, 12, 4.0)
+    assert_user_error(invoke("split", "vit-tiny-digits", "model.arch=vit_nope"), "is neither one of vit-micro")
+    assert_user_error(invoke("split", "vit-tiny-digits", "model.arch=resnet18"), "not a VisionTransformer")
+
+
+def test_cosine_learning_rate_after_warm_up() -> None:
+    from dbconvert.trainstep import learning_rate
+
+    r = load_recipe("vit-tiny-digits", ["train.lr=1.0", "train.warmup_steps=10", "train.lr_schedule=cosine"])
+    assert learning_rate(r, 4, 110) == pytest.approx(0.5)  # linear warm-up
+    assert learning_rate(r, 10, 110) == pytest.approx(1.0)
+    assert learning_rate(r, 60, 110) == pytest.approx(0.5)  # half way through the decay
+    assert learning_rate(r, 110, 110) == pytest.approx(0.0, abs=1e-12)
+    constant = load_recipe("vit-tiny-digits", ["train.lr=1.0", "train.warmup_steps=10", "train.lr_schedule=constant"])
+    assert learning_rate(constant, 60, 110) == 1.0
