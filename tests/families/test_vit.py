@@ -292,3 +292,23 @@ def test_cosine_learning_rate_after_warm_up() -> None:
     assert learning_rate(r, 110, 110) == pytest.approx(0.0, abs=1e-12)
     constant = load_recipe("vit-tiny-digits", ["train.lr=1.0", "train.warmup_steps=10", "train.lr_schedule=constant"])
     assert learning_rate(constant, 60, 110) == 1.0
+
+
+def test_image_folder_trains_and_hub_data_offline_is_one_line(in_tmp: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("cat", "dog", "eel"):
+            folder = in_tmp / "imgs" / split / label
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), "RGB").save(folder / f"{i}.png")
+    args = [*TINY, "data.source=imgs", "model.in_chans=3", "model.num_classes=3", "train.batch_size=6",
+            "model.augment.flip=true", "model.augment.crop_padding=1"]
+    assert invoke("split", "vit-tiny-digits", *args, "--out", "r").exit_code == 0
+    assert invoke("train-block", "0", "-q").exit_code == 0
+    assert json.loads(invoke("eval", "accuracy", "--model", "source", "--json").stdout)["images"] == 18
+
+    assert invoke("split", "vit-cifar100", *TINY, "--out", "c").exit_code == 0
+    assert_user_error(invoke("train-block", "0", "--run", "c"), "could not be loaded from the Hugging Face hub")
