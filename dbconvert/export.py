@@ -55,7 +55,7 @@ def export_target(run: Run, model: str, block: int | None, weights: str) -> tupl
     if model == "source":
         return model, name, depth, run.source_weights
     if not run.status(name).trained:
-        command = f"train-block {block}" if block is not None else f"train-e2e{' --objective ar' if model == 'ar' else ''}"
+        command = f"train-block {block}" if block is not None else f"train-e2e{'' if model == 'e2e' else ' --objective ' + model}"
         raise RunError(f"{name} of {run.root} is not trained, so there is nothing new to export; run `dbconvert {command}` "
                        "first (or export --model source)")
     return model, name, depth, run.model_dir(name) / f"{weights}.safetensors"

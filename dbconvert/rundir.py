@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "manifest.yaml"
 POINTER = Path(".dbconvert") / "current-run"
-SINGLE_MODELS = ("e2e", "ar", "source")
+SINGLE_MODELS = ("e2e", "ar", "classifier", "source")
 """Models stored as one network in a folder of their own name (blocks live under blocks/)."""
 ORIENTATION = "block 0 = first source layers = highest noise; block B-1 = last layers = lowest noise"
 

@@ -141,6 +141,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After the linear warm-up: constant, or cosine decay to 0 at the last step (the paper's ViT recipe)."""
     grad_clip: float | None = Field(None, gt=0)
     batch_size: int = Field(256, ge=1)
     steps: int | None = Field(None, ge=1)

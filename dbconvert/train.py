@@ -72,13 +72,14 @@ def block_target(run: Run, index: int) -> Target:
 def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
     """The whole network from the converted source: the e2e baseline (same denoiser, full sigma range) or `ar`."""
     full = run.noise().full_range()
-    if objective == "ar":
-        if "ar" not in run.family().model_kinds:
-            raise DbconvertError(f"--objective ar trains an autoregressive reference, which a {run.family_name} run "
-                                 "has none of (language models only); use --objective denoiser (the default)")
-        return Target("ar", run.num_layers, full, run.source_weights, "ar", salt=999_983)
+    reference = run.family().reference_kind  # `ar` (text) or `classifier` (ViT): the family's plain reference
+    if objective in ("ar", reference):
+        if objective not in run.family().model_kinds:
+            raise DbconvertError(f"--objective {objective} trains a plain reference, which a {run.family_name} run "
+                                 f"has none of; use --objective denoiser (the default)")
+        return Target(objective, run.num_layers, full, run.source_weights, objective, salt=999_983)
     if objective != "denoiser":
-        raise DbconvertError(f"--objective must be denoiser or ar, not {objective!r}")
+        raise DbconvertError(f"--objective must be denoiser or {reference}, not {objective!r}")
     return Target("e2e", run.num_layers, full, run.source_weights)
 
 
@@ -196,7 +197,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
         return TrainResult(target.name, start, n_total, None, out_dir)
 
     heldout = heldout_batch(family, recipe, device, note) if main and recipe.train.val_every else None
-    model = distributed.wrap(dist, state.model, device, find_unused=target.objective == "ar")
+    model = distributed.wrap(dist, state.model, device, find_unused=target.objective != "denoiser")
     forward = torch.compile(model) if recipe.train.compile else model
     metrics = run.metrics_path(target.name)
     if main:
@@ -213,7 +214,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
             gen = step_generator(recipe.train.seed, step, target.salt)
             indices = batch_indices(recipe.train.seed, step, global_batch, len(data))[local]
             batch = [t.to(device) for t in data.batch(indices)]
-            lr = learning_rate(recipe, step)
+            lr = learning_rate(recipe, step, n_total)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             try:

@@ -51,9 +51,16 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def learning_rate(recipe: Recipe, step: int) -> float:
+def learning_rate(recipe: Recipe, step: int, total: int | None = None) -> float:
+    """Linear warm-up over train.warmup_steps, then constant or (lr_schedule=cosine, `total` steps) cosine to 0."""
     warm = recipe.train.warmup_steps
-    return recipe.train.lr * min(1.0, (step + 1) / warm) if warm else recipe.train.lr
+    lr = recipe.train.lr * min(1.0, (step + 1) / warm) if warm else recipe.train.lr
+    if recipe.train.lr_schedule == "cosine" and total and step >= warm:
+        import math
+
+        progress = (step - warm) / max(1, total - warm)
+        lr = recipe.train.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return lr
 
 
 @torch.no_grad()
@@ -107,7 +114,7 @@ class TrainingState:
              generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
         """The objective's loss of one batch through `forward` (the model, or its DDP / compiled wrapper)."""
         with self.autocast():
-            if self.objective == "ar":
+            if self.objective != "denoiser":  # the reference (ar, classifier)
                 return self.family.ar_loss(forward, batch, self.recipe, shard)
             return self.family.training_loss(forward, batch, sigma_range, self.recipe, generator, shard)
 
@@ -147,7 +154,7 @@ def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseSettings
                 objective: Objective = "denoiser") -> TrainingState:
     """Network of `depth` layers wrapped for `objective`, its EMA copy, optimizer and precision on `device`."""
     network = family.block_network(recipe, depth)
-    model = family.ar_model(recipe, network) if objective == "ar" else family.denoiser(recipe, network, noise)
+    model = family.ar_model(recipe, network) if objective != "denoiser" else family.denoiser(recipe, network, noise)
     model = model.to(device)
     ema = family.block_network(recipe, depth).to(device).requires_grad_(False)
     ema.load_state_dict(network.state_dict())

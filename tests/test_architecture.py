@@ -285,7 +285,8 @@ def test_no_module_outside_families_imports_a_family_package() -> None:
     assert not found, "\n".join(found)
 
 
-@pytest.mark.parametrize("module", ["dbconvert.families.dit.family", "dbconvert.families.llama.family"])
+@pytest.mark.parametrize("module", ["dbconvert.families.dit.family", "dbconvert.families.llama.family",
+                                    "dbconvert.families.vit.family"])
 def test_builtin_families_fulfil_the_contract(module: str) -> None:
     """Every abstract method of Family is implemented (instantiation would fail otherwise)."""
     from importlib import import_module

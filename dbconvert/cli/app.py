@@ -102,7 +102,8 @@ StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Train f
 EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Train for this many epochs (overrides the recipe).")]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Ignore the saved training state and start over.")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Which model: blocks, e2e (same denoiser, all layers), "
-                                                      "source (the unsplit converted source) or ar (text: the AR reference).")]
+                                                      "source (the unsplit converted source), ar (text: the AR reference) or "
+                                                      "classifier (ViT: the plain classifier).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
@@ -282,7 +283,7 @@ def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | No
     run = resolve_run(run_dir)
     target = block_target(run, index) if index is not None else e2e_target(run, objective)  # validates first
     resolved = training_recipe(run, overrides, steps, epochs)  # the values that will be used, --steps included
-    what = f"block {index}" if index is not None else {"e2e": "e2e baseline", "ar": "AR reference"}[target.name]
+    what = f"block {index}" if index is not None else {"e2e": "e2e baseline", "ar": "AR reference"}.get(target.name, f"{target.name} reference")
     dist = from_env()  # under torchrun only rank 0 talks
     if dist.is_main:
         announce(f"training {what} of {run.root}", {
@@ -350,7 +351,8 @@ def train_e2e_cmd(
     quiet: QuietOpt = False,
     objective: Annotated[str, typer.Option("--objective", help="denoiser: the e2e baseline (the blocks' denoiser over "
                                            "all layers and the full sigma range); ar: the autoregressive reference "
-                                           "(text), into RUN/ar/.")] = "denoiser",
+                                           "(text), into RUN/ar/; classifier: the plain classifier (ViT), into "
+                                           "RUN/classifier/.")] = "denoiser",
 ) -> None:
     """Train the unsplit network end to end (the baseline), matched to the blocks in layer updates."""
     _train(run, None, overrides, steps, epochs, restart, quiet, objective)
@@ -374,6 +376,8 @@ def sample_cmd(
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="AR decoding (ar, text source): "
                                                          "softmax temperature, 0 = greedy (default: recipe, 1).")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR decoding: nucleus probability (default: recipe, 1).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Classifier runs (ViT): classify the images in this "
+                                                   "folder (default: the test split).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate with the trained blocks (or --model e2e / source / ar); writes the samples into the run."""
@@ -384,7 +388,7 @@ def sample_cmd(
     opened = resolve_run(run)
     family = opened.family()
     given = {"guidance": guidance, "class_label": class_label, "prompt": prompt, "prompt_file": prompt_file,
-             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "images": images}
     options = family.sample_options({"class_label": "--class"}, **{k: v for k, v in given.items() if v is not None})
     request = SampleRequest(model=model, steps=steps, solver=solver, num=num, seed=seed, weights=weights, out=out,
                             options=options, progress=not quiet)

@@ -20,6 +20,7 @@ from dbconvert.schema import ModelConfig
 FAMILIES: dict[str, tuple[str, str]] = {
     "dit": ("dbconvert.families.dit.family:DiTFamily", "dbconvert.families.dit.config:DiTConfig"),
     "llama": ("dbconvert.families.llama.family:LlamaFamily", "dbconvert.families.llama.config:LlamaConfig"),
+    "vit": ("dbconvert.families.vit.family:ViTFamily", "dbconvert.families.vit.config:ViTConfig"),
 }
 """name -> (family class, recipe model-section class), as "module:attribute"."""
 

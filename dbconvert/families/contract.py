@@ -82,6 +82,9 @@ class Family(ABC):
     """The noise processes (`recipe.noise.process`, see `noise_process.py`) this family's objectives take."""
     sample_options_type: ClassVar[type] = NoSampleOptions
     """A dataclass of the family's own sampling options (`SampleRequest.options`), e.g. guidance or prompts."""
+    reference_kind: ClassVar[str] = "ar"
+    """The model kind of the family's separately trained reference (`train-e2e --objective KIND`, RUN/KIND/):
+    `ar` (an autoregressive LM) for text, `classifier` (a plain classifier) for vision classifiers."""
     depth_key: ClassVar[str | None] = None
     """The `model` field that sets a fresh source network's layer count (`ablate blocks` deepens the network
     through it so that every B divides it), or None when the family has no such field."""
@@ -170,7 +173,7 @@ class Family(ABC):
     def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: "NoiseProcess") -> nn.Module:
         """The network of `model` (one of `model_kinds`) wrapped for generation. Default: the AR reference
         for `ar`, the denoiser otherwise (a family whose source is not a denoiser overrides this)."""
-        return self.ar_model(recipe, network) if model == "ar" else self.denoiser(recipe, network, noise)
+        return self.ar_model(recipe, network) if model == self.reference_kind else self.denoiser(recipe, network, noise)
 
     def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
         """The autoregressive reference around the full network (families with `ar` in model_kinds)."""

@@ -1,0 +1,1 @@
+"""The ViT family (image classifiers): config, model, convert, objective, data, generate, metrics, family."""

@@ -1,0 +1,237 @@
+"""The ViT family: a Vision Transformer classifier (timm or Hugging Face) cut into diffusion blocks that classify.
+
+Decisions written down (DESIGN 5, ViT; README "ViT"):
+
+- Label table: ONE (num_classes x embed_dim) table, rows of unit L2 norm, fixed at split and stored once as
+  RUN/shared/labels.safetensors; every block, the e2e denoiser and the sampler read it. `auto`: the source
+  head's rows (a checkpoint) or a seeded random orthonormal table (a fresh network).
+- The noisy label (times c_in) enters in the CLS slot by default (`model.label_token`), chosen by measurement.
+- Model kinds: blocks, e2e (the same denoiser over all layers and the full sigma range), classifier (the plain
+  reference: the same network trained with cross-entropy by backprop, `train-e2e --objective classifier`, into
+  RUN/classifier/) and source (the converted source, used as a classifier).
+- Only classifiers export (source, classifier): a timm state dict (.pth / .safetensors) or a Hugging Face
+  ViTForImageClassification folder (any other path). A denoiser's noise modulation has no place in either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dbconvert import noise as nz
+from dbconvert.checkpoint import apply_key_map, atomic_write, load_weights, save_weights
+from dbconvert.errors import CheckpointError, DbconvertError, RunError
+from dbconvert.families.contract import Architectures, Family, Source
+from dbconvert.families.vit.config import ARCHS, ViTConfig, arch_sizes
+from dbconvert.families.vit.convert import (LABELS_FILE, TIMM_SUFFIXES, block_key_map, check_against, checkpoint_shape,
+                                            export_timm_state, hf_shape_fields, hf_to_timm, is_layer_key, label_table,
+                                            load_source, read_source, timm_kwargs, write_hf_folder)
+from dbconvert.families.vit.generate import ClassifySampleOptions
+from dbconvert.families.vit.model import ViTNet, parameter_count
+from dbconvert.families.vit.objective import (DEFAULT_WEIGHTING, WEIGHTINGS, Classifier, ViTDenoiser, classifier_loss,
+                                              diffusion_loss)
+
+if TYPE_CHECKING:
+    from dbconvert.config import Recipe
+    from dbconvert.rundir import Run
+    from dbconvert.sampling import SampleRequest, SampleResult
+
+REFERENCE = "classifier"
+
+
+def _cfg(recipe: "Recipe") -> ViTConfig:
+    return recipe.model  # type: ignore[return-value]
+
+
+class ViTFamily(Family):
+    name = "vit"
+    config_cls = ViTConfig
+    metrics = ("accuracy",)
+    sample_options_type = ClassifySampleOptions
+    generated_unit = "image"
+    protocol_units = 10_000
+    """The CIFAR test split: 10,000 images classified."""
+    model_kinds = ("blocks", "e2e", REFERENCE, "source")
+    reference_kind = REFERENCE
+    depth_key = "depth"
+
+    def __init__(self, shared: Path | None = None, table: torch.Tensor | None = None) -> None:
+        self._shared = shared
+        self._table = table
+
+    def bind(self, run: "Run") -> "ViTFamily":
+        return ViTFamily(run.shared_dir)
+
+    def for_bench(self, recipe: "Recipe") -> "ViTFamily":
+        """Without a run: the seeded orthonormal label table of the model's shape."""
+        shape = _cfg(recipe).shape()
+        return ViTFamily(table=label_table("orthonormal", torch.empty(shape.num_classes, shape.embed_dim),
+                                           _cfg(recipe).init_seed))
+
+    def table(self) -> torch.Tensor:
+        if self._table is not None:
+            return self._table
+        if self._shared is None:
+            raise RunError("the ViT family needs its run's label table; open the run first")
+        return load_weights(self._shared / LABELS_FILE)["table"]
+
+    # -- split -----------------------------------------------------------------------------
+
+    def resolve(self, recipe: "Recipe") -> None:
+        cfg = _cfg(recipe)
+        if cfg.label_table == "auto":
+            cfg.label_table = "head" if cfg.checkpoint else "orthonormal"
+
+    def source(self, recipe: "Recipe") -> Source:
+        """A fresh network (seeded) or a timm / Hugging Face checkpoint checked against the recipe."""
+        self.resolve(recipe)
+        cfg = _cfg(recipe)
+        if cfg.checkpoint is None:
+            torch.manual_seed(cfg.init_seed)
+            shape = cfg.shape()
+            return Source(ViTNet(shape), shape.depth)
+        what = f"checkpoint {cfg.checkpoint}"
+        state, hf, digest = read_source(cfg.checkpoint)
+        notes = []
+        if hf is not None:
+            fields = hf_shape_fields(hf, what)
+            if fields["num_heads"] != cfg.shape().num_heads:
+                raise CheckpointError(f"{what} has num_attention_heads={fields['num_heads']} but the recipe has "
+                                      f"model.num_heads={cfg.shape().num_heads}; set model.num_heads={fields['num_heads']}")
+            if abs(fields["mlp_ratio"] - cfg.shape().mlp_ratio) > 1e-9:
+                cfg.mlp_ratio = fields["mlp_ratio"]
+            cfg.norm_eps = fields["norm_eps"]  # the manifest records the checkpoint's eps
+            depth = int(hf.get("num_hidden_layers", 0))
+            state = hf_to_timm(state, depth, what)
+            notes.append(f"converted from a Hugging Face ViTForImageClassification folder (layer_norm_eps="
+                         f"{cfg.norm_eps:g})")
+        check_against(checkpoint_shape(state, what), cfg.shape(), what)
+        torch.manual_seed(cfg.init_seed)
+        net = ViTNet(cfg.shape())
+        load_source(net, state, what)
+        return Source(net, net.shape.depth, checkpoint_sha256=digest, notes=notes)
+
+    def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
+        return ViTNet(_cfg(recipe).shape(depth))
+
+    def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
+        state = source.network.state_dict()
+        return apply_key_map(state, block_key_map(list(state), start, end), ignored=is_layer_key,
+                             what=f"ViT block of layers [{start}, {end})")
+
+    def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
+        """RUN/shared/labels.safetensors: the label table every block shares (fixed here, never trained)."""
+        cfg = _cfg(recipe)
+        table = label_table(cfg.label_table, source.network.head.weight, cfg.init_seed)  # type: ignore[union-attr]
+        save_weights(run_dir / "shared" / LABELS_FILE, {"table": table})
+
+    # -- training --------------------------------------------------------------------------
+
+    def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
+        assert isinstance(network, ViTNet)
+        table = self.table()
+        want = (network.shape.num_classes, network.shape.embed_dim)
+        if tuple(table.shape) != want:
+            raise RunError(f"the run's label table has shape {tuple(table.shape)}, not the model's {want}; split again")
+        return ViTDenoiser(network, table, noise)
+
+    def load_data(self, recipe: "Recipe", split: str | None = None) -> Any:
+        from dbconvert.families.vit.data import load_labelled
+
+        train_split = split is None or split == recipe.data.split
+        return load_labelled(recipe.data, _cfg(recipe), split, train_split)
+
+    def training_loss(self, denoiser: nn.Module, batch: Any, sigma_range: tuple[float, float], recipe: "Recipe",
+                      generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+        weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
+        if weighting not in WEIGHTINGS:
+            raise DbconvertError(f"train.loss_weight={weighting} is a text-family option; the ViT family weights its "
+                                 f"cross-entropy by {' or '.join(WEIGHTINGS)} (default: lambda)")
+        return diffusion_loss(denoiser, batch, sigma_range, generator, shard, weighting)  # type: ignore[arg-type]
+
+    def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
+        """The plain classifier and the converted source classify directly; blocks and e2e are denoisers."""
+        if model in (REFERENCE, "source"):
+            return self.ar_model(recipe, network)
+        return self.denoiser(recipe, network, noise)
+
+    def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
+        """The separately trained reference of this family: the plain classifier."""
+        assert isinstance(network, ViTNet)
+        return Classifier(network)
+
+    def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
+                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+        return classifier_loss(model, batch)  # type: ignore[arg-type]
+
+    # -- export ----------------------------------------------------------------------------
+
+    def check_export(self, model: str, out: Path) -> None:
+        if model not in ("source", REFERENCE):
+            raise RunError(f"a ViT {model} network is a denoiser whose noise modulation timm and Hugging Face cannot "
+                           f"hold; export --model source or --model {REFERENCE} (plain classifiers)")
+
+    def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
+        """timm state dict (`.pth`/`.pt`: torch.save, `.safetensors`) or a Hugging Face folder (any other path)."""
+        assert isinstance(network, ViTNet)
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs(network.shape).items())
+        if out.suffix in TIMM_SUFFIXES:
+            state = export_timm_state(network)
+            if out.suffix == ".safetensors":
+                save_weights(out, state)
+            else:
+                atomic_write(out, lambda tmp: torch.save(state, tmp))
+            notes = [f"load it with timm.create_model('vit_tiny_patch16_224', checkpoint_path='{out.name}', {kwargs}) "
+                     "(the architecture name only picks the class; the keyword arguments set the sizes)"]
+            if abs(network.shape.norm_eps - 1e-6) > 1e-12:
+                notes.append(f"timm builds LayerNorms with eps 1e-6; this network used {network.shape.norm_eps:g}, so "
+                             "timm's outputs differ in the last digits")
+            return notes
+        write_hf_folder(network, out)
+        return ["load it with transformers' ViTForImageClassification.from_pretrained (pixel values in the run's "
+                "data range, [-1, 1])"]
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":
+        from dbconvert.families.vit.generate import classify
+
+        return classify(run, request)
+
+    def sample_shape(self, recipe: "Recipe") -> tuple[int, ...]:
+        cfg = _cfg(recipe)
+        return (cfg.in_chans, cfg.img_size, cfg.img_size)
+
+    def synthetic_batch(self, recipe: "Recipe", batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        cfg = _cfg(recipe)
+        x = torch.rand((batch, *self.sample_shape(recipe)), generator=generator) * 2 - 1
+        return [x, torch.randint(0, cfg.num_classes, (batch,), generator=generator)]
+
+    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
+                      sigma: float) -> Callable[[], Any]:
+        """One classification step: the denoiser's logits at `sigma` (or the plain classifier's forward)."""
+        x = batch[0]
+        if isinstance(model, Classifier):
+            return lambda: model(x)
+        z = sigma * torch.randn(x.shape[0], model.table.shape[1], device=x.device)
+        s = torch.full((x.shape[0],), sigma, device=x.device)
+        return lambda: model(x, z, s)
+
+    def architectures(self) -> Architectures:
+        rows = []
+        for name in [*ARCHS, "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]:
+            a = arch_sizes(name)
+            cfg = ViTConfig(arch=name, img_size=a.img_size, in_chans=3, num_classes=100)
+            rows.append({"arch": name, "depth": a.depth, "width": a.embed_dim, "heads": a.num_heads,
+                         "patch": a.patch_size, "image": a.img_size, "tokens": (a.img_size // a.patch_size) ** 2 + 1,
+                         "params": f"{parameter_count(cfg.shape()) / 1e6:.2f}M"})
+        return Architectures("ViT architectures (model.arch; any plain timm ViT name works too)", rows, [
+            "params: at the listed image size, RGB, 100 classes, counted from the built network (the noise "
+            "modulation included: per layer 6 x width^2).",
+            "vit-micro / vit-mini are for 8x8 digits on a CPU (patch 2: 16 patches); vit-cifar is the paper's "
+            "CIFAR-100 ViT (12 layers, width 128, 4 heads, patch 4).",
+        ])

@@ -1,0 +1,137 @@
+"""Classification with a ViT run: the logits after every denoising step, and `sample` (predictions written).
+
+`sample` on a ViT run classifies images: `--images DIR` (image files, or class sub-folders of them) or,
+without it, the first `--num` (default: sample.num) images of the data set's test split. It writes predictions.csv (file or
+index, predicted class, its probability, and the true label where known) and probs.npz (the
+probabilities of every class, after every step).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dbconvert.checkpoint import atomic_write, atomic_write_text
+from dbconvert.devices import resolve_device
+from dbconvert.errors import DataError, DbconvertError
+from dbconvert.families.vit.objective import Classifier, ViTDenoiser, cdf_levels, classify_steps
+from dbconvert.rundir import Run
+from dbconvert.sampling import SampleRequest, SampleResult, load_models
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+EVAL_BATCH = 256
+
+
+def default_steps(run: Run, model: str) -> int:
+    """One step per block by default (the e2e denoiser gets as many, for a like-for-like comparison)."""
+    return run.num_blocks
+
+
+@torch.no_grad()
+def step_logits(run: Run, model: str, x: torch.Tensor, steps: int | None = None, weights: str = "ema",
+                seed: int = 0, device: torch.device | None = None, batch: int = EVAL_BATCH) -> list[torch.Tensor]:
+    """Logits (CPU, float32) of `model` on images `x` after each denoising step; one entry for a plain classifier."""
+    device = device or resolve_device(run.recipe.train.device)
+    models = load_models(run, model, weights, device)
+    if isinstance(models[0], Classifier):
+        return [torch.cat([models[0](x[i:i + batch].to(device)).cpu() for i in range(0, len(x), batch)])]
+    noise = run.noise()
+    owned = run.owned_ranges() if model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
+    levels = cdf_levels(steps or default_steps(run, model), noise)
+    first: ViTDenoiser = models[0]  # type: ignore[assignment]
+    gen = torch.Generator().manual_seed(seed)
+    z_all = noise.sigma_max * torch.randn((len(x), first.table.shape[1]), generator=gen)
+    per_step: list[list[torch.Tensor]] = [[] for _ in levels]
+    for i in range(0, len(x), batch):
+        xb, zb = x[i:i + batch].to(device), z_all[i:i + batch].to(device)
+
+        def logits_of(k: int, z: torch.Tensor, s: float) -> torch.Tensor:
+            return models[k](xb, z, torch.full((z.shape[0],), s, device=device))
+
+        for j, logits in enumerate(classify_steps(logits_of, first.denoised, owned, levels, zb)):
+            per_step[j].append(logits.cpu())
+    return [torch.cat(chunks) for chunks in per_step]
+
+
+def read_image_folder(folder: Path, in_chans: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Image files under `folder` (recursively, sorted) as a batch in [-1, 1]; one-line errors for bad images."""
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise DataError(f"--images {folder} is not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"--images {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    arrays = []
+    for path in files:
+        try:
+            img = Image.open(path).convert("L" if in_chans == 1 else "RGB")
+        except Exception as exc:
+            raise DataError(f"cannot read image {path} ({type(exc).__name__})") from None
+        if img.size != (size, size):
+            raise DataError(f"image {path} is {img.size[0]}x{img.size[1]} but the model takes {size}x{size}; "
+                            "resize the images first")
+        arr = np.asarray(img, dtype=np.float32)
+        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
+    return x, [str(p.relative_to(folder)) for p in files]
+
+
+@dataclass
+class ClassifySampleOptions:
+    """A classifier's own sampling option: a folder of images to classify (default: the data set's test split)."""
+
+    images: Path | None = None
+
+
+def classify(run: Run, request: SampleRequest) -> SampleResult:
+    """`sample` of a ViT run: classify --images DIR or the test split; write predictions.csv and probs.npz."""
+    from dbconvert.families.vit.data import load_labelled
+
+    cfg = run.recipe.model
+    images = run.family().options_of(request).images
+    s = request.settings(run.recipe.sample)
+    seed, weights = s.seed, s.weights
+    labels = None
+    if images is not None:
+        x, names = read_image_folder(Path(images), cfg.in_chans, cfg.img_size)  # type: ignore[attr-defined]
+    else:
+        data = load_labelled(run.recipe.data, cfg, "test", train_split=False)  # type: ignore[arg-type]
+        num = min(request.num or run.recipe.sample.num, len(data))
+        x, labels = data.x[:num], data.y[:num]
+        names = [str(i) for i in range(num)]
+    if request.model not in ("blocks", "e2e") and request.steps is not None:
+        raise DbconvertError(f"--steps applies to the denoisers (blocks, e2e), not to the {request.model} classifier")
+    steps = request.steps or default_steps(run, request.model)
+    logits = step_logits(run, request.model, x, steps, weights, seed)
+    probs = torch.stack([torch.softmax(lg, dim=-1) for lg in logits])
+    final = probs[-1]
+    conf, pred = final.max(dim=-1)
+    is_denoiser = request.model in ("blocks", "e2e")
+    tag = f"{request.model}-classify-{steps if is_denoiser else 1}steps-seed{seed}"
+    out = Path(request.out) if request.out else run.root / "samples" / tag
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image", "prediction", "probability", *(["label"] if labels is not None else [])])
+    for i, name in enumerate(names):
+        writer.writerow([name, int(pred[i]), f"{float(conf[i]):.6f}", *([int(labels[i])] if labels is not None else [])])
+    files = [out / "predictions.csv", out / "probs.npz"]
+    atomic_write_text(files[0], buf.getvalue())
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, probs=probs.numpy(), prediction=pred.numpy(),
+                     **({"label": labels.numpy()} if labels is not None else {}))
+
+    atomic_write(files[1], save)
+    text = []
+    if labels is not None:
+        text.append(f"top-1 accuracy on these {len(names)} test images: {(pred == labels).float().mean().item():.4f}")
+    return SampleResult(out, files, text=text, sampler={"steps": steps if is_denoiser else None, "seed": seed,
+                                                        "weights": weights})

@@ -1,0 +1,125 @@
+"""The accuracy metric of a ViT run: top-1, top-5, NLL and expected calibration error on the test split, and
+the top-1 accuracy after every denoising step (how the answer forms block by block).
+
+`evaluate_accuracy(run, model)` returns the result record; `AccuracyMetric` is its entry in the metric
+registry (`dbconvert eval accuracy`, which writes it to RUN/eval/ like every metric's result).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import time
+from collections.abc import Callable
+
+from dbconvert.errors import DbconvertError
+from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
+from dbconvert.rundir import Run
+
+ECE_BINS = 15
+NAME = "accuracy"
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE: the confidence-weighted gap |accuracy - confidence| over `bins` equal-width confidence bins."""
+    conf, pred = probs.max(dim=-1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.float().mean().item() * abs(correct[inside].mean().item() - conf[inside].mean().item())
+    return ece
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top1, top5 (top-k with k = min(5, classes)), nll and ece of one set of logits."""
+    probs = F.softmax(logits.float(), dim=-1)
+    k = min(5, logits.shape[-1])
+    topk = logits.topk(k, dim=-1).indices
+    return {
+        "top1": (topk[:, 0] == labels).float().mean().item(),
+        "top5": (topk == labels[:, None]).any(dim=-1).float().mean().item(),
+        "nll": F.cross_entropy(logits.float(), labels).item(),
+        "ece": expected_calibration_error(probs, labels),
+    }
+
+
+def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None, weights: str | None = None,
+                      seed: int | None = None, split: str = "test", num: int | None = None) -> dict[str, Any]:
+    """Accuracy of `model` (blocks, e2e, classifier or source) on `split`: the result record (value = top-1)."""
+    from dbconvert.families.vit.data import load_labelled
+    from dbconvert.families.vit.generate import default_steps, step_logits
+
+    start = time.time()
+    AccuracyMetric().require(run)
+    run.model_targets(model)  # one line naming the models this run has
+    is_denoiser = model in ("blocks", "e2e")
+    if steps is not None and not is_denoiser:
+        raise DbconvertError(f"--steps applies to the denoisers (blocks, e2e), not to the {model} classifier")
+    weights = weights or run.recipe.sample.weights
+    seed = run.recipe.sample.seed if seed is None else seed
+    data = load_labelled(run.recipe.data, run.recipe.model, split, train_split=False)  # type: ignore[arg-type]
+    n = len(data) if num is None else min(num, len(data))
+    x, labels = data.x[:n], data.y[:n]
+    steps = (steps or default_steps(run, model)) if is_denoiser else None
+    logits = step_logits(run, model, x, steps, weights, seed)
+    final = scores(logits[-1], labels)
+    result: dict[str, Any] = {
+        "metric": NAME, "model": model, "split": split, "images": n, "features": "pixels",
+        "reference": f"{run.recipe.data.source}:{split} labels", "source": {"kind": "run", "path": str(run.root.resolve())},
+        "num_samples": n, "seed": seed,
+        **final,
+        "per_step_top1": [(lg.argmax(-1) == labels).float().mean().item() for lg in logits],
+        "sampler": {"steps": steps, "levels": "evenly spaced in the log-normal CDF", "weights": weights, "seed": seed},
+        "run": str(run.root),
+    }
+    if is_denoiser:
+        from dbconvert.families.vit.objective import cdf_levels
+
+        result["per_step_sigma"] = cdf_levels(steps, run.noise())  # type: ignore[arg-type]
+    result["stderr_top1"] = math.sqrt(max(final["top1"] * (1 - final["top1"]), 0.0) / max(n, 1))
+    result["value"] = final["top1"]
+    result["seconds"] = round(time.time() - start, 2)
+    return result
+
+
+class AccuracyMetric(Metric):
+    """Top-1 accuracy on the test split (with top-5, NLL, ECE and the per-step top-1): the classifiers' metric."""
+
+    name = NAME
+    title = "top-1 accuracy"
+    lower_is_better = False
+    spread_label = "± s.e."
+    help = ("Classifier runs (ViT): top-1, top-5, NLL, ECE on the test split and the top-1 after every "
+            "denoising step.")
+    options = (MetricOption("split", str, "test", "The labelled split to classify."),
+               MetricOption("num", int, None, "Classify only the first N images of the split (default: all).", min=1))
+
+    def check(self, recipe: Any, family: Any, num: int) -> None:
+        if num < 1:
+            raise DbconvertError(f"--num (images to classify) must be at least 1, got {num}")
+
+    def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
+                 **options: Any) -> dict[str, Any]:
+        options.pop("solver", None)  # one Euler step per level: the classifier's sampler has no other solver
+        return evaluate_accuracy(run, model=model, **options)
+
+    def spread(self, r: dict[str, Any]) -> float:
+        return float(r.get("stderr_top1") or 0.0)
+
+    def detail_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
+        return [("top-1", f"{r['top1']:.4f} ± {r.get('stderr_top1', 0.0):.4f} (s.e.)"), ("top-5", f"{r['top5']:.4f}"),
+                ("NLL", f"{r['nll']:.4f}"), ("ECE", f"{r['ece']:.4f}"),
+                ("top-1 per denoising step", ", ".join(f"{v:.4f}" for v in r.get("per_step_top1", [])))]
+
+    def compare_columns(self) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
+        return [("top-1", lambda r: f"{r['top1']:.4f}"), ("± s.e.", lambda r: f"{r.get('stderr_top1', 0.0):.4f}"),
+                ("top-5", lambda r: f"{r['top5']:.4f}"), ("NLL", lambda r: f"{r['nll']:.3f}"),
+                ("ECE", lambda r: f"{r['ece']:.3f}")]
+

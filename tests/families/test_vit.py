@@ -1,0 +1,316 @@
+"""The ViT family: timm parity at conversion, checkpoints in (timm, Hugging Face) and out, the label table,
+the denoiser's sampler, and split -> train -> eval accuracy / sample through the CLI on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dbconvert import noise as nz
+from dbconvert.config import load_recipe
+from tests.cli_helpers import assert_user_error, invoke
+
+TINY = ["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "train.steps=3", "train.epochs=null",
+        "train.batch_size=16", "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=3",
+        "sample.num=8"]
+TIMM_SIZES = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3, num_heads=2,
+                  mlp_ratio=2.0)
+
+
+def tiny_timm(seed: int = 0):  # noqa: ANN201 - timm.models.VisionTransformer
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_SIZES).eval()
+    with torch.no_grad():  # timm initialises the position table and cls token near zero: make them matter
+        model.pos_embed.normal_(std=0.5)
+        model.cls_token.normal_(std=0.5)
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.normal_(std=0.1)
+    return model
+
+
+def recipe(*extra: str):  # noqa: ANN201
+    return load_recipe("vit-tiny-digits", [*TINY, *extra])
+
+
+def test_each_copied_layer_computes_exactly_what_timm_computes(tmp_path: Path) -> None:
+    from dbconvert.families import get_family
+
+    ref = tiny_timm()
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    r = recipe(f"model.checkpoint={tmp_path / 'vit.pth'}")
+    family = get_family("vit")
+    source = family.source(r)
+    net = source.network.eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(net.classify(x), ref(x))  # the whole classifier, bit for bit
+        h = torch.randn(4, 17, 32)
+        t = torch.tensor([0.0, 100.0, 500.0, 999.0])
+        cond = net.t_embedder(t)  # a real noise embedding; the zero-initialised modulation ignores it
+        for k in range(3):
+            assert torch.equal(net.blocks[k](h, cond), ref.blocks[k](h))
+        block = family.block_network(r, 1)
+        block.load_state_dict(family.block_state(source, 2, 3))
+        assert torch.equal(block.eval().blocks[0](h, cond), ref.blocks[2](h))
+
+
+def test_denoiser_at_conversion_sees_the_image_tokens_as_timm_does(tmp_path: Path) -> None:
+    """On the image tokens (everything but the label slot) the converted network's first layer is timm's."""
+    from dbconvert.families import get_family
+
+    ref = tiny_timm()
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    r = recipe(f"model.checkpoint={tmp_path / 'vit.pth'}")
+    net = get_family("vit").source(r).network.eval()
+    x, label = torch.randn(2, 1, 8, 8), torch.randn(2, 32)
+    with torch.no_grad():
+        ours = net.tokens(x, label)
+        theirs = ref._pos_embed(ref.patch_embed(x))
+        assert torch.equal(ours[:, 1:], theirs[:, 1:])
+        assert torch.equal(ours[:, 0], label + ref.pos_embed[0, 0])  # the CLS slot holds the noisy label
+
+
+def test_timm_safetensors_and_hugging_face_folder_convert(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from dbconvert.families import get_family
+
+    ref = tiny_timm(1)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    net = get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'vit.safetensors'}")).network.eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(net.classify(x), ref(x))
+
+    torch.manual_seed(0)
+    hf = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                             intermediate_size=64, image_size=8, patch_size=2, num_channels=1,
+                                             num_labels=10)).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    r = recipe(f"model.checkpoint={tmp_path / 'hf'}")
+    src = get_family("vit").source(r)
+    assert r.model.norm_eps == 1e-12  # the checkpoint's layer_norm_eps, recorded in the recipe
+    with torch.no_grad():
+        torch.testing.assert_close(src.network.eval().classify(x), hf(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["model.patch_size=4"], "has patch_size=2 but the recipe has model.patch_size=4"),
+    (["model.depth=6"], "has depth=3 but the recipe has model.depth=6"),
+    (["model.num_classes=12"], "has num_classes=10 but the recipe has model.num_classes=12"),
+])
+def test_checkpoint_that_differs_from_the_recipe_is_one_line(in_tmp: Path, extra: list[str], match: str) -> None:
+    torch.save(tiny_timm().state_dict(), in_tmp / "vit.pth")
+    result = invoke("split", "vit-tiny-digits", *TINY, f"model.checkpoint={in_tmp / 'vit.pth'}", *extra)
+    assert_user_error(result, match)
+    assert not (in_tmp / "runs").exists()
+
+
+def test_dit_and_vit_checkpoints_are_refused_by_the_other_family(in_tmp: Path) -> None:
+    from dbconvert.families.dit.model import DiT
+
+    from dbconvert.config import load_recipe as load
+
+    dit = DiT(load("dit-tiny-digits", ["model.arch=DiT-Micro/2"]).model.shape())
+    torch.save(dit.state_dict(), in_tmp / "dit.pt")
+    assert_user_error(invoke("split", "vit-tiny-digits", *TINY, f"model.checkpoint={in_tmp / 'dit.pt'}"),
+                      "is a DiT checkpoint, not a ViT classifier")
+    torch.save(tiny_timm().state_dict(), in_tmp / "vit.pth")
+    assert_user_error(invoke("split", "dit-tiny-digits", "model.arch=DiT-Micro/2",
+                             f"model.checkpoint={in_tmp / 'vit.pth'}"), "missing key")
+    assert not (in_tmp / "runs").exists()
+
+
+def test_class_count_that_differs_from_the_data_is_one_line(in_tmp: Path) -> None:
+    assert invoke("split", "vit-tiny-digits", *TINY, "model.num_classes=12", "--out", "r").exit_code == 0
+    assert_user_error(invoke("train-block", "0", "--run", "r"), "has 10 classes but model.num_classes is 12")
+    assert invoke("split", "vit-tiny-digits", *TINY, "model.img_size=16", "--out", "r2").exit_code == 0
+    assert_user_error(invoke("train-block", "0", "--run", "r2"), "has images of shape (1, 8, 8) but the model takes")
+    assert_user_error(invoke("split", "vit-tiny-digits", *TINY, "model.patch_size=3", "--out", "r3"),
+                      "not divisible by the patch size")
+
+
+def test_label_table_is_shared_normalised_and_head_rows_for_a_checkpoint(tmp_path: Path) -> None:
+    from dbconvert.families.vit.convert import label_table
+    from dbconvert.split import split
+
+    fresh = split(recipe(), out=tmp_path / "fresh", make_current=False)
+    table = fresh.family().table()
+    torch.testing.assert_close(table @ table.T, torch.eye(10), atol=1e-5, rtol=0)  # orthonormal rows
+    assert fresh.recipe.model.label_table == "orthonormal"
+    ref = tiny_timm()
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    conv = split(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"), out=tmp_path / "conv", make_current=False)
+    torch.testing.assert_close(conv.family().table(), ref.head.weight / ref.head.weight.norm(dim=-1, keepdim=True))
+    assert conv.recipe.model.label_table == "head"
+    many = label_table("orthonormal", torch.empty(50, 8), 0)  # more classes than dimensions: unit rows
+    torch.testing.assert_close(many.norm(dim=-1), torch.ones(50))
+
+
+def test_inference_levels_are_evenly_spaced_in_the_cdf_one_per_block() -> None:
+    from dbconvert.families.vit.objective import cdf_levels
+
+    noise = nz.NoiseSettings()
+    levels = cdf_levels(4, noise)
+    assert levels[0] == noise.sigma_max and levels[-1] == noise.sigma_min
+    cdf = np.array([noise.cdf(s) for s in levels])
+    np.testing.assert_allclose(np.diff(cdf), np.diff(cdf)[0], rtol=1e-9)
+    owned = nz.owned_ranges(nz.boundaries(noise, 4))
+    assert [nz.owner_of(s, owned) for s in levels] == [0, 1, 2, 3]
+    assert cdf_levels(1, noise) == [noise.sigma_max]
+
+
+def test_euler_steps_towards_the_softmax_mean_of_the_table() -> None:
+    from dbconvert.families.vit.objective import classify_steps
+
+    table = torch.eye(3)
+    seen = []
+
+    def logits_of(k: int, z: torch.Tensor, s: float) -> torch.Tensor:
+        seen.append((k, s, z.clone()))
+        return torch.tensor([[50.0, 0.0, 0.0]])  # certain of class 0
+
+    z0 = torch.tensor([[1.0, 2.0, 3.0]])
+    out = classify_steps(logits_of, lambda lg: torch.softmax(lg, -1) @ table, [(1.0, 10.0), (0.1, 1.0)],
+                         [10.0, 0.5], z0)
+    assert [k for k, _, _ in seen] == [0, 1] and len(out) == 2
+    # one Euler step from 10 to 0.5 towards D = e_0: z + (0.5 - 10) (z - e_0) / 10
+    torch.testing.assert_close(seen[1][2], z0 + (0.5 - 10.0) * (z0 - table[0]) / 10.0)
+
+
+def test_lambda_weighted_cross_entropy_and_its_uniform_option() -> None:
+    from dbconvert.families import get_family
+    from dbconvert.families.vit.objective import diffusion_loss
+
+    r = recipe()
+    family = get_family("vit").for_bench(r)
+    den = family.denoiser(r, family.block_network(r, 1), r.noise.settings())
+    batch = family.synthetic_batch(r, 8, torch.Generator().manual_seed(0))
+    lam, stats = diffusion_loss(den, batch, (0.5, 0.5), torch.Generator().manual_seed(1))
+    uni, _ = diffusion_loss(den, batch, (0.5, 0.5), torch.Generator().manual_seed(1), weighting="uniform")
+    weight = nz.loss_weight(torch.tensor(0.5), 0.5).item()
+    assert lam.item() == pytest.approx(weight * uni.item(), rel=1e-5)
+    assert uni.item() == pytest.approx(stats["ce"], rel=1e-5)
+
+
+def test_split_train_eval_sample_export_through_the_cli(in_tmp: Path) -> None:
+    import timm
+    from PIL import Image
+
+    assert invoke("split", "vit-tiny-digits", *TINY, "--out", "r").exit_code == 0
+    for i in range(3):
+        assert invoke("train-block", str(i), "-q").exit_code == 0
+    assert invoke("train-e2e", "-q").exit_code == 0
+    assert invoke("train-e2e", "--objective", "classifier", "-q").exit_code == 0
+    assert (in_tmp / "r" / "classifier" / "ema.safetensors").is_file()
+
+    result = invoke("eval", "accuracy", "--json")
+    assert result.exit_code == 0, result.output
+    blocks = json.loads(result.stdout)
+    assert len(blocks["per_step_top1"]) == 3 and blocks["per_step_top1"][-1] == blocks["top1"]
+    assert blocks["images"] == 359 and 0 <= blocks["ece"] <= 1 and blocks["top5"] >= blocks["top1"]
+    saved = json.loads(Path(blocks["file"]).read_text())
+    assert saved["top1"] == blocks["top1"]
+    five = json.loads(invoke("eval", "accuracy", "--model", "e2e", "--steps", "5", "--json").stdout)
+    assert len(five["per_step_top1"]) == 5 and Path(five["file"]).name.startswith("accuracy-e2e-pixels-test-5-")
+    table = invoke("eval", "compare").stdout  # rendered by the accuracy metric's own columns
+    assert "top-1 accuracy with features pixels (higher is better)" in table and f"{blocks['top1']:.4f}" in table
+    ref = json.loads(invoke("eval", "accuracy", "--model", "classifier", "--json").stdout)
+    assert len(ref["per_step_top1"]) == 1
+    assert_user_error(invoke("eval", "accuracy", "--model", "classifier", "--steps", "2"), "--steps applies")
+
+    images = in_tmp / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8), "L").save(images / f"{i}.png")
+    result = invoke("sample", "--images", images, "-q")
+    assert result.exit_code == 0, result.output
+    out = next((in_tmp / "r" / "samples").glob("blocks-classify-*"))
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "image,prediction,probability" and [r.split(",")[0] for r in rows[1:]] == ["0.png", "1.png", "2.png"]
+    assert np.load(out / "probs.npz")["probs"].shape == (3, 3, 10)  # steps x images x classes
+    Image.fromarray(np.zeros((9, 9), dtype=np.uint8), "L").save(images / "big.png")
+    assert_user_error(invoke("sample", "--images", images, "-q"), "is 9x9 but the model takes 8x8")
+
+    assert_user_error(invoke("export", "e2e.pth", "--model", "e2e"), "export --model source or --model classifier")
+    assert invoke("export", "clf.pth", "--model", "classifier").exit_code == 0
+    assert invoke("export", "clf-hf", "--model", "classifier").exit_code == 0
+    from dbconvert.families.vit.convert import timm_kwargs
+    from dbconvert.rundir import Run
+
+    run = Run.open(in_tmp / "r")
+    loaded = timm.create_model("vit_tiny_patch16_224", checkpoint_path=str(in_tmp / "clf.pth"),
+                               **timm_kwargs(run.recipe.model.shape())).eval()
+    x = torch.randn(2, 1, 8, 8)
+    from dbconvert.checkpoint import load_weights
+
+    net = run.family().block_network(run.recipe, 3)
+    net.load_state_dict(load_weights(in_tmp / "r" / "classifier" / "ema.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net.eval().classify(x))
+        from transformers import ViTForImageClassification
+
+        hf = ViTForImageClassification.from_pretrained(str(in_tmp / "clf-hf")).eval()
+        torch.testing.assert_close(hf(pixel_values=x).logits, net.classify(x), atol=1e-5, rtol=1e-5)
+
+
+def test_augmentation_is_deterministic_by_batch_and_changes_images() -> None:
+    from dbconvert.families.vit.config import Augment
+    from dbconvert.families.vit.data import augment_images
+
+    x = torch.rand(6, 3, 8, 8) * 2 - 1
+    aug = Augment(crop_padding=2, flip=True, randaugment="rand-m9-n2-mstd0.5")
+    a = augment_images(x, aug, torch.Generator().manual_seed(3))
+    b = augment_images(x, aug, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    flip_only = augment_images(x, Augment(flip=True), torch.Generator().manual_seed(0))
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in zip(flip_only, x))
+
+
+def test_fresh_network_from_a_timm_name_and_bad_names() -> None:
+    r = recipe("model.arch=vit_tiny_patch16_224", "model.depth=null", "model.embed_dim=null", "model.num_heads=null",
+               "model.img_size=32", "model.in_chans=3", "model.patch_size=8")
+    shape = r.model.shape()
+    assert (shape.embed_dim, shape.num_heads, shape.depth, shape.mlp_ratio) == (192, 3, 12, 4.0)
+    assert_user_error(invoke("split", "vit-tiny-digits", "model.arch=vit_nope"), "is neither one of vit-micro")
+    assert_user_error(invoke("split", "vit-tiny-digits", "model.arch=resnet18"), "not a VisionTransformer")
+
+
+def test_cosine_learning_rate_after_warm_up() -> None:
+    from dbconvert.trainstep import learning_rate
+
+    r = load_recipe("vit-tiny-digits", ["train.lr=1.0", "train.warmup_steps=10", "train.lr_schedule=cosine"])
+    assert learning_rate(r, 4, 110) == pytest.approx(0.5)  # linear warm-up
+    assert learning_rate(r, 10, 110) == pytest.approx(1.0)
+    assert learning_rate(r, 60, 110) == pytest.approx(0.5)  # half way through the decay
+    assert learning_rate(r, 110, 110) == pytest.approx(0.0, abs=1e-12)
+    constant = load_recipe("vit-tiny-digits", ["train.lr=1.0", "train.warmup_steps=10", "train.lr_schedule=constant"])
+    assert learning_rate(constant, 60, 110) == 1.0
+
+
+def test_image_folder_trains_and_hub_data_offline_is_one_line(in_tmp: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("cat", "dog", "eel"):
+            folder = in_tmp / "imgs" / split / label
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), "RGB").save(folder / f"{i}.png")
+    args = [*TINY, "data.source=imgs", "model.in_chans=3", "model.num_classes=3", "train.batch_size=6",
+            "model.augment.flip=true", "model.augment.crop_padding=1"]
+    assert invoke("split", "vit-tiny-digits", *args, "--out", "r").exit_code == 0
+    assert invoke("train-block", "0", "-q").exit_code == 0
+    assert json.loads(invoke("eval", "accuracy", "--model", "source", "--json").stdout)["images"] == 18
+
+    assert invoke("split", "vit-cifar100", *TINY, "--out", "c").exit_code == 0
+    assert_user_error(invoke("train-block", "0", "--run", "c"), "could not be loaded from the Hugging Face hub")
