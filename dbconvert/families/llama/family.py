@@ -123,6 +123,9 @@ class LlamaFamily(Family):
             net.embed_tokens.weight.requires_grad_(False)
         return net
 
+    def layers(self, network: nn.Module) -> list[nn.Module]:
+        return list(network.layers)  # type: ignore[union-attr, arg-type]
+
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         shape = source.network.shape  # type: ignore[union-attr]
         keys = layer_keys(shape)
