@@ -42,7 +42,7 @@ from dbconvert.errors import RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
-                                              normalised_table, read_hf_checkpoint, target_table,
+                                              normalised_table, read_hf_checkpoint, read_hf_config, target_table,
                                               write_hf_folder)
 from dbconvert.families.llama.generate import sample_text
 from dbconvert.families.llama.model import LlamaBlockNet
@@ -115,6 +115,12 @@ class LlamaFamily(Family):
         net = convert_hf_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
                                recipe.noise.sigma_data)
         return Source(net, shape.num_layers, checkpoint_sha256=digest)
+
+    def resolve(self, recipe: "Recipe") -> None:
+        """With model.checkpoint: the architecture of its config.json, as `source` records it (weights not read)."""
+        cfg = _cfg(recipe)
+        if cfg.checkpoint is not None:
+            recipe.model = config_from_hf(cfg, read_hf_config(cfg.checkpoint))
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         cfg = _cfg(recipe)
