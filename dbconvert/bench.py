@@ -384,8 +384,12 @@ def bench_memory(
     on_result: Callable[[str, dict[str, Any]], None] | None = None,
     checkpointing: bool = True,
     every_block: bool = True,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Peak training-step memory of each block and of the e2e network; ratio = e2e / largest block.
+
+    `skip`: target names not to measure (one that would not fit in this machine's memory); the
+    ratios that need one of them are left out (None).
 
     With `checkpointing` (the default) also the deepest block and the e2e network with activation
     checkpointing, and for families with an autoregressive reference the same network as a plain
@@ -405,11 +409,15 @@ def bench_memory(
     batch = recipe.train.batch_size if batch is None else batch
     _check_batch(batch)
     targets = bench_targets(recipe, blocks, checkpointing, every_block)
+    unknown = sorted(set(skip) - {t.name for t in targets})
+    if unknown:
+        raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
     dev = resolve_device(device or recipe.train.device)
     if dev.type not in ("cpu", "cuda"):
         raise DbconvertError(f"bench memory measures cpu or cuda, not {dev.type}; pass --device cpu")
     results: dict[str, dict[str, Any]] = {}
-    for target in targets:
+    measured = [t for t in targets if t.name not in skip]
+    for target in measured:
         if dev.type == "cuda":
             res = measure_cuda_step(recipe, target, batch, dev)
         else:
@@ -417,12 +425,15 @@ def bench_memory(
         results[target.name] = res
         if on_result:
             on_result(target.name, res)
-    block_peaks = [results[t.name]["peak_bytes"] for t in targets if not t.e2e and not t.checkpointing]
-    e2e = results["e2e"]
+    block_peaks = [results[t.name]["peak_bytes"] for t in measured if not t.e2e and not t.checkpointing]
+    e2e = results.get("e2e", {})
     moments = optimizer_moments(recipe)
     breakdown: dict[str, Any] = {}
-    for t in targets:
-        twin = results[t.twin or t.name]
+    for t in measured:
+        # P and A of this network without checkpointing; its twin skipped: those of another measured network of
+        # the same objective (every layer is the same layer at the same batch, so P and A per layer are too)
+        same = [u.name for u in measured if not u.checkpointing and u.objective == t.objective]
+        twin = results[t.name if not t.checkpointing else t.twin if t.twin in results else (same or [t.name])[0]]
         row = {"layers": list(t.layers), "checkpointing": t.checkpointing, "objective": t.objective,
                **{k: results[t.name][k] for k in MEMORY_KEYS}}
         row["app_g"] = app_g_formula(t, t.depth, twin["layer_parameter_bytes"], twin["layer_saved_activations"], moments)
@@ -430,14 +441,15 @@ def bench_memory(
     out: dict[str, Any] = {
         "recipe": recipe.name,
         "device": str(dev),
-        "method": e2e["method"] + (" (fresh subprocess per measurement)" if dev.type == "cpu" else ""),
+        "method": next(iter(results.values()))["method"] + (" (fresh subprocess per measurement)" if dev.type == "cpu" else ""),
+        "skipped": list(skip),
         "blocks": blocks,
         "layers": max(t.depth for t in targets),
         "batch": batch,
         "threads": torch.get_num_threads(),
-        "e2e_peak_bytes": e2e["peak_bytes"],
+        "e2e_peak_bytes": e2e.get("peak_bytes"),
         "block_peak_bytes": block_peaks,
-        "ratio": e2e["peak_bytes"] / max(block_peaks),
+        "ratio": e2e["peak_bytes"] / max(block_peaks) if e2e and block_peaks else None,
         "breakdown": breakdown,
     }
     if checkpointing:
@@ -450,12 +462,14 @@ def checkpointing_ratios(targets: list[BenchTarget], value: dict[str, float], un
     (`bytes` or `seconds`) and the ratio lines against a block with checkpointing."""
     block_ck = next(t.name for t in targets if t.checkpointing and not t.e2e)
     named = {"e2e": "e2e", "e2e_ckpt": "e2e" + CKPT, "block": block_ck.removesuffix(CKPT), "block_ckpt": block_ck}
-    if "ar" in value:
+    if any(t.objective == "ar" for t in targets):
         named.update({"ar": "ar", "ar_ckpt": "ar" + CKPT})
-    out: dict[str, Any] = {"unit": unit, "block_ckpt_target": block_ck, **{key: value[name] for key, name in named.items()}}
+    out: dict[str, Any] = {"unit": unit, "block_ckpt_target": block_ck,
+                           **{key: value.get(name) for key, name in named.items()}}
     for key in ("e2e", "e2e_ckpt", "ar", "ar_ckpt"):
         if key in named:
-            out[f"{key}_over_block_ckpt"] = value[named[key]] / value[block_ck]
+            ok = out[key] is not None and out["block_ckpt"] is not None
+            out[f"{key}_over_block_ckpt"] = out[key] / out["block_ckpt"] if ok else None
     return {"checkpointing": out}
 
 
@@ -631,11 +645,11 @@ def _ratio_lines(r: dict[str, Any], name: str) -> list[str]:
         return []
     c = r["checkpointing"]
     ck = c["block_ckpt_target"]
-    out = [f"{name} e2e / {ck}: [bold]{c['e2e_over_block_ckpt']:.2f}x[/], e2e+ckpt / {ck}: "
-           f"[bold]{c['e2e_ckpt_over_block_ckpt']:.2f}x[/]"]
+    x = lambda key: "not measured" if c[key] is None else f"[bold]{c[key]:.2f}x[/]"  # noqa: E731
+    out = [f"{name} e2e / {ck}: {x('e2e_over_block_ckpt')}, e2e+ckpt / {ck}: {x('e2e_ckpt_over_block_ckpt')}"]
     if "ar_over_block_ckpt" in c:
-        out.append(f"{name} the same network as a plain causal LM (ar) / {ck}: [bold]{c['ar_over_block_ckpt']:.2f}x[/], "
-                   f"ar+ckpt / {ck}: [bold]{c['ar_ckpt_over_block_ckpt']:.2f}x[/]")
+        out.append(f"{name} the same network as a plain causal LM (ar) / {ck}: {x('ar_over_block_ckpt')}, "
+                   f"ar+ckpt / {ck}: {x('ar_ckpt_over_block_ckpt')}")
     return out
 
 
@@ -654,7 +668,10 @@ def memory_report(r: dict[str, Any]) -> list[Any]:
     for name, row in r["breakdown"].items():
         table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", *(_mib(row[c]) for c in MEMORY_KEYS),
                       _mib(row["app_g"]["bytes"]))
-    lines: list[Any] = [table, f"ratio e2e / largest block: [bold]{r['ratio']:.2f}x[/]", *_ratio_lines(r, "ratio")]
+    ratio = "not measured" if r["ratio"] is None else f"[bold]{r['ratio']:.2f}x[/]"
+    lines: list[Any] = [table, f"ratio e2e / largest block: {ratio}", *_ratio_lines(r, "ratio")]
+    if r["skipped"]:
+        lines.append(f"not measured (--skip): {', '.join(r['skipped'])}")
     lines.append(f"method: {r['method']}. layers: source layers [start, end). params, grads, optim (optimizer "
                  "state) and EMA are exact tensor bytes; held = measured memory held between steps; step = measured "
                  "growth during the step (activations, gradients, temporaries at its worst moment), peak = held + "

@@ -397,6 +397,8 @@ def bench_memory_cmd(
                                          "state and EMA, built on the meta device (any size; no activations).")] = False,
     checkpointing: CheckpointingOpt = True,
     every_block: EveryBlockOpt = True,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="A network not to measure, e.g. e2e when it "
+                                                      "would not fit in memory (repeatable).")] = None,
 ) -> None:
     """Peak memory of one training step: each block alone vs the whole network end to end, with and without
     activation checkpointing."""
@@ -414,7 +416,7 @@ def bench_memory_cmd(
     progress = None if as_json else (
         lambda name, res: err_console.print(f"measured {name}: {res['peak_bytes'] / 2**20:,.1f} MiB", highlight=False))
     result = bench_memory(resolved, blocks, batch, device, on_result=progress, checkpointing=checkpointing,
-                          every_block=every_block)
+                          every_block=every_block, skip=tuple(skip or ()))
     if as_json:
         typer.echo(json.dumps(result))
         return
