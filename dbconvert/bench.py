@@ -531,8 +531,12 @@ def bench_speed(
     sampling_only: bool = False,
     checkpointing: bool = True,
     every_block: bool = True,
+    skip: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Median seconds per sampling step and per training step, each block vs the e2e network.
+
+    `skip`: target names not to build or time (one that would not fit in memory); their times and the
+    ratios that need them are NaN, as for `sampling_only`.
 
     `sampling_only` skips the training steps (their timings and ratio are NaN): for shapes whose
     training step is too slow to time on this device. With `checkpointing` (default) the training
@@ -555,7 +559,10 @@ def bench_speed(
     family = get_family(recipe.model.family)
     gen = torch.Generator().manual_seed(recipe.train.seed)
     data = [t.to(dev) for t in family.synthetic_batch(recipe, batch, gen)]
-    trainers = [Trainer(recipe, t, dev) for t in targets]
+    unknown = sorted(set(skip) - {t.name for t in targets})
+    if unknown:
+        raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
+    trainers = [Trainer(recipe, t, dev) for t in targets if t.name not in skip]
     plain = [tr for tr in trainers if not tr.target.checkpointing and tr.target.objective == "denoiser"]
     samplers = {tr.target.name: tr.sampling_step(data) for tr in plain}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -587,6 +594,7 @@ def bench_speed(
         "guidance": recipe.sample.guidance,
         "repeats": repeats,
         "warmup": warmup,
+        "skipped": list(skip),
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
@@ -645,7 +653,7 @@ def _ratio_lines(r: dict[str, Any], name: str) -> list[str]:
         return []
     c = r["checkpointing"]
     ck = c["block_ckpt_target"]
-    x = lambda key: "not measured" if c[key] is None else f"[bold]{c[key]:.2f}x[/]"  # noqa: E731
+    x = lambda key: "not measured" if c[key] is None or c[key] != c[key] else f"[bold]{c[key]:.2f}x[/]"  # noqa: E731
     out = [f"{name} e2e / {ck}: {x('e2e_over_block_ckpt')}, e2e+ckpt / {ck}: {x('e2e_ckpt_over_block_ckpt')}"]
     if "ar_over_block_ckpt" in c:
         out.append(f"{name} the same network as a plain causal LM (ar) / {ck}: {x('ar_over_block_ckpt')}, "

@@ -378,6 +378,10 @@ EveryBlockOpt = Annotated[bool, typer.Option("--every-block/--deepest-block", he
                                              "or only the deepest one (blocks of equal depth cost the same).")]
 
 
+SkipOpt = Annotated[Optional[list[str]], typer.Option("--skip", help="A network not to measure, e.g. e2e when it "
+                                                   "would not fit in memory (repeatable).")]
+
+
 def _print_report(lines: list) -> None:
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
@@ -397,8 +401,7 @@ def bench_memory_cmd(
                                          "state and EMA, built on the meta device (any size; no activations).")] = False,
     checkpointing: CheckpointingOpt = True,
     every_block: EveryBlockOpt = True,
-    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="A network not to measure, e.g. e2e when it "
-                                                      "would not fit in memory (repeatable).")] = None,
+    skip: SkipOpt = None,
 ) -> None:
     """Peak memory of one training step: each block alone vs the whole network end to end, with and without
     activation checkpointing."""
@@ -438,6 +441,7 @@ def bench_speed_cmd(
     sampling_only: Annotated[bool, typer.Option("--sampling-only", help="Time sampling steps only.")] = False,
     checkpointing: CheckpointingOpt = True,
     every_block: EveryBlockOpt = True,
+    skip: SkipOpt = None,
 ) -> None:
     """Seconds per sampling step and per training step: each block vs all layers, with and without checkpointing."""
     from dbconvert.bench import bench_speed, speed_report
@@ -446,7 +450,8 @@ def bench_speed_cmd(
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
     progress = None if as_json else (lambda msg: err_console.print(msg, highlight=False))
     result = bench_speed(resolved, blocks, batch, repeats, warmup, device, on_progress=progress,
-                         sampling_only=sampling_only, checkpointing=checkpointing, every_block=every_block)
+                         sampling_only=sampling_only, checkpointing=checkpointing, every_block=every_block,
+                         skip=tuple(skip or ()))
     if as_json:
         typer.echo(json.dumps(result))
         return
