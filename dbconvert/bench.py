@@ -133,6 +133,9 @@ def bench_recipe(recipe: Recipe) -> Recipe:
     would build from that checkpoint (its config only, no weights), or a one-line error when it cannot."""
     copy = validate_recipe(recipe.to_dict(), "recipe")
     get_family(copy.model.family).resolve(copy)
+    # Settled, the recipe describes the checkpoint's architecture: the networks are built (and the source's depth
+    # counted on the meta device) from it alone, as for a fresh model; weights never change memory or time.
+    copy.model.checkpoint = None
     return copy
 
 
