@@ -5,6 +5,11 @@ the recipe's optimizer, EMA update) of each block alone and of the whole network
 end, at the same batch and data shape. Speed: seconds per sampling step and per training
 step, blocks vs the whole network.
 
+Against what a user would turn on instead (issue 19): the deepest block and the e2e network are also
+measured with `train.activation_checkpointing` (every layer recomputed in backward), and for a family
+with an autoregressive reference the same layers trained as a plain causal LM, without and with it;
+beside each measured peak, the paper's App. G estimate from the P and A measured on that network.
+
 Networks are built fresh from the recipe through the family registry, with random weights
 (memory and time do not depend on the values), and fed synthetic random data of the
 model's shape, so no run directory, checkpoint or data set is needed.
