@@ -440,11 +440,13 @@ def bench_memory(
     for t in measured:
         # P and A of this network without checkpointing; its twin skipped: those of another measured network of
         # the same objective (every layer is the same layer at the same batch, so P and A per layer are too)
+        # (none measured: no A to evaluate the formula with, so `app_g` is None)
         same = [u.name for u in measured if not u.checkpointing and u.objective == t.objective]
-        twin = results[t.name if not t.checkpointing else t.twin if t.twin in results else (same or [t.name])[0]]
+        twin = results.get(t.name if not t.checkpointing else t.twin if t.twin in results else (same or [""])[0])
         row = {"layers": list(t.layers), "checkpointing": t.checkpointing, "objective": t.objective,
                **{k: results[t.name][k] for k in MEMORY_KEYS}}
-        row["app_g"] = app_g_formula(t, t.depth, twin["layer_parameter_bytes"], twin["layer_saved_activations"], moments)
+        row["app_g"] = twin and app_g_formula(t, t.depth, twin["layer_parameter_bytes"],
+                                              twin["layer_saved_activations"], moments)
         breakdown[t.name] = row
     out: dict[str, Any] = {
         "recipe": recipe.name,
@@ -683,7 +685,7 @@ def memory_report(r: dict[str, Any]) -> list[Any]:
     table.add_column("App. G", justify="right")
     for name, row in r["breakdown"].items():
         table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", *(_mib(row[c]) for c in MEMORY_KEYS),
-                      _mib(row["app_g"]["bytes"]))
+                      _mib(row["app_g"]["bytes"]) if row["app_g"] else "-")
     ratio = "not measured" if r["ratio"] is None else f"[bold]{r['ratio']:.2f}x[/]"
     lines: list[Any] = [table, f"ratio e2e / largest block: {ratio}", *_ratio_lines(r, "ratio")]
     if r["skipped"]:
@@ -693,7 +695,8 @@ def memory_report(r: dict[str, Any]) -> list[Any]:
                  "growth during the step (activations, gradients, temporaries at its worst moment), peak = held + "
                  "step; saved = bytes autograd kept for backward, exact (a lower bound of step).")
     formulas = ", ".join(f"{name} {row['app_g']['formula']} (P {_mib(row['app_g']['P'])}, A {_mib(row['app_g']['A'])})"
-                         for name, row in r["breakdown"].items() if name == "e2e" or CKPT in name or name == "ar")
+                         for name, row in r["breakdown"].items()
+                         if row["app_g"] and (name in ("e2e", "ar") or CKPT in name))
     lines.append(f"App. G: the paper's estimate from P = trainable bytes of one layer and A = bytes one layer saves "
                  f"for backward (MiB), both measured on that network (a +ckpt row: on its twin without): {formulas}. "
                  "It leaves out the EMA and everything outside the layers (embedding, head, loss, allocator), which "

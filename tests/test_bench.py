@@ -154,6 +154,10 @@ def test_memory_table_shows_the_four_and_the_ratio_lines() -> None:
     assert "block-1" not in out  # --deepest-block
     assert "ratio e2e / block-0+ckpt: not measured, e2e+ckpt / block-0+ckpt:" in out
     assert "not measured (--skip): e2e" in out and "4P·L + A" in out
+    # a checkpointed network whose plain twin was skipped takes P and A from a measured network of its objective
+    data = json.loads(runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2",
+                                          "--batch", "8", "--deepest-block", "--skip", "e2e", "--json"]).stdout)
+    assert data["breakdown"]["e2e+ckpt"]["app_g"]["A"] == data["breakdown"]["block-0"]["app_g"]["A"]
 
 
 def test_static_covers_the_four() -> None:
