@@ -63,7 +63,7 @@ DEFAULT_NUM = 500
 VARIANT_RECORD = "ablation-variant.json"
 # Settings a rerun may change without invalidating a variant's run (training continues to the new length).
 RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.log_every", "train.checkpoint_every", "train.device",
-                  "train.compile"}
+                  "train.compile", "train.activation_checkpointing"}
 
 
 @dataclass(frozen=True)

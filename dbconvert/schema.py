@@ -155,6 +155,9 @@ class TrainConfig(Section):
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    activation_checkpointing: bool = False
+    """Recompute every layer of the trained network in backward (non-reentrant torch.utils.checkpoint): the
+    activations of one layer at a time instead of all of them, for about one more forward pass of compute."""
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
     tensorboard: bool = False

@@ -7,18 +7,20 @@ optimizer step and EMA update.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from dbconvert.config import Recipe
 from dbconvert.errors import DbconvertError
 from dbconvert.families.contract import Family
-from dbconvert.noise import NoiseSettings
+from dbconvert.noise_process import NoiseProcess
 
 
 def make_optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -150,10 +152,33 @@ def share_frozen(ema: nn.Module, network: nn.Module) -> None:
             e.data = p.data
 
 
-def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseSettings, device: torch.device,
+def checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A layer's own forward, recomputed in backward (non-reentrant checkpoint) when it trains with gradients.
+
+    In eval mode or without gradients (held-out metrics, sampling, EMA) it is the plain forward.
+    """
+    forward = type(self).forward
+    if self.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+def checkpoint_layers(layers: list[nn.Module]) -> None:
+    """Make every layer's forward checkpointed (activation checkpointing), in place.
+
+    Only the instance's `forward` is replaced (a bound method, so a deep copy rebinds it to the copy):
+    parameters, buffers and state-dict keys are untouched, and so are the saved weights.
+    """
+    for layer in layers:
+        layer.forward = types.MethodType(checkpointed_forward, layer)  # type: ignore[method-assign]
+
+
+def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseProcess, device: torch.device,
                 objective: Objective = "denoiser") -> TrainingState:
     """Network of `depth` layers wrapped for `objective`, its EMA copy, optimizer and precision on `device`."""
     network = family.block_network(recipe, depth)
+    if recipe.train.activation_checkpointing:
+        checkpoint_layers(family.layers(network))
     model = family.ar_model(recipe, network) if objective != "denoiser" else family.denoiser(recipe, network, noise)
     model = model.to(device)
     ema = family.block_network(recipe, depth).to(device).requires_grad_(False)

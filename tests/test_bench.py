@@ -76,7 +76,7 @@ def test_library_targets_follow_split() -> None:
     targets = bench_targets(recipe, 4)
     _, plans = plan_blocks(recipe, 4)
     assert [t.layers for t in targets[:-1]] == [tuple(p["layers"]) for p in plans]
-    assert [t.sigma_range for t in targets[:-1]] == [tuple(p["train_range"]) for p in plans]
+    assert [t.level_range for t in targets[:-1]] == [tuple(p["train_range"]) for p in plans]
     assert targets[-1].e2e and targets[-1].layers == (0, 4)
 
 
@@ -108,3 +108,89 @@ def test_speed_sampling_only_times_no_training_step_and_reports_rates() -> None:
     assert data["sample_step_ratio"] > 0 and data["unit"] == "image" and data["block_units_per_s"] > 0
     assert data["protocol_units"] == 50_000  # FID-50k
     assert data["e2e_protocol_hours"] == pytest.approx(50_000 / data["e2e_units_per_s"] / 3600)
+
+
+# --- activation checkpointing beside blocks (issue 19) -------------------------------------
+
+
+def test_memory_measures_the_four_networks_and_their_ratios(memory_json: dict) -> None:
+    rows, ck = memory_json["breakdown"], memory_json["checkpointing"]
+    assert {"block-0", "block-1", "e2e", "block-0+ckpt", "e2e+ckpt"} == set(rows)  # DiT has no causal LM
+    assert ck["block_ckpt_target"] == "block-0+ckpt" and ck["unit"] == "bytes"
+    assert ck["e2e_over_block_ckpt"] == pytest.approx(rows["e2e"]["peak_bytes"] / rows["block-0+ckpt"]["peak_bytes"])
+    assert ck["e2e_ckpt_over_block_ckpt"] == pytest.approx(rows["e2e+ckpt"]["peak_bytes"]
+                                                           / rows["block-0+ckpt"]["peak_bytes"])
+    for name in ("block-0", "e2e"):
+        plain, recomputed = rows[name], rows[name + "+ckpt"]
+        assert recomputed["checkpointing"] and not plain["checkpointing"]
+        # the same tensors held, far fewer activations saved for backward (one layer's inputs, not its insides)
+        for key in ("parameters", "gradients", "optimizer_state", "ema"):
+            assert recomputed[key] == plain[key]
+        assert recomputed["saved_activations"] < plain["saved_activations"] / 2
+        assert recomputed["step_peak"] < plain["step_peak"]
+
+
+def test_app_g_formulas_use_the_measured_p_and_a(memory_json: dict) -> None:
+    rows = memory_json["breakdown"]
+    p, a = rows["e2e"]["app_g"]["P"], rows["e2e"]["app_g"]["A"]
+    assert p > 0 and a > 0 and rows["block-0"]["app_g"]["P"] == p  # every layer is the same layer
+    # A is what the layers saved: all but the embedders' and the final layer's share of the network's saved bytes
+    assert 0.5 * rows["e2e"]["saved_activations"] < 4 * a <= rows["e2e"]["saved_activations"]
+    assert rows["e2e"]["app_g"] == {"formula": "(4P + A)·L", "bytes": (4 * p + a) * 4, "P": p, "A": a, "depth": 4}
+    assert rows["e2e+ckpt"]["app_g"]["bytes"] == 4 * p * 4 + a  # its twin's P and A
+    a0 = rows["block-0"]["app_g"]["A"]
+    assert a0 == pytest.approx(a, rel=0.01) and rows["block-0"]["app_g"]["bytes"] == (4 * p + a0) * 2
+    assert rows["block-0+ckpt"]["app_g"] == {"formula": "4P·L/B + A", "bytes": 4 * p * 2 + a0, "P": p, "A": a0,
+                                             "depth": 2}
+
+
+def test_memory_table_shows_the_four_and_the_ratio_lines() -> None:
+    result = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--batch",
+                                 "8", "--deepest-block", "--skip", "e2e"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for row in ("block-0", "block-0+ckpt", "e2e+ckpt", "App. G"):
+        assert row in out
+    assert "block-1" not in out  # --deepest-block
+    assert "ratio e2e / block-0+ckpt: not measured, e2e+ckpt / block-0+ckpt:" in out
+    assert "not measured (--skip): e2e" in out and "4P·L + A" in out
+    # a checkpointed network whose plain twin was skipped takes P and A from a measured network of its objective
+    data = json.loads(runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2",
+                                          "--batch", "8", "--deepest-block", "--skip", "e2e", "--json"]).stdout)
+    assert data["breakdown"]["e2e+ckpt"]["app_g"]["A"] == data["breakdown"]["block-0"]["app_g"]["A"]
+
+
+def test_static_covers_the_four() -> None:
+    result = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = data["breakdown"]
+    assert rows["e2e+ckpt"]["total_bytes"] == rows["e2e"]["total_bytes"]
+    assert rows["block-0+ckpt"]["total_bytes"] == rows["block-0"]["total_bytes"]
+    assert data["checkpointing"]["e2e_over_block_ckpt"] == pytest.approx(data["ratio"])
+    p = rows["e2e"]["app_g_static"]["P"]
+    assert rows["e2e"]["app_g_static"]["bytes"] == 4 * p * 4 and rows["block-1"]["app_g_static"]["bytes"] == 4 * p * 2
+    plain = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
+                                "--no-checkpointing", "--json"])
+    assert set(json.loads(plain.stdout)["breakdown"]) == {"block-0", "block-1", "e2e"}
+
+
+def test_speed_times_the_checkpointed_training_steps() -> None:
+    result = runner.invoke(app, ["bench", "speed", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2",
+                                 "--batch", "4", "--repeats", "1", "--warmup", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    ck, raw = data["checkpointing"], data["raw_seconds"]
+    assert ck["unit"] == "seconds" and ck["block_ckpt"] == raw["block-0+ckpt"]["train"][0] > 0
+    assert ck["block_ckpt_over_block"] == pytest.approx(ck["block_ckpt"] / raw["block-0"]["train"][0])
+    assert ck["e2e_over_block_ckpt"] == pytest.approx(raw["e2e"]["train"][0] / ck["block_ckpt"])
+    assert raw["e2e+ckpt"]["sample"] == [] and len(raw["e2e+ckpt"]["train"]) == 1  # samples as its twin
+
+
+@pytest.mark.parametrize("command", ["memory", "speed"])
+def test_skip_of_an_unknown_network_is_one_line(command: str) -> None:
+    from tests.cli_helpers import assert_user_error, invoke
+
+    assert_user_error(invoke("bench", command, "dit-tiny-digits", "--blocks", "2", "--skip", "e2e-ckpt"),
+                      "--skip e2e-ckpt: no such network here")

@@ -75,6 +75,20 @@ def test_torchrun_two_ranks_match_one_process_and_resume_across_world_sizes(tiny
     assert not (ddp.model_dir("block-01") / "train.lock").exists()
 
 
+def test_torchrun_with_activation_checkpointing_matches_one_process_without(tiny_run: Run, tmp_path: Path) -> None:
+    """train.activation_checkpointing=true under DDP (2 gloo ranks): the weights of one plain process."""
+    ddp = Run.open(shutil.copytree(tiny_run.root, tmp_path / "ddp"))
+    train_block(tiny_run, 2, steps=2, progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dbconvert", "--", "train-block", "2", "--run", str(ddp.root), "--steps", "2", "--quiet",
+           "train.activation_checkpointing=true"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a = load_weights(tiny_run.model_dir("block-02") / "model.safetensors")
+    b = load_weights(ddp.model_dir("block-02") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
 def test_bf16_on_cpu_trains_and_checkpoints_stay_fp32(tiny_run: Run) -> None:
     fp32 = Run.open(shutil.copytree(tiny_run.root, tiny_run.root.parent / "fp32"))
     result = train_block(tiny_run, 2, overrides=["train.precision=bf16"], progress=False)

@@ -436,9 +436,25 @@ ContextOpt = Annotated[Optional[int], typer.Option("--context", min=2, help="Tex
                                                    "(overrides model.context).")]
 
 
-def _mib(n: float) -> str:
-    mib = n / 2**20
-    return f"{mib:,.1f}" if abs(mib) < 100 else f"{mib:,.0f}"
+CheckpointingOpt = Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Also measure the deepest "
+                                                 "block and the whole network with train.activation_checkpointing "
+                                                 "(and, for families with one, the same network as a plain causal LM "
+                                                 "without and with it).")]
+EveryBlockOpt = Annotated[bool, typer.Option("--every-block/--deepest-block", help="Measure every block of the split, "
+                                             "or only the deepest one (blocks of equal depth cost the same).")]
+
+
+SkipOpt = Annotated[Optional[list[str]], typer.Option("--skip", help="A network not to measure, e.g. e2e when it "
+                                                   "would not fit in memory (repeatable).")]
+
+
+def _print_report(lines: list) -> None:
+    """A bench report: its tables as wide as their numbers, its lines literally."""
+    for line in lines:
+        if isinstance(line, Table):
+            print_table(line)
+        else:
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 @bench_app.command("memory")
@@ -453,50 +469,31 @@ def bench_memory_cmd(
     as_json: JsonOpt = False,
     static: Annotated[bool, typer.Option("--static", help="Only the exact bytes of parameters, gradients, optimizer "
                                          "state and EMA, built on the meta device (any size; no activations).")] = False,
+    checkpointing: CheckpointingOpt = True,
+    every_block: EveryBlockOpt = True,
+    skip: SkipOpt = None,
 ) -> None:
-    """Peak memory of one training step: each block alone vs the whole network end to end."""
-    from dbconvert.bench import bench_memory, bench_static
+    """Peak memory of one training step: each block alone vs the whole network end to end, with and without
+    activation checkpointing."""
+    from dbconvert.bench import bench_memory, bench_static, memory_report, static_report
     from dbconvert.config import load_recipe
 
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
     if static:
-        result = bench_static(resolved, blocks)
+        result = bench_static(resolved, blocks, checkpointing, every_block)
         if as_json:
             typer.echo(json.dumps(result))
             return
-        table = Table(title=f"static training memory, GiB ({result['recipe']}, B={result['blocks']}, meta device)")
-        for col in ("network", "layers", "params", "grads", "optim", "EMA", "total"):
-            table.add_column(col, justify="left" if col == "network" else "right")
-        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-        for name, row in result["breakdown"].items():
-            table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", gib(row["parameters"]), gib(row["gradients"]),
-                          gib(row["optimizer_state"]), gib(row["ema"]), gib(row["total_bytes"]))
-        print_table(table)
-        console.print(Text.assemble("ratio e2e / largest block (static part only): ", bold(f"{result['ratio']:.2f}x")))
+        _print_report(static_report(result))
         return
-    progress = None if as_json else (lambda name, res: err_console.print(f"measured {name}: {_mib(res['peak_bytes'])} MiB"))
-    result = bench_memory(resolved, blocks, batch, device, on_result=progress)
+    progress = None if as_json else (
+        lambda name, res: err_console.print(f"measured {name}: {res['peak_bytes'] / 2**20:,.1f} MiB", highlight=False))
+    result = bench_memory(resolved, blocks, batch, device, on_result=progress, checkpointing=checkpointing,
+                          every_block=every_block, skip=tuple(skip or ()))
     if as_json:
         typer.echo(json.dumps(result))
         return
-    table = Table(title=f"peak training-step memory, MiB ({result['recipe']}, {result['layers']} layers, "
-                        f"B={result['blocks']}, batch {result['batch']}, {result['device']})")
-    cols = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "resident_before_step", "step_peak",
-            "saved_activations")
-    heads = ("peak", "params", "grads", "optim", "EMA", "held", "step", "saved")
-    table.add_column("network")
-    table.add_column("layers", justify="right")
-    for head in heads:
-        table.add_column(head, justify="right")
-    for name, row in result["breakdown"].items():
-        table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", *(_mib(row[c]) for c in cols))
-    print_table(table)
-    console.print(Text.assemble("ratio e2e / largest block: ", bold(f"{result['ratio']:.2f}x")))
-    console.print(f"method: {result['method']}. layers: source layers [start, end). params, grads, optim (optimizer "
-                  "state) and EMA are exact tensor bytes; held = measured memory held between steps; step = measured "
-                  "growth during the step (activations, gradients, temporaries at its worst moment), peak = held + "
-                  "step; saved = bytes autograd kept for backward, exact (a lower bound of step).", highlight=False,
-                  soft_wrap=True)
+    _print_report(memory_report(result))
 
 
 @bench_app.command("speed")
@@ -512,36 +509,23 @@ def bench_speed_cmd(
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
     sampling_only: Annotated[bool, typer.Option("--sampling-only", help="Time sampling steps only.")] = False,
+    checkpointing: CheckpointingOpt = True,
+    every_block: EveryBlockOpt = True,
+    skip: SkipOpt = None,
 ) -> None:
-    """Seconds per sampling step and per training step: each block vs all layers."""
-    from dbconvert.bench import bench_speed
+    """Seconds per sampling step and per training step: each block vs all layers, with and without checkpointing."""
+    from dbconvert.bench import bench_speed, speed_report
     from dbconvert.config import load_recipe
 
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
     progress = None if as_json else (lambda msg: err_console.print(msg, highlight=False))
     result = bench_speed(resolved, blocks, batch, repeats, warmup, device, on_progress=progress,
-                         sampling_only=sampling_only)
+                         sampling_only=sampling_only, checkpointing=checkpointing, every_block=every_block,
+                         skip=tuple(skip or ()))
     if as_json:
         typer.echo(json.dumps(result))
         return
-    table = Table(title=f"median seconds per step ({result['recipe']}, {result['layers']} layers, B={result['blocks']}, "
-                        f"batch {result['batch']}, {result['device']}, {result['threads']} threads)")
-    for col in ("network", "sampling step", "training step"):
-        table.add_column(col, justify="left" if col == "network" else "right")
-    for i, (s, t) in enumerate(zip(result["block_sample_step_s"], result["block_train_step_s"])):
-        table.add_row(f"block-{i}", f"{s:.4f}", f"{t:.4f}")
-    table.add_row("e2e", f"{result['e2e_sample_step_s']:.4f}", f"{result['e2e_train_step_s']:.4f}")
-    print_table(table)
-    console.print(Text.assemble("e2e / slowest block: sampling step ", bold(f"{result['sample_step_ratio']:.2f}x"),
-                                ", training step ", bold(f"{result['train_step_ratio']:.2f}x"),
-                                f"  (median of {result['repeats']} after {result['warmup']} warm-up; batch "
-                                f"{result['batch']}, guidance {result['guidance']:g})"))
-    unit = result["unit"]
-    console.print(f"generation with {result['sample_steps']} steps per {unit}: blocks {result['block_units_per_s']:.1f} "
-                  f"{unit}s/s, e2e {result['e2e_units_per_s']:.1f} {unit}s/s (denoising steps only)", highlight=False)
-    console.print(f"the paper's evaluation protocol ({result['protocol_units']:,} {unit}s) at these rates and this batch: "
-                  f"blocks {result['block_protocol_hours']:.1f} h, e2e {result['e2e_protocol_hours']:.1f} h "
-                  f"on {result['device']}", highlight=False)
+    _print_report(speed_report(result))
 
 
 # --- ablate --------------------------------------------------------------------------------

@@ -110,6 +110,15 @@ class Family(ABC):
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         """An empty stand-alone network of `depth` layers, the skeleton a block's weights load into."""
 
+    def layers(self, network: nn.Module) -> list[nn.Module]:
+        """The residual layers of a `block_network` (the L/B layers a block holds, or all L), in order.
+
+        `train.activation_checkpointing` recomputes each of them in backward and `bench` attributes
+        per-layer parameters and activations to them. Every family lists its layers here.
+        """
+        raise DbconvertError(f"the {self.name} family does not list its layers, so train.activation_checkpointing "
+                             "cannot be used with it; set train.activation_checkpointing=false")
+
     @abstractmethod
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         """State dict of the block holding source layers [start, end), through an explicit key map."""

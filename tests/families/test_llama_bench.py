@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import invoke
+from tests.cli_helpers import assert_user_error, invoke
 from tests.families.llama_tiny import tiny_overrides, write_corpus
 
 VOCAB, HIDDEN = 300, 32  # tiny_overrides' model
@@ -46,3 +46,58 @@ def test_static_bytes_of_a_low_rank_head_are_exact(overrides: list[str]) -> None
     assert all(full[name] - rank4[name] == saved for name in full)
     narrow = gradients("model.target_dim=8")
     assert all(full[name] - narrow[name] == (HIDDEN - 8) * HIDDEN * 4 for name in full)  # noisy_in: 32 -> 8 inputs
+
+
+def test_memory_measures_the_same_network_as_a_plain_causal_lm(overrides: list[str]) -> None:
+    """The user's own alternative: the e2e network trained autoregressively, without and with checkpointing."""
+    result = invoke("bench", "memory", "llama-tiny-shakespeare", *overrides, "--blocks", "2", "--batch", "2",
+                    "--deepest-block", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows, ck = data["breakdown"], data["checkpointing"]
+    assert set(rows) == {"block-0", "e2e", "block-0+ckpt", "e2e+ckpt", "ar", "ar+ckpt"}
+    assert rows["ar"]["objective"] == "ar" and rows["ar+ckpt"]["checkpointing"] and rows["ar"]["layers"] == [0, 4]
+    assert ck["ar_over_block_ckpt"] == pytest.approx(rows["ar"]["peak_bytes"] / rows["block-0+ckpt"]["peak_bytes"])
+    # the causal LM never uses the noise modulation or the noisy-input path: no gradient, no AdamW state for them
+    assert rows["ar"]["gradients"] < rows["e2e"]["gradients"]
+    assert rows["ar"]["gradients"] == rows["ar+ckpt"]["gradients"]
+    assert 0 <= rows["ar"]["optimizer_state"] - 2 * rows["ar"]["gradients"] < 1024  # two moments + a step count each
+    assert rows["ar+ckpt"]["saved_activations"] < rows["ar"]["saved_activations"]
+    # the causal LM measured with checkpointing only: no causal-LM A measured, so no App. G value for it
+    alone = invoke("bench", "memory", "llama-tiny-shakespeare", *overrides, "--blocks", "2", "--batch", "2",
+                   "--deepest-block", "--skip", "e2e", "--skip", "e2e+ckpt", "--skip", "ar", "--json")
+    assert alone.exit_code == 0, alone.output
+    rows = json.loads(alone.stdout)["breakdown"]
+    assert rows["ar+ckpt"]["app_g"] is None and rows["block-0+ckpt"]["app_g"]["A"] == rows["block-0"]["app_g"]["A"]
+    table = invoke("bench", "memory", "llama-tiny-shakespeare", *overrides, "--blocks", "2", "--static")
+    assert table.exit_code == 0, table.output
+    assert "ar+ckpt" in table.stdout and "plain causal LM (ar) / block-0+ckpt" in table.stdout
+
+
+def test_bench_with_a_checkpoint_builds_the_network_split_builds(tmp_path: Path, overrides: list[str]) -> None:
+    """model.checkpoint=X: the checkpoint's architecture (its config.json), not the recipe's fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dbconvert.checkpoint import load_weights
+    from dbconvert.config import load_recipe
+    from dbconvert.split import split
+
+    folder = tmp_path / "hf"
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()  # bench reads the config only: no weights needed ...
+    args = ("bench", "memory", "llama-tiny-shakespeare", *overrides, f"model.checkpoint={folder}", "--blocks", "2",
+            "--static", "--json", "--no-checkpointing")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["breakdown"]
+    assert rows["e2e"]["layers"] == [0, 6] and rows["block-0"]["layers"] == [0, 3]
+    LlamaForCausalLM(cfg).save_pretrained(folder)  # ... split does: its block holds exactly what bench counted
+    run = (split(load_recipe("llama-tiny-shakespeare", [*overrides, f"model.checkpoint={folder}",
+                                                                 "blocks.num=2", "model.train_tokenizer=true"]),
+                         out=tmp_path / "run"))
+    block = load_weights(run.model_dir("block-00") / "model.safetensors")
+    assert rows["block-0"]["gradients"] == sum(t.numel() * t.element_size() for t in block.values())
+    missing = [a if not a.startswith("model.checkpoint=") else f"model.checkpoint={tmp_path / 'no'}" for a in args]
+    assert_user_error(invoke(*missing), "is not a folder")

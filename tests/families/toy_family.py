@@ -135,6 +135,9 @@ class ToyFamily(Family):
         cfg = _cfg(recipe)
         return ToyNet(cfg.dim, cfg.hidden, depth)
 
+    def layers(self, network: nn.Module) -> list[nn.Module]:
+        return list(network.layers)  # type: ignore[union-attr, arg-type]
+
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         return apply_key_map(source.network.state_dict(), layer_slice_key_map(SHARED_KEYS, "layers", LAYER_KEYS, start, end),
                              ignored=lambda key: key.startswith("layers."), what=f"toy block [{start}, {end})")

@@ -73,6 +73,9 @@ class DiTFamily(Family):
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         return DiT(_cfg(recipe).shape(learn_sigma=False).with_depth(depth))
 
+    def layers(self, network: nn.Module) -> list[nn.Module]:
+        return list(network.blocks)  # type: ignore[union-attr, arg-type]
+
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         return apply_key_map(
             source.network.state_dict(),

@@ -152,6 +152,18 @@ def target_table(embed: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 
 def read_hf_checkpoint(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], str]:
     """(transformers LlamaConfig, state dict in float32, sha256) of a save_pretrained folder."""
+    hf_cfg = read_hf_config(path)
+    files = _weight_files(Path(path))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        part = read_checkpoint(file)  # a user's file: its errors name model.checkpoint, not "split again"
+        state.update({k: v.to(torch.float32) for k, v in part.items()})
+    digest = file_sha256(files[0]) if len(files) == 1 else hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+    return hf_cfg, state, digest
+
+
+def read_hf_config(path: str | Path) -> Any:
+    """The transformers LlamaConfig of a save_pretrained folder (its config.json only; weights are not read)."""
     from transformers import LlamaConfig as HFLlamaConfig
 
     folder = Path(path)
@@ -173,14 +185,7 @@ def read_hf_checkpoint(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], 
             f"checkpoint {folder} is a {raw.get('model_type')!r} model ({', '.join(archs) or 'no architectures'}), "
             "not a Llama; give a LlamaForCausalLM checkpoint"
         )
-    hf_cfg = HFLlamaConfig.from_pretrained(str(folder))
-    files = _weight_files(folder)
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        part = read_checkpoint(file)  # a user's file: its errors name model.checkpoint, not "split again"
-        state.update({k: v.to(torch.float32) for k, v in part.items()})
-    digest = file_sha256(files[0]) if len(files) == 1 else hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
-    return hf_cfg, state, digest
+    return HFLlamaConfig.from_pretrained(str(folder))
 
 
 def _weight_files(folder: Path) -> list[Path]:

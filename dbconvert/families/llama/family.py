@@ -42,7 +42,7 @@ from dbconvert.errors import RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
-                                              normalised_table, read_hf_checkpoint, target_table,
+                                              normalised_table, read_hf_checkpoint, read_hf_config, target_table,
                                               write_hf_folder)
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
 from dbconvert.families.llama.model import LlamaBlockNet
@@ -117,12 +117,21 @@ class LlamaFamily(Family):
                                recipe.noise.sigma_data)
         return Source(net, shape.num_layers, checkpoint_sha256=digest)
 
+    def resolve(self, recipe: "Recipe") -> None:
+        """With model.checkpoint: the architecture of its config.json, as `source` records it (weights not read)."""
+        cfg = _cfg(recipe)
+        if cfg.checkpoint is not None:
+            recipe.model = config_from_hf(cfg, read_hf_config(cfg.checkpoint))
+
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         cfg = _cfg(recipe)
         net = LlamaBlockNet(cfg.shape(depth))
         if cfg.freeze_embedding:
             net.embed_tokens.weight.requires_grad_(False)
         return net
+
+    def layers(self, network: nn.Module) -> list[nn.Module]:
+        return list(network.layers)  # type: ignore[union-attr, arg-type]
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         shape = source.network.shape  # type: ignore[union-attr]

@@ -118,6 +118,9 @@ class ViTFamily(Family):
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         return ViTNet(_cfg(recipe).shape(depth))
 
+    def layers(self, network: nn.Module) -> list[nn.Module]:
+        return list(network.blocks)  # type: ignore[union-attr, arg-type]
+
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         state = source.network.state_dict()
         return apply_key_map(state, block_key_map(list(state), start, end), ignored=is_layer_key,
