@@ -10,6 +10,10 @@ brought up to date lazily (a block that owns no step of a token never runs for i
 is the table row nearest to the final z. Ancestral decoding samples the causal LM's softmax
 with temperature and nucleus (top-p) filtering; never greedy unless temperature is 0.
 
+Masked diffusion (model.objective=masked): every row is `context` tokens long, its prompt kept and the rest
+[MASK] at t = 1, unmasked ancestrally over `steps` steps, each by the block owning t (`masked.unmask`);
+an empty prompt is an unconditional sample. The new tokens are cut at EOS and max_new_tokens as above.
+
 Randomness is one generator per output row, seeded by (seed, row index), so a row's text
 does not depend on the batch it was decoded in.
 """
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
     from dbconvert.sampling import SampleRequest
 
 DIFFUSION_MODELS = ("blocks", "e2e")
+UNMASK = "unmask"
+"""The solver a masked-diffusion run's blocks and e2e sample with (ancestral unmasking)."""
 """Models decoded by diffusion; the others (`ar`, `source`) are causal LMs decoded ancestrally."""
 
 
@@ -205,7 +211,8 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
     device = resolve_device(run.recipe.train.device)
     models = load_models(run, model, weights, device)
     noise = run.noise()
-    owned = run.owned_ranges() if model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
+    owned = run.owned_ranges() if model == "blocks" else [noise.full_range()]
+    masked = model in DIFFUSION_MODELS and masked_run(run)
     calls = calls if calls is not None else []
     calls[:] = [0] * len(models)  # block forwards, per model: filled in for the caller
     out: list[list[int]] = []
@@ -216,7 +223,9 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
         part, seeds = rows[lo:lo + batch_size], row_seeds[lo:lo + batch_size]
         base = done_before
         report = (lambda k, _n, b=base: progress(b + k, total)) if progress else None
-        if model in DIFFUSION_MODELS:
+        if masked:
+            new, reasons = unmask_rows(models, owned, part, dec, seeds, device, calls, report)
+        elif model in DIFFUSION_MODELS:
             new, reasons = diffuse(models, owned, part, dec, seeds, device, calls, report)
         else:
             new, reasons = ancestral(models[0].net, part, dec, seeds, device, report)
@@ -224,6 +233,25 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
         why += reasons
         done_before += sum(row_budget(len(r), dec) for r in part)
     return out, why
+
+
+def masked_run(run: "Run") -> bool:
+    return getattr(run.recipe.model, "objective", "continuous") == "masked"
+
+
+def unmask_rows(models: list[nn.Module], owned: list[tuple[float, float]], rows: list[list[int]], dec: Decoding,
+                row_seeds: list[int], device: torch.device, calls: list[int] | None = None,
+                progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
+    """Masked diffusion: whole rows by ancestral unmasking (`masked.unmask`), the tokens after each prompt."""
+    from dbconvert.families.llama.masked import unmask
+
+    x = unmask(models, owned, rows, dec.context, dec.steps, row_seeds, device, calls, progress)  # type: ignore[arg-type]
+    length = torch.tensor([len(r) for r in rows])
+    width = dec.context - int(length.min())
+    new = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, n in enumerate(length.tolist()):
+        new[r, :dec.context - n] = x[r, n:]
+    return _finish(new, length, dec)
 
 
 def _batch(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,7 +284,8 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     dec = decoding(run, request, tok)
     weights = request.weights or cfg.weights
     num = request.num or 1
-    rows = [start_ids(ids, tok) for ids in encoded for _ in range(num)]
+    masked = request.model in DIFFUSION_MODELS and masked_run(run)  # an empty prompt is unconditional: no start id
+    rows = [list(ids) if masked else start_ids(ids, tok) for ids in encoded for _ in range(num)]
     seeds = [dec.seed * 1_000_003 + i for i in range(len(rows))]
     calls: list[int] = []
     start = time.perf_counter()
@@ -286,6 +315,9 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
 
 def sampler_info(model: str, dec: Decoding, weights: str) -> dict[str, Any]:
     """The sampler as evaluation results record it."""
+    if model in DIFFUSION_MODELS and dec.solver == UNMASK:
+        return {"solver": dec.solver, "steps": dec.steps, "guidance": None, "weights": weights, "seed": dec.seed,
+                "name": f"ancestral unmasking, {dec.steps} steps per sequence"}
     if model in DIFFUSION_MODELS:
         return {"solver": dec.solver, "steps": dec.steps, "guidance": None, "weights": weights, "seed": dec.seed,
                 "name": f"{dec.solver} {dec.steps} steps per token"}
@@ -301,9 +333,14 @@ def decoding(run: "Run", request: "SampleRequest", tok: Tokenizer) -> Decoding:
     top_p = cfg.top_p if request.top_p is None else request.top_p
     if temperature < 0 or not 0 < top_p <= 1:
         raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    solver = request.solver or cfg.solver
+    if request.model in DIFFUSION_MODELS and masked_run(run):
+        if request.solver is not None:
+            raise DbconvertError("a masked-diffusion run samples by ancestral unmasking; drop --solver")
+        solver = UNMASK
     return Decoding(max_new_tokens=request.max_new_tokens, context=int(run.recipe.model.context),  # type: ignore[attr-defined]
                     eos=tuple(tok.stop_ids), seed=cfg.seed if request.seed is None else request.seed,
-                    steps=request.steps or cfg.steps, solver=request.solver or cfg.solver,
+                    steps=request.steps or cfg.steps, solver=solver,
                     temperature=temperature, top_p=top_p, rho=cfg.rho)
 
 
