@@ -86,8 +86,7 @@ def bench_targets(recipe: Recipe, blocks: int) -> list[BenchTarget]:
         BenchTarget(f"block-{p['index']}", p["layers"][1] - p["layers"][0], tuple(p["layers"]), tuple(p["train_range"]), False)
         for p in plans
     ]
-    n = recipe.noise
-    out.append(BenchTarget("e2e", total, (0, total), (n.sigma_min, n.sigma_max), True))
+    out.append(BenchTarget("e2e", total, (0, total), recipe.noise.settings().full_range(), True))
     return out
 
 
