@@ -133,16 +133,16 @@ def heldout_masked_metrics(model: MaskedDenoiser, tokens: torch.Tensor, t_range:
 
 
 @torch.no_grad()
-def piece(model: MaskedDenoiser, tokens: torch.Tensor, lo: float, hi: float, draws: int, offset: float,
+def piece(model: MaskedDenoiser, tokens: torch.Tensor, lo: float, hi: float, draws: int, offset: torch.Tensor,
           u: torch.Tensor) -> torch.Tensor:
     """(hi - lo) * E_{t ~ U(lo, hi)}[w(t) * sum of masked CE] per sequence (B,), in nats.
 
-    Stratified in t: t_k = lo + (k + offset) / draws * (hi - lo), k < draws (one shared offset in [0, 1)),
-    with the same mask uniforms `u` (B, T) at every t: unbiased for any offset.
+    Stratified in t: t_k = lo + (k + offset) / draws * (hi - lo), k < draws, one offset in [0, 1) per
+    sequence (B,), with the same mask uniforms `u` (B, T) at every t: unbiased for any offset.
     """
     total = torch.zeros(tokens.shape[0], dtype=torch.float64, device=tokens.device)
     for k in range(draws):
-        t = torch.full((tokens.shape[0],), lo + (k + offset) / draws * (hi - lo), device=tokens.device)
+        t = (lo + (k + offset) / draws * (hi - lo)).to(torch.float32).to(tokens.device)
         ce, _, _ = masked_ce(model, tokens, t, u)
         total += (model.noise.weight(t) * ce.sum(-1)).double()
     return total * (hi - lo) / draws
@@ -162,10 +162,10 @@ def sequence_bound(models: Sequence[MaskedDenoiser], owned: Sequence[tuple[float
     """(negative ELBO per sequence (B,) in nats, the pieces: one per model, then the reconstruction term).
 
     Model i covers `owned[i]` with `draws` stratified times (the e2e network: one range, [t_min, 1]). The
-    same offset and mask uniforms serve every piece, so for one network the pieces of any partition add up
+    same offsets and mask uniforms serve every piece, so for one network the pieces of any partition add up
     to the single-range bound with the same total number of times (`test_masked`).
     """
-    offset = float(torch.rand((), generator=generator, dtype=torch.float64))
+    offset = torch.rand(tokens.shape[0], generator=generator, dtype=torch.float64)
     u = torch.rand(tokens.shape, generator=generator).to(tokens.device)
     pieces = [piece(m, tokens, lo, hi, draws, offset, u) for m, (lo, hi) in zip(models, owned)]
     last = models[owner_of(models[0].noise.t_min, list(owned))]
