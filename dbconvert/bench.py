@@ -393,7 +393,7 @@ def bench_speed(
         raise DbconvertError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     targets = bench_targets(recipe, blocks)
     dev = resolve_device(device or recipe.train.device)
-    family = get_family(recipe.model.family)
+    family = get_family(recipe.model.family).for_bench(recipe)
     gen = torch.Generator().manual_seed(recipe.train.seed)
     data = [t.to(dev) for t in family.synthetic_batch(recipe, batch, gen)]
     trainers = [Trainer(recipe, t, dev) for t in targets]

@@ -219,8 +219,13 @@ def test_split_train_sample_and_bpc_of_blocks_and_e2e(in_tmp: Path) -> None:
     assert_user_error(invoke("sample", "--run", "run", "--solver", "heun"), "ancestral unmasking")
 
 
-def test_bench_memory_runs_for_the_masked_objective(tmp_path: Path) -> None:
+def test_bench_memory_and_speed_run_for_the_masked_objective(tmp_path: Path) -> None:
     text = write_corpus(tmp_path)
+    speed = invoke("bench", "speed", "md4-tiny-shakespeare", *masked_overrides(text), "--blocks", "3", "--batch", "2",
+                   "--repeats", "1", "--warmup", "0", "--sampling-only", "--json")
+    assert speed.exit_code == 0, speed.output
+    rates = json.loads(speed.stdout)
+    assert rates["unit"] == "sequence" and rates["sample_steps"] == 6 and rates["block_units_per_s"] > 0
     result = invoke("bench", "memory", "md4-tiny-shakespeare", *masked_overrides(text), "--static", "--blocks", "3",
                     "--json")
     assert result.exit_code == 0, result.output

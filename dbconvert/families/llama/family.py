@@ -60,6 +60,10 @@ if TYPE_CHECKING:
     from dbconvert.sampling import SampleRequest, SampleResult
 
 
+MASKED_PROTOCOL_SEQUENCES = 1000
+"""`bench speed` of a masked-diffusion recipe: the time of 1000 unconditional sequences (MD4's text8 figure is a
+bound, bits per character, not a sample protocol; this is a round number of samples to judge by eye or MAUVE)."""
+
 DEFAULT_WEIGHTING = "uniform"
 """train.loss_weight=default for text; chosen by held-out measurement (README "Loss weight")."""
 
@@ -117,9 +121,13 @@ class LlamaFamily(Family):
         """Without a run: a seeded random unit-norm target table of the model's shape (memory and time only)."""
         cfg = _cfg(recipe)
         gen = torch.Generator().manual_seed(cfg.init_seed)
-        return LlamaFamily(table=normalised_table(torch.randn(cfg.vocab_size, cfg.shape().target_size,
-                                                                      generator=gen)),
-                           mask=(cfg.vocab_size - 1, cfg.vocab_size - 1))  # masked: the last row is [MASK]
+        family = LlamaFamily(table=normalised_table(torch.randn(cfg.vocab_size, cfg.shape().target_size,
+                                                                generator=gen)),
+                             mask=(cfg.vocab_size - 1, cfg.vocab_size - 1))  # masked: the last row is [MASK]
+        if is_masked(recipe):  # one sample is a whole sequence, unmasked over sample.steps steps
+            family.generated_unit = "sequence"
+            family.protocol_units = MASKED_PROTOCOL_SEQUENCES
+        return family
 
     def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
         """The continuous objective: EDM preconditioning (recorded as before); masked: what the network reads."""
