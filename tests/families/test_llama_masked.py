@@ -265,3 +265,16 @@ def test_bad_input_is_one_line_and_writes_nothing(in_tmp: Path, inputs: Path, re
     base = masked_overrides(text) if recipe != "dit-tiny-digits" else []
     assert_user_error(invoke("split", recipe, *base, *extra), match)
     assert not any(in_tmp.iterdir())
+
+
+def test_md4_text8_is_the_papers_setting_and_names_what_to_place_where_offline(in_tmp: Path) -> None:
+    r = load_recipe("md4-text8")
+    assert (r.model.layers, r.model.hidden, r.model.heads, r.blocks.num, r.noise.gamma, r.model.context) == \
+        (12, 768, 12, 3, 0.05, 256)
+    assert (r.train.lr, r.train.weight_decay, r.train.warmup_steps, r.train.batch_size, r.noise.schedule) == \
+        (3e-4, 0.03, 2000, 256, "linear")
+    assert (r.model.objective, r.model.tokenizer_type, r.noise.process) == ("masked", "char", "masking")
+    small = ["model.layers=3", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.intermediate=48"]
+    result = invoke("split", "md4-text8", *small, "--out", "run")  # the tests run with HF_DATASETS_OFFLINE=1
+    assert_user_error(result, "afmck/text8")
+    assert "~/.cache/huggingface/datasets" in result.stderr and not any(in_tmp.iterdir())
