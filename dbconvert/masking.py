@@ -10,7 +10,8 @@ A level is a masking time t: each token is independently replaced by [MASK] with
   t_min = noise.t_min > 0 (default 1e-3, MDLM's sampling epsilon; MD4 instead offsets alpha by 1e-4, GenMD4
   uses "a small non-zero t1" as here). The piece [0, t_min] of the ELBO is replaced by its reconstruction
   term E[CE on the tokens masked at t_min] (see `families/llama/masked.py`), so the bound stays exact.
-- Training density: t ~ U(t_min, 1); a block's mass is its share of that length.
+- Training density: t ~ U(t_min, 1); a block's mass is its share of that length. A batch's times are
+  drawn as MD4 draws them: one uniform offset, spread evenly over the range (`draw`).
 - Partitions: `equiprobable` = equal decrements of alpha over the full range (alpha_b = 1 - b/B, up to
   t_min: boundaries t_b = alpha^-1(alpha(t_min) - b/B (alpha(t_min) - alpha(1))); with the linear schedule
   they are equally spaced in t), `uniform` = equal widths in t.
@@ -112,7 +113,10 @@ class MaskingProcess(NoiseProcess):
         return (hi - lo) / (high - low)
 
     def draw(self, n: int, lo: float, hi: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        """n times, each uniform on [lo, hi], drawn as MD4 draws a batch's: one uniform offset u0 and
+        u_i = (u0 + i / n) mod 1 (low-discrepancy: the batch covers the range evenly, a lower-variance loss)."""
+        u0 = torch.rand((), generator=generator, dtype=torch.float64)
+        u = torch.remainder(u0 + torch.arange(n, dtype=torch.float64) / n, 1.0)
         return (lo + (hi - lo) * u).clamp(lo, hi).to(torch.float32)
 
     def schedule(self, num_steps: int, rho: float = 7.0) -> list[float]:

@@ -86,7 +86,12 @@ def test_draws_schedule_and_density() -> None:
     a = p.draw(1000, 0.2, 0.4, torch.Generator().manual_seed(0))
     b = p.draw(1000, 0.2, 0.4, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.dtype == torch.float32 and 0.2 <= float(a.min()) and float(a.max()) <= 0.4
-    assert float(a.mean()) == pytest.approx(0.3, abs=0.01)  # uniform in t
+    assert float(a.mean()) == pytest.approx(0.3, abs=0.001)  # uniform in t, and spread evenly (MD4's batch draw)
+    gaps = torch.diff(a.double().sort().values)
+    assert torch.allclose(gaps, torch.full_like(gaps, 0.2 / 1000), atol=1e-6)
+    # the first time of a batch (and so each one) is uniform on the range over the generator's draws
+    offsets = torch.stack([p.draw(3, 0.0, 1.0, torch.Generator().manual_seed(s))[0] for s in range(2000)])
+    assert float(offsets.mean()) == pytest.approx(0.5, abs=0.02) and float(offsets.std()) == pytest.approx(12 ** -0.5, abs=0.02)
     ts = p.schedule(8)
     assert ts == pytest.approx([1 - j / 8 for j in range(9)]) and ts[0] == 1.0 and ts[-1] == 0.0
     owned = owned_ranges(p.boundaries(2, "uniform"))
