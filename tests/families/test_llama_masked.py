@@ -182,8 +182,10 @@ def test_character_tokenizer_round_trips_and_the_mask_takes_a_free_row(tmp_path:
     ids = tok.encode("ROMEO: O Romeo!")
     assert len(ids) == len("ROMEO: O Romeo!") and tok.decode(ids) == "ROMEO: O Romeo!"
     assert mask_token_id(tok, tok.vocab_size + 1) == tok.vocab_size
-    with pytest.raises(Exception, match=r"\[MASK\]"):
+    with pytest.raises(Exception, match=rf"set model.vocab_size={tok.vocab_size + 1}"):
         mask_token_id(tok, tok.vocab_size)
+    with pytest.raises(Exception, match="comes from the checkpoint's config.json"):  # not the recipe's to change
+        mask_token_id(tok, tok.vocab_size, "the checkpoint's config.json (hf)")
 
 
 # --- end to end ---------------------------------------------------------------------------

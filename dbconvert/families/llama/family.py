@@ -94,7 +94,7 @@ def check_mask_room(cfg: LlamaConfig) -> None:
     if path is None and cfg.checkpoint is not None:
         path = checkpoint_tokenizer(Path(cfg.checkpoint).expanduser())
     if path is not None and path.is_file():
-        mask_token_id(Tokenizer(path), cfg.vocab_size)
+        mask_token_id(Tokenizer(path), cfg.vocab_size, vocab_from(cfg))
 
 
 def vocab_from(cfg: LlamaConfig) -> str | None:
@@ -205,7 +205,7 @@ class LlamaFamily(Family):
                                     cfg.tokenizer_type)
         tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
         if is_masked(recipe):
-            mask_token_id(tok, cfg.vocab_size)
+            mask_token_id(tok, cfg.vocab_size, vocab_from(cfg))
 
     # -- training --------------------------------------------------------------------------
 

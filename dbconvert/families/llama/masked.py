@@ -44,18 +44,19 @@ class MaskTokenError(DbconvertError):
     """A tokenizer that leaves no id for [MASK]."""
 
 
-def mask_token_id(tok: Tokenizer, vocab_size: int) -> int:
-    """[MASK]'s id: the tokenizer's own mask token, else the first embedding row it does not use."""
+def mask_token_id(tok: Tokenizer, vocab_size: int, fixed_by: str | None = None) -> int:
+    """[MASK]'s id: the tokenizer's own mask token, else the first embedding row it does not use.
+
+    `fixed_by` names what fixed the vocabulary size (a checkpoint's config.json), for the error's hint."""
     for name in MASK_NAMES:
         if (i := tok.token_id(name)) is not None and i < vocab_size:
             return i
     if tok.vocab_size < vocab_size:
         return tok.vocab_size
-    raise MaskTokenError(
-        f"model.objective=masked needs an id for [MASK], and tokenizer {tok.path.name} has no [MASK] token and "
-        f"uses all {vocab_size} rows of model.vocab_size; set model.vocab_size={tok.vocab_size + 1} (one free row) "
-        "or use a tokenizer with a [MASK] token"
-    )
+    fix = (f"the vocabulary size comes from {fixed_by}, so use a tokenizer with a [MASK] token" if fixed_by else
+           f"set model.vocab_size={tok.vocab_size + 1} (one free row) or use a tokenizer with a [MASK] token")
+    raise MaskTokenError(f"model.objective=masked needs an id for [MASK], and tokenizer {tok.path.name} has no "
+                         f"[MASK] token and uses all {vocab_size} rows of the vocabulary; {fix}")
 
 
 class MaskedDenoiser(nn.Module):
