@@ -203,8 +203,8 @@ def _check_metric(recipe: Recipe, num: int) -> str:
     from dbconvert.families import get_family
 
     family = get_family(recipe.model.family)
-    get_metric(family.default_metric).check(recipe, family, num)
-    return family.default_metric
+    get_metric(family.default_metric(recipe)).check(recipe, family, num)
+    return family.default_metric(recipe)
 
 
 # --- one variant ---------------------------------------------------------------------------

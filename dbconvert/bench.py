@@ -566,7 +566,7 @@ def bench_speed(
         raise DbconvertError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     targets = bench_targets(recipe, blocks, checkpointing and not sampling_only, every_block)
     dev = resolve_device(device or recipe.train.device)
-    family = get_family(recipe.model.family)
+    family = get_family(recipe.model.family).for_bench(recipe)
     gen = torch.Generator().manual_seed(recipe.train.seed)
     data = [t.to(dev) for t in family.synthetic_batch(recipe, batch, gen)]
     unknown = sorted(set(skip) - {t.name for t in targets})

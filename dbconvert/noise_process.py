@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 PROCESSES: dict[str, str] = {
     "edm": "dbconvert.noise:NoiseSettings",
+    "masking": "dbconvert.masking:MaskingProcess",
 }
 """process name -> "module:Class" of its `NoiseProcess` subclass (imported on first use)."""
 

@@ -113,6 +113,10 @@ class NoiseConfig(Section):
     p_std: float = Field(1.2, gt=0)
     partition: Literal["equiprobable", "uniform"] = "equiprobable"
     gamma: float = Field(0.1, ge=0.0, le=1.0)
+    schedule: Literal["linear", "cosine"] = "linear"
+    """masking only: alpha(t), the probability a token is still unmasked at time t (`masking.py`)."""
+    t_min: float = Field(1e-3, gt=0.0, lt=1.0)
+    """masking only: the lowest masking time trained and bounded (the ELBO weight 1/t stays finite)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> "NoiseConfig":

@@ -4,7 +4,9 @@ Where a run's tokenizer comes from (`model.tokenizer` in the recipe):
 - a path to a SentencePiece `.model` or a `tokenizers` `.json` file: copied into the run;
 - unset, with a checkpoint: the checkpoint folder's own `tokenizer.json` or `tokenizer.model`;
 - unset, without a checkpoint: a byte-level BPE with the model's vocabulary size, trained on the
-  recipe's training text and saved as RUN/shared/tokenizer.json.
+  recipe's training text and saved as RUN/shared/tokenizer.json; or, with `model.tokenizer_type=char`,
+  a character-level tokenizer: one id per character of the training text (sorted), then EOS
+  (text8 and bits per character are character-level). Characters it has not seen are dropped.
 - a checkpoint folder without a tokenizer is refused (its embeddings belong to its own tokens)
   unless `model.tokenizer` names one or `model.train_tokenizer=true` asks for a new BPE anyway.
 
@@ -112,6 +114,14 @@ class Tokenizer:
             return i if i != self._sp.unk_id() or token == self._sp.id_to_piece(i) else None
         return self._hf.token_to_id(token)
 
+    def character_level(self) -> bool:
+        """True when every ordinary token is one character (`model.tokenizer_type: char`): bits per token are
+        then bits per character."""
+        if self._hf is None:
+            return False
+        special = {t.content for t in self._hf.get_added_tokens_decoder().values()}
+        return all(len(t) == 1 for t in self._hf.get_vocab(with_added_tokens=True) if t not in special)
+
     def default_bos(self) -> tuple[bool, int | None]:
         """(adds BOS by default, BOS id) as the file alone says: the tokenizers post-processor, or SentencePiece's BOS."""
         if self._sp is not None:
@@ -182,6 +192,28 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path) -> Path:
         vocab_size=vocab_size, special_tokens=[BPE_EOS], initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out))
+    return out
+
+
+def train_chars(texts: Iterable[str], out: Path) -> Path:
+    """A character-level tokenizer: one id per distinct character of `texts` (sorted), then the EOS token.
+
+    A `tokenizers` BPE with no merges over that alphabet, so it is an ordinary tokenizer.json file
+    that every reader of a run (`Tokenizer`, export) already takes; decoding joins the characters.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    chars = sorted(set().union(*(set(t) for t in texts)))
+    if not chars:
+        raise TokenizerError("the training text has no characters to build a character-level tokenizer from")
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab[BPE_EOS] = len(vocab)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens([BPE_EOS])
+    tok.decoder = decoders.Fuse()
     out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out))
     return out
@@ -291,10 +323,10 @@ def checkpoint_settings(tok: Tokenizer, tokenizer_dir: Path, model_dir: Path | N
 
 
 def prepare_run_tokenizer(shared_dir: Path, tokenizer: str | None, checkpoint: str | None, train: bool,
-                          documents: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:
+                          documents: Callable[[], Iterable[str]], vocab_size: int, kind: str = "bpe") -> Tokenizer:
     """Put the run's tokenizer and its settings into RUN/shared/ (see the module docstring for the choices).
 
-    `documents` is only called when a BPE is trained. A checkpoint folder without a tokenizer is an
+    `documents` is only called when a tokenizer is trained (`kind`: a byte-level `bpe` or `char`acters). A checkpoint folder without a tokenizer is an
     error unless `train` (model.train_tokenizer) says a new BPE is really wanted.
     """
     model_dir = Path(checkpoint).expanduser() if checkpoint else None
@@ -316,6 +348,10 @@ def prepare_run_tokenizer(shared_dir: Path, tokenizer: str | None, checkpoint: s
             "something with its own tokens; copy the tokenizer there, set model.tokenizer=PATH, or set "
             "model.train_tokenizer=true to train a new BPE on the data anyway"
         )
+    elif kind == "char":
+        installed = Tokenizer(train_chars(documents(), shared_dir / "tokenizer.json"))
+        settings = TokenizerSettings(eos_id=installed.eos_id, stop_ids=(installed.eos_id,), origin="a character-level "
+                                     "tokenizer of the data's characters: no BOS, EOS " + BPE_EOS)
     else:
         installed = Tokenizer(train_bpe(documents(), vocab_size, shared_dir / "tokenizer.json"))
         settings = TokenizerSettings(eos_id=installed.eos_id, stop_ids=(installed.eos_id,) if installed.eos_id is not None

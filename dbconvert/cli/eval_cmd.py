@@ -72,7 +72,7 @@ def run_metric(metric: Metric, run: Optional[Path], model: str, steps: Optional[
         opened = _current_run_for(metric)  # files alone need no run; the current one helps where it applies
     else:
         opened = resolve_run(run)
-        if run is None and given and metric.name not in opened.family().metrics:
+        if run is None and given and metric.name not in opened.family().metrics_for(opened.recipe):
             raise DbconvertError(f"{metric.alone_hint} (the current run {opened.root} is a {opened.family_name} run, "
                                  f"which eval {metric.name} does not apply to)")
         metric.require(opened)
@@ -91,7 +91,7 @@ def _current_run_for(metric: Metric) -> Any:
         current = resolve_run(None)
     except DbconvertError:
         return None
-    return current if metric.name in current.family().metrics else None
+    return current if metric.name in current.family().metrics_for(current.recipe) else None
 
 
 def metric_command(metric: Metric) -> click.Command:

@@ -27,7 +27,7 @@ def evaluate(run: Any, metric: str | None = None, *, model: str = "blocks", num:
     `sampler` holds seed / steps / solver / weights / guidance (None = the recipe's); a metric gets those
     it takes. Callers that score whatever family a run holds (ablate, demo) use this, never a metric's name.
     """
-    chosen = get_metric(metric or run.family().default_metric)
+    chosen = get_metric(metric or run.family().default_metric(run.recipe))
     chosen.require(run)
     options = {k: v for k, v in sampler.items() if chosen.accepts(k)}
     return chosen.evaluate(run, model=model, log=log or nolog, **{chosen.num_option: num}, **options)

@@ -282,7 +282,7 @@ class Reference:
 
 def image_channels(run: Any) -> int | None:
     """The channels of the run's samples when FID applies to its family (its `sample_shape` is C, H, W)."""
-    return run.family().sample_shape(run.recipe)[0] if run is not None and "fid" in run.family().metrics else None
+    return run.family().sample_shape(run.recipe)[0] if run is not None and "fid" in run.family().metrics_for(run.recipe) else None
 
 
 def sampler_settings(run: Any, steps: int | None, solver: str | None, guidance: float | None, seed: int | None,
@@ -361,7 +361,7 @@ def fid_of_folder(run: Any | None, samples: Path, *, reference: Path | None = No
         raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
     if reference is None and image_channels(run) is None:
         raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model "
-                             f"(use eval {run.family().default_metric}, or give --reference FOLDER)")
+                             f"(use eval {run.family().default_metric(run.recipe)}, or give --reference FOLDER)")
     device = resolve_device(run.recipe.train.device if run is not None else "auto")
     spec = resolve_features(features, run, inception_weights, image_channels(run), device, log, feature_images,
                             progress)
@@ -385,7 +385,7 @@ def fid_of_model(run: Any, *, model: str = "blocks", num: int | None = None, rep
     run.model_targets(model)  # one line naming the models this run has
     if image_channels(run) is None:
         raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model "
-                             f"(use eval {run.family().default_metric})")
+                             f"(use eval {run.family().default_metric(run.recipe)})")
     sampler = sampler_settings(run, steps, solver, guidance, seed, weights)
     run.require_trained(model)
     num = num or 10_000

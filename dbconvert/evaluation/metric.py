@@ -4,7 +4,7 @@ A metric knows its name, its direction (written once: `lower_is_better`), its ow
 how to evaluate a run (`evaluate` -> a result record, written to RUN/eval/*.json) and how a result
 renders: the rows of its own table (`detail_rows`), its columns in `eval compare` (`compare_columns`),
 its headline number and spread in `ablate` tables and the eval figure (`headline`, `spread`).
-A family lists the metrics that apply to it (`Family.metrics`, default first); `dbconvert eval METRIC`,
+A family lists the metrics that apply to a recipe's runs (`Family.metrics_for`, default first); `dbconvert eval METRIC`,
 `eval compare`, `ablate` and `plot eval` go through this registry and never test a metric's name.
 
 A result record is a dict with at least `metric`, `model`, `value`, `features` (what the numbers were
@@ -35,6 +35,7 @@ METRICS: dict[str, str] = {
     "fid": "dbconvert.evaluation.fid:FIDMetric",
     "mauve": "dbconvert.evaluation.mauve:MauveMetric",
     "accuracy": "dbconvert.families.vit.metrics:AccuracyMetric",
+    "bpc": "dbconvert.families.llama.bpc:BPCMetric",
 }
 """metric name -> "module:Class" of its `Metric` subclass (imported on first use)."""
 
@@ -95,9 +96,10 @@ class Metric(ABC):
     def require(self, run: "Run") -> None:
         """A one-line error when the run's family does not list this metric."""
         family = run.family()
-        if self.name not in family.metrics:
+        applies = family.metrics_for(run.recipe)
+        if self.name not in applies:
             raise DbconvertError(f"eval {self.name} does not apply to this {run.family_name} run; use eval "
-                                 f"{family.default_metric} (its family's metrics: {', '.join(family.metrics)})")
+                                 f"{applies[0]} (the metrics of its runs: {', '.join(applies)})")
 
     @abstractmethod
     def evaluate(self, run: "Run | None", *, model: str = "blocks", log: Log = nolog, progress: bool = False,

@@ -68,8 +68,8 @@ class Family(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type["ModelConfig"]]
     metrics: ClassVar[tuple[str, ...]]
-    """The registered metrics (`evaluation/metric.py`) that apply to this family, its default first:
-    the one `ablate` and `demo` score with."""
+    """The registered metrics (`evaluation/metric.py`) this family's runs can have, its default first
+    (`metrics_for` says which apply to one recipe)."""
     generated_unit: ClassVar[str] = "image"
     """What one sample is, for rates in `bench speed`: `image`, or `token` for text (one token = M steps)."""
     protocol_units: ClassVar[int] = 50_000
@@ -89,9 +89,13 @@ class Family(ABC):
     """The `model` field that sets a fresh source network's layer count (`ablate blocks` deepens the network
     through it so that every B divides it), or None when the family has no such field."""
 
-    @property
-    def default_metric(self) -> str:
-        return self.metrics[0]
+    def metrics_for(self, recipe: "Recipe") -> tuple[str, ...]:
+        """The metrics that apply to runs of `recipe`, default first (the one `ablate` scores with). Default:
+        `metrics`; a family whose objectives differ in what can be measured narrows it (masked text: bpc first)."""
+        return self.metrics
+
+    def default_metric(self, recipe: "Recipe") -> str:
+        return self.metrics_for(recipe)[0]
 
     def architectures(self) -> Architectures:
         """The named architectures a recipe's model section can pick, with sizes computed from the models.

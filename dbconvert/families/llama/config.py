@@ -36,6 +36,12 @@ class LlamaConfig(ModelConfig):
     train_tokenizer: bool = False
     """Train a new BPE even though model.checkpoint is set and has no tokenizer (otherwise an error)."""
     init_seed: int = 0
+    objective: Literal["continuous", "masked"] = "continuous"
+    """continuous: diffusion over the next token's embedding (DESIGN 5); masked: masked (absorbing-state)
+    diffusion, MD4-style, with bidirectional attention (needs noise.process=masking; README "Masked diffusion")."""
+    tokenizer_type: Literal["bpe", "char"] = "bpe"
+    """What split trains when there is no tokenizer to take: a byte-level BPE of model.vocab_size, or a
+    character-level tokenizer (one id per character of the data; bits per character, text8)."""
     # --- the vocabulary cost of a block (README "Memory of language-model blocks") ---
     freeze_embedding: bool = False
     """Input embedding frozen: no gradient, no optimizer state, no EMA copy (its EMA is the same tensor)."""
@@ -79,6 +85,9 @@ class LlamaConfig(ModelConfig):
         if self.target_dim is not None and self.target_dim > self.hidden:
             raise ValueError(f"model.target_dim {self.target_dim} is larger than model.hidden {self.hidden}; "
                              f"use at most {self.hidden} (null = hidden)")
+        if self.tokenizer_type == "char" and self.tokenizer is not None:
+            raise ValueError("model.tokenizer_type=char builds a tokenizer from the data; unset model.tokenizer "
+                             "(or drop model.tokenizer_type to use the named tokenizer)")
         if self.max_positions is not None and self.context > self.max_positions:
             raise ValueError(
                 f"model.context {self.context} is longer than the model's maximum of {self.max_positions} positions; "

@@ -24,6 +24,8 @@ Decisions written down (DESIGN 5):
 - Decoding (sampling): Euler/Heun over the EDM steps ends at t_N = 0 with z = D(z, sigma_min);
   the new token is the table row nearest to that final z (Euclidean).
 - Tied input/output embeddings are untied on conversion: every block gets its own head copy.
+- model.objective=masked (with noise.process=masking): masked diffusion, MD4-style, on the same stack
+  with bidirectional attention (`masked.py`); the target table is still written but not used.
 """
 
 from __future__ import annotations
@@ -38,17 +40,19 @@ from torch import nn
 from dbconvert import noise as nz
 from dbconvert.checkpoint import apply_key_map, load_weights, save_weights
 from dbconvert.data.text import TextData, load_text, read_documents
-from dbconvert.errors import RunError
+from dbconvert.errors import RecipeError, RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
                                               normalised_table, read_hf_checkpoint, read_hf_config, target_table,
                                               write_hf_folder)
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
+from dbconvert.families.llama.masked import (MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss)
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
                                                 heldout_diffusion_metrics)
-from dbconvert.tokenizer import Tokenizer, prepare_run_tokenizer, run_tokenizer, save_pretrained_tokenizer
+from dbconvert.tokenizer import (Tokenizer, checkpoint_tokenizer, prepare_run_tokenizer, run_tokenizer,
+                                 save_pretrained_tokenizer)
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
@@ -56,12 +60,41 @@ if TYPE_CHECKING:
     from dbconvert.sampling import SampleRequest, SampleResult
 
 
+MASKED_PROTOCOL_SEQUENCES = 1000
+"""`bench speed` of a masked-diffusion recipe: the time of 1000 unconditional sequences (MD4's text8 figure is a
+bound, bits per character, not a sample protocol; this is a round number of samples to judge by eye or MAUVE)."""
+
 DEFAULT_WEIGHTING = "uniform"
 """train.loss_weight=default for text; chosen by held-out measurement (README "Loss weight")."""
 
 
 def _cfg(recipe: "Recipe") -> LlamaConfig:
     return recipe.model  # type: ignore[return-value]
+
+
+def is_masked(recipe: "Recipe") -> bool:
+    """model.objective=masked: masked diffusion (`masked.py`) instead of the continuous objective."""
+    return _cfg(recipe).objective == "masked"
+
+
+def check_objective(recipe: "Recipe") -> None:
+    """model.objective=masked goes with noise.process=masking, and the continuous objective with the others."""
+    masked, masking = is_masked(recipe), recipe.noise.process == "masking"
+    if masked and not masking:
+        raise RecipeError(f"model.objective=masked needs noise.process=masking, not {recipe.noise.process}; "
+                          "set noise.process=masking")
+    if masking and not masked:
+        raise RecipeError("noise.process=masking is the masked-diffusion objective's; set model.objective=masked "
+                          "(or drop noise.process)")
+
+
+def check_mask_room(cfg: LlamaConfig) -> None:
+    """Before anything is written: a tokenizer the user names (or the checkpoint's) must leave an id for [MASK]."""
+    path = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None
+    if path is None and cfg.checkpoint is not None:
+        path = checkpoint_tokenizer(Path(cfg.checkpoint).expanduser())
+    if path is not None and path.is_file():
+        mask_token_id(Tokenizer(path), cfg.vocab_size, vocab_from(cfg))
 
 
 def vocab_from(cfg: LlamaConfig) -> str | None:
@@ -72,22 +105,40 @@ def vocab_from(cfg: LlamaConfig) -> str | None:
 class LlamaFamily(Family):
     name = "llama"
     config_cls = LlamaConfig
-    metrics = ("mauve",)
+    metrics = ("mauve", "bpc")
     sample_options_type = TextSampleOptions
     model_kinds = ("blocks", "e2e", "ar", "source")
     generated_unit = "token"
     protocol_units = 1000 * 5 * 50  # SEDD's conditional MAUVE protocol, as the paper runs it
+    noise_processes = ("edm", "masking")
 
-    def __init__(self, shared: Path | None = None, table: torch.Tensor | None = None) -> None:
+    def __init__(self, shared: Path | None = None, table: torch.Tensor | None = None,
+                 mask: tuple[int, int] | None = None) -> None:
         self._shared = shared
         self._table = table
+        self._mask = mask
 
     def for_bench(self, recipe: "Recipe") -> "LlamaFamily":
         """Without a run: a seeded random unit-norm target table of the model's shape (memory and time only)."""
         cfg = _cfg(recipe)
         gen = torch.Generator().manual_seed(cfg.init_seed)
-        return LlamaFamily(table=normalised_table(torch.randn(cfg.vocab_size, cfg.shape().target_size,
-                                                                      generator=gen)))
+        family = LlamaFamily(table=normalised_table(torch.randn(cfg.vocab_size, cfg.shape().target_size,
+                                                                generator=gen)),
+                             mask=(cfg.vocab_size - 1, cfg.vocab_size - 1))  # masked: the last row is [MASK]
+        if is_masked(recipe):  # one sample is a whole sequence, unmasked over sample.steps steps
+            family.generated_unit = "sequence"
+            family.protocol_units = MASKED_PROTOCOL_SEQUENCES
+        return family
+
+    def metrics_for(self, recipe: "Recipe") -> tuple[str, ...]:
+        """Masked runs: bits per character first (their exact bound), then MAUVE; continuous runs: MAUVE."""
+        return ("bpc", "mauve") if is_masked(recipe) else ("mauve",)
+
+    def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
+        """The continuous objective: EDM preconditioning (recorded as before); masked: what the network reads."""
+        if is_masked(recipe):
+            return {"name": "masked", "attention": "bidirectional", "conditioning": "t (masking time), c_noise = t"}
+        return {"name": "edm"}
 
     def bind(self, run: "Run") -> "LlamaFamily":
         """Training and sampling read the run's shared tokenizer and target table."""
@@ -101,6 +152,19 @@ class LlamaFamily(Family):
     # -- split -----------------------------------------------------------------------------
 
     def source(self, recipe: "Recipe") -> Source:
+        source = self._source(recipe)
+        if is_masked(recipe):
+            check_mask_room(_cfg(recipe))  # after a checkpoint's config.json has set the vocabulary
+            source.notes.append("model.objective=masked: the layers attend bidirectionally (the causal mask is "
+                                "replaced by full attention); with the zero-initialised t modulation each layer "
+                                "computes what the source layer computes under full attention")
+        return source
+
+    def resolve(self, recipe: "Recipe") -> None:
+        check_objective(recipe)
+
+    def _source(self, recipe: "Recipe") -> Source:
+        check_objective(recipe)
         cfg = _cfg(recipe)
         if cfg.checkpoint is None:
             from transformers import LlamaForCausalLM
@@ -149,9 +213,13 @@ class LlamaFamily(Family):
         shared = run_dir / "shared"
         table = target_table(source.network.embed_tokens.weight, cfg.target_dim)  # type: ignore[union-attr]
         save_weights(shared / TARGETS_FILE, {"table": table})
+        room = 1 if is_masked(recipe) else 0  # a trained BPE leaves one row for [MASK]
         tok = prepare_run_tokenizer(shared, cfg.tokenizer, cfg.checkpoint, cfg.train_tokenizer,
-                                    lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size)
+                                    lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size - room,
+                                    cfg.tokenizer_type)
         tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
+        if is_masked(recipe):
+            mask_token_id(tok, cfg.vocab_size, vocab_from(cfg))
 
     # -- training --------------------------------------------------------------------------
 
@@ -163,8 +231,17 @@ class LlamaFamily(Family):
             return self._table
         return load_weights(self._shared_dir() / TARGETS_FILE)["table"]
 
+    def mask(self, recipe: "Recipe") -> tuple[int, int]:
+        """([MASK]'s id, how many ids the tokenizer produces) of a masked-diffusion run."""
+        if self._mask is not None:
+            return self._mask
+        tok = self.tokenizer()
+        return mask_token_id(tok, _cfg(recipe).vocab_size), tok.vocab_size
+
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
         assert isinstance(network, LlamaBlockNet)
+        if is_masked(recipe):
+            return MaskedDenoiser(network, noise, *self.mask(recipe))  # type: ignore[arg-type]
         table = self.table()
         if tuple(table.shape) != (network.shape.vocab_size, network.shape.target_size):
             raise RunError(f"the run's target table has shape {tuple(table.shape)}, not the model's; split again")
@@ -185,6 +262,8 @@ class LlamaFamily(Family):
         generator: torch.Generator,
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        if is_masked(recipe):
+            return masked_loss(denoiser, batch[0], sigma_range, generator, shard)  # type: ignore[arg-type]
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
         return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting,  # type: ignore[arg-type]
                               _cfg(recipe).loss_chunk)
@@ -193,6 +272,8 @@ class LlamaFamily(Family):
                         recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
         if objective == "ar":
             return heldout_ar_metrics(model, batch[0])
+        if is_masked(recipe):
+            return heldout_masked_metrics(model, batch[0], sigma_range, generator)  # type: ignore[arg-type]
         return heldout_diffusion_metrics(model, batch[0], sigma_range, generator)  # type: ignore[arg-type]
 
     def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
@@ -251,6 +332,10 @@ class LlamaFamily(Family):
         The cache is built once here (a sampler extends it by one token per M steps); the closure
         is the per-step cost: one noisy query per row through the model's layers.
         """
+        if isinstance(model, MaskedDenoiser):  # one unmasking step of whole sequences, mostly still masked
+            x = torch.full_like(batch[0], model.mask_id)
+            t = torch.full((x.shape[0],), sigma, device=x.device)
+            return lambda: model(x, t)
         tokens = batch[0][:, :-1]
         if isinstance(model, CausalLM):  # the AR reference: one cached next-token forward per token
             cache, _ = model.net.extend(None, tokens[:, :-1], 0)

@@ -10,6 +10,10 @@ brought up to date lazily (a block that owns no step of a token never runs for i
 is the table row nearest to the final z. Ancestral decoding samples the causal LM's softmax
 with temperature and nucleus (top-p) filtering; never greedy unless temperature is 0.
 
+Masked diffusion (model.objective=masked): every row is `context` tokens long, its prompt kept and the rest
+[MASK] at t = 1, unmasked ancestrally over `steps` steps, each by the block owning t (`masked.unmask`);
+an empty prompt is an unconditional sample. The new tokens are cut at EOS and max_new_tokens as above.
+
 Randomness is one generator per output row, seeded by (seed, row index), so a row's text
 does not depend on the batch it was decoded in.
 """
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
     from dbconvert.sampling import SampleRequest
 
 DIFFUSION_MODELS = ("blocks", "e2e")
+UNMASK = "unmask"
+"""The solver a masked-diffusion run's blocks and e2e sample with (ancestral unmasking)."""
 """Models decoded by diffusion; the others (`ar`, `source`) are causal LMs decoded ancestrally."""
 
 
@@ -75,20 +81,20 @@ class TextSampleOptions:
     top_p: float | None = None
 
 
-def read_prompts(request: "TextSampleOptions") -> list[str]:
+def read_prompts(opts: "TextSampleOptions") -> list[str]:
     """--prompt, or one prompt per non-empty line of --prompt-file, or one empty prompt."""
-    if request.prompt is not None and request.prompt_file is not None:
+    if opts.prompt is not None and opts.prompt_file is not None:
         raise DbconvertError("give --prompt or --prompt-file, not both")
-    if request.prompt_file is not None:
+    if opts.prompt_file is not None:
         try:
-            lines = Path(request.prompt_file).read_text(encoding="utf-8").splitlines()
+            lines = Path(opts.prompt_file).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise DbconvertError(f"cannot read --prompt-file {request.prompt_file} ({type(exc).__name__}); give a UTF-8 text file") from None
+            raise DbconvertError(f"cannot read --prompt-file {opts.prompt_file} ({type(exc).__name__}); give a UTF-8 text file") from None
         prompts = [line for line in lines if line.strip()]
         if not prompts:
-            raise DbconvertError(f"--prompt-file {request.prompt_file} has no prompts (one per line)")
+            raise DbconvertError(f"--prompt-file {opts.prompt_file} has no prompts (one per line)")
         return prompts
-    return [request.prompt or ""]
+    return [opts.prompt or ""]
 
 
 def start_ids(ids: list[int], tok: Tokenizer) -> list[int]:
@@ -218,7 +224,8 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
     device = resolve_device(run.recipe.train.device)
     models = load_models(run, model, weights, device)
     noise = run.noise()
-    owned = run.owned_ranges() if model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
+    owned = run.owned_ranges() if model == "blocks" else [noise.full_range()]
+    masked = model in DIFFUSION_MODELS and masked_run(run)
     calls = calls if calls is not None else []
     calls[:] = [0] * len(models)  # block forwards, per model: filled in for the caller
     out: list[list[int]] = []
@@ -229,7 +236,9 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
         part, seeds = rows[lo:lo + batch_size], row_seeds[lo:lo + batch_size]
         base = done_before
         report = (lambda k, _n, b=base: progress(b + k, total)) if progress else None
-        if model in DIFFUSION_MODELS:
+        if masked:
+            new, reasons = unmask_rows(models, owned, part, dec, seeds, device, calls, report)
+        elif model in DIFFUSION_MODELS:
             new, reasons = diffuse(models, owned, part, dec, seeds, device, calls, report)
         else:
             new, reasons = ancestral(models[0].net, part, dec, seeds, device, report)
@@ -237,6 +246,25 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
         why += reasons
         done_before += sum(row_budget(len(r), dec) for r in part)
     return out, why
+
+
+def masked_run(run: "Run") -> bool:
+    return getattr(run.recipe.model, "objective", "continuous") == "masked"
+
+
+def unmask_rows(models: list[nn.Module], owned: list[tuple[float, float]], rows: list[list[int]], dec: Decoding,
+                row_seeds: list[int], device: torch.device, calls: list[int] | None = None,
+                progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
+    """Masked diffusion: whole rows by ancestral unmasking (`masked.unmask`), the tokens after each prompt."""
+    from dbconvert.families.llama.masked import unmask
+
+    x = unmask(models, owned, rows, dec.context, dec.steps, row_seeds, device, calls, progress)  # type: ignore[arg-type]
+    length = torch.tensor([len(r) for r in rows])
+    width = dec.context - int(length.min())
+    new = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, n in enumerate(length.tolist()):
+        new[r, :dec.context - n] = x[r, n:]
+    return _finish(new, length, dec)
 
 
 def _batch(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,7 +275,7 @@ def _batch(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, t
 def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     """`dbconvert sample` for a Llama run: N continuations of every prompt, written as .txt and .jsonl.
 
-    Prompts are --prompt / --prompt-file text, or token ids (`request.prompt_ids`, for evaluation).
+    Prompts are --prompt / --prompt-file text, or token ids (`TextSampleOptions.prompt_ids`, for evaluation).
     """
     cfg = run.recipe.sample
     opts: TextSampleOptions = run.family().options_of(request)
@@ -268,7 +296,8 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     dec = decoding(run, request, opts, tok)
     weights = request.settings(cfg).weights
     num = request.num or 1
-    rows = [start_ids(ids, tok) for ids in encoded for _ in range(num)]
+    masked = request.model in DIFFUSION_MODELS and masked_run(run)  # an empty prompt is unconditional: no start id
+    rows = [list(ids) if masked else start_ids(ids, tok) for ids in encoded for _ in range(num)]
     seeds = [dec.seed * 1_000_003 + i for i in range(len(rows))]
     calls: list[int] = []
     start = time.perf_counter()
@@ -298,6 +327,9 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
 
 def sampler_info(model: str, dec: Decoding, weights: str) -> dict[str, Any]:
     """The sampler as evaluation results record it."""
+    if model in DIFFUSION_MODELS and dec.solver == UNMASK:
+        return {"solver": dec.solver, "steps": dec.steps, "guidance": None, "weights": weights, "seed": dec.seed,
+                "name": f"ancestral unmasking, {dec.steps} steps per sequence"}
     if model in DIFFUSION_MODELS:
         return {"solver": dec.solver, "steps": dec.steps, "guidance": None, "weights": weights, "seed": dec.seed,
                 "name": f"{dec.solver} {dec.steps} steps per token"}
@@ -311,8 +343,13 @@ def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok:
     s = request.settings(run.recipe.sample, temperature=opts.temperature, top_p=opts.top_p)
     if s.temperature < 0 or not 0 < s.top_p <= 1:
         raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {s.temperature} and {s.top_p}")
+    solver = s.solver
+    if request.model in DIFFUSION_MODELS and masked_run(run):
+        if request.solver is not None:
+            raise DbconvertError("a masked-diffusion run samples by ancestral unmasking; drop --solver")
+        solver = UNMASK
     return Decoding(max_new_tokens=opts.max_new_tokens, context=int(run.recipe.model.context),  # type: ignore[attr-defined]
-                    eos=tuple(tok.stop_ids), seed=s.seed, steps=s.steps, solver=s.solver,
+                    eos=tuple(tok.stop_ids), seed=s.seed, steps=s.steps, solver=solver,
                     temperature=s.temperature, top_p=s.top_p, rho=s.rho)
 
 

@@ -333,6 +333,19 @@ class LlamaBlockNet(nn.Module):
         h, _ = self.run_layers(self.embed_tokens(tokens), positions, mask)
         return self.logits(h)
 
+    def hidden_masked(self, tokens: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        """Masked diffusion (model.objective=masked): normed final hidden states (B, T, H) of tokens (B, T), some of
+        them [MASK], under BIDIRECTIONAL attention, every position modulated by the masking time's embedding.
+
+        c_noise (B,): one level per sequence. With the zero-initialised modulation of a converted checkpoint
+        each layer computes what the source layer computes, with its causal mask replaced by full attention.
+        """
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device)[None].expand(b, -1)
+        cond = self.sigma_embed(c_noise)[:, None].expand(-1, t, -1)
+        h, _ = self.run_layers(self.embed_tokens(tokens), positions, None, cond)
+        return self.norm(h)
+
     # -- incremental decoding --------------------------------------------------------------
 
     def extend(self, cache: KVCache | None, tokens: torch.Tensor, start: int,
