@@ -54,7 +54,9 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except DbconvertError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            from rich.markup import escape  # a message may hold brackets (pip install 'dbconvert[gguf]')
+
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; rerun the same command to resume from the last checkpoint")
@@ -314,6 +316,9 @@ def sample_cmd(
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="AR decoding (ar, text source): "
                                                          "softmax temperature, 0 = greedy (default: recipe, 1).")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR decoding: nucleus probability (default: recipe, 1).")] = None,
+    context: Annotated[Optional[str], typer.Option("--context", help="Language models: the longest text, recipe "
+                                                   "(model.context, default), checkpoint (--model source of a converted "
+                                                   "checkpoint: its own max_position_embeddings) or N tokens.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate with the trained blocks (or --model e2e / source / ar); writes the samples into the run."""
@@ -324,7 +329,7 @@ def sample_cmd(
     opened = resolve_run(run)
     family = opened.family()
     given = {"guidance": guidance, "class_label": class_label, "prompt": prompt, "prompt_file": prompt_file,
-             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "context": context}
     options = family.sample_options({"class_label": "--class"}, **{k: v for k, v in given.items() if v is not None})
     request = SampleRequest(model=model, steps=steps, solver=solver, num=num, seed=seed, weights=weights, out=out,
                             options=options, progress=not quiet)

@@ -44,7 +44,9 @@ from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
                                               normalised_table, read_hf_checkpoint, target_table,
                                               write_hf_folder)
+from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
+from dbconvert.families.llama.gguf import checkpoint_folder, digest as gguf_digest, is_gguf
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
                                                 heldout_diffusion_metrics)
@@ -109,13 +111,15 @@ class LlamaFamily(Family):
             torch.manual_seed(cfg.init_seed)
             hf_state = LlamaForCausalLM(shape.hf_config()).state_dict()
             return Source(convert_hf_state(hf_state, shape, False, cfg.init_seed, sigma_data=recipe.noise.sigma_data), shape.num_layers)
-        hf_cfg, hf_state, digest = read_hf_checkpoint(cfg.checkpoint)
+        hf_cfg, hf_state, digest = read_hf_checkpoint(checkpoint_folder(cfg.checkpoint))
+        if is_gguf(cfg.checkpoint):
+            digest = gguf_digest(cfg.checkpoint)
         cfg = config_from_hf(cfg, hf_cfg)
         recipe.model = cfg  # the manifest records the checkpoint's architecture, so blocks rebuild without it
         shape = cfg.shape()
         net = convert_hf_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
                                recipe.noise.sigma_data)
-        return Source(net, shape.num_layers, checkpoint_sha256=digest)
+        return Source(net, shape.num_layers, checkpoint_sha256=digest, notes=[context_note(cfg)])
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         cfg = _cfg(recipe)
@@ -140,7 +144,8 @@ class LlamaFamily(Family):
         shared = run_dir / "shared"
         table = target_table(source.network.embed_tokens.weight, cfg.target_dim)  # type: ignore[union-attr]
         save_weights(shared / TARGETS_FILE, {"table": table})
-        tok = prepare_run_tokenizer(shared, cfg.tokenizer, cfg.checkpoint, cfg.train_tokenizer,
+        folder = str(checkpoint_folder(cfg.checkpoint)) if cfg.checkpoint else None  # a GGUF file's dequantised folder
+        tok = prepare_run_tokenizer(shared, cfg.tokenizer, folder, cfg.train_tokenizer,
                                     lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size)
         tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
 

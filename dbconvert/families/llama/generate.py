@@ -30,6 +30,7 @@ from dbconvert import noise as nz
 from dbconvert.checkpoint import atomic_write_text
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
+from dbconvert.families.llama.context import sample_context
 from dbconvert.families.llama.model import KVCache
 from dbconvert.sampling import SampleResult, edm_sample, load_models
 from dbconvert.tokenizer import Tokenizer, run_tokenizer
@@ -73,6 +74,9 @@ class TextSampleOptions:
     max_new_tokens: int = 64
     temperature: float | None = None
     top_p: float | None = None
+    context: str | None = None
+    """The longest text: recipe (model.context, default), checkpoint (a converted source's own length) or N
+    (`families/llama/context.py`)."""
 
 
 def read_prompts(request: "TextSampleOptions") -> list[str]:
@@ -251,8 +255,9 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     """
     cfg = run.recipe.sample
     opts: TextSampleOptions = run.family().options_of(request)
-    context = int(run.recipe.model.context)  # type: ignore[attr-defined]
     run.model_targets(request.model)  # one line naming the models this run has
+    context = sample_context(run.recipe, (run.manifest.get("source") or {}).get("checkpoint"), request.model,
+                             opts.context)
     tok = run_tokenizer(run.shared_dir)
     tok.check_vocab(int(run.recipe.model.vocab_size))  # type: ignore[attr-defined]
     if opts.prompt_ids is not None:
@@ -265,7 +270,7 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
         if len(ids) >= context:
             raise DbconvertError(f"prompt {prompt[:30]!r} has {len(ids)} tokens, not shorter than the context of "
                                  f"{context}; shorten it")
-    dec = decoding(run, request, opts, tok)
+    dec = decoding(run, request, opts, tok, context)
     weights = request.settings(cfg).weights
     num = request.num or 1
     rows = [start_ids(ids, tok) for ids in encoded for _ in range(num)]
@@ -306,12 +311,14 @@ def sampler_info(model: str, dec: Decoding, weights: str) -> dict[str, Any]:
             "name": f"ancestral (temperature {dec.temperature:g}, top-p {dec.top_p:g})"}
 
 
-def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok: Tokenizer) -> Decoding:
-    """The request's decoding settings, the recipe's where the request leaves them unset."""
+def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok: Tokenizer,
+             context: int | None = None) -> Decoding:
+    """The request's decoding settings, the recipe's where the request leaves them unset (context: model.context)."""
     s = request.settings(run.recipe.sample, temperature=opts.temperature, top_p=opts.top_p)
     if s.temperature < 0 or not 0 < s.top_p <= 1:
         raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {s.temperature} and {s.top_p}")
-    return Decoding(max_new_tokens=opts.max_new_tokens, context=int(run.recipe.model.context),  # type: ignore[attr-defined]
+    context = context or int(run.recipe.model.context)  # type: ignore[attr-defined]
+    return Decoding(max_new_tokens=opts.max_new_tokens, context=context,
                     eos=tuple(tok.stop_ids), seed=s.seed, steps=s.steps, solver=s.solver,
                     temperature=s.temperature, top_p=s.top_p, rho=s.rho)
 
