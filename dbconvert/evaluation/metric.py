@@ -34,6 +34,7 @@ Log = Callable[[str], None]
 METRICS: dict[str, str] = {
     "fid": "dbconvert.evaluation.fid:FIDMetric",
     "mauve": "dbconvert.evaluation.mauve:MauveMetric",
+    "genppl": "dbconvert.evaluation.genppl:GenPPLMetric",
 }
 """metric name -> "module:Class" of its `Metric` subclass (imported on first use)."""
 

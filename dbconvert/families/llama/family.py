@@ -74,7 +74,7 @@ def vocab_from(cfg: LlamaConfig) -> str | None:
 class LlamaFamily(Family):
     name = "llama"
     config_cls = LlamaConfig
-    metrics = ("mauve",)
+    metrics = ("mauve", "genppl")
     sample_options_type = TextSampleOptions
     model_kinds = ("blocks", "e2e", "ar", "source")
     generated_unit = "token"
