@@ -271,6 +271,8 @@ class GenPPLMetric(Metric):
         MetricOption("split", str, None, "Held-out split (default: val for local text, test for hub data)."),
         MetricOption("seeds", int, 2, "Sampling seeds (from --seed on); the spread is over them.", min=1),
         MetricOption("batch_size", int, 8, "Texts per judge forward.", min=1),
+        MetricOption("protocol", str, None, "Text decoding protocol: default or few-step (default: the recipe's "
+                     "sample.protocol)."),
     )
 
     def check(self, recipe: Any, family: Any, num: int) -> None:
