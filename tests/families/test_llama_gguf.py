@@ -174,3 +174,52 @@ def test_context_checkpoint_needs_a_checkpoint_and_applies_to_text_only(in_tmp: 
     assert sample_context(recipe, None, "source", "8") == 8
     assert_user_error(invoke("sample", "--run", tiny_run.root, "--context", "checkpoint"),
                       "--context does not apply to a dit run")
+
+
+# --- a converted block's output temperature ------------------------------------------------
+
+
+def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Path) -> None:
+    from safetensors.torch import load_file
+
+    from dbconvert.families.llama.calibrate import step0_loss
+    from dbconvert.split import split
+    from dbconvert.tokenizer import train_bpe
+    from tests.families.test_llama import hf_llama
+
+    hf = hf_llama(in_tmp / "hf")
+    with torch.no_grad():  # a confidently wrong head, as a pretrained head reading a mid-network state is
+        hf.lm_head.weight.mul_(40.0)
+    hf.save_pretrained(in_tmp / "hf")
+    train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+
+    def run_of(name: str, calibrate: bool):
+        return split(load_recipe("llama-tiny-shakespeare", tiny_overrides(
+            corpus, **{"model.checkpoint": str(in_tmp / "hf"), "model.calibrate_output": str(calibrate).lower()})),
+            out=in_tmp / name)
+
+    plain, calibrated = run_of("plain", False), run_of("calibrated", True)
+    source = load_file(str(calibrated.root / "source" / "model.safetensors"))
+    assert all(torch.equal(t, load_file(str(plain.root / "source" / "model.safetensors"))[k]) for k, t in source.items())
+    note = next(n for n in calibrated.notes if n.startswith("output calibration"))
+    assert not any(n.startswith("output calibration") for n in plain.notes)
+    family = calibrated.family()
+    rows = family.load_data(calibrated.recipe).tokens[:64]
+    for i, info in enumerate(calibrated.blocks):
+        weights = {}
+        for run in (plain, calibrated):
+            state = load_file(str(run.model_dir(run.block_name(i)) / "model.safetensors"))
+            net = family.block_network(run.recipe, info.layers[1] - info.layers[0])
+            net.load_state_dict(state)
+            weights[run.root.name] = (state, step0_loss(family.denoiser(run.recipe, net, run.noise()), rows,
+                                                        tuple(info.train_range), "uniform", 0))
+        (plain_state, plain_loss), (cal_state, cal_loss) = weights["plain"], weights["calibrated"]
+        scale = float(cal_state["norm.weight"][0] / plain_state["norm.weight"][0])
+        torch.testing.assert_close(cal_state["norm.weight"], plain_state["norm.weight"] * scale)
+        assert all(torch.equal(cal_state[k], t) for k, t in plain_state.items() if k != "norm.weight")
+        assert scale < 1 and cal_loss < plain_loss  # the wrong head is cooled
+        if i == 0:  # at the top noise the head is all the block has: the loss the wrong head cost is gone
+            assert cal_loss < plain_loss - 3.0
+        assert f"{i}: x{scale:g}" in note

@@ -44,6 +44,7 @@ from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
                                               normalised_table, read_hf_checkpoint, target_table,
                                               write_hf_folder)
+from dbconvert.families.llama.calibrate import BATCHES, ROWS, calibrate
 from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
 from dbconvert.families.llama.gguf import checkpoint_folder, digest as gguf_digest, is_gguf
@@ -131,12 +132,16 @@ class LlamaFamily(Family):
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         shape = source.network.shape  # type: ignore[union-attr]
         keys = layer_keys(shape)
-        return apply_key_map(
+        state = apply_key_map(
             source.network.state_dict(),
             block_key_map(shape, start, end),
             ignored=lambda key: key.startswith("layers.") and key.split(".", 2)[2] in keys,
             what=f"Llama block of layers [{start}, {end})",
         )
+        scale = source.extras.get("output_scale", {}).get((start, end))
+        if scale is not None:  # the calibrated temperature of a converted block's head (calibrate.py)
+            state["norm.weight"] = state["norm.weight"] * scale
+        return state
 
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """Write the shared target table and the run's tokenizer into RUN/shared/."""
@@ -148,6 +153,34 @@ class LlamaFamily(Family):
         tok = prepare_run_tokenizer(shared, cfg.tokenizer, folder, cfg.train_tokenizer,
                                     lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size)
         tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
+        if cfg.checkpoint and cfg.calibrate_output:
+            self.calibrate_output(recipe, shared, source)
+
+    def calibrate_output(self, recipe: "Recipe", shared: Path, source: Source) -> None:
+        """Each block's output temperature (calibrate.py), into `source.extras` for `block_state`, with a note."""
+        from dbconvert.split import plan_blocks
+
+        cfg = _cfg(recipe)
+        bound = LlamaFamily(shared)
+        rows = bound.load_data(recipe).tokens[:BATCHES * ROWS]
+        weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
+        noise = recipe.noise.settings()
+        scales, said = {}, []
+        for plan in plan_blocks(recipe, source.num_layers)[1]:
+            start, end = plan["layers"]
+
+            def make(state: dict[str, torch.Tensor], depth: int = end - start) -> nn.Module:
+                net = self.block_network(recipe, depth)
+                net.load_state_dict(state)
+                return bound.denoiser(recipe, net, noise)
+
+            best, losses = calibrate(make, self.block_state(source, start, end), rows, tuple(plan["train_range"]),
+                                     weighting, cfg.loss_chunk)
+            scales[(start, end)] = best
+            said.append(f"{plan['index']}: x{best:g} ({losses[1.0]:.2f} -> {losses[best]:.2f})")
+        source.extras["output_scale"] = scales
+        source.notes.append("output calibration (model.calibrate_output): each block's copy of the final norm scaled, "
+                            "step-0 training loss before -> after: " + ", ".join(said))
 
     # -- training --------------------------------------------------------------------------
 
