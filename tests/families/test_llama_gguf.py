@@ -223,3 +223,25 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
         if i == 0:  # at the top noise the head is all the block has: the loss the wrong head cost is gone
             assert cal_loss < plain_loss - 3.0
         assert f"{i}: x{scale:g}" in note
+
+
+@pytest.mark.parametrize("loss_of,expected", [
+    (lambda a: (a - 0.4) ** 2 + 1.0, 0.375),  # the head hurts (worse than none at all): the best grid scale
+    (lambda a: (a - 0.4) ** 2 + (a - 0.05) * 0.3, 1.0 / 4),
+    (lambda a: (a - 0.6) ** 2, 1.0),  # the head already helps at step 0 (better than none): kept as it is
+    (lambda a: 5.0 - a, 1.0),
+])
+def test_calibration_scales_only_a_head_that_starts_worse_than_none(monkeypatch: pytest.MonkeyPatch, loss_of,
+                                                                    expected: float) -> None:
+    from dbconvert.families.llama import calibrate as cal
+
+    monkeypatch.setattr(cal, "step0_loss", lambda den, *args: loss_of(float(den.scale)))
+
+    class Probe(torch.nn.Module):
+        def __init__(self, state: dict) -> None:
+            super().__init__()
+            self.scale = state["norm.weight"][0]
+
+    state = {"norm.weight": torch.ones(4), "other": torch.zeros(2)}
+    best, losses = cal.calibrate(Probe, state, torch.zeros(1, 4), (0.1, 1.0), "uniform", 0)
+    assert best == pytest.approx(expected) and set(losses) == {0.0, *cal.GRID}

@@ -177,10 +177,12 @@ class LlamaFamily(Family):
             best, losses = calibrate(make, self.block_state(source, start, end), rows, tuple(plan["train_range"]),
                                      weighting, cfg.loss_chunk)
             scales[(start, end)] = best
-            said.append(f"{plan['index']}: x{best:g} ({losses[1.0]:.2f} -> {losses[best]:.2f})")
+            said.append(f"{plan['index']}: x{best:g} ({losses[1.0]:.2f} -> {losses[best]:.2f}; no head "
+                        f"{losses[0.0]:.2f})")
         source.extras["output_scale"] = scales
-        source.notes.append("output calibration (model.calibrate_output): each block's copy of the final norm scaled, "
-                            "step-0 training loss before -> after: " + ", ".join(said))
+        source.notes.append("output calibration (model.calibrate_output): each block's copy of the final norm scaled "
+                            "where the copied head starts worse than none; step-0 training loss before -> after: "
+                            + ", ".join(said))
 
     # -- training --------------------------------------------------------------------------
 
