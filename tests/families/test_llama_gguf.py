@@ -245,3 +245,16 @@ def test_calibration_scales_only_a_head_that_starts_worse_than_none(monkeypatch:
     state = {"norm.weight": torch.ones(4), "other": torch.zeros(2)}
     best, losses = cal.calibrate(Probe, state, torch.zeros(1, 4), (0.1, 1.0), "uniform", 0)
     assert best == pytest.approx(expected) and set(losses) == {0.0, *cal.GRID}
+
+
+def test_calibration_is_skipped_with_a_note_when_the_data_cannot_be_read_at_split(in_tmp: Path) -> None:
+    from dbconvert.split import split
+    from dbconvert.tokenizer import train_bpe
+    from tests.families.test_llama import hf_llama
+
+    hf_llama(in_tmp / "hf")
+    train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
+    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(in_tmp / "unused.txt", **{
+        "model.checkpoint": str(in_tmp / "hf"), "data.source": "no-such-org/no-such-data", "data.kind": "hub"}))
+    run = split(recipe, out=in_tmp / "run")  # offline hub data: the split still converts the checkpoint
+    assert any(n.startswith("output calibration skipped: the training data could not be read") for n in run.notes)

@@ -26,6 +26,8 @@ import torch
 GRID = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 BATCHES = 4
 ROWS = 16
+DOCUMENTS = 2000
+"""Calibration rows are packed from at most this many training documents (never the whole data set)."""
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
                                               normalised_table, read_hf_checkpoint, target_table,
                                               write_hf_folder)
-from dbconvert.families.llama.calibrate import BATCHES, ROWS, calibrate
+from dbconvert.families.llama.calibrate import BATCHES, DOCUMENTS, ROWS, calibrate
 from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
 from dbconvert.families.llama.gguf import checkpoint_folder, digest as gguf_digest, is_gguf
@@ -160,9 +160,20 @@ class LlamaFamily(Family):
         """Each block's output temperature (calibrate.py), into `source.extras` for `block_state`, with a note."""
         from dbconvert.split import plan_blocks
 
+        from dbconvert.data.text import pack, resolve_kind
+        from dbconvert.errors import DataError, first_line
+
         cfg = _cfg(recipe)
         bound = LlamaFamily(shared)
-        rows = bound.load_data(recipe).tokens[:BATCHES * ROWS]
+        split = recipe.data.split  # a hub data set: only its first documents are read (datasets' slice syntax)
+        try:
+            docs = read_documents(recipe.data, f"{split}[:{DOCUMENTS}]" if resolve_kind(recipe.data) == "hub" else split)
+            rows = torch.from_numpy(pack(docs[:DOCUMENTS], bound.tokenizer(), cfg.context, recipe.data.split_seed))
+        except DataError as exc:  # e.g. a hub data set offline: the split goes on, the blocks as converted
+            source.notes.append(f"output calibration skipped: the training data could not be read at split "
+                                f"({first_line(exc, 100)}); the blocks keep the checkpoint's output path")
+            return
+        rows = rows[:BATCHES * ROWS]
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
         noise = recipe.noise.settings()
         scales, said = {}, []
