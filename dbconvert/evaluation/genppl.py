@@ -215,7 +215,7 @@ def evaluate_genppl(
         entropies.append(ent)
         empty += empty_k
         folders.append(str(out))
-        per_seed.append({"seed": s.seed + k, "genppl": value, "tokens": count, "empty": empty_k, "entropy": ent})
+        per_seed.append({"seed": s.seed + k, "value": value, "tokens": count, "empty": empty_k, "entropy": ent})
         atomic_write_text(out / "genppl.jsonl", "".join(
             json.dumps({"prompt": p, "generation": c, "judge_tokens": len(ids) - start, "nll": x})
             + "\n" for (p, c), (ids, start), (x, _) in zip([t for t in texts if t[1]], scored, nll)))
