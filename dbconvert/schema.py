@@ -187,6 +187,9 @@ class SampleConfig(Section):
     """Autoregressive decoding (text `ar` / `source`): softmax temperature; 0 = greedy (never the default)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Autoregressive decoding: nucleus sampling keeps the smallest token set reaching this probability."""
+    protocol: Literal["default", "few-step"] = "default"
+    """Text decoding protocol (families/llama/protocol.py): default = sample.steps EDM steps per token; few-step =
+    the later paper's (steps = B, one per block, greedy final token, AR baseline top-p 0.95)."""
     num: int = Field(64, ge=1)
     seed: int = 0
     weights: Literal["ema", "model"] = "ema"

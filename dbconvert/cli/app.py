@@ -378,6 +378,12 @@ def sample_cmd(
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR decoding: nucleus probability (default: recipe, 1).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Classifier runs (ViT): classify the images in this "
                                                    "folder (default: the test split).")] = None,
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="Language models: default (sample.steps steps "
+                                                    "per token) or few-step (the later paper's: steps = B, greedy final "
+                                                    "token, AR top-p 0.95) (default: recipe's sample.protocol).")] = None,
+    context: Annotated[Optional[str], typer.Option("--context", help="Language models: the longest text, recipe "
+                                                   "(model.context, default), checkpoint (--model source of a converted "
+                                                   "checkpoint: its own max_position_embeddings) or N tokens.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate with the trained blocks (or --model e2e / source / ar); writes the samples into the run."""
@@ -388,7 +394,8 @@ def sample_cmd(
     opened = resolve_run(run)
     family = opened.family()
     given = {"guidance": guidance, "class_label": class_label, "prompt": prompt, "prompt_file": prompt_file,
-             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "images": images}
+             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "context": context,
+             "protocol": protocol, "images": images}
     options = family.sample_options({"class_label": "--class"}, **{k: v for k, v in given.items() if v is not None})
     request = SampleRequest(model=model, steps=steps, solver=solver, num=num, seed=seed, weights=weights, out=out,
                             options=options, progress=not quiet)

@@ -291,6 +291,7 @@ def evaluate_mauve(
     weights: str | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
+    protocol: str | None = None,
     log: Log = _nolog,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -315,7 +316,7 @@ def evaluate_mauve(
         raise DbconvertError(f"--num-prompts must be at least 2, got {num_prompts}")
     run.require_trained(model)
     s = resolve_sampler(run.recipe.sample, steps=steps, solver=solver, seed=seed, weights=weights)
-    steps, solver, seed, weights = s.steps, s.solver, s.seed, s.weights
+    solver, seed, weights = s.solver, s.seed, s.weights  # steps: None lets the decoding protocol choose them
     split = split or default_split(run)
     need = prompt_tokens + new_tokens
 
@@ -335,7 +336,8 @@ def evaluate_mauve(
     prompts = [rows[i, :prompt_tokens].tolist() for i in range(n)]
     truths_ids = [rows[i, prompt_tokens:need].tolist() for i in range(n)]
     out = run.root / "eval" / "samples" / f"mauve-{model}-seed{seed}-p{n}x{samples_per_prompt}"
-    options = family.sample_options(prompt_ids=prompts, max_new_tokens=new_tokens, temperature=temperature, top_p=top_p)
+    options = family.sample_options(prompt_ids=prompts, max_new_tokens=new_tokens, temperature=temperature, top_p=top_p,
+                                    **({"protocol": protocol} if protocol is not None else {}))
     result = family.generate(run, SampleRequest(model=model, steps=steps, solver=solver, seed=seed, weights=weights,
                                                 num=samples_per_prompt, options=options, out=out, progress=progress))
     split_texts = [tok.split_decode(prompts[i], truths_ids[i]) for i in range(n)]  # one decode per prompt + truth
@@ -403,6 +405,8 @@ class MauveMetric(Metric):
         MetricOption("split", str, None, "Held-out split (default: val for local text, test for hub data)."),
         MetricOption("featurizer", str, "auto", "auto, minilm, gpt2-large or a local Hugging Face encoder folder."),
         MetricOption("seeds", int, 3, "MAUVE k-means seeds to average over.", min=1),
+        MetricOption("protocol", str, None, "Text decoding protocol: default or few-step (default: the recipe's "
+                     "sample.protocol)."),
     )
 
     def evaluate(self, run: Any, *, model: str = "blocks", log: Log = _nolog, progress: bool = False,

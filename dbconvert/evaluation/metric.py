@@ -36,6 +36,7 @@ METRICS: dict[str, str] = {
     "mauve": "dbconvert.evaluation.mauve:MauveMetric",
     "accuracy": "dbconvert.families.vit.metrics:AccuracyMetric",
     "bpc": "dbconvert.families.llama.bpc:BPCMetric",
+    "genppl": "dbconvert.evaluation.genppl:GenPPLMetric",
 }
 """metric name -> "module:Class" of its `Metric` subclass (imported on first use)."""
 

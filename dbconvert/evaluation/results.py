@@ -32,7 +32,8 @@ def _slug(text: str) -> str:
 def result_name(result: dict[str, Any]) -> str:
     sampler = result.get("sampler") or {}
     parts = [result["metric"], result["model"], str(result.get("features", "-")).split(" ")[0], result.get("split") or "folder",
-             f"{sampler.get('solver', '')}{sampler.get('steps') or ''}", f"g{sampler['guidance']:g}" if sampler.get("guidance") is not None else "",
+             f"{sampler.get('solver', '')}{sampler.get('steps') or ''}",
+             str(sampler.get("protocol")) if sampler.get("protocol") not in (None, "default") else "", f"g{sampler['guidance']:g}" if sampler.get("guidance") is not None else "",
              f"n{result['num_samples']}", f"seed{result['seed']}" if result.get("seed") is not None else ""]
     return _slug("-".join(p for p in parts if p))
 

@@ -36,6 +36,8 @@ class Source:
     checkpoint_sha256: str | None = None
     notes: list[str] = field(default_factory=list)
     """Things the user should know about the conversion (recorded in the manifest, printed by split and info)."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """The family's own data from `prepare_run` for `block_state` (e.g. the Llama family's calibrated output scales)."""
 
 
 @dataclass

@@ -46,8 +46,11 @@ from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
                                               normalised_table, read_hf_checkpoint, read_hf_config, target_table,
                                               write_hf_folder)
+from dbconvert.families.llama.calibrate import BATCHES, DOCUMENTS, ROWS, calibrate
+from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
 from dbconvert.families.llama.masked import (MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss)
+from dbconvert.families.llama.gguf import checkpoint_folder, digest as gguf_digest, is_gguf
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
                                                 heldout_diffusion_metrics)
@@ -105,7 +108,7 @@ def vocab_from(cfg: LlamaConfig) -> str | None:
 class LlamaFamily(Family):
     name = "llama"
     config_cls = LlamaConfig
-    metrics = ("mauve", "bpc")
+    metrics = ("mauve", "genppl", "bpc")
     sample_options_type = TextSampleOptions
     model_kinds = ("blocks", "e2e", "ar", "source")
     generated_unit = "token"
@@ -131,8 +134,8 @@ class LlamaFamily(Family):
         return family
 
     def metrics_for(self, recipe: "Recipe") -> tuple[str, ...]:
-        """Masked runs: bits per character first (their exact bound), then MAUVE; continuous runs: MAUVE."""
-        return ("bpc", "mauve") if is_masked(recipe) else ("mauve",)
+        """Masked runs: bits per character first (their exact bound), then MAUVE; continuous runs: MAUVE, Gen-PPL."""
+        return ("bpc", "mauve") if is_masked(recipe) else ("mauve", "genppl")
 
     def parameterization(self, recipe: "Recipe") -> dict[str, Any]:
         """The continuous objective: EDM preconditioning (recorded as before); masked: what the network reads."""
@@ -173,13 +176,15 @@ class LlamaFamily(Family):
             torch.manual_seed(cfg.init_seed)
             hf_state = LlamaForCausalLM(shape.hf_config()).state_dict()
             return Source(convert_hf_state(hf_state, shape, False, cfg.init_seed, sigma_data=recipe.noise.sigma_data), shape.num_layers)
-        hf_cfg, hf_state, digest = read_hf_checkpoint(cfg.checkpoint)
+        hf_cfg, hf_state, digest = read_hf_checkpoint(checkpoint_folder(cfg.checkpoint))
+        if is_gguf(cfg.checkpoint):
+            digest = gguf_digest(cfg.checkpoint)
         cfg = config_from_hf(cfg, hf_cfg)
         recipe.model = cfg  # the manifest records the checkpoint's architecture, so blocks rebuild without it
         shape = cfg.shape()
         net = convert_hf_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
                                recipe.noise.sigma_data)
-        return Source(net, shape.num_layers, checkpoint_sha256=digest)
+        return Source(net, shape.num_layers, checkpoint_sha256=digest, notes=[context_note(cfg)])
 
     def resolve(self, recipe: "Recipe") -> None:
         """With model.checkpoint: the architecture of its config.json, as `source` records it (weights not read)."""
@@ -200,12 +205,16 @@ class LlamaFamily(Family):
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         shape = source.network.shape  # type: ignore[union-attr]
         keys = layer_keys(shape)
-        return apply_key_map(
+        state = apply_key_map(
             source.network.state_dict(),
             block_key_map(shape, start, end),
             ignored=lambda key: key.startswith("layers.") and key.split(".", 2)[2] in keys,
             what=f"Llama block of layers [{start}, {end})",
         )
+        scale = source.extras.get("output_scale", {}).get((start, end))
+        if scale is not None:  # the calibrated temperature of a converted block's head (calibrate.py)
+            state["norm.weight"] = state["norm.weight"] * scale
+        return state
 
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """Write the shared target table and the run's tokenizer into RUN/shared/."""
@@ -214,12 +223,54 @@ class LlamaFamily(Family):
         table = target_table(source.network.embed_tokens.weight, cfg.target_dim)  # type: ignore[union-attr]
         save_weights(shared / TARGETS_FILE, {"table": table})
         room = 1 if is_masked(recipe) else 0  # a trained BPE leaves one row for [MASK]
-        tok = prepare_run_tokenizer(shared, cfg.tokenizer, cfg.checkpoint, cfg.train_tokenizer,
+        folder = str(checkpoint_folder(cfg.checkpoint)) if cfg.checkpoint else None  # a GGUF file's dequantised folder
+        tok = prepare_run_tokenizer(shared, cfg.tokenizer, folder, cfg.train_tokenizer,
                                     lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size - room,
                                     cfg.tokenizer_type)
         tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
         if is_masked(recipe):
             mask_token_id(tok, cfg.vocab_size, vocab_from(cfg))
+        elif cfg.checkpoint and cfg.calibrate_output:  # the continuous objective's output path (calibrate.py)
+            self.calibrate_output(recipe, shared, source)
+
+    def calibrate_output(self, recipe: "Recipe", shared: Path, source: Source) -> None:
+        """Each block's output temperature (calibrate.py), into `source.extras` for `block_state`, with a note."""
+        from dbconvert.split import plan_blocks
+
+        from dbconvert.data.text import pack, resolve_kind
+        from dbconvert.errors import DataError, first_line
+
+        cfg = _cfg(recipe)
+        bound = LlamaFamily(shared)
+        split = recipe.data.split  # a hub data set: only its first documents are read (datasets' slice syntax)
+        try:
+            docs = read_documents(recipe.data, f"{split}[:{DOCUMENTS}]" if resolve_kind(recipe.data) == "hub" else split)
+            rows = torch.from_numpy(pack(docs[:DOCUMENTS], bound.tokenizer(), cfg.context, recipe.data.split_seed))
+        except DataError as exc:  # e.g. a hub data set offline: the split goes on, the blocks as converted
+            source.notes.append(f"output calibration skipped: the training data could not be read at split "
+                                f"({first_line(exc, 100)}); the blocks keep the checkpoint's output path")
+            return
+        rows = rows[:BATCHES * ROWS]
+        weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
+        noise = recipe.noise.settings()
+        scales, said = {}, []
+        for plan in plan_blocks(recipe, source.num_layers)[1]:
+            start, end = plan["layers"]
+
+            def make(state: dict[str, torch.Tensor], depth: int = end - start) -> nn.Module:
+                net = self.block_network(recipe, depth)
+                net.load_state_dict(state)
+                return bound.denoiser(recipe, net, noise)
+
+            best, losses = calibrate(make, self.block_state(source, start, end), rows, tuple(plan["train_range"]),
+                                     weighting, cfg.loss_chunk)
+            scales[(start, end)] = best
+            said.append(f"{plan['index']}: x{best:g} ({losses[1.0]:.2f} -> {losses[best]:.2f}; no head "
+                        f"{losses[0.0]:.2f})")
+        source.extras["output_scale"] = scales
+        source.notes.append("output calibration (model.calibrate_output): each block's copy of the final norm scaled "
+                            "where the copied head starts worse than none; step-0 training loss before -> after: "
+                            + ", ".join(said))
 
     # -- training --------------------------------------------------------------------------
 

@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dbconvert import noise as nz
 from dbconvert.checkpoint import atomic_write_text
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
+from dbconvert.families.llama.context import sample_context
 from dbconvert.families.llama.model import KVCache
-from dbconvert.sampling import SampleResult, edm_sample, load_models
+from dbconvert.families.llama.protocol import get_protocol, steps_of
+from dbconvert.noise_process import owner_of
+from dbconvert.sampling import SampleResult, edm_sample, load_models, resolve_sampler
 from dbconvert.tokenizer import Tokenizer, run_tokenizer
 
 if TYPE_CHECKING:
@@ -62,6 +64,8 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     rho: float = 7.0
+    protocol: str = "default"
+    """The decoding protocol (`protocol.py`): its step schedule and whether the final token is greedy."""
 
 
 Progress = Callable[[int, int], None]
@@ -79,6 +83,11 @@ class TextSampleOptions:
     max_new_tokens: int = 64
     temperature: float | None = None
     top_p: float | None = None
+    protocol: str | None = None
+    """default or few-step (`protocol.py`); None = the recipe's sample.protocol."""
+    context: str | None = None
+    """The longest text: recipe (model.context, default), checkpoint (a converted source's own length) or N
+    (`families/llama/context.py`)."""
 
 
 def read_prompts(opts: "TextSampleOptions") -> list[str]:
@@ -145,7 +154,8 @@ def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: lis
     tokens, pad, length = _batch(rows, device)
     budget = row_budget(int(length.min()), dec)
     n, hidden = tokens.shape[0], models[0].table.shape[1]
-    ts = nz.edm_steps(dec.steps, models[0].noise, dec.rho)
+    protocol = get_protocol(dec.protocol)
+    ts = steps_of(protocol, models[0].noise, dec.steps, dec.rho)
     gens = [torch.Generator().manual_seed(s) for s in row_seeds]
     caches: list[KVCache | None] = [None] * len(models)
     cached = [0] * len(models)
@@ -156,16 +166,25 @@ def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: lis
         seq = torch.cat([tokens, new], dim=1)
         column = seq.shape[1]
 
-        def denoise(b: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        def cached_block(b: int) -> nn.Module:
             calls[b] += 1
             if cached[b] < column:  # bring this block's cache up to the current prefix (lazily)
                 caches[b], _ = models[b].net.extend(caches[b], seq[:, cached[b]:], cached[b], pad)
                 cached[b] = column
-            return models[b].step(caches[b], z, sigma, column, pad)
+            return models[b]
+
+        def denoise(b: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
+            return cached_block(b).step(caches[b], z, sigma, column, pad)
 
         eps = torch.stack([torch.randn(hidden, generator=g, dtype=torch.float64) for g in gens])
-        z = edm_sample(denoise, owned, ts, (ts[0] * eps).to(torch.float32).to(device), dec.solver)
-        new = torch.cat([new, models[0].nearest(z)[:, None]], dim=1)
+        if protocol.greedy:  # Euler down to the last level, then the owning block's most likely token there
+            z = edm_sample(denoise, owned, ts[:-1], (ts[0] * eps).to(torch.float32).to(device), dec.solver)
+            b = owner_of(ts[-2], list(owned))
+            token = cached_block(b).step_logits(caches[b], z, ts[-2], column, pad).argmax(-1)
+        else:
+            z = edm_sample(denoise, owned, ts, (ts[0] * eps).to(torch.float32).to(device), dec.solver)
+            token = models[0].nearest(z)
+        new = torch.cat([new, token[:, None]], dim=1)
         done |= _stopped(new[:, -1].cpu(), length + k + 1, dec)
         if progress:
             progress(n * (k + 1), n * budget)
@@ -279,8 +298,9 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     """
     cfg = run.recipe.sample
     opts: TextSampleOptions = run.family().options_of(request)
-    context = int(run.recipe.model.context)  # type: ignore[attr-defined]
     run.model_targets(request.model)  # one line naming the models this run has
+    context = sample_context(run.recipe, (run.manifest.get("source") or {}).get("checkpoint"), request.model,
+                             opts.context)
     tok = run_tokenizer(run.shared_dir)
     tok.check_vocab(int(run.recipe.model.vocab_size))  # type: ignore[attr-defined]
     if opts.prompt_ids is not None:
@@ -293,7 +313,7 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
         if len(ids) >= context:
             raise DbconvertError(f"prompt {prompt[:30]!r} has {len(ids)} tokens, not shorter than the context of "
                                  f"{context}; shorten it")
-    dec = decoding(run, request, opts, tok)
+    dec = decoding(run, request, opts, tok, context)
     weights = request.settings(cfg).weights
     num = request.num or 1
     masked = request.model in DIFFUSION_MODELS and masked_run(run)  # an empty prompt is unconditional: no start id
@@ -332,15 +352,20 @@ def sampler_info(model: str, dec: Decoding, weights: str) -> dict[str, Any]:
                 "name": f"ancestral unmasking, {dec.steps} steps per sequence"}
     if model in DIFFUSION_MODELS:
         return {"solver": dec.solver, "steps": dec.steps, "guidance": None, "weights": weights, "seed": dec.seed,
-                "name": f"{dec.solver} {dec.steps} steps per token"}
+                "protocol": dec.protocol, "name": get_protocol(dec.protocol).describe(dec.steps, dec.solver)}
     return {"solver": "ancestral", "steps": None, "guidance": None, "weights": weights if model == "ar" else "model",
-            "seed": dec.seed, "temperature": dec.temperature, "top_p": dec.top_p,
+            "seed": dec.seed, "temperature": dec.temperature, "top_p": dec.top_p, "protocol": dec.protocol,
             "name": f"ancestral (temperature {dec.temperature:g}, top-p {dec.top_p:g})"}
 
 
-def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok: Tokenizer) -> Decoding:
-    """The request's decoding settings, the recipe's where the request leaves them unset."""
-    s = request.settings(run.recipe.sample, temperature=opts.temperature, top_p=opts.top_p)
+def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok: Tokenizer,
+             context: int | None = None) -> Decoding:
+    """The request's decoding settings, the recipe's where the request leaves them unset (context: model.context)."""
+    protocol = get_protocol(opts.protocol or getattr(run.recipe.sample, "protocol", None))
+    top_p = opts.top_p if opts.top_p is not None else protocol.ar_top_p
+    steps = request.steps or (run.num_blocks if protocol.steps_per_block else None)
+    s = resolve_sampler(run.recipe.sample, steps=steps, solver=request.solver, num=request.num, seed=request.seed,
+                        weights=request.weights, temperature=opts.temperature, top_p=top_p)
     if s.temperature < 0 or not 0 < s.top_p <= 1:
         raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {s.temperature} and {s.top_p}")
     solver = s.solver
@@ -348,15 +373,17 @@ def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok:
         if request.solver is not None:
             raise DbconvertError("a masked-diffusion run samples by ancestral unmasking; drop --solver")
         solver = UNMASK
-    return Decoding(max_new_tokens=opts.max_new_tokens, context=int(run.recipe.model.context),  # type: ignore[attr-defined]
+    context = context or int(run.recipe.model.context)  # type: ignore[attr-defined]
+    return Decoding(max_new_tokens=opts.max_new_tokens, context=context,
                     eos=tuple(tok.stop_ids), seed=s.seed, steps=s.steps, solver=solver,
-                    temperature=s.temperature, top_p=s.top_p, rho=s.rho)
+                    temperature=s.temperature, top_p=s.top_p, rho=s.rho, protocol=protocol.name)
 
 
 def sample_tag(model: str, dec: Decoding) -> str:
     """The samples folder name: what was decoded and how."""
     if model in DIFFUSION_MODELS:
-        return f"{model}-{dec.solver}-{dec.steps}steps-seed{dec.seed}"
+        few = "" if dec.protocol == "default" else f"{dec.protocol}-"
+        return f"{model}-{few}{dec.solver}-{dec.steps}steps-seed{dec.seed}"
     return f"{model}-t{dec.temperature:g}-p{dec.top_p:g}-seed{dec.seed}"
 
 

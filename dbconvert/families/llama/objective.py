@@ -66,6 +66,13 @@ class LlamaDenoiser(nn.Module):
         hn = self.net.noisy_hidden(cache, (nz.c_in(s, self.noise.sigma_data) * z)[:, None], nz.c_noise(s), position, pad)
         return torch.softmax(self.logits(hn, z, s[:, 0]), dim=-1) @ self.table
 
+    def step_logits(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
+                    pad: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits behind `step` (B, V): the few-step protocol's greedy final token is their argmax."""
+        s = torch.full((z.shape[0], 1), sigma, dtype=torch.float32, device=z.device)
+        hn = self.net.noisy_hidden(cache, (nz.c_in(s, self.noise.sigma_data) * z)[:, None], nz.c_noise(s), position, pad)
+        return self.logits(hn, z, s[:, 0])
+
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the table row nearest to each z (Euclidean)."""
         return (z.to(torch.float32) @ self.table.T - 0.5 * self.table_sq).argmax(-1)

@@ -1,0 +1,260 @@
+"""GGUF checkpoints in (`model.checkpoint=model.gguf`) and a converted checkpoint's context."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbconvert.config import load_recipe
+from dbconvert.errors import DbconvertError
+from tests.cli_helpers import assert_user_error, invoke
+from tests.families.llama_tiny import CORPUS, tiny_overrides
+
+LLAMA_CPP_NAMES = {  # Hugging Face layer key -> llama.cpp tensor name below blk.{i}.
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (convert_hf_to_gguf.py), which transformers undoes when it reads a GGUF."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_gguf(folder: Path, layers: int = 4, max_pos: int = 256):
+    """A tiny Llama written as llama.cpp writes one (F32 tensors, byte-level BPE tokenizer in the metadata).
+
+    Returns (gguf path, the transformers model it holds, the tokenizer it holds as a tokenizers.Tokenizer)."""
+    gguf = pytest.importorskip("gguf", reason="the optional extra gguf (pip install 'dbconvert[gguf]') is not installed")
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dbconvert.tokenizer import train_bpe
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok_file = train_bpe([CORPUS], 300, folder / "bpe.json")
+    spec = json.loads(Path(tok_file).read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    path = folder / "model.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(max_pos)
+    w.add_embedding_length(32)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(48)
+    w.add_rope_dimension_count(8)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(500.0)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+    w.add_eos_token_id(vocab["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in LLAMA_CPP_NAMES.items()})
+    state = model.state_dict()
+    for key, name in names.items():
+        t = state[key].detach()
+        if ".attn_q." in name:
+            t = llama_cpp_permute(t, 4)
+        if ".attn_k." in name:
+            t = llama_cpp_permute(t, 2)
+        w.add_tensor(name, t.numpy().astype("float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, model, Tokenizer.from_file(str(tok_file))
+
+
+def test_a_gguf_file_converts_like_a_hugging_face_folder_with_its_tokenizer(in_tmp: Path) -> None:
+    from dbconvert.checkpoint import file_sha256
+    from dbconvert.split import split
+    from dbconvert.tokenizer import run_tokenizer
+
+    path, hf, ref_tok = write_tiny_gguf(in_tmp / "gg")
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(path)}))
+    run = split(recipe, out=in_tmp / "run")
+    assert run.manifest["source"] == {"checkpoint": str(path), "sha256": file_sha256(path)}
+    assert run.recipe.model.layers == 4 and run.recipe.model.max_positions == 256
+    source = run.family().block_network(run.recipe, 4)
+    from safetensors.torch import load_file
+
+    source.load_state_dict(load_file(str(run.root / "source" / "model.safetensors")))
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the dequantised (here: F32, so exact) network is the converted source
+        torch.testing.assert_close(source.forward_causal(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?"
+    tok = run_tokenizer(run.shared_dir)
+    assert tok.encode(text) == ref_tok.encode(text).ids  # the file's own tokenizer, no BOS as the file says
+    assert tok.eos_id == ref_tok.token_to_id("<|endoftext|>")
+    assert any(n.startswith("context: training and sampling use model.context = 16 tokens (the recipe's), not the "
+                            "checkpoint's 256") for n in run.notes)
+
+
+def test_a_gguf_file_without_the_extra_is_one_line_naming_it(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbconvert.families.llama import gguf as gguf_in
+
+    (in_tmp / "model.gguf").write_bytes(b"GGUF")
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    monkeypatch.setattr(gguf_in, "extra_installed", lambda: False)
+    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": "model.gguf"}),
+                    "--out", in_tmp / "run")
+    assert_user_error(result, "needs the optional extra gguf: pip install 'dbconvert[gguf]'")
+    assert not (in_tmp / "run").exists()
+
+
+def test_a_damaged_gguf_file_is_one_line(in_tmp: Path) -> None:
+    pytest.importorskip("gguf", reason="the optional extra gguf (pip install 'dbconvert[gguf]') is not installed")
+    (in_tmp / "model.gguf").write_bytes(b"GGUF not really")
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": "model.gguf"}),
+                    "--out", in_tmp / "run")
+    assert_user_error(result, "could not be read as a GGUF Llama")
+    assert not (in_tmp / "run").exists()
+
+
+# --- a converted checkpoint's context ------------------------------------------------------
+
+
+def test_split_notes_the_context_and_sample_source_can_use_the_checkpoints(in_tmp: Path) -> None:
+    from tests.families.test_llama import hf_llama
+    from dbconvert.tokenizer import train_bpe
+
+    hf_llama(in_tmp / "hf", max_pos=64)
+    train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": in_tmp / "hf"}),
+                    "--out", in_tmp / "run")
+    assert result.exit_code == 0, result.output
+    assert "model.context = 16 tokens (the recipe's), not the checkpoint's 64" in " ".join(result.output.split())
+
+    def sample(*args: object):
+        return invoke("sample", "--run", in_tmp / "run", "--model", "source", "--max-new-tokens", 200,
+                      "--temperature", 0, *args)
+
+    short, long = sample("--out", in_tmp / "s16"), sample("--context", "checkpoint", "--out", in_tmp / "s64")
+    assert short.exit_code == 0 and long.exit_code == 0, short.output + long.output
+    rows = [json.loads((in_tmp / d / "samples.jsonl").read_text().splitlines()[0]) for d in ("s16", "s64")]
+    assert rows[0]["stopped_by"] != "max_new_tokens" and rows[1]["stopped_by"] != "max_new_tokens"
+    assert rows[0]["new_tokens"] < rows[1]["new_tokens"]  # greedy: the longer text continues the shorter one
+    assert rows[1]["new_tokens"] + 1 <= 64 and (rows[0]["new_tokens"] + 1 <= 16)
+    assert_user_error(sample("--context", "65"), "longer than the checkpoint's 64 positions")
+    assert_user_error(sample("--context", "many"), "--context must be recipe, checkpoint or a number")
+    assert_user_error(invoke("sample", "--run", in_tmp / "run", "--model", "blocks", "--context", "checkpoint"),
+                      "the blocks model was trained at model.context = 16")
+
+
+def test_context_checkpoint_needs_a_checkpoint_and_applies_to_text_only(in_tmp: Path, tiny_run) -> None:
+    from dbconvert.families.llama.context import sample_context
+
+    recipe = load_recipe("llama-tiny-shakespeare", ["model.context=16"])
+    with pytest.raises(DbconvertError, match="has no model.checkpoint"):
+        sample_context(recipe, None, "source", "checkpoint")
+    assert sample_context(recipe, None, "source", "8") == 8
+    assert_user_error(invoke("sample", "--run", tiny_run.root, "--context", "checkpoint"),
+                      "--context does not apply to a dit run")
+
+
+# --- a converted block's output temperature ------------------------------------------------
+
+
+def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Path) -> None:
+    from safetensors.torch import load_file
+
+    from dbconvert.families.llama.calibrate import step0_loss
+    from dbconvert.split import split
+    from dbconvert.tokenizer import train_bpe
+    from tests.families.test_llama import hf_llama
+
+    hf = hf_llama(in_tmp / "hf")
+    with torch.no_grad():  # a confidently wrong head, as a pretrained head reading a mid-network state is
+        hf.lm_head.weight.mul_(40.0)
+    hf.save_pretrained(in_tmp / "hf")
+    train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+
+    def run_of(name: str, calibrate: bool):
+        return split(load_recipe("llama-tiny-shakespeare", tiny_overrides(
+            corpus, **{"model.checkpoint": str(in_tmp / "hf"), "model.calibrate_output": str(calibrate).lower()})),
+            out=in_tmp / name)
+
+    plain, calibrated = run_of("plain", False), run_of("calibrated", True)
+    source = load_file(str(calibrated.root / "source" / "model.safetensors"))
+    assert all(torch.equal(t, load_file(str(plain.root / "source" / "model.safetensors"))[k]) for k, t in source.items())
+    note = next(n for n in calibrated.notes if n.startswith("output calibration"))
+    assert not any(n.startswith("output calibration") for n in plain.notes)
+    family = calibrated.family()
+    rows = family.load_data(calibrated.recipe).tokens[:64]
+    for i, info in enumerate(calibrated.blocks):
+        weights = {}
+        for run in (plain, calibrated):
+            state = load_file(str(run.model_dir(run.block_name(i)) / "model.safetensors"))
+            net = family.block_network(run.recipe, info.layers[1] - info.layers[0])
+            net.load_state_dict(state)
+            weights[run.root.name] = (state, step0_loss(family.denoiser(run.recipe, net, run.noise()), rows,
+                                                        tuple(info.train_range), "uniform", 0))
+        (plain_state, plain_loss), (cal_state, cal_loss) = weights["plain"], weights["calibrated"]
+        scale = float(cal_state["norm.weight"][0] / plain_state["norm.weight"][0])
+        torch.testing.assert_close(cal_state["norm.weight"], plain_state["norm.weight"] * scale)
+        assert all(torch.equal(cal_state[k], t) for k, t in plain_state.items() if k != "norm.weight")
+        assert scale < 1 and cal_loss < plain_loss  # the wrong head is cooled
+        if i == 0:  # at the top noise the head is all the block has: the loss the wrong head cost is gone
+            assert cal_loss < plain_loss - 3.0
+        assert f"{i}: x{scale:g}" in note
+
+
+@pytest.mark.parametrize("loss_of,expected", [
+    (lambda a: (a - 0.4) ** 2 + 1.0, 0.375),  # the head hurts (worse than none at all): the best grid scale
+    (lambda a: (a - 0.4) ** 2 + (a - 0.05) * 0.3, 1.0 / 4),
+    (lambda a: (a - 0.6) ** 2, 1.0),  # the head already helps at step 0 (better than none): kept as it is
+    (lambda a: 5.0 - a, 1.0),
+])
+def test_calibration_scales_only_a_head_that_starts_worse_than_none(monkeypatch: pytest.MonkeyPatch, loss_of,
+                                                                    expected: float) -> None:
+    from dbconvert.families.llama import calibrate as cal
+
+    monkeypatch.setattr(cal, "step0_loss", lambda den, *args: loss_of(float(den.scale)))
+
+    class Probe(torch.nn.Module):
+        def __init__(self, state: dict) -> None:
+            super().__init__()
+            self.scale = state["norm.weight"][0]
+
+    state = {"norm.weight": torch.ones(4), "other": torch.zeros(2)}
+    best, losses = cal.calibrate(Probe, state, torch.zeros(1, 4), (0.1, 1.0), "uniform", 0)
+    assert best == pytest.approx(expected) and set(losses) == {0.0, *cal.GRID}
+
+
+def test_calibration_is_skipped_with_a_note_when_the_data_cannot_be_read_at_split(in_tmp: Path) -> None:
+    from dbconvert.split import split
+    from dbconvert.tokenizer import train_bpe
+    from tests.families.test_llama import hf_llama
+
+    hf_llama(in_tmp / "hf")
+    train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
+    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(in_tmp / "unused.txt", **{
+        "model.checkpoint": str(in_tmp / "hf"), "data.source": "no-such-org/no-such-data", "data.kind": "hub"}))
+    run = split(recipe, out=in_tmp / "run")  # offline hub data: the split still converts the checkpoint
+    assert any(n.startswith("output calibration skipped: the training data could not be read") for n in run.notes)
