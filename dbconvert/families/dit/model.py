@@ -8,13 +8,14 @@ guidance is done by the caller (the training loop replaces labels by the null cl
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
+
+from dbconvert.embeddings import sinusoidal_embedding
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,7 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
+        return sinusoidal_embedding(t, dim, max_period)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = self.timestep_embedding(t, self.frequency_embedding_size)

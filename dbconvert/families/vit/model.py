@@ -21,12 +21,13 @@ Without a noise level (`cond=None`) nothing is modulated: that is the plain clas
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dbconvert.embeddings import sinusoidal_embedding
 
 LABEL_TOKENS = ("cls", "append")
 """Where the noisy label enters: in the CLS slot (the official code) or as a token appended after the patches."""
@@ -83,10 +84,7 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return sinusoidal_embedding(t, dim, max_period)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype))
