@@ -35,7 +35,7 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
-from dbconvert.evaluation.mauve import default_split, protocol_lengths
+from dbconvert.evaluation.mauve import checked_split, protocol_lengths
 from dbconvert.evaluation.metric import Metric, MetricOption, nolog
 
 Log = Callable[[str], None]
@@ -167,6 +167,7 @@ def evaluate_genppl(
         raise DbconvertError("eval genppl needs --judge MODEL: a Hugging Face causal LM folder (e.g. dbconvert export "
                              "--model source --out DIR) or a hub name such as gpt2-xl")
     run.model_targets(model)
+    split, overlaps = checked_split(run, split)  # local text has train and val only: never training rows as "test"
     for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--seeds", seeds), ("--batch-size", batch_size)):
         if value < 1:
             raise DbconvertError(f"{flag} must be at least 1, got {value}")
@@ -178,7 +179,6 @@ def evaluate_genppl(
     device = resolve_device(run.recipe.train.device)
     scorer = load_judge(judge, device)  # before generating: a judge that cannot load costs nothing
     s = resolve_sampler(run.recipe.sample, steps=steps, solver=solver, seed=seed, weights=weights)
-    split = split or default_split(run)
     family = run.family()
     rows = family.load_data(run.recipe, split).tokens
     if len(rows) < 1:
@@ -241,6 +241,7 @@ def evaluate_genppl(
         "new_tokens": new_tokens,
         "scoring": "continuation tokens only, conditioned on the prompt text, pooled per seed",
         "split": split,
+        "reference_overlaps_training": overlaps,
         "sampler": sampler,
         "seed": s.seed,
         "seeds": [s.seed + k for k in range(seeds)],

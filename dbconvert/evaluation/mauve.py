@@ -240,6 +240,15 @@ PROTOCOL_TOKENS = 50
 """SEDD's conditional protocol: 50-token prompts, 50-token continuations."""
 
 
+def checked_split(run: Any, split: str | None) -> tuple[str, bool]:
+    """The held-out split a text protocol reads (default: `default_split`) and whether it overlaps training;
+    a split the data set does not have is a one-line error (local text: train and val only)."""
+    from dbconvert.data.text import text_split_overlaps_training
+
+    split = split or default_split(run)
+    return split, text_split_overlaps_training(run.recipe.data, split)
+
+
 def check_fits(context: int, prompt_tokens: int, new_tokens: int) -> None:
     """A prompt and its continuation must fit in one packed row of `model.context` tokens."""
     need = prompt_tokens + new_tokens
@@ -298,14 +307,13 @@ def evaluate_mauve(
     """MAUVE of the run's continuations (blocks, e2e, ar or source) against the true continuations."""
     import dbconvert
     from dbconvert.checkpoint import atomic_write_text
-    from dbconvert.data.text import text_split_overlaps_training
     from dbconvert.sampling import SampleRequest, resolve_sampler
     from dbconvert.tokenizer import run_tokenizer
 
     start = time.time()
     MauveMetric().require(run)
     run.model_targets(model)  # one line naming the models this run has
-    overlaps = text_split_overlaps_training(run.recipe.data, split or default_split(run))  # unknown split: one line
+    split, overlaps = checked_split(run, split)  # an unknown split: one line, before anything is announced
     context = run.family().sample_shape(run.recipe)[0]  # a text family's sample is one context of tokens
     prompt_tokens, new_tokens = protocol_lengths(context, prompt_tokens, new_tokens, log)
     for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--prompt-tokens", prompt_tokens),
@@ -317,7 +325,6 @@ def evaluate_mauve(
     run.require_trained(model)
     s = resolve_sampler(run.recipe.sample, steps=steps, solver=solver, seed=seed, weights=weights)
     solver, seed, weights = s.solver, s.seed, s.weights  # steps: None lets the decoding protocol choose them
-    split = split or default_split(run)
     need = prompt_tokens + new_tokens
 
     family = run.family()

@@ -69,6 +69,7 @@ def test_bad_judges_are_one_line(trained_run: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     assert_user_error(invoke(*ARGS), "eval genppl needs --judge MODEL")
+    assert_user_error(invoke(*ARGS, "--split", "test", "--judge", "x"), "local text has the splits train and val")
     assert_user_error(invoke(*ARGS, "--judge", "no-such-org/no-such-judge"), "offline (HF_HUB_OFFLINE=1)")
     empty = trained_run.parent / "empty"
     empty.mkdir()

@@ -78,9 +78,8 @@ def hf_layout(state: dict[str, torch.Tensor]) -> str:
                           "keys); is it a ViTForImageClassification?")
 
 
-def hf_to_timm(state: dict[str, torch.Tensor], depth: int, what: str) -> dict[str, torch.Tensor]:
-    """A ViTForImageClassification state dict in timm's names, through explicit maps (q, k, v fused into qkv)."""
-    layout = hf_layout(state)
+def hf_layer_map(depth: int, layout: str) -> KeyMap:
+    """timm key -> Hugging Face key of every layer tensor but q, k, v (which timm fuses into qkv), and the shared ones."""
     prefix, names = HF_LAYER[layout]
     key_map: KeyMap = dict(HF_SHARED)
     for k in range(depth):
@@ -90,6 +89,14 @@ def hf_to_timm(state: dict[str, torch.Tensor], depth: int, what: str) -> dict[st
                 continue
             for leaf in ("weight", "bias"):
                 key_map[f"blocks.{k}.{ours}.{leaf}"] = p + f"{theirs}.{leaf}"
+    return key_map
+
+
+def hf_to_timm(state: dict[str, torch.Tensor], depth: int, what: str) -> dict[str, torch.Tensor]:
+    """A ViTForImageClassification state dict in timm's names, through explicit maps (q, k, v fused into qkv)."""
+    layout = hf_layout(state)
+    prefix, names = HF_LAYER[layout]
+    key_map = hf_layer_map(depth, layout)
     qkv_keys = {p + f"{names[c]}.{leaf}" for k in range(depth) for p in [prefix.format(k=k)]
                 for c in "qkv" for leaf in ("weight", "bias")}
     missing = sorted(key for key in qkv_keys if key not in state)
@@ -106,14 +113,9 @@ def hf_to_timm(state: dict[str, torch.Tensor], depth: int, what: str) -> dict[st
 def timm_to_hf(state: dict[str, torch.Tensor], depth: int, layout: str) -> dict[str, torch.Tensor]:
     """The reverse of `hf_to_timm` (qkv split into q, k, v), for the installed transformers' `layout`."""
     prefix, names = HF_LAYER[layout]
-    out = {theirs: state[ours].clone() for ours, theirs in HF_SHARED.items()}
+    out = {theirs: state[ours].clone() for ours, theirs in hf_layer_map(depth, layout).items()}
     for k in range(depth):
         p = prefix.format(k=k)
-        for ours, theirs in names.items():
-            if ours in ("q", "k", "v"):
-                continue
-            for leaf in ("weight", "bias"):
-                out[p + f"{theirs}.{leaf}"] = state[f"blocks.{k}.{ours}.{leaf}"].clone()
         for leaf in ("weight", "bias"):
             for c, part in zip("qkv", state[f"blocks.{k}.attn.qkv.{leaf}"].chunk(3)):
                 out[p + f"{names[c]}.{leaf}"] = part.clone()
