@@ -542,8 +542,13 @@ def bench_speed(
     checkpointing: bool = True,
     every_block: bool = True,
     skip: tuple[str, ...] = (),
+    decoding: bool = True,
+    decode_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Median seconds per sampling step and per training step, each block vs the e2e network.
+
+    With `decoding`, for families that decode token by token (`Family.decoding_rates`): whole decodes of
+    `decode_tokens` new tokens per row, blocks at the few-step protocol against the same network's AR decoding.
 
     `skip`: target names not to build or time (one that would not fit in memory); their times and the
     ratios that need them are NaN, as for `sampling_only`.
@@ -587,6 +592,8 @@ def bench_speed(
                 seconds = _timed(fn, dev)
                 if rep >= warmup:
                     timings[trainer.target.name][kind].append(seconds)
+    decode = family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress) \
+        if decoding else None
     nan = float("nan")  # --sampling-only: no training step was timed
     med = {name: {k: statistics.median(v) if v else nan for k, v in kinds.items()} for name, kinds in timings.items()}
     block_names = [t.name for t in targets if not t.e2e and not t.checkpointing]
@@ -617,6 +624,7 @@ def bench_speed(
         **generation_rates(with_blocks(recipe, blocks), targets, med, batch, family.generated_unit,
                            family.protocol_units),
         **extra,
+        "decoding": decode,
         "raw_seconds": timings,
     }
 
@@ -755,7 +763,29 @@ def speed_report(r: dict[str, Any]) -> list[Any]:
                  f"e2e {r['e2e_units_per_s']:.1f} {unit}s/s (denoising steps only)")
     lines.append(f"the paper's evaluation protocol ({r['protocol_units']:,} {unit}s) at these rates and this batch: "
                  f"blocks {r['block_protocol_hours']:.1f} h, e2e {r['e2e_protocol_hours']:.1f} h on {r['device']}")
+    if r.get("decoding"):
+        lines += decoding_report(r["decoding"], r["device"])
     return lines
+
+
+def decoding_report(d: dict[str, Any], device: str) -> list[Any]:
+    """The decoding table of `bench speed` (families with `decoding_rates`)."""
+    from rich.table import Table
+
+    table = Table(title=f"decoding, tokens/s (batch {d['batch']}, {d['prompt_tokens']}-token prompts, "
+                        f"{d['new_tokens']} new tokens each, KV cache, {device})")
+    for col in ("decoder", "tokens/s", "x AR"):
+        table.add_column(col, justify="left" if col == "decoder" else "right")
+    ar = d["tokens_per_s"]["ar"]
+    for name, rate in d["tokens_per_s"].items():
+        table.add_row(name, f"{rate:,.1f}", f"{rate / ar:.2f}")
+    return [table,
+            f"blocks: the {d['protocol']} protocol ({d['steps']} steps per token, one per block, greedy last step); "
+            f"ar: greedy decoding of the same {d['layers']} layers. Fused, a block enters the new clean token in the "
+            "same forward as its next noisy query (one forward per block and token, as AR runs each layer once); "
+            "separate extend: one more forward per block and token. Left over AR: a head over the vocabulary in "
+            f"every block (B per token instead of 1). blocks / AR: {d['blocks_over_ar']:.2f}x (goal >= 0.9x), "
+            f"separate extend / AR: {d['unfused_over_ar']:.2f}x; median of the repetitions, prefill included."]
 
 
 # --- worker entry point --------------------------------------------------------------------

@@ -519,6 +519,8 @@ def bench_speed_cmd(
     checkpointing: CheckpointingOpt = True,
     every_block: EveryBlockOpt = True,
     skip: SkipOpt = None,
+    decoding: Annotated[bool, typer.Option("--decoding/--no-decoding", help="Text: also time whole decodes, blocks at the few-step protocol vs AR decoding (KV cache both).")] = True,
+    decode_tokens: Annotated[Optional[int], typer.Option("--decode-tokens", help="New tokens per row of the decoding rows (default: up to 64, what the context leaves after a quarter-context prompt).")] = None,
 ) -> None:
     """Seconds per sampling step and per training step: each block vs all layers, with and without checkpointing."""
     from dbconvert.bench import bench_speed, speed_report
@@ -528,7 +530,7 @@ def bench_speed_cmd(
     progress = None if as_json else (lambda msg: err_console.print(msg, highlight=False))
     result = bench_speed(resolved, blocks, batch, repeats, warmup, device, on_progress=progress,
                          sampling_only=sampling_only, checkpointing=checkpointing, every_block=every_block,
-                         skip=tuple(skip or ()))
+                         skip=tuple(skip or ()), decoding=decoding, decode_tokens=decode_tokens)
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -259,3 +259,10 @@ class Family(ABC):
 
         Set-up that a real sampler does once (e.g. a KV cache of the prompt) happens here, outside the closure.
         """
+
+    def decoding_rates(self, recipe: "Recipe", blocks: int, batch: int, device: torch.device, repeats: int,
+                       warmup: int, new_tokens: int | None = None,
+                       on_progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """For families that decode unit by unit (text): the blocks' decoding rate against the same network's
+        autoregressive decoding, for `bench speed`. None (the default): nothing of the kind to compare."""
+        return None

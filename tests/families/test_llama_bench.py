@@ -32,6 +32,26 @@ def test_speed_reports_tokens_per_second_and_the_protocols_hours(overrides: list
     table = invoke(*args)
     assert table.exit_code == 0, table.output
     assert "the paper's evaluation protocol (250,000 tokens)" in table.stdout and "tokens/s" in table.stdout
+    decoding = data["decoding"]  # whole decodes: blocks at the few-step protocol vs AR decoding, KV cache both
+    assert (decoding["steps"], decoding["protocol"], decoding["layers"], decoding["batch"]) == (2, "few-step", 4, 2)
+    assert (decoding["prompt_tokens"], decoding["new_tokens"]) == (3, 9)  # a quarter of the context, the rest new
+    rates = decoding["tokens_per_s"]
+    assert set(rates) == {"ar", "blocks", "blocks (separate extend)"} and all(r > 0 for r in rates.values())
+    assert decoding["blocks_over_ar"] == pytest.approx(rates["blocks"] / rates["ar"])
+    assert all(len(s) == 1 for s in decoding["raw_seconds"].values())  # --repeats 1, --warmup 0
+    assert "decoding, tokens/s" in table.stdout and "blocks / AR" in table.stdout
+
+
+def test_speed_decoding_options(overrides: list[str]) -> None:
+    args = ("bench", "speed", "llama-tiny-shakespeare", *overrides, "--blocks", "2", "--batch", "1", "--context", "12",
+            "--repeats", "1", "--warmup", "0", "--sampling-only", "--json")
+    off = invoke(*args, "--no-decoding")
+    assert off.exit_code == 0, off.output
+    assert json.loads(off.stdout)["decoding"] is None
+    short = invoke(*args, "--decode-tokens", "2")
+    assert short.exit_code == 0, short.output
+    assert json.loads(short.stdout)["decoding"]["new_tokens"] == 2
+    assert_user_error(invoke(*args, "--decode-tokens", "10"), "--decode-tokens must be between 1 and 9")
 
 
 def test_static_bytes_of_a_low_rank_head_are_exact(overrides: list[str]) -> None:

@@ -236,6 +236,7 @@ def test_bench_memory_and_speed_run_for_the_masked_objective(tmp_path: Path) -> 
     assert speed.exit_code == 0, speed.output
     rates = json.loads(speed.stdout)
     assert rates["unit"] == "sequence" and rates["sample_steps"] == 6 and rates["block_units_per_s"] > 0
+    assert rates["decoding"] is None  # whole sequences, not token by token: no AR decoding to compare with
     result = invoke("bench", "memory", "md4-tiny-shakespeare", *masked_overrides(text), "--static", "--blocks", "3",
                     "--json")
     assert result.exit_code == 0, result.output

@@ -147,3 +147,29 @@ def test_left_padded_rows_of_different_lengths_equal_each_row_alone(trained_run:
             sig = torch.full((1, n + 1), float(sigma[r, 0]))
             alone = training_logits(net, tokens, nz.c_in(sig[..., None], sd) * zs, nz.c_noise(sig))[0, n]
             torch.testing.assert_close(cached[r], alone, **TOL)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("padded", [False, True], ids=["equal-rows", "left-padded"])
+def test_fused_extend_and_query_equals_extend_then_query(trained_run: Run, index: int, padded: bool) -> None:
+    """One forward of [new clean tokens ; next noisy query] computes what `extend` then `noisy_hidden` compute:
+    the same hidden state of the query and the same cache (decoding speed relies on it, `bench speed`)."""
+    den, lo, hi, gen = block_under_test(trained_run, index, 30 + index)
+    net, sd = den.net, den.noise.sigma_data
+    vocab, h = den.table.shape
+    b, width = 3, 9
+    batch = torch.randint(0, vocab, (b, width), generator=gen)
+    pad = torch.tensor([0, 4, 7]) if padded else None
+    z = torch.randn(b, h, generator=gen)
+    sigma = lo * (hi / lo) ** torch.rand(b, 1, generator=gen)
+    noisy, c_noise = (nz.c_in(sigma, sd) * z)[:, None], nz.c_noise(sigma)
+    with torch.no_grad():
+        for cut in (0, 5):  # the whole prompt in the fused forward, or a cached part plus 4 new tokens
+            cache = net.extend(None, batch[:, :cut], 0, pad)[0] if cut else None
+            two, _ = net.extend(cache, batch[:, cut:], cut, pad)
+            want = net.noisy_hidden(two, noisy, c_noise, width, pad)
+            fused, got = net.extend_and_query(cache, batch[:, cut:], noisy, c_noise, pad)
+            torch.testing.assert_close(got, want, **TOL)
+            for (fk, fv), (tk, tv) in zip(fused, two):
+                torch.testing.assert_close(fk, tk, **TOL)
+                torch.testing.assert_close(fv, tv, **TOL)

@@ -46,6 +46,30 @@ def test_few_step_token_is_the_argmax_of_the_last_steps_logits() -> None:
     assert len(default[0]) == 3  # the default protocol still decodes (nearest row to the final z)
 
 
+@pytest.mark.parametrize("protocol,steps", [("few-step", 2), ("default", 5)])
+def test_fused_decoding_writes_what_a_separate_extend_writes_with_one_forward_per_block_and_token(
+        protocol: str, steps: int) -> None:
+    """`diffuse(fuse=True)` (the default) enters the new clean token in the same forward as the next noisy query;
+    the text is the same as with a separate `extend` forward, and at one step per block each block runs once per
+    token (the calls counted are the forwards run: fused, no extend forward is added)."""
+    d = denoiser().eval()
+    rows, seeds = [[3, 4, 5], [6, 7], [8]], [11, 12, 13]
+    owned = owned_ranges(boundaries(NOISE, 2))
+    dec = Decoding(max_new_tokens=6, context=32, eos=(), seed=0, steps=steps, protocol=protocol)
+    forwards = []
+    run_layers = d.net.run_layers
+    d.net.run_layers = lambda *a, **k: forwards.append(1) or run_layers(*a, **k)  # count the network's forwards
+    fused_calls, split_calls = [0, 0], [0, 0]
+    fused, _ = diffuse([d, d], owned, rows, dec, seeds, torch.device("cpu"), fused_calls)
+    fused_forwards = len(forwards)
+    apart, _ = diffuse([d, d], owned, rows, dec, seeds, torch.device("cpu"), split_calls, fuse=False)
+    assert fused == apart and all(len(r) == 6 for r in fused)
+    assert fused_calls == split_calls and fused_forwards == sum(fused_calls)  # no extend forward of its own
+    assert len(forwards) - fused_forwards == sum(split_calls) + 2 * 6  # apart: one extend per block and token
+    if protocol == "few-step":
+        assert fused_calls == [6, 6]  # one forward per block per token
+
+
 def test_sample_and_eval_take_the_protocol_by_name_or_from_the_recipe(in_tmp: Path) -> None:
     corpus = in_tmp / "corpus.txt"
     corpus.write_text(CORPUS)

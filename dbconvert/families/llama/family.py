@@ -376,6 +376,17 @@ class LlamaFamily(Family):
         cfg = _cfg(recipe)
         return [torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=generator)]
 
+    def decoding_rates(self, recipe: "Recipe", blocks: int, batch: int, device: torch.device, repeats: int,
+                       warmup: int, new_tokens: int | None = None,
+                       on_progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """Tokens/s of the blocks at the few-step protocol vs AR decoding (`decode_bench.py`); None when masked (a
+        masked run decodes whole sequences, not token by token)."""
+        if is_masked(recipe):
+            return None
+        from dbconvert.families.llama.decode_bench import decoding_rates
+
+        return decoding_rates(self, recipe, blocks, batch, device, repeats, warmup, new_tokens, on_progress)
+
     def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
                       sigma: float) -> Callable[[], Any]:
         """One denoising step of the next token for every row, over a KV cache of the row as prompt.

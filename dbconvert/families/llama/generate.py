@@ -149,8 +149,13 @@ def _finish(new: torch.Tensor, length: torch.Tensor, dec: Decoding) -> tuple[lis
 @torch.no_grad()
 def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: list[list[int]], dec: Decoding,
             row_seeds: list[int], device: torch.device, calls: list[int] | None = None,
-            progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
-    """Continue every row by diffusion, one token at a time for all rows together (see module docstring)."""
+            progress: Progress | None = None, fuse: bool = True) -> tuple[list[list[int]], list[str]]:
+    """Continue every row by diffusion, one token at a time for all rows together (see module docstring).
+
+    `fuse` (default): a block's first step of a token also enters the clean tokens its cache lacks, in the same
+    forward (`LlamaDenoiser.query_logits`); False: a separate `extend` forward first. The same function (tested);
+    fused, one step per block runs each block once per token, as AR decoding runs each layer once.
+    """
     tokens, pad, length = _batch(rows, device)
     budget = row_budget(int(length.min()), dec)
     n, hidden = tokens.shape[0], models[0].table.shape[1]
@@ -166,21 +171,23 @@ def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: lis
         seq = torch.cat([tokens, new], dim=1)
         column = seq.shape[1]
 
-        def cached_block(b: int) -> nn.Module:
+        def logits_of(b: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
             calls[b] += 1
-            if cached[b] < column:  # bring this block's cache up to the current prefix (lazily)
-                caches[b], _ = models[b].net.extend(caches[b], seq[:, cached[b]:], cached[b], pad)
-                cached[b] = column
-            return models[b]
+            clean = seq[:, cached[b]:] if cached[b] < column else None  # what this block's cache lacks (lazily)
+            if clean is not None and not fuse:
+                caches[b], _ = models[b].net.extend(caches[b], clean, cached[b], pad)
+                clean = None
+            caches[b], logits = models[b].query_logits(caches[b], z, sigma, column, pad, clean)
+            cached[b] = column
+            return logits
 
         def denoise(b: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
-            return cached_block(b).step(caches[b], z, sigma, column, pad)
+            return models[b].expected(logits_of(b, z, sigma))
 
         eps = torch.stack([torch.randn(hidden, generator=g, dtype=torch.float64) for g in gens])
         if protocol.greedy:  # Euler down to the last level, then the owning block's most likely token there
             z = edm_sample(denoise, owned, ts[:-1], (ts[0] * eps).to(torch.float32).to(device), dec.solver)
-            b = owner_of(ts[-2], list(owned))
-            token = cached_block(b).step_logits(caches[b], z, ts[-2], column, pad).argmax(-1)
+            token = logits_of(owner_of(ts[-2], list(owned)), z, ts[-2]).argmax(-1)
         else:
             z = edm_sample(denoise, owned, ts, (ts[0] * eps).to(torch.float32).to(device), dec.solver)
             token = models[0].nearest(z)

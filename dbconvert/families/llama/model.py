@@ -377,6 +377,27 @@ class LlamaBlockNet(nn.Module):
         h, _ = self.run_layers(self.noisy_in(noisy), positions, mask, self.sigma_embed(c_noise), cache)
         return self.norm(h[:, -1])
 
+    def extend_and_query(self, cache: KVCache | None, clean: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor,
+                         pad: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
+        """`extend` by the clean tokens (B, m) and `noisy_hidden` of the next column, in ONE forward.
+
+        The m clean tokens take the columns after the cache, the noisy query (B, 1, target width) the one after
+        them; the clean ones attend causally (and are not modulated), the query sees them all and itself: the
+        same function as `extend` then `noisy_hidden` (the rows of a matmul do not see each other), but the
+        layers' weights are read once. Block Diffusion feeds the last clean block with the next noisy one
+        the same way. Returns (the cache with the clean tokens appended, the query's normed hidden state).
+        """
+        b, m = clean.shape
+        start = 0 if cache is None else cache[0][0].shape[2]
+        columns = torch.arange(start, start + m + 1, device=clean.device)
+        positions, mask = decode_geometry(columns, start + m + 1, pad, b)
+        x = torch.cat([self.embed_tokens(clean), self.noisy_in(noisy)], dim=1)
+        h, new = self.run_layers(x, positions, mask, self.sigma_embed(c_noise), cache)
+        new = [(k[:, :, :m], v[:, :, :m]) for k, v in new]  # the noisy query's keys are never cached
+        if cache is not None:
+            new = [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(cache, new)]
+        return new, self.norm(h[:, -1])
+
 
 def decode_geometry(columns: torch.Tensor, keys: int, pad: torch.Tensor | None,
                     batch: int) -> tuple[torch.Tensor, torch.Tensor]:

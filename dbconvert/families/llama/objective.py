@@ -56,22 +56,35 @@ class LlamaDenoiser(nn.Module):
         """Training forward: tokens (B, T), z (B, T, H), sigma (B, T) -> logits (B, T, V) at the noisy positions."""
         return self.logits(self.hidden(tokens, z, sigma), z, sigma)
 
-    def step(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
-             pad: torch.Tensor | None = None) -> torch.Tensor:
-        """D(z, sigma) of one new token at column `position`, attending to the cached clean prefix; z (B, H).
-
-        `pad` (B,) left-padding columns per row (see `model.decode_geometry`).
+    def query_logits(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
+                     pad: torch.Tensor | None = None,
+                     clean: torch.Tensor | None = None) -> tuple[KVCache | None, torch.Tensor]:
+        """(cache, logits (B, V)) of one new token at column `position` under z (B, H), attending to the cached
+        clean prefix. `clean` (B, m): the clean tokens of columns position-m .. position-1 the cache does not hold
+        yet; they enter it in the same forward (`LlamaBlockNet.extend_and_query`), so a block reads its weights
+        once per token. `pad` (B,): left-padding columns per row (see `model.decode_geometry`).
         """
         s = torch.full((z.shape[0], 1), sigma, dtype=torch.float32, device=z.device)
-        hn = self.net.noisy_hidden(cache, (nz.c_in(s, self.noise.sigma_data) * z)[:, None], nz.c_noise(s), position, pad)
-        return torch.softmax(self.logits(hn, z, s[:, 0]), dim=-1) @ self.table
+        noisy = (nz.c_in(s, self.noise.sigma_data) * z)[:, None]
+        if clean is None:
+            hn = self.net.noisy_hidden(cache, noisy, nz.c_noise(s), position, pad)
+        else:
+            cache, hn = self.net.extend_and_query(cache, clean, noisy, nz.c_noise(s), pad)
+        return cache, self.logits(hn, z, s[:, 0])
+
+    def expected(self, logits: torch.Tensor) -> torch.Tensor:
+        """D(z, sigma) = softmax(logits) @ T: the denoised target embedding."""
+        return torch.softmax(logits, dim=-1) @ self.table
+
+    def step(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
+             pad: torch.Tensor | None = None) -> torch.Tensor:
+        """D(z, sigma) of one new token at column `position`, attending to the cached clean prefix; z (B, H)."""
+        return self.expected(self.query_logits(cache, z, sigma, position, pad)[1])
 
     def step_logits(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
                     pad: torch.Tensor | None = None) -> torch.Tensor:
         """The logits behind `step` (B, V): the few-step protocol's greedy final token is their argmax."""
-        s = torch.full((z.shape[0], 1), sigma, dtype=torch.float32, device=z.device)
-        hn = self.net.noisy_hidden(cache, (nz.c_in(s, self.noise.sigma_data) * z)[:, None], nz.c_noise(s), position, pad)
-        return self.logits(hn, z, s[:, 0])
+        return self.query_logits(cache, z, sigma, position, pad)[1]
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the table row nearest to each z (Euclidean)."""
