@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,34 @@ def test_conversion_benefit_script_runs(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "| 1 |" in out.stdout and (tmp_path / "cb" / "conversion-benefit.png").is_file()
     assert (tmp_path / "cb" / "converted" / "manifest.yaml").is_file()
+
+
+def test_lm_conversion_benefit_script_runs(tmp_path: Path) -> None:
+    """The measurement behind the README's LM conversion and text-protocol tables, at toy size."""
+    from tests.families.llama_tiny import CORPUS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    tiny = ["model.layers=4", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.intermediate=48",
+            "model.vocab_size=300", "model.context=16", f"data.source={corpus}", "data.val_fraction=0.1",
+            "train.batch_size=4", "train.warmup_steps=0", "train.log_every=1"]
+    script = EXAMPLE.parent / "lm_conversion_benefit.py"
+    args = [sys.executable, str(script), "--out", str(tmp_path / "lm"), "--pretrain-steps", "2", "--pretrain-val-every",
+            "1", "--steps", "2", "--val-every", "1", "--seeds", "0", "--prompts", "4", "--samples-per-prompt", "2",
+            "--prompt-tokens", "4", "--new-tokens", "4", "--sample-steps", "2", "--kmeans-seeds", "1",
+            "--protocol-table", *tiny]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
+    seed = summary["seeds"]["0"]
+    for kind in ("converted", "scratch"):
+        assert [sorted(b) for b in seed[kind]["blocks"]] == [["1", "2", "step0"]] * 4  # step 0 and every val step
+        assert 0 <= seed[kind]["mauve_blocks"]["mean"] <= 1
+    for model in ("blocks", "e2e", "ar"):
+        assert seed["scratch"][f"genppl_{model}_few-step"]["mean"] > 1
+    assert "| 0 | 0 |" in out.stdout and "few-step protocol" in out.stdout
+    assert (tmp_path / "lm" / "source" / "config.json").is_file()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # a rerun reads every stage back
+    assert again.returncode == 0 and json.loads((tmp_path / "lm" / "summary.json").read_text()) == summary
