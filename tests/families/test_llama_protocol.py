@@ -59,6 +59,8 @@ def test_fused_decoding_writes_what_a_separate_extend_writes_with_one_forward_pe
     forwards = []
     run_layers = d.net.run_layers
     d.net.run_layers = lambda *a, **k: forwards.append(1) or run_layers(*a, **k)  # count the network's forwards
+    rows_modulated: list[int] = []  # one sigma per step: the modulation runs on one row and is broadcast
+    d.net.layers[0].adaLN_modulation.register_forward_pre_hook(lambda _m, a: rows_modulated.append(a[0].shape[0]))
     fused_calls, split_calls = [0, 0], [0, 0]
     fused, _ = diffuse([d, d], owned, rows, dec, seeds, torch.device("cpu"), fused_calls)
     fused_forwards = len(forwards)
@@ -66,6 +68,7 @@ def test_fused_decoding_writes_what_a_separate_extend_writes_with_one_forward_pe
     assert fused == apart and all(len(r) == 6 for r in fused)
     assert fused_calls == split_calls and fused_forwards == sum(fused_calls)  # no extend forward of its own
     assert len(forwards) - fused_forwards == sum(split_calls) + 2 * 6  # apart: one extend per block and token
+    assert rows_modulated and set(rows_modulated) == {1}
     if protocol == "few-step":
         assert fused_calls == [6, 6]  # one forward per block per token
 

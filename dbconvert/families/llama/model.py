@@ -188,7 +188,8 @@ class DecoderLayer(nn.Module):
         cond: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """cond (B, N, H): the sigma embedding of the LAST N positions of x (the noisy ones), or None.
+        """cond (B, N, H): the sigma embedding of the LAST N positions of x (the noisy ones), or None. A leading 1
+        instead of B broadcasts one sigma's modulation over the batch (decoding: one sigma per step).
 
         The other positions (clean context) get no modulation at all, not even the Linear's bias:
         their keys and values must not depend on sigma, or the sampler's clean-prefix cache would

@@ -66,10 +66,11 @@ class LlamaDenoiser(nn.Module):
         """
         s = torch.full((z.shape[0], 1), sigma, dtype=torch.float32, device=z.device)
         noisy = (nz.c_in(s, self.noise.sigma_data) * z)[:, None]
+        c_noise = nz.c_noise(s[:1])  # one sigma for the batch: the modulation is computed once and broadcast
         if clean is None:
-            hn = self.net.noisy_hidden(cache, noisy, nz.c_noise(s), position, pad)
+            hn = self.net.noisy_hidden(cache, noisy, c_noise, position, pad)
         else:
-            cache, hn = self.net.extend_and_query(cache, clean, noisy, nz.c_noise(s), pad)
+            cache, hn = self.net.extend_and_query(cache, clean, noisy, c_noise, pad)
         return cache, self.logits(hn, z, s[:, 0])
 
     def expected(self, logits: torch.Tensor) -> torch.Tensor:
