@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="training steps of every block (and of e2e and ar)")
     ap.add_argument("--val-every", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--uncalibrated", action="store_true", help="also the converted blocks with model.calibrate_output=false")
     ap.add_argument("--protocol-table", action="store_true", help="also e2e and ar of the scratch runs, few-step protocol")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples-per-prompt", type=int, default=5)
@@ -144,7 +145,11 @@ def main() -> None:
         runs = {"converted": open_or_split(args.out / f"converted-{seed}",
                                            [f"model.checkpoint={source}", f"train.seed={seed}", *train, *args.overrides]),
                 "scratch": open_or_split(args.out / f"scratch-{seed}", [f"train.seed={seed}", *train, *args.overrides])}
-        if not torch.equal(heldout_rows(runs["converted"]), heldout_rows(runs["scratch"])):
+        if args.uncalibrated:  # the copied final norm and head exactly as converted (model.calibrate_output=false)
+            runs["uncalibrated"] = open_or_split(args.out / f"uncalibrated-{seed}", [
+                f"model.checkpoint={source}", "model.calibrate_output=false", f"train.seed={seed}", *train,
+                *args.overrides])
+        if any(not torch.equal(heldout_rows(r), heldout_rows(runs["scratch"])) for r in runs.values()):
             raise SystemExit("the converted and scratch runs do not hold out the same token rows (tokenizers differ)")
         row: dict[str, Any] = {}
         for kind, run in runs.items():
@@ -169,28 +174,29 @@ def main() -> None:
 
 
 def tables(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    """The README's tables: held-out CE per block over training (one cell per run kind, the seeds side by side),
+    MAUVE of the blocks per run kind, and the few-step protocol's MAUVE and Gen-PPL."""
     seeds = list(summary["seeds"])
+    first = summary["seeds"][seeds[0]]
+    kinds = [k for k in ("converted", "uncalibrated", "scratch") if k in first]
     steps = ["step0", *(str(s) for s in range(args.val_every, args.steps + 1, args.val_every))]
-    lines = [f"AR source: held-out CE {summary['pretrain']['val_ce'][max(summary['pretrain']['val_ce'], key=int)]:.3f} "
-             f"after {summary['pretrain']['steps']} steps", "",
-             "| block | step | " + " | ".join(f"converted S{s} | scratch S{s}" for s in seeds) + " | converted ahead by |",
-             "|---|---:|" + "---:|" * (2 * len(seeds)) + "---:|"]
-    blocks = len(summary["seeds"][seeds[0]]["converted"]["blocks"])
-    for b in range(blocks):
+    curve = summary["pretrain"]["val_ce"]
+    lines = [f"AR source: held-out CE {curve[max(curve, key=int)]:.3f} after {summary['pretrain']['steps']} steps",
+             "", f"held-out CE (nats) per block, training seeds {' / '.join(seeds)}:", "",
+             "| block | step | " + " | ".join(kinds) + " | scratch - converted (mean ± std over seeds) |",
+             "|---|---:|" + "---|" * len(kinds) + "---:|"]
+    for b in range(len(first["converted"]["blocks"])):
         for st in steps:
-            cells, gaps = [], []
-            for s in seeds:
-                row = summary["seeds"][s]
-                c = row["converted"]["blocks"][b][st]["val_ce"]
-                f = row["scratch"]["blocks"][b][st]["val_ce"]
-                cells += [f"{c:.3f}", f"{f:.3f}"]
-                gaps.append(f - c)
+            ce = {k: [summary["seeds"][s][k]["blocks"][b][st]["val_ce"] for s in seeds] for k in kinds}
+            cells = [" / ".join(f"{v:.3f}" for v in ce[k]) for k in kinds]
+            gaps = [f - c for f, c in zip(ce["scratch"], ce["converted"])]
             lines.append(f"| {b} | {st.replace('step0', '0')} | " + " | ".join(cells) + f" | {mean_std(gaps)} |")
-    lines += ["", "| training seed | MAUVE converted blocks | MAUVE scratch blocks |", "|---|---:|---:|"]
+    lines += ["", "| training seed | " + " | ".join(f"MAUVE {k} blocks" for k in kinds) + " |",
+              "|---|" + "---:|" * len(kinds)]
     for s in seeds:
         row = summary["seeds"][s]
-        m = lambda k: f"{row[k]['mauve_blocks']['mean']:.3f} ± {row[k]['mauve_blocks']['std']:.3f}"  # noqa: E731
-        lines.append(f"| {s} | {m('converted')} | {m('scratch')} |")
+        lines.append(f"| {s} | " + " | ".join(f"{row[k]['mauve_blocks']['mean']:.3f} ± {row[k]['mauve_blocks']['std']:.3f}"
+                                               for k in kinds) + " |")
     if args.protocol_table:
         lines += ["", "few-step protocol (B steps per token, greedy last step; ar at top-p 0.95):", "",
                   "| model | " + " | ".join(f"MAUVE S{s} | Gen-PPL S{s}" for s in seeds) + " |",
