@@ -27,7 +27,7 @@ CLI equivalent of one seed (S):
     dbconvert eval mauve --run OUT/converted-S --num-prompts 64 --prompt-tokens 32 --new-tokens 32 --featurizer minilm
     dbconvert train-e2e --run OUT/scratch-S && dbconvert train-e2e --run OUT/scratch-S --objective ar
     dbconvert eval mauve --run OUT/scratch-S --model e2e --protocol few-step ...
-    dbconvert eval genppl --run OUT/scratch-S --model ar --protocol few-step --judge OUT/source ...
+    dbconvert eval genppl --run OUT/scratch-S --model ar --protocol few-step --judge OUT/source --prompt-tokens 24 ...
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def scored(run: Run, metric: str, model: str, protocol: str, args: argparse.Name
     if metric == "mauve":
         steps = args.sample_steps if protocol == "default" and model != "ar" else None
         res = evaluate_mauve(run, featurizer="minilm", seeds=args.kmeans_seeds, steps=steps, **common)
-    else:
+    else:  # the judge (the source, context 64) must read prompt + continuation in its own tokens, BOS included
+        common["prompt_tokens"] = args.judge_prompt_tokens
         res = evaluate_genppl(run, judge=str(args.out / "source"), **common)
     write_result(run.root / "eval", res)
     kept = {"mean": res["mean"], "std": res["std"], "values": res["values"]}
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--samples-per-prompt", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--judge-prompt-tokens", type=int, default=24,
+                    help="Gen-PPL's prompt length: 24 + 32 new tokens leave the 64-token judge room for re-tokenised text")
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--kmeans-seeds", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, key=value")

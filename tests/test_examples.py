@@ -120,7 +120,7 @@ def test_lm_conversion_benefit_script_runs(tmp_path: Path) -> None:
     script = EXAMPLE.parent / "lm_conversion_benefit.py"
     args = [sys.executable, str(script), "--out", str(tmp_path / "lm"), "--pretrain-steps", "2", "--pretrain-val-every",
             "1", "--steps", "2", "--val-every", "1", "--seeds", "0", "--prompts", "4", "--samples-per-prompt", "2",
-            "--prompt-tokens", "4", "--new-tokens", "4", "--sample-steps", "2", "--kmeans-seeds", "1",
+            "--prompt-tokens", "4", "--new-tokens", "4", "--judge-prompt-tokens", "3", "--sample-steps", "2", "--kmeans-seeds", "1",
             "--protocol-table", "--uncalibrated", *tiny]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
