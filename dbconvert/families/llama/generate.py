@@ -6,7 +6,8 @@ its pad columns (`model.decode_geometry`), so a row computes what it would compu
 
 Diffusion (DESIGN 5): for each new token, M Euler/Heun steps over the EDM schedule from
 z = sigma_max * eps, each by the block owning sigma, whose KV cache of the clean prefix is
-brought up to date lazily (a block that owns no step of a token never runs for it). The token
+brought up to date lazily, in the same forward as its first noisy query of the token (a block that
+owns no step of a token never runs for it). The token
 is the table row nearest to the final z. Ancestral decoding samples the causal LM's softmax
 with temperature and nucleus (top-p) filtering; never greedy unless temperature is 0.
 
