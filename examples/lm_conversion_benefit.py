@@ -1,12 +1,12 @@
 """What converting a pretrained language model buys, and the later paper's text protocol, on tinyshakespeare.
 
-    python examples/lm_conversion_benefit.py --out runs/lm-conversion       # README "LM conversion"
+    python examples/lm_conversion_benefit.py --out runs/lm-conversion --protocol-table --calibrated   # README
 
 1. The source: `split llama-tiny-shakespeare`, train its AR reference (`train-e2e --objective ar`) for
    --pretrain-steps (its held-out CE every --pretrain-val-every steps shows where it stops improving), and
    `export --model ar` it as a Hugging Face folder, OUT/source: an ordinary pretrained causal LM.
 2. For every training seed S: OUT/converted-S splits that folder (`model.checkpoint=OUT/source`, its own
-   tokenizer) and OUT/scratch-S splits the fresh recipe (a BPE trained at split: the same tokenizer, checked);
+   tokenizer; with --calibrated also OUT/calibrated-S, `model.calibrate_output=true`) and OUT/scratch-S splits the fresh recipe (a BPE trained at split: the same tokenizer, checked);
    every block of both is trained --steps steps with the held-out CE every --val-every steps, and the held-out
    CE of the split weights (step 0) is computed the same way, on the same 32 held-out rows.
 3. MAUVE of both runs' blocks (the recipe's default protocol: 50 Euler steps per token), as the README's text
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="training steps of every block (and of e2e and ar)")
     ap.add_argument("--val-every", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--uncalibrated", action="store_true", help="also the converted blocks with model.calibrate_output=false")
+    ap.add_argument("--calibrated", action="store_true", help="also the converted blocks with model.calibrate_output=true")
     ap.add_argument("--protocol-table", action="store_true", help="also e2e and ar of the scratch runs, few-step protocol")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples-per-prompt", type=int, default=5)
@@ -145,12 +145,13 @@ def main() -> None:
 
     train = [f"train.steps={args.steps}", f"train.val_every={args.val_every}", f"train.checkpoint_every={args.steps}"]
     for seed in args.seeds:
-        runs = {"converted": open_or_split(args.out / f"converted-{seed}",
-                                           [f"model.checkpoint={source}", f"train.seed={seed}", *train, *args.overrides]),
+        runs = {"converted": open_or_split(args.out / f"converted-{seed}", [
+                    f"model.checkpoint={source}", "model.calibrate_output=false", f"train.seed={seed}", *train,
+                    *args.overrides]),
                 "scratch": open_or_split(args.out / f"scratch-{seed}", [f"train.seed={seed}", *train, *args.overrides])}
-        if args.uncalibrated:  # the copied final norm and head exactly as converted (model.calibrate_output=false)
-            runs["uncalibrated"] = open_or_split(args.out / f"uncalibrated-{seed}", [
-                f"model.checkpoint={source}", "model.calibrate_output=false", f"train.seed={seed}", *train,
+        if args.calibrated:  # the copied final norm scaled where the copied head starts worse than none
+            runs["calibrated"] = open_or_split(args.out / f"calibrated-{seed}", [
+                f"model.checkpoint={source}", "model.calibrate_output=true", f"train.seed={seed}", *train,
                 *args.overrides])
         if any(not torch.equal(heldout_rows(r), heldout_rows(runs["scratch"])) for r in runs.values()):
             raise SystemExit("the converted and scratch runs do not hold out the same token rows (tokenizers differ)")
@@ -181,7 +182,7 @@ def tables(summary: dict[str, Any], args: argparse.Namespace) -> str:
     MAUVE of the blocks per run kind, and the few-step protocol's MAUVE and Gen-PPL."""
     seeds = list(summary["seeds"])
     first = summary["seeds"][seeds[0]]
-    kinds = [k for k in ("converted", "uncalibrated", "scratch") if k in first]
+    kinds = [k for k in ("converted", "calibrated", "scratch") if k in first]
     steps = ["step0", *(str(s) for s in range(args.val_every, args.steps + 1, args.val_every))]
     curve = summary["pretrain"]["val_ce"]
     lines = [f"AR source: held-out CE {curve[max(curve, key=int)]:.3f} after {summary['pretrain']['steps']} steps",
@@ -204,7 +205,10 @@ def tables(summary: dict[str, Any], args: argparse.Namespace) -> str:
         lines += ["", "few-step protocol (B steps per token, greedy last step; ar at top-p 0.95):", "",
                   "| model | " + " | ".join(f"MAUVE S{s} | Gen-PPL S{s}" for s in seeds) + " |",
                   "|---|" + "---:|" * (2 * len(seeds))]
-        for kind, model in (("converted", "blocks"), ("scratch", "blocks"), ("scratch", "e2e"), ("scratch", "ar")):
+        for kind, model in (("converted", "blocks"), ("calibrated", "blocks"), ("scratch", "blocks"), ("scratch", "e2e"),
+                            ("scratch", "ar")):
+            if kind not in kinds:
+                continue
             cells = []
             for s in seeds:
                 row = summary["seeds"][s][kind]

@@ -121,13 +121,13 @@ def test_lm_conversion_benefit_script_runs(tmp_path: Path) -> None:
     args = [sys.executable, str(script), "--out", str(tmp_path / "lm"), "--pretrain-steps", "2", "--pretrain-val-every",
             "1", "--steps", "2", "--val-every", "1", "--seeds", "0", "--prompts", "4", "--samples-per-prompt", "2",
             "--prompt-tokens", "4", "--new-tokens", "4", "--judge-prompt-tokens", "3", "--sample-steps", "2", "--kmeans-seeds", "1",
-            "--protocol-table", "--uncalibrated", *tiny]
+            "--protocol-table", "--calibrated", *tiny]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
     seed = summary["seeds"]["0"]
-    for kind in ("converted", "uncalibrated", "scratch"):
+    for kind in ("converted", "calibrated", "scratch"):
         assert [sorted(b) for b in seed[kind]["blocks"]] == [["1", "2", "step0"]] * 4  # step 0 and every val step
         assert 0 <= seed[kind]["mauve_blocks"]["mean"] <= 1
     for model in ("blocks", "e2e", "ar"):

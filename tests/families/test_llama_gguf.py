@@ -255,6 +255,7 @@ def test_calibration_is_skipped_with_a_note_when_the_data_cannot_be_read_at_spli
     hf_llama(in_tmp / "hf")
     train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
     recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(in_tmp / "unused.txt", **{
-        "model.checkpoint": str(in_tmp / "hf"), "data.source": "no-such-org/no-such-data", "data.kind": "hub"}))
+        "model.checkpoint": str(in_tmp / "hf"), "model.calibrate_output": "true", "data.source": "no-such-org/no-such-data",
+        "data.kind": "hub"}))
     run = split(recipe, out=in_tmp / "run")  # offline hub data: the split still converts the checkpoint
     assert any(n.startswith("output calibration skipped: the training data could not be read") for n in run.notes)

@@ -14,7 +14,8 @@ so the choice is deterministic; the loss is convex in a). Only when the copied h
 than no head at all (loss at a = 1 above the loss at a = 0) does it scale, by the a of a fixed grid in
 (0, 1] with the lowest loss; otherwise the block keeps the source's weights exactly, because a head that
 already helps at step 0 helped further in training too (README). Only for runs converted from a checkpoint
-(`model.calibrate_output`, on by default); the unsplit source is never changed.
+(`model.calibrate_output`, off by default since a converged source showed it costs the later advantage: README
+"What converting a pretrained language model buys"); the unsplit source is never changed.
 """
 
 from __future__ import annotations
