@@ -197,6 +197,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
         return TrainResult(target.name, start, n_total, None, out_dir)
 
     heldout = heldout_batch(family, recipe, device, note) if main and recipe.train.val_every else None
+    schedule = family.training_schedule(run, target.name, recipe)
     model = distributed.wrap(dist, state.model, device, find_unused=target.objective != "denoiser")
     forward = torch.compile(model) if recipe.train.compile else model
     metrics = run.metrics_path(target.name)
@@ -217,6 +218,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
             lr = learning_rate(recipe, step, n_total)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
+            if schedule is not None:
+                schedule(state.network, step)
             try:
                 loss, stats = state.loss(forward, batch, target.train_range, gen, dist.shard)
             except Exception as exc:

@@ -36,8 +36,6 @@ class Source:
     checkpoint_sha256: str | None = None
     notes: list[str] = field(default_factory=list)
     """Things the user should know about the conversion (recorded in the manifest, printed by split and info)."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    """The family's own data from `prepare_run` for `block_state` (e.g. the Llama family's calibrated output scales)."""
 
 
 @dataclass
@@ -259,6 +257,12 @@ class Family(ABC):
 
         Set-up that a real sampler does once (e.g. a KV cache of the prompt) happens here, outside the closure.
         """
+
+    def training_schedule(self, run: "Run", target: str, recipe: "Recipe") -> Callable[[nn.Module, int], None] | None:
+        """What the trainer calls with (network, step index) before every training step of `target` (a block's
+        name, `e2e`, ...) under `recipe` (the run's, with the training's overrides), for settings that change over
+        training but are not weights; None (the default): none."""
+        return None
 
     def decoding_rates(self, recipe: "Recipe", blocks: int, batch: int, device: torch.device, repeats: int,
                        warmup: int, new_tokens: int | None = None,

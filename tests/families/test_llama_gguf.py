@@ -179,12 +179,15 @@ def test_context_checkpoint_needs_a_checkpoint_and_applies_to_text_only(in_tmp: 
 # --- a converted block's output temperature ------------------------------------------------
 
 
-def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Path) -> None:
+def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
 
-    from dbconvert.families.llama.calibrate import step0_loss
+    from dbconvert.families.llama.calibrate import read_temperatures, step0_loss
+    from dbconvert.families.llama.family import LlamaFamily
     from dbconvert.split import split
     from dbconvert.tokenizer import train_bpe
+    from dbconvert.train import train_block
     from tests.families.test_llama import hf_llama
 
     hf = hf_llama(in_tmp / "hf")
@@ -197,8 +200,8 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
 
     def run_of(name: str, calibrate: bool):
         return split(load_recipe("llama-tiny-shakespeare", tiny_overrides(
-            corpus, **{"model.checkpoint": str(in_tmp / "hf"), "model.calibrate_output": str(calibrate).lower()})),
-            out=in_tmp / name)
+            corpus, **{"model.checkpoint": str(in_tmp / "hf"), "model.calibrate_output": str(calibrate).lower(),
+                       "train.warmup_steps": 2})), out=in_tmp / name)
 
     plain, calibrated = run_of("plain", False), run_of("calibrated", True)
     source = load_file(str(calibrated.root / "source" / "model.safetensors"))
@@ -206,23 +209,49 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
     note = next(n for n in calibrated.notes if n.startswith("output calibration"))
     assert not any(n.startswith("output calibration") for n in plain.notes)
     family = calibrated.family()
+    scales = read_temperatures(calibrated.shared_dir)
+    assert read_temperatures(plain.shared_dir) == {} and family.training_schedule(plain, "block-00", plain.recipe) is None
     rows = family.load_data(calibrated.recipe).tokens[:64]
     for i, info in enumerate(calibrated.blocks):
-        weights = {}
-        for run in (plain, calibrated):
-            state = load_file(str(run.model_dir(run.block_name(i)) / "model.safetensors"))
-            net = family.block_network(run.recipe, info.layers[1] - info.layers[0])
-            net.load_state_dict(state)
-            weights[run.root.name] = (state, step0_loss(family.denoiser(run.recipe, net, run.noise()), rows,
-                                                        tuple(info.train_range), "uniform", 0))
-        (plain_state, plain_loss), (cal_state, cal_loss) = weights["plain"], weights["calibrated"]
-        scale = float(cal_state["norm.weight"][0] / plain_state["norm.weight"][0])
-        torch.testing.assert_close(cal_state["norm.weight"], plain_state["norm.weight"] * scale)
-        assert all(torch.equal(cal_state[k], t) for k, t in plain_state.items() if k != "norm.weight")
-        assert scale < 1 and cal_loss < plain_loss  # the wrong head is cooled
+        name = calibrated.block_name(i)
+        state = load_file(str(calibrated.model_dir(name) / "model.safetensors"))
+        plain_state = load_file(str(plain.model_dir(name) / "model.safetensors"))
+        assert state.keys() == plain_state.keys() and all(torch.equal(state[k], t) for k, t in plain_state.items())
+        net = family.block_network(calibrated.recipe, info.layers[1] - info.layers[0])
+        net.load_state_dict(state)
+        den = family.denoiser(calibrated.recipe, net, calibrated.noise())
+        plain_loss = step0_loss(den, rows, tuple(info.train_range), "uniform", 0)
+        scale = scales[name]
+        schedule = family.training_schedule(calibrated, name, calibrated.recipe)
+        schedule(net, 0)  # the weights are the checkpoint's; the temperature is the schedule's
+        cal_loss = step0_loss(den, rows, tuple(info.train_range), "uniform", 0)
+        assert net.head_gain == scale < 1 and cal_loss < plain_loss  # the wrong head is cooled
         if i == 0:  # at the top noise the head is all the block has: the loss the wrong head cost is gone
             assert cal_loss < plain_loss - 3.0
+        schedule(net, 1)
+        assert net.head_gain == pytest.approx((1 + scale) / 2)  # linear over the 2 warm-up steps
+        schedule(net, 2)
+        assert net.head_gain == 1.0
         assert f"{i}: x{scale:g}" in note
+
+    seen: list[tuple[int, float]] = []  # the trainer sets the temperature before every step
+    real = LlamaFamily.training_schedule
+
+    def spy(self, run, target, recipe):  # noqa: ANN001, ANN202
+        fn = real(self, run, target, recipe)
+        return lambda net, step: (fn(net, step), seen.append((step, net.head_gain)))
+
+    monkeypatch.setattr(LlamaFamily, "training_schedule", spy)
+    train_block(calibrated, 0, progress=False, overrides=["train.warmup_steps=4"])  # the training's own recipe
+    start = scales["block-00"]
+    assert seen == [(k, pytest.approx(start + (1 - start) * k / 4)) for k in range(4)]
+
+
+def test_head_gain_rises_linearly_to_one_over_the_warm_up() -> None:
+    from dbconvert.families.llama.calibrate import head_gain_at
+
+    assert [head_gain_at(0.25, k, 3) for k in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [head_gain_at(0.25, k, 0) for k in range(3)] == [0.25, 1.0, 1.0]  # no warm-up: step 0 only
 
 
 @pytest.mark.parametrize("loss_of,expected", [

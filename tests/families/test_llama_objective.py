@@ -92,6 +92,19 @@ def test_narrow_targets_project_the_tied_head_and_fuse_it_with_the_likelihood() 
     torch.testing.assert_close(d.net.head(hn), (hn @ d.net.head_proj.weight.T) @ d.table.T)
 
 
+@pytest.mark.parametrize("head,target_dim", [("trainable", None), ("tied-table", None), ("tied-table", 6)])
+def test_head_gain_scales_the_head_logits_and_not_the_likelihood(head: str, target_dim: int | None) -> None:
+    """`head_gain` (a converted block's calibrated start, undone in training) is a temperature on the head only."""
+    d = denoiser(head=head, target_dim=target_dim)
+    hn, z = torch.randn(3, 16), torch.randn(3, d.table.shape[1])
+    sigma = torch.tensor([0.05, 1.0, 30.0])
+    head, full = d.net.head(hn), d.logits(hn, z, sigma)
+    d.net.head_gain = 0.25
+    torch.testing.assert_close(d.net.head(hn), 0.25 * head)
+    torch.testing.assert_close(d.logits(hn, z, sigma), full - 0.75 * head.float(), atol=1e-4, rtol=1e-4)
+    assert "head_gain" not in str(list(d.net.state_dict()))  # not a weight: never saved
+
+
 @pytest.mark.parametrize("head,target_dim", [("trainable", None), ("tied-table", None), ("tied-table", 6),
                                              ("trainable", 6)])
 def test_chunked_cross_entropy_equals_the_whole_vocabulary_pass_values_and_gradients(head: str,

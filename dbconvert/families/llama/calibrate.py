@@ -5,24 +5,34 @@ layers, through the source's final norm and LM head, which were trained to read 
 of a clean token. Its head logits are then large and wrong, and the block starts far above a fresh
 block (whose small random head gives near-uniform logits) and spends its first steps unlearning them.
 
-The head logits are linear in the final norm's weight (no bias), so scaling a block's copy of
-`norm.weight` by a factor a in (0, 1] is a softmax temperature on the head's part of the logits; the
-likelihood term (the noisy target itself) is untouched, the direction of what the head knows is kept,
-and the weight is trained as before. At a = 0 the head says nothing, which is where a fresh block starts.
-`split` measures, per block, the step-0 training loss on a few batches of training rows (fixed noise draws,
-so the choice is deterministic; the loss is convex in a). Only when the copied head makes the start worse
-than no head at all (loss at a = 1 above the loss at a = 0) does it scale, by the a of a fixed grid in
-(0, 1] with the lowest loss; otherwise the block keeps the source's weights exactly, because a head that
-already helps at step 0 helped further in training too (README). Only for runs converted from a checkpoint
-(`model.calibrate_output`, off by default since a converged source showed it costs the later advantage: README
-"What converting a pretrained language model buys"); the unsplit source is never changed.
+The head logits are linear in the final norm's weight (no bias), so a factor a in (0, 1] on them is a softmax
+temperature on the head's part of the logits; the likelihood term (the noisy target itself) is untouched and
+the direction of what the head knows is kept. At a = 0 the head says nothing, which is where a fresh block
+starts. `split` measures, per block, the step-0 training loss on a few batches of training rows (fixed noise
+draws, so the choice is deterministic; the loss is convex in a). Only when the copied head makes the start
+worse than no head at all (loss at a = 1 above the loss at a = 0) does it pick the a of a fixed grid in (0, 1]
+with the lowest loss. That a is NOT baked into a weight: baked (the first version: the copied norm scaled),
+the blocks started no worse but stayed behind the unscaled ones for hundreds of steps (README "What
+converting a pretrained language model buys"). It is a temperature that training undoes: the head's logits
+are multiplied by a at step 0, rising linearly to 1 over the recipe's warm-up steps (`head_gain_at`, set
+before every step through `Family.training_schedule`), after which the block is exactly a block with the
+checkpoint's weights; sampling and export never see it. Only for runs converted from a checkpoint
+(`model.calibrate_output`); the unsplit source is never changed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import json
+from pathlib import Path
+
 import torch
+
+from dbconvert.checkpoint import atomic_write_text
+
+TEMPERATURE_FILE = "output_temperature.json"
+"""RUN/shared/: {block name: the head's starting scale} of the blocks whose copied head starts worse than none."""
 
 GRID = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 BATCHES = 4
@@ -63,3 +73,20 @@ def calibrate(make_denoiser: Any, state: dict[str, torch.Tensor], rows: torch.Te
         return 1.0, losses
     best = min(GRID, key=lambda a: (losses[a], -a))
     return best, losses
+
+
+def write_temperatures(shared: Path, scales: dict[str, float]) -> None:
+    atomic_write_text(shared / TEMPERATURE_FILE, json.dumps({k: v for k, v in scales.items() if v != 1.0}, indent=1))
+
+
+def read_temperatures(shared: Path) -> dict[str, float]:
+    """The starting scales split wrote ({} for runs without calibration, or split before it was a schedule)."""
+    path = shared / TEMPERATURE_FILE
+    return {k: float(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
+def head_gain_at(start: float, step: int, steps: int) -> float:
+    """The head's scale before training step `step` (0-based): `start` at step 0, rising linearly to 1 at `steps`."""
+    if steps <= 0:
+        return 1.0 if step > 0 else start
+    return start + (1.0 - start) * min(1.0, step / steps)

@@ -46,7 +46,8 @@ from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
                                               normalised_table, read_hf_checkpoint, read_hf_config, target_table,
                                               write_hf_folder)
-from dbconvert.families.llama.calibrate import BATCHES, DOCUMENTS, ROWS, calibrate
+from dbconvert.families.llama.calibrate import (BATCHES, DOCUMENTS, ROWS, calibrate, head_gain_at, read_temperatures,
+                                                write_temperatures)
 from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
 from dbconvert.families.llama.masked import (MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss)
@@ -211,9 +212,6 @@ class LlamaFamily(Family):
             ignored=lambda key: key.startswith("layers.") and key.split(".", 2)[2] in keys,
             what=f"Llama block of layers [{start}, {end})",
         )
-        scale = source.extras.get("output_scale", {}).get((start, end))
-        if scale is not None:  # the calibrated temperature of a converted block's head (calibrate.py)
-            state["norm.weight"] = state["norm.weight"] * scale
         return state
 
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
@@ -234,7 +232,7 @@ class LlamaFamily(Family):
             self.calibrate_output(recipe, shared, source)
 
     def calibrate_output(self, recipe: "Recipe", shared: Path, source: Source) -> None:
-        """Each block's output temperature (calibrate.py), into `source.extras` for `block_state`, with a note."""
+        """Each block's starting output temperature (calibrate.py), into RUN/shared/ for `training_schedule`, with a note."""
         from dbconvert.split import plan_blocks
 
         from dbconvert.data.text import pack, resolve_kind
@@ -264,13 +262,26 @@ class LlamaFamily(Family):
 
             best, losses = calibrate(make, self.block_state(source, start, end), rows, tuple(plan["train_range"]),
                                      weighting, cfg.loss_chunk)
-            scales[(start, end)] = best
+            scales[f"block-{plan['index']:02d}"] = best
             said.append(f"{plan['index']}: x{best:g} ({losses[1.0]:.2f} -> {losses[best]:.2f}; no head "
                         f"{losses[0.0]:.2f})")
-        source.extras["output_scale"] = scales
-        source.notes.append("output calibration (model.calibrate_output): each block's copy of the final norm scaled "
-                            "where the copied head starts worse than none; step-0 training loss before -> after: "
-                            + ", ".join(said))
+        write_temperatures(shared, scales)
+        source.notes.append("output calibration (model.calibrate_output): where a block's copied head starts worse than "
+                            "none, its head logits start scaled by x and the scale rises linearly to 1 over the "
+                            f"{recipe.train.warmup_steps} warm-up steps (the weights are the checkpoint's); step-0 "
+                            "training loss before -> after: " + ", ".join(said))
+
+    def training_schedule(self, run: "Run", target: str, recipe: "Recipe") -> Callable[[nn.Module, int], None] | None:
+        """A converted block's calibrated head temperature, undone over the warm-up steps (calibrate.py)."""
+        start = read_temperatures(run.shared_dir).get(target, 1.0)
+        if start == 1.0:
+            return None
+        steps = recipe.train.warmup_steps
+
+        def set_gain(network: nn.Module, step: int) -> None:
+            network.head_gain = head_gain_at(start, step, steps)  # type: ignore[assignment]
+
+        return set_gain
 
     # -- training --------------------------------------------------------------------------
 
