@@ -69,10 +69,14 @@ def val_curve(run: Run, name: str) -> dict[int, dict[str, float]]:
 
 
 def step0(run: Run, index: int) -> dict[str, float]:
-    """Held-out metrics of block `index`'s split weights, computed as training computes them at a val step."""
+    """Held-out metrics of block `index`'s split weights (at step 0's output temperature), computed as training
+    computes them at a val step."""
     family, recipe, info = run.family(), run.recipe, run.blocks[index]
     net = family.block_network(recipe, info.layers[1] - info.layers[0])
     load_strict(net, load_weights(run.model_dir(Run.block_name(index)) / "init.safetensors"), "split weights")
+    schedule = family.training_schedule(run, Run.block_name(index), recipe)
+    if schedule is not None:  # a calibrated start: the temperature of training step 0
+        schedule(net, 0)
     model = family.wrap("blocks", recipe, net, run.noise()).eval()
     batch = heldout_batch(family, recipe, torch.device("cpu"), print)
     assert batch is not None

@@ -17,7 +17,7 @@ converting a pretrained language model buys"). It is a temperature that training
 are multiplied by a at step 0, rising linearly to 1 over the recipe's warm-up steps (`head_gain_at`, set
 before every step through `Family.training_schedule`), after which the block is exactly a block with the
 checkpoint's weights; sampling and export never see it. Only for runs converted from a checkpoint
-(`model.calibrate_output`); the unsplit source is never changed.
+(`model.calibrate_output`, on by default); the unsplit source is never changed.
 """
 
 from __future__ import annotations

@@ -63,11 +63,11 @@ class LlamaConfig(ModelConfig):
     query is the same at high noise and can learn to read the context at once (README "Loss weight")."""
     adaln_rank: int | None = Field(None, ge=1)
     """Low-rank sigma modulation: Linear(H, r) then Linear(r, 6H) instead of Linear(H, 6H) per layer."""
-    calibrate_output: bool = False
-    """With model.checkpoint: where a block's copied head starts worse than none, scale its copy of the final norm by
-    the factor in (0, 1] with the lowest step-0 training loss (families/llama/calibrate.py). Off by default: it
-    makes the start no worse but costs held-out CE, MAUVE and Gen-PPL later (README "What converting a pretrained
-    language model buys"). The source is unchanged."""
+    calibrate_output: bool = True
+    """With model.checkpoint: where a block's copied head starts worse than none, its head logits start scaled by the
+    factor in (0, 1] with the lowest step-0 training loss, and training undoes the scale over the warm-up steps
+    (families/llama/calibrate.py): the start is no worse than a fresh block's and the later advantage is kept
+    (README "What converting a pretrained language model buys"). The weights and the source are unchanged."""
     loss_chunk: int = Field(0, ge=0)
     """Cross-entropy over this many positions at a time, recomputed in backward: the full (positions x V)
     logits are never alive at once. 0 = all positions at once."""
