@@ -247,6 +247,18 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
     assert seen == [(k, pytest.approx(start + (1 - start) * k / 4)) for k in range(4)]
 
 
+def test_a_damaged_temperature_file_is_one_line(tmp_path: Path) -> None:
+    from dbconvert.errors import RunError
+    from dbconvert.families.llama.calibrate import TEMPERATURE_FILE, read_temperatures
+
+    (tmp_path / TEMPERATURE_FILE).write_text('{"block-00": 0.3')  # cut short
+    with pytest.raises(RunError, match="not a JSON object of block names and numbers"):
+        read_temperatures(tmp_path)
+    (tmp_path / TEMPERATURE_FILE).write_text('["block-00"]')
+    with pytest.raises(RunError, match="delete the file"):
+        read_temperatures(tmp_path)
+
+
 def test_head_gain_rises_linearly_to_one_over_the_warm_up() -> None:
     from dbconvert.families.llama.calibrate import head_gain_at
 

@@ -81,8 +81,16 @@ def write_temperatures(shared: Path, scales: dict[str, float]) -> None:
 
 def read_temperatures(shared: Path) -> dict[str, float]:
     """The starting scales split wrote ({} for runs without calibration, or split before it was a schedule)."""
+    from dbconvert.errors import RunError
+
     path = shared / TEMPERATURE_FILE
-    return {k: float(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+        raise RunError(f"{path} is not a JSON object of block names and numbers (damaged?); split the run again "
+                       "or delete the file to train without the calibrated start") from None
 
 
 def head_gain_at(start: float, step: int, steps: int) -> float:
