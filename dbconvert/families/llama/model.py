@@ -364,11 +364,7 @@ class LlamaBlockNet(nn.Module):
         columns = torch.arange(start, start + m, device=tokens.device)
         positions, mask = decode_geometry(columns, start + m, pad, b)
         h, new = self.run_layers(self.embed_tokens(tokens), positions, mask, cache=cache)
-        if cache is None:
-            merged = new
-        else:
-            merged = [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(cache, new)]
-        return merged, self.logits(h[:, -1])
+        return append_to_cache(cache, new), self.logits(h[:, -1])
 
     def noisy_hidden(self, cache: KVCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
                      pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -398,10 +394,15 @@ class LlamaBlockNet(nn.Module):
         positions, mask = decode_geometry(columns, start + m + 1, pad, b)
         x = torch.cat([self.embed_tokens(clean), self.noisy_in(noisy)], dim=1)
         h, new = self.run_layers(x, positions, mask, self.sigma_embed(c_noise), cache)
-        new = [(k[:, :, :m], v[:, :, :m]) for k, v in new]  # the noisy query's keys are never cached
-        if cache is not None:
-            new = [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(cache, new)]
-        return new, self.norm(h[:, -1])
+        clean_kv = [(k[:, :, :m], v[:, :, :m]) for k, v in new]  # the noisy query's keys are never cached
+        return append_to_cache(cache, clean_kv), self.norm(h[:, -1])
+
+
+def append_to_cache(cache: KVCache | None, new: KVCache) -> KVCache:
+    """Each layer's cached keys and values followed by the new ones (along the sequence)."""
+    if cache is None:
+        return new
+    return [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(cache, new)]
 
 
 def decode_geometry(columns: torch.Tensor, keys: int, pad: torch.Tensor | None,
