@@ -520,7 +520,8 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
 # --- speed ---------------------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `fn` takes on `device` (CUDA synchronised before and after)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -589,7 +590,7 @@ def bench_speed(
                     on_progress(f"{kind} step, {'warm-up' if rep < warmup else 'repetition'} {rep + 1}, {trainer.target.name}")
                 fn = samplers[trainer.target.name] if kind == "sample" else (
                     lambda tr=trainer, r=rep: tr.step(data, seed=r))
-                seconds = _timed(fn, dev)
+                seconds = timed(fn, dev)
                 if rep >= warmup:
                     timings[trainer.target.name][kind].append(seconds)
     decode = family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress) \

@@ -16,7 +16,6 @@ instead of one (each block's D needs its logits over the whole vocabulary) and t
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +38,7 @@ def decoding_rates(family: "Family", recipe: "Recipe", blocks: int, batch: int, 
                    repeats: int, warmup: int, new_tokens: int | None = None,
                    on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Median tokens/s of AR decoding, of the blocks fused (the default sampler) and with a separate extend."""
-    from dbconvert.bench import with_blocks
+    from dbconvert.bench import timed, with_blocks
     from dbconvert.errors import DbconvertError
     from dbconvert.split import plan_blocks, source_depth
 
@@ -75,17 +74,10 @@ def decoding_rates(family: "Family", recipe: "Recipe", blocks: int, batch: int, 
         for name, fn in runs.items():  # round-robin: a change in machine load hits all of them alike
             if on_progress:
                 on_progress(f"decoding, {'warm-up' if rep < warmup else 'repetition'} {rep + 1}, {name}")
-            start = _sync(device)
-            fn()
+            took = timed(fn, device)
             if rep >= warmup:
-                seconds[name].append(_sync(device) - start)
+                seconds[name].append(took)
     rate = {name: batch * new / statistics.median(s) for name, s in seconds.items()}
     return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new, "steps": blocks, "protocol": "few-step",
             "layers": total, "tokens_per_s": rate, "blocks_over_ar": rate["blocks"] / rate["ar"],
             "unfused_over_ar": rate["blocks (separate extend)"] / rate["ar"], "raw_seconds": seconds}
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -233,6 +233,7 @@ class LlamaFamily(Family):
 
     def calibrate_output(self, recipe: "Recipe", shared: Path, source: Source) -> None:
         """Each block's starting output temperature (calibrate.py), into RUN/shared/ for `training_schedule`, with a note."""
+        from dbconvert.rundir import Run
         from dbconvert.split import plan_blocks
 
         from dbconvert.data.text import pack, resolve_kind
@@ -262,7 +263,7 @@ class LlamaFamily(Family):
 
             best, losses = calibrate(make, self.block_state(source, start, end), rows, tuple(plan["train_range"]),
                                      weighting, cfg.loss_chunk)
-            scales[f"block-{plan['index']:02d}"] = best
+            scales[Run.block_name(plan["index"])] = best
             said.append(f"{plan['index']}: x{best:g} ({losses[1.0]:.2f} -> {losses[best]:.2f}; no head "
                         f"{losses[0.0]:.2f})")
         write_temperatures(shared, scales)
