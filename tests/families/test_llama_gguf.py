@@ -225,13 +225,13 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
         schedule = family.training_schedule(calibrated, name, calibrated.recipe)
         schedule(net, 0)  # the weights are the checkpoint's; the temperature is the schedule's
         cal_loss = step0_loss(den, rows, tuple(info.train_range), "uniform", 0)
-        assert net.head_gain == scale < 1 and cal_loss < plain_loss  # the wrong head is cooled
+        assert float(net.head_gain) == scale < 1 and cal_loss < plain_loss  # the wrong head is cooled
         if i == 0:  # at the top noise the head is all the block has: the loss the wrong head cost is gone
             assert cal_loss < plain_loss - 3.0
         schedule(net, 1)
-        assert net.head_gain == pytest.approx((1 + scale) / 2)  # linear over the 2 warm-up steps
+        assert float(net.head_gain) == pytest.approx((1 + scale) / 2)  # linear over the 2 warm-up steps
         schedule(net, 2)
-        assert net.head_gain == 1.0
+        assert float(net.head_gain) == 1.0
         assert f"{i}: x{scale:g}" in note
 
     seen: list[tuple[int, float]] = []  # the trainer sets the temperature before every step
@@ -239,7 +239,7 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
 
     def spy(self, run, target, recipe):  # noqa: ANN001, ANN202
         fn = real(self, run, target, recipe)
-        return lambda net, step: (fn(net, step), seen.append((step, net.head_gain)))
+        return lambda net, step: (fn(net, step), seen.append((step, float(net.head_gain))))
 
     monkeypatch.setattr(LlamaFamily, "training_schedule", spy)
     train_block(calibrated, 0, progress=False, overrides=["train.warmup_steps=4"])  # the training's own recipe

@@ -99,7 +99,7 @@ def test_head_gain_scales_the_head_logits_and_not_the_likelihood(head: str, targ
     hn, z = torch.randn(3, 16), torch.randn(3, d.table.shape[1])
     sigma = torch.tensor([0.05, 1.0, 30.0])
     head, full = d.net.head(hn), d.logits(hn, z, sigma)
-    d.net.head_gain = 0.25
+    d.net.head_gain.fill_(0.25)
     torch.testing.assert_close(d.net.head(hn), 0.25 * head)
     torch.testing.assert_close(d.logits(hn, z, sigma), full - 0.75 * head.float(), atol=1e-4, rtol=1e-4)
     assert "head_gain" not in str(list(d.net.state_dict()))  # not a weight: never saved

@@ -280,7 +280,7 @@ class LlamaFamily(Family):
         steps = recipe.train.warmup_steps
 
         def set_gain(network: nn.Module, step: int) -> None:
-            network.head_gain = head_gain_at(start, step, steps)  # type: ignore[assignment]
+            network.head_gain.fill_(head_gain_at(start, step, steps))  # type: ignore[operator]
 
         return set_gain
 

@@ -269,9 +269,11 @@ class LlamaBlockNet(nn.Module):
         else:
             self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
         self.rotary = LlamaRotaryEmbedding(s.hf_config())  # HF's own rotary: rope_theta and scaling as in the source
-        self.head_gain = 1.0
-        """A temperature on the head's logits (not the likelihood term) while a converted block's calibrated start is
-        undone during training (`calibrate.py`); 1 otherwise, always at inference. Not a weight: never saved."""
+        # A temperature on the head's logits (not the likelihood term) while a converted block's calibrated start is
+        # undone during training (`calibrate.py`); 1 otherwise, always at inference. A buffer, changed in place, so a
+        # compiled forward is not recompiled as it changes; not persistent, so never saved. The head has no bias, so
+        # scaling its input scales its logits.
+        self.register_buffer("head_gain", torch.ones(()), persistent=False)
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(like, positions)
@@ -300,7 +302,7 @@ class LlamaBlockNet(nn.Module):
     def table_query(self, hn: torch.Tensor) -> torch.Tensor:
         """head=tied-table: the vector whose products with the table rows are the head logits (in target space)."""
         if self.shape.projected_targets:
-            return self.head_gain * self.head_proj(hn)
+            return self.head_proj(self.head_gain * hn)
         return (self.head_gain * self.head_scale) * hn
 
     def head(self, hn: torch.Tensor) -> torch.Tensor:
@@ -309,8 +311,7 @@ class LlamaBlockNet(nn.Module):
             if self.table is None:
                 raise RuntimeError("head=tied-table needs the run's target table: call attach_table first")
             return self.table_query(hn) @ self.table.to(hn.dtype).T  # type: ignore[union-attr]
-        logits = self.lm_head(hn)
-        return logits if self.head_gain == 1.0 else self.head_gain * logits
+        return self.lm_head(self.head_gain * hn)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h))
