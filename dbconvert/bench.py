@@ -578,6 +578,9 @@ def bench_speed(
     unknown = sorted(set(skip) - {t.name for t in targets})
     if unknown:
         raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
+    # whole decodes first: a bad --decode-tokens is reported before any step is timed
+    decode = family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress) \
+        if decoding else None
     trainers = [Trainer(recipe, t, dev) for t in targets if t.name not in skip]
     plain = [tr for tr in trainers if not tr.target.checkpointing and tr.target.objective == "denoiser"]
     samplers = {tr.target.name: tr.sampling_step(data) for tr in plain}
@@ -593,8 +596,6 @@ def bench_speed(
                 seconds = timed(fn, dev)
                 if rep >= warmup:
                     timings[trainer.target.name][kind].append(seconds)
-    decode = family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress) \
-        if decoding else None
     nan = float("nan")  # --sampling-only: no training step was timed
     med = {name: {k: statistics.median(v) if v else nan for k, v in kinds.items()} for name, kinds in timings.items()}
     block_names = [t.name for t in targets if not t.e2e and not t.checkpointing]

@@ -160,6 +160,7 @@ def train(
 def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, device_name: str, restart: bool,
            on_step: StepCallback | None, progress: bool, note: Callable[[str], None]) -> TrainResult:
     family = run.family()
+    schedule = family.training_schedule(run, target.name, recipe)  # read (and checked) before any work
     device = resolve_device(device_name)
     global_batch = recipe.train.batch_size
     local = dist.slice(global_batch)  # the global batch must divide by the world size
@@ -197,7 +198,6 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
         return TrainResult(target.name, start, n_total, None, out_dir)
 
     heldout = heldout_batch(family, recipe, device, note) if main and recipe.train.val_every else None
-    schedule = family.training_schedule(run, target.name, recipe)
     model = distributed.wrap(dist, state.model, device, find_unused=target.objective != "denoiser")
     forward = torch.compile(model) if recipe.train.compile else model
     metrics = run.metrics_path(target.name)

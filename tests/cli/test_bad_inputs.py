@@ -55,6 +55,10 @@ def existing_file(root: Path) -> None:
     (root / "old.pt").write_text("keep")
 
 
+def damaged_temperatures(root: Path) -> None:
+    (root / "lm" / "shared" / "output_temperature.json").write_text('{"block-00": 0.3')
+
+
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 ROWS = [
@@ -110,6 +114,14 @@ ROWS = [
     Bad("unknown-option", ("export", "x.pt", "--nope"), "No such option: --nope"),
     Bad("missing-argument", ("train-block",), "Missing argument 'index'"),
     Bad("out-of-range-option", ("sample", "--run", "run", "--steps", "0"), "'--steps'"),
+    Bad("decode-tokens-beyond-the-context", lambda root: (
+        "bench", "speed", *llama_recipe(root), "--blocks", "2", "--batch", "1", "--sampling-only", "--repeats", "1",
+        "--warmup", "0", "--decode-tokens", "1000"), "--decode-tokens must be between 1 and"),
+    Bad("decode-tokens-zero", lambda root: (
+        "bench", "speed", *llama_recipe(root), "--blocks", "2", "--batch", "1", "--sampling-only", "--repeats", "1",
+        "--warmup", "0", "--decode-tokens", "0"), "--decode-tokens must be between 1 and"),
+    Bad("damaged-output-temperature-file", ("train-block", "0", "--run", "lm", "-q"),
+        "output_temperature.json is not a JSON object of block names and numbers", setup=damaged_temperatures),
 ]
 
 
