@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dbconvert.errors import CheckpointError, first_line
+from dbconvert.tensorio import LazyState, SafetensorsFile, Spec, spec_of, specs_of, write_safetensors
 
 StateDict = dict[str, torch.Tensor]
 
@@ -66,10 +67,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def save_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a state dict as safetensors, atomically (tensors made contiguous and CPU-resident)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+def save_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 on_tensor: Callable[[int], None] | None = None) -> None:
+    """Save a state dict as safetensors, atomically, one tensor at a time (`tensorio.write_safetensors`).
+
+    A `LazyState` is written without ever holding more than one of its tensors; a plain state dict is written
+    without the whole-file serialisation buffer `safetensors.torch.save_file` would make.
+    """
+    specs = specs_of(state)
+    atomic_write(path, lambda tmp: write_safetensors(tmp, specs, state.__getitem__, metadata, on_tensor))
 
 
 RUN_FILE_REMEDY = "dbconvert wrote it, so re-create it: split again, or retrain the model it belongs to with --restart"
@@ -86,7 +92,8 @@ def load_weights(path: Path, remedy: str = RUN_FILE_REMEDY) -> StateDict:
     if not path.is_file():
         raise CheckpointError(f"run file {path} is missing; {remedy}")
     try:
-        return load_file(str(path))
+        reader = SafetensorsFile(path)
+        return {name: reader.read(name) for name in reader.specs}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"run file {path} is damaged: corrupt or truncated ({first_line(exc)}); {remedy}") from None
 
@@ -175,6 +182,139 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"weights file {path} is corrupt or truncated ({first_line(exc)})") from None
 
 
+def open_checkpoint(files: Iterable[str | Path], wrappers: tuple[str, ...] = ("ema", "model"),
+                    key: str = "model.checkpoint") -> LazyState:
+    """The tensors of a user's checkpoint (one file, or the shards of a folder), read one at a time on access.
+
+    `.safetensors` files are read tensor by tensor (`tensorio.SafetensorsFile`); `.pt` / `.bin` files are
+    memory-mapped (`torch.load(mmap=True, weights_only=True)`), each tensor copied out when asked for, and the
+    mapping is dropped by `LazyState.release` (split releases after every block, so the mapped pages a block
+    touched do not stay resident). A `.pt` of the legacy (pre-zip) format cannot be mapped and is read whole.
+    The same wrapper rule as `read_checkpoint` applies; errors name the recipe `key`.
+    """
+    loaders: dict[str, Callable[[], torch.Tensor]] = {}
+    specs: dict[str, Spec] = {}
+    mapped: list[MappedFile] = []
+    for file in files:
+        path = Path(file)
+        if path.is_dir():
+            raise CheckpointError(folder_error(path, key))
+        if not path.is_file():
+            raise CheckpointError(f"{key} {path} not found; check {key} in the recipe")
+        if path.suffix == ".safetensors":
+            try:
+                reader = SafetensorsFile(path)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{key} {path} is not a readable .safetensors file: corrupt or truncated "
+                                      f"({first_line(exc, 160)}); restore it from where it came from") from None
+            names = reader.specs
+            read = (lambda r: lambda name: checked_read(r, name, key))(reader)
+            specs.update(reader.specs)
+        else:
+            source = MappedFile(path, wrappers, key)
+            mapped.append(source)
+            names = source.specs
+            read = source.read
+            specs.update(source.specs)
+        for name in names:
+            if name in loaders:
+                raise CheckpointError(f"{key}: tensor {name!r} is in more than one file ({path.name} and another); "
+                                      "restore the checkpoint")
+            loaders[name] = (lambda read, name: lambda: read(name))(read, name)
+    return LazyState(loaders, specs, release=lambda: [m.release() for m in mapped] and None,
+                     origins={name: name for name in loaders})
+
+
+def checked_read(reader: SafetensorsFile, name: str, key: str) -> torch.Tensor:
+    try:
+        return reader.read(name)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{key} {reader.path} is corrupt or truncated ({first_line(exc, 160)}); restore it "
+                              "from where it came from") from None
+
+
+class MappedFile:
+    """A `.pt` / `.bin` state dict, memory-mapped; each tensor is copied out when read, and `release` unmaps."""
+
+    def __init__(self, path: Path, wrappers: tuple[str, ...], key: str) -> None:
+        self.path, self.wrappers, self.key = path, wrappers, key
+        self.whole = False
+        self.state: dict[str, torch.Tensor] | None = None
+        self.specs = {k: spec_of(v) for k, v in self.load().items()}
+
+    def load(self) -> dict[str, torch.Tensor]:
+        if self.state is None:
+            try:
+                state: Any = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise self.unreadable(exc) from None
+                self.whole = True  # the legacy format: no memory map, read whole once
+                state = self.read_whole()
+            except Exception as exc:  # torch raises many types for truncated/corrupt/pickled files
+                raise self.unreadable(exc) from None
+            self.state = unwrap(state, self.path, self.wrappers, self.key)
+        return self.state
+
+    def read_whole(self) -> Any:
+        try:
+            return torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise self.unreadable(exc) from None
+
+    def unreadable(self, exc: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"{self.key} {self.path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is truncated, "
+            "corrupt, or holds pickled objects (only weights are read); restore it from where it came from")
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.load()[name].clone()
+
+    def release(self) -> None:
+        if not self.whole:
+            self.state = None
+
+
+def unwrap(state: Any, path: Path, wrappers: tuple[str, ...], key: str) -> dict[str, torch.Tensor]:
+    """A bare state dict, or the one wrapped under the first of `wrappers` present; else a one-line error."""
+    if isinstance(state, dict):
+        for wrapper in wrappers:
+            if wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{key} {path} is not a state dict of tensors (nor one wrapped under {' / '.join(wrappers)})"
+        )
+    return dict(state)
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""`model.storage_dtype`: the dtype of a run's split weights (`auto`: the checkpoint's; float32 for a fresh network)."""
+
+
+def resolve_storage_dtype(cfg: Any, state: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor] | None = None,
+                          fresh: bool = False) -> Mapping[str, torch.Tensor]:
+    """`state` in the run's storage dtype; settles `cfg.storage_dtype=auto` in place (the manifest records it).
+
+    auto: the floating dtype holding most of `checkpoint`'s bytes (a bf16 checkpoint gives bf16 blocks), float32
+    for a fresh network. Integer tensors keep their dtype.
+    """
+    from dbconvert.tensorio import cast_state, floating_dtype
+
+    if cfg.storage_dtype == "auto":
+        dtype = torch.float32 if fresh or checkpoint is None else floating_dtype(specs_of(checkpoint))
+        if dtype not in STORAGE_DTYPES.values():
+            dtype = torch.float32
+        cfg.storage_dtype = next(name for name, d in STORAGE_DTYPES.items() if d == dtype)
+    return cast_state(state, STORAGE_DTYPES[cfg.storage_dtype])
+
+
+def storage_dtype(cfg: Any) -> torch.dtype:
+    """The storage dtype a run's recipe records (float32 for runs split before it was recorded, or `auto`)."""
+    return STORAGE_DTYPES.get(getattr(cfg, "storage_dtype", "auto"), torch.float32)
+
+
 # --- strict checks and key maps ------------------------------------------------------------
 
 
@@ -217,6 +357,18 @@ def layer_slice_key_map(shared: Iterable[str], prefix: str, layer_keys: Iterable
     return key_map
 
 
+def check_key_map(source_keys: Iterable[str], key_map: KeyMap, ignored: Callable[[str], bool], what: str) -> None:
+    """Every destination key finds its source key; every source key is mapped or explicitly `ignored`."""
+    keys = set(source_keys)
+    missing = [src for src in key_map.values() if src not in keys]
+    if missing:
+        raise CheckpointError(f"{what}: source is missing key {missing[0]!r} ({len(missing)} missing in all)")
+    used = set(key_map.values())
+    unknown = [k for k in source_keys if k not in used and not ignored(k)]
+    if unknown:
+        raise CheckpointError(f"{what}: source has unknown key {unknown[0]!r} ({len(unknown)} unknown in all)")
+
+
 def apply_key_map(
     source: Mapping[str, torch.Tensor],
     key_map: KeyMap,
@@ -229,22 +381,58 @@ def apply_key_map(
     Every destination key must find its source key; every source key must be either mapped
     or explicitly `ignored` (e.g. the layers that belong to other blocks). `transforms`
     (by destination key) reshape a tensor on the way, e.g. dropping DiT's variance channels.
+    Only the mapped tensors are read from a lazy `source` (a `tensorio.LazyState`).
     """
-    missing = [src for src in key_map.values() if src not in source]
-    if missing:
-        raise CheckpointError(f"{what}: source is missing key {missing[0]!r} ({len(missing)} missing in all)")
-    used = set(key_map.values())
-    unknown = [k for k in source if k not in used and not ignored(k)]
-    if unknown:
-        raise CheckpointError(f"{what}: source has unknown key {unknown[0]!r} ({len(unknown)} unknown in all)")
+    check_key_map(list(source), key_map, ignored, what)
     transforms = transforms or {}
     out: StateDict = {}
     for dst, src in key_map.items():
         tensor = source[src]
         if dst in transforms:
             tensor = transforms[dst](tensor)
-        out[dst] = tensor.clone()
+        out[dst] = tensor if isinstance(source, LazyState) else tensor.clone()  # a lazy read is already a copy
     return out
+
+
+def map_lazily(
+    source: LazyState,
+    key_map: KeyMap,
+    expected: Mapping[str, Spec],
+    ignored: Callable[[str], bool] = lambda key: False,
+    transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    what: str = "conversion",
+) -> LazyState:
+    """`apply_key_map` without reading anything: a LazyState whose tensors are read (and transformed) on access.
+
+    `expected` holds the destination network's shapes (e.g. its state dict built on the meta device); every
+    key, and every untransformed tensor's shape, is checked here, before any tensor is read.
+    """
+    check_key_map(list(source), key_map, ignored, what)
+    transforms = transforms or {}
+    specs: dict[str, Spec] = {}
+    for dst, src in key_map.items():
+        got, want = source.specs[src], expected[dst]
+        if dst not in transforms and got.shape != want.shape:
+            raise CheckpointError(f"{what}: shape mismatch for {dst!r}: checkpoint has {got.shape}, "
+                                  f"model expects {want.shape}")
+        specs[dst] = Spec(got.dtype, want.shape)
+
+    def loader(dst: str, src: str) -> Callable[[], torch.Tensor]:
+        transform = transforms.get(dst)
+
+        def load() -> torch.Tensor:
+            tensor = source[src]
+            if transform is not None:
+                tensor = transform(tensor)
+            if tuple(tensor.shape) != specs[dst].shape:
+                raise CheckpointError(f"{what}: {src!r} converts to shape {tuple(tensor.shape)}, the model expects "
+                                      f"{specs[dst].shape}")
+            return tensor
+
+        return load
+
+    return LazyState({dst: loader(dst, src) for dst, src in key_map.items()}, specs, source.release,
+                     {dst: source.origins.get(src, src) for dst, src in key_map.items()})
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -21,7 +21,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dbconvert.checkpoint import load_strict, load_weights
+import torch
+
+from dbconvert.building import load_network
+from dbconvert.checkpoint import load_weights
+from dbconvert.source_ref import source_state
 from dbconvert.errors import DbconvertError, RunError
 from dbconvert.locks import make_staging, stale_staging
 from dbconvert.rundir import Run
@@ -118,8 +122,13 @@ def export_model(run: Run, out: Path, model: str = "source", block: int | None =
         run.model_targets(model)  # one line naming the models this run has
     family.check_export("blocks" if block is not None else model, out)
     kind, name, depth, source = export_target(run, model, block, weights)
-    network = family.block_network(run.recipe, depth)
-    load_strict(network, load_weights(source), str(source))
+    if kind == "source":  # the run's copy, or its checkpoint by reference (source_ref.py)
+        state = source_state(run)
+        if not source.is_file():
+            source = Path((run.manifest.get("source") or {}).get("checkpoint_path") or source)
+    else:
+        state = load_weights(source)
+    network = load_network(lambda: family.block_network(run.recipe, depth), state, str(source), torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_staging(out)
     staging = make_staging(out.parent, f".{out.name}.export-")

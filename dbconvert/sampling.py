@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from dbconvert.noise_process import owner_of
-from dbconvert.checkpoint import load_strict, load_weights
+from dbconvert.building import load_network
+from dbconvert.checkpoint import load_weights
 from dbconvert.errors import DbconvertError
 from dbconvert.rundir import Run
+from dbconvert.source_ref import source_state
 
 if TYPE_CHECKING:
     from dbconvert.schema import SampleConfig
@@ -147,13 +149,25 @@ def load_models(run: Run, model: str, weights: str, device: torch.device) -> lis
     family = run.family()
     models = []
     for name, depth in run.model_targets(model):
-        net = family.block_network(run.recipe, depth)
-        file = "model" if name == "source" else weights
-        path = run.model_dir(name) / f"{file}.safetensors"
-        remedy = "split again" if name == "source" else f"retrain {name} with --restart"
-        load_strict(net, load_weights(path, remedy), str(path))
-        models.append(family.wrap(model, run.recipe, net, run.noise()).to(device).eval())
+        models.append(load_model(run, name, depth, model, weights, device))
     return models
+
+
+def load_model(run: Run, name: str, depth: int, model: str, weights: str, device: torch.device) -> nn.Module:
+    """One network of `run` (a block, e2e, a reference or the source), wrapped for generation on `device`.
+
+    Built with its parameters on the meta device and filled by assignment (`building.load_network`): no second
+    copy of its weights, and no random init. Weights are float32 here whatever the run stores (bf16 blocks are
+    widened, one tensor at a time). The source comes from the run's copy or its checkpoint (`source_ref.py`).
+    """
+    family = run.family()
+    if name == "source":
+        state, what = source_state(run), f"the source of {run.root}"
+    else:
+        path = run.model_dir(name) / f"{weights}.safetensors"
+        state, what = load_weights(path, f"retrain {name} with --restart"), str(path)
+    net = load_network(lambda: family.block_network(run.recipe, depth), state, what, torch.float32)
+    return family.wrap(model, run.recipe, net, run.noise()).to(device).eval()
 
 
 def check_finite_samples(folder: Path) -> None:

@@ -42,6 +42,10 @@ class ModelConfig(Section):
 
     family: str
     checkpoint: str | None = None
+    storage_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype of the weights `split` writes: `auto` keeps a checkpoint's own (a bf16 checkpoint gives bf16
+    blocks, half the disk and memory of float32); a fresh network is float32. Training computes in its own
+    precision (float32 master weights by default) whatever the blocks are stored in."""
 
     data_modality: ClassVar[str] = ""
     """`image` or `text`: which of DataConfig's modality options (IMAGE_DATA_OPTIONS, TEXT_DATA_OPTIONS) the family

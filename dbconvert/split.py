@@ -17,6 +17,8 @@ from dbconvert.families import Family, get_family
 from dbconvert.locks import disown, make_staging, stale_staging
 from dbconvert.noise_process import owned_ranges
 from dbconvert.rundir import FORMAT_VERSION, MANIFEST, ORIENTATION, BlockInfo, Run, set_current, write_manifest
+from dbconvert.source_ref import checkpoint_digest, reference_record, write_key_map
+from dbconvert.tensorio import release
 
 
 def layer_ranges(num_layers: int, num_blocks: int, uneven: bool = False) -> list[tuple[int, int]]:
@@ -116,10 +118,6 @@ def trainable_params(family: Family, recipe: Recipe, depth: int) -> int:
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 
-def state_bytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 def remove_stale_split_folders(out: Path) -> None:
     """Remove what killed splits to `out` left: staging folders (a partial run), and folders holding a replaced
     run once the new run is in place. Those of splits still running are left alone."""
@@ -131,12 +129,15 @@ def remove_stale_split_folders(out: Path) -> None:
 
 
 def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True,
-          progress: bool = False) -> Run:
-    """Build or load the source network, cut it into blocks and write a new run directory.
+          progress: bool = False, copy_source: bool = False) -> Run:
+    """Open the source network, cut it into blocks and write a new run directory.
 
-    The run is assembled in a temporary sibling folder and renamed into place at the end, so
-    a failed or killed split never leaves a half-written run, and an existing run is only
-    replaced when `force` is set. `progress` shows the weight files being written (MiB/s).
+    A checkpoint streams: each block's tensors are read from it when the block is made, the block is written and
+    freed, so the whole network never exists in memory (peak about one block). The run records the checkpoint
+    by reference (`source_ref.py`) unless `copy_source` asks for a copy inside the run; a fresh network is
+    always copied (there is no file to point at). The run is assembled in a temporary sibling folder and renamed
+    into place at the end, so a failed or killed split never leaves a half-written run, and an existing run is
+    only replaced when `force` is set. `progress` shows the tensors being written (MiB/s).
     """
     from dbconvert.progress import progress as show
 
@@ -156,27 +157,42 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
     staging = make_staging(out.parent, f".{out.name}.split-")
     try:
         family.prepare_run(recipe, staging, source)  # first: its refusals (e.g. no tokenizer) come before any output
-        with show(f"split into {len(plans)} blocks", 1 + len(plans), unit="files", enabled=progress) as update:
-            t0, written = time.perf_counter(), 0
+        by_reference = bool(source.files) and not copy_source
+        files = len(plans) + (0 if by_reference else 1)
+        with show(f"split into {len(plans)} blocks", files, unit="files", enabled=progress) as update:
+            t0, written, done = time.perf_counter(), 0, 0
 
-            def wrote(files: int, state: dict) -> None:
+            def wrote(nbytes: int) -> None:
                 nonlocal written
-                written += state_bytes(state)
+                written += nbytes
                 mib = written / 2**20
-                update(files, f"{mib:,.1f} MiB, {mib / max(time.perf_counter() - t0, 1e-9):,.1f} MiB/s")
+                update(done, f"{mib:,.1f} MiB, {mib / max(time.perf_counter() - t0, 1e-9):,.1f} MiB/s")
 
-            source_state = source.network.state_dict()
-            save_weights(staging / "source" / "model.safetensors", source_state)
-            wrote(1, source_state)
+            if by_reference:
+                sha256 = source.checkpoint_sha256 or checkpoint_digest(source.files)
+                write_key_map(staging / "shared", source.state)
+            else:
+                sha256 = source.checkpoint_sha256 or (checkpoint_digest(source.files) if source.files else None)
+                save_weights(staging / "source" / "model.safetensors", source.state, on_tensor=wrote)
+                release(source.state)
+                done += 1
             blocks = []
             for plan in plans:
                 state = family.block_state(source, *plan["layers"])
                 params = trainable_params(family, recipe, plan["layers"][1] - plan["layers"][0])
                 weights = staging / "blocks" / Run.block_name(plan["index"]) / "model.safetensors"
-                save_weights(weights, state)
+                save_weights(weights, state, on_tensor=wrote)
+                del state
+                release(source.state)  # a memory-mapped .pt: the pages this block touched leave the resident set
                 keep_initial(weights)
                 blocks.append(BlockInfo(params=params, **plan).to_dict())
-                wrote(2 + plan["index"], state)
+                done += 1
+                wrote(0)
+        record = {"checkpoint": recipe.model.checkpoint, "sha256": sha256,
+                  "storage_dtype": getattr(recipe.model, "storage_dtype", "float32")}
+        if by_reference:
+            record.update(reference_record(source, sha256))
+            record["checkpoint_path"] = str(Path(str(recipe.model.checkpoint)).expanduser().resolve())
         write_manifest(
             staging,
             {
@@ -191,7 +207,7 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
                 "gamma": recipe.noise.gamma,
                 "noise": recipe.noise.model_dump(exclude={"partition", "gamma"}),
                 "boundaries": bounds,
-                "source": {"checkpoint": recipe.model.checkpoint, "sha256": source.checkpoint_sha256},
+                "source": record,
                 "parameterization": family.parameterization(recipe),
                 "notes": list(source.notes),
                 "blocks": blocks,

@@ -28,6 +28,7 @@ from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError, RunError, first_line
 from dbconvert.locks import LOCK_NAME
 from dbconvert.rundir import Run
+from dbconvert.source_ref import source_state
 from dbconvert.trainstep import Objective, TrainingState, build_state, learning_rate
 
 TRAIN_OVERRIDABLE = ("train", "sample")
@@ -42,7 +43,8 @@ class Target:
     name: str
     depth: int
     train_range: tuple[float, float]
-    init_weights: Path
+    init_weights: Path | None
+    """What training starts from: a block's split weights, or None for the run's source (`source_ref.py`)."""
     objective: Objective = "denoiser"
     salt: int = 0
     """Mixed into the per-step RNG so different targets of one run draw different noise."""
@@ -77,10 +79,10 @@ def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
         if objective not in run.family().model_kinds:
             raise DbconvertError(f"--objective {objective} trains a plain reference, which a {run.family_name} run "
                                  f"has none of; use --objective denoiser (the default)")
-        return Target(objective, run.num_layers, full, run.source_weights, objective, salt=999_983)
+        return Target(objective, run.num_layers, full, None, objective, salt=999_983)
     if objective != "denoiser":
         raise DbconvertError(f"--objective must be denoiser or {reference}, not {objective!r}")
-    return Target("e2e", run.num_layers, full, run.source_weights)
+    return Target("e2e", run.num_layers, full, None)
 
 
 def total_steps(recipe: Recipe, num_examples: int) -> int:
@@ -188,7 +190,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                  f"trained with {saved['batch_size']}); steps continue from {start}, later batches are drawn with the new "
                  "size, and the optimizer state is kept. Use --restart to start over with the new batch size.")
     else:
-        load_strict(state.network, load_weights(target.init_weights), f"initial weights of {target.name}")
+        init = source_state(run) if target.init_weights is None else load_weights(target.init_weights)
+        load_strict(state.network, init, f"initial weights of {target.name}")
         state.ema.load_state_dict(state.network.state_dict())
     if main:
         _truncate_metrics(run.metrics_path(target.name), start)
@@ -388,10 +391,10 @@ def exports_match(out_dir: Path, step: int) -> bool:
         return False
 
 
-def clear_training_state(out_dir: Path, keep: Path) -> None:
+def clear_training_state(out_dir: Path, keep: Path | None) -> None:
     """Remove a target's training state and exports (for --restart), state file first; never `keep` (its init)."""
     for file in (STATE_FILE, *EXPORTS):
-        if (out_dir / file).resolve() != keep.resolve():
+        if keep is None or (out_dir / file).resolve() != keep.resolve():
             (out_dir / file).unlink(missing_ok=True)
 
 

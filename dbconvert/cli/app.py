@@ -235,9 +235,14 @@ def split_cmd(
     blocks: Annotated[Optional[int], typer.Option("--blocks", "-b", help="Number of blocks B (overrides blocks.num).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: the recipe's output.dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in the output folder.")] = False,
+    copy_source: Annotated[bool, typer.Option("--copy-source", help="Keep a copy of the converted source inside the run "
+                                              "(a self-contained folder); by default the run points at the checkpoint.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Convert a checkpoint (or a fresh config) into B diffusion blocks and write the run directory."""
+    """Convert a checkpoint (or a fresh config) into B diffusion blocks and write the run directory.
+
+    A checkpoint is streamed: each block is read from it, written and freed in turn (peak memory about one block).
+    """
     from dbconvert.config import load_recipe
     from dbconvert.split import split
 
@@ -245,7 +250,7 @@ def split_cmd(
         raise_user(f"--blocks must be at least 1, got {blocks}")
     extra = [f"blocks.num={blocks}"] if blocks is not None else []
     resolved = load_recipe(recipe, [*(overrides or []), *extra])
-    run = split(resolved, out=out, force=force, progress=not quiet)
+    run = split(resolved, out=out, force=force, progress=not quiet, copy_source=copy_source)
     print_table(blocks_table(run))
     console.print(parameterization_line(run), highlight=False, markup=False, soft_wrap=True)
     for note in run.notes:

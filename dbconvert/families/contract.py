@@ -9,7 +9,7 @@ registers a toy family that way and runs split, train-block and sample through i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,13 +29,46 @@ if TYPE_CHECKING:
 
 @dataclass
 class Source:
-    """The source network ready to be cut: its layer count and its state dict (reference names)."""
+    """The source network ready to be cut: its layer count and its state dict (the L-layer network's key names).
 
-    network: nn.Module
+    `state` is read lazily where the source is a checkpoint (`tensorio.LazyState`): a block's tensors are read
+    from the checkpoint when the block is made, so the whole network never exists in memory (`split` streams).
+    A fresh source is built in memory and its state is the network's own state dict.
+    """
+
+    state: Mapping[str, torch.Tensor]
     num_layers: int
     checkpoint_sha256: str | None = None
     notes: list[str] = field(default_factory=list)
     """Things the user should know about the conversion (recorded in the manifest, printed by split and info)."""
+    files: list[Path] = field(default_factory=list)
+    """The checkpoint files `state` reads (none for a fresh network): what a run records to read its source by
+    reference instead of a copy (`source_ref.py`)."""
+    shape: Any = None
+    """The family's own description of the architecture (e.g. its shape dataclass), for its `block_state`."""
+    build: Callable[[], nn.Module] | None = None
+    """An empty network of all L layers (the family's `block_network` at full depth), for `network`."""
+    _network: nn.Module | None = field(default=None, repr=False)
+
+    @classmethod
+    def of_network(cls, network: nn.Module, num_layers: int, **kw: Any) -> "Source":
+        """A source built in memory (a fresh network)."""
+        source = cls(network.state_dict(), num_layers, **kw)
+        source.build = source.build or (lambda: network)
+        source._network = network
+        return source
+
+    @property
+    def network(self) -> nn.Module:
+        """The whole source network in memory (built from `state` on first use: for small models and tests only;
+        `split` never asks for it)."""
+        if self._network is None:
+            from dbconvert.building import load_network
+
+            if self.build is None:
+                raise DbconvertError("this source has no network builder")
+            self._network = load_network(self.build, dict(self.state), "source network")
+        return self._network
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from dbconvert.config import load_recipe
 from dbconvert.errors import CheckpointError
 from dbconvert.families import get_family
 from dbconvert.families.dit.convert import block_key_map
+from dbconvert.source_ref import checkpoint_digest
 from dbconvert.families.dit.objective import EDMDenoiser, sigma_to_timestep
 from dbconvert.families.dit.model import DiT, DiTShape, variance_channel_mask
 
@@ -90,7 +92,8 @@ def test_reference_checkpoint_round_trips_with_strict_loading(tmp_path: Path, fm
     source = get_family("dit").source(_recipe(path))
     for key, value in net.state_dict().items():
         assert torch.equal(source.network.state_dict()[key], value), key
-    assert source.checkpoint_sha256 and len(source.checkpoint_sha256) == 64
+    assert source.files == [path]  # what the run records (by reference) and hashes
+    assert checkpoint_digest(source.files) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_ema_wins_over_model_in_a_training_checkpoint(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ class ToyFamily(Family):
     def source(self, recipe: "Recipe") -> Source:
         cfg = _cfg(recipe)
         torch.manual_seed(cfg.init_seed)
-        return Source(ToyNet(cfg.dim, cfg.hidden, cfg.layers), cfg.layers)
+        return Source.of_network(ToyNet(cfg.dim, cfg.hidden, cfg.layers), cfg.layers)
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         cfg = _cfg(recipe)
@@ -139,7 +139,7 @@ class ToyFamily(Family):
         return list(network.layers)  # type: ignore[union-attr, arg-type]
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
-        return apply_key_map(source.network.state_dict(), layer_slice_key_map(SHARED_KEYS, "layers", LAYER_KEYS, start, end),
+        return apply_key_map(source.state, layer_slice_key_map(SHARED_KEYS, "layers", LAYER_KEYS, start, end),
                              ignored=lambda key: key.startswith("layers."), what=f"toy block [{start}, {end})")
 
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:

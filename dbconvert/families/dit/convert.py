@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from dbconvert.checkpoint import KeyMap, apply_key_map, layer_slice_key_map, read_metadata
+from dbconvert.checkpoint import KeyMap, apply_key_map, layer_slice_key_map, map_lazily, read_metadata
 from dbconvert.errors import CheckpointError, RecipeError
 from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.model import ARCHS, variance_channel_mask
 from dbconvert.families.dit.objective import ddpm_sigmas
 from dbconvert.noise import NoiseSettings
+from dbconvert.tensorio import LazyState, Spec
 
 METADATA_KEY = "dbconvert"
 """safetensors metadata key of a dbconvert export: JSON holding at least {"parameterization": {"name": ...}}."""
@@ -61,13 +63,19 @@ def is_layer_key(key: str, num_layers: int) -> bool:
     return len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < num_layers and parts[2] in LAYER_KEYS
 
 
-def drop_variance(state: dict[str, torch.Tensor], arch: str, in_channels: int, learn_sigma: bool,
-                  depth: int) -> dict[str, torch.Tensor]:
-    """learn_sigma checkpoints predict (mean, variance) channels; the EDM denoiser keeps the mean."""
+def drop_variance(state: Mapping[str, torch.Tensor], arch: str, in_channels: int, learn_sigma: bool,
+                  depth: int, expected: Mapping[str, Spec] | None = None) -> Mapping[str, torch.Tensor]:
+    """learn_sigma checkpoints predict (mean, variance) channels; the EDM denoiser keeps the mean.
+
+    A lazy `state` (with the network's `expected` specs) gives a lazy result: nothing is read here.
+    """
     transforms = {}
     if learn_sigma:
         keep = variance_channel_mask(ARCHS[arch].patch_size, in_channels)
         transforms = {"final_layer.linear.weight": lambda w: w[keep], "final_layer.linear.bias": lambda b: b[keep]}
+    if isinstance(state, LazyState) and expected is not None:
+        return map_lazily(state, block_key_map(0, depth), expected, transforms=transforms,
+                          what="DiT checkpoint conversion")
     return apply_key_map(state, block_key_map(0, depth), transforms=transforms, what="DiT checkpoint conversion")
 
 

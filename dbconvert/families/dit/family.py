@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import apply_key_map, atomic_write, file_sha256, load_strict, read_checkpoint, save_weights
+from dbconvert.building import meta_specs
+from dbconvert.checkpoint import (apply_key_map, atomic_write, check_state, file_sha256, open_checkpoint,
+                                  resolve_storage_dtype, save_weights)
 from dbconvert.data.images import ImageData, load_images
 from dbconvert.errors import DataError, DbconvertError
 from dbconvert.families.contract import Architectures, Family, Source
@@ -47,19 +49,24 @@ class DiTFamily(Family):
         if cfg.checkpoint is None:
             notes = resolve_parameterization(cfg, recipe.noise.settings(), None)
             torch.manual_seed(cfg.init_seed)
-            return Source(DiT(shape), shape.depth, notes=notes)
-        reference = DiT(cfg.shape())
+            source = Source.of_network(DiT(shape), shape.depth, notes=notes)
+            source.state = resolve_storage_dtype(cfg, source.state, fresh=True)
+            return source
         what = f"checkpoint {cfg.checkpoint} vs {cfg.arch} (input_size={cfg.input_size}, learn_sigma={cfg.learn_sigma})"
-        load_strict(reference, read_checkpoint(cfg.checkpoint), what)
+        checkpoint = open_checkpoint([Path(cfg.checkpoint).expanduser()])  # read tensor by tensor (a .pt: mapped)
+        reference = meta_specs(lambda: DiT(cfg.shape()))
+        check_state(reference, checkpoint.specs, what)
         notes = resolve_parameterization(cfg, recipe.noise.settings(), recorded_parameterization(cfg.checkpoint))
         owned = recorded_sigma_range(cfg.checkpoint)
         if owned is not None:
             notes.append(f"checkpoint {cfg.checkpoint} is a block export, a denoiser for sigma in ({owned[0]:.4g}, "
                          f"{owned[1]:.4g}] only (its metadata); split as a source it is used over the whole noise "
                          "range, that range ignored")
-        net = DiT(shape)
-        net.load_state_dict(drop_variance(reference.state_dict(), cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth))
-        return Source(net, shape.depth, checkpoint_sha256=file_sha256(cfg.checkpoint), notes=notes)
+        state = drop_variance(checkpoint, cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth,
+                              expected=meta_specs(lambda: DiT(shape)))
+        state = resolve_storage_dtype(cfg, state, checkpoint=checkpoint)
+        return Source(state, shape.depth, notes=notes,
+                      files=[Path(cfg.checkpoint).expanduser()], build=lambda: DiT(shape))
 
     def resolve(self, recipe: "Recipe") -> None:
         """`model.parameterization=auto` -> edm or ddpm-eps (reading a checkpoint's export metadata, if any)."""
@@ -78,7 +85,7 @@ class DiTFamily(Family):
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         return apply_key_map(
-            source.network.state_dict(),
+            source.state,
             block_key_map(start, end),
             ignored=lambda key: is_layer_key(key, source.num_layers),
             what=f"DiT block of layers [{start}, {end})",

@@ -6,16 +6,21 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from pydantic import ValidationError
 
-from dbconvert.checkpoint import KeyMap, apply_key_map, file_sha256, layer_slice_key_map, load_strict, read_checkpoint
+from dbconvert.building import load_network, meta_specs
+from dbconvert.checkpoint import (KeyMap, apply_key_map, file_sha256, layer_slice_key_map, load_strict, map_lazily,
+                                  open_checkpoint)
 from dbconvert.errors import CheckpointError, RecipeError
 from dbconvert.families.llama.config import LlamaConfig
-from dbconvert.families.llama.model import LlamaBlockNet, LlamaShape
+from dbconvert.families.llama.model import DecoderLayer, LlamaBlockNet, LlamaShape, SigmaEmbedder
 from dbconvert.schema import one_line
+from dbconvert.tensorio import LazyState, Spec, spec_of
 
 TARGETS_FILE = "targets.safetensors"
 
@@ -150,16 +155,16 @@ def target_table(embed: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 # --- reading Hugging Face checkpoints -------------------------------------------------------
 
 
-def read_hf_checkpoint(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], str]:
-    """(transformers LlamaConfig, state dict in float32, sha256) of a save_pretrained folder."""
+def open_hf_checkpoint(path: str | Path) -> tuple[Any, LazyState, list[Path]]:
+    """(transformers LlamaConfig, its tensors read lazily, weight files) of a save_pretrained folder.
+
+    Nothing but the shard headers is read here: each tensor is read when a block asks for it. (The files' sha256,
+    the shards' sha256s hashed again in name order, is `source_ref.checkpoint_digest`, taken by split.)
+    """
     hf_cfg = read_hf_config(path)
-    files = _weight_files(Path(path))
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        part = read_checkpoint(file)  # a user's file: its errors name model.checkpoint, not "split again"
-        state.update({k: v.to(torch.float32) for k, v in part.items()})
-    digest = file_sha256(files[0]) if len(files) == 1 else hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
-    return hf_cfg, state, digest
+    files = weight_files(Path(path))
+    state = open_checkpoint(files)  # a user's file: its errors name model.checkpoint, not "split again"
+    return hf_cfg, state, files
 
 
 def read_hf_config(path: str | Path) -> Any:
@@ -188,7 +193,8 @@ def read_hf_config(path: str | Path) -> Any:
     return HFLlamaConfig.from_pretrained(str(folder))
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a save_pretrained folder: the one file, or every shard its index names."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (folder / single).is_file():
             return [folder / single]
@@ -229,44 +235,105 @@ def config_from_hf(cfg: "LlamaConfig", hf: Any) -> "LlamaConfig":
         raise RecipeError(f"checkpoint {cfg.checkpoint}: {one_line(exc)}") from None
 
 
-def convert_hf_state(
-    hf_state: dict[str, torch.Tensor], shape: LlamaShape, tied: bool, seed: int, what: str = "fresh Llama",
-    sigma_data: float = 0.5,
-) -> LlamaBlockNet:
-    """HF LlamaForCausalLM state -> the block network of all L layers, via the explicit key map.
+def new_parameters(shape: LlamaShape, seed: int) -> dict[str, torch.Tensor]:
+    """The randomly initialised new parameters (the sigma embedder; with model.adaln_rank, each layer's down-projection).
 
-    The new parts (noisy input, sigma embedder, zero modulation) come from a seeded init;
+    Exactly the values `LlamaBlockNet(shape)` gives them after `torch.manual_seed(seed + 1)` (the init of every
+    conversion so far), without building the network: the modules built before them are built alone, in the
+    network's order, only to draw the same random numbers, and dropped (tested against the whole network).
+    """
+    s = shape
+    torch.manual_seed(seed + 1)
+    nn.Embedding(s.vocab_size, s.hidden_size)
+    nn.Linear(s.target_size, s.hidden_size, bias=s.noisy_anchor)
+    out = {f"sigma_embed.{k}": v.detach() for k, v in SigmaEmbedder(s.hidden_size, s.sigma_features).state_dict().items()}
+    if s.adaln_rank is not None:
+        for k in range(s.num_layers):
+            out[f"layers.{k}.adaLN_modulation.1.weight"] = DecoderLayer(s).adaLN_modulation[1].weight.detach()
+    return out
+
+
+def hf_source_state(
+    hf_state: Mapping[str, torch.Tensor], shape: LlamaShape, tied: bool, seed: int, what: str = "fresh Llama",
+    sigma_data: float = 0.5,
+) -> LazyState:
+    """HF LlamaForCausalLM state -> the state dict of the block network of all L layers, via the explicit key map,
+    as a LazyState: a checkpoint's tensors are read when a block asks for them (the whole network never exists).
+
+    The new parts (noisy input, sigma embedder, zero modulation) come from a seeded init (`new_parameters`);
     `noisy_in` starts as a scaled identity that maps c_in * z of a clean (unit-norm) row,
     ~T_v / sigma_data, to the RMS of the source embedding rows (with model.target_dim: the principal
     directions of the embedding lift the narrower target space back into the hidden state).
+    Only the embedding is read here (once), for those starting values.
     """
+    if not isinstance(hf_state, LazyState):  # an in-memory state dict (a fresh network, tests)
+        hf_state = LazyState({k: (lambda v=v: v) for k, v in hf_state.items()}, {k: spec_of(v) for k, v in hf_state.items()})
     drop_head = tied or shape.head != "trainable"  # a tied-table head does not use the checkpoint's lm_head
     ignored = lambda key: key.endswith("rotary_emb.inv_freq") or (drop_head and key == "lm_head.weight")  # noqa: E731
-    mapped = apply_key_map(hf_state, hf_key_map(shape, tied), ignored=ignored, what=what)
-    if shape.head == "trainable" and shape.head_rank:
-        mapped = factor_head(mapped, shape.head_rank)
-    torch.manual_seed(seed + 1)
-    net = LlamaBlockNet(shape)
-    fresh = net.state_dict()
-    rms = mapped["embed_tokens.weight"].pow(2).mean(-1).sqrt().mean()
+    expected = meta_specs(lambda: LlamaBlockNet(shape))
+    factored = shape.head == "trainable" and bool(shape.head_rank)
+    if factored:
+        expected["lm_head.weight"] = Spec(torch.float32, (shape.vocab_size, shape.hidden_size))
+    mapped = map_lazily(hf_state, hf_key_map(shape, tied), expected, ignored=ignored, what=what)
+    loaders = dict(mapped.loaders)
+    specs = dict(mapped.specs)
+    if factored:  # the head's best rank-r factors, computed once when a block first asks for them
+        head = loaders.pop("lm_head.weight")
+        specs.pop("lm_head.weight")
+        memo: dict[str, torch.Tensor] = {}
+
+        def factor(key: str) -> torch.Tensor:
+            if not memo:
+                memo.update(factor_head({"lm_head.weight": head()}, shape.head_rank))  # type: ignore[arg-type]
+            return memo[key]
+
+        for key in ("lm_head.0.weight", "lm_head.1.weight"):
+            loaders[key] = (lambda key=key: factor(key))
+            specs[key] = Spec(torch.float32, expected[key].shape)
+
+    embed = mapped["embed_tokens.weight"].to(torch.float32)
+    fresh: dict[str, torch.Tensor] = new_parameters(shape, seed)
+    rms = embed.pow(2).mean(-1).sqrt().mean()
     lift = torch.eye(shape.hidden_size)  # target space -> hidden: identity, or the principal directions
     if shape.projected_targets:
-        lift = target_basis(mapped["embed_tokens.weight"], shape.target_size).T
+        lift = target_basis(embed, shape.target_size).T
     fresh["noisy_in.weight"] = lift * rms * sigma_data * math.sqrt(shape.hidden_size)
-    new = NEW_KEYS
     if shape.head == "tied-table":  # the learned scale starts at 1, the projection at the principal directions
-        new = (*new, *head_keys(shape))
         if shape.projected_targets:
             fresh["head_proj.weight"] = lift.T.contiguous()
+        else:
+            fresh["head_scale"] = torch.ones(())
     if shape.noisy_anchor:  # a shared query vector: the mean embedding direction at the rows' typical norm
-        embed = mapped["embed_tokens.weight"]
         mean = embed.mean(0)
         fresh["noisy_in.weight"] *= 0.1
         fresh["noisy_in.bias"] = mean / mean.norm().clamp_min(1e-12) * embed.norm(dim=-1).mean()
-        new = (*new, "noisy_in.bias")
-    state = {**{k: v for k, v in fresh.items() if k in new or k.endswith(mod_keys(shape))}, **mapped}
-    load_strict(net, state, what)
-    return net
+    del embed
+    for key, spec in expected.items():  # the zero-initialised modulation: made when asked for, never held
+        if key in fresh or key in loaders or not key.endswith(mod_keys(shape)):
+            continue
+        loaders[key] = (lambda spec=spec: torch.zeros(spec.shape, dtype=spec.dtype))
+        specs[key] = spec
+    for key, value in fresh.items():
+        loaders[key] = (lambda value=value: value.clone())
+        specs[key] = spec_of(value)
+    missing = sorted(set(expected) - set(loaders) - ({"lm_head.weight"} if factored else set()))
+    if missing:  # pragma: no cover - a new parameter of the network that the conversion does not make
+        raise CheckpointError(f"{what}: the conversion makes no value for {missing[0]!r}")
+    order = [k for k in expected if k in loaders]
+    origins = dict(mapped.origins)
+    if factored:
+        head_key = origins.pop("lm_head.weight")
+        origins.update({k: f"{head_key} (rank-{shape.head_rank} factor)" for k in ("lm_head.0.weight", "lm_head.1.weight")})
+    return LazyState({k: loaders[k] for k in order}, {k: specs[k] for k in order}, mapped.release, origins)
+
+
+def convert_hf_state(
+    hf_state: Mapping[str, torch.Tensor], shape: LlamaShape, tied: bool, seed: int, what: str = "fresh Llama",
+    sigma_data: float = 0.5,
+) -> LlamaBlockNet:
+    """The block network of all L layers holding `hf_source_state` (in memory: fresh sources, tests)."""
+    state = hf_source_state(hf_state, shape, tied, seed, what, sigma_data)
+    return load_network(lambda: LlamaBlockNet(shape), dict(state), what, torch.float32)
 
 
 # --- export to Hugging Face -------------------------------------------------------------------

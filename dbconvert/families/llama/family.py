@@ -38,20 +38,20 @@ import torch
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import apply_key_map, load_weights, save_weights
+from dbconvert.checkpoint import apply_key_map, load_weights, resolve_storage_dtype, save_weights
 from dbconvert.data.text import TextData, load_text, read_documents
 from dbconvert.errors import RecipeError, RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
-from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state, layer_keys,
-                                              normalised_table, read_hf_checkpoint, read_hf_config, target_table,
-                                              write_hf_folder)
+from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state,
+                                              hf_source_state, layer_keys, normalised_table, open_hf_checkpoint,
+                                              read_hf_config, target_table, write_hf_folder)
 from dbconvert.families.llama.calibrate import (BATCHES, DOCUMENTS, ROWS, calibrate, head_gain_at, read_temperatures,
                                                 write_temperatures)
 from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
 from dbconvert.families.llama.masked import (MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss)
-from dbconvert.families.llama.gguf import checkpoint_folder, digest as gguf_digest, is_gguf
+from dbconvert.families.llama.gguf import checkpoint_folder, is_gguf
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
                                                 heldout_diffusion_metrics)
@@ -176,16 +176,24 @@ class LlamaFamily(Family):
             shape = cfg.shape()
             torch.manual_seed(cfg.init_seed)
             hf_state = LlamaForCausalLM(shape.hf_config()).state_dict()
-            return Source(convert_hf_state(hf_state, shape, False, cfg.init_seed, sigma_data=recipe.noise.sigma_data), shape.num_layers)
-        hf_cfg, hf_state, digest = read_hf_checkpoint(checkpoint_folder(cfg.checkpoint))
-        if is_gguf(cfg.checkpoint):
-            digest = gguf_digest(cfg.checkpoint)
+            net = convert_hf_state(hf_state, shape, False, cfg.init_seed, sigma_data=recipe.noise.sigma_data)
+            source = Source.of_network(net, shape.num_layers, shape=shape)
+            source.state = resolve_storage_dtype(cfg, source.state, fresh=True)
+            return source
+        hf_cfg, hf_state, files = open_hf_checkpoint(checkpoint_folder(cfg.checkpoint))
+        notes = []
+        if is_gguf(cfg.checkpoint):  # the run points at the GGUF file, not the temporary folder
+            files = [Path(cfg.checkpoint).expanduser()]
+            notes.append("a GGUF file is dequantised whole by transformers (into a temporary folder) before the split "
+                         "streams it")
         cfg = config_from_hf(cfg, hf_cfg)
         recipe.model = cfg  # the manifest records the checkpoint's architecture, so blocks rebuild without it
         shape = cfg.shape()
-        net = convert_hf_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
-                               recipe.noise.sigma_data)
-        return Source(net, shape.num_layers, checkpoint_sha256=digest, notes=[context_note(cfg)])
+        state = hf_source_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
+                                recipe.noise.sigma_data)
+        state = resolve_storage_dtype(cfg, state, checkpoint=hf_state)
+        return Source(state, shape.num_layers, notes=[context_note(cfg), *notes], files=files,
+                      build=lambda: LlamaBlockNet(shape), shape=shape)
 
     def resolve(self, recipe: "Recipe") -> None:
         """With model.checkpoint: the architecture of its config.json, as `source` records it (weights not read)."""
@@ -204,10 +212,10 @@ class LlamaFamily(Family):
         return list(network.layers)  # type: ignore[union-attr, arg-type]
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
-        shape = source.network.shape  # type: ignore[union-attr]
+        shape = source.shape
         keys = layer_keys(shape)
         state = apply_key_map(
-            source.network.state_dict(),
+            source.state,
             block_key_map(shape, start, end),
             ignored=lambda key: key.startswith("layers.") and key.split(".", 2)[2] in keys,
             what=f"Llama block of layers [{start}, {end})",
@@ -218,7 +226,7 @@ class LlamaFamily(Family):
         """Write the shared target table and the run's tokenizer into RUN/shared/."""
         cfg = _cfg(recipe)
         shared = run_dir / "shared"
-        table = target_table(source.network.embed_tokens.weight, cfg.target_dim)  # type: ignore[union-attr]
+        table = target_table(source.state["embed_tokens.weight"].to(torch.float32), cfg.target_dim)
         save_weights(shared / TARGETS_FILE, {"table": table})
         room = 1 if is_masked(recipe) else 0  # a trained BPE leaves one row for [MASK]
         folder = str(checkpoint_folder(cfg.checkpoint)) if cfg.checkpoint else None  # a GGUF file's dequantised folder

@@ -125,8 +125,9 @@ def timm_to_hf(state: dict[str, torch.Tensor], depth: int, layout: str) -> dict[
 # --- reading a checkpoint ----------------------------------------------------------------------
 
 
-def read_source(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str]:
-    """(state dict in timm's names or raw, HF config or None, sha256) of a timm file or a Hugging Face folder."""
+def read_source(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str, list[Path]]:
+    """(state dict in timm's names or raw, HF config or None, sha256, the weight file) of a timm file or a Hugging
+    Face folder. Read whole: ViT sources are built in memory (the largest timm ViTs are about 0.6B parameters)."""
     folder = Path(path).expanduser()
     if folder.is_dir():
         try:
@@ -141,9 +142,9 @@ def read_source(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str]:
         if not weights.is_file():
             weights = folder / "pytorch_model.bin"
         state = read_checkpoint(weights)
-        return state, config, file_sha256(weights)
+        return state, config, file_sha256(weights), [weights]
     state = read_checkpoint(path)
-    return state, None, file_sha256(path)
+    return state, None, file_sha256(path), [Path(path).expanduser()]
 
 
 def checkpoint_shape(state: dict[str, torch.Tensor], what: str) -> dict[str, int]:

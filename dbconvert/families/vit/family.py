@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import apply_key_map, atomic_write, load_weights, save_weights
+from dbconvert.checkpoint import apply_key_map, atomic_write, load_weights, resolve_storage_dtype, save_weights
 from dbconvert.errors import CheckpointError, DbconvertError, RunError
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.vit.config import ARCHS, ViTConfig, arch_sizes
@@ -93,9 +93,11 @@ class ViTFamily(Family):
         if cfg.checkpoint is None:
             torch.manual_seed(cfg.init_seed)
             shape = cfg.shape()
-            return Source(ViTNet(shape), shape.depth)
+            source = Source.of_network(ViTNet(shape), shape.depth)
+            source.state = resolve_storage_dtype(cfg, source.state, fresh=True)
+            return source
         what = f"checkpoint {cfg.checkpoint}"
-        state, hf, digest = read_source(cfg.checkpoint)
+        state, hf, digest, files = read_source(cfg.checkpoint)
         notes = []
         if hf is not None:
             fields = hf_shape_fields(hf, what)
@@ -113,7 +115,9 @@ class ViTFamily(Family):
         torch.manual_seed(cfg.init_seed)
         net = ViTNet(cfg.shape())
         load_source(net, state, what)
-        return Source(net, net.shape.depth, checkpoint_sha256=digest, notes=notes)
+        source = Source.of_network(net, net.shape.depth, checkpoint_sha256=digest, notes=notes, files=files)
+        source.state = resolve_storage_dtype(cfg, source.state, checkpoint=state)
+        return source
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         return ViTNet(_cfg(recipe).shape(depth))
@@ -122,14 +126,14 @@ class ViTFamily(Family):
         return list(network.blocks)  # type: ignore[union-attr, arg-type]
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
-        state = source.network.state_dict()
+        state = source.state
         return apply_key_map(state, block_key_map(list(state), start, end), ignored=is_layer_key,
                              what=f"ViT block of layers [{start}, {end})")
 
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """RUN/shared/labels.safetensors: the label table every block shares (fixed here, never trained)."""
         cfg = _cfg(recipe)
-        table = label_table(cfg.label_table, source.network.head.weight, cfg.init_seed)  # type: ignore[union-attr]
+        table = label_table(cfg.label_table, source.state["head.weight"].to(torch.float32), cfg.init_seed)
         save_weights(run_dir / "shared" / LABELS_FILE, {"table": table})
 
     # -- training --------------------------------------------------------------------------
