@@ -162,7 +162,7 @@ def train(
 def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, device_name: str, restart: bool,
            on_step: StepCallback | None, progress: bool, note: Callable[[str], None]) -> TrainResult:
     family = run.family()
-    schedule = family.training_schedule(run, target.name, recipe)  # read (and checked) before any work
+    schedule = family.training_schedule(run, target.name, recipe, note)  # read (and checked) before any work
     device = resolve_device(device_name)
     global_batch = recipe.train.batch_size
     local = dist.slice(global_batch)  # the global batch must divide by the world size

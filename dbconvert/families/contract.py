@@ -291,10 +291,12 @@ class Family(ABC):
         Set-up that a real sampler does once (e.g. a KV cache of the prompt) happens here, outside the closure.
         """
 
-    def training_schedule(self, run: "Run", target: str, recipe: "Recipe") -> Callable[[nn.Module, int], None] | None:
+    def training_schedule(self, run: "Run", target: str, recipe: "Recipe",
+                          note: Callable[[str], None] | None = None) -> Callable[[nn.Module, int], None] | None:
         """What the trainer calls with (network, step index) before every training step of `target` (a block's
         name, `e2e`, ...) under `recipe` (the run's, with the training's overrides), for settings that change over
-        training but are not weights; None (the default): none."""
+        training but are not weights (it may measure them on the network at step 0 and tell the user through
+        `note`); None (the default): none."""
         return None
 
     def decoding_rates(self, recipe: "Recipe", blocks: int, batch: int, device: torch.device, repeats: int,

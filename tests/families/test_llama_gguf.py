@@ -92,12 +92,14 @@ def test_a_gguf_file_converts_like_a_hugging_face_folder_with_its_tokenizer(in_t
     corpus.write_text(CORPUS)
     recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(path)}))
     run = split(recipe, out=in_tmp / "run")
-    assert run.manifest["source"] == {"checkpoint": str(path), "sha256": file_sha256(path)}
+    record = run.manifest["source"]
+    assert (record["checkpoint"], record["sha256"], record["by_reference"]) == (str(path), file_sha256(path), True)
+    assert [f["path"] for f in record["files"]] == [str(path.resolve())]  # the GGUF file, not the temporary folder
     assert run.recipe.model.layers == 4 and run.recipe.model.max_positions == 256
     source = run.family().block_network(run.recipe, 4)
-    from safetensors.torch import load_file
+    from dbconvert.source_ref import source_state
 
-    source.load_state_dict(load_file(str(run.root / "source" / "model.safetensors")))
+    source.load_state_dict(dict(source_state(run)))  # read again from the GGUF file
     ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # the dequantised (here: F32, so exact) network is the converted source
         torch.testing.assert_close(source.forward_causal(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
@@ -183,8 +185,9 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
 
-    from dbconvert.families.llama.calibrate import read_temperatures, step0_loss
+    from dbconvert.families.llama.calibrate import GRID, TEMPERATURE_FILE, read_block_temperature, step0_loss
     from dbconvert.families.llama.family import LlamaFamily
+    from dbconvert.source_ref import source_state
     from dbconvert.split import split
     from dbconvert.tokenizer import train_bpe
     from dbconvert.train import train_block
@@ -204,26 +207,39 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
                        "train.warmup_steps": 2})), out=in_tmp / name)
 
     plain, calibrated = run_of("plain", False), run_of("calibrated", True)
-    source = load_file(str(calibrated.root / "source" / "model.safetensors"))
-    assert all(torch.equal(t, load_file(str(plain.root / "source" / "model.safetensors"))[k]) for k, t in source.items())
-    note = next(n for n in calibrated.notes if n.startswith("output calibration"))
+    source = source_state(calibrated)
+    assert all(torch.equal(t, source_state(plain)[k]) for k, t in source.items())
+    assert any(n.startswith("output calibration") for n in calibrated.notes)
     assert not any(n.startswith("output calibration") for n in plain.notes)
+    assert not (calibrated.shared_dir / TEMPERATURE_FILE).exists()  # split runs nothing of the network
     family = calibrated.family()
-    scales = read_temperatures(calibrated.shared_dir)
-    assert read_temperatures(plain.shared_dir) == {} and family.training_schedule(plain, "block-00", plain.recipe) is None
-    rows = family.load_data(calibrated.recipe).tokens[:64]
+    assert family.training_schedule(plain, "block-00", plain.recipe) is None
+    assert family.training_schedule(calibrated, "e2e", calibrated.recipe) is None  # blocks only
+    rows = family.calibration_rows(calibrated.recipe)
+    said: list[str] = []
     for i, info in enumerate(calibrated.blocks):
         name = calibrated.block_name(i)
         state = load_file(str(calibrated.model_dir(name) / "model.safetensors"))
         plain_state = load_file(str(plain.model_dir(name) / "model.safetensors"))
         assert state.keys() == plain_state.keys() and all(torch.equal(state[k], t) for k, t in plain_state.items())
+
+        def make(scaled: dict, depth: int = info.layers[1] - info.layers[0]):  # the split-time calibration's way
+            net = family.block_network(calibrated.recipe, depth)
+            net.load_state_dict(scaled)
+            return family.denoiser(calibrated.recipe, net, calibrated.noise()).eval()
+
+        old = {a: step0_loss(make({**state, "norm.weight": state["norm.weight"] * a}), rows, tuple(info.train_range),
+                             "uniform", 0) for a in (0.0, *GRID)}
+        expected = min(GRID, key=lambda a: (old[a], -a)) if old[1.0] > old[0.0] else 1.0
         net = family.block_network(calibrated.recipe, info.layers[1] - info.layers[0])
         net.load_state_dict(state)
         den = family.denoiser(calibrated.recipe, net, calibrated.noise())
         plain_loss = step0_loss(den, rows, tuple(info.train_range), "uniform", 0)
-        scale = scales[name]
-        schedule = family.training_schedule(calibrated, name, calibrated.recipe)
-        schedule(net, 0)  # the weights are the checkpoint's; the temperature is the schedule's
+        schedule = family.training_schedule(calibrated, name, calibrated.recipe, said.append)
+        schedule(net, 0)  # step 0 of the block's training: measured on the network, then applied
+        scale = read_block_temperature(calibrated.model_dir(name))
+        assert scale == expected  # the same choice the split-time calibration made
+        assert all(torch.equal(t, state[k]) for k, t in net.state_dict().items())  # the weights put back exactly
         cal_loss = step0_loss(den, rows, tuple(info.train_range), "uniform", 0)
         assert float(net.head_gain) == scale < 1 and cal_loss < plain_loss  # the wrong head is cooled
         if i == 0:  # at the top noise the head is all the block has: the loss the wrong head cost is gone
@@ -232,19 +248,45 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
         assert float(net.head_gain) == pytest.approx((1 + scale) / 2)  # linear over the 2 warm-up steps
         schedule(net, 2)
         assert float(net.head_gain) == 1.0
-        assert f"{i}: x{scale:g}" in note
+        assert f"x{scale:g}" in said[-1] and said[-1].startswith(name)
+        again = family.training_schedule(calibrated, name, calibrated.recipe)  # a resume reads it, measures nothing
+        again(net, 1)
+        assert float(net.head_gain) == pytest.approx((1 + scale) / 2)
 
     seen: list[tuple[int, float]] = []  # the trainer sets the temperature before every step
     real = LlamaFamily.training_schedule
+    start = read_block_temperature(calibrated.model_dir("block-00"))
+    (calibrated.model_dir("block-00") / TEMPERATURE_FILE).unlink()  # the first training measures it again
 
-    def spy(self, run, target, recipe):  # noqa: ANN001, ANN202
-        fn = real(self, run, target, recipe)
+    def spy(self, run, target, recipe, note=None):  # noqa: ANN001, ANN202
+        fn = real(self, run, target, recipe, note)
         return lambda net, step: (fn(net, step), seen.append((step, float(net.head_gain))))
 
     monkeypatch.setattr(LlamaFamily, "training_schedule", spy)
     train_block(calibrated, 0, progress=False, overrides=["train.warmup_steps=4"])  # the training's own recipe
-    start = scales["block-00"]
+    assert read_block_temperature(calibrated.model_dir("block-00")) == start
     assert seen == [(k, pytest.approx(start + (1 - start) * k / 4)) for k in range(4)]
+
+
+def test_runs_calibrated_at_split_keep_their_scales(in_tmp: Path) -> None:
+    """A run split by a version that calibrated at split (RUN/shared/output_temperature.json) trains with them."""
+    from dbconvert.families.llama.calibrate import TEMPERATURE_FILE
+    from dbconvert.split import split
+    from dbconvert.tokenizer import train_bpe
+    from tests.families.test_llama import hf_llama
+
+    hf_llama(in_tmp / "hf")
+    train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf"),
+                                                                                "train.warmup_steps": 2})), out=in_tmp / "r")
+    (run.shared_dir / TEMPERATURE_FILE).write_text('{"block-01": 0.25}')
+    family = run.family()
+    assert family.training_schedule(run, "block-00", run.recipe) is None  # not listed: it started unscaled
+    net = family.block_network(run.recipe, 1)
+    family.training_schedule(run, "block-01", run.recipe)(net, 0)
+    assert float(net.head_gain) == 0.25
 
 
 def test_a_damaged_temperature_file_is_one_line(tmp_path: Path) -> None:
@@ -272,31 +314,8 @@ def test_head_gain_rises_linearly_to_one_over_the_warm_up() -> None:
     (lambda a: (a - 0.6) ** 2, 1.0),  # the head already helps at step 0 (better than none): kept as it is
     (lambda a: 5.0 - a, 1.0),
 ])
-def test_calibration_scales_only_a_head_that_starts_worse_than_none(monkeypatch: pytest.MonkeyPatch, loss_of,
-                                                                    expected: float) -> None:
+def test_calibration_scales_only_a_head_that_starts_worse_than_none(loss_of, expected: float) -> None:
     from dbconvert.families.llama import calibrate as cal
 
-    monkeypatch.setattr(cal, "step0_loss", lambda den, *args: loss_of(float(den.scale)))
-
-    class Probe(torch.nn.Module):
-        def __init__(self, state: dict) -> None:
-            super().__init__()
-            self.scale = state["norm.weight"][0]
-
-    state = {"norm.weight": torch.ones(4), "other": torch.zeros(2)}
-    best, losses = cal.calibrate(Probe, state, torch.zeros(1, 4), (0.1, 1.0), "uniform", 0)
+    best, losses = cal.calibrate(loss_of)
     assert best == pytest.approx(expected) and set(losses) == {0.0, *cal.GRID}
-
-
-def test_calibration_is_skipped_with_a_note_when_the_data_cannot_be_read_at_split(in_tmp: Path) -> None:
-    from dbconvert.split import split
-    from dbconvert.tokenizer import train_bpe
-    from tests.families.test_llama import hf_llama
-
-    hf_llama(in_tmp / "hf")
-    train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
-    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(in_tmp / "unused.txt", **{
-        "model.checkpoint": str(in_tmp / "hf"), "model.calibrate_output": "true", "data.source": "no-such-org/no-such-data",
-        "data.kind": "hub"}))
-    run = split(recipe, out=in_tmp / "run")  # offline hub data: the split still converts the checkpoint
-    assert any(n.startswith("output calibration skipped: the training data could not be read") for n in run.notes)

@@ -46,8 +46,9 @@ from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state,
                                               hf_source_state, layer_keys, normalised_table, open_hf_checkpoint,
                                               read_hf_config, target_table, write_hf_folder)
-from dbconvert.families.llama.calibrate import (BATCHES, DOCUMENTS, ROWS, calibrate, head_gain_at, read_temperatures,
-                                                write_temperatures)
+from dbconvert.families.llama.calibrate import (BATCHES, DOCUMENTS, ROWS, TEMPERATURE_FILE, calibrate, head_gain_at,
+                                                read_block_temperature, read_temperatures, scaled_norm_loss,
+                                                write_block_temperature)
 from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
 from dbconvert.families.llama.masked import (MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss)
@@ -237,58 +238,63 @@ class LlamaFamily(Family):
         if is_masked(recipe):
             mask_token_id(tok, cfg.vocab_size, vocab_from(cfg))
         elif cfg.checkpoint and cfg.calibrate_output:  # the continuous objective's output path (calibrate.py)
-            self.calibrate_output(recipe, shared, source)
+            source.notes.append("output calibration (model.calibrate_output): each block measures, at step 0 of its "
+                                "own training and on its training device, whether its copied head starts worse than "
+                                "none; if so its head logits start scaled down and the scale rises linearly to 1 over "
+                                f"the {recipe.train.warmup_steps} warm-up steps (the weights stay the checkpoint's)")
 
-    def calibrate_output(self, recipe: "Recipe", shared: Path, source: Source) -> None:
-        """Each block's starting output temperature (calibrate.py), into RUN/shared/ for `training_schedule`, with a note."""
-        from dbconvert.rundir import Run
-        from dbconvert.split import plan_blocks
+    def calibrates(self, run: "Run", target: str) -> bool:
+        """Whether `target` is a block of a run converted from a checkpoint with model.calibrate_output on."""
+        cfg = _cfg(run.recipe)
+        blocks = {run.block_name(b.index) for b in run.blocks}
+        return target in blocks and cfg.checkpoint is not None and cfg.calibrate_output and not is_masked(run.recipe)
 
-        from dbconvert.data.text import pack, resolve_kind
-        from dbconvert.errors import DataError, first_line
-
+    def measure_temperature(self, run: "Run", target: str, recipe: "Recipe", network: nn.Module,
+                            note: Callable[[str], None]) -> float:
+        """The block's starting head scale (calibrate.py), measured on `network` (its split weights, on the training
+        device), written into the block's folder, and said in one note."""
         cfg = _cfg(recipe)
-        bound = LlamaFamily(shared)
-        split = recipe.data.split  # a hub data set: only its first documents are read (datasets' slice syntax)
-        try:
-            docs = read_documents(recipe.data, f"{split}[:{DOCUMENTS}]" if resolve_kind(recipe.data) == "hub" else split)
-            rows = torch.from_numpy(pack(docs[:DOCUMENTS], bound.tokenizer(), cfg.context, recipe.data.split_seed))
-        except DataError as exc:  # e.g. a hub data set offline: the split goes on, the blocks as converted
-            source.notes.append(f"output calibration skipped: the training data could not be read at split "
-                                f"({first_line(exc, 100)}); the blocks keep the checkpoint's output path")
-            return
-        rows = rows[:BATCHES * ROWS]
+        rows = self.calibration_rows(recipe)
+        info = next(b for b in run.blocks if run.block_name(b.index) == target)
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
-        noise = recipe.noise.settings()
-        scales, said = {}, []
-        for plan in plan_blocks(recipe, source.num_layers)[1]:
-            start, end = plan["layers"]
+        denoiser = self.denoiser(recipe, network, run.noise())
+        best, losses = calibrate(scaled_norm_loss(network, denoiser, rows, tuple(info.train_range), weighting,
+                                                  cfg.loss_chunk))
+        write_block_temperature(run.model_dir(target), best, losses)
+        note(f"{target}: output calibration: head logits start x{best:g} (step-0 loss {losses[1.0]:.2f} -> "
+             f"{losses[best]:.2f}; no head {losses[0.0]:.2f})" + (", rising to 1 over the warm-up" if best < 1 else ""))
+        return best
 
-            def make(state: dict[str, torch.Tensor], depth: int = end - start) -> nn.Module:
-                net = self.block_network(recipe, depth)
-                net.load_state_dict(state)
-                return bound.denoiser(recipe, net, noise)
+    def calibration_rows(self, recipe: "Recipe") -> torch.Tensor:
+        """The rows the output calibration measures on: packed from the first DOCUMENTS training documents."""
+        from dbconvert.data.text import pack, resolve_kind
 
-            best, losses = calibrate(make, self.block_state(source, start, end), rows, tuple(plan["train_range"]),
-                                     weighting, cfg.loss_chunk)
-            scales[Run.block_name(plan["index"])] = best
-            said.append(f"{plan['index']}: x{best:g} ({losses[1.0]:.2f} -> {losses[best]:.2f}; no head "
-                        f"{losses[0.0]:.2f})")
-        write_temperatures(shared, scales)
-        source.notes.append("output calibration (model.calibrate_output): where a block's copied head starts worse than "
-                            "none, its head logits start scaled by x and the scale rises linearly to 1 over the "
-                            f"{recipe.train.warmup_steps} warm-up steps (the weights are the checkpoint's); step-0 "
-                            "training loss before -> after: " + ", ".join(said))
+        split = recipe.data.split  # a hub data set: only its first documents are read (datasets' slice syntax)
+        docs = read_documents(recipe.data, f"{split}[:{DOCUMENTS}]" if resolve_kind(recipe.data) == "hub" else split)
+        rows = torch.from_numpy(pack(docs[:DOCUMENTS], self.tokenizer(), _cfg(recipe).context, recipe.data.split_seed))
+        return rows[:BATCHES * ROWS]
 
-    def training_schedule(self, run: "Run", target: str, recipe: "Recipe") -> Callable[[nn.Module, int], None] | None:
-        """A converted block's calibrated head temperature, undone over the warm-up steps (calibrate.py)."""
-        start = read_temperatures(run.shared_dir).get(target, 1.0)
+    def training_schedule(self, run: "Run", target: str, recipe: "Recipe",
+                          note: Callable[[str], None] | None = None) -> Callable[[nn.Module, int], None] | None:
+        """A converted block's calibrated head temperature, undone over the warm-up steps (calibrate.py); measured
+        at step 0 the first time the block trains (runs split before that keep the scales their split measured)."""
+        note = note or (lambda msg: None)
+        if (run.shared_dir / TEMPERATURE_FILE).is_file():
+            start: float | None = read_temperatures(run.shared_dir).get(target, 1.0)
+        else:
+            start = read_block_temperature(run.model_dir(target))
+            if start is None and not self.calibrates(run, target):
+                return None
         if start == 1.0:
             return None
         steps = recipe.train.warmup_steps
+        known = {"start": start}
 
         def set_gain(network: nn.Module, step: int) -> None:
-            network.head_gain.fill_(head_gain_at(start, step, steps))  # type: ignore[operator]
+            if known["start"] is None:  # the block's first training: measured on its split weights, at step 0
+                known["start"] = (self.measure_temperature(run, target, recipe, network, note) if step == 0
+                                  else 1.0)  # resumed past step 0 without a scale: a run of an older version
+            network.head_gain.fill_(head_gain_at(known["start"], step, steps))  # type: ignore[operator]
 
         return set_gain
 
