@@ -508,6 +508,36 @@ def bench_memory_cmd(
     _print_report(memory_report(result))
 
 
+@bench_app.command("split")
+@handle_errors
+def bench_split_cmd(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    blocks: BenchBlocksOpt = 2,
+    dtype: Annotated[str, typer.Option("--dtype", help="dtype of the random checkpoint: bfloat16, float16 or float32.")] = "bfloat16",
+    train: Annotated[bool, typer.Option("--train/--no-train", help="Also train the deepest block one step (skipped, "
+                                        "with its static figure, when that cannot fit in the memory available).")] = True,
+    batch: Annotated[int, typer.Option("--batch", help="Batch of the training step.")] = 1,
+    context: ContextOpt = None,
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Where the scratch checkpoint and run go (default: "
+                                                      "here); it needs about twice the checkpoint's size free.")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the scratch folder (checkpoint and run) afterwards.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a random checkpoint of the recipe's size (e.g. tinyllama-1.1b-shape), split it and train one block
+    step in fresh processes: wall time, peak RSS, run size on disk."""
+    from dbconvert.bench_split import bench_split, split_report
+    from dbconvert.config import load_recipe
+
+    resolved = load_recipe(recipe, list(overrides or []))
+    progress = None if as_json else (lambda msg: err_console.print(msg, highlight=False, markup=False))
+    result = bench_split(resolved, blocks, dtype, train, batch, context, directory, keep, on_progress=progress)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    _print_report(split_report(result))
+
+
 @bench_app.command("speed")
 @handle_errors
 def bench_speed_cmd(

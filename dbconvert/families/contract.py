@@ -187,6 +187,14 @@ class Family(ABC):
         """This family without a run, for `bench` (synthetic stand-ins for run artefacts). Default: itself."""
         return self
 
+    def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
+                          on_tensor: Callable[[int], None] | None = None) -> list[str]:
+        """Write a checkpoint of the recipe's architecture with random weights in `dtype` into `folder` (tensor by
+        tensor: any size), with what a split and a training step of it need beside it (a tokenizer, a little data
+        of the model's shape); return the recipe overrides that split it (`bench split`)."""
+        raise DbconvertError(f"the {self.name} family cannot write a random checkpoint, so `bench split` does not "
+                             "apply to it")
+
     # -- training --------------------------------------------------------------------------
 
     @abstractmethod

@@ -369,3 +369,62 @@ def write_hf_folder(network: LlamaBlockNet, out: Path, bos_id: int | None, eos_i
     load_strict(model, state, what)
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=config.eos_token_id)
     model.save_pretrained(str(out))
+
+
+# --- random checkpoints of a named shape (bench split) -----------------------------------------
+
+
+SHARD_BYTES = 2 * 2**30
+"""Shard size of the random checkpoints `bench split` writes (save_pretrained's default is about 5 GB)."""
+
+
+def write_random_hf_folder(shape: LlamaShape, tied: bool, folder: Path, dtype: torch.dtype, seed: int,
+                           on_tensor: Any = None) -> int:
+    """A save_pretrained-style LlamaForCausalLM folder of `shape` with random weights in `dtype`, written one tensor
+    at a time into shards (index json beside them): a checkpoint of any size in about one tensor's memory.
+
+    Weights are N(0, 0.02^2) (norms 1), as transformers initialises a Llama. Returns the bytes written.
+    """
+    import json as jsonlib
+
+    from transformers import LlamaForCausalLM
+
+    from dbconvert.checkpoint import atomic_write
+    from dbconvert.tensorio import write_safetensors
+
+    config = shape.hf_config()
+    config.tie_word_embeddings = tied
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = str(dtype).removeprefix("torch.")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    specs = {k: Spec(dtype, tuple(v.shape)) for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, spec in specs.items():
+        if size and size + spec.nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += spec.nbytes
+    gen = torch.Generator().manual_seed(seed)
+
+    def random(key: str) -> torch.Tensor:
+        spec = specs[key]
+        if key.endswith("norm.weight"):
+            return torch.ones(spec.shape, dtype=dtype)
+        return (torch.randn(spec.shape, generator=gen) * 0.02).to(dtype)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write(folder / name, lambda tmp, keys=keys: write_safetensors(tmp, {k: specs[k] for k in keys}, random,
+                                                                             {"format": "pt"}, on_tensor))
+        weight_map.update({k: name for k in keys})
+    total = sum(s.nbytes for s in specs.values())
+    (folder / "model.safetensors.index.json").write_text(jsonlib.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(str(folder))
+    return total

@@ -202,6 +202,26 @@ class LlamaFamily(Family):
         if cfg.checkpoint is not None:
             recipe.model = config_from_hf(cfg, read_hf_config(cfg.checkpoint))
 
+    def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
+                          on_tensor: Callable[[int], None] | None = None) -> list[str]:
+        """A random save_pretrained folder of the recipe's shape, a small BPE tokenizer in it, and a text file (the
+        built-in text when it is there) to train on. Output calibration is off: it measures nothing of memory."""
+        from dbconvert.families.llama.convert import write_random_hf_folder
+        from dbconvert.tokenizer import train_bpe
+
+        cfg = _cfg(recipe)
+        write_random_hf_folder(cfg.shape(), cfg.tie_embeddings, folder, dtype, seed, on_tensor)
+        text = folder / "train.txt"
+        words = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
+                 "but have an had they you were their one all we can her has there been if more when will would "
+                 "who so no").split()
+        gen = torch.Generator().manual_seed(seed)
+        lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=gen))
+                 for _ in range(400)]
+        text.write_text("\n".join(lines) + "\n")
+        train_bpe(lines, min(512, cfg.vocab_size), folder / "tokenizer.json")
+        return [f"model.checkpoint={folder}", f"data.source={text}", "data.kind=text", "model.calibrate_output=false"]
+
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         cfg = _cfg(recipe)
         net = LlamaBlockNet(cfg.shape(depth))
