@@ -238,7 +238,13 @@ def _open_or_split(recipe: Recipe, folder: Path, force: bool, log: Log) -> Run:
         from dbconvert.families import get_family
 
         run = Run.open(folder)
-        get_family(recipe.model.family).resolve(recipe)  # `auto` settings as split recorded them in the run
+        family = get_family(recipe.model.family)
+        family.resolve(recipe)  # `auto` settings as split recorded them in the run
+        if getattr(recipe.model, "storage_dtype", None) == "auto":  # as split settles it: float32 for a fresh network
+            if recipe.model.checkpoint is None:
+                recipe.model.storage_dtype = "float32"
+            else:
+                family.source(recipe)  # the checkpoint's dtype (its headers; no block is read)
         diff = _mismatch(run.recipe, recipe)
         if diff:
             raise RunError(f"{folder} holds this variant with other settings ({diff}); "

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from dbconvert.checkpoint import load_weights
 from dbconvert.families.dit.model import DiT, DiTShape
 from dbconvert.rundir import Run
+from dbconvert.source_ref import source_state
 from tests.cli_helpers import assert_user_error, invoke
 from tests.conftest import TINY_OVERRIDES
 from tests.families.test_dit_parameterization import reference_checkpoint
@@ -31,7 +32,8 @@ def same_weights(a: Path, b: Path) -> None:
 
 
 def assert_same_run_weights(a: Run, b: Run) -> None:
-    same_weights(a.source_weights, b.source_weights)
+    left, right = dict(source_state(a)), dict(source_state(b))  # a copy in the run, or the checkpoint by reference
+    assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
     for block in a.blocks:
         name = Run.block_name(block.index)
         same_weights(a.model_dir(name) / "model.safetensors", b.model_dir(name) / "model.safetensors")

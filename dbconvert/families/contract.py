@@ -63,11 +63,12 @@ class Source:
         """The whole source network in memory (built from `state` on first use: for small models and tests only;
         `split` never asks for it)."""
         if self._network is None:
-            from dbconvert.building import load_network
-
             if self.build is None:
                 raise DbconvertError("this source has no network builder")
-            self._network = load_network(self.build, dict(self.state), "source network")
+            network = self.build()
+            network.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+                                     for k, v in self.state.items()}, strict=True)
+            self._network = network
         return self._network
 
 
