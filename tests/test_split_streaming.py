@@ -1,0 +1,211 @@
+"""split streams a checkpoint: the blocks equal the in-memory conversion bit for bit, the checkpoint's dtype is
+kept, and the whole network is never in memory (a subprocess's peak RSS against the checkpoint's size)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dbconvert.config import load_recipe
+from dbconvert.families import get_family
+from dbconvert.families.contract import Source
+from dbconvert.families.llama.convert import convert_hf_state, hf_key_map, mod_keys, target_basis
+from dbconvert.families.llama.model import LlamaBlockNet, LlamaShape
+from dbconvert.split import split
+from tests.families.llama_tiny import tiny_overrides, write_corpus
+
+
+def old_conversion(hf_state: dict, shape: LlamaShape, tied: bool, seed: int, sigma_data: float = 0.5) -> dict:
+    """The conversion as it was written before it streamed: the whole network built after manual_seed(seed + 1),
+    its new parameters kept, the checkpoint's copied in (the reference the lazy conversion must equal)."""
+    from dbconvert.families.llama.convert import factor_head
+
+    key_map = hf_key_map(shape, tied)
+    mapped = {dst: hf_state[src].to(torch.float32).clone() for dst, src in key_map.items()}
+    if shape.head == "trainable" and shape.head_rank:
+        mapped = factor_head(mapped, shape.head_rank)
+    torch.manual_seed(seed + 1)
+    fresh = LlamaBlockNet(shape).state_dict()
+    embed = mapped["embed_tokens.weight"]
+    rms = embed.pow(2).mean(-1).sqrt().mean()
+    lift = target_basis(embed, shape.target_size).T if shape.projected_targets else torch.eye(shape.hidden_size)
+    fresh["noisy_in.weight"] = lift * rms * sigma_data * math.sqrt(shape.hidden_size)
+    new = {"noisy_in.weight", *(k for k in fresh if k.startswith("sigma_embed."))}
+    if shape.head == "tied-table":
+        new |= {"head_proj.weight"} if shape.projected_targets else {"head_scale"}
+        if shape.projected_targets:
+            fresh["head_proj.weight"] = lift.T.contiguous()
+    if shape.noisy_anchor:
+        mean = embed.mean(0)
+        fresh["noisy_in.weight"] *= 0.1
+        fresh["noisy_in.bias"] = mean / mean.norm().clamp_min(1e-12) * embed.norm(dim=-1).mean()
+        new.add("noisy_in.bias")
+    return {**{k: v for k, v in fresh.items() if k in new or k.endswith(mod_keys(shape))}, **mapped}
+
+
+BASE = LlamaShape(120, 32, 64, 3, 4, 2, 8, 64)
+
+
+@pytest.mark.parametrize("options", [{}, {"adaln_rank": 4}, {"noisy_anchor": True}, {"head": "tied-table"},
+                                     {"head": "tied-table", "target_dim": 16}, {"head_rank": 8}, {"target_dim": 16}])
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_lazy_llama_conversion_equals_the_whole_network_conversion(options: dict, tied: bool) -> None:
+    from transformers import LlamaForCausalLM
+
+    shape = dataclasses.replace(BASE, **options)
+    torch.manual_seed(3)
+    hf = {k: v.normal_() if v.ndim == 1 else v for k, v in LlamaForCausalLM(shape.hf_config()).state_dict().items()}
+    expected = old_conversion(hf, shape, tied, 5)
+    got = convert_hf_state(hf, shape, tied, 5).state_dict()
+    assert got.keys() == set(expected)
+    assert [k for k in got if not torch.equal(got[k], expected[k])] == []
+
+
+def llama_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, tie: bool = False, shard: str | None = None) -> Path:
+    from tests.families.test_llama import hf_llama
+    from tests.families.test_llama_tokenizer import save_tokenizer
+
+    model = hf_llama(folder.with_name(folder.name + "-first"), tie=tie)
+    with torch.no_grad():
+        for p in model.parameters():  # every tensor distinctive (norms of ones would hide a swapped key)
+            p.normal_(std=0.5)
+    model.to(dtype).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    save_tokenizer(folder)
+    return folder
+
+
+def in_memory_blocks(recipe, run) -> dict[str, dict[str, torch.Tensor]]:
+    """Every block as the in-memory way makes it: the whole source network built, then its state sliced."""
+    family = get_family(run.family_name)
+    source = family.source(run.recipe.model_copy(deep=True))
+    whole = Source.of_network(source.network, source.num_layers, shape=source.shape)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[run.recipe.model.storage_dtype]
+    return {run.block_name(b.index): {k: v.to(dtype) if v.is_floating_point() else v
+                                      for k, v in family.block_state(whole, *b.layers).items()} for b in run.blocks}
+
+
+def assert_blocks_equal(run, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    for name, state in expected.items():
+        got = load_file(str(run.model_dir(name) / "model.safetensors"))
+        assert got.keys() == state.keys(), name
+        assert all(v.dtype == dtype for v in got.values() if v.is_floating_point()), name
+        assert [k for k in got if not torch.equal(got[k], state[k])] == [], name
+
+
+@pytest.mark.parametrize("dtype,tie,shard", [(torch.float32, False, None), (torch.bfloat16, True, "40KB"),
+                                             (torch.bfloat16, False, None)])
+def test_a_streamed_llama_split_equals_the_in_memory_blocks(in_tmp: Path, dtype: torch.dtype, tie: bool,
+                                                            shard: str | None) -> None:
+    folder = llama_checkpoint(in_tmp / "hf", dtype, tie, shard)
+    assert (len(list(folder.glob("*.safetensors"))) > 1) == bool(shard)
+    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(write_corpus(in_tmp), **{
+        "model.checkpoint": str(folder), "blocks.num": 2, "model.calibrate_output": "false"}))
+    run = split(recipe, out=in_tmp / "run")
+    assert run.recipe.model.storage_dtype == {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    assert run.manifest["source"]["storage_dtype"] == run.recipe.model.storage_dtype
+    assert not (run.root / "source").exists()  # by reference: no second copy of the checkpoint
+    assert_blocks_equal(run, in_memory_blocks(recipe, run), dtype)
+
+
+def test_storage_dtype_overrides_the_checkpoints(in_tmp: Path) -> None:
+    folder = llama_checkpoint(in_tmp / "hf", torch.bfloat16)
+    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(write_corpus(in_tmp), **{
+        "model.checkpoint": str(folder), "blocks.num": 2, "model.storage_dtype": "float32"}))
+    run = split(recipe, out=in_tmp / "run")
+    assert run.recipe.model.storage_dtype == "float32"
+    assert_blocks_equal(run, in_memory_blocks(recipe, run), torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_a_streamed_dit_split_equals_the_in_memory_blocks(in_tmp: Path, fmt: str) -> None:
+    from tests.families.test_dit import _recipe, _tiny_reference
+
+    path, _ = _tiny_reference(in_tmp, True, "ema" if fmt == "pt" else None, fmt)
+    recipe = _recipe(path, learn_sigma=True, blocks=2)
+    run = split(recipe, out=in_tmp / "run")
+    assert run.manifest["source"]["by_reference"] and not (run.root / "source").exists()
+    assert_blocks_equal(run, in_memory_blocks(recipe, run), torch.float32)
+
+
+def test_a_vit_split_equals_the_in_memory_blocks(in_tmp: Path) -> None:
+    from tests.families.test_vit import recipe as vit_recipe
+    from tests.families.test_vit import tiny_timm
+
+    torch.save(tiny_timm().state_dict(), in_tmp / "vit.pth")
+    recipe = vit_recipe(f"model.checkpoint={in_tmp / 'vit.pth'}", "blocks.num=3")
+    run = split(recipe, out=in_tmp / "run")
+    assert_blocks_equal(run, in_memory_blocks(recipe, run), torch.float32)
+
+
+def test_a_legacy_pt_file_is_read_whole(in_tmp: Path) -> None:
+    from dbconvert.checkpoint import open_checkpoint
+
+    state = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
+    torch.save({"ema": state}, in_tmp / "old.pt", _use_new_zipfile_serialization=False)
+    lazy = open_checkpoint([in_tmp / "old.pt"])
+    assert set(lazy) == {"a", "b"} and torch.equal(lazy["a"], state["a"])
+    lazy.release()
+    assert torch.equal(lazy["b"], state["b"])
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, resource, sys
+    from pathlib import Path
+    from dbconvert.config import load_recipe
+    from dbconvert.split import split
+    from tests.families.llama_tiny import tiny_overrides
+
+    folder, corpus, out, blocks = sys.argv[1:5]
+    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(Path(corpus), **{
+        "model.checkpoint": folder, "blocks.num": blocks, "model.calibrate_output": "false",
+        "model.layers": 16, "model.hidden": 512, "model.heads": 8, "model.kv_heads": 8, "model.intermediate": 1536,
+        "model.vocab_size": 1024, "model.adaln_rank": 8}))
+    # A warm-up split of a tiny fresh network first: every lazy import (transformers, tokenizers) before the baseline.
+    split(load_recipe("llama-tiny-shakespeare", tiny_overrides(Path(corpus), **{"blocks.num": 2})), out=Path(out + "-warm"))
+    before = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    split(recipe, out=Path(out))
+    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+    print(json.dumps({"before": before, "peak": peak}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_split_never_holds_the_whole_network(in_tmp: Path) -> None:
+    """A 16-layer, 212 MiB float32 checkpoint split into 8 blocks (largest 33 MiB): the split's peak RSS above its
+    baseline stays within twice the largest block and a little (the whole-network split needed several times the
+    checkpoint's size)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.families.test_llama_tokenizer import save_tokenizer
+
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
+    with torch.device("meta"):
+        LlamaForCausalLM(cfg)  # the shape is valid
+    from dbconvert.families.llama.convert import write_random_hf_folder
+    from dbconvert.families.llama.model import LlamaShape
+
+    shape = LlamaShape(1024, 512, 1536, 16, 8, 8, 64, 64)
+    total = write_random_hf_folder(shape, False, in_tmp / "hf", torch.float32, 0)
+    save_tokenizer(in_tmp / "hf")
+    corpus = write_corpus(in_tmp)
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(in_tmp / "hf"), str(corpus), str(in_tmp / "run"), "8"],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    rss = json.loads(probe.stdout.strip().splitlines()[-1])
+    blocks = sorted((in_tmp / "run" / "blocks").glob("*/model.safetensors"))
+    largest = max(p.stat().st_size for p in blocks)
+    grown = rss["peak"] - rss["before"]
+    assert total > 100 * 2**20 and largest < total / 6
+    assert grown < 2 * largest + 24 * 2**20, (grown / 2**20, largest / 2**20, total / 2**20)
