@@ -153,6 +153,38 @@ def load_models(run: Run, model: str, weights: str, device: torch.device) -> lis
     return models
 
 
+class ResidentModels(Sequence[nn.Module]):
+    """The networks of `model` (as `load_models` gives them), each loaded when first asked for and at most
+    `resident` of them held at once (the least recently used is dropped).
+
+    An image sampler walks the blocks in order from high noise to low and never returns to a block it has left
+    (Heun's correction across a boundary evaluates the next block, which the following step keeps), so with
+    `resident=1` it holds one block's weights at a time, a peak no end-to-end network can offer. Text decoding
+    needs every block for every token and loads them all (`load_models`).
+    """
+
+    def __init__(self, run: Run, model: str, weights: str, device: torch.device, resident: int = 1) -> None:
+        run.require_trained(model)
+        self.run, self.model, self.weights, self.device, self.resident = run, model, weights, device, resident
+        self.targets = run.model_targets(model)
+        self.held: dict[int, nn.Module] = {}
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> nn.Module:  # type: ignore[override]
+        if index not in self.held:
+            while len(self.held) >= self.resident:
+                self.held.pop(next(iter(self.held)))
+            name, depth = self.targets[index]
+            self.held[index] = load_model(self.run, name, depth, self.model, self.weights, self.device)
+            self.loads += 1
+        else:
+            self.held[index] = self.held.pop(index)  # most recently used last
+        return self.held[index]
+
+
 def load_model(run: Run, name: str, depth: int, model: str, weights: str, device: torch.device) -> nn.Module:
     """One network of `run` (a block, e2e, a reference or the source), wrapped for generation on `device`.
 

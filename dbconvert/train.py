@@ -175,7 +175,6 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     if recipe.train.tensorboard:
         tblog.require_tensorboard()  # every rank fails alike, before any work
 
-    state = build_state(family, recipe, target.depth, run.noise(), device, target.objective)
     start = 0
     state_path = out_dir / STATE_FILE
     if main:
@@ -183,16 +182,18 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
         if restart:
             clear_training_state(out_dir, keep=target.init_weights)  # a kill before the next checkpoint must not resume the old run
     distributed.barrier(dist)
+    initial = None
+    if not state_path.exists():  # a new training: built straight from the weights it starts from
+        initial = source_state(run) if target.init_weights is None else load_weights(target.init_weights)
+    state = build_state(family, recipe, target.depth, run.noise(), device, target.objective, initial,
+                        f"initial weights of {target.name}")
+    del initial
     if state_path.exists():
         start, saved = _restore(state_path, state, target.name)
         if saved.get("batch_size") not in (None, global_batch) and main and start < n_total:
             note(f"{target.name}: resuming at step {start} with train.batch_size={global_batch} (the checkpoint was "
                  f"trained with {saved['batch_size']}); steps continue from {start}, later batches are drawn with the new "
                  "size, and the optimizer state is kept. Use --restart to start over with the new batch size.")
-    else:
-        init = source_state(run) if target.init_weights is None else load_weights(target.init_weights)
-        load_strict(state.network, init, f"initial weights of {target.name}")
-        state.ema.load_state_dict(state.network.state_dict())
     if main:
         _truncate_metrics(run.metrics_path(target.name), start)
     if start >= n_total:

@@ -7,6 +7,8 @@ optimizer step and EMA update.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -17,6 +19,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from dbconvert.building import load_network
 from dbconvert.config import Recipe
 from dbconvert.errors import DbconvertError
 from dbconvert.families.contract import Family
@@ -174,15 +177,22 @@ def checkpoint_layers(layers: list[nn.Module]) -> None:
 
 
 def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseProcess, device: torch.device,
-                objective: Objective = "denoiser") -> TrainingState:
-    """Network of `depth` layers wrapped for `objective`, its EMA copy, optimizer and precision on `device`."""
-    network = family.block_network(recipe, depth)
+                objective: Objective = "denoiser", initial: Mapping[str, torch.Tensor] | None = None,
+                what: str = "initial weights") -> TrainingState:
+    """Network of `depth` layers wrapped for `objective`, its EMA copy, optimizer and precision on `device`.
+
+    With `initial` (the weights training starts from) the network is built on the meta device and the weights
+    assigned, widened to float32 master weights one tensor at a time: no random init, no second copy. The EMA
+    copy is assigned clones of the network's tensors (it starts equal to them) in the same way.
+    """
+    factory = lambda: family.block_network(recipe, depth)  # noqa: E731
+    network = factory() if initial is None else load_network(factory, initial, what, torch.float32)
     if recipe.train.activation_checkpointing:
         checkpoint_layers(family.layers(network))
     model = family.ar_model(recipe, network) if objective != "denoiser" else family.denoiser(recipe, network, noise)
     model = model.to(device)
-    ema = family.block_network(recipe, depth).to(device).requires_grad_(False)
-    ema.load_state_dict(network.state_dict())
+    ema = load_network(factory, {k: v.detach().clone() for k, v in network.state_dict().items()}, "EMA copy")
+    ema = ema.to(device).requires_grad_(False)
     share_frozen(ema, network)
     trainable = [p for p in network.parameters() if p.requires_grad]
     autocast, scaler = precision_context(recipe.train.precision, device)

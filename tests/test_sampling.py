@@ -92,3 +92,28 @@ def test_result_names_keep_the_sign_of_the_guidance_exponent() -> None:
                             "sampler": {"solver": "heun", "steps": 4, "guidance": guidance}})
 
     assert name(1e30) != name(1e-30) and "g1e+30" in name(1e30)
+
+
+def test_image_sampling_holds_one_block_at_a_time(tiny_run, monkeypatch) -> None:  # noqa: ANN001
+    """The sampler walks the blocks from high noise to low: each is loaded once and dropped when the next comes
+    (Heun's correction across a boundary included), so one block's weights are resident at a time."""
+    from dbconvert import sampling
+    from dbconvert.sampling import SampleRequest
+    from dbconvert.train import train_block
+
+    for i in range(tiny_run.num_blocks):
+        train_block(tiny_run, i, progress=False)
+    seen: list[int] = []
+    real = sampling.ResidentModels.__getitem__
+
+    def spy(self, index):  # noqa: ANN001, ANN202
+        model = real(self, index)
+        seen.append(len(self.held))
+        spy.loads = self.loads
+        return model
+
+    monkeypatch.setattr(sampling.ResidentModels, "__getitem__", spy)
+    for solver in ("euler", "heun"):
+        result = tiny_run.family().generate(tiny_run, SampleRequest(steps=12, solver=solver, num=2))
+        assert max(seen) == 1 and spy.loads == tiny_run.num_blocks  # one at a time, each loaded once
+        assert sum(result.calls) == (12 if solver == "euler" else 23)

@@ -14,7 +14,7 @@ from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
 from dbconvert.progress import progress
 from dbconvert.rundir import Run
-from dbconvert.sampling import SampleRequest, SampleResult, edm_sample, guided, load_models
+from dbconvert.sampling import ResidentModels, SampleRequest, SampleResult, edm_sample, guided
 
 
 @dataclass
@@ -38,7 +38,7 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
         raise DbconvertError("guidance needs a class-conditional model; this one has model.num_classes=0 (use --guidance 1)")
 
     device = resolve_device(run.recipe.train.device)
-    models = load_models(run, request.model, weights, device)
+    models = ResidentModels(run, request.model, weights, device)  # one block at a time, high noise to low
     noise = run.noise()
     owned = run.owned_ranges() if request.model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
     ts = nz.edm_steps(steps, noise, run.recipe.sample.rho)
