@@ -109,7 +109,12 @@ def recorded_key_map(run: "Run") -> dict[str, str] | None:
         raise RunError(f"{path} is damaged; split again") from None
 
 
-def has_source(run: "Run") -> bool:
-    """Whether the run holds its source (a copy) or points at one (by reference)."""
-    return run.source_weights.is_file() or bool((run.manifest.get("source") or {}).get("by_reference"))
-
+def describe(run: "Run") -> str:
+    """One line on where the run's source is: a copy inside the run, or the checkpoint it points at."""
+    record = run.manifest.get("source") or {}
+    dtype = record.get("storage_dtype", "float32")
+    if record.get("by_reference"):
+        files = record["files"]
+        where = files[0]["path"] if len(files) == 1 else f"{len(files)} files in {Path(files[0]['path']).parent}"
+        return f"source: by reference to {where} (sha256 {str(record.get('sha256'))[:12]}...); blocks stored as {dtype}"
+    return f"source: a copy inside the run (source/model.safetensors); blocks stored as {dtype}"

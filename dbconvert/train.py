@@ -375,7 +375,9 @@ def _checkpoint(out_dir: Path, state: TrainingState, step: int, total: int, name
 def _export(out_dir: Path, state: TrainingState, step: int, total: int, name: str, batch_size: int) -> None:
     save_weights(out_dir / "model.safetensors", state.network.state_dict(), metadata={"step": str(step)})
     save_weights(out_dir / "ema.safetensors", state.ema.state_dict(), metadata={"step": str(step)})
-    write_json(out_dir / "state.json", {"step": step, "total_steps": total, "target": name, "batch_size": batch_size})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.network.state_dict().values() if t.is_floating_point()})
+    write_json(out_dir / "state.json", {"step": step, "total_steps": total, "target": name, "batch_size": batch_size,
+                                        "weights_dtype": ",".join(dtypes)})  # what training kept (split's: the manifest)
 
 
 def exports_match(out_dir: Path, step: int) -> bool:

@@ -32,6 +32,10 @@ def test_by_reference_and_a_copy_sample_export_and_train_alike(in_tmp: Path) -> 
     assert not (ref.root / "source").exists() and ref.manifest["source"]["by_reference"]
     assert (copy.root / "source" / "model.safetensors").is_file() and "by_reference" not in copy.manifest["source"]
     assert [f["path"] for f in ref.manifest["source"]["files"]] == [str((in_tmp / "hf" / "model.safetensors").resolve())]
+    info = invoke("info", "--run", ref.root)
+    assert info.exit_code == 0 and f"source: by reference to {(in_tmp / 'hf' / 'model.safetensors').resolve()}" in info.stdout
+    assert "blocks stored as bfloat16" in info.stdout
+    assert "source: a copy inside the run" in invoke("info", "--run", copy.root).stdout
     a, b = dict(source_state(ref)), dict(source_state(copy))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.bfloat16 for k in a)
     texts = []

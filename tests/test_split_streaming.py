@@ -209,3 +209,18 @@ def test_split_never_holds_the_whole_network(in_tmp: Path) -> None:
     grown = rss["peak"] - rss["before"]
     assert total > 100 * 2**20 and largest < total / 6
     assert grown < 2 * largest + 24 * 2**20, (grown / 2**20, largest / 2**20, total / 2**20)
+
+
+def test_a_bf16_run_trains_float32_master_weights_and_says_so(in_tmp: Path) -> None:
+    from dbconvert.train import train_block
+
+    folder = llama_checkpoint(in_tmp / "hf", torch.bfloat16)
+    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(write_corpus(in_tmp), **{
+        "model.checkpoint": str(folder), "blocks.num": 2, "train.steps": 2}))
+    run = split(recipe, out=in_tmp / "run")
+    block = run.model_dir("block-00")
+    assert load_file(str(block / "init.safetensors"))["norm.weight"].dtype == torch.bfloat16
+    train_block(run, 0, progress=False)
+    assert load_file(str(block / "model.safetensors"))["norm.weight"].dtype == torch.float32
+    assert json.loads((block / "state.json").read_text())["weights_dtype"] == "float32"
+    assert run.manifest["source"]["storage_dtype"] == "bfloat16"

@@ -266,6 +266,7 @@ def split_cmd(
 def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json", help="Print the blocks as JSON.")] = False) -> None:
     """Show the current run's blocks: layers, sigma ranges, mass, parameters, training progress."""
     from dbconvert.rundir import resolve_run
+    from dbconvert.source_ref import describe as describe_source
 
     opened = resolve_run(run)
     if as_json:
@@ -273,6 +274,7 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
         return
     print_table(blocks_table(opened))
     console.print(parameterization_line(opened), highlight=False, markup=False, soft_wrap=True)
+    console.print(describe_source(opened), highlight=False, markup=False, soft_wrap=True)
     for note in opened.notes:
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     e2e = opened.status("e2e")
