@@ -275,6 +275,48 @@ def test_no_generic_module_asks_which_metric_or_noise_process_it_has() -> None:
     assert [line for line, _ in sniffing(code, names, set())] == [1, 2, 3]
 
 
+def reference_kinds() -> set[str]:
+    """The model kinds of the registered families' plain references (`Family.reference_kind`: ar, classifier)."""
+    from dbconvert.families import family_names, get_family
+
+    return {k for k in (get_family(n).reference_kind for n in family_names()) if k}
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """The ids of the docstring constants of a module, its classes and functions (and attribute docstrings)."""
+    out = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            out |= {id(s.value) for s in body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)}
+    return out
+
+
+def kind_literals(tree: ast.AST, kinds: set[str]) -> Iterator[tuple[int, str]]:
+    """Every string constant (outside docstrings and f-string pieces) that is exactly a reference's model kind."""
+    skip = docstrings(tree) | {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in kinds and id(node) not in skip:
+            yield node.lineno, f"names the model kind {node.value!r} (use Family.reference_kind)"
+
+
+def test_the_model_kind_check_catches_what_it_should() -> None:
+    kinds = reference_kinds()
+    assert {"ar", "classifier"} <= kinds
+    code = ast.parse('"""ar"""\nx == "ar"\nd["classifier"]\n("e2e", "ar")\n"ar" + CKPT\nf"{x}ar"\n"a ar b"\n'
+                     'def f():\n    """classifier"""\n')
+    assert [line for line, _ in kind_literals(code, kinds)] == [2, 3, 4, 5]
+
+
+def test_no_module_outside_families_names_a_model_kind() -> None:
+    """Which plain reference a family has (an AR LM, a classifier) is the family's: generic code asks `reference_kind`."""
+    kinds = reference_kinds()
+    found = [f"{name}:{line} {what}" for name, path in MODULES.items()
+             if not path.is_relative_to(PACKAGE / "families")
+             for line, what in kind_literals(parse(name), kinds)]
+    assert not found, "\n".join(found)
+
+
 def test_no_module_outside_families_imports_a_family_package() -> None:
     """Generic code reaches a family through the registry, never by importing its package."""
     names, _ = family_names_and_fields()

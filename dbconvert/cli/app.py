@@ -283,7 +283,8 @@ def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | No
     run = resolve_run(run_dir)
     target = block_target(run, index) if index is not None else e2e_target(run, objective)  # validates first
     resolved = training_recipe(run, overrides, steps, epochs)  # the values that will be used, --steps included
-    what = f"block {index}" if index is not None else {"e2e": "e2e baseline", "ar": "AR reference"}.get(target.name, f"{target.name} reference")
+    what = (f"block {index}" if index is not None else "e2e baseline" if target.name == "e2e"
+            else f"{run.family().reference_title} ({target.name})")
     dist = from_env()  # under torchrun only rank 0 talks
     if dist.is_main:
         announce(f"training {what} of {run.root}", {

@@ -112,6 +112,8 @@ class LlamaFamily(Family):
     metrics = ("mauve", "genppl", "bpc")
     sample_options_type = TextSampleOptions
     model_kinds = ("blocks", "e2e", "ar", "source")
+    reference_kind = "ar"
+    reference_title = "plain causal LM"
     generated_unit = "token"
     protocol_units = 1000 * 5 * 50  # SEDD's conditional MAUVE protocol, as the paper runs it
     noise_processes = ("edm", "masking")
@@ -342,17 +344,17 @@ class LlamaFamily(Family):
     def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
         """The converted source is a causal LM (its noise modulation is still zero): decode it like `ar`."""
         if model in ("ar", "source"):
-            return self.ar_model(recipe, network)
+            return self.reference_model(recipe, network)
         return self.denoiser(recipe, network, noise)
 
-    def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
+    def reference_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
         assert isinstance(network, LlamaBlockNet)
         if network.shape.head == "tied-table":
             network.attach_table(self.table())
         return CausalLM(network)
 
-    def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
-                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def reference_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
+                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
         return ar_loss(model, batch[0])
 
     # -- export ----------------------------------------------------------------------------
