@@ -19,6 +19,7 @@ from dbconvert.noise_process import owner_of
 from dbconvert.checkpoint import load_strict, load_weights
 from dbconvert.errors import DbconvertError
 from dbconvert.rundir import Run
+from dbconvert.solvers import check_solver, get_solver
 
 if TYPE_CHECKING:
     from dbconvert.schema import SampleConfig
@@ -70,14 +71,14 @@ class SamplerSettings:
     rho: float
 
 
-SOLVERS = ("euler", "heun")
 WEIGHTS = ("ema", "model")
 
 
 def check_sampler_choices(solver: str | None, weights: str | None) -> None:
-    """The one check of --solver / --weights (None = the recipe's, which its schema has checked)."""
-    if solver is not None and solver not in SOLVERS:
-        raise DbconvertError(f"--solver must be {' or '.join(SOLVERS)}, not {solver!r}")
+    """The one check of --solver / --weights (None = the recipe's, which its schema has checked); the solvers
+    are those of the registry (`solvers.py`)."""
+    if solver is not None:
+        check_solver(solver)
     if weights is not None and weights not in WEIGHTS:
         raise DbconvertError(f"--weights must be {' or '.join(WEIGHTS)}, not {weights!r}")
 
@@ -114,16 +115,16 @@ def edm_sample(
     z: torch.Tensor,
     solver: str = "euler",
 ) -> torch.Tensor:
-    """Integrate the probability-flow ODE over the steps `ts` (ending in 0) from z = t_0 * eps."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}")
+    """Integrate the probability-flow ODE over the steps `ts` (ending in 0) from z = t_0 * eps with the registered
+    `solver` (`solvers.py`), each evaluation by the block that owns its level."""
+    step = get_solver(solver)
+    blocks = list(owned)
+
+    def denoised(x: torch.Tensor, level: float) -> torch.Tensor:
+        return denoise(owner_of(level, blocks), x, level)
+
     for t, t_next in zip(ts[:-1], ts[1:]):
-        d = (z - denoise(owner_of(t, list(owned)), z, t)) / t
-        z_next = z + (t_next - t) * d
-        if solver == "heun" and t_next > 0:
-            d_next = (z_next - denoise(owner_of(t_next, list(owned)), z_next, t_next)) / t_next
-            z_next = z + (t_next - t) * 0.5 * (d + d_next)
-        z = z_next
+        z = step(denoised, z, t, t_next)
     return z
 
 

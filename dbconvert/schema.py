@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dbconvert.noise_process import NoiseProcess, process_class, process_names
+from dbconvert.solvers import SOLVERS, solver_choices, solver_names
 
 
 class Section(BaseModel):
@@ -180,7 +181,8 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     steps: int = Field(50, ge=1)
-    solver: Literal["euler", "heun"] = "euler"
+    solver: str = next(iter(SOLVERS))
+    """The sampling solver (`solvers.py`'s registry: euler, heun, or one registered at run time)."""
     guidance: float = Field(1.0, ge=0.0)
     rho: float = Field(7.0, gt=0)
     temperature: float = Field(1.0, ge=0.0)
@@ -193,6 +195,13 @@ class SampleConfig(Section):
     num: int = Field(64, ge=1)
     seed: int = 0
     weights: Literal["ema", "model"] = "ema"
+
+    @field_validator("solver")
+    @classmethod
+    def _registered_solver(cls, value: str) -> str:
+        if value not in solver_names():
+            raise ValueError(f"must be {solver_choices()}")
+        return value
 
 
 class OutputConfig(Section):

@@ -261,10 +261,10 @@ def test_no_module_outside_families_asks_which_family_it_has() -> None:
 
 def test_no_generic_module_asks_which_metric_or_noise_process_it_has() -> None:
     """Metrics and noise processes are plug-ins: only their own modules (and the registries' tables) name them."""
-    from dbconvert.evaluation.metric import METRICS
-    from dbconvert.noise_process import PROCESSES
+    from dbconvert.evaluation.metric import metric_names
+    from dbconvert.noise_process import process_names
 
-    names = set(METRICS) | set(PROCESSES)
+    names = set(metric_names()) | set(process_names())
     own = {PACKAGE / "evaluation" / "fid.py", PACKAGE / "evaluation" / "mauve.py", PACKAGE / "noise.py"}
     found = [f"{name}:{line} {what}" for name, path in MODULES.items()
              if path not in own and not path.is_relative_to(PACKAGE / "families")
@@ -327,14 +327,51 @@ def test_no_module_outside_families_imports_a_family_package() -> None:
     assert not found, "\n".join(found)
 
 
-@pytest.mark.parametrize("module", ["dbconvert.families.dit.family", "dbconvert.families.llama.family",
-                                    "dbconvert.families.vit.family"])
-def test_builtin_families_fulfil_the_contract(module: str) -> None:
-    """Every abstract method of Family is implemented (instantiation would fail otherwise)."""
-    from importlib import import_module
+def family_module_strings(tree: ast.AST, packages: tuple[str, ...]) -> Iterator[tuple[int, str]]:
+    """String constants naming a module inside a family package ("dbconvert.families.vit.metrics:Accuracy")."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(packages):
+            yield node.lineno, f"names {node.value!r}, inside a family package (let the family register it)"
 
+
+def test_the_family_module_string_check_catches_what_it_should() -> None:
+    code = ast.parse('x = {"a": "dbconvert.families.vit.metrics:AccuracyMetric"}\ny = "dbconvert.evaluation.fid:F"\n'
+                     'z = "dbconvert.families.llama"\n')
+    packages = ("dbconvert.families.vit", "dbconvert.families.llama")
+    assert sorted(line for line, _ in family_module_strings(code, packages)) == [1, 3]
+
+
+def test_no_module_outside_families_names_a_family_module_in_a_string() -> None:
+    """A registry entry pointing into a family package (a metric, a solver) belongs to the family, not generic code."""
+    names, _ = family_names_and_fields()
+    packages = tuple(f"dbconvert.families.{n}" for n in names)
+    found = [f"{name}:{line} {what}" for name, path in MODULES.items()
+             if not path.is_relative_to(PACKAGE / "families")
+             for line, what in family_module_strings(parse(name), packages)]
+    assert not found, "\n".join(found)
+
+
+def builtin_families() -> list[str]:
+    from dbconvert.families import FAMILIES
+
+    return sorted(FAMILIES)
+
+
+def test_the_family_list_is_the_registry() -> None:
+    """The parametrised checks below cover every built-in family, whatever their number."""
+    assert {"dit", "llama", "vit"} <= set(builtin_families())
+
+
+@pytest.mark.parametrize("name", builtin_families())
+def test_builtin_families_fulfil_the_contract(name: str) -> None:
+    """Every abstract method of Family is implemented (instantiation would fail otherwise); its config is the
+    schema's, and the metrics it lists are registered."""
+    from dbconvert.evaluation.metric import metric_names
+    from dbconvert.families import REGISTRY, config_class
     from dbconvert.families.contract import Family
+    from dbconvert.schema import ModelConfig
 
-    classes = [c for c in vars(import_module(module)).values()
-               if isinstance(c, type) and issubclass(c, Family) and c is not Family]
-    assert classes and all(not c.__abstractmethods__ for c in classes)
+    cls = REGISTRY.load(name)
+    assert isinstance(cls, type) and issubclass(cls, Family) and not cls.__abstractmethods__
+    assert issubclass(config_class(name), ModelConfig) and cls.config_cls is config_class(name)
+    assert set(cls.metrics) <= set(metric_names()) and set(cls.own_metrics) <= set(cls.metrics)

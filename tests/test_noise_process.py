@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +15,7 @@ import yaml
 from dbconvert import noise as nz
 from dbconvert.config import load_recipe
 from dbconvert.errors import RecipeError
-from dbconvert.noise_process import NoiseProcess, owned_ranges, process_names, register_process
+from dbconvert.noise_process import NoiseProcess, owned_ranges, process_names, register_process, unregister_process
 from dbconvert.rundir import MANIFEST, Run
 from dbconvert.split import plan_blocks
 
@@ -87,8 +88,15 @@ class LinearProcess(NoiseProcess):
         return "t ~ U(0, 1)"
 
 
-def test_a_plugged_in_process_plans_blocks_with_the_generic_overlap_rule() -> None:
+@pytest.fixture
+def linear_toy() -> Iterator[str]:
+    """The toy process, registered for one test (one line), then unregistered."""
     register_process("linear-toy", f"{__name__}:LinearProcess")
+    yield "linear-toy"
+    unregister_process("linear-toy")
+
+
+def test_a_plugged_in_process_plans_blocks_with_the_generic_overlap_rule(linear_toy: str) -> None:
     recipe = load_recipe("dit-tiny-digits", [*TINY_OVERRIDES, "noise.process=linear-toy", "noise.partition=uniform",
                                              "noise.gamma=0.5"])
     _, plans = plan_blocks(recipe, 4)
@@ -99,12 +107,11 @@ def test_a_plugged_in_process_plans_blocks_with_the_generic_overlap_rule() -> No
         plan_blocks(load_recipe("dit-tiny-digits", [*TINY_OVERRIDES, "noise.process=linear-toy"]), 4)
 
 
-def test_unknown_process_and_a_process_the_family_does_not_take_are_one_line_errors(in_tmp) -> None:  # noqa: ANN001
+def test_unknown_process_and_a_process_the_family_does_not_take_are_one_line_errors(in_tmp, linear_toy) -> None:  # noqa: ANN001
     from tests.cli_helpers import assert_user_error, invoke
 
     assert_user_error(invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "noise.process=nope"),
-                      "unknown noise process 'nope'")
-    register_process("linear-toy", f"{__name__}:LinearProcess")
+                      "unknown noise process 'nope'; choose one of edm, linear-toy, masking")
     assert_user_error(invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "noise.process=linear-toy",
                              "noise.partition=uniform"), "does not apply to the dit family")
     assert not any(in_tmp.iterdir())

@@ -70,6 +70,9 @@ class Family(ABC):
     metrics: ClassVar[tuple[str, ...]]
     """The registered metrics (`evaluation/metric.py`) this family's runs can have, its default first
     (`metrics_for` says which apply to one recipe)."""
+    own_metrics: ClassVar[dict[str, str]] = {}
+    """The metrics this family brings, name -> "module:Class" of a `Metric` (ViT's accuracy): registering the
+    family registers them (`evaluation.metric.family_metrics`); generic code never names a family's module."""
     generated_unit: ClassVar[str] = "image"
     """What one sample is, for rates in `bench speed`: `image`, or `token` for text (one token = M steps)."""
     protocol_units: ClassVar[int] = 50_000

@@ -21,7 +21,6 @@ import pytest
 import dbconvert
 from dbconvert import families
 from dbconvert.config import load_recipe
-from dbconvert.evaluation.metric import register_metric, unregister_metric
 from dbconvert.errors import RecipeError
 from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest
@@ -46,12 +45,10 @@ sample: {steps: 16, num: 256}
 
 @pytest.fixture
 def toy() -> Iterator[str]:
-    """The toy family and its metric, registered for one test (one line each), then unregistered."""
+    """The toy family (and with it its own metric), registered for one test (one line), then unregistered."""
     families.register("toy", f"{MODULE}:ToyFamily", f"{MODULE}:ToyConfig")
-    register_metric("corner", f"{MODULE}:CornerMetric")
     yield "toy"
     families.unregister("toy")
-    unregister_metric("corner")
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ The source network is a residual MLP over `dim`-dimensional vectors: an input pr
 noise embedding (shared, copied into every block), `layers` residual MLP layers (cut into
 blocks), and an output head (shared). Its data are points of a fixed two-cluster mixture, so a
 few hundred CPU steps train it. Its metric, `corner` (`CornerMetric`: how far generated points lie
-from the data's cluster centres), is registered the same way, one line:
-
-    register_metric("corner", "tests.families.toy_family:CornerMetric")
+from the data's cluster centres), comes with the family (`ToyFamily.own_metrics`): registering the
+family registers it.
 
 `tests/families/test_contract.py` runs split, train-block, sample, bench, eval, eval compare, ablate and
 plot through them.
@@ -125,6 +124,7 @@ class ToyFamily(Family):
     name = "toy"
     config_cls = ToyConfig
     metrics = ("corner",)
+    own_metrics = {"corner": "tests.families.toy_family:CornerMetric"}
 
     def source(self, recipe: "Recipe") -> Source:
         cfg = _cfg(recipe)

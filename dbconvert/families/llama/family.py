@@ -110,6 +110,7 @@ class LlamaFamily(Family):
     name = "llama"
     config_cls = LlamaConfig
     metrics = ("mauve", "genppl", "bpc")
+    own_metrics = {"bpc": "dbconvert.families.llama.bpc:BPCMetric"}
     sample_options_type = TextSampleOptions
     model_kinds = ("blocks", "e2e", "ar", "source")
     reference_kind = "ar"

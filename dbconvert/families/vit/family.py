@@ -51,6 +51,7 @@ class ViTFamily(Family):
     name = "vit"
     config_cls = ViTConfig
     metrics = ("accuracy",)
+    own_metrics = {"accuracy": "dbconvert.families.vit.metrics:AccuracyMetric"}
     sample_options_type = ClassifySampleOptions
     generated_unit = "image"
     protocol_units = 10_000
