@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, get_args, get_type_hints
 
 import torch
 from torch import nn
@@ -56,6 +56,41 @@ class NoSampleOptions:
     """The sampling options of a family that has none beyond the shared ones."""
 
 
+def sample_flag(help: str, *, flag: str | None = None, min: float | None = None) -> dict[str, Any]:
+    """The `metadata` of a `sample_options_type` field that `dbconvert sample` offers as a flag:
+    `field(default=None, metadata=sample_flag("Generate this class only.", flag="--class"))`.
+
+    `flag` defaults to `--name-with-dashes`; `min` is the smallest value the flag takes. A field without it
+    (e.g. token-id prompts for evaluation) is a library option only."""
+    return {"help": help, "flag": flag, "min": min}
+
+
+@dataclass(frozen=True)
+class SampleFlag:
+    """One command-line flag of `dbconvert sample`, from a field of a family's `sample_options_type`."""
+
+    name: str
+    type: type
+    help: str
+    flag: str
+    min: float | None = None
+    default: Any = None
+    """Always None on the command line: an option not given is the family's default."""
+
+
+def sample_flags(options_type: type) -> list[SampleFlag]:
+    """The flags of a `sample_options_type` dataclass: its fields with `sample_flag` metadata, in order."""
+    hints = get_type_hints(options_type)
+    out = []
+    for f in fields(options_type):
+        if "help" not in f.metadata:
+            continue
+        kinds = [a for a in get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        out.append(SampleFlag(f.name, kinds[0], f.metadata["help"], f.metadata.get("flag") or
+                              "--" + f.name.replace("_", "-"), f.metadata.get("min")))
+    return out
+
+
 def shard_slice(local: int, shard: tuple[int, int]) -> tuple[int, slice]:
     """(global batch, this rank's slice of it) for a local batch of `local` examples."""
     rank, world = shard
@@ -84,7 +119,8 @@ class Family(ABC):
     noise_processes: ClassVar[tuple[str, ...]] = ("edm",)
     """The noise processes (`recipe.noise.process`, see `noise_process.py`) this family's objectives take."""
     sample_options_type: ClassVar[type] = NoSampleOptions
-    """A dataclass of the family's own sampling options (`SampleRequest.options`), e.g. guidance or prompts."""
+    """A dataclass of the family's own sampling options (`SampleRequest.options`), e.g. guidance or prompts; its
+    fields with `sample_flag` metadata are `dbconvert sample`'s flags (generated: nothing generic lists them)."""
     reference_kind: ClassVar[str | None] = None
     """The model kind of the family's separately trained plain reference (`train-e2e --objective KIND`, RUN/KIND/,
     one of `model_kinds`), built by `reference_model` and trained with `reference_loss`: `ar` (an autoregressive LM)
@@ -230,8 +266,11 @@ class Family(ABC):
     def sample_options(self, flags: dict[str, str] | None = None, **given: Any) -> Any:
         """The family's sampling options from keywords; a one-line error naming an option that does not apply.
 
-        `flags` maps an option to how the user wrote it (`class_label` -> `--class`; default `--name-with-dashes`).
+        `flags` maps an option to how the user wrote it (`class_label` -> `--class`; the CLI passes every family's);
+        default: this family's `sample_flag` metadata, else `--name-with-dashes`.
         """
+        if flags is None:
+            flags = {f.name: f.flag for f in sample_flags(self.sample_options_type)}
         names = {f.name for f in fields(self.sample_options_type)}
         unknown = [k for k in given if k not in names]
         if unknown:
@@ -279,3 +318,4 @@ class Family(ABC):
         autoregressive decoding, for `bench speed`: `tokens_per_s` by decoder, `reference` naming the decoder the
         others are compared with. None (the default): nothing of the kind to compare."""
         return None
+

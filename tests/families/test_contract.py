@@ -98,6 +98,16 @@ def test_split_train_sample_bench_through_the_cli(toy_recipe: Path) -> None:
     out = run.family().generate(run, SampleRequest(num=8, steps=10, solver="heun", out=Path("heun")))
     assert len(out.calls) == 2 and all(c > 0 for c in out.calls) and sum(out.calls) == 10 + 9
 
+    # the toy's own sampling option is a generated flag of `sample`; DiT's is a one-line error on a toy run
+    result = invoke("sample", "--clip", "0.1", "--num", "16", "--out", "clipped", "-q")
+    assert result.exit_code == 0, result.output
+    assert np.abs(np.load("clipped/samples.npz")["x"]).max() <= 0.1
+    assert_user_error(invoke("sample", "--guidance", "2", "-q"),
+                      "--guidance does not apply to a toy run (its sampling options: --clip); drop it")
+    assert_user_error(invoke("sample", "--clip", "-1", "-q"), "--clip")  # its declared minimum
+    shown = invoke("sample", "--help").stdout  # on a toy run: the toy's options, not the other families'
+    assert "--clip" in shown and "--guidance" not in shown and "--prompt" not in shown
+
     # the e2e baseline and the model kinds the family declares
     result = invoke("train-e2e", "--steps", "20", "-q")
     assert result.exit_code == 0, result.output
