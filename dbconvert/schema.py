@@ -112,12 +112,22 @@ class NoiseConfig(Section):
     sigma_data: float = Field(0.5, gt=0)
     p_mean: float = -1.2
     p_std: float = Field(1.2, gt=0)
-    partition: Literal["equiprobable", "uniform"] = "equiprobable"
+    partition: str = "equiprobable"
+    """One of the process's `NoiseProcess.partitions` (EDM and masking: equiprobable, uniform)."""
     gamma: float = Field(0.1, ge=0.0, le=1.0)
     schedule: Literal["linear", "cosine"] = "linear"
     """masking only: alpha(t), the probability a token is still unmasked at time t (`masking.py`)."""
     t_min: float = Field(1e-3, gt=0.0, lt=1.0)
     """masking only: the lowest masking time trained and bounded (the ELBO weight 1/t stays finite)."""
+
+    @field_validator("partition")
+    @classmethod
+    def _a_partition_of_the_process(cls, value: str, info: ValidationInfo) -> str:
+        process = info.data.get("process")
+        if process in process_names() and value not in process_class(process).partitions:
+            raise ValueError(f"{value} is not a partition of the {process} noise process; choose one of "
+                             f"{', '.join(process_class(process).partitions)}")
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> "NoiseConfig":

@@ -28,14 +28,15 @@ def test_edm_process_is_the_formulas_bit_for_bit() -> None:
     assert isinstance(process, nz.NoiseSettings) and process.name == "edm" and "edm" in process_names()
     settings = nz.NoiseSettings()
     assert process.boundaries(4, "equiprobable") == nz.boundaries(settings, 4, "equiprobable")
-    assert process.expand(0.1, 1.0, 0.1) == nz.expand_range(0.1, 1.0, 0.1, settings)
+    a = (1.0 / 0.1) ** 0.1  # DESIGN 2: [lo / a, hi * a], a = (hi / lo) ** gamma
+    assert process.expand(0.1, 1.0, 0.1) == (0.1 / a, 1.0 * a)
     assert process.mass(0.1, 1.0) == settings.truncated_mass(0.1, 1.0)
     assert process.schedule(7, 7.0) == nz.edm_steps(7, settings, 7.0)
     a = process.draw(64, 0.1, 1.0, torch.Generator().manual_seed(3))
     b = nz.sample_sigmas(64, 0.1, 1.0, settings, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     # the generic overlap rule (gamma times the width on each side, in ln sigma) is EDM's rule
-    assert NoiseProcess.expand(process, 0.1, 1.0, 0.1) == pytest.approx(nz.expand_range(0.1, 1.0, 0.1, settings))
+    assert NoiseProcess.expand(process, 0.1, 1.0, 0.1) == pytest.approx(settings.expand(0.1, 1.0, 0.1))
 
 
 def test_plan_blocks_goes_through_the_process() -> None:

@@ -599,13 +599,13 @@ def bench_speed_cmd(
 # --- ablate --------------------------------------------------------------------------------
 
 ablate_app = typer.Typer(help="The paper's ablations on a small scale: partition (Table 3), overlap gamma (Table 4), "
-                              "number of blocks (Table 5); each variant trained and scored by FID.",
+                              "number of blocks (Table 5); each variant trained and scored by its family's default metric (FID for DiT).",
                          no_args_is_help=True)
 app.add_typer(ablate_app, name="ablate")
 
 AblateStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps of every block of every variant (default: the recipe's train.steps).")]
 AblateOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Ablation folder, one run per variant (default: runs/RECIPE-ablate-KIND).")]
-AblateNumOpt = Annotated[int, typer.Option("--num", min=1, help="FID samples per variant (same sampling seed for all).")]
+AblateNumOpt = Annotated[int, typer.Option("--num", min=1, help="Samples the metric scores per variant (same sampling seed for all).")]
 AblateValuesOpt = Annotated[Optional[str], typer.Option("--values", help="Comma-separated values of the variable instead of the paper's set.")]
 AblateForceOpt = Annotated[bool, typer.Option("--force", help="Redo every variant from scratch instead of resuming.")]
 

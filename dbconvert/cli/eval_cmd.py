@@ -21,11 +21,11 @@ from rich.text import Text
 from dbconvert.cli.app import bold, console, err_console, handle_errors, print_table
 from dbconvert.cli.options import (JsonOpt, ModelOpt, QuietOpt, RunOpt, SampleStepsOpt, SeedOpt, SolverOpt, WeightsOpt,
                                    option_parameter)
-from dbconvert.evaluation.metric import Metric, get_metric, metric_names
+from dbconvert.evaluation.metric import Metric, get_metric, metric_names, nolog
 
 
 def _log(quiet: bool):  # noqa: ANN202
-    return (lambda msg: None) if quiet else (lambda msg: err_console.print(msg, highlight=False, markup=False))
+    return nolog if quiet else (lambda msg: err_console.print(msg, highlight=False, markup=False))
 
 
 def _report(result: dict, run, as_json: bool) -> None:  # noqa: ANN001

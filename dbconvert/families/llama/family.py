@@ -167,9 +167,6 @@ class LlamaFamily(Family):
                                 "computes what the source layer computes under full attention")
         return source
 
-    def resolve(self, recipe: "Recipe") -> None:
-        check_objective(recipe)
-
     def _source(self, recipe: "Recipe") -> Source:
         check_objective(recipe)
         cfg = _cfg(recipe)
