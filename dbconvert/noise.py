@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dbconvert.errors import RecipeError
-from dbconvert.noise_process import NoiseProcess, owned_ranges, owner_of
+from dbconvert.noise_process import NoiseProcess, owned_ranges, owner_of  # noqa: F401  (re-exported: nz.owner_of)
 
 if TYPE_CHECKING:
     from dbconvert.schema import NoiseConfig

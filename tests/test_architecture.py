@@ -86,7 +86,8 @@ def imports_in(importer: str, tree: ast.Module) -> list[Imported]:
             if target.split(".")[0] != "dbconvert":
                 continue
             plain = [a.name for a in node.names if f"{target}.{a.name}" not in MODULES]
-            out += [Imported(f"{target}.{a.name}", (), node.lineno) for a in node.names if f"{target}.{a.name}" in MODULES]
+            out += [Imported(f"{target}.{a.name}", (), node.lineno) for a in node.names
+                    if f"{target}.{a.name}" in MODULES]
             if plain:
                 out.append(Imported(target, tuple(plain), node.lineno))
     return out
@@ -226,7 +227,8 @@ def strings(node: ast.AST) -> set[str]:
 
 def sniffing(tree: ast.AST, names: set[str], fields: set[str]) -> Iterator[tuple[int, str]]:
     for node in ast.walk(tree):
-        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
+                                                 for op in node.ops):
             hit = set().union(*(strings(n) for n in (node.left, *node.comparators))) & names
             if hit:
                 yield node.lineno, f"compares with the family name {sorted(hit)[0]!r}"
@@ -296,7 +298,8 @@ def kind_literals(tree: ast.AST, kinds: set[str]) -> Iterator[tuple[int, str]]:
     """Every string constant (outside docstrings and f-string pieces) that is exactly a reference's model kind."""
     skip = docstrings(tree) | {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in kinds and id(node) not in skip:
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in kinds
+                and id(node) not in skip):
             yield node.lineno, f"names the model kind {node.value!r} (use Family.reference_kind)"
 
 
@@ -309,7 +312,8 @@ def test_the_model_kind_check_catches_what_it_should() -> None:
 
 
 def test_no_module_outside_families_names_a_model_kind() -> None:
-    """Which plain reference a family has (an AR LM, a classifier) is the family's: generic code asks `reference_kind`."""
+    """Which plain reference a family has (an AR LM, a classifier) is the family's: generic code asks
+    `reference_kind`."""
     kinds = reference_kinds()
     found = [f"{name}:{line} {what}" for name, path in MODULES.items()
              if not path.is_relative_to(PACKAGE / "families")

@@ -17,7 +17,8 @@ from dbconvert.solvers import solver_choices
 
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the last run split here).")]
 Overrides = Annotated[
-    Optional[list[str]], typer.Argument(help="Recipe overrides, key.sub=value (e.g. train.lr=3e-4).", show_default=False)
+    Optional[list[str]],
+    typer.Argument(help="Recipe overrides, key.sub=value (e.g. train.lr=3e-4).", show_default=False),
 ]
 TrainStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1,
                                                       help="Train for this many steps (overrides the recipe).")]
