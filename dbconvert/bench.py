@@ -7,7 +7,7 @@ step, blocks vs the whole network.
 
 Against what a user would turn on instead (issue 19): the deepest block and the e2e network are also
 measured with `train.activation_checkpointing` (every layer recomputed in backward), and for a family
-with an autoregressive reference the same layers trained as a plain causal LM, without and with it;
+with a plain reference (`Family.reference_kind`: a causal LM for text) the same layers trained as it, without and with it;
 beside each measured peak, the paper's App. G estimate from the P and A measured on that network.
 
 Networks are built fresh from the recipe through the family registry, with random weights
@@ -71,7 +71,9 @@ class BenchTarget:
     checkpointing: bool = False
     """train.activation_checkpointing for this target: every layer recomputed in backward."""
     objective: str = "denoiser"
-    """`denoiser`, or `ar`: the same network trained as a plain causal LM (families with an `ar` model kind)."""
+    """`denoiser`, or the family's `reference_kind` (`ar`: the same network trained as a plain causal LM)."""
+    title: str = ""
+    """How a reference target is called in reports (`Family.reference_title`)."""
     twin: str | None = None
     """The target measuring the same network without checkpointing (its P and A feed the App. G formula)."""
 
@@ -95,8 +97,8 @@ def bench_targets(recipe: Recipe, blocks: int, checkpointing: bool = False,
     """Every block of a B-way split (same layers and ranges as `split`), then the e2e network.
 
     With `checkpointing`, also the deepest block (the first of them) and the e2e network with activation
-    checkpointing, and, for families with an autoregressive reference (`ar` in `model_kinds`), that same
-    network as a plain causal LM without and with checkpointing: what a user would train instead.
+    checkpointing, and, for families with a plain reference (`Family.reference_kind`), that same
+    network trained as the reference without and with checkpointing: what a user would train instead.
     `every_block=False` keeps only the deepest block of the split (blocks of equal depth cost the same).
     """
     from dbconvert.split import plan_blocks, source_depth
@@ -118,9 +120,12 @@ def bench_targets(recipe: Recipe, blocks: int, checkpointing: bool = False,
     out.append(BenchTarget(deepest.name + CKPT, deepest.depth, deepest.layers, deepest.level_range, False, True,
                            twin=deepest.name))
     out.append(BenchTarget("e2e" + CKPT, total, (0, total), full, True, True, twin="e2e"))
-    if "ar" in get_family(recipe.model.family).model_kinds:
-        out.append(BenchTarget("ar", total, (0, total), full, True, objective="ar"))
-        out.append(BenchTarget("ar" + CKPT, total, (0, total), full, True, True, "ar", twin="ar"))
+    family = get_family(recipe.model.family)
+    ref = family.reference_kind
+    if ref is not None and ref in family.model_kinds:
+        title = family.reference_title
+        out.append(BenchTarget(ref, total, (0, total), full, True, objective=ref, title=title))
+        out.append(BenchTarget(ref + CKPT, total, (0, total), full, True, True, ref, twin=ref, title=title))
     return out
 
 
@@ -468,16 +473,20 @@ def bench_memory(
 
 
 def checkpointing_ratios(targets: list[BenchTarget], value: dict[str, float], unit: str) -> dict[str, Any]:
-    """The `checkpointing` entry of a result: the four (six with a causal LM) networks' values in `unit`
-    (`bytes` or `seconds`) and the ratio lines against a block with checkpointing."""
+    """The `checkpointing` entry of a result: the four (six with a plain reference) networks' values in `unit`
+    (`bytes` or `seconds`) and the ratio lines against a block with checkpointing; a reference's keys are named
+    by its kind (`ar`, `ar_ckpt`, `ar_over_block_ckpt`), and `reference` / `reference_title` say which it is."""
     block_ck = next(t.name for t in targets if t.checkpointing and not t.e2e)
     named = {"e2e": "e2e", "e2e_ckpt": "e2e" + CKPT, "block": block_ck.removesuffix(CKPT), "block_ckpt": block_ck}
-    if any(t.objective == "ar" for t in targets):
-        named.update({"ar": "ar", "ar_ckpt": "ar" + CKPT})
-    out: dict[str, Any] = {"unit": unit, "block_ckpt_target": block_ck,
+    ref = next((t for t in targets if t.objective != "denoiser" and not t.checkpointing), None)
+    extra: dict[str, Any] = {}
+    if ref is not None:
+        named.update({ref.name: ref.name, f"{ref.name}_ckpt": ref.name + CKPT})
+        extra = {"reference": ref.name, "reference_title": ref.title}
+    out: dict[str, Any] = {"unit": unit, "block_ckpt_target": block_ck, **extra,
                            **{key: value.get(name) for key, name in named.items()}}
-    for key in ("e2e", "e2e_ckpt", "ar", "ar_ckpt"):
-        if key in named:
+    for key in named:
+        if key not in ("block", "block_ckpt"):
             ok = out[key] is not None and out["block_ckpt"] is not None
             out[f"{key}_over_block_ckpt"] = out[key] / out["block_ckpt"] if ok else None
     return {"checkpointing": out}
@@ -674,9 +683,10 @@ def _ratio_lines(r: dict[str, Any], name: str) -> list[str]:
     ck = c["block_ckpt_target"]
     x = lambda key: "not measured" if c[key] is None or c[key] != c[key] else f"{c[key]:.2f}x"  # noqa: E731
     out = [f"{name} e2e / {ck}: {x('e2e_over_block_ckpt')}, e2e+ckpt / {ck}: {x('e2e_ckpt_over_block_ckpt')}"]
-    if "ar_over_block_ckpt" in c:
-        out.append(f"{name} the same network as a plain causal LM (ar) / {ck}: {x('ar_over_block_ckpt')}, "
-                   f"ar+ckpt / {ck}: {x('ar_ckpt_over_block_ckpt')}")
+    ref = c.get("reference")
+    if ref:
+        out.append(f"{name} the same network as a {c['reference_title']} ({ref}) / {ck}: {x(f'{ref}_over_block_ckpt')}, "
+                   f"{ref}+ckpt / {ck}: {x(f'{ref}_ckpt_over_block_ckpt')}")
     return out
 
 
@@ -705,15 +715,16 @@ def memory_report(r: dict[str, Any]) -> list[Any]:
                  "step; saved = bytes autograd kept for backward, exact (a lower bound of step).")
     formulas = ", ".join(f"{name} {row['app_g']['formula']} (P {_mib(row['app_g']['P'])}, A {_mib(row['app_g']['A'])})"
                          for name, row in r["breakdown"].items()
-                         if row["app_g"] and (name in ("e2e", "ar") or CKPT in name))
+                         if row["app_g"] and (name == "e2e" or row["objective"] != "denoiser" or CKPT in name))
     lines.append(f"App. G: the paper's estimate from P = trainable bytes of one layer and A = bytes one layer saves "
                  f"for backward (MiB), both measured on that network (a +ckpt row: on its twin without): {formulas}. "
                  "It leaves out the EMA and everything outside the layers (embedding, head, loss, allocator), which "
                  "is where a measured peak parts from it.")
     if "checkpointing" in r:
+        reference = r["checkpointing"].get("reference")
         lines.append("+ckpt: train.activation_checkpointing=true (every layer recomputed in backward)"
-                     + ("; ar: the same layers trained as a plain causal LM (next-token loss, AdamW)"
-                        if "ar" in r["breakdown"] else ""))
+                     + (f"; {reference}: the same layers trained as a {r['checkpointing'].get('reference_title')} "
+                        "(its own loss, the recipe's optimizer)" if reference else ""))
     return lines
 
 
@@ -733,8 +744,8 @@ def static_report(r: dict[str, Any]) -> list[Any]:
                         *_ratio_lines(r, "static ratio")]
     if "checkpointing" in r:
         lines.append("a +ckpt network holds the same tensors as its twin: checkpointing changes activations only, which "
-                     "the static part leaves out; an ar row counts every trainable parameter, also those a causal LM "
-                     "never uses (measured, they get no gradient or optimizer state)")
+                     "the static part leaves out; a reference row counts every trainable parameter, also those the "
+                     "reference never uses (measured, they get no gradient or optimizer state)")
     return lines
 
 
@@ -778,7 +789,7 @@ def decoding_report(d: dict[str, Any], device: str) -> list[Any]:
                         f"{d['new_tokens']} new tokens each, KV cache, {device})")
     for col in ("decoder", "tokens/s", "x AR"):
         table.add_column(col, justify="left" if col == "decoder" else "right")
-    ar = d["tokens_per_s"]["ar"]
+    ar = d["tokens_per_s"][d["reference"]]
     for name, rate in d["tokens_per_s"].items():
         table.add_row(name, f"{rate:,.1f}", f"{rate / ar:.2f}")
     return [table,

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 
 from dbconvert.checkpoint import STORAGE_DTYPES
@@ -60,20 +59,38 @@ def measured_process(args: list[str], env: dict[str, str] | None = None) -> dict
     ru_maxrss that wait4 reports for that child alone) and its last line of output."""
     with tempfile.TemporaryFile(mode="w+") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "dbconvert", *args], stdout=log, stderr=subprocess.STDOUT,
-                                text=True, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dbconvert", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         lines = log.read().strip().splitlines()
-    return {"returncode": proc.returncode, "seconds": seconds, "peak_rss_bytes": int(usage.ru_maxrss * 1024),
-            "output": lines[-1:]}
+    return {
+        "returncode": proc.returncode,
+        "seconds": seconds,
+        "peak_rss_bytes": int(usage.ru_maxrss * 1024),
+        "output": lines[-1:],
+    }
 
 
-def bench_split(recipe: Recipe, blocks: int, dtype: str = "bfloat16", train: bool = True, batch: int = 1,
-                context: int | None = None, directory: Path | None = None, keep: bool = False, seed: int = 0,
-                on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def bench_split(
+    recipe: Recipe,
+    blocks: int,
+    dtype: str = "bfloat16",
+    train: bool = True,
+    batch: int = 1,
+    context: int | None = None,
+    directory: Path | None = None,
+    keep: bool = False,
+    seed: int = 0,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Write a random `dtype` checkpoint of `recipe`'s architecture, split it into `blocks`, train one step of the
     deepest block (see the module docstring); returns the figures."""
     from dbconvert.bench import bench_static, with_blocks
@@ -92,8 +109,13 @@ def bench_split(recipe: Recipe, blocks: int, dtype: str = "bfloat16", train: boo
     base = Path(directory) if directory is not None else Path.cwd()
     base.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".dbconvert-bench-split-", dir=base))
-    out: dict[str, Any] = {"recipe": recipe.name, "blocks": blocks, "dtype": dtype, "folder": str(scratch),
-                           "machine": {"cpus": os.cpu_count(), "memory_bytes": _total_memory()}}
+    out: dict[str, Any] = {
+        "recipe": recipe.name,
+        "blocks": blocks,
+        "dtype": dtype,
+        "folder": str(scratch),
+        "machine": {"cpus": os.cpu_count(), "memory_bytes": _total_memory()},
+    }
     try:
         say(f"writing a random {dtype} checkpoint of {recipe.name} into {scratch}")
         t0 = time.perf_counter()
@@ -106,11 +128,18 @@ def bench_split(recipe: Recipe, blocks: int, dtype: str = "bfloat16", train: boo
         split = measured_process(["split", str(recipe_file), "--out", str(scratch / "run"), "--quiet"])
         if split["returncode"] != 0:
             raise DbconvertError(f"the split failed (exit {split['returncode']}): {' '.join(split['output'])}")
-        out["split"] = {"seconds": split["seconds"], "peak_rss_bytes": split["peak_rss_bytes"],
-                        "run_bytes": folder_bytes(scratch / "run")}
+        out["split"] = {
+            "seconds": split["seconds"],
+            "peak_rss_bytes": split["peak_rss_bytes"],
+            "run_bytes": folder_bytes(scratch / "run"),
+        }
         deepest = max(range(blocks), key=lambda i: ranges[i][1] - ranges[i][0])
-        static = bench_static(overridden(recipe, [*overrides, f"train.batch_size={batch}"]), blocks,
-                              checkpointing=False, every_block=False)
+        static = bench_static(
+            overridden(recipe, [*overrides, f"train.batch_size={batch}"]),
+            blocks,
+            checkpointing=False,
+            every_block=False,
+        )
         block_static = max(static["block_static_bytes"])
         largest_block = max(_block_file_bytes(scratch / "run"), default=0)
         out["largest_block_file_bytes"] = largest_block
@@ -121,14 +150,29 @@ def bench_split(recipe: Recipe, blocks: int, dtype: str = "bfloat16", train: boo
             out["train"]["why"] = "--no-train"
         elif available is not None and block_static > MEMORY_MARGIN * available:
             out["train"]["measured"] = False
-            out["train"]["why"] = (f"its static part alone ({block_static / 2**30:.1f} GiB) exceeds "
-                                   f"{MEMORY_MARGIN:.0%} of the {available / 2**30:.1f} GiB available")
+            out["train"]["why"] = (
+                f"its static part alone ({block_static / 2**30:.1f} GiB) exceeds "
+                f"{MEMORY_MARGIN:.0%} of the {available / 2**30:.1f} GiB available"
+            )
         else:
             say(f"training block {deepest} for one step (batch {batch}) in a fresh process")
-            step = measured_process(["train-block", str(deepest), "--run", str(scratch / "run"), "--steps", "1",
-                                     f"train.batch_size={batch}", "train.val_every=0", "train.device=cpu"])
+            step = measured_process(
+                [
+                    "train-block",
+                    str(deepest),
+                    "--run",
+                    str(scratch / "run"),
+                    "--steps",
+                    "1",
+                    f"train.batch_size={batch}",
+                    "train.val_every=0",
+                    "train.device=cpu",
+                ]
+            )
             if step["returncode"] != 0:
-                raise DbconvertError(f"the training step failed (exit {step['returncode']}): {' '.join(step['output'])}")
+                raise DbconvertError(
+                    f"the training step failed (exit {step['returncode']}): {' '.join(step['output'])}"
+                )
             out["train"].update(measured=True, seconds=step["seconds"], peak_rss_bytes=step["peak_rss_bytes"])
         return out
     finally:
@@ -158,22 +202,41 @@ def split_report(r: dict[str, Any]) -> list[Any]:
 
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     table = Table(title=f"split of a random {r['dtype']} checkpoint ({r['recipe']}, B={r['blocks']})")
-    for col in ("checkpoint GiB", "split s", "split peak RSS GiB", "x checkpoint", "largest block GiB",
-                "run on disk GiB", "train step peak RSS GiB"):
+    for col in (
+        "checkpoint GiB",
+        "split s",
+        "split peak RSS GiB",
+        "x checkpoint",
+        "largest block GiB",
+        "run on disk GiB",
+        "train step peak RSS GiB",
+    ):
         table.add_column(col, justify="right")
     s, t = r["split"], r["train"]
     step = gib(t["peak_rss_bytes"]) if t.get("measured") else f"{gib(t['static_bytes'])} (static)"
-    table.add_row(gib(r["checkpoint_bytes"]), f"{s['seconds']:.0f}", gib(s["peak_rss_bytes"]),
-                  f"{s['peak_rss_bytes'] / max(r['checkpoint_bytes'], 1):.2f}", gib(r["largest_block_file_bytes"]),
-                  gib(s["run_bytes"]), step)
+    table.add_row(
+        gib(r["checkpoint_bytes"]),
+        f"{s['seconds']:.0f}",
+        gib(s["peak_rss_bytes"]),
+        f"{s['peak_rss_bytes'] / max(r['checkpoint_bytes'], 1):.2f}",
+        gib(r["largest_block_file_bytes"]),
+        gib(s["run_bytes"]),
+        step,
+    )
     lines: list[Any] = [table]
     if not t.get("measured"):
-        lines.append(f"block {t['block']} was not trained: {t['why']}; its static training bytes (parameters, "
-                     "gradients, optimizer state, EMA; no activations) are shown")
+        lines.append(
+            f"block {t['block']} was not trained: {t['why']}; its static training bytes (parameters, "
+            "gradients, optimizer state, EMA; no activations) are shown"
+        )
     else:
-        lines.append(f"the training step is block {t['block']} (the deepest), batch {t['batch']}, on the CPU, in "
-                     f"{t['seconds']:.0f} s including start-up")
+        lines.append(
+            f"the training step is block {t['block']} (the deepest), batch {t['batch']}, on the CPU, in "
+            f"{t['seconds']:.0f} s including start-up"
+        )
     mem = r["machine"]["memory_bytes"]
-    lines.append(f"machine: {r['machine']['cpus']} CPUs, {gib(mem) if mem else '?'} GiB; peak RSS is the fresh "
-                 "process's ru_maxrss (Python, torch and the libraries it loads included)")
+    lines.append(
+        f"machine: {r['machine']['cpus']} CPUs, {gib(mem) if mem else '?'} GiB; peak RSS is the fresh "
+        "process's ru_maxrss (Python, torch and the libraries it loads included)"
+    )
     return lines

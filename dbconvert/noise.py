@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dbconvert.errors import RecipeError
-from dbconvert.noise_process import NoiseProcess, owned_ranges, owner_of
+from dbconvert.noise_process import NoiseProcess, owned_ranges, owner_of  # noqa: F401  (re-exported: nz.owner_of)
 
 if TYPE_CHECKING:
     from dbconvert.schema import NoiseConfig
@@ -81,7 +81,10 @@ class NoiseSettings(NoiseProcess):
         return boundaries(self, num_blocks, partition)
 
     def expand(self, lo: float, hi: float, gamma: float) -> tuple[float, float]:
-        return expand_range(lo, hi, gamma, self)
+        """DESIGN 2's overlap in closed form: [lo / a, hi * a], a = (hi / lo) ** gamma, clamped to [sigma_min,
+        sigma_max] (what `NoiseProcess.expand` computes in ln sigma, without its rounding)."""
+        a = (hi / lo) ** gamma
+        return max(lo / a, self.sigma_min), min(hi * a, self.sigma_max)
 
     def mass(self, lo: float, hi: float) -> float:
         return self.truncated_mass(lo, hi)
@@ -119,9 +122,6 @@ def _phi_inv(u: float) -> float:
     return _SQRT2 * torch.erfinv(torch.tensor(2.0 * u - 1.0, dtype=torch.float64)).item()
 
 
-PARTITIONS = ("equiprobable", "uniform")
-
-
 def boundaries(noise: NoiseSettings, num_blocks: int, partition: str = "equiprobable") -> list[float]:
     """The B+1 increasing sigma boundaries b_0 = sigma_min < ... < b_B = sigma_max.
 
@@ -137,14 +137,8 @@ def boundaries(noise: NoiseSettings, num_blocks: int, partition: str = "equiprob
         a, b = math.log(noise.sigma_min), math.log(noise.sigma_max)
         inner = [math.exp(a + k / num_blocks * (b - a)) for k in range(1, num_blocks)]
     else:
-        raise ValueError(f"unknown partition {partition!r}; choose one of {PARTITIONS}")
+        raise ValueError(f"unknown partition {partition!r}; choose one of {', '.join(noise.partitions)}")
     return [noise.sigma_min, *inner, noise.sigma_max]
-
-
-def expand_range(lo: float, hi: float, gamma: float, noise: NoiseSettings) -> tuple[float, float]:
-    """Training range with overlap: [lo / a, hi * a], a = (hi / lo) ** gamma, clamped to [sigma_min, sigma_max]."""
-    a = (hi / lo) ** gamma
-    return max(lo / a, noise.sigma_min), min(hi * a, noise.sigma_max)
 
 
 def truncated_quantile(u: torch.Tensor, lo: float, hi: float, noise: NoiseSettings) -> torch.Tensor:
@@ -195,6 +189,14 @@ def c_in(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
 
 def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(sigma) / 4.0
+
+
+def sigma_to_timestep(sigma: torch.Tensor, noise: NoiseSettings, top: float = 999.0) -> torch.Tensor:
+    """EDM c_noise mapped affinely onto a timestep embedder's range [0, top] (sigma_min -> 0, sigma_max -> top):
+    how DiT and ViT feed the noise level to the timestep embedder they were built with."""
+    lo = c_noise(torch.tensor(noise.sigma_min, dtype=torch.float64)).item()
+    hi = c_noise(torch.tensor(noise.sigma_max, dtype=torch.float64)).item()
+    return top * (c_noise(sigma) - lo) / (hi - lo)
 
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A run's noise process fixes what a "noise level" is and how blocks share them out. The default is the
 variance-exploding EDM process (`noise.NoiseSettings`: continuous sigma, log-normal training density;
 DESIGN 2). A discrete masking process (masked diffusion: a masking time t in [0, 1]) plugs in the same
-way: one `NoiseProcess` subclass and one entry in `PROCESSES` (or `register_process` at run time).
+way: one `NoiseProcess` subclass and one entry in `PROCESSES` (or `register_process` at run time, which
+`$DBCONVERT_NOISE_PROCESSES` hands to the processes dbconvert starts).
 
 Generic code only calls these methods; it never tests a process's name or reads its fields:
 
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from importlib import import_module
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
+
+from dbconvert.registry import Registry
 
 if TYPE_CHECKING:
     from dbconvert.schema import NoiseConfig
@@ -34,7 +36,11 @@ PROCESSES: dict[str, str] = {
 }
 """process name -> "module:Class" of its `NoiseProcess` subclass (imported on first use)."""
 
-_runtime: dict[str, str] = {}
+PROCESSES_ENV = "DBCONVERT_NOISE_PROCESSES"
+"""Noise processes registered at run time, as JSON {name: "module:Class"} (handed to child processes)."""
+
+REGISTRY = Registry("noise process", PROCESSES, PROCESSES_ENV, error=ValueError)
+"""The noise processes (`registry.Registry`); an unknown name is a ValueError (the recipe schema reports it)."""
 
 
 class NoiseProcess(ABC):
@@ -143,22 +149,22 @@ def owner_of(level: float, owned: Sequence[tuple[float, float]]) -> int:
 
 
 def process_names() -> list[str]:
-    return sorted({**PROCESSES, **_runtime})
+    return REGISTRY.names()
 
 
 def register_process(name: str, path: str) -> None:
-    """Register a process by "module:Class" (plug-ins and tests)."""
-    _runtime[name] = path
+    """Register a process by "module:Class" (plug-ins and tests); child processes inherit it."""
+    REGISTRY.register(name, path)
+
+
+def unregister_process(name: str) -> None:
+    REGISTRY.unregister(name)
 
 
 def process_class(name: str) -> type[NoiseProcess]:
     """The class of the process called `name` (ValueError naming the choices otherwise)."""
-    table = {**PROCESSES, **_runtime}
-    if name not in table:
-        raise ValueError(f"unknown noise process {name!r}; choose one of {', '.join(process_names())}")
-    module, _, attr = table[name].partition(":")
-    return getattr(import_module(module), attr)
+    return REGISTRY.load(name)
 
 
-__all__ = ["PROCESSES", "NoiseProcess", "owned_ranges", "owner_of", "process_class", "process_names",
-           "register_process"]
+__all__ = ["PROCESSES", "PROCESSES_ENV", "REGISTRY", "NoiseProcess", "owned_ranges", "owner_of", "process_class",
+           "process_names", "register_process", "unregister_process"]

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "manifest.yaml"
 POINTER = Path(".dbconvert") / "current-run"
-SINGLE_MODELS = ("e2e", "ar", "classifier", "source")
-"""Models stored as one network in a folder of their own name (blocks live under blocks/)."""
+BLOCK_PREFIX = "block-"
+"""Blocks live under blocks/ (`block_name`); every other model (e2e, source, the family's `reference_kind`) is one
+network in a folder of its own name."""
 ORIENTATION = "block 0 = first source layers = highest noise; block B-1 = last layers = lowest noise"
 
 
@@ -165,11 +166,11 @@ class Run:
     # -- paths -----------------------------------------------------------------------------
 
     def model_dir(self, name: str) -> Path:
-        """`block-02` -> blocks/block-02; `e2e`, `ar`, `source` -> a folder of that name."""
-        return self.root / name if name in SINGLE_MODELS else self.root / "blocks" / name
+        """`block-02` -> blocks/block-02; `e2e`, `source`, the family's reference (`ar`, ...) -> a folder of that name."""
+        return self.root / "blocks" / name if name.startswith(BLOCK_PREFIX) else self.root / name
 
     def model_targets(self, model: str) -> list[tuple[str, int]]:
-        """(name, depth) of every network that makes up `model` (blocks | e2e | ar | source)."""
+        """(name, depth) of every network that makes up `model` (blocks, or one of the family's `model_kinds`)."""
         if model == "blocks":
             return [(self.block_name(b.index), b.layers[1] - b.layers[0]) for b in self.blocks]
         kinds = self.family().model_kinds
@@ -193,7 +194,7 @@ class Run:
 
     @staticmethod
     def block_name(index: int) -> str:
-        return f"block-{index:02d}"
+        return f"{BLOCK_PREFIX}{index:02d}"
 
     @property
     def source_weights(self) -> Path:

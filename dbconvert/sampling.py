@@ -20,6 +20,7 @@ from dbconvert.building import load_network
 from dbconvert.checkpoint import load_weights
 from dbconvert.errors import DbconvertError
 from dbconvert.rundir import Run
+from dbconvert.solvers import check_solver, get_solver
 from dbconvert.source_ref import source_state
 
 if TYPE_CHECKING:
@@ -72,14 +73,14 @@ class SamplerSettings:
     rho: float
 
 
-SOLVERS = ("euler", "heun")
 WEIGHTS = ("ema", "model")
 
 
 def check_sampler_choices(solver: str | None, weights: str | None) -> None:
-    """The one check of --solver / --weights (None = the recipe's, which its schema has checked)."""
-    if solver is not None and solver not in SOLVERS:
-        raise DbconvertError(f"--solver must be {' or '.join(SOLVERS)}, not {solver!r}")
+    """The one check of --solver / --weights (None = the recipe's, which its schema has checked); the solvers
+    are those of the registry (`solvers.py`)."""
+    if solver is not None:
+        check_solver(solver)
     if weights is not None and weights not in WEIGHTS:
         raise DbconvertError(f"--weights must be {' or '.join(WEIGHTS)}, not {weights!r}")
 
@@ -116,16 +117,16 @@ def edm_sample(
     z: torch.Tensor,
     solver: str = "euler",
 ) -> torch.Tensor:
-    """Integrate the probability-flow ODE over the steps `ts` (ending in 0) from z = t_0 * eps."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}")
+    """Integrate the probability-flow ODE over the steps `ts` (ending in 0) from z = t_0 * eps with the registered
+    `solver` (`solvers.py`), each evaluation by the block that owns its level."""
+    step = get_solver(solver)
+    blocks = list(owned)
+
+    def denoised(x: torch.Tensor, level: float) -> torch.Tensor:
+        return denoise(owner_of(level, blocks), x, level)
+
     for t, t_next in zip(ts[:-1], ts[1:]):
-        d = (z - denoise(owner_of(t, list(owned)), z, t)) / t
-        z_next = z + (t_next - t) * d
-        if solver == "heun" and t_next > 0:
-            d_next = (z_next - denoise(owner_of(t_next, list(owned)), z_next, t_next)) / t_next
-            z_next = z + (t_next - t) * 0.5 * (d + d_next)
-        z = z_next
+        z = step(denoised, z, t, t_next)
     return z
 
 
@@ -146,7 +147,6 @@ def load_models(run: Run, model: str, weights: str, device: torch.device) -> lis
     is the unsplit converted source (its weights as `split` wrote them, no training needed).
     """
     run.require_trained(model)
-    family = run.family()
     models = []
     for name, depth in run.model_targets(model):
         models.append(load_model(run, name, depth, model, weights, device))

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dbconvert.noise_process import NoiseProcess, process_class, process_names
+from dbconvert.solvers import SOLVERS, solver_choices, solver_names
 
 
 class Section(BaseModel):
@@ -115,12 +116,22 @@ class NoiseConfig(Section):
     sigma_data: float = Field(0.5, gt=0)
     p_mean: float = -1.2
     p_std: float = Field(1.2, gt=0)
-    partition: Literal["equiprobable", "uniform"] = "equiprobable"
+    partition: str = "equiprobable"
+    """One of the process's `NoiseProcess.partitions` (EDM and masking: equiprobable, uniform)."""
     gamma: float = Field(0.1, ge=0.0, le=1.0)
     schedule: Literal["linear", "cosine"] = "linear"
     """masking only: alpha(t), the probability a token is still unmasked at time t (`masking.py`)."""
     t_min: float = Field(1e-3, gt=0.0, lt=1.0)
     """masking only: the lowest masking time trained and bounded (the ELBO weight 1/t stays finite)."""
+
+    @field_validator("partition")
+    @classmethod
+    def _a_partition_of_the_process(cls, value: str, info: ValidationInfo) -> str:
+        process = info.data.get("process")
+        if process in process_names() and value not in process_class(process).partitions:
+            raise ValueError(f"{value} is not a partition of the {process} noise process; choose one of "
+                             f"{', '.join(process_class(process).partitions)}")
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> "NoiseConfig":
@@ -184,7 +195,8 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     steps: int = Field(50, ge=1)
-    solver: Literal["euler", "heun"] = "euler"
+    solver: str = next(iter(SOLVERS))
+    """The sampling solver (`solvers.py`'s registry: euler, heun, or one registered at run time)."""
     guidance: float = Field(1.0, ge=0.0)
     rho: float = Field(7.0, gt=0)
     temperature: float = Field(1.0, ge=0.0)
@@ -197,6 +209,13 @@ class SampleConfig(Section):
     num: int = Field(64, ge=1)
     seed: int = 0
     weights: Literal["ema", "model"] = "ema"
+
+    @field_validator("solver")
+    @classmethod
+    def _registered_solver(cls, value: str) -> str:
+        if value not in solver_names():
+            raise ValueError(f"must be {solver_choices()}")
+        return value
 
 
 class OutputConfig(Section):

@@ -25,9 +25,18 @@ from pathlib import Path
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100_000_000
@@ -105,8 +114,13 @@ class SafetensorsFile:
         return tensor
 
 
-def write_safetensors(path: str | Path, specs: Mapping[str, Spec], get: Callable[[str], torch.Tensor],
-                      metadata: Mapping[str, str] | None = None, on_tensor: Callable[[int], None] | None = None) -> None:
+def write_safetensors(
+    path: str | Path,
+    specs: Mapping[str, Spec],
+    get: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    on_tensor: Callable[[int], None] | None = None,
+) -> None:
     """Write a safetensors file whose tensors `get(name)` makes one at a time (each is freed before the next).
 
     `specs` fixes the header first; a tensor whose dtype or shape differs from its spec is a ValueError.
@@ -119,7 +133,11 @@ def write_safetensors(path: str | Path, specs: Mapping[str, Spec], get: Callable
     names = list(specs)
     for name in names:
         spec = specs[name]
-        header[name] = {"dtype": NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[name] = {
+            "dtype": NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -129,8 +147,10 @@ def write_safetensors(path: str | Path, specs: Mapping[str, Spec], get: Callable
         for name in names:
             tensor = get(name).detach()
             if spec_of(tensor) != specs[name]:
-                raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the header says "
-                                 f"{specs[name].dtype} {specs[name].shape}")
+                raise ValueError(
+                    f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the header says "
+                    f"{specs[name].dtype} {specs[name].shape}"
+                )
             tensor = tensor.to("cpu").contiguous()
             if tensor.numel():
                 fh.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
@@ -145,8 +165,13 @@ class LazyState(Mapping[str, torch.Tensor]):
     Each access makes the tensor anew (nothing is cached), so holding a LazyState costs no tensor memory.
     """
 
-    def __init__(self, loaders: Mapping[str, Callable[[], torch.Tensor]], specs: Mapping[str, Spec],
-                 release: Callable[[], None] | None = None, origins: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        loaders: Mapping[str, Callable[[], torch.Tensor]],
+        specs: Mapping[str, Spec],
+        release: Callable[[], None] | None = None,
+        origins: Mapping[str, str] | None = None,
+    ) -> None:
         if set(loaders) != set(specs):
             raise ValueError("a LazyState needs one spec per loader")
         self.loaders = dict(loaders)

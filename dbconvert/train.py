@@ -38,7 +38,7 @@ would be used silently, unrecorded, and unseen by the evaluations' overlap check
 
 @dataclass(frozen=True)
 class Target:
-    """What one training process trains: a block, the e2e baseline, or the AR reference."""
+    """What one training process trains: a block, the e2e baseline, or the family's plain reference."""
 
     name: str
     depth: int
@@ -72,17 +72,18 @@ def block_target(run: Run, index: int) -> Target:
 
 
 def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
-    """The whole network from the converted source: the e2e baseline (same denoiser, full sigma range) or `ar`."""
+    """The whole network from the converted source: the e2e baseline (same denoiser, full sigma range) or the
+    family's plain reference (`Family.reference_kind`: `ar` for text, `classifier` for ViT)."""
     full = run.noise().full_range()
-    reference = run.family().reference_kind  # `ar` (text) or `classifier` (ViT): the family's plain reference
-    if objective in ("ar", reference):
-        if objective not in run.family().model_kinds:
-            raise DbconvertError(f"--objective {objective} trains a plain reference, which a {run.family_name} run "
-                                 f"has none of; use --objective denoiser (the default)")
-        return Target(objective, run.num_layers, full, None, objective, salt=999_983)
-    if objective != "denoiser":
+    reference = run.family().reference_kind
+    if objective == "denoiser":
+        return Target("e2e", run.num_layers, full, None)
+    if reference is None:
+        raise DbconvertError(f"--objective {objective}: a {run.family_name} run has no plain reference to train; "
+                             "use --objective denoiser (the default)")
+    if objective != reference:
         raise DbconvertError(f"--objective must be denoiser or {reference}, not {objective!r}")
-    return Target("e2e", run.num_layers, full, None)
+    return Target(objective, run.num_layers, full, None, objective, salt=999_983)
 
 
 def total_steps(recipe: Recipe, num_examples: int) -> int:
@@ -297,8 +298,8 @@ def train_e2e(run: Run, objective: Objective = "denoiser", **kwargs: Any) -> Tra
     """The baseline: the whole source network, end to end over the full sigma range (the same denoiser).
 
     By default it runs the recipe's steps, the same as each block: B blocks x S steps x L/B
-    layers equals S steps x L layers, the paper's matched layer updates. `objective="ar"`
-    trains the autoregressive reference instead (families that have one), into RUN/ar/.
+    layers equals S steps x L layers, the paper's matched layer updates. `objective=Family.reference_kind`
+    trains the family's plain reference instead (families that have one: `ar`, `classifier`), into RUN/KIND/.
     """
     return train(run, e2e_target(run, objective), **kwargs)
 

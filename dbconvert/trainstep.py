@@ -120,7 +120,7 @@ class TrainingState:
         """The objective's loss of one batch through `forward` (the model, or its DDP / compiled wrapper)."""
         with self.autocast():
             if self.objective != "denoiser":  # the reference (ar, classifier)
-                return self.family.ar_loss(forward, batch, self.recipe, shard)
+                return self.family.reference_loss(forward, batch, self.recipe, shard)
             return self.family.training_loss(forward, batch, sigma_range, self.recipe, generator, shard)
 
     def heldout(self, batch: list[torch.Tensor], sigma_range: tuple[float, float], seed: int) -> dict[str, float]:
@@ -189,7 +189,7 @@ def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseProcess,
     network = factory() if initial is None else load_network(factory, initial, what, torch.float32)
     if recipe.train.activation_checkpointing:
         checkpoint_layers(family.layers(network))
-    model = family.ar_model(recipe, network) if objective != "denoiser" else family.denoiser(recipe, network, noise)
+    model = family.reference_model(recipe, network) if objective != "denoiser" else family.denoiser(recipe, network, noise)
     model = model.to(device)
     ema = load_network(factory, {k: v.detach().clone() for k, v in network.state_dict().items()}, "EMA copy")
     ema = ema.to(device).requires_grad_(False)

@@ -25,7 +25,9 @@ def test_an_empty_network_has_meta_parameters_real_buffers_and_draws_no_random_n
 
 def test_loading_assigns_the_tensors_themselves_and_keeps_requires_grad() -> None:
     torch.manual_seed(1)
-    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in LlamaBlockNet(SHAPE).state_dict().items()}
+    state = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in LlamaBlockNet(SHAPE).state_dict().items()
+    }
 
     def frozen() -> LlamaBlockNet:
         net = LlamaBlockNet(SHAPE)

@@ -56,12 +56,12 @@ def test_block_zero_owns_the_highest_range() -> None:
 def test_overlap_follows_the_formula_and_stays_inside(gamma: float) -> None:
     for lo, hi in nz.owned_ranges(nz.boundaries(NOISE, 4)):
         a = (hi / lo) ** gamma
-        tlo, thi = nz.expand_range(lo, hi, gamma, NOISE)
+        tlo, thi = NOISE.expand(lo, hi, gamma)
         assert tlo == pytest.approx(max(lo / a, NOISE.sigma_min))
         assert thi == pytest.approx(min(hi * a, NOISE.sigma_max))
         assert NOISE.sigma_min <= tlo <= lo and hi <= thi <= NOISE.sigma_max
     if gamma == 0.0:
-        assert nz.expand_range(0.1, 0.3, gamma, NOISE) == (0.1, 0.3)
+        assert NOISE.expand(0.1, 0.3, gamma) == (0.1, 0.3)
 
 
 def test_sampled_sigmas_follow_the_restricted_lognormal() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +15,7 @@ import yaml
 from dbconvert import noise as nz
 from dbconvert.config import load_recipe
 from dbconvert.errors import RecipeError
-from dbconvert.noise_process import NoiseProcess, owned_ranges, process_names, register_process
+from dbconvert.noise_process import NoiseProcess, owned_ranges, process_names, register_process, unregister_process
 from dbconvert.rundir import MANIFEST, Run
 from dbconvert.split import plan_blocks
 
@@ -27,14 +28,15 @@ def test_edm_process_is_the_formulas_bit_for_bit() -> None:
     assert isinstance(process, nz.NoiseSettings) and process.name == "edm" and "edm" in process_names()
     settings = nz.NoiseSettings()
     assert process.boundaries(4, "equiprobable") == nz.boundaries(settings, 4, "equiprobable")
-    assert process.expand(0.1, 1.0, 0.1) == nz.expand_range(0.1, 1.0, 0.1, settings)
+    a = (1.0 / 0.1) ** 0.1  # DESIGN 2: [lo / a, hi * a], a = (hi / lo) ** gamma
+    assert process.expand(0.1, 1.0, 0.1) == (0.1 / a, 1.0 * a)
     assert process.mass(0.1, 1.0) == settings.truncated_mass(0.1, 1.0)
     assert process.schedule(7, 7.0) == nz.edm_steps(7, settings, 7.0)
     a = process.draw(64, 0.1, 1.0, torch.Generator().manual_seed(3))
     b = nz.sample_sigmas(64, 0.1, 1.0, settings, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     # the generic overlap rule (gamma times the width on each side, in ln sigma) is EDM's rule
-    assert NoiseProcess.expand(process, 0.1, 1.0, 0.1) == pytest.approx(nz.expand_range(0.1, 1.0, 0.1, settings))
+    assert NoiseProcess.expand(process, 0.1, 1.0, 0.1) == pytest.approx(settings.expand(0.1, 1.0, 0.1))
 
 
 def test_plan_blocks_goes_through_the_process() -> None:
@@ -87,8 +89,15 @@ class LinearProcess(NoiseProcess):
         return "t ~ U(0, 1)"
 
 
-def test_a_plugged_in_process_plans_blocks_with_the_generic_overlap_rule() -> None:
+@pytest.fixture
+def linear_toy() -> Iterator[str]:
+    """The toy process, registered for one test (one line), then unregistered."""
     register_process("linear-toy", f"{__name__}:LinearProcess")
+    yield "linear-toy"
+    unregister_process("linear-toy")
+
+
+def test_a_plugged_in_process_plans_blocks_with_the_generic_overlap_rule(linear_toy: str) -> None:
     recipe = load_recipe("dit-tiny-digits", [*TINY_OVERRIDES, "noise.process=linear-toy", "noise.partition=uniform",
                                              "noise.gamma=0.5"])
     _, plans = plan_blocks(recipe, 4)
@@ -99,12 +108,11 @@ def test_a_plugged_in_process_plans_blocks_with_the_generic_overlap_rule() -> No
         plan_blocks(load_recipe("dit-tiny-digits", [*TINY_OVERRIDES, "noise.process=linear-toy"]), 4)
 
 
-def test_unknown_process_and_a_process_the_family_does_not_take_are_one_line_errors(in_tmp) -> None:  # noqa: ANN001
+def test_unknown_process_and_a_process_the_family_does_not_take_are_one_line_errors(in_tmp, linear_toy) -> None:  # noqa: ANN001
     from tests.cli_helpers import assert_user_error, invoke
 
     assert_user_error(invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "noise.process=nope"),
-                      "unknown noise process 'nope'")
-    register_process("linear-toy", f"{__name__}:LinearProcess")
+                      "unknown noise process 'nope'; choose one of edm, linear-toy, masking")
     assert_user_error(invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "noise.process=linear-toy",
                              "noise.partition=uniform"), "does not apply to the dit family")
     assert not any(in_tmp.iterdir())

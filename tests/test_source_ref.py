@@ -31,26 +31,47 @@ def test_by_reference_and_a_copy_sample_export_and_train_alike(in_tmp: Path) -> 
     ref, copy = split_two(in_tmp)
     assert not (ref.root / "source").exists() and ref.manifest["source"]["by_reference"]
     assert (copy.root / "source" / "model.safetensors").is_file() and "by_reference" not in copy.manifest["source"]
-    assert [f["path"] for f in ref.manifest["source"]["files"]] == [str((in_tmp / "hf" / "model.safetensors").resolve())]
+    assert [f["path"] for f in ref.manifest["source"]["files"]] == [
+        str((in_tmp / "hf" / "model.safetensors").resolve())
+    ]
     info = invoke("info", "--run", ref.root)
-    assert info.exit_code == 0 and f"source: by reference to {(in_tmp / 'hf' / 'model.safetensors').resolve()}" in info.stdout
+    assert (
+        info.exit_code == 0
+        and f"source: by reference to {(in_tmp / 'hf' / 'model.safetensors').resolve()}" in info.stdout
+    )
     assert "blocks stored as bfloat16" in info.stdout
     assert "source: a copy inside the run" in invoke("info", "--run", copy.root).stdout
     a, b = dict(source_state(ref)), dict(source_state(copy))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.bfloat16 for k in a)
     texts = []
     for run in (ref, copy):
-        result = invoke("sample", "--model", "source", "--prompt", "ROMEO:", "--max-new-tokens", "6", "--num", "2",
-                        "--run", run.root)
+        result = invoke(
+            "sample",
+            "--model",
+            "source",
+            "--prompt",
+            "ROMEO:",
+            "--max-new-tokens",
+            "6",
+            "--num",
+            "2",
+            "--run",
+            run.root,
+        )
         assert result.exit_code == 0, result.output
         texts.append((run.root / "samples" / "source-t1-p1-seed0" / "samples.jsonl").read_text())
         assert invoke("export", f"{run.root.name}-hf", "--run", run.root).exit_code == 0
     assert texts[0] == texts[1]
-    assert (in_tmp / "ref-hf" / "model.safetensors").read_bytes() == (in_tmp / "copy-hf" / "model.safetensors").read_bytes()
+    assert (in_tmp / "ref-hf" / "model.safetensors").read_bytes() == (
+        in_tmp / "copy-hf" / "model.safetensors"
+    ).read_bytes()
     for run in (ref, copy):
         result = invoke("train-e2e", "--steps", "1", "--run", run.root)
         assert result.exit_code == 0, result.output
-    left, right = load_file(str(ref.root / "e2e" / "model.safetensors")), load_file(str(copy.root / "e2e" / "model.safetensors"))
+    left, right = (
+        load_file(str(ref.root / "e2e" / "model.safetensors")),
+        load_file(str(copy.root / "e2e" / "model.safetensors")),
+    )
     assert all(torch.equal(left[k], right[k]) for k in left)
 
 

@@ -33,7 +33,8 @@ def test_split_writes_a_self_describing_run(tiny_run: Run) -> None:
     assert manifest["family"] == "dit" and manifest["num_blocks"] == 4 and manifest["num_layers"] == 4
     assert manifest["orientation"].startswith("block 0 = first source layers = highest noise")
     assert manifest["recipe"]["model"]["arch"] == "DiT-Micro/2"  # the family fields survive the round trip
-    assert manifest["source"] == {"checkpoint": None, "sha256": None, "storage_dtype": "float32"}  # fresh: copied, float32
+    # a fresh network: copied into the run (nothing to point at), float32
+    assert manifest["source"] == {"checkpoint": None, "sha256": None, "storage_dtype": "float32"}
     assert [b["layers"] for b in manifest["blocks"]] == [[0, 1], [1, 2], [2, 3], [3, 4]]
     assert manifest["blocks"][0]["owned_range"][1] == 80.0 and manifest["blocks"][-1]["owned_range"][0] == 0.002
     for b in manifest["blocks"]:

@@ -55,8 +55,18 @@ def old_conversion(hf_state: dict, shape: LlamaShape, tied: bool, seed: int, sig
 BASE = LlamaShape(120, 32, 64, 3, 4, 2, 8, 64)
 
 
-@pytest.mark.parametrize("options", [{}, {"adaln_rank": 4}, {"noisy_anchor": True}, {"head": "tied-table"},
-                                     {"head": "tied-table", "target_dim": 16}, {"head_rank": 8}, {"target_dim": 16}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"adaln_rank": 4},
+        {"noisy_anchor": True},
+        {"head": "tied-table"},
+        {"head": "tied-table", "target_dim": 16},
+        {"head_rank": 8},
+        {"target_dim": 16},
+    ],
+)
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_lazy_llama_conversion_equals_the_whole_network_conversion(options: dict, tied: bool) -> None:
     from transformers import LlamaForCausalLM
@@ -70,7 +80,9 @@ def test_the_lazy_llama_conversion_equals_the_whole_network_conversion(options: 
     assert [k for k in got if not torch.equal(got[k], expected[k])] == []
 
 
-def llama_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, tie: bool = False, shard: str | None = None) -> Path:
+def llama_checkpoint(
+    folder: Path, dtype: torch.dtype = torch.float32, tie: bool = False, shard: str | None = None
+) -> Path:
     from tests.families.test_llama import hf_llama
     from tests.families.test_llama_tokenizer import save_tokenizer
 
@@ -88,9 +100,15 @@ def in_memory_blocks(recipe, run) -> dict[str, dict[str, torch.Tensor]]:
     family = get_family(run.family_name)
     source = family.source(run.recipe.model_copy(deep=True))
     whole = Source.of_network(source.network, source.num_layers, shape=source.shape)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[run.recipe.model.storage_dtype]
-    return {run.block_name(b.index): {k: v.to(dtype) if v.is_floating_point() else v
-                                      for k, v in family.block_state(whole, *b.layers).items()} for b in run.blocks}
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        run.recipe.model.storage_dtype
+    ]
+    return {
+        run.block_name(b.index): {
+            k: v.to(dtype) if v.is_floating_point() else v for k, v in family.block_state(whole, *b.layers).items()
+        }
+        for b in run.blocks
+    }
 
 
 def assert_blocks_equal(run, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
@@ -101,14 +119,21 @@ def assert_blocks_equal(run, expected: dict[str, dict[str, torch.Tensor]], dtype
         assert [k for k in got if not torch.equal(got[k], state[k])] == [], name
 
 
-@pytest.mark.parametrize("dtype,tie,shard", [(torch.float32, False, None), (torch.bfloat16, True, "40KB"),
-                                             (torch.bfloat16, False, None)])
-def test_a_streamed_llama_split_equals_the_in_memory_blocks(in_tmp: Path, dtype: torch.dtype, tie: bool,
-                                                            shard: str | None) -> None:
+@pytest.mark.parametrize(
+    "dtype,tie,shard", [(torch.float32, False, None), (torch.bfloat16, True, "40KB"), (torch.bfloat16, False, None)]
+)
+def test_a_streamed_llama_split_equals_the_in_memory_blocks(
+    in_tmp: Path, dtype: torch.dtype, tie: bool, shard: str | None
+) -> None:
     folder = llama_checkpoint(in_tmp / "hf", dtype, tie, shard)
     assert (len(list(folder.glob("*.safetensors"))) > 1) == bool(shard)
-    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(write_corpus(in_tmp), **{
-        "model.checkpoint": str(folder), "blocks.num": 2, "model.calibrate_output": "false"}))
+    recipe = load_recipe(
+        "llama-tiny-shakespeare",
+        tiny_overrides(
+            write_corpus(in_tmp),
+            **{"model.checkpoint": str(folder), "blocks.num": 2, "model.calibrate_output": "false"},
+        ),
+    )
     run = split(recipe, out=in_tmp / "run")
     assert run.recipe.model.storage_dtype == {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     assert run.manifest["source"]["storage_dtype"] == run.recipe.model.storage_dtype
@@ -118,8 +143,12 @@ def test_a_streamed_llama_split_equals_the_in_memory_blocks(in_tmp: Path, dtype:
 
 def test_storage_dtype_overrides_the_checkpoints(in_tmp: Path) -> None:
     folder = llama_checkpoint(in_tmp / "hf", torch.bfloat16)
-    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(write_corpus(in_tmp), **{
-        "model.checkpoint": str(folder), "blocks.num": 2, "model.storage_dtype": "float32"}))
+    recipe = load_recipe(
+        "llama-tiny-shakespeare",
+        tiny_overrides(
+            write_corpus(in_tmp), **{"model.checkpoint": str(folder), "blocks.num": 2, "model.storage_dtype": "float32"}
+        ),
+    )
     run = split(recipe, out=in_tmp / "run")
     assert run.recipe.model.storage_dtype == "float32"
     assert_blocks_equal(run, in_memory_blocks(recipe, run), torch.float32)
@@ -170,7 +199,8 @@ MEMORY_PROBE = textwrap.dedent("""
         "model.layers": 16, "model.hidden": 512, "model.heads": 8, "model.kv_heads": 8, "model.intermediate": 1536,
         "model.vocab_size": 1024, "model.adaln_rank": 8}))
     # A warm-up split of a tiny fresh network first: every lazy import (transformers, tokenizers) before the baseline.
-    split(load_recipe("llama-tiny-shakespeare", tiny_overrides(Path(corpus), **{"blocks.num": 2})), out=Path(out + "-warm"))
+    warm = load_recipe("llama-tiny-shakespeare", tiny_overrides(Path(corpus), **{"blocks.num": 2}))
+    split(warm, out=Path(out + "-warm"))
     before = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
@@ -189,8 +219,15 @@ def test_split_never_holds_the_whole_network(in_tmp: Path) -> None:
 
     from tests.families.test_llama_tokenizer import save_tokenizer
 
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=64,
+    )
     with torch.device("meta"):
         LlamaForCausalLM(cfg)  # the shape is valid
     from dbconvert.families.llama.convert import write_random_hf_folder
@@ -200,8 +237,12 @@ def test_split_never_holds_the_whole_network(in_tmp: Path) -> None:
     total = write_random_hf_folder(shape, False, in_tmp / "hf", torch.float32, 0)
     save_tokenizer(in_tmp / "hf")
     corpus = write_corpus(in_tmp)
-    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(in_tmp / "hf"), str(corpus), str(in_tmp / "run"), "8"],
-                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(in_tmp / "hf"), str(corpus), str(in_tmp / "run"), "8"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert probe.returncode == 0, probe.stderr[-2000:]
     rss = json.loads(probe.stdout.strip().splitlines()[-1])
     blocks = sorted((in_tmp / "run" / "blocks").glob("*/model.safetensors"))
@@ -215,8 +256,10 @@ def test_a_bf16_run_trains_float32_master_weights_and_says_so(in_tmp: Path) -> N
     from dbconvert.train import train_block
 
     folder = llama_checkpoint(in_tmp / "hf", torch.bfloat16)
-    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(write_corpus(in_tmp), **{
-        "model.checkpoint": str(folder), "blocks.num": 2, "train.steps": 2}))
+    recipe = load_recipe(
+        "llama-tiny-shakespeare",
+        tiny_overrides(write_corpus(in_tmp), **{"model.checkpoint": str(folder), "blocks.num": 2, "train.steps": 2}),
+    )
     run = split(recipe, out=in_tmp / "run")
     block = run.model_dir("block-00")
     assert load_file(str(block / "init.safetensors"))["norm.weight"].dtype == torch.bfloat16

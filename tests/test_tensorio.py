@@ -46,12 +46,15 @@ def test_the_writer_refuses_a_tensor_unlike_its_spec(tmp_path: Path) -> None:
         write_safetensors(tmp_path / "x.safetensors", {"a": Spec(torch.float32, (2,))}, lambda k: torch.zeros(3))
 
 
-@pytest.mark.parametrize("damage,match", [
-    (lambda b: b[:4], "shorter than a safetensors header"),
-    (lambda b: b[:-8], "outside the file"),
-    (lambda b: b[:8] + b"{not json" + b[17:], "not JSON"),
-    (lambda b: (10**12).to_bytes(8, "little") + b[8:], "does not fit"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda b: b[:4], "shorter than a safetensors header"),
+        (lambda b: b[:-8], "outside the file"),
+        (lambda b: b[:8] + b"{not json" + b[17:], "not JSON"),
+        (lambda b: (10**12).to_bytes(8, "little") + b[8:], "does not fit"),
+    ],
+)
 def test_damaged_files_are_value_errors(tmp_path: Path, damage, match: str) -> None:
     path = tmp_path / "d.safetensors"
     save_file({"a": torch.ones(64), "b": torch.ones(3)}, str(path))

@@ -7,6 +7,7 @@ exits with status 2, with no traceback.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +19,22 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from dbconvert.cli.options import (EpochsOpt, ModelOpt, Overrides, QuietOpt, RestartOpt, RunOpt, SampleStepsOpt,
+                                   SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt)
 from dbconvert.errors import DbconvertError
+
+DYNAMIC_COMMANDS: dict[str, Callable[[], Any]] = {}
+"""Commands built when the command line is read (`sample`: its flags come from the registered families)."""
+
 
 class OneLineErrors(TyperGroup):
     """The command group: a command-line parse error (unknown option, bad value, missing argument) is one
     `error: ...` line on stderr and exit status 2, like every other user error, instead of a box of usage text."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in DYNAMIC_COMMANDS:
+            return DYNAMIC_COMMANDS[cmd_name]()
+        return super().get_command(ctx, cmd_name)
 
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
@@ -58,7 +70,8 @@ ABORTS = (typer.Abort,)
 app = typer.Typer(
     cls=OneLineErrors,
     name="dbconvert",
-    help="Turn residual networks (DiT, Llama) into diffusion blocks, train each block alone, sample, evaluate.",
+    help="Turn residual networks (DiT, Llama, ViT, or a family you register) into diffusion blocks, train each "
+         "block alone, sample, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -91,21 +104,6 @@ def bold(text: object, style: str = "bold") -> Text:
     return Text(str(text), style=style)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# --- shared options (defined once) ---------------------------------------------------------
-
-RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the last run split here).")]
-Overrides = Annotated[
-    Optional[list[str]], typer.Argument(help="Recipe overrides, key.sub=value (e.g. train.lr=3e-4).", show_default=False)
-]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Train for this many steps (overrides the recipe).")]
-EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Train for this many epochs (overrides the recipe).")]
-RestartOpt = Annotated[bool, typer.Option("--restart", help="Ignore the saved training state and start over.")]
-ModelOpt = Annotated[str, typer.Option("--model", help="Which model: blocks, e2e (same denoiser, all layers), "
-                                                      "source (the unsplit converted source), ar (text: the AR reference) or "
-                                                      "classifier (ViT: the plain classifier).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-
 
 def handle_errors(func: F) -> F:
     """Turn user errors into one red line on stderr and exit code 2."""
@@ -290,7 +288,8 @@ def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | No
     run = resolve_run(run_dir)
     target = block_target(run, index) if index is not None else e2e_target(run, objective)  # validates first
     resolved = training_recipe(run, overrides, steps, epochs)  # the values that will be used, --steps included
-    what = f"block {index}" if index is not None else {"e2e": "e2e baseline", "ar": "AR reference"}.get(target.name, f"{target.name} reference")
+    what = (f"block {index}" if index is not None else "e2e baseline" if target.name == "e2e"
+            else f"{run.family().reference_title} ({target.name})")
     dist = from_env()  # under torchrun only rank 0 talks
     if dist.is_main:
         announce(f"training {what} of {run.root}", {
@@ -312,7 +311,7 @@ def train_block_cmd(
     index: Annotated[int, typer.Argument(help="Block index, 0 = first layers = highest noise.")],
     overrides: Overrides = None,
     run: RunOpt = None,
-    steps: StepsOpt = None,
+    steps: TrainStepsOpt = None,
     epochs: EpochsOpt = None,
     restart: RestartOpt = False,
     quiet: QuietOpt = False,
@@ -326,7 +325,7 @@ def train_all_cmd(
     overrides: Overrides = None,
     run: RunOpt = None,
     parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Blocks trained at the same time (one process each).")] = 1,
-    steps: StepsOpt = None,
+    steps: TrainStepsOpt = None,
     epochs: EpochsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -352,7 +351,7 @@ def train_all_cmd(
 def train_e2e_cmd(
     overrides: Overrides = None,
     run: RunOpt = None,
-    steps: StepsOpt = None,
+    steps: TrainStepsOpt = None,
     epochs: EpochsOpt = None,
     restart: RestartOpt = False,
     quiet: QuietOpt = False,
@@ -365,45 +364,40 @@ def train_e2e_cmd(
     _train(run, None, overrides, steps, epochs, restart, quiet, objective)
 
 
-@command("sample")
-def sample_cmd(
-    run: RunOpt = None,
-    model: ModelOpt = "blocks",
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion steps (default: recipe).")] = None,
-    solver: Annotated[Optional[str], typer.Option("--solver", help="euler or heun (default: recipe).")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale w (1 = none).")] = None,
-    num: Annotated[Optional[int], typer.Option("--num", min=1, help="Number of samples.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
-    class_label: Annotated[Optional[int], typer.Option("--class", help="Generate this class only.")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="ema or model weights.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN/samples/...).")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text prompt (language models).")] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="File of prompts, one per line.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Tokens to generate (default 64).")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="AR decoding (ar, text source): "
-                                                         "softmax temperature, 0 = greedy (default: recipe, 1).")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR decoding: nucleus probability (default: recipe, 1).")] = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Classifier runs (ViT): classify the images in this "
-                                                   "folder (default: the test split).")] = None,
-    protocol: Annotated[Optional[str], typer.Option("--protocol", help="Language models: default (sample.steps steps "
-                                                    "per token) or few-step (the later paper's: steps = B, greedy final "
-                                                    "token, AR top-p 0.95) (default: recipe's sample.protocol).")] = None,
-    context: Annotated[Optional[str], typer.Option("--context", help="Language models: the longest text, recipe "
-                                                   "(model.context, default), checkpoint (--model source of a converted "
-                                                   "checkpoint: its own max_position_embeddings) or N tokens.")] = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Generate with the trained blocks (or --model e2e / source / ar); writes the samples into the run."""
+SAMPLE_SHARED = [
+    ("run", RunOpt, None), ("model", ModelOpt, "blocks"), ("steps", SampleStepsOpt, None), ("solver", SolverOpt, None),
+    ("num", Annotated[Optional[int], typer.Option("--num", min=1, help="Number of samples.")], None),
+    ("seed", SeedOpt, None), ("weights", WeightsOpt, None),
+    ("out", Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN/samples/...).")], None),
+    ("quiet", QuietOpt, False),
+]
+"""The options of `dbconvert sample` every family shares; each family's own come from its `sample_options_type`."""
+
+
+def family_sample_flags() -> dict[str, tuple[Any, list[str]]]:
+    """option name -> (its `SampleFlag`, the registered families that take it), over every registered family."""
+    from dbconvert.families import family_names, get_family
+    from dbconvert.families.contract import sample_flags
+
+    out: dict[str, tuple[Any, list[str]]] = {}
+    for name in family_names():
+        for flag in sample_flags(get_family(name).sample_options_type):
+            out.setdefault(flag.name, (flag, []))[1].append(name)
+    return out
+
+
+def run_sample(run: Optional[Path], model: str, steps: Optional[int], solver: Optional[str], num: Optional[int],
+               seed: Optional[int], weights: Optional[str], out: Optional[Path], quiet: bool,
+               flags: dict[str, str], **given: Any) -> None:
+    """What `dbconvert sample` does: resolve the run, build its family's options (an option of another family is
+    one line), generate, report."""
     from dbconvert.rundir import resolve_run
     from dbconvert.sampling import SampleRequest, check_sampler_choices
 
     check_sampler_choices(solver, weights)
     opened = resolve_run(run)
     family = opened.family()
-    given = {"guidance": guidance, "class_label": class_label, "prompt": prompt, "prompt_file": prompt_file,
-             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "context": context,
-             "protocol": protocol, "images": images}
-    options = family.sample_options({"class_label": "--class"}, **{k: v for k, v in given.items() if v is not None})
+    options = family.sample_options(flags, **{k: v for k, v in given.items() if v is not None})
     request = SampleRequest(model=model, steps=steps, solver=solver, num=num, seed=seed, weights=weights, out=out,
                             options=options, progress=not quiet)
     result = family.generate(opened, request)
@@ -413,6 +407,71 @@ def sample_cmd(
         console.print(f"{result.tokens_per_second:.1f} new tokens/s", highlight=False)
     console.print(Text.assemble(f"wrote {len(result.files)} files to ", bold(result.directory),
                                 (f" (grid: {result.files[0]})" if result.files and result.files[0].suffix == ".png" else "")))
+
+
+SAMPLE_HELP = ("Generate with the trained blocks (or --model e2e / source / the family's reference); writes the samples "
+               "into the run. The options after --quiet are the families' own (`Family.sample_options_type`), each "
+               "marked with the families that take it; `sample --help` on a run shows that run's family's only.")
+
+
+def sample_function(with_families: bool = True) -> Callable[..., None]:
+    """The function behind `dbconvert sample`: the shared options, then every registered family's own."""
+    from dbconvert.cli.options import option_parameter
+
+    own = family_sample_flags() if with_families else {}
+    flags = {name: flag.flag for name, (flag, _) in own.items()}
+
+    def sample(**kwargs: Any) -> None:
+        shared = {name: kwargs.pop(name) for name, _, _ in SAMPLE_SHARED}
+        run_sample(**shared, flags=flags, **kwargs)
+
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+              for name, annotation, default in SAMPLE_SHARED]
+    params += [option_parameter(flag, help=f"{flag.help} ({', '.join(names)} runs)") for flag, names in own.values()]
+    sample.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    sample.__doc__ = SAMPLE_HELP
+    sample.family_options = {name: names for name, (_, names) in own.items()}  # type: ignore[attr-defined]
+    return sample
+
+
+def run_family(args: list[str]) -> str | None:
+    """The family of the run a command line names (--run DIR, else the current run), or None when there is none."""
+    from dbconvert.rundir import resolve_run
+
+    run = next((a.split("=", 1)[1] for a in args if a.startswith("--run=")), None)
+    if run is None and "--run" in args[:-1]:
+        run = args[args.index("--run") + 1]
+    try:
+        return resolve_run(run).family_name
+    except DbconvertError:
+        return None
+
+
+def sample_command() -> Any:
+    """`dbconvert sample` as a click command, built when the command line is read (so a family registered at run
+    time brings its flags); its --help on a run hides the options of the other families."""
+    func = sample_function()
+    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    sub.command("sample")(handle_errors(func))
+    cmd = typer.main.get_command(sub)
+    parse = cmd.parse_args
+
+    def parse_args(ctx: Any, args: list[str]) -> list[str]:
+        family = run_family(args) if "--help" in args else None
+        if family is not None:
+            for param in cmd.params:
+                names = func.family_options.get(param.name)  # type: ignore[attr-defined]
+                if names is not None and family not in names:
+                    param.hidden = True  # type: ignore[attr-defined]
+            cmd.help = SAMPLE_HELP.split(" The options after")[0] + f" Options of this {family} run's family follow --quiet."
+        return parse(ctx, args)
+
+    cmd.parse_args = parse_args  # type: ignore[method-assign]
+    return cmd
+
+
+app.command("sample", help=SAMPLE_HELP)(handle_errors(sample_function(with_families=False)))  # its place in the list
+DYNAMIC_COMMANDS["sample"] = sample_command
 
 
 @command("demo")
@@ -577,13 +636,13 @@ def bench_speed_cmd(
 # --- ablate --------------------------------------------------------------------------------
 
 ablate_app = typer.Typer(help="The paper's ablations on a small scale: partition (Table 3), overlap gamma (Table 4), "
-                              "number of blocks (Table 5); each variant trained and scored by FID.",
+                              "number of blocks (Table 5); each variant trained and scored by its family's default metric (FID for DiT).",
                          no_args_is_help=True)
 app.add_typer(ablate_app, name="ablate")
 
 AblateStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps of every block of every variant (default: the recipe's train.steps).")]
 AblateOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Ablation folder, one run per variant (default: runs/RECIPE-ablate-KIND).")]
-AblateNumOpt = Annotated[int, typer.Option("--num", min=1, help="FID samples per variant (same sampling seed for all).")]
+AblateNumOpt = Annotated[int, typer.Option("--num", min=1, help="Samples the metric scores per variant (same sampling seed for all).")]
 AblateValuesOpt = Annotated[Optional[str], typer.Option("--values", help="Comma-separated values of the variable instead of the paper's set.")]
 AblateForceOpt = Annotated[bool, typer.Option("--force", help="Redo every variant from scratch instead of resuming.")]
 

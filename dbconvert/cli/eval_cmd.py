@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
 import click
 import typer
@@ -18,19 +18,14 @@ from typer.core import TyperGroup
 
 from rich.text import Text
 
-from dbconvert.cli.app import ModelOpt, RunOpt, bold, console, err_console, handle_errors, print_table
-from dbconvert.evaluation.metric import Metric, get_metric, metric_names
-
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: recipe).")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion steps (default: recipe).")]
-SolverOpt = Annotated[Optional[str], typer.Option("--solver", help="euler or heun (default: recipe).")]
-WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="ema or model weights (default: recipe).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")]
+from dbconvert.cli.app import bold, console, err_console, handle_errors, print_table
+from dbconvert.cli.options import (JsonOpt, ModelOpt, QuietOpt, RunOpt, SampleStepsOpt, SeedOpt, SolverOpt, WeightsOpt,
+                                   option_parameter)
+from dbconvert.evaluation.metric import Metric, get_metric, metric_names, nolog
 
 
 def _log(quiet: bool):  # noqa: ANN202
-    return (lambda msg: None) if quiet else (lambda msg: err_console.print(msg, highlight=False, markup=False))
+    return nolog if quiet else (lambda msg: err_console.print(msg, highlight=False, markup=False))
 
 
 def _report(result: dict, run, as_json: bool) -> None:  # noqa: ANN001
@@ -46,17 +41,9 @@ def _report(result: dict, run, as_json: bool) -> None:  # noqa: ANN001
 
 
 SHARED = [
-    ("run", RunOpt, None), ("model", ModelOpt, "blocks"), ("steps", StepsOpt, None), ("solver", SolverOpt, None),
+    ("run", RunOpt, None), ("model", ModelOpt, "blocks"), ("steps", SampleStepsOpt, None), ("solver", SolverOpt, None),
     ("seed", SeedOpt, None), ("weights", WeightsOpt, None), ("as_json", JsonOpt, False), ("quiet", QuietOpt, False),
 ]
-
-
-def _option_parameter(option: Any) -> inspect.Parameter:
-    """A Typer option parameter from a `MetricOption` (its flag, type, default, minimum and help)."""
-    kind = option.type if option.default is not None else Optional[option.type]
-    extra = {"min": option.min} if option.min is not None else {}
-    annotation = Annotated[kind, typer.Option(option.flag, help=option.help, **extra)]
-    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=annotation)
 
 
 def run_metric(metric: Metric, run: Optional[Path], model: str, steps: Optional[int], solver: Optional[str],
@@ -103,7 +90,7 @@ def metric_command(metric: Metric) -> click.Command:
 
     params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
               for name, annotation, default in SHARED]
-    params += [_option_parameter(o) for o in metric.options]
+    params += [option_parameter(o) for o in metric.options]
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = metric.help or f"{metric.title} of the run's models."
     sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -29,7 +29,7 @@ from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
 from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
                                            inception_features, to_uint8)
-from dbconvert.evaluation.metric import Metric, MetricOption
+from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
 from dbconvert.progress import progress as show_progress
 from dbconvert.sampling import check_finite_samples
 
@@ -41,12 +41,6 @@ defaults to its test split."""
 SKIP_NAMES = {"grid.png"}
 IMAGE_EXTS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}
 FEATURE_CHOICES = ("auto", "inception", "builtin")
-
-Log = Callable[[str], None]
-
-
-def _nolog(_: str) -> None:
-    pass
 
 
 # --- image folders ---------------------------------------------------------------------------
@@ -206,7 +200,7 @@ def reference_key(data_cfg: Any, split: str) -> str:
     return f"{data_key(data_cfg.source)}-{split}-{digest}"
 
 
-def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = _nolog,
+def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = nolog,
                        show: bool = False) -> tuple[np.ndarray, str]:
     """Features of the data set's `split`, cached in $DBCONVERT_CACHE/fid-ref/ per data set / split / features."""
     from dbconvert.data.images import load_images
@@ -352,7 +346,7 @@ def fid_record(spec: FeatureSpec, ref: Reference, fids: list[float], kids: list[
 
 
 def fid_of_folder(run: Any | None, samples: Path, *, reference: Path | None = None, split: str | None = None,
-                  features: str = "auto", inception_weights: Path | None = None, log: Log = _nolog,
+                  features: str = "auto", inception_weights: Path | None = None, log: Log = nolog,
                   feature_images: int = CNN_MAX_IMAGES, progress: bool = False) -> dict[str, Any]:
     """FID of a folder of sample images against a reference folder or (with a run) the run's data set split."""
     start = time.time()
@@ -377,7 +371,7 @@ def fid_of_model(run: Any, *, model: str = "blocks", num: int | None = None, rep
                  reference: Path | None = None, split: str | None = None, features: str = "auto",
                  inception_weights: Path | None = None, steps: int | None = None, solver: str | None = None,
                  guidance: float | None = None, seed: int | None = None, weights: str | None = None,
-                 log: Log = _nolog, feature_images: int = CNN_MAX_IMAGES, progress: bool = False) -> dict[str, Any]:
+                 log: Log = nolog, feature_images: int = CNN_MAX_IMAGES, progress: bool = False) -> dict[str, Any]:
     """FID of `num` fresh samples of the run's `model` (per repeat) against the data set split or a folder."""
     start = time.time()
     if repeats < 1:
@@ -486,7 +480,7 @@ class FIDMetric(Metric):
         if num < 65:
             raise DbconvertError(f"--num must be at least 65 (FID on the built-in 64-d features needs d + 1), got {num}")
 
-    def evaluate(self, run: Any | None, *, model: str = "blocks", log: Log = _nolog, progress: bool = False,
+    def evaluate(self, run: Any | None, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
                  **options: Any) -> dict[str, Any]:
         return evaluate_fid(run, model=model, log=log, progress=progress, **options)
 

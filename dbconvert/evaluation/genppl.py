@@ -36,9 +36,7 @@ import torch
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
 from dbconvert.evaluation.mauve import checked_split, protocol_lengths
-from dbconvert.evaluation.metric import Metric, MetricOption, nolog
-
-Log = Callable[[str], None]
+from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
 
 
 @dataclass

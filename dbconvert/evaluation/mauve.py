@@ -38,15 +38,9 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
-from dbconvert.evaluation.metric import Metric, MetricOption
+from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
 
 MAUVE_SEED = 25
-Log = Callable[[str], None]
-
-
-def _nolog(_: str) -> None:
-    pass
-
 
 # --- featurisers ---------------------------------------------------------------------------
 
@@ -133,7 +127,7 @@ def gpt2_cached(name: str = "gpt2-large") -> bool:
         return False
 
 
-def resolve_featurizer(featurizer: str, device: torch.device, log: Log = _nolog) -> Featurizer:
+def resolve_featurizer(featurizer: str, device: torch.device, log: Log = nolog) -> Featurizer:
     if featurizer == "auto":
         if gpt2_cached("gpt2-large"):
             featurizer = "gpt2-large"
@@ -301,7 +295,7 @@ def evaluate_mauve(
     temperature: float | None = None,
     top_p: float | None = None,
     protocol: str | None = None,
-    log: Log = _nolog,
+    log: Log = nolog,
     progress: bool = False,
 ) -> dict[str, Any]:
     """MAUVE of the run's continuations (blocks, e2e, ar or source) against the true continuations."""
@@ -416,7 +410,7 @@ class MauveMetric(Metric):
                      "sample.protocol)."),
     )
 
-    def evaluate(self, run: Any, *, model: str = "blocks", log: Log = _nolog, progress: bool = False,
+    def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
                  **options: Any) -> dict[str, Any]:
         return evaluate_mauve(run, model=model, log=log, progress=progress, **options)
 

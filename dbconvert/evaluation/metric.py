@@ -17,12 +17,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import import_module
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from dbconvert.errors import DbconvertError
+from dbconvert.registry import Registry
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
@@ -34,14 +34,24 @@ Log = Callable[[str], None]
 METRICS: dict[str, str] = {
     "fid": "dbconvert.evaluation.fid:FIDMetric",
     "mauve": "dbconvert.evaluation.mauve:MauveMetric",
-    "accuracy": "dbconvert.families.vit.metrics:AccuracyMetric",
-    "bpc": "dbconvert.families.llama.bpc:BPCMetric",
     "genppl": "dbconvert.evaluation.genppl:GenPPLMetric",
 }
-"""metric name -> "module:Class" of its `Metric` subclass (imported on first use)."""
+"""The generic metrics: name -> "module:Class" of its `Metric` subclass (imported on first use). A family's own
+metrics (ViT's accuracy, masked text's bpc) are the family's to name: `Family.own_metrics`."""
 
-_runtime: dict[str, str] = {}
-_instances: dict[str, "Metric"] = {}
+METRICS_ENV = "DBCONVERT_METRICS"
+"""Metrics registered at run time, as JSON {name: "module:Class"} (handed to child processes)."""
+
+
+def family_metrics() -> dict[str, str]:
+    """The metrics the registered families bring (`Family.own_metrics`); imports every family module."""
+    from dbconvert.families import family_names, get_family
+
+    return {name: path for family in family_names() for name, path in get_family(family).own_metrics.items()}
+
+
+REGISTRY = Registry("metric", METRICS, METRICS_ENV, extra=family_metrics)
+"""The metrics (`registry.Registry`): the generic ones, the families' own, the run-time registrations."""
 
 
 @dataclass(frozen=True)
@@ -171,36 +181,29 @@ class UnknownMetric(Metric):
 
 
 def metric_names() -> list[str]:
-    return sorted({**METRICS, **_runtime})
+    return REGISTRY.names()
 
 
 def register_metric(name: str, path: str) -> None:
-    """Register a metric by "module:Class" (plug-in families and tests)."""
-    _runtime[name] = path
-    _instances.pop(name, None)
+    """Register a metric by "module:Class" (plug-ins and tests; a family's own metrics need no registering:
+    `Family.own_metrics`); child processes inherit it."""
+    REGISTRY.register(name, path)
 
 
 def unregister_metric(name: str) -> None:
-    _runtime.pop(name, None)
-    _instances.pop(name, None)
+    REGISTRY.unregister(name)
 
 
 def get_metric(name: str) -> Metric:
     """The registered metric `name` (a one-line error naming the choices otherwise)."""
-    table = {**METRICS, **_runtime}
-    if name not in table:
-        raise DbconvertError(f"unknown metric {name!r}; choose one of {', '.join(metric_names())}")
-    if name not in _instances:
-        module, _, attr = table[name].partition(":")
-        _instances[name] = getattr(import_module(module), attr)()
-    return _instances[name]
+    return REGISTRY.get(name)
 
 
 def metric_of(result: dict[str, Any]) -> Metric:
     """The metric that renders a stored result (its value alone when that metric is not registered here)."""
     name = str(result["metric"])
-    return get_metric(name) if name in {**METRICS, **_runtime} else UnknownMetric(name)
+    return get_metric(name) if name in REGISTRY else UnknownMetric(name)
 
 
-__all__ = ["METRICS", "SAMPLER_OPTIONS", "Metric", "MetricOption", "UnknownMetric", "get_metric", "metric_names", "metric_of",
-           "nolog", "register_metric", "unregister_metric"]
+__all__ = ["METRICS", "METRICS_ENV", "REGISTRY", "SAMPLER_OPTIONS", "Metric", "MetricOption", "UnknownMetric",
+           "family_metrics", "get_metric", "metric_names", "metric_of", "nolog", "register_metric", "unregister_metric"]

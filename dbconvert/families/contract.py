@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, get_args, get_type_hints
 
 import torch
 from torch import nn
@@ -90,6 +90,41 @@ class NoSampleOptions:
     """The sampling options of a family that has none beyond the shared ones."""
 
 
+def sample_flag(help: str, *, flag: str | None = None, min: float | None = None) -> dict[str, Any]:
+    """The `metadata` of a `sample_options_type` field that `dbconvert sample` offers as a flag:
+    `field(default=None, metadata=sample_flag("Generate this class only.", flag="--class"))`.
+
+    `flag` defaults to `--name-with-dashes`; `min` is the smallest value the flag takes. A field without it
+    (e.g. token-id prompts for evaluation) is a library option only."""
+    return {"help": help, "flag": flag, "min": min}
+
+
+@dataclass(frozen=True)
+class SampleFlag:
+    """One command-line flag of `dbconvert sample`, from a field of a family's `sample_options_type`."""
+
+    name: str
+    type: type
+    help: str
+    flag: str
+    min: float | None = None
+    default: Any = None
+    """Always None on the command line: an option not given is the family's default."""
+
+
+def sample_flags(options_type: type) -> list[SampleFlag]:
+    """The flags of a `sample_options_type` dataclass: its fields with `sample_flag` metadata, in order."""
+    hints = get_type_hints(options_type)
+    out = []
+    for f in fields(options_type):
+        if "help" not in f.metadata:
+            continue
+        kinds = [a for a in get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        out.append(SampleFlag(f.name, kinds[0], f.metadata["help"], f.metadata.get("flag") or
+                              "--" + f.name.replace("_", "-"), f.metadata.get("min")))
+    return out
+
+
 def shard_slice(local: int, shard: tuple[int, int]) -> tuple[int, slice]:
     """(global batch, this rank's slice of it) for a local batch of `local` examples."""
     rank, world = shard
@@ -104,6 +139,9 @@ class Family(ABC):
     metrics: ClassVar[tuple[str, ...]]
     """The registered metrics (`evaluation/metric.py`) this family's runs can have, its default first
     (`metrics_for` says which apply to one recipe)."""
+    own_metrics: ClassVar[dict[str, str]] = {}
+    """The metrics this family brings, name -> "module:Class" of a `Metric` (ViT's accuracy): registering the
+    family registers them (`evaluation.metric.family_metrics`); generic code never names a family's module."""
     generated_unit: ClassVar[str] = "image"
     """What one sample is, for rates in `bench speed`: `image`, or `token` for text (one token = M steps)."""
     protocol_units: ClassVar[int] = 50_000
@@ -111,14 +149,18 @@ class Family(ABC):
     5 samples x 50 tokens = 250,000 tokens): `bench speed` turns its measured rate into the protocol's time."""
     model_kinds: ClassVar[tuple[str, ...]] = ("blocks", "e2e", "source")
     """What `sample --model` / `eval --model` accept: the blocks, the e2e baseline, the unsplit source,
-    and, for families that have one, an autoregressive reference (`ar`)."""
+    and, for families that have one, their plain reference (`reference_kind`)."""
     noise_processes: ClassVar[tuple[str, ...]] = ("edm",)
     """The noise processes (`recipe.noise.process`, see `noise_process.py`) this family's objectives take."""
     sample_options_type: ClassVar[type] = NoSampleOptions
-    """A dataclass of the family's own sampling options (`SampleRequest.options`), e.g. guidance or prompts."""
-    reference_kind: ClassVar[str] = "ar"
-    """The model kind of the family's separately trained reference (`train-e2e --objective KIND`, RUN/KIND/):
-    `ar` (an autoregressive LM) for text, `classifier` (a plain classifier) for vision classifiers."""
+    """A dataclass of the family's own sampling options (`SampleRequest.options`), e.g. guidance or prompts; its
+    fields with `sample_flag` metadata are `dbconvert sample`'s flags (generated: nothing generic lists them)."""
+    reference_kind: ClassVar[str | None] = None
+    """The model kind of the family's separately trained plain reference (`train-e2e --objective KIND`, RUN/KIND/,
+    one of `model_kinds`), built by `reference_model` and trained with `reference_loss`: `ar` (an autoregressive LM)
+    for text, `classifier` (a plain classifier) for vision classifiers; None (the default): the family has none."""
+    reference_title: ClassVar[str] = "plain reference"
+    """How the reference is called in messages and reports (`AR reference`, `plain classifier`)."""
     depth_key: ClassVar[str | None] = None
     """The `model` field that sets a fresh source network's layer count (`ablate blocks` deepens the network
     through it so that every B divides it), or None when the family has no such field."""
@@ -226,18 +268,20 @@ class Family(ABC):
         """
 
     def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: "NoiseProcess") -> nn.Module:
-        """The network of `model` (one of `model_kinds`) wrapped for generation. Default: the AR reference
-        for `ar`, the denoiser otherwise (a family whose source is not a denoiser overrides this)."""
-        return self.ar_model(recipe, network) if model == self.reference_kind else self.denoiser(recipe, network, noise)
+        """The network of `model` (one of `model_kinds`) wrapped for generation. Default: the plain reference
+        for `reference_kind`, the denoiser otherwise (a family whose source is not a denoiser overrides this)."""
+        if model == self.reference_kind:
+            return self.reference_model(recipe, network)
+        return self.denoiser(recipe, network, noise)
 
-    def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
-        """The autoregressive reference around the full network (families with `ar` in model_kinds)."""
-        raise DbconvertError(f"the {self.name} family has no autoregressive reference; use --model blocks or e2e")
+    def reference_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
+        """The plain reference around the full network (an AR LM, a classifier; families with a `reference_kind`)."""
+        raise DbconvertError(f"the {self.name} family has no plain reference; use --model blocks or e2e")
 
-    def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
-                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
-        """Next-token loss of the autoregressive reference."""
-        raise DbconvertError(f"the {self.name} family has no autoregressive reference; use --model blocks or e2e")
+    def reference_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
+                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+        """The plain reference's own loss of one batch (next-token cross-entropy, classification cross-entropy)."""
+        raise DbconvertError(f"the {self.name} family has no plain reference; use --model blocks or e2e")
 
     def heldout_metrics(self, model: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
                         recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
@@ -247,11 +291,11 @@ class Family(ABC):
     # -- export ----------------------------------------------------------------------------
 
     def check_export(self, model: str, out: Path) -> None:
-        """A one-line error, before any work, when `model` (source, e2e, ar, blocks) cannot be exported to `out`."""
+        """A one-line error, before any work, when `model` (one of `model_kinds`) cannot be exported to `out`."""
         raise DbconvertError(f"the {self.name} family has no reference format to export to")
 
     def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
-        """Write `network` (the run's `name`: source, e2e, ar or block-XX, of kind `model`) at `out` in the
+        """Write `network` (the run's `name`: source, e2e, the reference or block-XX, of kind `model`) at `out` in the
         family's reference format; returns notes for the user.
 
         `out` is a fresh path inside a staging folder (`export.export_model` moves it into place), so
@@ -264,8 +308,11 @@ class Family(ABC):
     def sample_options(self, flags: dict[str, str] | None = None, **given: Any) -> Any:
         """The family's sampling options from keywords; a one-line error naming an option that does not apply.
 
-        `flags` maps an option to how the user wrote it (`class_label` -> `--class`; default `--name-with-dashes`).
+        `flags` maps an option to how the user wrote it (`class_label` -> `--class`; the CLI passes every family's);
+        default: this family's `sample_flag` metadata, else `--name-with-dashes`.
         """
+        if flags is None:
+            flags = {f.name: f.flag for f in sample_flags(self.sample_options_type)}
         names = {f.name for f in fields(self.sample_options_type)}
         unknown = [k for k in given if k not in names]
         if unknown:
@@ -312,5 +359,7 @@ class Family(ABC):
                        warmup: int, new_tokens: int | None = None,
                        on_progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
         """For families that decode unit by unit (text): the blocks' decoding rate against the same network's
-        autoregressive decoding, for `bench speed`. None (the default): nothing of the kind to compare."""
+        autoregressive decoding, for `bench speed`: `tokens_per_s` by decoder, `reference` naming the decoder the
+        others are compared with. None (the default): nothing of the kind to compare."""
         return None
+

@@ -113,6 +113,26 @@ def test_bad_input_with_a_run(cli_run: Path) -> None:
     assert_user_error(invoke("sample", "--solver", "rk4"), "--solver must be euler or heun")
 
 
+def test_sample_flags_are_the_families_options(in_tmp: Path) -> None:
+    """`sample`'s family flags are generated from each `Family.sample_options_type`: all of them (each marked with
+    its families) without a run, the run's family's only in `--help` on a run; parsing takes any family's."""
+    from dbconvert.families import family_names, get_family
+    from dbconvert.families.contract import sample_flags
+
+    every = {f.flag for n in family_names() for f in sample_flags(get_family(n).sample_options_type)}
+    assert {"--class", "--guidance", "--prompt", "--images", "--max-new-tokens"} <= every
+    shown = invoke("sample", "--help").stdout
+    assert all(flag in shown for flag in every) and "(dit runs)" in shown and "(llama runs)" in shown
+    assert invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "-q").exit_code == 0
+    on_dit = invoke("sample", "--help").stdout
+    dit = {f.flag for f in sample_flags(get_family("dit").sample_options_type)}
+    assert all(flag in on_dit for flag in dit) and not any(flag in on_dit for flag in every - dit)
+    assert "--prompt" in invoke("sample", "--help", "--run", "nowhere").stdout  # no run there: every flag
+    assert_user_error(invoke("sample", "--prompt", "hi"),
+                      "--prompt does not apply to a dit run (its sampling options: --class, --guidance); drop it")
+    assert_user_error(invoke("sample", "--max-new-tokens", "0"), "--max-new-tokens")  # its declared minimum
+
+
 def test_corrupt_block_weights_are_reported_and_left_alone(cli_run: Path) -> None:
     weights = cli_run / "blocks" / "block-01" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

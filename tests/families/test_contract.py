@@ -21,7 +21,6 @@ import pytest
 import dbconvert
 from dbconvert import families
 from dbconvert.config import load_recipe
-from dbconvert.evaluation.metric import register_metric, unregister_metric
 from dbconvert.errors import RecipeError
 from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest
@@ -46,12 +45,10 @@ sample: {steps: 16, num: 256}
 
 @pytest.fixture
 def toy() -> Iterator[str]:
-    """The toy family and its metric, registered for one test (one line each), then unregistered."""
+    """The toy family (and with it its own metric), registered for one test (one line), then unregistered."""
     families.register("toy", f"{MODULE}:ToyFamily", f"{MODULE}:ToyConfig")
-    register_metric("corner", f"{MODULE}:CornerMetric")
     yield "toy"
     families.unregister("toy")
-    unregister_metric("corner")
 
 
 @pytest.fixture
@@ -100,6 +97,16 @@ def test_split_train_sample_bench_through_the_cli(toy_recipe: Path) -> None:
     # each sampling step ran the block that owns its sigma: block 0 the high-noise steps, block 1 the rest
     out = run.family().generate(run, SampleRequest(num=8, steps=10, solver="heun", out=Path("heun")))
     assert len(out.calls) == 2 and all(c > 0 for c in out.calls) and sum(out.calls) == 10 + 9
+
+    # the toy's own sampling option is a generated flag of `sample`; DiT's is a one-line error on a toy run
+    result = invoke("sample", "--clip", "0.1", "--num", "16", "--out", "clipped", "-q")
+    assert result.exit_code == 0, result.output
+    assert np.abs(np.load("clipped/samples.npz")["x"]).max() <= 0.1
+    assert_user_error(invoke("sample", "--guidance", "2", "-q"),
+                      "--guidance does not apply to a toy run (its sampling options: --clip); drop it")
+    assert_user_error(invoke("sample", "--clip", "-1", "-q"), "--clip")  # its declared minimum
+    shown = invoke("sample", "--help").stdout  # on a toy run: the toy's options, not the other families'
+    assert "--clip" in shown and "--guidance" not in shown and "--prompt" not in shown
 
     # the e2e baseline and the model kinds the family declares
     result = invoke("train-e2e", "--steps", "20", "-q")

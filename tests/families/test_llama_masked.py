@@ -19,7 +19,7 @@ from dbconvert.tokenizer import Tokenizer, train_chars
 
 from tests.cli_helpers import assert_user_error, invoke
 from tests.conftest import TINY_OVERRIDES
-from tests.families.llama_tiny import CORPUS, tiny_overrides, write_corpus
+from tests.families.llama_tiny import CORPUS, write_corpus
 
 V = 40  # vocabulary rows of the direct tests; ids >= NUM are never produced, MASK is the first free row
 NUM, MASK = 30, 30

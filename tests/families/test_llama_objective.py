@@ -223,8 +223,8 @@ def test_model_kinds_are_one_line_errors_where_a_family_has_no_such_model(tiny_r
     from tests.cli_helpers import assert_user_error, invoke
 
     assert_user_error(invoke("sample", "--model", "ar", "--run", str(tiny_run.root)), "--model must be one of")
-    assert_user_error(invoke("train-e2e", "--objective", "ar", "--run", str(tiny_run.root)), "--objective ar trains a plain reference, which a dit run has none of")
-    assert_user_error(invoke("train-e2e", "--objective", "mse", "--run", str(tiny_run.root)), "--objective must be")
+    assert_user_error(invoke("train-e2e", "--objective", "ar", "--run", str(tiny_run.root)), "--objective ar: a dit run has no plain reference to train")
+    assert_user_error(invoke("train-e2e", "--objective", "mse", "--run", str(tiny_run.root)), "--objective mse: a dit run has no")
 
 
 def test_anchored_noisy_input_keeps_the_converted_source_exact_and_trains(in_tmp: Path, corpus: Path) -> None:

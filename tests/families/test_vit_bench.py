@@ -25,3 +25,7 @@ def test_static_memory_of_a_block_is_a_third_of_the_layers() -> None:
     e2e, block = data["breakdown"]["e2e"], data["breakdown"]["block-0"]
     assert e2e["layers"] == [0, 3] and block["layers"] == [0, 1]
     assert block["parameters"] < e2e["parameters"] and data["ratio"] > 1
+    # the family's plain reference (Family.reference_kind), without and with checkpointing: no generic code names it
+    assert data["checkpointing"]["reference"] == "classifier"
+    assert data["breakdown"]["classifier+ckpt"]["objective"] == "classifier"
+    assert data["breakdown"]["classifier"]["parameters"] <= e2e["parameters"]

@@ -10,9 +10,8 @@ The source network is a residual MLP over `dim`-dimensional vectors: an input pr
 noise embedding (shared, copied into every block), `layers` residual MLP layers (cut into
 blocks), and an output head (shared). Its data are points of a fixed two-cluster mixture, so a
 few hundred CPU steps train it. Its metric, `corner` (`CornerMetric`: how far generated points lie
-from the data's cluster centres), is registered the same way, one line:
-
-    register_metric("corner", "tests.families.toy_family:CornerMetric")
+from the data's cluster centres), comes with the family (`ToyFamily.own_metrics`): registering the
+family registers it.
 
 `tests/families/test_contract.py` runs split, train-block, sample, bench, eval, eval compare, ablate and
 plot through them.
@@ -21,6 +20,7 @@ plot through them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +35,7 @@ from dbconvert import noise as nz
 from dbconvert.checkpoint import apply_key_map, atomic_write, layer_slice_key_map
 from dbconvert.devices import resolve_device
 from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
-from dbconvert.families.contract import Family, Source, shard_slice
+from dbconvert.families.contract import Family, Source, sample_flag, shard_slice
 from dbconvert.sampling import SampleRequest, SampleResult, edm_sample, load_models
 from dbconvert.schema import ModelConfig
 
@@ -116,6 +116,14 @@ class ToyData:
         return [self.x[indices]]
 
 
+@dataclass
+class ToySampleOptions:
+    """The toy's own sampling option (a flag of `dbconvert sample`, generated from this field: nothing generic names it)."""
+
+    clip: float | None = field(default=None, metadata=sample_flag("Clamp every generated coordinate to [-CLIP, CLIP].",
+                                                                  min=0.0))
+
+
 def _cfg(recipe: "Recipe") -> ToyConfig:
     assert isinstance(recipe.model, ToyConfig)
     return recipe.model
@@ -125,6 +133,8 @@ class ToyFamily(Family):
     name = "toy"
     config_cls = ToyConfig
     metrics = ("corner",)
+    own_metrics = {"corner": "tests.families.toy_family:CornerMetric"}
+    sample_options_type = ToySampleOptions
 
     def source(self, recipe: "Recipe") -> Source:
         cfg = _cfg(recipe)
@@ -179,6 +189,9 @@ class ToyFamily(Family):
 
         with torch.no_grad():
             x = edm_sample(denoise, owned, ts, z.to(device), solver).cpu()
+        clip = self.options_of(request).clip
+        if clip is not None:
+            x = x.clamp(-clip, clip)
         out = Path(request.out) if request.out else run.root / "samples" / f"{request.model}-{solver}-{steps}steps-seed{seed}"
         file = out / "samples.npz"
 

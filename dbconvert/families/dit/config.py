@@ -9,11 +9,6 @@ from pydantic import Field, model_validator
 from dbconvert.families.dit.model import ARCHS, DiTShape
 from dbconvert.schema import ModelConfig, Section
 
-PARAMETERIZATIONS = ("edm", "ddpm-eps")
-"""What a DiT's output means: `edm` (F of EDM's preconditioning, for fresh networks) or `ddpm-eps`
-(a discrete DDPM epsilon-predictor, the reference DiT's, wrapped as an EDM denoiser)."""
-
-
 class DDPMSchedule(Section):
     """The discrete DDPM schedule a `ddpm-eps` network was trained on: linear betas over `timesteps` steps.
 

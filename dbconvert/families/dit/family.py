@@ -11,7 +11,7 @@ from torch import nn
 
 from dbconvert import noise as nz
 from dbconvert.building import meta_specs
-from dbconvert.checkpoint import (apply_key_map, atomic_write, check_state, file_sha256, open_checkpoint,
+from dbconvert.checkpoint import (apply_key_map, atomic_write, check_state, open_checkpoint,
                                   resolve_storage_dtype, save_weights)
 from dbconvert.data.images import ImageData, load_images
 from dbconvert.errors import DataError, DbconvertError

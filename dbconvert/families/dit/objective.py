@@ -31,16 +31,10 @@ import torch
 from torch import nn
 
 from dbconvert import noise as nz
+from dbconvert.noise import sigma_to_timestep
 from dbconvert.families.contract import shard_slice
 from dbconvert.families.dit.config import DDPMSchedule
 from dbconvert.families.dit.model import DiT
-
-
-def sigma_to_timestep(sigma: torch.Tensor, noise: nz.NoiseSettings) -> torch.Tensor:
-    """EDM c_noise mapped affinely onto DiT's DDPM timestep range [0, 999] (see module docstring)."""
-    lo = nz.c_noise(torch.tensor(noise.sigma_min, dtype=torch.float64)).item()
-    hi = nz.c_noise(torch.tensor(noise.sigma_max, dtype=torch.float64)).item()
-    return 999.0 * (nz.c_noise(sigma) - lo) / (hi - lo)
 
 
 def ddpm_sigmas(schedule: DDPMSchedule) -> torch.Tensor:

@@ -15,9 +15,6 @@ from typing import Any
 
 from dbconvert.errors import DbconvertError
 
-CONTEXT_CHOICES = ("recipe", "checkpoint")
-
-
 def context_note(cfg: Any) -> str:
     """The split note of a run converted from a checkpoint (cfg: the recipe's model section, architecture filled in)."""
     longest = cfg.max_positions or cfg.context

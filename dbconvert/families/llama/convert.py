@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,7 +13,7 @@ from torch import nn
 from pydantic import ValidationError
 
 from dbconvert.building import load_network, meta_specs
-from dbconvert.checkpoint import (KeyMap, apply_key_map, file_sha256, layer_slice_key_map, load_strict, map_lazily,
+from dbconvert.checkpoint import (KeyMap, apply_key_map, layer_slice_key_map, load_strict, map_lazily,
                                   open_checkpoint)
 from dbconvert.errors import CheckpointError, RecipeError
 from dbconvert.families.llama.config import LlamaConfig

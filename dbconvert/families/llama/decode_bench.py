@@ -79,5 +79,5 @@ def decoding_rates(family: "Family", recipe: "Recipe", blocks: int, batch: int, 
                 seconds[name].append(took)
     rate = {name: batch * new / statistics.median(s) for name, s in seconds.items()}
     return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new, "steps": blocks, "protocol": "few-step",
-            "layers": total, "tokens_per_s": rate, "blocks_over_ar": rate["blocks"] / rate["ar"],
+            "layers": total, "tokens_per_s": rate, "reference": "ar", "blocks_over_ar": rate["blocks"] / rate["ar"],
             "unfused_over_ar": rate["blocks (separate extend)"] / rate["ar"], "raw_seconds": seconds}

@@ -111,8 +111,11 @@ class LlamaFamily(Family):
     name = "llama"
     config_cls = LlamaConfig
     metrics = ("mauve", "genppl", "bpc")
+    own_metrics = {"bpc": "dbconvert.families.llama.bpc:BPCMetric"}
     sample_options_type = TextSampleOptions
     model_kinds = ("blocks", "e2e", "ar", "source")
+    reference_kind = "ar"
+    reference_title = "plain causal LM"
     generated_unit = "token"
     protocol_units = 1000 * 5 * 50  # SEDD's conditional MAUVE protocol, as the paper runs it
     noise_processes = ("edm", "masking")
@@ -164,9 +167,6 @@ class LlamaFamily(Family):
                                 "replaced by full attention); with the zero-initialised t modulation each layer "
                                 "computes what the source layer computes under full attention")
         return source
-
-    def resolve(self, recipe: "Recipe") -> None:
-        check_objective(recipe)
 
     def _source(self, recipe: "Recipe") -> Source:
         check_objective(recipe)
@@ -376,17 +376,17 @@ class LlamaFamily(Family):
     def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
         """The converted source is a causal LM (its noise modulation is still zero): decode it like `ar`."""
         if model in ("ar", "source"):
-            return self.ar_model(recipe, network)
+            return self.reference_model(recipe, network)
         return self.denoiser(recipe, network, noise)
 
-    def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
+    def reference_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
         assert isinstance(network, LlamaBlockNet)
         if network.shape.head == "tied-table":
             network.attach_table(self.table())
         return CausalLM(network)
 
-    def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
-                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def reference_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
+                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
         return ar_loss(model, batch[0])
 
     # -- export ----------------------------------------------------------------------------

@@ -51,12 +51,14 @@ class ViTFamily(Family):
     name = "vit"
     config_cls = ViTConfig
     metrics = ("accuracy",)
+    own_metrics = {"accuracy": "dbconvert.families.vit.metrics:AccuracyMetric"}
     sample_options_type = ClassifySampleOptions
     generated_unit = "image"
     protocol_units = 10_000
     """The CIFAR test split: 10,000 images classified."""
     model_kinds = ("blocks", "e2e", REFERENCE, "source")
     reference_kind = REFERENCE
+    reference_title = "plain classifier"
     depth_key = "depth"
 
     def __init__(self, shared: Path | None = None, table: torch.Tensor | None = None) -> None:
@@ -163,16 +165,16 @@ class ViTFamily(Family):
     def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
         """The plain classifier and the converted source classify directly; blocks and e2e are denoisers."""
         if model in (REFERENCE, "source"):
-            return self.ar_model(recipe, network)
+            return self.reference_model(recipe, network)
         return self.denoiser(recipe, network, noise)
 
-    def ar_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
+    def reference_model(self, recipe: "Recipe", network: nn.Module) -> nn.Module:
         """The separately trained reference of this family: the plain classifier."""
         assert isinstance(network, ViTNet)
         return Classifier(network)
 
-    def ar_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
-                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def reference_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
+                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
         return classifier_loss(model, batch)  # type: ignore[arg-type]
 
     # -- export ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from dbconvert.checkpoint import atomic_write, atomic_write_text
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError
+from dbconvert.families.contract import sample_flag
 from dbconvert.families.vit.objective import Classifier, ViTDenoiser, cdf_levels, classify_steps
 from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest, SampleResult, load_models
@@ -86,7 +87,8 @@ def read_image_folder(folder: Path, in_chans: int, size: int) -> tuple[torch.Ten
 class ClassifySampleOptions:
     """A classifier's own sampling option: a folder of images to classify (default: the data set's test split)."""
 
-    images: Path | None = None
+    images: Path | None = field(default=None, metadata=sample_flag(
+        "Classify the images in this folder (default: the test split)."))
 
 
 def classify(run: Run, request: SampleRequest) -> SampleResult:

@@ -28,19 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbconvert import noise as nz
+from dbconvert.noise import sigma_to_timestep
 from dbconvert.families.contract import shard_slice
 from dbconvert.families.vit.model import ViTNet
 
 WEIGHTINGS = ("lambda", "uniform")
 DEFAULT_WEIGHTING = "lambda"
 """train.loss_weight=default: EDM's lambda(sigma), as the official code weights its cross-entropy."""
-
-
-def sigma_to_timestep(sigma: torch.Tensor, noise: nz.NoiseSettings) -> torch.Tensor:
-    """EDM c_noise mapped affinely onto [0, 999] (sigma_min -> 0, sigma_max -> 999)."""
-    lo = nz.c_noise(torch.tensor(noise.sigma_min, dtype=torch.float64)).item()
-    hi = nz.c_noise(torch.tensor(noise.sigma_max, dtype=torch.float64)).item()
-    return 999.0 * (nz.c_noise(sigma) - lo) / (hi - lo)
 
 
 class ViTDenoiser(nn.Module):
