@@ -101,6 +101,9 @@ def bench_split(
         raise DbconvertError(f"--batch must be at least 1, got {batch}")
     say = on_progress or (lambda msg: None)
     family = get_family(recipe.model.family)
+    if not family.writes_random_checkpoints:
+        raise DbconvertError(f"the {family.name} family cannot write a random checkpoint, so `bench split` does not "
+                             "apply to it")
     extra = [f"model.context={context}"] if context else []
     recipe = overridden(with_blocks(recipe, blocks), extra)
     from dbconvert.split import layer_ranges, source_depth
@@ -141,7 +144,7 @@ def bench_split(
             every_block=False,
         )
         block_static = max(static["block_static_bytes"])
-        largest_block = max(_block_file_bytes(scratch / "run"), default=0)
+        largest_block = max(_block_file_bytes(scratch / "run"), default=0)  # before training replaces any
         out["largest_block_file_bytes"] = largest_block
         out["train"] = {"block": deepest, "batch": batch, "static_bytes": block_static}
         available = available_bytes()

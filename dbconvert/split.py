@@ -96,13 +96,24 @@ def keep_initial(weights: Path) -> None:
 
 
 def source_depth(recipe: Recipe) -> int:
-    """The source network's layer count, from its family (a fresh one is built on the meta device: no memory)."""
+    """The source network's layer count, from its family (a fresh one is built with its parameters on the meta
+    device: no memory, and no random numbers drawn).
+
+    The recipe is left as it is: `source` settles `auto` choices (e.g. model.storage_dtype) on a copy.
+    """
     import torch
 
+    from dbconvert.building import empty_parameters
+
     family = get_family(recipe.model.family)
+    recipe = recipe.model_copy(deep=True)
     if recipe.model.checkpoint is None:
-        with torch.device("meta"):
-            return family.source(recipe).num_layers
+        try:
+            with torch.device("meta"):  # nothing real at all
+                return family.source(recipe).num_layers
+        except (RuntimeError, NotImplementedError):  # a source that computes a value from its settings (DiT's
+            with empty_parameters():  # DDPM schedule): the computation on the CPU, the parameters on meta
+                return family.source(recipe).num_layers
     return family.source(recipe).num_layers
 
 

@@ -240,3 +240,23 @@ def floating_dtype(specs: Mapping[str, Spec]) -> torch.dtype:
         if spec.dtype.is_floating_point:
             totals[spec.dtype] = totals.get(spec.dtype, 0) + spec.nbytes
     return max(totals, key=lambda d: totals[d]) if totals else torch.float32
+
+
+def write_random_safetensors(
+    path: str | Path,
+    specs: Mapping[str, Spec],
+    seed: int,
+    ones: Callable[[str], bool] = lambda key: False,
+    on_tensor: Callable[[int], None] | None = None,
+) -> None:
+    """A safetensors file of random N(0, 0.02^2) tensors (of ones where `ones(key)`), one tensor at a time: a
+    checkpoint of any size for benchmarks (`bench split`)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def random(key: str) -> torch.Tensor:
+        spec = specs[key]
+        if ones(key):
+            return torch.ones(spec.shape, dtype=spec.dtype)
+        return (torch.randn(spec.shape, generator=gen) * 0.02).to(spec.dtype)
+
+    write_safetensors(path, specs, random, {"format": "pt"}, on_tensor)

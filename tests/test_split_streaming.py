@@ -267,3 +267,10 @@ def test_a_bf16_run_trains_float32_master_weights_and_says_so(in_tmp: Path) -> N
     assert load_file(str(block / "model.safetensors"))["norm.weight"].dtype == torch.float32
     assert json.loads((block / "state.json").read_text())["weights_dtype"] == "float32"
     assert run.manifest["source"]["storage_dtype"] == "bfloat16"
+
+
+def test_counting_the_source_layers_settles_nothing_in_the_recipe() -> None:
+    from dbconvert.split import source_depth
+
+    recipe = load_recipe("llama-tiny-shakespeare")
+    assert source_depth(recipe) == 8 and recipe.model.storage_dtype == "auto"  # a later checkpoint keeps its dtype

@@ -265,3 +265,14 @@ def _to_tensors(x: np.ndarray, labels: np.ndarray, name: str) -> ImageData:
     y = torch.from_numpy(np.asarray(labels).astype(np.int64))
     num_classes = int(y.max().item()) + 1 if len(y) else 0
     return ImageData(tensor, y, num_classes, name)
+
+
+def write_random_images(path: Path, num: int, shape: tuple[int, int, int], classes: int, seed: int) -> Path:
+    """`num` random float images of `shape` (C, H, W) in [-1, 1] with labels below `classes`, as a `.npz` that
+    `data.kind=npz` reads (for benchmarks of a model's size: `bench split`)."""
+    gen = np.random.default_rng(seed)
+    x = gen.uniform(-1.0, 1.0, size=(num, *shape)).astype(np.float32)
+    y = gen.integers(0, max(classes, 1), size=num).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=x, y=y)
+    return path

@@ -230,6 +230,9 @@ class Family(ABC):
         """This family without a run, for `bench` (synthetic stand-ins for run artefacts). Default: itself."""
         return self
 
+    writes_random_checkpoints: ClassVar[bool] = False
+    """Whether `random_checkpoint` is implemented (`bench split` refuses a family without, before any work)."""
+
     def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
                           on_tensor: Callable[[int], None] | None = None) -> list[str]:
         """Write a checkpoint of the recipe's architecture with random weights in `dtype` into `folder` (tensor by

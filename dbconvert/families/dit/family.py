@@ -68,6 +68,23 @@ class DiTFamily(Family):
         return Source(state, shape.depth, notes=notes,
                       files=[Path(cfg.checkpoint).expanduser()], build=lambda: DiT(shape))
 
+    writes_random_checkpoints = True
+
+    def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
+                          on_tensor: Callable[[int], None] | None = None) -> list[str]:
+        """A random reference-layout checkpoint of the recipe's DiT (learn_sigma as the recipe says) as safetensors,
+        and 64 random images of its input shape to train on."""
+        from dbconvert.data.images import write_random_images
+        from dbconvert.tensorio import Spec, write_random_safetensors
+
+        cfg = _cfg(recipe)
+        specs = {k: Spec(dtype, s.shape) for k, s in meta_specs(lambda: DiT(cfg.shape())).items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        write_random_safetensors(folder / "dit.safetensors", specs, seed, on_tensor=on_tensor)
+        data = write_random_images(folder / "images.npz", 64, (cfg.in_channels, cfg.input_size, cfg.input_size),
+                                   cfg.num_classes, seed)
+        return [f"model.checkpoint={folder / 'dit.safetensors'}", f"data.source={data}", "data.kind=npz"]
+
     def resolve(self, recipe: "Recipe") -> None:
         """`model.parameterization=auto` -> edm or ddpm-eps (reading a checkpoint's export metadata, if any)."""
         cfg = _cfg(recipe)

@@ -202,6 +202,8 @@ class LlamaFamily(Family):
         if cfg.checkpoint is not None:
             recipe.model = config_from_hf(cfg, read_hf_config(cfg.checkpoint))
 
+    writes_random_checkpoints = True
+
     def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
                           on_tensor: Callable[[int], None] | None = None) -> list[str]:
         """A random save_pretrained folder of the recipe's shape, a small BPE tokenizer in it, and a text file (the

@@ -88,6 +88,28 @@ class ViTFamily(Family):
         if cfg.label_table == "auto":
             cfg.label_table = "head" if cfg.checkpoint else "orthonormal"
 
+    writes_random_checkpoints = True
+
+    def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
+                          on_tensor: Callable[[int], None] | None = None) -> list[str]:
+        """A random timm-named ViT state dict of the recipe's shape as safetensors (LayerNorm weights 1), and 64
+        random images of its input shape to train on."""
+        from dbconvert.building import meta_specs
+        from dbconvert.data.images import write_random_images
+        from dbconvert.families.vit.convert import timm_keys
+        from dbconvert.tensorio import Spec, write_random_safetensors
+
+        cfg = _cfg(recipe)
+        shape = cfg.shape()
+        keys = set(timm_keys(shape.depth))
+        specs = {k: Spec(dtype, s.shape) for k, s in meta_specs(lambda: ViTNet(shape)).items() if k in keys}
+        folder.mkdir(parents=True, exist_ok=True)
+        norm = lambda key: key.endswith("norm.weight") or ".norm1.weight" in key or ".norm2.weight" in key  # noqa: E731
+        write_random_safetensors(folder / "vit.safetensors", specs, seed, ones=norm, on_tensor=on_tensor)
+        data = write_random_images(folder / "images.npz", 64, (shape.in_chans, shape.img_size, shape.img_size),
+                                   shape.num_classes, seed)
+        return [f"model.checkpoint={folder / 'vit.safetensors'}", f"data.source={data}", "data.kind=npz"]
+
     def source(self, recipe: "Recipe") -> Source:
         """A fresh network (seeded) or a timm / Hugging Face checkpoint checked against the recipe."""
         self.resolve(recipe)
