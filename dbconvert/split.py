@@ -179,11 +179,10 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
                 mib = written / 2**20
                 update(done, f"{mib:,.1f} MiB, {mib / max(time.perf_counter() - t0, 1e-9):,.1f} MiB/s")
 
+            sha256 = source.checkpoint_sha256 or (checkpoint_digest(source.files) if source.files else None)
             if by_reference:
-                sha256 = source.checkpoint_sha256 or checkpoint_digest(source.files)
                 write_key_map(staging / "shared", source.state)
             else:
-                sha256 = source.checkpoint_sha256 or (checkpoint_digest(source.files) if source.files else None)
                 save_weights(staging / "source" / "model.safetensors", source.state, on_tensor=wrote)
                 release(source.state)
                 done += 1
