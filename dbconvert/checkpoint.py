@@ -95,7 +95,8 @@ def load_weights(path: Path, remedy: str = RUN_FILE_REMEDY) -> StateDict:
         reader = SafetensorsFile(path)
         return {name: reader.read(name) for name in reader.specs}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"run file {path} is damaged: corrupt or truncated ({first_line(exc)}); {remedy}") from None
+        raise CheckpointError(f"run file {path} is damaged: corrupt or truncated ({first_line(exc)}); "
+                              f"{remedy}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -164,7 +165,8 @@ def folder_error(path: Path, key: str) -> str:
 
     hint = (f"use a {model_type} recipe (model.family={model_type})" if model_type in family_names()
             else "no dbconvert family converts it")
-    return f"{key} {path} is a Hugging Face {model} folder (config.json model_type {model_type!r}), not a checkpoint file of this recipe's family; {hint}"
+    return (f"{key} {path} is a Hugging Face {model} folder (config.json model_type {model_type!r}), not a "
+            f"checkpoint file of this recipe's family; {hint}")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -264,8 +266,8 @@ class MappedFile:
 
     def unreadable(self, exc: BaseException) -> CheckpointError:
         return CheckpointError(
-            f"{self.key} {self.path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is truncated, "
-            "corrupt, or holds pickled objects (only weights are read); restore it from where it came from")
+            f"{self.key} {self.path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is "
+            "truncated, corrupt, or holds pickled objects (only weights are read); restore it from where it came from")
 
     def read(self, name: str) -> torch.Tensor:
         return self.load()[name].clone()
@@ -293,8 +295,10 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 """`model.storage_dtype`: the dtype of a run's split weights (`auto`: the checkpoint's; float32 for a fresh network)."""
 
 
-def resolve_storage_dtype(cfg: Any, state: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor] | None = None,
-                          fresh: bool = False) -> Mapping[str, torch.Tensor]:
+def resolve_storage_dtype(
+    cfg: Any, state: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor] | None = None,
+    fresh: bool = False,
+) -> Mapping[str, torch.Tensor]:
     """`state` in the run's storage dtype; settles `cfg.storage_dtype=auto` in place (the manifest records it).
 
     auto: the floating dtype holding most of `checkpoint`'s bytes (a bf16 checkpoint gives bf16 blocks), float32

@@ -59,8 +59,10 @@ def export_target(run: Run, model: str, block: int | None, weights: str) -> tupl
     if model == "source":
         return model, name, depth, run.source_weights
     if not run.status(name).trained:
-        command = f"train-block {block}" if block is not None else f"train-e2e{'' if model == 'e2e' else ' --objective ' + model}"
-        raise RunError(f"{name} of {run.root} is not trained, so there is nothing new to export; run `dbconvert {command}` "
+        objective = "" if model == "e2e" else " --objective " + model
+        command = f"train-block {block}" if block is not None else f"train-e2e{objective}"
+        raise RunError(f"{name} of {run.root} is not trained, so there is nothing new to export; run "
+                       f"`dbconvert {command}` "
                        "first (or export --model source)")
     return model, name, depth, run.model_dir(name) / f"{weights}.safetensors"
 
@@ -80,7 +82,8 @@ def check_out(run: Run, out: Path, force: bool) -> None:
         raise RunError(f"{out} {where} the run folder {run.root}; export to a path outside the run")
     here = Path.cwd().resolve()
     if target == here or target in here.parents:
-        raise RunError(f"{out} is the working folder or holds it; export to a new path (e.g. {out.name or 'export'}-hf)")
+        raise RunError(f"{out} is the working folder or holds it; export to a new path "
+                       f"(e.g. {out.name or 'export'}-hf)")
     if not (out.exists() or out.is_symlink()):
         return
     if not force:

@@ -166,7 +166,8 @@ class Run:
     # -- paths -----------------------------------------------------------------------------
 
     def model_dir(self, name: str) -> Path:
-        """`block-02` -> blocks/block-02; `e2e`, `source`, the family's reference (`ar`, ...) -> a folder of that name."""
+        """`block-02` -> blocks/block-02; `e2e`, `source`, the family's reference (`ar`, ...) -> a folder of that
+        name."""
         return self.root / "blocks" / name if name.startswith(BLOCK_PREFIX) else self.root / name
 
     def model_targets(self, model: str) -> list[tuple[str, int]]:
@@ -175,7 +176,8 @@ class Run:
             return [(self.block_name(b.index), b.layers[1] - b.layers[0]) for b in self.blocks]
         kinds = self.family().model_kinds
         if model not in kinds:
-            raise DbconvertError(f"--model must be one of {', '.join(kinds)} for a {self.family_name} run, not {model!r}")
+            raise DbconvertError(f"--model must be one of {', '.join(kinds)} for a {self.family_name} run, "
+                                 f"not {model!r}")
         return [(model, self.num_layers)]
 
     def require_trained(self, model: str) -> None:
@@ -240,6 +242,7 @@ def resolve_run(run: str | Path | None, cwd: Path | None = None) -> Run:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    text = f"# dbconvert run manifest (format {FORMAT_VERSION}); written by `dbconvert split`, read by every other command\n"
+    text = (f"# dbconvert run manifest (format {FORMAT_VERSION}); written by `dbconvert split`, read by every other "
+            "command\n")
     text += yaml.safe_dump(manifest, sort_keys=False)
     atomic_write_text(root / MANIFEST, text)

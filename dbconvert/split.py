@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import shutil
 import time
@@ -65,7 +64,8 @@ def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict
         mass = process.mass(*owned)
         if not (owned[1] > owned[0] and mass > MIN_MASS):
             raise RecipeError(f"{process.settings_text()}: block {i} would own the noise levels ({owned[0]:.4g}, "
-                              f"{owned[1]:.4g}] of mass {mass:.3g}, i.e. none; {process.widen_hint()}, or use fewer blocks")
+                              f"{owned[1]:.4g}] of mass {mass:.3g}, i.e. none; {process.widen_hint()}, "
+                              "or use fewer blocks")
         plans.append({"index": i, "layers": layers, "owned_range": owned, "train_range": train, "mass": mass})
     return bounds, plans
 

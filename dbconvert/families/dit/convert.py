@@ -60,7 +60,8 @@ def block_key_map(start: int, end: int) -> KeyMap:
 def is_layer_key(key: str, num_layers: int) -> bool:
     """True for `blocks.{k}.<layer key>` with k < num_layers (the keys a block slice renames)."""
     parts = key.split(".", 2)
-    return len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < num_layers and parts[2] in LAYER_KEYS
+    return (len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < num_layers
+            and parts[2] in LAYER_KEYS)
 
 
 def drop_variance(state: Mapping[str, torch.Tensor], arch: str, in_channels: int, learn_sigma: bool,
@@ -133,10 +134,12 @@ def resolve_parameterization(cfg: DiTConfig, noise: NoiseSettings, recorded: dic
     else:
         name = cfg.parameterization
         if recorded and recorded["name"] != name:
-            raise CheckpointError(f"{where} holds a {recorded['name']!r} network (its {METADATA_KEY} metadata says so), but "
-                                  f"model.parameterization is {name!r}; set model.parameterization={recorded['name']} or auto")
+            raise CheckpointError(f"{where} holds a {recorded['name']!r} network (its {METADATA_KEY} metadata says "
+                                  f"so), but model.parameterization is {name!r}; set "
+                                  f"model.parameterization={recorded['name']} or auto")
     if name not in ("edm", "ddpm-eps"):
-        raise CheckpointError(f"{where} records the unknown parameterization {name!r}; this dbconvert knows edm and ddpm-eps")
+        raise CheckpointError(f"{where} records the unknown parameterization {name!r}; this dbconvert knows edm "
+                              "and ddpm-eps")
     cfg.parameterization = name
     return assumed + ddpm_notes(cfg, noise, recorded, where) if name == "ddpm-eps" else assumed
 
@@ -149,7 +152,8 @@ def ddpm_notes(cfg: DiTConfig, noise: NoiseSettings, recorded: dict[str, Any] | 
         if mismatch:
             want = " ".join(f"model.ddpm.{k}={recorded[k]}" for k in schedule if k in recorded)
             raise CheckpointError(f"{where} was trained on a DDPM schedule with {mismatch[0]}={recorded[mismatch[0]]} "
-                                  f"(its metadata), but the recipe has model.ddpm.{mismatch[0]}={schedule[mismatch[0]]}; "
+                                  f"(its metadata), but the recipe has "
+                                  f"model.ddpm.{mismatch[0]}={schedule[mismatch[0]]}; "
                                   f"set {want}")
     sigmas = ddpm_sigmas(cfg.ddpm)
     lo, hi, last = sigmas[0].item(), sigmas[-1].item(), cfg.ddpm.timesteps - 1

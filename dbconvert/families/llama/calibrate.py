@@ -9,10 +9,18 @@ block (whose small random head gives near-uniform logits) and spends its first s
 The head logits are linear in the final norm's weight (no bias), so a factor a in (0, 1] on them is a softmax
 temperature on the head's part of the logits; the likelihood term (the noisy target itself) is untouched and
 the direction of what the head knows is kept. At a = 0 the head says nothing, which is where a fresh block
-starts. `split` measures, per block, the step-0 training loss on a few batches of training rows (fixed noise
-draws, so the choice is deterministic; the loss is convex in a). Only when the copied head makes the start
-worse than no head at all (loss at a = 1 above the loss at a = 0) does it pick the a of a fixed grid in (0, 1]
-with the lowest loss.
+starts. Each block measures its step-0 training loss on a few batches of training rows (fixed noise draws, so
+the choice is deterministic; the loss is convex in a). Only when the copied head makes the start worse than no
+head at all (loss at a = 1 above the loss at a = 0) does it pick the a of a fixed grid in (0, 1] with the lowest
+loss.
+
+That a is NOT baked into a weight: baked (the first version: the copied norm scaled), the blocks started no worse
+but stayed behind the unscaled ones for hundreds of steps (README "What converting a pretrained language model
+buys"). It is a temperature that training undoes: the head's logits are multiplied by a at step 0, rising
+linearly to 1 over the recipe's warm-up steps (`head_gain_at`, set before every step through
+`Family.training_schedule`), after which the block is exactly a block with the checkpoint's weights; sampling and
+export never see it. Only for runs converted from a checkpoint (`model.calibrate_output`, on by default); the
+unsplit source is never changed.
 
 When: at step 0 of the block's own training, on the training device, with the network training already holds
 (the copied norm scaled in place and put back bit for bit): ten step-0 losses of a few rows, one block resident.
@@ -20,13 +28,7 @@ Until this version `split` measured it for every block on the CPU, which for a 1
 an hour of CPU forwards of the converted network before anything was written. The rows, noise draws and grid are
 the same as split's were, so the chosen scale is the same (tested). Runs split by those versions keep their
 `RUN/shared/output_temperature.json`; new runs write `RUN/blocks/block-XX/output_temperature.json` the first time
-the block trains (so blocks training in parallel never write one file). That a is NOT baked into a weight: baked (the first version: the copied norm scaled),
-the blocks started no worse but stayed behind the unscaled ones for hundreds of steps (README "What
-converting a pretrained language model buys"). It is a temperature that training undoes: the head's logits
-are multiplied by a at step 0, rising linearly to 1 over the recipe's warm-up steps (`head_gain_at`, set
-before every step through `Family.training_schedule`), after which the block is exactly a block with the
-checkpoint's weights; sampling and export never see it. Only for runs converted from a checkpoint
-(`model.calibrate_output`, on by default); the unsplit source is never changed.
+the block trains (so blocks training in parallel never write one file).
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def layer_keys(shape: LlamaShape) -> tuple[str, ...]:
 
 def hf_key_map(shape: LlamaShape, tied: bool) -> KeyMap:
     """Block-network key -> Hugging Face LlamaForCausalLM key, for everything the checkpoint has."""
-    hf_layer = HF_LAYER_KEYS + (ATTN_BIAS_KEYS if shape.attention_bias else ()) + (MLP_BIAS_KEYS if shape.mlp_bias else ())
+    bias = (ATTN_BIAS_KEYS if shape.attention_bias else ()) + (MLP_BIAS_KEYS if shape.mlp_bias else ())
+    hf_layer = HF_LAYER_KEYS + bias
     key_map = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if shape.head == "trainable":
         key_map["lm_head.weight"] = "model.embed_tokens.weight" if tied else "lm_head.weight"
@@ -194,7 +195,9 @@ def read_hf_config(path: str | Path) -> Any:
 
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a save_pretrained folder: the one file, or every shard its index names."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    layouts = (("model.safetensors", "model.safetensors.index.json"),
+               ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+    for single, index in layouts:
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index).is_file():
@@ -206,7 +209,8 @@ def weight_files(folder: Path) -> list[Path]:
             if missing:
                 raise CheckpointError(f"checkpoint {folder} is missing shard {missing[0]} named in {index}")
             return [folder / n for n in names]
-    raise CheckpointError(f"checkpoint folder {folder} has no weights (model.safetensors); save it with save_pretrained")
+    raise CheckpointError(f"checkpoint folder {folder} has no weights (model.safetensors); save it with "
+                          "save_pretrained")
 
 
 def config_from_hf(cfg: "LlamaConfig", hf: Any) -> "LlamaConfig":
@@ -235,7 +239,8 @@ def config_from_hf(cfg: "LlamaConfig", hf: Any) -> "LlamaConfig":
 
 
 def new_parameters(shape: LlamaShape, seed: int) -> dict[str, torch.Tensor]:
-    """The randomly initialised new parameters (the sigma embedder; with model.adaln_rank, each layer's down-projection).
+    """The randomly initialised new parameters (the sigma embedder; with model.adaln_rank, each layer's
+    down-projection).
 
     Exactly the values `LlamaBlockNet(shape)` gives them after `torch.manual_seed(seed + 1)` (the init of every
     conversion so far), without building the network: the modules built before them are built alone, in the
@@ -245,7 +250,8 @@ def new_parameters(shape: LlamaShape, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed + 1)
     nn.Embedding(s.vocab_size, s.hidden_size)
     nn.Linear(s.target_size, s.hidden_size, bias=s.noisy_anchor)
-    out = {f"sigma_embed.{k}": v.detach() for k, v in SigmaEmbedder(s.hidden_size, s.sigma_features).state_dict().items()}
+    sigma = SigmaEmbedder(s.hidden_size, s.sigma_features)
+    out = {f"sigma_embed.{k}": v.detach() for k, v in sigma.state_dict().items()}
     if s.adaln_rank is not None:
         for k in range(s.num_layers):
             out[f"layers.{k}.adaLN_modulation.1.weight"] = DecoderLayer(s).adaLN_modulation[1].weight.detach()
@@ -266,7 +272,9 @@ def hf_source_state(
     Only the embedding is read here (once), for those starting values.
     """
     if not isinstance(hf_state, LazyState):  # an in-memory state dict (a fresh network, tests)
-        hf_state = LazyState({k: (lambda v=v: v) for k, v in hf_state.items()}, {k: spec_of(v) for k, v in hf_state.items()})
+        tensors = dict(hf_state)
+        hf_state = LazyState({k: (lambda v=v: v) for k, v in tensors.items()},
+                             {k: spec_of(v) for k, v in tensors.items()})
     drop_head = tied or shape.head != "trainable"  # a tied-table head does not use the checkpoint's lm_head
     ignored = lambda key: key.endswith("rotary_emb.inv_freq") or (drop_head and key == "lm_head.weight")  # noqa: E731
     expected = meta_specs(lambda: LlamaBlockNet(shape))
@@ -322,7 +330,8 @@ def hf_source_state(
     origins = dict(mapped.origins)
     if factored:
         head_key = origins.pop("lm_head.weight")
-        origins.update({k: f"{head_key} (rank-{shape.head_rank} factor)" for k in ("lm_head.0.weight", "lm_head.1.weight")})
+        factor_of = f"{head_key} (rank-{shape.head_rank} factor)"
+        origins.update({k: factor_of for k in ("lm_head.0.weight", "lm_head.1.weight")})
     return LazyState({k: loaders[k] for k in order}, {k: specs[k] for k in order}, mapped.release, origins)
 
 

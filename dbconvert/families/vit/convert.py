@@ -79,7 +79,8 @@ def hf_layout(state: dict[str, torch.Tensor]) -> str:
 
 
 def hf_layer_map(depth: int, layout: str) -> KeyMap:
-    """timm key -> Hugging Face key of every layer tensor but q, k, v (which timm fuses into qkv), and the shared ones."""
+    """timm key -> Hugging Face key of every layer tensor but q, k, v (which timm fuses into qkv), and the shared
+    ones."""
     prefix, names = HF_LAYER[layout]
     key_map: KeyMap = dict(HF_SHARED)
     for k in range(depth):
@@ -222,7 +223,8 @@ TIMM_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def export_timm_state(net: ViTNet) -> dict[str, torch.Tensor]:
-    """timm's keys of `net` (the noise modulation, its embedder and `label_pos` left out: a classifier never uses them)."""
+    """timm's keys of `net` (the noise modulation, its embedder and `label_pos` left out: a classifier never uses
+    them)."""
     keys = timm_keys(net.shape.depth)
     own = set(net.state_dict()) - set(keys)
     return apply_key_map(net.state_dict(), {k: k for k in keys}, ignored=lambda key: key in own, what="export to timm")
