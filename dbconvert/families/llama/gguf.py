@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dbconvert.checkpoint import file_sha256
 from dbconvert.errors import CheckpointError, DbconvertError, first_line
 
 EXTRA = "pip install 'dbconvert[gguf]' (the packages gguf and accelerate)"
@@ -96,11 +95,6 @@ def _dequantise(path: Path, out: Path) -> None:
         raise CheckpointError(f"model.checkpoint {path}: its tokenizer could not be rebuilt ({type(exc).__name__}: "
                               f"{first_line(exc, 100)}); set model.tokenizer=PATH to the model's tokenizer.json") from None
     tokenizer.save_pretrained(str(out))
-
-
-def digest(checkpoint: str | Path) -> str:
-    """The sha256 the run records: the GGUF file's own."""
-    return file_sha256(Path(checkpoint).expanduser())
 
 
 def checkpoint_folder(checkpoint: str) -> Path:
