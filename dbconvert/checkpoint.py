@@ -134,20 +134,14 @@ def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for truncated/corrupt/pickled files
-            raise CheckpointError(
-                f"{key} {path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is truncated, "
-                "corrupt, or holds pickled objects (only weights are read); restore it from where it came from"
-            ) from None
-    if isinstance(state, dict):
-        for wrapper in wrappers:
-            if wrapper in state and isinstance(state[wrapper], dict):
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{key} {path} is not a state dict of tensors (nor one wrapped under {' / '.join(wrappers)})"
-        )
-    return dict(state)
+            raise unreadable_pt(key, path, exc) from None
+    return unwrap(state, path, wrappers, key)
+
+
+def unreadable_pt(key: str, path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{key} {path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is truncated, "
+        "corrupt, or holds pickled objects (only weights are read); restore it from where it came from")
 
 
 def folder_error(path: Path, key: str) -> str:
@@ -265,9 +259,7 @@ class MappedFile:
             raise self.unreadable(exc) from None
 
     def unreadable(self, exc: BaseException) -> CheckpointError:
-        return CheckpointError(
-            f"{self.key} {self.path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is "
-            "truncated, corrupt, or holds pickled objects (only weights are read); restore it from where it came from")
+        return unreadable_pt(self.key, self.path, exc)
 
     def read(self, name: str) -> torch.Tensor:
         return self.load()[name].clone()
