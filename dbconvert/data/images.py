@@ -273,6 +273,7 @@ def write_random_images(path: Path, num: int, shape: tuple[int, int, int], class
     gen = np.random.default_rng(seed)
     x = gen.uniform(-1.0, 1.0, size=(num, *shape)).astype(np.float32)
     y = gen.integers(0, max(classes, 1), size=num).astype(np.int64)
+    y[-1] = max(classes, 1) - 1  # the data's class count (its largest label + 1) is the model's
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, x=x, y=y)
     return path
