@@ -314,3 +314,21 @@ def test_image_folder_trains_and_hub_data_offline_is_one_line(in_tmp: Path) -> N
 
     assert invoke("split", "vit-cifar100", *TINY, "--out", "c").exit_code == 0
     assert_user_error(invoke("train-block", "0", "--run", "c"), "could not be loaded from the Hugging Face hub")
+
+
+def test_a_low_rank_modulation_converts_exactly_and_is_smaller(tmp_path: Path) -> None:
+    """model.adaln_rank: Linear(D, r) then Linear(r, 6D), the last zero, so the converted layers are timm's."""
+    from dbconvert.families import get_family
+
+    ref = tiny_timm()
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    family = get_family("vit")
+    full = family.source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))
+    lean = family.source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}", "model.adaln_rank=4"))
+    net = lean.network.eval()
+    assert net.blocks[0].adaLN_modulation[1].weight.shape == (4, 32)
+    h, t = torch.randn(2, 17, 32), torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        assert torch.equal(net.blocks[1](h, net.t_embedder(t)), ref.blocks[1](h))
+    count = lambda s: sum(v.numel() for k, v in s.state.items() if "adaLN" in k)  # noqa: E731
+    assert count(lean) == 3 * (4 * 32 + 6 * 32 * 4 + 6 * 32) < count(full) == 3 * (6 * 32 * 32 + 6 * 32)

@@ -99,6 +99,9 @@ class ViTConfig(ModelConfig):
     """The shared label table (rows L2-normalised, fixed at split): the source head's rows (`head`), or a seeded
     random orthonormal one; `auto` = head for a checkpoint, orthonormal for a fresh network."""
     init_seed: int = 0
+    adaln_rank: int | None = Field(None, ge=1)
+    """Low-rank noise modulation of every layer: Linear(D, r) then Linear(r, 6D) instead of Linear(D, 6D), as the
+    Llama family's model.adaln_rank (null: DiT's full width, the default; README "Models of the size you hold")."""
     augment: Augment = Field(default_factory=Augment)
 
     @model_validator(mode="after")
@@ -121,5 +124,5 @@ class ViTConfig(ModelConfig):
             num_classes=self.num_classes, embed_dim=self.embed_dim or a.embed_dim,
             depth=depth or self.depth or a.depth, num_heads=self.num_heads or a.num_heads,
             mlp_ratio=self.mlp_ratio or a.mlp_ratio, norm_eps=self.norm_eps, dropout=self.dropout,
-            label_token=self.label_token,
+            label_token=self.label_token, adaln_rank=self.adaln_rank,
         )

@@ -50,6 +50,8 @@ class ViTShape:
     dropout: float = 0.0
     label_token: str = "cls"
     frequency_size: int = 256
+    adaln_rank: int | None = None
+    """None: adaLN_modulation = SiLU, Linear(D, 6D) (DiT's); r: SiLU, Linear(D, r, no bias), Linear(r, 6D)."""
 
     @property
     def grid(self) -> int:
@@ -142,7 +144,11 @@ class Block(nn.Module):
         self.attn = Attention(s)
         self.norm2 = nn.LayerNorm(s.embed_dim, eps=s.norm_eps)
         self.mlp = Mlp(s)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.embed_dim, 6 * s.embed_dim))
+        if s.adaln_rank is None:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.embed_dim, 6 * s.embed_dim))
+        else:  # low rank: 6D x (D + r) parameters instead of 6D x D (the official code conditions through D/6)
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.embed_dim, s.adaln_rank, bias=False),
+                                                  nn.Linear(s.adaln_rank, 6 * s.embed_dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
