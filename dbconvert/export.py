@@ -64,7 +64,7 @@ def export_target(run: Run, model: str, block: int | None, weights: str) -> tupl
         raise RunError(f"{name} of {run.root} is not trained, so there is nothing new to export; run "
                        f"`dbconvert {command}` "
                        "first (or export --model source)")
-    return model, name, depth, run.model_dir(name) / f"{weights}.safetensors"
+    return model, name, depth, run.weights_file(name, weights)
 
 
 EXPORT_MARKER = "dbconvert_export.json"

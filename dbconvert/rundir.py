@@ -85,6 +85,7 @@ class Run:
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
+        self._said_no_ema: set[str] = set()
         self.recipe: Recipe = validate_recipe(manifest["recipe"], f"{root / MANIFEST} recipe")
         self.blocks = [
             BlockInfo(
@@ -208,6 +209,28 @@ class Run:
 
     def metrics_path(self, name: str) -> Path:
         return self.root / "metrics" / f"{name}.jsonl"
+
+    def weights_file(self, name: str, weights: str) -> Path:
+        """The trained weights of `name`: `ema.safetensors` or `model.safetensors`. A target trained with
+        train.ema=off has no EMA: asked for it, the model weights are used, and stderr says so (once per target)."""
+        folder = self.model_dir(name)
+        if weights == "ema" and not (folder / "ema.safetensors").exists() and self.trained_without_ema(name):
+            if name not in self._said_no_ema:
+                import sys
+
+                print(f"{name} was trained with train.ema=off: using its model weights (there is no EMA)",
+                      file=sys.stderr)
+                self._said_no_ema.add(name)
+            return folder / "model.safetensors"
+        return folder / f"{weights}.safetensors"
+
+    def trained_without_ema(self, name: str) -> bool:
+        """Did `name`'s training keep no EMA (train.ema=off, recorded in its state.json)?"""
+        try:
+            data = json.loads((self.model_dir(name) / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return isinstance(data, dict) and (data.get("memory_options") or {}).get("ema") == "off"
 
     def status(self, name: str) -> TrainStatus:
         path = self.model_dir(name) / "state.json"

@@ -196,7 +196,7 @@ def load_model(run: Run, name: str, depth: int, model: str, weights: str, device
     if name == "source":
         state, what = source_state(run), f"the source of {run.root}"
     else:
-        path = run.model_dir(name) / f"{weights}.safetensors"
+        path = run.weights_file(name, weights)
         state, what = load_weights(path, f"retrain {name} with --restart"), str(path)
     net = load_network(lambda: family.block_network(run.recipe, depth), state, what, torch.float32)
     return family.wrap(model, run.recipe, net, run.noise()).to(device).eval()

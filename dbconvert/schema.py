@@ -155,7 +155,8 @@ class BlocksConfig(Section):
 
 
 class TrainConfig(Section):
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd", "adamw8bit"] = "adamw"
+    """adamw8bit: torchao's AdamW8bit (8-bit moments, the `memory` extra); see docs/memory.md, "Memory options"."""
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -172,7 +173,15 @@ class TrainConfig(Section):
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "bf16-true"] = "fp32"
+    """fp32; bf16 / fp16: autocast over float32 master weights; bf16-true: weights, gradients and optimizer state in
+    bf16 (stochastic rounding; the EMA stays float32)."""
+    ema: Literal["device", "cpu", "off"] = "device"
+    """The EMA copy: on the training device, on the CPU (off the accelerator), or none (`sample` uses the weights)."""
+    optimizer_in_backward: bool = False
+    """Step each parameter in its gradient hook: a block's gradients never coexist (no clipping, no accumulation)."""
+    grad_accumulation: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; train.batch_size is the effective batch (it must divide by this)."""
     compile: bool = False
     activation_checkpointing: bool = False
     """Recompute every layer of the trained network in backward (non-reentrant torch.utils.checkpoint): the
@@ -186,10 +195,28 @@ class TrainConfig(Section):
     """Every this many steps, log held-out metrics (val_ce, per-bucket CE, ...) on a fixed batch; 0 = never."""
     """Also log the metrics to RUN/tensorboard/<block> for `tensorboard --logdir RUN/tensorboard` (the tensorboard extra)."""
 
+    @field_validator("ema", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        """YAML 1.1 reads a bare `off` as false (and `on` as true)."""
+        return {False: "off", True: "device"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
         if self.steps is None and self.epochs is None:
             raise ValueError("set train.steps or train.epochs")
+        if self.optimizer_in_backward and self.grad_clip:
+            raise ValueError("train.optimizer_in_backward=true steps each parameter before the whole gradient exists, "
+                             "so it cannot clip by its norm: drop train.grad_clip or the option")
+        if self.optimizer_in_backward and self.grad_accumulation > 1:
+            raise ValueError("train.optimizer_in_backward=true steps in every backward pass, so it cannot accumulate "
+                             "gradients: set train.grad_accumulation=1 or drop the option")
+        if self.optimizer_in_backward and self.precision == "fp16":
+            raise ValueError("train.optimizer_in_backward=true cannot use fp16's loss scaler (it checks all "
+                             "gradients before any step): use train.precision=bf16 or bf16-true")
+        if self.batch_size % self.grad_accumulation:
+            raise ValueError(f"train.batch_size={self.batch_size} does not divide into "
+                             f"train.grad_accumulation={self.grad_accumulation} micro-batches: make it a multiple")
         return self
 
 

@@ -27,6 +27,7 @@ from dbconvert.config import Recipe, override_recipe
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError, RunError, first_line
 from dbconvert.locks import LOCK_NAME
+from dbconvert.optimizers import flatten_state, set_lr, unflatten_state
 from dbconvert.rundir import Run
 from dbconvert.source_ref import source_state
 from dbconvert.trainstep import Objective, TrainingState, build_state, learning_rate
@@ -221,24 +222,25 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
             indices = batch_indices(recipe.train.seed, step, global_batch, len(data))[local]
             batch = [t.to(device) for t in data.batch(indices)]
             lr = learning_rate(recipe, step, n_total)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(state.optimizer, lr)
             if schedule is not None:
                 schedule(state.network, step)
+            def check(loss: torch.Tensor, step: int = step) -> torch.Tensor:
+                value = distributed.mean_across(dist, loss)  # the same value on every rank
+                if not torch.isfinite(value):
+                    raise DbconvertError(
+                        f"{target.name}: loss became {value.item()} at step {step}; the last checkpoint is intact "
+                        "(lower train.lr or use train.precision=fp32, then rerun to resume)"
+                    )
+                return value
+
             try:
-                loss, stats = state.loss(forward, batch, target.train_range, gen, dist.shard)
+                loss_value, stats = state.train_step(forward, batch, target.train_range, gen, step, dist.shard, check)
             except Exception as exc:
                 if recipe.train.compile and type(exc).__module__.startswith("torch._"):
                     raise DbconvertError(f"train.compile=true failed on {device} ({first_line(exc)}); "
                                          "rerun with train.compile=false") from None
                 raise
-            loss_value = distributed.mean_across(dist, loss)  # the same value on every rank
-            if not torch.isfinite(loss_value):
-                raise DbconvertError(
-                    f"{target.name}: loss became {loss_value.item()} at step {step}; the last checkpoint is intact "
-                    "(lower train.lr or use train.precision=fp32, then rerun to resume)"
-                )
-            state.update(loss, step)
             window.append(loss_value.item())
             examples += global_batch
             done = step + 1
@@ -254,6 +256,8 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                     "loss": last_loss,
                     "lr": lr,
                     **stats,
+                    "effective_batch": global_batch,
+                    "micro_batch": global_batch // recipe.train.grad_accumulation,
                     "examples_per_s": examples / max(now - t_log, 1e-9),
                     "peak_memory_bytes": peak_memory(device),
                     "world_size": dist.world_size,
@@ -325,30 +329,6 @@ def peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{key}"] = value
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: str) -> dict[str, Any]:
-    info = json.loads(meta)
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for key, value in info["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": info["param_groups"]}
-
-
 STATE_FILE = "state.safetensors"
 INIT_FILE = "init.safetensors"
 """A block's weights as split wrote them (a hard link to the first model.safetensors: no extra disk)."""
@@ -361,24 +341,34 @@ def _checkpoint(out_dir: Path, state: TrainingState, step: int, total: int, name
     A kill between the two leaves a state file ahead of the exports; `_train` sees that on the
     next run (`exports_match`) and re-exports from the state file before returning.
     """
-    optim_tensors, optim_meta = _flatten_optimizer(state.optimizer)
+    optim_tensors, optim_meta = flatten_state(state.optimizer)
     tensors = {f"model.{k}": v for k, v in state.network.state_dict().items()}
     shared = {v.untyped_storage().data_ptr() for v in state.network.state_dict().values()}
-    tensors.update({f"ema.{k}": v.clone() if v.untyped_storage().data_ptr() in shared else v  # frozen: same tensor
-                    for k, v in state.ema.state_dict().items()})
+    if state.ema is not None:
+        tensors.update({f"ema.{k}": v.clone() if v.untyped_storage().data_ptr() in shared else v  # frozen: same tensor
+                        for k, v in state.ema.state_dict().items()})
     tensors.update(optim_tensors)
     meta = {"step": str(step), "total_steps": str(total), "target": name, "optimizer": optim_meta,
-            "grad_scaler": json.dumps(state.scaler.state_dict()), "batch_size": str(batch_size)}
+            "grad_scaler": json.dumps(state.scaler.state_dict()), "batch_size": str(batch_size),
+            "memory_options": json.dumps(resume_options(state.recipe))}
     save_weights(out_dir / STATE_FILE, tensors, metadata=meta)
     _export(out_dir, state, step, total, name, batch_size)
 
 
 def _export(out_dir: Path, state: TrainingState, step: int, total: int, name: str, batch_size: int) -> None:
     save_weights(out_dir / "model.safetensors", state.network.state_dict(), metadata={"step": str(step)})
-    save_weights(out_dir / "ema.safetensors", state.ema.state_dict(), metadata={"step": str(step)})
+    if state.ema is not None:
+        save_weights(out_dir / "ema.safetensors", state.ema.state_dict(), metadata={"step": str(step)})
+    else:  # train.ema=off: no EMA file, and none of an earlier run left to be read as this one's
+        (out_dir / "ema.safetensors").unlink(missing_ok=True)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.network.state_dict().values() if t.is_floating_point()})
+    t = state.recipe.train
     write_json(out_dir / "state.json", {"step": step, "total_steps": total, "target": name, "batch_size": batch_size,
-                                        "weights_dtype": ",".join(dtypes)})  # what training kept (split's: the manifest)
+                                        "weights_dtype": ",".join(dtypes),  # what training kept (split's: the manifest)
+                                        "memory_options": {"precision": t.precision, "optimizer": t.optimizer,
+                                                           "ema": t.ema, "optimizer_in_backward": t.optimizer_in_backward,
+                                                           "grad_accumulation": t.grad_accumulation,
+                                                           "effective_batch": batch_size}})
 
 
 def exports_match(out_dir: Path, step: int) -> bool:
@@ -386,11 +376,13 @@ def exports_match(out_dir: Path, step: int) -> bool:
     from safetensors import safe_open
 
     try:
-        for file in ("model.safetensors", "ema.safetensors"):
+        state = json.loads((out_dir / "state.json").read_text())
+        files = ["model.safetensors"] + ([] if state.get("memory_options", {}).get("ema") == "off" else ["ema.safetensors"])
+        for file in files:
             with safe_open(str(out_dir / file), "pt") as fh:
                 if (fh.metadata() or {}).get("step") != str(step):
                     return False
-        return int(json.loads((out_dir / "state.json").read_text()).get("step", -1)) == step
+        return int(state.get("step", -1)) == step
     except Exception:  # missing or damaged exports (any read error): re-export
         return False
 
@@ -410,14 +402,39 @@ def _restore(path: Path, state: TrainingState, name: str) -> tuple[int, dict[str
         meta = fh.metadata() or {}
     if meta.get("target") != name or "step" not in meta:
         raise RunError(f"{path} is not a training state of {name}; rerun with --restart")
+    saved_options = json.loads(meta.get("memory_options", "null") or "null") or {}
+    changed = [f"train.{k}={saved_options[k]}" for k, v in resume_options(state.recipe).items()
+               if k in saved_options and saved_options[k] != v]
+    if changed:
+        raise RunError(f"{name} was trained with {', '.join(changed)}: resume with the same (add it to the command) "
+                       "or rerun with --restart")
     load_strict(state.network, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, f"{path} (model)")
-    load_strict(state.ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, f"{path} (ema)")
-    state.optimizer.load_state_dict(
-        _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"]))
+    saved_ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if (state.ema is None) != (not saved_ema):
+        had, has = ("off" if not saved_ema else "on"), state.recipe.train.ema
+        raise RunError(f"{path} was trained with the EMA {had}, this run asks train.ema={has}; keep the option the "
+                       "training started with, or rerun with --restart")
+    if state.ema is not None:
+        load_strict(state.ema, saved_ema, f"{path} (ema)")
+    try:
+        state.optimizer.load_state_dict(
+            unflatten_state({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"]))
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise RunError(f"{path}: the saved optimizer state does not fit train.optimizer={state.recipe.train.optimizer}"
+                       f" ({first_line(exc)}); keep the options the training started with, or rerun with --restart"
+                       ) from None
     if meta.get("grad_scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(json.loads(meta["grad_scaler"]))
     saved = {"batch_size": int(meta["batch_size"])} if meta.get("batch_size") else {}
     return int(meta["step"]), saved
+
+
+def resume_options(recipe: Recipe) -> dict[str, Any]:
+    """The memory options a training state is bound to: resuming with others would change what the saved tensors
+    mean (their dtype, the optimizer state's layout, whether an EMA exists)."""
+    t = recipe.train
+    return {"precision": t.precision, "optimizer": t.optimizer, "ema": t.ema,
+            "optimizer_in_backward": t.optimizer_in_backward}
 
 
 def _remove_stale_temp_files(run: Run, name: str) -> None:

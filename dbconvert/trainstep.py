@@ -24,30 +24,21 @@ from dbconvert.config import Recipe
 from dbconvert.errors import DbconvertError
 from dbconvert.families.contract import Family
 from dbconvert.noise_process import NoiseProcess
-
-
-def make_optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    t = recipe.train
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay)
+from dbconvert.optimizers import make_optimizer, set_rounding
 
 
 def optimizer_step(
-    loss: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     params: list[nn.Parameter],
     grad_clip: float | None,
 ) -> None:
-    """Backward, optional clipping, optimizer step, then free the gradients.
+    """Optional clipping, optimizer step, then free the gradients (after the backward passes of a step).
 
     Freeing them right after the step (not before the next backward) keeps one gradient-sized
-    buffer out of the next forward pass's peak memory.
+    buffer out of the next forward pass's peak memory. With train.optimizer_in_backward the step was taken in
+    backward already (the optimizer's `step` does nothing) and no gradient is left to free.
     """
-    scaler.scale(loss).backward()
     if grad_clip:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(params, grad_clip)
@@ -79,16 +70,21 @@ def ema_decay_at(decay: float, step: int, warmup: bool = True) -> float:
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """EMA <- decay * EMA + (1 - decay) * weights, in the EMA's dtype and on its device (float32; cpu or not)."""
     for e, p in zip(ema.parameters(), model.parameters()):
         if p.requires_grad:
-            e.lerp_(p.detach(), 1.0 - decay)
+            e.lerp_(p.detach().to(e.device, e.dtype, non_blocking=True), 1.0 - decay)
 
 
 def precision_context(precision: str, device: torch.device):  # noqa: ANN202
-    """(autocast context factory, grad scaler) for fp32 / bf16 / fp16."""
+    """(autocast context factory, grad scaler) for fp32 / bf16 / fp16 / bf16-true.
+
+    bf16-true computes under bf16 autocast too: its weights are bf16 already, and autocast casts the float32 inputs
+    (noise, images) to them and keeps the reductions autocast keeps in float32 (norms, softmax) there.
+    """
     if precision == "fp32":
         return nullcontext, torch.amp.GradScaler(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     if precision == "fp16" and device.type != "cuda":
         raise DbconvertError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 here")
     return (lambda: torch.autocast(device.type, dtype=dtype)), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -108,7 +104,8 @@ class TrainingState:
     recipe: Recipe
     network: nn.Module
     model: nn.Module
-    ema: nn.Module
+    ema: nn.Module | None
+    """The EMA copy (train.ema=device|cpu), None with train.ema=off."""
     optimizer: torch.optim.Optimizer
     trainable: list[nn.Parameter]
     autocast: Callable[[], AbstractContextManager[Any]]
@@ -133,19 +130,55 @@ class TrainingState:
         finally:
             self.model.train()
 
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        """Backward, optimizer step, EMA update at `step`'s decay (train.py's order)."""
+    def train_step(self, forward: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
+                   generator: torch.Generator, step: int, shard: tuple[int, int] = (0, 1),
+                   check: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimizer step over `batch`, in train.grad_accumulation micro-batches (train.py's order).
+
+        Each micro-batch: forward, `check` of its loss (train.py: the mean over ranks, refused when not finite;
+        before its backward, so an optimizer in backward never steps on it), backward of loss / N (DDP syncs the
+        last only). Then the optimizer step (already taken in backward with train.optimizer_in_backward), the
+        gradients freed and the EMA updated at `step`'s decay. Returns the mean loss and the mean statistics.
+        """
         t = self.recipe.train
-        optimizer_step(loss, self.optimizer, self.scaler, self.trainable, t.grad_clip)
-        ema_update(self.ema, self.network, ema_decay_at(t.ema_decay, step, t.ema_warmup))
+        set_rounding(self.optimizer, t.seed, step)
+        parts = micro_batches(batch, t.grad_accumulation)
+        losses: list[torch.Tensor] = []
+        totals: dict[str, float] = {}
+        for i, micro in enumerate(parts):
+            sync = i == len(parts) - 1 or not hasattr(forward, "no_sync")
+            with nullcontext() if sync else forward.no_sync():
+                loss, stats = self.loss(forward, micro, sigma_range, generator, shard)
+                losses.append(check(loss) if check else loss.detach())
+                self.scaler.scale(loss / len(parts)).backward()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / len(parts)
+        self.update(step)
+        return torch.stack(losses).mean(), totals
+
+    def update(self, step: int) -> None:
+        """After the backward passes: optimizer step, gradients freed, EMA update at `step`'s decay."""
+        t = self.recipe.train
+        optimizer_step(self.optimizer, self.scaler, self.trainable, t.grad_clip)
+        if self.ema is not None:
+            ema_update(self.ema, self.network, ema_decay_at(t.ema_decay, step, t.ema_warmup))
 
     def step(self, batch: list[torch.Tensor], sigma_range: tuple[float, float], generator: torch.Generator,
              step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         """One whole training step without data parallelism (what `bench` measures)."""
         self.model.train()
-        loss, stats = self.loss(self.model, batch, sigma_range, generator)
-        self.update(loss, step)
-        return loss.detach(), stats
+        return self.train_step(self.model, batch, sigma_range, generator, step)
+
+
+def micro_batches(batch: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
+    """`batch` cut into `n` equal micro-batches along the first dimension (the schema checks it divides)."""
+    if n == 1:
+        return [batch]
+    rows = len(batch[0])
+    if rows % n:
+        raise DbconvertError(f"a batch of {rows} rows does not divide into train.grad_accumulation={n} micro-batches; "
+                             "make train.batch_size (per rank) a multiple of it")
+    return [list(chunk) for chunk in zip(*(t.chunk(n) for t in batch))]
 
 
 def share_frozen(ema: nn.Module, network: nn.Module) -> None:
@@ -185,16 +218,26 @@ def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseProcess,
     assigned, widened to float32 master weights one tensor at a time: no random init, no second copy. The EMA
     copy is assigned clones of the network's tensors (it starts equal to them) in the same way.
     """
+    t = recipe.train
+    dtype = torch.bfloat16 if t.precision == "bf16-true" else torch.float32
     factory = lambda: family.block_network(recipe, depth)  # noqa: E731
-    network = factory() if initial is None else load_network(factory, initial, what, torch.float32)
-    if recipe.train.activation_checkpointing:
+    network = factory().to(dtype) if initial is None else load_network(factory, initial, what, dtype)
+    if t.activation_checkpointing:
         checkpoint_layers(family.layers(network))
     model = family.reference_model(recipe, network) if objective != "denoiser" else family.denoiser(recipe, network, noise)
     model = model.to(device)
-    ema = load_network(factory, {k: v.detach().clone() for k, v in network.state_dict().items()}, "EMA copy")
-    ema = ema.to(device).requires_grad_(False)
-    share_frozen(ema, network)
+    ema = None
+    if t.ema != "off":
+        ema = load_network(factory, {k: v.detach().clone() for k, v in network.state_dict().items()}, "EMA copy",
+                           torch.float32)
+        ema = ema.to(device if t.ema == "device" or device.type == "meta" else torch.device("cpu")).requires_grad_(False)
+        if dtype == torch.float32 and t.ema == "device":
+            share_frozen(ema, network)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    autocast, scaler = precision_context(recipe.train.precision, device)
-    return TrainingState(family, recipe, network, model, ema, make_optimizer(recipe, trainable), trainable,
+    if t.optimizer_in_backward and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise DbconvertError("train.optimizer_in_backward=true steps before data parallelism averages the gradients: "
+                             "train on one process, or drop the option")
+    autocast, scaler = precision_context(t.precision, device)
+    return TrainingState(family, recipe, network, model, ema, make_optimizer(t, trainable, device), trainable,
                          autocast, scaler, objective)
