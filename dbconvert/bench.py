@@ -50,6 +50,7 @@ from dbconvert.config import Recipe, apply_overrides, validate_recipe
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
 from dbconvert.families import get_family
+from dbconvert.optimizers import optimizer_state_bytes
 from dbconvert.trainstep import build_state
 
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
@@ -199,10 +200,15 @@ class Trainer:
         params = sum(_nbytes(t) for t in s.network.parameters()) + sum(_nbytes(t) for t in s.network.buffers())
         stepped = [p for p in s.trainable if p in s.optimizer.state] if s.optimizer.state else s.trainable
         grads = sum(_nbytes(p) for p in stepped)
+        if s.recipe.train.optimizer_in_backward:  # one gradient at a time: the largest is what a step holds
+            grads = max((_nbytes(p) for p in stepped), default=0)
         optim = sum(_nbytes(v) for st in s.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
-        # the EMA copy of a frozen parameter is that parameter (trainstep.share_frozen): not counted twice
-        ema = sum(_nbytes(e) for e, p in zip(s.ema.parameters(), s.network.parameters()) if p.requires_grad)
-        ema += sum(_nbytes(t) for t in s.ema.buffers())
+        # the EMA copy of a frozen parameter is that parameter (trainstep.share_frozen): not counted twice; an EMA
+        # on the CPU (train.ema=cpu) is off the training device and not counted, none with train.ema=off
+        ema = 0
+        if s.ema is not None and s.recipe.train.ema == "device":
+            ema = sum(_nbytes(e) for e, p in zip(s.ema.parameters(), s.network.parameters()) if p.requires_grad)
+            ema += sum(_nbytes(t) for t in s.ema.buffers())
         # P of the App. G formulas: the trainable bytes of one residual layer (mean over the network's layers)
         layer = sum(_nbytes(p) for m in self.layers for p in m.parameters() if p.requires_grad) // max(1, len(self.layers))
         return {"parameters": params, "gradients": grads, "optimizer_state": optim, "ema": ema,
@@ -210,6 +216,9 @@ class Trainer:
 
 
 def _nbytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor; of a tensor subclass (torchao's 8-bit moments), the bytes of its inner tensors."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        return sum(_nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
     return t.numel() * t.element_size()
 
 
@@ -510,7 +519,8 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
             trainer = Trainer(recipe, target, torch.device("meta"))
         parts = trainer.breakdown()
         layer = parts.pop("layer_parameter_bytes")
-        parts["optimizer_state"] = per_param * parts["gradients"]
+        sizes = [p.numel() for p in trainer.state.trainable]
+        parts["optimizer_state"] = int(optimizer_state_bytes(recipe.train, sizes))  # once it has stepped
         parts["total_bytes"] = sum(parts.values())
         out["breakdown"][target.name] = {"layers": list(target.layers), "checkpointing": target.checkpointing,
                                          "objective": target.objective, **parts,

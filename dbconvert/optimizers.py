@@ -329,6 +329,23 @@ def moment_bytes(train: Any) -> float:
     return count * (2 if train.precision == "bf16-true" else 4)
 
 
+def eight_bit_eligible(numel: int) -> bool:
+    """Does torchao keep this parameter's moments in 8 bits? (as bitsandbytes: at least 4096 values, whole blocks;
+    smaller ones keep moments in the weights' dtype)."""
+    return numel >= 4096 and numel % EIGHT_BIT_BLOCK == 0
+
+
+def optimizer_state_bytes(train: Any, sizes: list[int]) -> float:
+    """Exact optimizer-state bytes of trainable parameters of these element counts, once they have stepped
+    (Adam's also keep a float32 step count a parameter)."""
+    steps = 0 if train.optimizer == "sgd" else 4 * len(sizes)
+    if train.optimizer != "adamw8bit":
+        return moment_bytes(train) * sum(sizes) + steps
+    dense = 2 * weight_bytes(train)
+    qmap = 2 * 256 * 4  # each 8-bit moment carries its 256-entry float32 code book
+    return sum(n * moment_bytes(train) + qmap if eight_bit_eligible(n) else n * dense for n in sizes) + steps
+
+
 def weight_bytes(train: Any) -> int:
     """Bytes of a trained weight (and of its gradient): bf16 with bf16-true, else float32 master weights."""
     return 2 if train.precision == "bf16-true" else 4

@@ -545,13 +545,45 @@ def bench_memory_cmd(
     checkpointing: CheckpointingOpt = True,
     every_block: EveryBlockOpt = True,
     skip: SkipOpt = None,
+    options: Annotated[bool, typer.Option("--options", help="With --static: the static bytes of the deepest block "
+                                          "and of e2e under each memory option (bf16-true, adamw8bit, EMA on the CPU "
+                                          "or off, optimizer in backward), with bytes a parameter.")] = False,
+    fit_size: Annotated[Optional[str], typer.Option("--fit", help="A memory size (24GiB, 80GB; G = GiB): the smallest "
+                                                    "B whose block fits, per memory option, beside e2e and "
+                                                    "e2e+checkpointing (static tensors + measured activations).")] = None,
+    headroom: Annotated[float, typer.Option("--headroom", help="With --fit: the share of the size kept free for "
+                                            "temporaries and allocator slack.")] = 0.10,
 ) -> None:
     """Peak memory of one training step: each block alone vs the whole network end to end, with and without
-    activation checkpointing."""
+    activation checkpointing; --options: what each memory option holds; --fit SIZE: which B fits."""
     from dbconvert.bench import bench_memory, bench_static, memory_report, static_report
     from dbconvert.config import load_recipe
 
+    if fit_size is not None:
+        from dbconvert.bench_fit import fit, fit_report, parse_size
+
+        budget = parse_size(fit_size)
+        if static or options or skip:
+            raise DbconvertError("--fit estimates every B itself: drop --static, --options and --skip")
+        result = fit(load_recipe(recipe, list(overrides or [])), budget, batch, context, headroom)
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        _print_report(fit_report(result))
+        return
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
+    if options:
+        from dbconvert.bench_fit import option_table, options_report
+
+        if not static:
+            raise DbconvertError("--options gives the static figures (add --static); a measured step of one option "
+                                 "is `bench memory RECIPE train.precision=bf16-true ...`")
+        result = option_table(resolved, blocks)
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        _print_report(options_report(result))
+        return
     if static:
         result = bench_static(resolved, blocks, checkpointing, every_block)
         if as_json:
