@@ -73,7 +73,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """EMA <- decay * EMA + (1 - decay) * weights, in the EMA's dtype and on its device (float32; cpu or not)."""
     for e, p in zip(ema.parameters(), model.parameters()):
         if p.requires_grad:
-            e.lerp_(p.detach().to(e.device, e.dtype, non_blocking=True), 1.0 - decay)
+            e.lerp_(p.detach().to(e.device, e.dtype), 1.0 - decay)  # a device-to-host copy must be complete
 
 
 def precision_context(precision: str, device: torch.device):  # noqa: ANN202

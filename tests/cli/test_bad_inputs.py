@@ -55,6 +55,15 @@ def existing_file(root: Path) -> None:
     (root / "old.pt").write_text("keep")
 
 
+def _half_trained(root: Path) -> None:
+    """Block 2 of `run` trained 2 of its 4 steps with the default options (a state to resume)."""
+    from dbconvert.rundir import Run
+    from dbconvert.train import train_block
+
+    if not (root / "run" / "blocks" / "block-02" / "state.safetensors").exists():
+        train_block(Run.open(root / "run"), 2, steps=2, progress=False)
+
+
 def damaged_temperatures(root: Path) -> None:
     (root / "lm" / "shared" / "output_temperature.json").write_text('{"block-00": 0.3')
 
@@ -120,6 +129,27 @@ ROWS = [
     Bad("decode-tokens-zero", lambda root: (
         "bench", "speed", *llama_recipe(root), "--blocks", "2", "--batch", "1", "--sampling-only", "--repeats", "1",
         "--warmup", "0", "--decode-tokens", "0"), "--decode-tokens must be between 1 and"),
+    # --- memory options (issue 29)
+    Bad("optimizer-in-backward-with-clipping", ("train-block", "0", "train.optimizer_in_backward=true",
+                                                "train.grad_clip=1.0", "--run", "run", "-q"), "cannot clip"),
+    Bad("optimizer-in-backward-with-accumulation", ("train-block", "0", "train.optimizer_in_backward=true",
+                                                    "train.grad_accumulation=2", "--run", "run", "-q"),
+        "cannot accumulate"),
+    Bad("optimizer-in-backward-with-fp16", ("train-block", "0", "train.optimizer_in_backward=true",
+                                            "train.precision=fp16", "--run", "run", "-q"), "loss scaler"),
+    Bad("unknown-ema-value", ("train-block", "0", "train.ema=gpu", "--run", "run", "-q"), "train.ema"),
+    Bad("unknown-optimizer", ("train-block", "0", "train.optimizer=adamw4bit", "--run", "run", "-q"),
+        "train.optimizer"),
+    Bad("accumulation-not-dividing-the-batch", ("train-block", "0", "train.grad_accumulation=3", "--run", "run", "-q"),
+        "does not divide"),
+    Bad("fp16-on-the-cpu", ("train-block", "0", "train.precision=fp16", "--run", "run", "-q"), "needs a CUDA device"),
+    Bad("resume-with-other-memory-options", ("train-block", "2", "train.precision=bf16-true", "--run", "run", "-q"),
+        "resume with the same", setup=lambda root: _half_trained(root)),
+    Bad("fit-size-unreadable", ("bench", "memory", *DIT, "--fit", "lots"), "give a memory size"),
+    Bad("fit-with-static", ("bench", "memory", *DIT, "--fit", "24GiB", "--static"), "drop --static"),
+    Bad("options-without-static", ("bench", "memory", *DIT, "--options"), "add --static"),
+    Bad("fit-context-on-images", ("bench", "memory", *DIT, "--fit", "24GiB", "--context", "64"),
+        "--context does not apply"),
     Bad("damaged-output-temperature-file", ("train-block", "0", "--run", "lm", "-q"),
         "output_temperature.json is not a JSON object of block names and numbers", setup=damaged_temperatures),
 ]
