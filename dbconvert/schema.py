@@ -207,7 +207,7 @@ class TrainConfig(Section):
             raise ValueError("set train.steps or train.epochs")
         if self.optimizer_in_backward and self.grad_clip:
             raise ValueError("train.optimizer_in_backward=true steps each parameter before the whole gradient exists, "
-                             "so it cannot clip by its norm: drop train.grad_clip or the option")
+                             "so it cannot clip by its norm: set train.grad_clip=null or drop the option")
         if self.optimizer_in_backward and self.grad_accumulation > 1:
             raise ValueError("train.optimizer_in_backward=true steps in every backward pass, so it cannot accumulate "
                              "gradients: set train.grad_accumulation=1 or drop the option")

@@ -205,3 +205,32 @@ def test_sampling_a_run_trained_without_ema_uses_the_model_weights_and_says_so(
     assert tiny_run.weights_file("block-00", "ema").name == "model.safetensors"
     assert "train.ema=off" in capsys.readouterr().err
     assert tiny_run.weights_file("block-00", "model").name == "model.safetensors"
+
+
+LEAN = ["train.precision=bf16-true", "train.optimizer=adamw8bit", "train.ema=off", "train.optimizer_in_backward=true",
+        "train.grad_clip=null"]
+
+
+@pytest.mark.parametrize("family", ["llama", "vit"])
+def test_the_leanest_options_train_and_sample_every_family(in_tmp: Path, family: str) -> None:
+    """bf16 weights, 8-bit moments, no EMA and the optimizer in backward through a text and a classifier family
+    (DiT: the resume test above): the loss is finite and generation reads the model weights."""
+    from dbconvert.split import split
+    from tests.families.llama_tiny import tiny_overrides, write_corpus
+    from tests.families.test_vit import TINY
+
+    if family == "llama":
+        recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(write_corpus(in_tmp)))
+    else:
+        recipe = load_recipe("vit-tiny-digits", TINY)
+    run = split(recipe, out=in_tmp / "run")
+    for i in range(run.recipe.blocks.num):
+        result = train_block(run, i, steps=2, overrides=LEAN, progress=False)
+        assert result.last_loss is not None and result.last_loss == result.last_loss  # finite, logged
+    assert all(run.weights_file(f"block-{i:02d}", "ema").name == "model.safetensors"
+               for i in range(run.recipe.blocks.num))
+    from dbconvert.sampling import load_model
+
+    net = load_model(run, "block-00", run.block(0).layers[1] - run.block(0).layers[0], "blocks", "ema",
+                     torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # sampling widens the bf16 weights
