@@ -3,6 +3,7 @@
     partition   equi-probability vs uniform partition, gamma = 0             (Table 3)
     overlap     gamma in {0, 0.05, 0.1, 0.15, 0.2}                           (Table 4)
     blocks      B in {1, 2, 3, 4, 6} at a fixed depth                        (Table 5)
+    memory      fp32 AdamW + EMA vs bf16-true, adamw8bit, EMA off            (ours: what each memory option costs)
 
 Every variant is the same recipe with one setting changed, the same training seed and the
 same number of training steps per block, so every variant gets the same number of layer
@@ -45,19 +46,29 @@ from dbconvert.errors import DbconvertError, RecipeError, RunError
 from dbconvert.evaluation.metric import get_metric
 from dbconvert.rundir import MANIFEST, Run
 
-KINDS = ("partition", "overlap", "blocks")
+KINDS = ("partition", "overlap", "blocks", "memory")
+
+MEMORY_VARIANTS: dict[str, tuple[str, ...]] = {
+    "fp32": (),
+    "bf16-true": ("train.precision=bf16-true",),
+    "adamw8bit": ("train.optimizer=adamw8bit",),
+    "ema-off": ("train.ema=off",),
+}
+"""The memory options `ablate memory` scores against the recipe's own settings (docs/memory.md)."""
 
 DEFAULT_VALUES: dict[str, tuple[Any, ...]] = {
     "partition": ("equiprobable", "uniform"),
     "overlap": (0.0, 0.05, 0.1, 0.15, 0.2),
     "blocks": (1, 2, 3, 4, 6),
+    "memory": tuple(MEMORY_VARIANTS),
 }
-VARIABLE = {"partition": "partition", "overlap": "gamma", "blocks": "B"}
-PAPER_TABLE = {"partition": "Table 3", "overlap": "Table 4", "blocks": "Table 5"}
+VARIABLE = {"partition": "partition", "overlap": "gamma", "blocks": "B", "memory": "options"}
+PAPER_TABLE = {"partition": "Table 3", "overlap": "Table 4", "blocks": "Table 5", "memory": "not in the paper"}
 PAPER_FINDING = {
     "partition": "equi-probability beats uniform (gamma = 0)",
     "overlap": "gamma = 0.1 beats 0 and 0.2",
     "blocks": "blocks match or beat end-to-end (B = 1) at matched layer updates",
+    "memory": "no paper figure: how much each memory option costs against float32 AdamW with EMA",
 }
 DEFAULT_NUM = 500
 VARIANT_RECORD = "ablation-variant.json"
@@ -109,7 +120,11 @@ def parse_values(kind: str, text: str | None) -> tuple[Any, ...]:
         raise DbconvertError("--values is empty; give a comma-separated list, e.g. --values 0,0.1,0.2")
     out: list[Any] = []
     for item in items:
-        if kind == "partition":
+        if kind == "memory":
+            if item not in MEMORY_VARIANTS:
+                raise DbconvertError(f"--values for memory must be some of {', '.join(MEMORY_VARIANTS)}, not {item!r}")
+            out.append(item)
+        elif kind == "partition":
             if item not in DEFAULT_VALUES["partition"]:
                 raise DbconvertError(f"--values for partition must be equiprobable and/or uniform, not {item!r}")
             out.append(item)
@@ -187,6 +202,9 @@ def plan_ablation(kind: str, base: Recipe, overrides: list[str] | None = None,
     elif kind == "overlap":
         notes = [f"partition {base.noise.partition}, B = {base.blocks.num}"]
         variants = [Variant(f"gamma-{_fmt(v)}", v, (f"noise.gamma={v}",)) for v in values]
+    elif kind == "memory":
+        notes = [f"B = {base.blocks.num}; every variant from the same split weights, seed and steps"]
+        variants = [Variant(f"options-{v}", v, MEMORY_VARIANTS[v]) for v in values]
     else:
         common, notes = _blocks_depth(base, overrides, tuple(values))
         variants = [Variant(f"B-{v}", v, (f"blocks.num={v}",)) for v in values]

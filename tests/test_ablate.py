@@ -126,3 +126,17 @@ def test_bad_inputs_are_one_line_errors(in_tmp: Path) -> None:
     assert not (in_tmp / "runs").exists()  # nothing trained or split on bad input
     with pytest.raises(DbconvertError, match="unknown ablation"):
         run_ablation("depth", "dit-tiny-digits")
+
+
+def test_the_memory_ablation_varies_one_memory_option_each() -> None:
+    from dbconvert.ablate import parse_values
+    from dbconvert.errors import DbconvertError
+
+    plan = plan_ablation("memory", load_recipe("dit-tiny-digits"))
+    assert [v.name for v in plan.variants] == ["options-fp32", "options-bf16-true", "options-adamw8bit", "options-ema-off"]
+    assert plan.variants[0].overrides == () and all(len(v.overrides) == 1 for v in plan.variants[1:])
+    for v in plan.variants:  # each is a valid recipe
+        load_recipe("dit-tiny-digits", list(v.overrides))
+    assert parse_values("memory", "fp32,ema-off") == ("fp32", "ema-off")
+    with pytest.raises(DbconvertError, match="--values for memory"):
+        parse_values("memory", "fp32,fp8")

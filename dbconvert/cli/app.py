@@ -720,3 +720,12 @@ def ablate_blocks_cmd(recipe: RecipeArg, overrides: Overrides = None, steps: Abl
     the depth with uneven blocks instead.
     """
     _ablate("blocks", recipe, overrides, steps, out, num, values, force, quiet)
+
+
+@ablate_app.command("memory")
+@handle_errors
+def ablate_memory_cmd(recipe: RecipeArg, overrides: Overrides = None, steps: AblateStepsOpt = None,
+                      out: AblateOutOpt = None, num: AblateNumOpt = 500, values: AblateValuesOpt = None,
+                      force: AblateForceOpt = False, quiet: QuietOpt = False) -> None:
+    """The memory options against float32 AdamW with EMA: fp32, bf16-true, adamw8bit, ema-off (not in the paper)."""
+    _ablate("memory", recipe, overrides, steps, out, num, values, force, quiet)
