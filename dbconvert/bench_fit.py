@@ -3,7 +3,7 @@
 The static part (weights, gradients, optimizer state, EMA) is exact: element counts of the family's own networks
 built on the meta device, times the bytes a parameter each option keeps (`optimizers.bytes_per_parameter`).
 The activations are measured, not modelled: one layer of the recipe's widths is run forward on the CPU at batch 1
-and a small context (its parameters are zeros from calloc, untouched pages: no memory for an 8B model's layer),
+and a small context (its parameters uninitialised fresh pages, untouched: no memory for an 8B model's layer),
 counting the bytes autograd saves for backward (`bench.SavedActivations`: inside the layer, outside it, and the
 layer's output, which is all a checkpointed layer keeps). At batch 1 and 2 and two contexts: the part a row adds
 and the part rows share (a T x T attention mask) are each fitted as a T + b T^2 (the T^2 term: attention weights
@@ -13,6 +13,7 @@ bytes an example and the shared part. Docs: docs/memory.md, "Does it fit".
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +42,7 @@ OPTION_SETS: dict[str, list[str]] = {
 first). `lean` holds the least: bf16 weights, 8-bit moments, no EMA, one gradient at a time (so no clipping by
 the global norm and no accumulation, as torchtune's optimizer_in_bwd)."""
 
-SMALL_CONTEXTS = (64, 128)
+SMALL_CONTEXTS = (32, 64)
 """The two contexts one layer's activations are measured at (a context at or below the first is measured as is)."""
 
 HEADROOM = 0.10
@@ -68,15 +69,20 @@ def option_recipe(recipe: Recipe, overrides: list[str]) -> Recipe:
 # --- static tensors, exact -------------------------------------------------------------------------------------
 
 
-def element_counts(recipe: Recipe, depth: int) -> dict[str, Any]:
+def bench_family(recipe: Recipe) -> Any:
+    """The recipe's family for benchmarks (its stand-ins for run artefacts, e.g. a text family's target table, are
+    drawn once: build it once per report)."""
+    return get_family(recipe.model.family).for_bench(recipe)
+
+
+def element_counts(recipe: Recipe, depth: int, family: Any = None) -> dict[str, Any]:
     """Elements of a network of `depth` layers wrapped as its denoiser (a wrapper may add frozen tensors, e.g. a
     text family's target embedding), built on the meta device: trainable, frozen, the largest trainable parameter,
     and buffer bytes (buffers are not trained and keep their dtype)."""
-    family = get_family(recipe.model.family).for_bench(recipe)
-    with empty_parameters():
-        net = family.block_network(recipe, depth)
-        own_buffers = sum(b.numel() * b.element_size() for b in net.buffers())  # what the EMA copy holds too
-        family.denoiser(recipe, net, recipe.noise.settings())
+    family = family or bench_family(recipe)
+    net, _ = meta_denoiser(family, recipe, depth)
+    # the EMA copy is built from block_network alone: its buffers, not those the denoiser adds
+    own_buffers = sum(b.numel() * b.element_size() for b in meta_network(family, recipe, depth).buffers())
     trainable = [p.numel() for p in net.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
     buffers = sum(b.numel() * b.element_size() for b in net.buffers())
@@ -101,27 +107,54 @@ def static_bytes(recipe: Recipe, counts: dict[str, Any]) -> dict[str, float]:
 # --- activations, measured at a small size and scaled -----------------------------------------------------------
 
 
-def zero_parameters(net: nn.Module, dtype: torch.dtype) -> None:
-    """Give a network built with meta parameters real zero ones (calloc: pages untouched until written)."""
-    for module in net.modules():
+def meta_network(family: Any, recipe: Recipe, depth: int) -> nn.Module:
+    """`block_network(recipe, depth)` on the meta device: no memory, no random numbers (a network computing a value
+    from its settings at build time: its parameters on meta, that computation on the CPU)."""
+    try:
+        with torch.device("meta"):
+            return family.block_network(recipe, depth)
+    except (RuntimeError, NotImplementedError):
+        with empty_parameters():
+            return family.block_network(recipe, depth)
+
+
+def meta_denoiser(family: Any, recipe: Recipe, depth: int) -> tuple[nn.Module, nn.Module]:
+    """(network, its denoiser) built as `meta_network` (the wrapper may add tensors to the network)."""
+    net = meta_network(family, recipe, depth)
+    try:
+        with torch.device("meta"):
+            model = family.denoiser(recipe, net, recipe.noise.settings())
+    except (RuntimeError, NotImplementedError):
+        with empty_parameters():
+            model = family.denoiser(recipe, net, recipe.noise.settings())
+    return net, model
+
+
+def empty_tensors(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give meta parameters and buffers real, uninitialised ones (fresh pages cost no memory until written: a vocab
+    table read by one row at a time stays almost free); floating parameters in `dtype`, the rest as they are.
+    Their values mean nothing: only the sizes of what the forward saves are read."""
+    for module in model.modules():
         for name, p in list(module._parameters.items()):
-            if p is not None:
-                module._parameters[name] = nn.Parameter(torch.zeros(p.shape, dtype=dtype if p.is_floating_point()
-                                                                    else p.dtype), requires_grad=p.requires_grad)
+            if p is not None and p.device.type == "meta":
+                kind = dtype if p.is_floating_point() else p.dtype
+                module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=kind), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)  # indices and masks: valid values
 
 
-def saved_bytes(recipe: Recipe, batch: int, checkpointing: bool = False) -> dict[str, int]:
+def saved_bytes(recipe: Recipe, batch: int, checkpointing: bool = False, family: Any = None) -> dict[str, int]:
     """Bytes autograd saves in one training forward of a one-layer network of the recipe: inside the layer, in all,
     and the layer's output (what a checkpointed layer keeps of its input)."""
-    family = get_family(recipe.model.family).for_bench(recipe)
+    family = family or bench_family(recipe)
     dtype = torch.bfloat16 if recipe.train.precision == "bf16-true" else torch.float32
-    with empty_parameters():
-        net = family.block_network(recipe, 1)
-    zero_parameters(net, dtype)
+    net, model = meta_denoiser(family, recipe, 1)
+    empty_tensors(model, dtype)
     layers = family.layers(net)
     if checkpointing:
         checkpoint_layers(layers)
-    model = family.denoiser(recipe, net, recipe.noise.settings()).train()
+    model.train()
     gen = torch.Generator().manual_seed(0)
     data = family.synthetic_batch(recipe, batch, gen)
     out_bytes: list[int] = []
@@ -132,7 +165,10 @@ def saved_bytes(recipe: Recipe, batch: int, checkpointing: bool = False) -> dict
             family.training_loss(model, data, recipe.noise.settings().full_range(), recipe, gen)
     finally:
         hook.remove()
-    return {"layer": saved.per_layer, "total": saved.nbytes, "hidden": out_bytes[0] if out_bytes else 0}
+    out = {"layer": saved.per_layer, "total": saved.nbytes, "hidden": out_bytes[0] if out_bytes else 0}
+    del model, net, layers, saved
+    gc.collect()  # the next measurement must not stand on this one's tensors
+    return out
 
 
 def _nbytes(out: Any) -> int:
@@ -153,15 +189,22 @@ def with_context(recipe: Recipe, context: int) -> Recipe:
         raise DbconvertError(f"--context does not apply to the {recipe.model.family} family ({exc})") from None
 
 
-def activation_model(recipe: Recipe, batch: int, context: int | None) -> dict[str, Any]:
+ATTENTION = ("fused", "math")
+"""`--attention`: fused (a flash / memory-efficient kernel, as torch's SDPA picks on CUDA: the attention weights are
+not saved, so the per-row T^2 term is dropped) or math (everything as measured here)."""
+
+
+def activation_model(recipe: Recipe, batch: int, context: int | None, family: Any = None,
+                     attention: str = "math") -> dict[str, Any]:
     """Activation bytes of one layer (`layer`), of what is outside the layers (`outside`) and of a layer's output
     (`hidden`) at `batch` and `context`, from two small measurements (see the module docstring)."""
+    family = family or bench_family(recipe)
     seq = sequence_length(recipe)
     if seq is None:
         if context is not None:
             raise DbconvertError(f"--context does not apply to the {recipe.model.family} family (its inputs are "
                                  "images): drop it")
-        a, b = saved_bytes(recipe, 1), saved_bytes(recipe, 2)
+        a, b = saved_bytes(recipe, 1, family=family), saved_bytes(recipe, 2, family=family)
         scale = lambda key: a[key] + (b[key] - a[key]) * (batch - 1)  # noqa: E731  linear in examples
         parts = {"layer": scale("layer"), "outside": scale("total") - scale("layer"), "hidden": scale("hidden")}
         how = "measured at batch 1 and 2 on the CPU, linear in the batch"
@@ -169,29 +212,33 @@ def activation_model(recipe: Recipe, batch: int, context: int | None) -> dict[st
     target = context or seq
     small = [c for c in SMALL_CONTEXTS if c < target] or [target]
     if len(small) == 1 and small[0] == target:
-        a = saved_bytes(with_context(recipe, target), 1)
+        a = saved_bytes(with_context(recipe, target), 1, family=family)
         parts = {"layer": a["layer"] * batch, "outside": (a["total"] - a["layer"]) * batch,
                  "hidden": a["hidden"] * batch}
         return {**parts, "method": f"measured at batch 1, context {target} on the CPU, times the batch",
                 "context": target}
     t1, t2 = SMALL_CONTEXTS
-    m = {(n, t): saved_bytes(with_context(recipe, t), n) for n in (1, 2) for t in (t1, t2)}
+    m = {(n, t): saved_bytes(with_context(recipe, t), n, family=family) for n in (1, 2) for t in (t1, t2)}
 
-    def quadratic(y1: float, y2: float) -> float:
-        """y(T) = a T + b T^2 through (t1, y1), (t2, y2), at the target context."""
+    def quadratic(y1: float, y2: float, squares: bool = True) -> float:
+        """y(T) = a T + b T^2 through (t1, y1), (t2, y2), at the target context (b = 0 without `squares`)."""
         b = max(0.0, (y2 / t2 - y1 / t1) / (t2 - t1))
-        return target * (y1 / t1 - b * t1 + b * target)
+        linear = target * (y1 / t1 - b * t1)
+        return linear + (b * target * target if squares else 0.0)
 
-    def fit(key: Callable[[dict[str, int]], int]) -> float:
+    def fit(key: Callable[[dict[str, int]], int], squares: bool = True) -> float:
         # per row (what the second row adds) and shared by the rows (e.g. a T x T attention mask)
         row = [key(m[(2, t)]) - key(m[(1, t)]) for t in (t1, t2)]
         shared = [key(m[(1, t)]) - r for t, r in zip((t1, t2), row)]
-        return batch * quadratic(*row) + quadratic(*shared)
+        return batch * quadratic(*row, squares=squares) + quadratic(*shared)
 
-    parts = {"layer": fit(lambda x: x["layer"]), "outside": fit(lambda x: x["total"] - x["layer"]),
+    fused = attention == "fused"
+    parts = {"layer": fit(lambda x: x["layer"], squares=not fused), "outside": fit(lambda x: x["total"] - x["layer"]),
              "hidden": fit(lambda x: x["hidden"])}
-    how = (f"measured at batch 1 and 2, contexts {t1} and {t2} on the CPU (math attention): a part a row and a part "
-           "the rows share, each fitted as a T + b T^2 and scaled to the batch and context")
+    how = (f"measured at batch 1 and 2, contexts {t1} and {t2} on the CPU: a part a row and a part the rows share, "
+           "each fitted as a T + b T^2 and scaled to the batch and context"
+           + ("; fused attention: a layer's per-row T^2 term (the attention weights a math kernel saves) dropped"
+              if fused else "; math attention: as measured"))
     return {**parts, "method": how, "context": target}
 
 
@@ -210,7 +257,8 @@ def option_table(recipe: Recipe, blocks: int) -> dict[str, Any]:
     recipe = bench_recipe(with_blocks(recipe, blocks))
     total = source_depth(recipe)
     depth = max(b - a for a, b in layer_ranges(total, blocks, recipe.blocks.uneven))
-    counts = {"block": element_counts(recipe, depth), "e2e": element_counts(recipe, total)}
+    family = bench_family(recipe)
+    counts = {"block": element_counts(recipe, depth, family), "e2e": element_counts(recipe, total, family)}
     rows = []
     for name, overrides in OPTION_SETS.items():
         try:
@@ -225,9 +273,11 @@ def option_table(recipe: Recipe, blocks: int) -> dict[str, Any]:
 
 
 def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | None = None,
-        headroom: float = HEADROOM) -> dict[str, Any]:
+        headroom: float = HEADROOM, attention: str = "fused") -> dict[str, Any]:
     """For each option set: the smallest B whose deepest block fits `budget` (without and with activation
     checkpointing), and whether the whole network fits end to end (without and with), from `estimate`."""
+    if attention not in ATTENTION:
+        raise DbconvertError(f"--attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
     if not 0 <= headroom < 1:
         raise DbconvertError(f"--headroom must be in [0, 1), got {headroom}")
     recipe = bench_recipe(recipe)
@@ -239,7 +289,8 @@ def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | No
     total = source_depth(recipe)
     usable = budget * (1 - headroom)
     depths = sorted({max(b - a for a, b in layer_ranges(total, n, True)) for n in range(1, total + 1)}, reverse=True)
-    counts = {d: element_counts(recipe, d) for d in depths}
+    family = bench_family(recipe)
+    counts = {d: element_counts(recipe, d, family) for d in depths}
     acts_by_precision: dict[str, dict[str, Any]] = {}
     rows = []
     for name, overrides in OPTION_SETS.items():
@@ -250,7 +301,7 @@ def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | No
             continue
         precision = r.train.precision
         if precision not in acts_by_precision:
-            acts_by_precision[precision] = activation_model(r, batch, context)
+            acts_by_precision[precision] = activation_model(r, batch, context, family, attention)
         acts = acts_by_precision[precision]
         need = {d: {ck: estimate(static_bytes(r, counts[d]), acts, d, ck) for ck in (False, True)} for d in depths}
         row: dict[str, Any] = {"options": name, "label": describe(r.train), "overrides": overrides,
@@ -266,7 +317,7 @@ def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | No
         rows.append(row)
     first = next(iter(acts_by_precision.values()))
     return {"recipe": recipe.name, "budget_bytes": budget, "headroom": headroom, "usable_bytes": usable,
-            "batch": batch, "context": first["context"], "layers": total, "rows": rows,
+            "batch": batch, "context": first["context"], "layers": total, "rows": rows, "attention": attention,
             "activations": {p: {k: a[k] for k in ("layer", "outside", "hidden")} for p, a in acts_by_precision.items()},
             "method": first["method"]}
 
@@ -323,5 +374,4 @@ def fit_report(r: dict[str, Any]) -> list[Any]:
     return [table, *refused,
             f"estimate = exact static tensors (meta device) + activations {r['method']}. Smallest B allows an uneven "
             "split (blocks.uneven=true); the even split beside it divides the layers. It leaves out temporaries and "
-            "allocator slack (the headroom); fused CUDA attention saves less than the math kernel measured here, so "
-            "the activation part is an upper bound there."]
+            "allocator slack (the headroom)."]
