@@ -6,9 +6,9 @@ The activations are measured, not modelled: one layer of the recipe's widths is 
 and a small context (its parameters uninitialised fresh pages, untouched: no memory for an 8B model's layer),
 counting the bytes autograd saves for backward (`bench.SavedActivations`: inside the layer, outside it, and the
 layer's output, which is all a checkpointed layer keeps). At batch 1 and 2 and two contexts: the part a row adds
-and the part rows share (a T x T attention mask) are each fitted as a T + b T^2 (the T^2 term: attention weights
-and masks) and scaled to the asked batch and context. An image family has no context: two batch sizes give the
-bytes an example and the shared part. Docs: docs/memory.md, "Does it fit".
+and the part rows share (a T x T attention mask) are each fitted as a T + b T^2 (the T^2 term: masks, or the
+attention weights of a kernel that saves them) and scaled to the asked batch and context. An image family has no
+context: two batch sizes give the bytes an example and the shared part. Docs: docs/memory.md, "Does it fit".
 """
 
 from __future__ import annotations
@@ -189,13 +189,7 @@ def with_context(recipe: Recipe, context: int) -> Recipe:
         raise DbconvertError(f"--context does not apply to the {recipe.model.family} family ({exc})") from None
 
 
-ATTENTION = ("fused", "math")
-"""`--attention`: fused (a flash / memory-efficient kernel, as torch's SDPA picks on CUDA: the attention weights are
-not saved, so the per-row T^2 term is dropped) or math (everything as measured here)."""
-
-
-def activation_model(recipe: Recipe, batch: int, context: int | None, family: Any = None,
-                     attention: str = "math") -> dict[str, Any]:
+def activation_model(recipe: Recipe, batch: int, context: int | None, family: Any = None) -> dict[str, Any]:
     """Activation bytes of one layer (`layer`), of what is outside the layers (`outside`) and of a layer's output
     (`hidden`) at `batch` and `context`, from two small measurements (see the module docstring)."""
     family = family or bench_family(recipe)
@@ -220,25 +214,22 @@ def activation_model(recipe: Recipe, batch: int, context: int | None, family: An
     t1, t2 = SMALL_CONTEXTS
     m = {(n, t): saved_bytes(with_context(recipe, t), n, family=family) for n in (1, 2) for t in (t1, t2)}
 
-    def quadratic(y1: float, y2: float, squares: bool = True) -> float:
-        """y(T) = a T + b T^2 through (t1, y1), (t2, y2), at the target context (b = 0 without `squares`)."""
+    def quadratic(y1: float, y2: float) -> float:
+        """y(T) = a T + b T^2 through (t1, y1), (t2, y2), at the target context."""
         b = max(0.0, (y2 / t2 - y1 / t1) / (t2 - t1))
-        linear = target * (y1 / t1 - b * t1)
-        return linear + (b * target * target if squares else 0.0)
+        return target * (y1 / t1 - b * t1 + b * target)
 
-    def fit(key: Callable[[dict[str, int]], int], squares: bool = True) -> float:
+    def fit(key: Callable[[dict[str, int]], int]) -> float:
         # per row (what the second row adds) and shared by the rows (e.g. a T x T attention mask)
         row = [key(m[(2, t)]) - key(m[(1, t)]) for t in (t1, t2)]
         shared = [key(m[(1, t)]) - r for t, r in zip((t1, t2), row)]
-        return batch * quadratic(*row, squares=squares) + quadratic(*shared)
+        return batch * quadratic(*row) + quadratic(*shared)
 
-    fused = attention == "fused"
-    parts = {"layer": fit(lambda x: x["layer"], squares=not fused), "outside": fit(lambda x: x["total"] - x["layer"]),
+    parts = {"layer": fit(lambda x: x["layer"]), "outside": fit(lambda x: x["total"] - x["layer"]),
              "hidden": fit(lambda x: x["hidden"])}
-    how = (f"measured at batch 1 and 2, contexts {t1} and {t2} on the CPU: a part a row and a part the rows share, "
-           "each fitted as a T + b T^2 and scaled to the batch and context"
-           + ("; fused attention: a layer's per-row T^2 term (the attention weights a math kernel saves) dropped"
-              if fused else "; math attention: as measured"))
+    how = (f"measured at batch 1 and 2, contexts {t1} and {t2} on the CPU with torch's SDPA (its CPU kernel is fused: "
+           "no T x T attention weights are saved, as with flash attention on CUDA): a part a row and a part the rows "
+           "share, each fitted as a T + b T^2 and scaled to the batch and context")
     return {**parts, "method": how, "context": target}
 
 
@@ -273,11 +264,9 @@ def option_table(recipe: Recipe, blocks: int) -> dict[str, Any]:
 
 
 def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | None = None,
-        headroom: float = HEADROOM, attention: str = "fused") -> dict[str, Any]:
+        headroom: float = HEADROOM) -> dict[str, Any]:
     """For each option set: the smallest B whose deepest block fits `budget` (without and with activation
     checkpointing), and whether the whole network fits end to end (without and with), from `estimate`."""
-    if attention not in ATTENTION:
-        raise DbconvertError(f"--attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
     if not 0 <= headroom < 1:
         raise DbconvertError(f"--headroom must be in [0, 1), got {headroom}")
     recipe = bench_recipe(recipe)
@@ -301,7 +290,7 @@ def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | No
             continue
         precision = r.train.precision
         if precision not in acts_by_precision:
-            acts_by_precision[precision] = activation_model(r, batch, context, family, attention)
+            acts_by_precision[precision] = activation_model(r, batch, context, family)
         acts = acts_by_precision[precision]
         need = {d: {ck: estimate(static_bytes(r, counts[d]), acts, d, ck) for ck in (False, True)} for d in depths}
         row: dict[str, Any] = {"options": name, "label": describe(r.train), "overrides": overrides,
@@ -317,7 +306,7 @@ def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | No
         rows.append(row)
     first = next(iter(acts_by_precision.values()))
     return {"recipe": recipe.name, "budget_bytes": budget, "headroom": headroom, "usable_bytes": usable,
-            "batch": batch, "context": first["context"], "layers": total, "rows": rows, "attention": attention,
+            "batch": batch, "context": first["context"], "layers": total, "rows": rows,
             "activations": {p: {k: a[k] for k in ("layer", "outside", "hidden")} for p, a in acts_by_precision.items()},
             "method": first["method"]}
 

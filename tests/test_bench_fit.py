@@ -95,7 +95,7 @@ def test_fit_gives_the_first_B_whose_block_fits(llama) -> None:  # noqa: ANN001
                         acts, max(b - a for a, b in layer_ranges(total, n, True)), False) for n in range(1, total + 1)}
     assert need[1] > need[total]
     budget = int((need[1] + need[total]) / 2 / 0.9)
-    result = fit(llama, budget, batch=4, context=64, attention="math")
+    result = fit(llama, budget, batch=4, context=64)
     first = result["rows"][0]
     expected = next(n for n in range(1, total + 1) if need[n] <= budget * 0.9)
     assert first["blocks"] == expected and first["e2e"] == pytest.approx(need[1])
@@ -112,10 +112,3 @@ def test_bad_fit_inputs_are_one_line(llama) -> None:  # noqa: ANN001
             fit(llama, 2**30, **kwargs)
         assert message in str(err.value)
 
-
-def test_fused_attention_drops_only_the_per_row_square_term(llama) -> None:  # noqa: ANN001
-    math = activation_model(llama, 4, 1024, attention="math")
-    fused = activation_model(llama, 4, 1024, attention="fused")
-    assert fused["layer"] < math["layer"] and fused["outside"] == math["outside"] and fused["hidden"] == math["hidden"]
-    with pytest.raises(DbconvertError, match="--attention"):
-        fit(llama, 2**30, attention="flash3")

@@ -553,9 +553,6 @@ def bench_memory_cmd(
                                                     "e2e+checkpointing (static tensors + measured activations).")] = None,
     headroom: Annotated[float, typer.Option("--headroom", help="With --fit: the share of the size kept free for "
                                             "temporaries and allocator slack.")] = 0.10,
-    attention: Annotated[str, typer.Option("--attention", help="With --fit: fused (flash / memory-efficient SDPA, as "
-                                           "on CUDA: attention weights not saved) or math (as measured on the CPU).")
-                         ] = "fused",
 ) -> None:
     """Peak memory of one training step: each block alone vs the whole network end to end, with and without
     activation checkpointing; --options: what each memory option holds; --fit SIZE: which B fits."""
@@ -568,7 +565,7 @@ def bench_memory_cmd(
         budget = parse_size(fit_size)
         if static or options or skip:
             raise DbconvertError("--fit estimates every B itself: drop --static, --options and --skip")
-        result = fit(load_recipe(recipe, list(overrides or [])), budget, batch, context, headroom, attention)
+        result = fit(load_recipe(recipe, list(overrides or [])), budget, batch, context, headroom)
         if as_json:
             typer.echo(json.dumps(result))
             return
