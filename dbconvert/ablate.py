@@ -68,7 +68,7 @@ PAPER_FINDING = {
     "partition": "equi-probability beats uniform (gamma = 0)",
     "overlap": "gamma = 0.1 beats 0 and 0.2",
     "blocks": "blocks match or beat end-to-end (B = 1) at matched layer updates",
-    "memory": "no paper figure: how much each memory option costs against float32 AdamW with EMA",
+    "memory": "not in the paper: what each memory option costs against float32 AdamW with EMA",
 }
 DEFAULT_NUM = 500
 VARIANT_RECORD = "ablation-variant.json"
@@ -458,7 +458,10 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 
 def _title(s: dict[str, Any]) -> str:
-    return f"ablate {s['kind']}: {s['recipe']} ({s['paper']['table']}; paper: {s['paper']['finding']})"
+    paper = s["paper"]
+    if paper["table"] == "not in the paper":
+        return f"ablate {s['kind']}: {s['recipe']} ({paper['finding']})"
+    return f"ablate {s['kind']}: {s['recipe']} ({paper['table']}; paper: {paper['finding']})"
 
 
 def markdown_table(s: dict[str, Any]) -> str:
