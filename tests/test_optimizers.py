@@ -234,3 +234,12 @@ def test_the_leanest_options_train_and_sample_every_family(in_tmp: Path, family:
     net = load_model(run, "block-00", run.block(0).layers[1] - run.block(0).layers[0], "blocks", "ema",
                      torch.device("cpu"))
     assert all(p.dtype == torch.float32 for p in net.parameters())  # sampling widens the bf16 weights
+
+
+def test_train_block_shows_the_memory_options_and_the_effective_batch(tiny_run: Run) -> None:
+    from tests.cli_helpers import invoke
+
+    result = invoke("train-block", "0", "--steps", "1", "train.grad_accumulation=4", "train.ema=cpu",
+                    "--run", tiny_run.root, "-q")
+    assert result.exit_code == 0, result.output
+    assert "memory options: fp32 adamw ema-cpu accum4; effective batch 16 = 4 x 4" in result.stderr

@@ -282,6 +282,7 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
 def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | None,
            steps: int | None, epochs: float | None, restart: bool, quiet: bool, objective: str = "denoiser") -> None:
     from dbconvert.distributed import from_env
+    from dbconvert.optimizers import describe
     from dbconvert.rundir import resolve_run
     from dbconvert.train import block_target, e2e_target, train, training_recipe
 
@@ -298,6 +299,11 @@ def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | No
             "objective": target.objective, "layers": run.num_layers if index is None else list(run.block(index).layers),
             "train_range": list(target.train_range),
         })
+        t = resolved.train
+        micro = t.batch_size // t.grad_accumulation
+        batch = (f"effective batch {t.batch_size} = {t.grad_accumulation} x {micro}" if t.grad_accumulation > 1
+                 else f"batch {t.batch_size}")
+        err_console.print(f"memory options: {describe(t)}; {batch}", highlight=False, markup=False)
     result = train(run, target, steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet,
                    note=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
     if not dist.is_main:
