@@ -50,7 +50,7 @@ from dbconvert.config import Recipe, apply_overrides, validate_recipe
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
 from dbconvert.families import get_family
-from dbconvert.optimizers import optimizer_state_bytes
+from dbconvert.optimizers import moment_bytes, optimizer_state_bytes, weight_bytes
 from dbconvert.trainstep import build_state
 
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
@@ -377,9 +377,10 @@ def _run_worker(recipe: Recipe, target: BenchTarget, batch: int) -> dict[str, An
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def optimizer_moments(recipe: Recipe) -> int:
-    """Tensors of optimizer state per trainable parameter: two moments for Adam/AdamW, one momentum for SGD."""
-    return {"adamw": 2, "adam": 2, "sgd": 1}[recipe.train.optimizer]
+def optimizer_moments(recipe: Recipe) -> float:
+    """Optimizer state per trainable parameter in units of a weight's bytes: two moments for Adam/AdamW, one
+    momentum for SGD; 8-bit AdamW's two moments are about half a float32 weight (`optimizers.moment_bytes`)."""
+    return round(moment_bytes(recipe.train) / weight_bytes(recipe.train), 3)
 
 
 def app_g_formula(target: BenchTarget, depth: int, p: int, a: int, moments: int) -> dict[str, Any]:
@@ -387,11 +388,12 @@ def app_g_formula(target: BenchTarget, depth: int, p: int, a: int, moments: int)
     (activation bytes per layer) measured on that network: standard (4P + A)·L, checkpointing 4P·L + A,
     a block (4P + A)·L/B, a block with checkpointing 4P·L/B + A. 4P = parameters, gradients and AdamW's two
     moments (3P with SGD's one); `depth` is L for the whole network and L/B for a block."""
-    k = 2 + moments
+    k = f"{2 + moments:g}"
+    kk = 2 + moments
     n = "L" if target.e2e else "L/B"
     if target.checkpointing:
-        return {"formula": f"{k}P·{n} + A", "bytes": k * p * depth + a, "P": p, "A": a, "depth": depth}
-    return {"formula": f"({k}P + A)·{n}", "bytes": (k * p + a) * depth, "P": p, "A": a, "depth": depth}
+        return {"formula": f"{k}P·{n} + A", "bytes": int(kk * p * depth + a), "P": p, "A": a, "depth": depth}
+    return {"formula": f"({k}P + A)·{n}", "bytes": int((kk * p + a) * depth), "P": p, "A": a, "depth": depth}
 
 
 MEMORY_KEYS = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "resident_before_step", "step_peak",
@@ -524,8 +526,9 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
         parts["total_bytes"] = sum(parts.values())
         out["breakdown"][target.name] = {"layers": list(target.layers), "checkpointing": target.checkpointing,
                                          "objective": target.objective, **parts,
-                                         "app_g_static": {"formula": f"{2 + per_param}P·{'L' if target.e2e else 'L/B'}",
-                                                          "bytes": (2 + per_param) * layer * target.depth, "P": layer}}
+                                         "app_g_static": {"formula": f"{2 + per_param:g}P·{'L' if target.e2e else 'L/B'}",
+                                                          "bytes": int((2 + per_param) * layer * target.depth),
+                                                          "P": layer}}
     rows = out["breakdown"]
     out["e2e_static_bytes"] = rows["e2e"]["total_bytes"]
     out["block_static_bytes"] = [rows[t.name]["total_bytes"] for t in targets if not t.e2e and not t.checkpointing]

@@ -112,3 +112,16 @@ def test_bad_fit_inputs_are_one_line(llama) -> None:  # noqa: ANN001
             fit(llama, 2**30, **kwargs)
         assert message in str(err.value)
 
+
+
+def test_bench_memory_measures_a_block_under_the_lean_options(dit) -> None:  # noqa: ANN001
+    """A measured step (fresh worker process) with bf16 weights, 8-bit moments, no EMA and the optimizer in
+    backward: its exact tensors are the static formula's, and App. G counts the 8-bit moments as ~1 P of bf16."""
+    from dbconvert.bench import bench_memory
+
+    recipe = option_recipe(dit, OPTION_SETS["lean"])
+    result = bench_memory(recipe, 4, batch=8, checkpointing=False, every_block=False, skip=("e2e",))
+    row = result["breakdown"]["block-0"]
+    static = static_bytes(recipe, element_counts(recipe, row["layers"][1] - row["layers"][0]))
+    assert row["ema"] == 0 and row["optimizer_state"] == static["optimizer_state"]
+    assert row["app_g"]["formula"].startswith("(3.016P + A)")
