@@ -242,4 +242,4 @@ def test_train_block_shows_the_memory_options_and_the_effective_batch(tiny_run: 
     result = invoke("train-block", "0", "--steps", "1", "train.grad_accumulation=4", "train.ema=cpu",
                     "--run", tiny_run.root)
     assert result.exit_code == 0, result.output
-    assert "memory options: fp32 adamw ema-cpu accum4; effective batch 16 = 4 x 4" in result.stderr
+    assert "memory options: fp32 adamw ema-cpu accum4; effective batch 16 = 4 x 4" in result.stdout

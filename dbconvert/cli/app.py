@@ -304,7 +304,7 @@ def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | No
         batch = (f"effective batch {t.batch_size} = {t.grad_accumulation} x {micro}" if t.grad_accumulation > 1
                  else f"batch {t.batch_size}")
         if not quiet:
-            err_console.print(f"memory options: {describe(t)}; {batch}", highlight=False, markup=False)
+            console.print(f"memory options: {describe(t)}; {batch}", highlight=False, markup=False)
     result = train(run, target, steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet,
                    note=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
     if not dist.is_main:
