@@ -165,14 +165,16 @@ def fresh_huginn_state(shape: RecurrentShape, seed: int) -> dict[str, torch.Tens
     return out
 
 
-def source_state(shape: RecurrentShape, seed: int, huginn: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def source_state(shape: RecurrentShape, seed: int,
+                 huginn: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The whole converted network's state: Huginn's weights (a checkpoint's, or fresh) plus the new diffusion path,
     checked to be exactly the network's keys."""
     state = {**(dict(huginn) if huginn is not None else fresh_huginn_state(shape, seed)), **new_parameters(shape, seed)}
     expected = set(reference_shapes(shape))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise CheckpointError(f"the converted network's keys do not match it (missing {missing[:3]}, extra {extra[:3]})")
+        raise CheckpointError(f"the converted network's keys do not match it (missing {missing[:3]}, "
+                              f"extra {extra[:3]})")
     return state
 
 

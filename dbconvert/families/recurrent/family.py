@@ -151,7 +151,8 @@ class RecurrentFamily(Family):
         return load_text(recipe.data, tok, cfg.context, split)
 
     def training_loss(self, denoiser: nn.Module, batch: Any, sigma_range: tuple[float, float], recipe: "Recipe",
-                      generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+                      generator: torch.Generator,
+                      shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
         """The Llama family's text objective, one forward per step (sigma from the EDM log-normal)."""
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
         return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting,  # type: ignore[arg-type]

@@ -327,7 +327,8 @@ class RecurrentNet(nn.Module):
         """Core once, ln_f, coda, ln_f over core inputs x; the last cond.shape[1] columns are noisy."""
         p, c = self.shape.prelude_layers, self.shape.core_layers
         past = None if cache is None else cache.kv
-        x, core_kv = self.stack(self.transformer.core_block, x, rope, mask, cond, None if past is None else past[p:p + c])
+        core_past = None if past is None else past[p:p + c]
+        x, core_kv = self.stack(self.transformer.core_block, x, rope, mask, cond, core_past)
         h, coda_kv = self.read_out(x, rope, mask, cond, None if past is None else past[p + c:])
         return h, core_kv + coda_kv
 
@@ -351,7 +352,7 @@ class RecurrentNet(nn.Module):
         positions, mask = decode_geometry(columns, start + m, pad, b)
         rope = self.rope(positions)
         e, pre_kv = self.context(tokens, rope, mask, cache)
-        e_prev = self.previous_context(cache, e, b)
+        e_prev = self.previous_context(cache, e, b, start, pad)
         x = self.adapt(self.clean_state(tokens), e_prev[:, :m])
         p = self.shape.prelude_layers
         past = None if cache is None else cache.kv
@@ -361,10 +362,16 @@ class RecurrentNet(nn.Module):
         return BlockCache(kv, e[:, -1]), None
 
     @staticmethod
-    def previous_context(cache: BlockCache | None, e: torch.Tensor, batch: int) -> torch.Tensor:
-        """e_{i-1} for the columns of e and the one after them (B, m + 1, H): the cache's last, then e."""
+    def previous_context(cache: BlockCache | None, e: torch.Tensor, batch: int, start: int,
+                         pad: torch.Tensor | None) -> torch.Tensor:
+        """e_{i-1} for the columns start.. of e and the one after them (B, m + 1, H): the cache's last, then e;
+        zero where column i - 1 is left padding (a row's first token has no context, as in training)."""
         first = e.new_zeros(batch, 1, e.shape[2]) if cache is None else cache.last_e[:, None].to(e.dtype)
-        return torch.cat([first, e], dim=1)
+        out = torch.cat([first, e], dim=1)
+        if pad is not None:
+            columns = torch.arange(start, start + out.shape[1], device=e.device)
+            out = out * (columns[None, :] > pad.to(e.device)[:, None])[..., None].to(out.dtype)
+        return out
 
     def noisy_hidden(self, cache: BlockCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
                      pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -376,6 +383,8 @@ class RecurrentNet(nn.Module):
         if pad is None:  # every cached column and itself
             mask = torch.ones(1, (0 if cache is None else cache.length) + 1, dtype=torch.bool, device=noisy.device)
         e_prev = noisy.new_zeros(b, 1, self.shape.hidden_size) if cache is None else cache.last_e[:, None]
+        if pad is not None:  # the previous column is padding: no context
+            e_prev = e_prev * (position > pad.to(noisy.device))[:, None, None].to(e_prev.dtype)
         x = self.adapt(self.noisy_in(noisy), e_prev)
         h, _ = self.denoise_layers(x, self.rope(positions), mask, self.sigma_embed(c_noise), cache)
         return h[:, -1]
@@ -392,7 +401,7 @@ class RecurrentNet(nn.Module):
         rope_clean = (rope_all[0][:, :m], rope_all[1][:, :m])
         pre_mask = mask[..., :m, :start + m]
         e, pre_kv = self.context(clean, rope_clean, pre_mask, cache)
-        e_prev = self.previous_context(cache, e, b)  # (B, m + 1, H): columns start .. start + m
+        e_prev = self.previous_context(cache, e, b, start, pad)  # (B, m + 1, H): columns start .. start + m
         x = torch.cat([self.adapt(self.clean_state(clean), e_prev[:, :m]),
                        self.adapt(self.noisy_in(noisy), e_prev[:, m:])], dim=1)
         h, kv = self.denoise_layers(x, rope_all, mask, self.sigma_embed(c_noise), cache)
