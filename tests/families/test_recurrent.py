@@ -317,3 +317,14 @@ def test_bench_memory_of_the_baseline_grows_with_k_and_the_denoisers_does_not(co
     assert peaks[4]["recurrent"] > 2 * peaks[1]["recurrent"]
     assert peaks[4]["block-0"] == peaks[1]["block-0"]
     assert peaks[4]["recurrent+ckpt"] < peaks[4]["recurrent"]
+
+
+def test_huginn_lm1b_is_the_papers_setting_and_hub_data_offline_is_one_line(in_tmp: Path) -> None:
+    r = load_recipe("huginn-lm1b")
+    m = r.model
+    assert (m.prelude_layers, m.core_layers, m.coda_layers, m.hidden, m.heads) == (2, 4, 2, 512, 8)  # type: ignore
+    assert (m.mean_recurrence, m.backprop_depth, r.blocks.num, r.data.source) == (32, 8, 1, "lm1b")  # type: ignore
+    small = ["model.hidden=32", "model.heads=4", "model.intermediate=48", "model.tokenizer=null"]
+    result = invoke("split", "huginn-lm1b", *small, "--out", "run")  # the tests run with HF_DATASETS_OFFLINE=1
+    assert_user_error(result, "'lm1b' could not be loaded")
+    assert "~/.cache/huggingface/datasets" in result.stderr and not any(in_tmp.iterdir())
