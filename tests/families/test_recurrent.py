@@ -324,7 +324,7 @@ def test_huginn_lm1b_is_the_papers_setting_and_hub_data_offline_is_one_line(in_t
     m = r.model
     assert (m.prelude_layers, m.core_layers, m.coda_layers, m.hidden, m.heads) == (2, 4, 2, 512, 8)  # type: ignore
     assert (m.mean_recurrence, m.backprop_depth, r.blocks.num, r.data.source) == (32, 8, 1, "lm1b")  # type: ignore
-    small = ["model.hidden=32", "model.heads=4", "model.intermediate=48", "model.tokenizer=null"]
+    small = ["model.hidden=32", "model.heads=4", "model.intermediate=48", "model.tokenizer=null", "model.target_dim=8"]
     result = invoke("split", "huginn-lm1b", *small, "--out", "run")  # the tests run with HF_DATASETS_OFFLINE=1
     assert_user_error(result, "'lm1b' could not be loaded")
     assert "~/.cache/huggingface/datasets" in result.stderr and not any(in_tmp.iterdir())
