@@ -220,6 +220,61 @@ class RecurrentFamily(Family):
         cfg = _cfg(recipe)
         return [torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=generator)]
 
+    def decoding_rates(self, recipe: "Recipe", blocks: int, batch: int, device: torch.device, repeats: int,
+                       warmup: int, new_tokens: int | None = None,
+                       on_progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        """Whole decodes, tokens/s: the blocks at sample.steps Euler steps per token (each one core + coda + head)
+        against Huginn decoding at r = mean recurrence (r core applications + coda + head per token), both with
+        their KV caches, on the same random prompts, prefill included (`llama.decode_bench`'s lengths)."""
+        import statistics
+
+        from dbconvert.bench import timed, with_blocks
+        from dbconvert.errors import DbconvertError
+        from dbconvert.families.llama.decode_bench import default_lengths
+        from dbconvert.families.llama.generate import Decoding, ancestral, diffuse
+        from dbconvert.split import plan_blocks, source_depth
+
+        recipe = with_blocks(recipe, blocks)
+        cfg = _cfg(recipe)
+        prompt, new = default_lengths(cfg.context)
+        if new_tokens is not None:
+            if not 1 <= new_tokens <= cfg.context - prompt:
+                raise DbconvertError(f"--decode-tokens must be between 1 and {cfg.context - prompt}, got {new_tokens}")
+            new = new_tokens
+        _, plans = plan_blocks(recipe, source_depth(recipe))
+        noise = recipe.noise.settings()
+        torch.manual_seed(recipe.train.seed)
+        huginn = self.wrap(REFERENCE, recipe, RecurrentNet(cfg.shape()), noise).to(device).eval()
+        models = [self.wrap("blocks", recipe, RecurrentNet(cfg.shape()), noise).to(device).eval() for _ in plans]
+        owned = [tuple(p["owned_range"]) for p in plans]
+        rows = torch.randint(0, cfg.vocab_size, (batch, prompt),
+                             generator=torch.Generator().manual_seed(recipe.train.seed)).tolist()
+        seeds = list(range(batch))
+        steps = recipe.sample.steps
+        runs: dict[str, Callable[[], Any]] = {
+            REFERENCE: lambda: ancestral(huginn.net, rows, Decoding(new, cfg.context, (), 0, temperature=0.0), seeds,
+                                         device),
+            "blocks": lambda: diffuse(models, owned, rows, Decoding(new, cfg.context, (), 0, steps=steps), seeds,
+                                      device),
+            "blocks (separate extend)": lambda: diffuse(models, owned, rows, Decoding(new, cfg.context, (), 0,
+                                                                                      steps=steps), seeds, device,
+                                                        fuse=False),
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
+        for rep in range(warmup + repeats):
+            for name, fn in runs.items():
+                if on_progress:
+                    on_progress(f"decoding, {'warm-up' if rep < warmup else 'repetition'} {rep + 1}, {name}")
+                took = timed(fn, device)
+                if rep >= warmup:
+                    seconds[name].append(took)
+        rate = {name: batch * new / statistics.median(s) for name, s in seconds.items()}
+        return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new, "steps": steps,
+                "protocol": f"default ({steps} Euler steps per token vs r = {cfg.mean_recurrence})",
+                "layers": source_depth(recipe), "tokens_per_s": rate, "reference": REFERENCE,
+                "blocks_over_ar": rate["blocks"] / rate[REFERENCE],
+                "unfused_over_ar": rate["blocks (separate extend)"] / rate[REFERENCE], "raw_seconds": seconds}
+
     def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
                       sigma: float) -> Callable[[], Any]:
         """Denoiser: one denoising step of the next token over a KV cache of the row; Huginn: one token (r
