@@ -17,6 +17,8 @@ from dbconvert.schema import ModelConfig
 FAMILIES: dict[str, tuple[str, str]] = {
     "dit": ("dbconvert.families.dit.family:DiTFamily", "dbconvert.families.dit.config:DiTConfig"),
     "llama": ("dbconvert.families.llama.family:LlamaFamily", "dbconvert.families.llama.config:LlamaConfig"),
+    "recurrent": ("dbconvert.families.recurrent.family:RecurrentFamily",
+                  "dbconvert.families.recurrent.config:RecurrentConfig"),
     "vit": ("dbconvert.families.vit.family:ViTFamily", "dbconvert.families.vit.config:ViTConfig"),
 }
 """name -> (family class, recipe model-section class), as "module:attribute"."""

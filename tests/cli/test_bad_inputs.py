@@ -68,6 +68,15 @@ def damaged_temperatures(root: Path) -> None:
     (root / "lm" / "shared" / "output_temperature.json").write_text('{"block-00": 0.3')
 
 
+def huginn_2_4_2(root: Path) -> None:
+    from tests.families.test_recurrent import huginn_checkpoint
+
+    huginn_checkpoint(root / "huginn", counts=(2, 4, 2))
+
+
+HUGINN = ("huginn-tiny-shakespeare", "data.source=corpus.txt")
+
+
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 ROWS = [
@@ -116,6 +125,17 @@ ROWS = [
     Bad("brackets-in-a-path-print-literally", ("split", "[/INST] [/b].yaml"), "'[/INST] [/b].yaml' not found"),
     Bad("tensorboard-install-hint", ("train-block", "0", "train.tensorboard=true", "--run", "run", "-q"),
         'pip install "dbconvert[tensorboard]"', skip="tensorboard is installed" if TENSORBOARD else None),
+    # --- the recurrent (Huginn) family
+    Bad("huginn-checkpoint-layer-counts-disagree", ("split", *HUGINN, "model.checkpoint=huginn", "--out", "new"),
+        "has 2/4/2 prelude/core/coda layers, the recipe 1/2/1", setup=huginn_2_4_2),
+    Bad("backprop-depth-above-mean-recurrence", ("split", *HUGINN, "model.backprop_depth=40", "--out", "new"),
+        "model.backprop_depth 40 must be in [1, model.mean_recurrence 32]"),
+    Bad("backprop-depth-zero", ("split", *HUGINN, "model.backprop_depth=0", "--out", "new"),
+        "model.backprop_depth 0 must be in [1"),
+    Bad("sample-steps-zero", ("sample", "--steps", "0"), "Invalid value for '--steps'"),
+    Bad("recurrent-option-on-a-llama-run", lambda root: ("split", *llama_recipe(root), "model.mean_recurrence=8",
+                                                         "--out", "new"), "unknown key 'model.mean_recurrence'"),
+    Bad("recurrent-model-of-a-llama-run", ("sample", "--model", "recurrent"), "recurrent"),
     Bad("truncated-manifest", ("info", "--run", "broken"), "is incomplete (it has no 'recipe')",
         setup=truncated_manifest),
     Bad("objective-ar-on-an-image-run", ("train-e2e", "--objective", "ar", "--run", "run", "-q"), "--objective ar"),

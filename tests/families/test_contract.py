@@ -169,15 +169,15 @@ def test_child_processes_inherit_a_registered_family(toy: str) -> None:
     code = "from dbconvert.families import family_names, get_family; print(family_names(), type(get_family('toy')).__name__)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "['dit', 'llama', 'toy', 'vit'] ToyFamily"
+    assert out.stdout.strip() == "['dit', 'llama', 'recurrent', 'toy', 'vit'] ToyFamily"
 
 
 def test_unregister_forgets_the_family(in_tmp: Path) -> None:
     families.register("toy", f"{MODULE}:ToyFamily", f"{MODULE}:ToyConfig")
     families.unregister("toy")
-    assert families.family_names() == ["dit", "llama", "vit"] and families.PLUGINS_ENV not in os.environ
+    assert families.family_names() == ["dit", "llama", "recurrent", "vit"] and families.PLUGINS_ENV not in os.environ
     (in_tmp / "toy.yaml").write_text(RECIPE)
-    with pytest.raises(RecipeError, match="unknown family 'toy'; choose one of dit, llama, vit"):
+    with pytest.raises(RecipeError, match="unknown family 'toy'; choose one of dit, llama, recurrent, vit"):
         load_recipe(str(in_tmp / "toy.yaml"))
 
 
