@@ -122,7 +122,7 @@ def test_sample_flags_are_the_families_options(in_tmp: Path) -> None:
     every = {f.flag for n in family_names() for f in sample_flags(get_family(n).sample_options_type)}
     assert {"--class", "--guidance", "--prompt", "--images", "--max-new-tokens"} <= every
     shown = invoke("sample", "--help").stdout
-    assert all(flag in shown for flag in every) and "(dit runs)" in shown and "(llama runs)" in shown
+    assert all(flag in shown for flag in every) and "(dit runs)" in shown and "(llama, recurrent runs)" in shown
     assert invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "-q").exit_code == 0
     on_dit = invoke("sample", "--help").stdout
     dit = {f.flag for f in sample_flags(get_family("dit").sample_options_type)}
