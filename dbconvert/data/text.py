@@ -1,11 +1,12 @@
 """Text data for the language-model family: read, tokenise, pack into fixed-length contexts.
 
 Sources (`data.source`, `data.kind` = auto | text | hub):
+- a built-in name: `tinyshakespeare` (Karpathy's 1.1 MB char-rnn corpus, public domain) ships inside the
+  package, as the digits do, so the CPU text recipes run from a clone or a wheel with no path to set.
 - local text: one file, a folder (every `*.txt` in it, sorted) or a glob pattern, read with the
   `datasets` "text" builder; `data.text_unit` says whether a document is a line, a paragraph
   or the whole file. A relative path is looked up from the working directory first and then
-  from the folder holding the dbconvert source tree, so shipped recipes find
-  `../shared/data/...` from anywhere.
+  from the folder holding the dbconvert source tree.
 - a hub name such as `lm1b`: `datasets.load_dataset(name, data.hub_config, split=...)`; offline
   this fails with a one-line message saying what to download and where it must go.
 
@@ -29,6 +30,7 @@ from dbconvert.tokenizer import Tokenizer
 
 VAL_SPLITS = ("val", "validation")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILTIN_TEXT: dict[str, Path] = {"tinyshakespeare": Path(__file__).resolve().parent / "tinyshakespeare.txt"}
 
 
 @dataclass
@@ -51,13 +53,18 @@ def resolve_kind(cfg: DataConfig) -> str:
     if cfg.kind != "auto":
         raise DataError(f"data.kind {cfg.kind!r} does not hold text; use text (local files) or hub")
     src = cfg.source
+    if src in BUILTIN_TEXT:
+        return "text"
     if any(ch in src for ch in "*?") or Path(src).suffix or src.startswith((".", "/", "~")) or Path(src).exists():
         return "text"
     return "hub"
 
 
 def local_files(source: str) -> list[Path]:
-    """The text files named by `source` (file, folder or glob), relative paths tried from cwd then the repo root."""
+    """The text files named by `source` (a built-in name, file, folder or glob), relative paths tried from cwd then
+    the repo root."""
+    if source in BUILTIN_TEXT:
+        return [BUILTIN_TEXT[source]]
     tried = []
     for base in (Path.cwd(), REPO_ROOT):
         pattern = Path(source).expanduser()
@@ -76,7 +83,8 @@ def local_files(source: str) -> list[Path]:
             break
     raise DataError(
         f"no text files at data.source {source!r} (looked at {' and '.join(dict.fromkeys(tried))}); "
-        "point data.source at a .txt file, a folder of .txt files or a glob"
+        "point data.source at a .txt file, a folder of .txt files or a glob, or use the built-in "
+        f"{', '.join(sorted(BUILTIN_TEXT))}"
     )
 
 

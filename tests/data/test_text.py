@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from dbconvert.config import DataConfig
-from dbconvert.data.text import load_text, local_files, read_documents, text_split_overlaps_training
+from dbconvert.data.text import (
+    BUILTIN_TEXT,
+    load_text,
+    local_files,
+    read_documents,
+    resolve_kind,
+    text_split_overlaps_training,
+)
 from dbconvert.errors import DataError
 from dbconvert.tokenizer import Tokenizer, TokenizerError, train_bpe
 
@@ -101,13 +112,47 @@ def test_sentencepiece_model(tmp_path: Path) -> None:
     assert tok.decode(tok.encode("line number 7")) == "line number 7"
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"tinyshakespeare not found at {SHAKESPEARE}")
-def test_shipped_recipe_finds_tinyshakespeare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def shipped_text_recipes() -> list[str]:
+    from dbconvert.config import load_recipe, shipped_recipes
+
+    return [n for n in shipped_recipes() if load_recipe(n).data.source in BUILTIN_TEXT]
+
+
+def test_every_shipped_text_recipe_finds_its_data_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 33: the CPU text recipes used `../shared/data/...`, a path outside the repository, so a clone failed."""
     from dbconvert.config import load_recipe
 
-    monkeypatch.chdir(tmp_path)  # the relative data.source resolves against the repo when not found here
-    recipe = load_recipe("llama-tiny-shakespeare")
-    assert local_files(recipe.data.source) == [SHAKESPEARE.resolve()]
+    monkeypatch.chdir(tmp_path)
+    names = shipped_text_recipes()
+    assert {"llama-tiny-shakespeare", "md4-tiny-shakespeare", "huginn-tiny-shakespeare"} <= set(names)
+    for name in names:
+        files = local_files(load_recipe(name).data.source)
+        assert files == [BUILTIN_TEXT["tinyshakespeare"]] and files[0].stat().st_size > 1_000_000, name
+    if SHAKESPEARE.is_file():  # the shipped copy is the shared corpus, byte for byte
+        assert BUILTIN_TEXT["tinyshakespeare"].read_bytes() == SHAKESPEARE.read_bytes()
+    cfg = DataConfig(source="tinyshakespeare")
+    assert resolve_kind(cfg) == "text" and read_documents(cfg)[0].startswith("First Citizen")
+
+
+def test_a_built_wheel_carries_the_built_in_text(tmp_path: Path) -> None:
+    """Build a wheel from the package source, install it into a folder and resolve the recipe's data from there."""
+    root = Path(__file__).resolve().parents[2]
+    src = tmp_path / "src"
+    shutil.copytree(root / "dbconvert", src / "dbconvert", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(root / "pyproject.toml", src / "pyproject.toml")
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("dbconvert-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import dbconvert; from dbconvert.config import load_recipe; from dbconvert.data.text import local_files;"
+            "print(dbconvert.__file__); print(local_files(load_recipe('llama-tiny-shakespeare').data.source)[0])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.split()
+    site = (tmp_path / "site").resolve()
+    assert Path(out[0]).resolve().is_relative_to(site), out  # the wheel's package, not the checkout
+    assert Path(out[1]).is_relative_to(site) and Path(out[1]).stat().st_size > 1_000_000, out
 
 
 def test_local_text_knows_train_and_val_only_and_says_which_overlaps_training(text_file: Path, tok: Tokenizer) -> None:
