@@ -132,6 +132,37 @@ def command(name: str, **kwargs: Any) -> Callable[[F], F]:
     return deco
 
 
+def version_line() -> str:
+    """`dbconvert --version`: ours, and the versions a bug report needs, read from the installed metadata (no torch
+    import, so it answers at once)."""
+    import platform
+    from importlib import metadata
+
+    from dbconvert import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "timm"))
+    return f"dbconvert {__version__} (python {platform.python_version()}, {libs})"
+
+
+def show_version(value: bool) -> None:
+    if value:
+        console.print(version_line(), highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                               help="Print the version (and torch's, transformers', timm's) and exit.")]
+         = False) -> None:
+    """Turn residual networks into diffusion blocks, train each block alone, sample, evaluate."""
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -180,3 +180,13 @@ def test_paths_and_messages_are_printed_literally_never_as_markup(in_tmp: Path) 
     result = invoke("export", "[/INST].pt", "--run", out)
     assert result.exit_code == 0, result.output
     assert "to [/INST].pt" in result.stdout or "[/INST].pt" in result.stdout.replace(str(in_tmp) + "/", "")
+
+
+def test_version_names_ours_and_the_libraries_a_bug_report_needs() -> None:
+    from dbconvert import __version__
+
+    for args in (["--version"], ["--version", "split"]):  # eager: answers before any command is parsed
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        line = result.stdout.strip()
+        assert line.startswith(f"dbconvert {__version__} (python ") and "torch " in line and "timm " in line, line

@@ -231,9 +231,13 @@ def test_split_train_eval_sample_export_through_the_cli(in_tmp: Path) -> None:
     images.mkdir()
     for i in range(3):
         Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8), "L").save(images / f"{i}.png")
+    assert invoke("sample", "--num", "5", "-q").exit_code == 0  # the test split's predictions ...
+    test_split = next((in_tmp / "r" / "samples").glob("blocks-classify-test5-*")) / "predictions.csv"
+    before = test_split.read_bytes()
     result = invoke("sample", "--images", images, "-q")
     assert result.exit_code == 0, result.output
-    out = next((in_tmp / "r" / "samples").glob("blocks-classify-*"))
+    out = next((in_tmp / "r" / "samples").glob("blocks-classify-images-imgs-*"))
+    assert test_split.read_bytes() == before and len(before.splitlines()) == 6  # ... are not replaced (issue 33)
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == "image,prediction,probability" and [r.split(",")[0] for r in rows[1:]] == ["0.png", "1.png", "2.png"]
     assert np.load(out / "probs.npz")["probs"].shape == (3, 3, 10)  # steps x images x classes

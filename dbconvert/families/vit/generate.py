@@ -9,6 +9,7 @@ probabilities of every class, after every step).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,18 @@ class ClassifySampleOptions:
         "Classify the images in this folder (default: the test split)."))
 
 
+def what_tag(images: Path | str | None, names: list[str], count: int) -> str:
+    """What was classified, for the sampler folder's name: `test{count}` for the test split, else the folder's
+    name and a digest of its path and file list, so a user's images never replace the test-split predictions (or
+    another folder's) of the same sampler (issue 33)."""
+    if images is None:
+        return f"test{count}"
+    folder = Path(images).resolve()
+    digest = hashlib.sha256("\n".join([str(folder), *names]).encode()).hexdigest()[:8]
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in folder.name)[:40] or "images"
+    return f"images-{stem}-{digest}"
+
+
 def classify(run: Run, request: SampleRequest) -> SampleResult:
     """`sample` of a ViT run: classify --images DIR or the test split; write predictions.csv and probs.npz."""
     from dbconvert.families.vit.data import load_labelled
@@ -115,7 +128,8 @@ def classify(run: Run, request: SampleRequest) -> SampleResult:
     final = probs[-1]
     conf, pred = final.max(dim=-1)
     is_denoiser = request.model in ("blocks", "e2e")
-    tag = f"{request.model}-classify-{steps if is_denoiser else 1}steps-seed{seed}"
+    tag = f"{request.model}-classify-{what_tag(images, names, len(x))}-{steps if is_denoiser else 1}steps-seed{seed}"
+    tag += "" if weights == "ema" or not is_denoiser else f"-{weights}"
     out = Path(request.out) if request.out else run.root / "samples" / tag
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
