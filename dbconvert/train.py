@@ -261,6 +261,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                     "examples_per_s": examples / max(now - t_log, 1e-9),
                     "peak_memory_bytes": peak_memory(device),
                     "world_size": dist.world_size,
+                    "threads": torch.get_num_threads(),  # the last bits of a CPU run's numbers depend on it
                     "time": time.time(),
                 }
                 if heldout is not None and (done % recipe.train.val_every == 0 or done == n_total):

@@ -72,6 +72,7 @@ def test_metrics_have_one_json_line_per_logged_step(tiny_run: Run) -> None:
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
         assert {"step", "loss", "lr", "sigma_min", "sigma_max", "examples_per_s", "peak_memory_bytes"} <= set(r)
+        assert r["threads"] == torch.get_num_threads()  # a CPU run's last bits depend on it: recorded
         lo, hi = tiny_run.block(3).train_range
         assert lo <= r["sigma_min"] <= r["sigma_max"] <= hi * (1 + 1e-6)
 

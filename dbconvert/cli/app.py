@@ -312,6 +312,7 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
 
 def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | None,
            steps: int | None, epochs: float | None, restart: bool, quiet: bool, objective: str = "denoiser") -> None:
+    from dbconvert.devices import busy_cpu_note, resolve_device
     from dbconvert.distributed import from_env
     from dbconvert.optimizers import describe
     from dbconvert.rundir import resolve_run
@@ -336,6 +337,9 @@ def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | No
                  else f"batch {t.batch_size}")
         if not quiet:
             console.print(f"memory options: {describe(t)}; {batch}", highlight=False, markup=False)
+            busy = busy_cpu_note(resolve_device(t.device))
+            if busy:
+                console.print(busy, highlight=False, markup=False)
     result = train(run, target, steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet,
                    note=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
     if not dist.is_main:
