@@ -14,8 +14,8 @@ from dbconvert import noise as nz
 from dbconvert.config import load_recipe
 from tests.cli_helpers import assert_user_error, invoke
 
-TINY = ["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "train.steps=3", "train.epochs=null",
-        "train.batch_size=16", "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=3",
+TINY = ["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "model.global_pool=token", "train.steps=3",
+        "train.epochs=null", "train.batch_size=16", "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=3",
         "sample.num=8"]
 TIMM_SIZES = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3, num_heads=2,
                   mlp_ratio=2.0)
@@ -103,9 +103,12 @@ def test_timm_safetensors_and_hugging_face_folder_convert(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("extra", "match"), [
-    (["model.patch_size=4"], "has patch_size=2 but the recipe has model.patch_size=4"),
-    (["model.depth=6"], "has depth=3 but the recipe has model.depth=6"),
-    (["model.num_classes=12"], "has num_classes=10 but the recipe has model.num_classes=12"),
+    (["model.patch_size=4"], "patch_size=2 (recipe 4); set model.patch_size=2"),
+    (["model.depth=6"], "depth=3 (recipe 6); set model.depth=3"),
+    (["model.num_classes=12"], "num_classes=10 (recipe 12); set model.num_classes=10"),
+    # every mismatch in one line, each with its key (issue 33: one at a time, as bare tensor shapes)
+    (["model.depth=6", "model.mlp_ratio=4"], "depth=3 (recipe 6), mlp_ratio=2 (recipe 4); set model.depth=3 "
+                                              "model.mlp_ratio=2"),
 ])
 def test_checkpoint_that_differs_from_the_recipe_is_one_line(in_tmp: Path, extra: list[str], match: str) -> None:
     torch.save(tiny_timm().state_dict(), in_tmp / "vit.pth")
@@ -336,3 +339,65 @@ def test_a_low_rank_modulation_converts_exactly_and_is_smaller(tmp_path: Path) -
         assert torch.equal(net.blocks[1](h, net.t_embedder(t)), ref.blocks[1](h))
     count = lambda s: sum(v.numel() for k, v in s.state.items() if "adaLN" in k)  # noqa: E731
     assert count(lean) == 3 * (4 * 32 + 6 * 32 * 4 + 6 * 32) < count(full) == 3 * (6 * 32 * 32 + 6 * 32)
+
+
+def test_avg_pooled_timm_vit_must_be_said_and_then_converts_exactly(in_tmp: Path) -> None:
+    """Issue 32: an avg-pooled timm ViT (fc_norm=False) has a CLS ViT's keys and converted silently as one."""
+    import timm
+
+    from dbconvert.families import get_family
+    from dbconvert.families.vit.convert import timm_kwargs
+
+    torch.manual_seed(2)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="avg", fc_norm=False,
+                            **TIMM_SIZES).eval()
+    torch.save(ref.state_dict(), in_tmp / "avg.pth")
+    unsaid = [t for t in TINY if not t.startswith("model.global_pool")]
+    result = invoke("split", "vit-tiny-digits", *unsaid, f"model.checkpoint={in_tmp / 'avg.pth'}")
+    assert_user_error(result, "does not record its pooling")
+    assert not (in_tmp / "runs").exists()
+
+    r = load_recipe("vit-tiny-digits", [*unsaid, f"model.checkpoint={in_tmp / 'avg.pth'}", "model.global_pool=avg"])
+    src = get_family("vit").source(r)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(src.network.eval().classify(x), ref(x), atol=1e-5, rtol=1e-5)
+        token = load_recipe("vit-tiny-digits", [*TINY, f"model.checkpoint={in_tmp / 'avg.pth'}"])
+        assert (get_family("vit").source(token).network.eval().classify(x) - ref(x)).abs().max() > 1e-2
+    assert any("num_heads=2 (from model.num_heads)" in n and "global_pool=avg" in n for n in src.notes)
+    assert timm_kwargs(r.model.shape())["global_pool"] == "avg"  # and so the timm export rebuilds it
+
+    result = invoke("split", "vit-tiny-digits", *unsaid, f"model.checkpoint={in_tmp / 'avg.pth'}",
+                    "model.global_pool=avg", "--out", "avg")
+    assert result.exit_code == 0, result.output
+    assert "global_pool=avg" in result.stderr  # the assumption is said at split
+    assert_user_error(invoke("export", "hf-out", "--model", "source", "--run", "avg"), "reads the CLS token")
+    assert not (in_tmp / "hf-out").exists()
+
+
+def test_split_refuses_a_conversion_whose_function_differs_from_timm(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The function check: keys and shapes all fit, but the weights are read in another layout (the q and v rows of
+    the fused qkv read in another order, as a mislabelled layout would); split compares with timm's own forward and
+    refuses."""
+    import dbconvert.families.vit.family as vit_family
+    from dbconvert.errors import CheckpointError
+    from dbconvert.families import get_family
+
+    state = tiny_timm(3).state_dict()
+    for key in ("blocks.1.attn.qkv.weight", "blocks.1.attn.proj.weight"):  # timm's init leaves attention near
+        state[key].normal_(std=0.3, generator=torch.Generator().manual_seed(1))  # uniform: make it matter
+    torch.save(state, tmp_path / "vit.pth")
+    get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))  # the true layout passes
+    original = vit_family.load_source
+
+    def misread(net, state, what):  # noqa: ANN001, ANN202
+        original(net, state, what)
+        with torch.no_grad():
+            w = net.blocks[1].attn.qkv.weight
+            d = w.shape[1]
+            w.copy_(torch.cat([w[2 * d:], w[d:2 * d], w[:d]]))  # v, k, q
+
+    monkeypatch.setattr(vit_family, "load_source", misread)
+    with pytest.raises(CheckpointError, match="differ from timm's forward of the same weights by up to"):
+        get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))

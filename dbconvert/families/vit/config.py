@@ -98,6 +98,11 @@ class ViTConfig(ModelConfig):
     label_table: Literal["auto", "head", "orthonormal"] = "auto"
     """The shared label table (rows L2-normalised, fixed at split): the source head's rows (`head`), or a seeded
     random orthonormal one; `auto` = head for a checkpoint, orthonormal for a fresh network."""
+    global_pool: Literal["token", "avg"] | None = None
+    """The classifier's readout, timm's `global_pool`: `token` (the CLS token) or `avg` (the mean of the normed
+    patch tokens, timm's `fc_norm=False`). A timm file does not record it (an avg-pooled ViT has exactly a CLS ViT's
+    keys), so split refuses a timm checkpoint until it is said; null is `token` for a fresh network and for a
+    Hugging Face folder (ViTForImageClassification always reads CLS)."""
     init_seed: int = 0
     adaln_rank: int | None = Field(None, ge=1)
     """Low-rank noise modulation of every layer: Linear(D, r) then Linear(r, 6D) instead of Linear(D, 6D), as the
@@ -124,5 +129,5 @@ class ViTConfig(ModelConfig):
             num_classes=self.num_classes, embed_dim=self.embed_dim or a.embed_dim,
             depth=depth or self.depth or a.depth, num_heads=self.num_heads or a.num_heads,
             mlp_ratio=self.mlp_ratio or a.mlp_ratio, norm_eps=self.norm_eps, dropout=self.dropout,
-            label_token=self.label_token, adaln_rank=self.adaln_rank,
+            label_token=self.label_token, adaln_rank=self.adaln_rank, global_pool=self.global_pool or "token",
         )

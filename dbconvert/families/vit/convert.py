@@ -148,7 +148,7 @@ def read_source(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str, l
     return state, None, file_sha256(path), [Path(path).expanduser()]
 
 
-def checkpoint_shape(state: dict[str, torch.Tensor], what: str) -> dict[str, int]:
+def checkpoint_shape(state: dict[str, torch.Tensor], what: str) -> dict[str, float]:
     """The sizes a timm-named state dict implies (to check against the recipe)."""
     if "x_embedder.proj.weight" in state or "y_embedder.embedding_table.weight" in state:
         raise CheckpointError(f"{what} is a DiT checkpoint, not a ViT classifier; split it with a DiT recipe "
@@ -161,19 +161,26 @@ def checkpoint_shape(state: dict[str, torch.Tensor], what: str) -> dict[str, int
                                   "Face ViTForImageClassification folder) is expected")
     proj = state["patch_embed.proj.weight"]
     layers = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    return {"patch_size": int(proj.shape[-1]), "embed_dim": int(proj.shape[0]), "in_chans": int(proj.shape[1]),
-            "depth": max(layers) + 1 if layers else 0, "num_classes": int(state["head.weight"].shape[0]),
-            "tokens": int(state["pos_embed"].shape[1])}
+    found: dict[str, float] = {
+        "patch_size": int(proj.shape[-1]), "embed_dim": int(proj.shape[0]), "in_chans": int(proj.shape[1]),
+        "depth": max(layers) + 1 if layers else 0, "num_classes": int(state["head.weight"].shape[0]),
+        "tokens": int(state["pos_embed"].shape[1])}
+    if "blocks.0.mlp.fc1.weight" in state:
+        found["mlp_ratio"] = int(state["blocks.0.mlp.fc1.weight"].shape[0]) / found["embed_dim"]
+    return found
 
 
-def check_against(found: dict[str, int], shape: ViTShape, what: str) -> None:
-    """One-line errors when the checkpoint and the recipe disagree, naming the recipe key to change."""
+def check_against(found: dict[str, float], shape: ViTShape, what: str) -> None:
+    """One line listing every size on which the checkpoint and the recipe disagree, with the recipe key to set for
+    each (issue 33: they came one at a time, as bare tensor shapes)."""
     want = {"patch_size": shape.patch_size, "embed_dim": shape.embed_dim, "in_chans": shape.in_chans,
-            "depth": shape.depth, "num_classes": shape.num_classes}
-    for key, value in want.items():
-        if found[key] != value:
-            raise CheckpointError(f"{what} has {key}={found[key]} but the recipe has model.{key}={value}; set "
-                                  f"model.{key}={found[key]} (or use a checkpoint of the recipe's architecture)")
+            "depth": shape.depth, "num_classes": shape.num_classes, "mlp_ratio": shape.mlp_ratio}
+    differ = [key for key, value in want.items() if key in found and abs(found[key] - value) > 1e-9]
+    if differ:
+        has = ", ".join(f"{key}={found[key]:g} (recipe {want[key]:g})" for key in differ)
+        fix = " ".join(f"model.{key}={found[key]:g}" for key in differ)
+        raise CheckpointError(f"{what} differs from the recipe: {has}; set {fix} (or use a checkpoint of the "
+                              "recipe's architecture)")
     if found["tokens"] != 1 + shape.num_patches:
         raise CheckpointError(f"{what} has {found['tokens'] - 1} patch positions but model.img_size={shape.img_size} "
                               f"with patch {shape.patch_size} gives {shape.num_patches}; set model.img_size to the "
@@ -199,6 +206,62 @@ def load_source(net: ViTNet, timm_state: dict[str, torch.Tensor], what: str) -> 
     expected = {k: v for k, v in net.state_dict().items() if k in keys}
     check_state(expected, timm_state, what)
     net.load_state_dict(timm_state, strict=False)
+
+
+# --- the function check -------------------------------------------------------------------------
+
+
+def timm_reference(shape: ViTShape, raw: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """timm's VisionTransformer of `shape` holding the checkpoint's own tensors, as read (strict)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    net = VisionTransformer(**timm_kwargs(shape), class_token=True, qkv_bias=True)
+    net.load_state_dict({k: v.float() for k, v in raw.items()}, strict=True)
+    return net
+
+
+def hf_reference(folder: str) -> torch.nn.Module:
+    """transformers' ViTForImageClassification as it loads the folder itself, returning plain logits."""
+    from transformers import ViTForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = ViTForImageClassification.from_pretrained(str(Path(folder).expanduser()), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model.float()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=x).logits
+
+    return Logits()
+
+
+def check_function(net: ViTNet, reference: torch.nn.Module, library: str, what: str) -> float:
+    """Split's function check (issue 32): the converted classifier and the original library's forward of the same
+    checkpoint agree on random images to float tolerance, or split refuses in one line. Keys and shapes can all match
+    while the function differs (a key map that swaps rows, a layout read as another); this is what sees it.
+    Returns the largest difference found."""
+    s = net.shape
+    x = torch.randn(2, s.in_chans, s.img_size, s.img_size, generator=torch.Generator().manual_seed(0))
+    was = net.training
+    with torch.no_grad():
+        ours = net.eval().classify(x).float()
+        ref = reference.eval()(x).float()
+    net.train(was)
+    err = float((ours - ref).abs().max())
+    tol = 1e-4 * (1.0 + float(ref.abs().max()))
+    if not err <= tol:
+        raise CheckpointError(f"{what}: the converted classifier's logits differ from {library}'s forward of the same "
+                              f"weights by up to {err:.3g} (tolerance {tol:.2g}); the checkpoint's layout is not the "
+                              "one this conversion reads, so nothing was written")
+    return err
 
 
 # --- the label table ---------------------------------------------------------------------------
@@ -234,10 +297,14 @@ def timm_kwargs(shape: ViTShape) -> dict:
     """timm.create_model keyword arguments that rebuild `shape` (with the export's checkpoint_path)."""
     return {"img_size": shape.img_size, "patch_size": shape.patch_size, "in_chans": shape.in_chans,
             "num_classes": shape.num_classes, "embed_dim": shape.embed_dim, "depth": shape.depth,
-            "num_heads": shape.num_heads, "mlp_ratio": shape.mlp_ratio}
+            "num_heads": shape.num_heads, "mlp_ratio": shape.mlp_ratio, "global_pool": shape.global_pool,
+            "fc_norm": False}
 
 
 def hf_config(shape: ViTShape):  # noqa: ANN201 - transformers.ViTConfig
+    if shape.global_pool != "token":
+        raise CheckpointError(f"a Hugging Face ViTForImageClassification reads the CLS token; this run's classifier "
+                              f"pools with global_pool={shape.global_pool!r}: export to a timm .pth/.safetensors")
     from transformers import ViTConfig
 
     return ViTConfig(hidden_size=shape.embed_dim, num_hidden_layers=shape.depth, num_attention_heads=shape.num_heads,
@@ -249,9 +316,10 @@ def hf_config(shape: ViTShape):  # noqa: ANN201 - transformers.ViTConfig
 
 def write_hf_folder(net: ViTNet, out: Path) -> None:
     """A ViTForImageClassification folder (save_pretrained) holding `net`'s classifier weights."""
+    config = hf_config(net.shape)  # refuses what the format cannot hold, before transformers is imported
     from transformers import ViTForImageClassification
 
-    model = ViTForImageClassification(hf_config(net.shape))
+    model = ViTForImageClassification(config)
     layout = hf_layout(model.state_dict())
     state = timm_to_hf(export_timm_state(net), net.shape.depth, layout)
     check_state(model.state_dict(), state, "export to Hugging Face")

@@ -27,9 +27,10 @@ from dbconvert.checkpoint import apply_key_map, atomic_write, load_weights, reso
 from dbconvert.errors import CheckpointError, DbconvertError, RunError
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.vit.config import ARCHS, ViTConfig, arch_sizes
-from dbconvert.families.vit.convert import (LABELS_FILE, TIMM_SUFFIXES, block_key_map, check_against, checkpoint_shape,
-                                            export_timm_state, hf_shape_fields, hf_to_timm, is_layer_key, label_table,
-                                            load_source, read_source, timm_kwargs, write_hf_folder)
+from dbconvert.families.vit.convert import (LABELS_FILE, TIMM_SUFFIXES, block_key_map, check_against, check_function,
+                                            checkpoint_shape, export_timm_state, hf_reference, hf_shape_fields,
+                                            hf_to_timm, is_layer_key, label_table, load_source, read_source,
+                                            timm_kwargs, timm_reference, write_hf_folder)
 from dbconvert.families.vit.generate import ClassifySampleOptions
 from dbconvert.families.vit.model import ViTNet, parameter_count
 from dbconvert.families.vit.objective import (DEFAULT_WEIGHTING, WEIGHTINGS, Classifier, ViTDenoiser, classifier_loss,
@@ -108,13 +109,15 @@ class ViTFamily(Family):
         write_random_safetensors(folder / "vit.safetensors", specs, seed, ones=norm, on_tensor=on_tensor)
         data = write_random_images(folder / "images.npz", 64, (shape.in_chans, shape.img_size, shape.img_size),
                                    shape.num_classes, seed)
-        return [f"model.checkpoint={folder / 'vit.safetensors'}", f"data.source={data}", "data.kind=npz"]
+        return [f"model.checkpoint={folder / 'vit.safetensors'}", f"data.source={data}", "data.kind=npz",
+                "model.global_pool=token"]
 
     def source(self, recipe: "Recipe") -> Source:
         """A fresh network (seeded) or a timm / Hugging Face checkpoint checked against the recipe."""
         self.resolve(recipe)
         cfg = _cfg(recipe)
         if cfg.checkpoint is None:
+            cfg.global_pool = cfg.global_pool or "token"  # recorded in the run
             torch.manual_seed(cfg.init_seed)
             shape = cfg.shape()
             source = Source.of_network(ViTNet(shape), shape.depth)
@@ -122,12 +125,17 @@ class ViTFamily(Family):
             return source
         what = f"checkpoint {cfg.checkpoint}"
         state, hf, digest, files = read_source(cfg.checkpoint)
+        raw = state
         notes = []
         if hf is not None:
             fields = hf_shape_fields(hf, what)
             if fields["num_heads"] != cfg.shape().num_heads:
                 raise CheckpointError(f"{what} has num_attention_heads={fields['num_heads']} but the recipe has "
                                       f"model.num_heads={cfg.shape().num_heads}; set model.num_heads={fields['num_heads']}")
+            if cfg.global_pool not in (None, "token"):
+                raise CheckpointError(f"{what} is a Hugging Face ViTForImageClassification, which reads the CLS "
+                                      f"token; drop model.global_pool={cfg.global_pool}")
+            cfg.global_pool = "token"
             if abs(fields["mlp_ratio"] - cfg.shape().mlp_ratio) > 1e-9:
                 cfg.mlp_ratio = fields["mlp_ratio"]
             cfg.norm_eps = fields["norm_eps"]  # the manifest records the checkpoint's eps
@@ -135,10 +143,23 @@ class ViTFamily(Family):
             state = hf_to_timm(state, depth, what)
             notes.append(f"converted from a Hugging Face ViTForImageClassification folder (layer_norm_eps="
                          f"{cfg.norm_eps:g})")
+        elif cfg.global_pool is None:
+            raise CheckpointError(f"{what} is a timm file, which does not record its pooling (an avg-pooled ViT has "
+                                  "a CLS ViT's keys): set model.global_pool=token (the CLS token, timm's default) or "
+                                  "model.global_pool=avg (the mean of the patch tokens), as it was trained")
+        else:
+            heads = "model.num_heads" if cfg.num_heads else f"model.arch {cfg.arch}"
+            notes.append(f"a timm file records neither its head count nor its pooling: converted with num_heads="
+                         f"{cfg.shape().num_heads} (from {heads}) and global_pool={cfg.global_pool} (model.global_pool)"
+                         "; if it was trained otherwise, split again with model.num_heads=N / model.global_pool=...")
         check_against(checkpoint_shape(state, what), cfg.shape(), what)
         torch.manual_seed(cfg.init_seed)
         net = ViTNet(cfg.shape())
         load_source(net, state, what)
+        if hf is not None:
+            check_function(net, hf_reference(cfg.checkpoint), "transformers", what)
+        else:
+            check_function(net, timm_reference(cfg.shape(), raw), "timm", what)
         source = Source.of_network(net, net.shape.depth, checkpoint_sha256=digest, notes=notes, files=files)
         source.state = resolve_storage_dtype(cfg, source.state, checkpoint=state)
         return source

@@ -30,6 +30,9 @@ from torch import nn
 from dbconvert.embeddings import sinusoidal_embedding
 
 LABEL_TOKENS = ("cls", "append")
+GLOBAL_POOLS = ("token", "avg")
+"""timm's `global_pool` values this family converts: `token` reads the CLS token, `avg` the mean of the normed
+patch tokens (with `fc_norm=False`, the keys of a CLS ViT: weights cannot tell the two apart, issue 32)."""
 """Where the noisy label enters: in the CLS slot (the official code) or as a token appended after the patches."""
 
 
@@ -52,6 +55,8 @@ class ViTShape:
     frequency_size: int = 256
     adaln_rank: int | None = None
     """None: adaLN_modulation = SiLU, Linear(D, 6D) (DiT's); r: SiLU, Linear(D, r, no bias), Linear(r, 6D)."""
+    global_pool: str = "token"
+    """The plain classifier's readout (`GLOBAL_POOLS`); the denoisers always read their label token."""
 
     @property
     def grid(self) -> int:
@@ -230,6 +235,8 @@ class ViTNet(nn.Module):
         h = self.tokens(x, label)
         for block in self.blocks:
             h = block(h, cond)
+        if label is None and self.shape.global_pool == "avg":  # timm: norm every token, then average the patches
+            return self.norm(h[:, 1:]).mean(dim=1)
         out = h[:, -1] if label is not None and self.shape.label_token == "append" else h[:, 0]
         out = self.norm(out)
         if cond is not None:
@@ -238,7 +245,8 @@ class ViTNet(nn.Module):
         return out
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's forward: head(norm(CLS)), no noise conditioning (the plain classifier)."""
+        """timm's forward: head(norm(CLS)) (or the mean of the normed patches, `global_pool` avg), no noise
+        conditioning (the plain classifier)."""
         return self.head(self.features(x))
 
 
