@@ -17,7 +17,7 @@ the same samples, sampler and trained steps is already on disk. Each variant is 
 the evaluation FID (built-in digit features for digits) on the same number of samples with
 the same sampling seed; the table goes to `OUT/ablation.md` and `OUT/ablation.json`.
 
-Depth for `blocks` (decided here, documented in the README): B in {1, 2, 3, 4, 6} all divide
+Depth for `blocks` (decided here, documented in docs/evaluation.md, "Ablations"): B in {1, 2, 3, 4, 6} all divide
 12 (DiT-S/2's depth, the paper's setting), not 8 (dit-tiny-digits). Unless the recipe sets
 `blocks.uneven=true`, a fresh network (no checkpoint) whose depth is not divisible by every
 B is deepened to the next multiple of their least common multiple (8 -> 12) through

@@ -190,7 +190,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(1000, ge=1)
     tensorboard: bool = False
     loss_weight: Literal["default", "lambda", "uniform", "network-share"] = "default"
-    """Per-sigma loss weight. default: the family's choice (DiT: EDM's lambda; text: see README "Loss weight")."""
+    """Per-sigma loss weight. default: the family's choice (DiT: EDM's lambda; text: see
+    docs/results/quality-llama.md, "Loss weight")."""
     val_every: int = Field(0, ge=0)
     """Every this many steps, log held-out metrics (val_ce, per-bucket CE, ...) on a fixed batch; 0 = never."""
     """Also log the metrics to RUN/tensorboard/<block> for `tensorboard --logdir RUN/tensorboard` (the tensorboard extra)."""

@@ -3,7 +3,7 @@
     python examples/compare_text.py --out runs/compare-text --steps 600 --seeds 0 1 --weights lambda uniform network-share
 
 For every (loss weight, training seed): split `llama-tiny-shakespeare` into B=4 blocks, train every
-block `--steps` steps; for the README's default weight also train the e2e baseline (the same
+block `--steps` steps; for the default weight (docs/results/quality-llama.md) also train the e2e baseline (the same
 denoiser, all 8 layers, full sigma range, `--steps` steps = matched layer updates) and the AR
 reference (`--objective ar`, same steps). Then MAUVE (MiniLM features, offline) of each model on
 the same held-out prompts, with the spread over k-means seeds, and the held-out cross-entropy per

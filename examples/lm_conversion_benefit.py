@@ -1,6 +1,6 @@
 """What converting a pretrained language model buys, and the later paper's text protocol, on tinyshakespeare.
 
-    python examples/lm_conversion_benefit.py --out runs/lm-conversion --protocol-table --calibrated   # README
+    python examples/lm_conversion_benefit.py --out runs/lm-conversion --protocol-table --calibrated   # docs/results/quality-llama.md
 
 1. The source: `split llama-tiny-shakespeare`, train its AR reference (`train-e2e --objective ar`) for
    --pretrain-steps (its held-out CE every --pretrain-val-every steps shows where it stops improving), and
@@ -9,8 +9,8 @@
    tokenizer; with --calibrated also OUT/calibrated-S, `model.calibrate_output=true`) and OUT/scratch-S splits the fresh recipe (a BPE trained at split: the same tokenizer, checked);
    every block of both is trained --steps steps with the held-out CE every --val-every steps, and the held-out
    CE of the split weights (step 0) is computed the same way, on the same 32 held-out rows.
-3. MAUVE of both runs' blocks (the recipe's default protocol: 50 Euler steps per token), as the README's text
-   table. With --protocol-table, also the later paper's protocol (`--protocol few-step`: B steps per token,
+3. MAUVE of both runs' blocks (the recipe's default protocol: 50 Euler steps per token), as the text table of
+   docs/results/quality-llama.md. With --protocol-table, also the later paper's protocol (`--protocol few-step`: B steps per token,
    greedy last step; AR at top-p 0.95) for the blocks, the e2e baseline and the AR reference of the scratch
    run (the two baselines trained here at matched layer updates): MAUVE and Gen-PPL with OUT/source as the
    judge (offline there is no GPT-2 XL; the judge is the converged AR model of the same shape and data).
@@ -119,7 +119,7 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/lm-conversion"))
-    ap.add_argument("--pretrain-steps", type=int, default=2000, help="AR pretraining steps; 2000 is where its held-out CE stopped falling (README)")
+    ap.add_argument("--pretrain-steps", type=int, default=2000, help="AR pretraining steps; 2000 is where its held-out CE stopped falling (docs/results/quality-llama.md)")
     ap.add_argument("--pretrain-val-every", type=int, default=250)
     ap.add_argument("--steps", type=int, default=300, help="training steps of every block (and of e2e and ar)")
     ap.add_argument("--val-every", type=int, default=100)
@@ -182,7 +182,7 @@ def main() -> None:
 
 
 def tables(summary: dict[str, Any], args: argparse.Namespace) -> str:
-    """The README's tables: held-out CE per block over training (one cell per run kind, the seeds side by side),
+    """The tables of docs/results/quality-llama.md: held-out CE per block over training (one cell per run kind, the seeds side by side),
     MAUVE of the blocks per run kind, and the few-step protocol's MAUVE and Gen-PPL."""
     seeds = list(summary["seeds"])
     first = summary["seeds"][seeds[0]]

@@ -1,6 +1,7 @@
 """Step-0 loss of each block of a converted Llama run against a fresh one, and what the output path does to it.
 
-README "Why a converted LM block starts worse than a fresh one". Usage (runs split as the README shows):
+docs/results/quality-llama.md, "Why a converted LM block starts worse than a fresh one". Usage (runs split as that page
+shows):
 
     python examples/lm_start_loss.py CONVERTED_RUN FRESH_RUN [OTHER_CONVERTED_RUN]
 

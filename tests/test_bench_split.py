@@ -1,5 +1,6 @@
 """`bench split` at toy size: a random bf16 checkpoint written, split and one block trained in fresh processes, the
-figures reported, and the scratch folder removed (the real-size runs are README measurements, never tests)."""
+figures reported, and the scratch folder removed (the real-size runs are measurements in docs/results/conversion.md,
+never tests)."""
 
 from __future__ import annotations
 

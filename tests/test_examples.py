@@ -96,7 +96,7 @@ def test_own_data_walkthrough_runs_on_a_tiny_synthetic_copy(in_tmp: Path, tmp_pa
 
 
 def test_conversion_benefit_script_runs(tmp_path: Path) -> None:
-    """The measurement behind the README's conversion table, at toy size (2 pretraining steps, 70 samples)."""
+    """The measurement behind the conversion table of docs/results/quality-dit.md, at toy size (2 pretraining steps, 70 samples)."""
     script = EXAMPLE.parent / "conversion_benefit.py"
     out = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path / "cb"), "--pretrain", "2", "--finetune", "0,1",
@@ -109,7 +109,7 @@ def test_conversion_benefit_script_runs(tmp_path: Path) -> None:
 
 
 def test_lm_conversion_benefit_script_runs(tmp_path: Path) -> None:
-    """The measurement behind the README's LM conversion and text-protocol tables, at toy size."""
+    """The measurement behind the LM conversion and text-protocol tables of docs/results/quality-llama.md, at toy size."""
     from tests.families.llama_tiny import CORPUS
 
     corpus = tmp_path / "corpus.txt"

@@ -218,7 +218,7 @@ ARCH_NOTES = [
     "tokens: patch 2 on 8x8 digits, 2 or 4 on 28-32 px images, /2 on the 32x32 latents of 256 px images (the paper).",
     "CPU time, measured on a 2-core CPU: the demo (DiT-Tiny/2 on 8x8 digits, batch 128, 4 blocks and the baseline, "
     "1000 steps each) takes about 8 minutes; DiT-S/2 on 32x32 RGB took 38 s per end-to-end training step at batch "
-    "64 (README, Results). Tiny and Micro are for CPUs; S and larger want a GPU.",
+    "64 (docs/results/speed.md). Tiny and Micro are for CPUs; S and larger want a GPU.",
 ]
 
 

@@ -1,5 +1,5 @@
-"""A converted block's output temperature, calibrated when its training starts (README "Why a converted LM block
-starts worse").
+"""A converted block's output temperature, calibrated when its training starts (docs/results/quality-llama.md,
+"Why a converted LM block starts worse than a fresh one").
 
 A block cut from a pretrained causal LM reads its noisy query's hidden state, after only its own slice of
 layers, through the source's final norm and LM head, which were trained to read the last layer's output
@@ -15,8 +15,8 @@ head at all (loss at a = 1 above the loss at a = 0) does it pick the a of a fixe
 loss.
 
 That a is NOT baked into a weight: baked (the first version: the copied norm scaled), the blocks started no worse
-but stayed behind the unscaled ones for hundreds of steps (README "What converting a pretrained language model
-buys"). It is a temperature that training undoes: the head's logits are multiplied by a at step 0, rising
+but stayed behind the unscaled ones for hundreds of steps (docs/results/quality-llama.md, "What converting a pretrained
+language model buys"). It is a temperature that training undoes: the head's logits are multiplied by a at step 0, rising
 linearly to 1 over the recipe's warm-up steps (`head_gain_at`, set before every step through
 `Family.training_schedule`), after which the block is exactly a block with the checkpoint's weights; sampling and
 export never see it. Only for runs converted from a checkpoint (`model.calibrate_output`, on by default); the

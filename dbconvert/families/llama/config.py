@@ -38,11 +38,11 @@ class LlamaConfig(ModelConfig):
     init_seed: int = 0
     objective: Literal["continuous", "masked"] = "continuous"
     """continuous: diffusion over the next token's embedding (DESIGN 5); masked: masked (absorbing-state)
-    diffusion, MD4-style, with bidirectional attention (needs noise.process=masking; README "Masked diffusion")."""
+    diffusion, MD4-style, with bidirectional attention (needs noise.process=masking; docs/families/masked.md)."""
     tokenizer_type: Literal["bpe", "char"] = "bpe"
     """What split trains when there is no tokenizer to take: a byte-level BPE of model.vocab_size, or a
     character-level tokenizer (one id per character of the data; bits per character, text8)."""
-    # --- the vocabulary cost of a block (README "Memory of language-model blocks") ---
+    # --- the vocabulary cost of a block (docs/results/memory.md, "Memory of language-model blocks") ---
     freeze_embedding: bool = False
     """Input embedding frozen: no gradient, no optimizer state, no EMA copy (its EMA is the same tensor)."""
     head: Literal["trainable", "tied-table"] = "trainable"
@@ -51,23 +51,24 @@ class LlamaConfig(ModelConfig):
     head_rank: int | None = Field(None, ge=1)
     """A trainable head of rank r: Linear(H, r) then Linear(r, V) instead of one V x H matrix (a checkpoint's
     lm_head is factorised by its best rank-r approximation). Per sampling step the head then costs V x r;
-    with model.target_dim it is what makes a step ~B-fold cheaper than e2e (README "Sampling speed")."""
+    with model.target_dim it is what makes a step ~B-fold cheaper than e2e (docs/results/speed.md)."""
     target_dim: int | None = Field(None, ge=2)
     """Dimension of the shared target space (the diffusion variable). None = model.hidden (the source embedding,
     rows normalised). Smaller: the embedding's top principal directions, rows normalised; the likelihood term and
     D = softmax @ T then cost V x target_dim per sampling step instead of V x hidden, and with head=tied-table
-    the head becomes a learned H -> target_dim projection times the table (README "Sampling speed")."""
+    the head becomes a learned H -> target_dim projection times the table (docs/results/speed.md)."""
     noisy_anchor: bool = False
     """The noisy input path: False = EDM's c_in * z through a scaled identity (at high sigma every noisy position
     is a different random vector); True = that at 1/10 the gain plus a shared learned vector, so the noisy
-    query is the same at high noise and can learn to read the context at once (README "Loss weight")."""
+    query is the same at high noise and can learn to read the context at once (docs/results/quality-llama.md)."""
     adaln_rank: int | None = Field(None, ge=1)
     """Low-rank sigma modulation: Linear(H, r) then Linear(r, 6H) instead of Linear(H, 6H) per layer."""
     calibrate_output: bool = True
     """With model.checkpoint: where a block's copied head starts worse than none, its head logits start scaled by the
     factor in (0, 1] with the lowest step-0 training loss, and training undoes the scale over the warm-up steps
     (families/llama/calibrate.py): the start is no worse than a fresh block's and the later advantage is kept
-    (README "What converting a pretrained language model buys"). The weights and the source are unchanged."""
+    (docs/results/quality-llama.md, "What converting a pretrained language model buys"). The weights and the
+    source are unchanged."""
     loss_chunk: int = Field(0, ge=0)
     """Cross-entropy over this many positions at a time, recomputed in backward: the full (positions x V)
     logits are never alive at once. 0 = all positions at once."""

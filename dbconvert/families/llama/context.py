@@ -1,4 +1,5 @@
-"""A converted checkpoint's context: what a run trains and samples at, and why (README "A checkpoint's context").
+"""A converted checkpoint's context: what a run trains and samples at, and why (docs/checkpoints.md, "In: Llama
+checkpoints, GGUF files and their context").
 
 `model.context` (the recipe's, e.g. 64 in the tiny recipe) is the length of every training row and the
 longest text `sample` writes, also when `model.checkpoint` was pretrained at thousands of positions

@@ -7,7 +7,7 @@ Decisions written down (DESIGN 5):
   to unit L2 norm. Without a checkpoint it is the fresh source's (seeded, random) embedding.
   With model.target_dim = k < hidden it is (vocab x k): the embedding rows' centred projections
   on their top k principal directions, normalised; the per-step vocabulary work of the
-  likelihood and of D then scales with k (README "Sampling speed of language-model blocks").
+  likelihood and of D then scales with k (docs/results/speed.md, "Sampling speed of language-model blocks").
   The noisy variable of token j is z = T[x_j] + sigma * eps. Unit rows put the noise level
   at which tokens become distinguishable (sigma ~ 0.3 for hundreds of tokens) inside the
   default sigma range, so more than one block has real work; rows of RMS sigma_data would
@@ -20,7 +20,7 @@ Decisions written down (DESIGN 5):
   c_in(sigma) * z and its noise input is c_noise(sigma), as in EDM; c_skip / c_out are
   replaced by the likelihood term above.
 - Loss: cross-entropy of token j at every noisy position, with a per-sigma weight chosen by
-  train.loss_weight (default uniform, decided by held-out measurement; README "Loss weight").
+  train.loss_weight (default uniform, decided by held-out measurement; docs/results/quality-llama.md, "Loss weight").
 - Decoding (sampling): Euler/Heun over the EDM steps ends at t_N = 0 with z = D(z, sigma_min);
   the new token is the table row nearest to that final z (Euclidean).
 - Tied input/output embeddings are untied on conversion: every block gets its own head copy.
@@ -70,7 +70,7 @@ MASKED_PROTOCOL_SEQUENCES = 1000
 bound, bits per character, not a sample protocol; this is a round number of samples to judge by eye or MAUVE)."""
 
 DEFAULT_WEIGHTING = "uniform"
-"""train.loss_weight=default for text; chosen by held-out measurement (README "Loss weight")."""
+"""train.loss_weight=default for text; chosen by held-out measurement (docs/results/quality-llama.md, "Loss weight")."""
 
 
 def _cfg(recipe: "Recipe") -> LlamaConfig:

@@ -94,7 +94,7 @@ class ViTConfig(ModelConfig):
     """LayerNorm eps: timm's 1e-6; a Hugging Face checkpoint's layer_norm_eps replaces it."""
     label_token: Literal["cls", "append"] = "cls"
     """Where the noisy label (times c_in) enters: the CLS slot (the official code) or an appended token. Chosen by
-    measurement (README "ViT": decisions)."""
+    measurement (docs/results/quality-vit.md, "ViT decisions and the measurements behind them")."""
     label_table: Literal["auto", "head", "orthonormal"] = "auto"
     """The shared label table (rows L2-normalised, fixed at split): the source head's rows (`head`), or a seeded
     random orthonormal one; `auto` = head for a checkpoint, orthonormal for a fresh network."""
@@ -106,7 +106,8 @@ class ViTConfig(ModelConfig):
     init_seed: int = 0
     adaln_rank: int | None = Field(None, ge=1)
     """Low-rank noise modulation of every layer: Linear(D, r) then Linear(r, 6D) instead of Linear(D, 6D), as the
-    Llama family's model.adaln_rank (null: DiT's full width, the default; README "Models of the size you hold")."""
+    Llama family's model.adaln_rank (null: DiT's full width, the default; docs/checkpoints.md, "Models of the size
+    you hold")."""
     augment: Augment = Field(default_factory=Augment)
 
     @model_validator(mode="after")

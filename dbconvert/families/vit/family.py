@@ -1,6 +1,6 @@
 """The ViT family: a Vision Transformer classifier (timm or Hugging Face) cut into diffusion blocks that classify.
 
-Decisions written down (DESIGN 5, ViT; README "ViT"):
+Decisions written down (DESIGN 5, ViT; docs/families/vit.md, docs/results/quality-vit.md):
 
 - Label table: ONE (num_classes x embed_dim) table, rows of unit L2 norm, fixed at split and stored once as
   RUN/shared/labels.safetensors; every block, the e2e denoiser and the sampler read it. `auto`: the source
