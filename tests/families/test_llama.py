@@ -272,3 +272,45 @@ def test_checkpoint_split_uses_checkpoint_tokenizer_or_trains_one(in_tmp: Path, 
     table = load_file(str(run.shared_dir / "targets.safetensors"))["table"]
     source = load_file(str(in_tmp / "hf" / "model.safetensors"))["model.embed_tokens.weight"]
     torch.testing.assert_close(table, normalised_table(source))
+
+
+def test_split_refuses_a_conversion_whose_layers_differ_from_transformers(tmp_path: Path, corpus: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 32's function check: keys and shapes all fit, but q/k rows are read in Meta's interleaved rotary layout
+    instead of Hugging Face's half-split one (or rope_theta is not carried over); split compares a converted layer
+    with transformers' layer of the same checkpoint and refuses in one line."""
+    import dbconvert.families.llama.family as llama_family
+    from dbconvert.families.llama.function_check import check_llama_function
+    from dbconvert.tensorio import LazyState
+
+    hf_llama(tmp_path / "hf")
+    family = get_family("llama")
+    family.source(ckpt_recipe(tmp_path / "hf", corpus))  # the true layout passes
+    convert = llama_family.hf_source_state
+
+    def interleaved(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        state = convert(*args, **kwargs)
+        loaders = dict(state.loaders)
+        for key in ("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight"):
+            def meta(read=loaders[key]):  # noqa: ANN001, ANN202 - each head's rows (x0, x1, ...) as pairs
+                w = read()
+                heads = w.shape[0] // 8
+                return w.view(heads, 2, 4, -1).transpose(1, 2).reshape(w.shape)
+            loaders[key] = meta
+        return LazyState(loaders, state.specs)
+
+    monkeypatch.setattr(llama_family, "hf_source_state", interleaved)
+    with pytest.raises(CheckpointError, match="layer 0 as converted differs from transformers' layer") as err:
+        family.source(ckpt_recipe(tmp_path / "hf", corpus))
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(llama_family, "hf_source_state", convert)
+
+    recipe = ckpt_recipe(tmp_path / "hf", corpus)
+    source = family.source(recipe)
+    from dbconvert.families.llama.convert import open_hf_checkpoint
+
+    hf_cfg, hf_state, _ = open_hf_checkpoint(tmp_path / "hf")
+    assert check_llama_function(hf_cfg, hf_state, source.shape, source.state, "ok") < 1e-5
+    wrong_theta = recipe.model.model_copy(update={"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    with pytest.raises(CheckpointError, match="differs from transformers' layer"):
+        check_llama_function(hf_cfg, hf_state, wrong_theta.shape(), source.state, "checkpoint")

@@ -43,6 +43,7 @@ from dbconvert.data.text import TextData, load_text, read_documents
 from dbconvert.errors import RecipeError, RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
+from dbconvert.families.llama.function_check import check_llama_function
 from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state,
                                               hf_source_state, layer_keys, normalised_table, open_hf_checkpoint,
                                               read_hf_config, target_table, write_hf_folder)
@@ -192,6 +193,7 @@ class LlamaFamily(Family):
         shape = cfg.shape()
         state = hf_source_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
                                 recipe.noise.sigma_data)
+        check_llama_function(hf_cfg, hf_state, shape, state, f"checkpoint {cfg.checkpoint}")
         state = resolve_storage_dtype(cfg, state, checkpoint=hf_state)
         return Source(state, shape.num_layers, notes=[context_note(cfg), *notes], files=files,
                       build=lambda: LlamaBlockNet(shape), shape=shape)
