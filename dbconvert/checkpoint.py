@@ -63,6 +63,13 @@ def current_umask() -> int:
     return mask
 
 
+def save_pt(state: dict[str, torch.Tensor], path: Path) -> None:
+    """torch.save through an open file: given a path, torch records the (temporary, random) file name inside the
+    zip, so the same weights would give different bytes; through a file object the record name is fixed."""
+    with open(path, "wb") as fh:
+        torch.save(state, fh)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -124,7 +131,7 @@ def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model
         raise CheckpointError(folder_error(path, key))
     if not path.is_file():
         raise CheckpointError(f"{key} {path} not found; check {key} in the recipe")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         try:
             state: Any = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -139,6 +146,16 @@ def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model
 
 
 def unreadable_pt(key: str, path: Path, exc: BaseException) -> CheckpointError:
+    """Why a file torch cannot load is not a checkpoint of this family: a GGUF (by its magic, whatever the case of
+    its suffix) is named as one; anything else is truncated, corrupt or pickled."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        magic = b""
+    if magic == b"GGUF":
+        return CheckpointError(f"{key} {path} is a GGUF file (llama.cpp's format), which only the Llama recipes "
+                               "read (e.g. llama-tiny-shakespeare); give this family a .pt/.safetensors file")
     return CheckpointError(
         f"{key} {path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is truncated, "
         "corrupt, or holds pickled objects (only weights are read); restore it from where it came from")
@@ -167,7 +184,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a `.safetensors` file (dbconvert's exports record what the weights mean there);
     empty for other formats, which have no place for it."""
     path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
         return {}
     from safetensors import safe_open
 
@@ -197,7 +214,7 @@ def open_checkpoint(files: Iterable[str | Path], wrappers: tuple[str, ...] = ("e
             raise CheckpointError(folder_error(path, key))
         if not path.is_file():
             raise CheckpointError(f"{key} {path} not found; check {key} in the recipe")
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             try:
                 reader = SafetensorsFile(path)
             except (OSError, ValueError) as exc:

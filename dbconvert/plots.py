@@ -316,8 +316,15 @@ def result_label(result: dict[str, Any]) -> str:
     sampler = result.get("sampler") or {}
     setting = " ".join(str(p) for p in (sampler.get("solver"), sampler.get("steps")) if p)
     parts = [str(result["model"]), f"n={result.get('num_samples', '?')}"] + ([setting] if setting else [])
+    weights = sampler.get("weights") or result.get("weights")
+    if weights not in (None, "ema"):
+        parts.append(f"{weights} weights")
     if result.get("seed") is not None:
         parts.append(f"seed {result['seed']}")
+    if result.get("split"):
+        parts.append(f"split {result['split']}")
+    if result.get("reference_overlaps_training"):
+        parts.append("ON TRAINING DATA")
     return "\n".join(parts)
 
 

@@ -16,9 +16,9 @@ from dbconvert.solvers import SOLVERS, solver_choices, solver_names
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are re-validated."""
+    """Base of every recipe section: unknown keys are errors, assignments are re-validated, no number is inf or nan."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -133,6 +133,13 @@ class Tokenizer:
             return True, full[0]
         return False, None
 
+    def lost_characters(self, text: str, ids: list[int]) -> str:
+        """The characters of `text` that its ids do not give back, sorted: a character-level vocabulary drops the
+        characters its training text lacked, SentencePiece turns them into its unknown piece (whitespace, which
+        tokenizers normalise, is not counted)."""
+        back = self.decode(ids)
+        return "".join(sorted({c for c in text if c not in back and not c.isspace()}))
+
     def decode(self, ids: list[int]) -> str:
         if self._sp is not None:
             return str(self._sp.decode(ids))

@@ -89,6 +89,20 @@ def split_folders(source: str) -> list[str]:
     return [name for name in SPLIT_FOLDERS if (path / name).is_dir()]
 
 
+def class_names(cfg: DataConfig) -> list[str] | None:
+    """The names of the data's classes in label order, where the data names them without being read: the
+    digits (0-9) and image folders (their sorted class folders, as the imagefolder builder numbers them);
+    None for .npz arrays and hub data sets."""
+    kind = resolve_kind(cfg)
+    if kind == "builtin":
+        return [str(i) for i in range(10)]
+    if kind != "imagefolder":
+        return None
+    folder = Path(cfg.source).expanduser()
+    folder = folder / "train" if split_folders(cfg.source) else folder
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
 def load_images(cfg: DataConfig, split: str | None = None) -> ImageData:
     """Load the recipe's image data set (split defaults to `data.split`)."""
     split = split or cfg.split
@@ -218,11 +232,16 @@ def _from_hf(ds, cfg: DataConfig, name: str) -> ImageData:  # noqa: ANN001
     if len(ds) == 0:
         raise DataError(f"data set {name!r} is empty")
     try:
-        arrays = [np.asarray(img) for img in ds[image_key]]
+        arrays = [pil_pixels(img, f"an image of data set {name!r}") if hasattr(img, "mode") else np.asarray(img)
+                  for img in ds[image_key]]
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"data set {name!r}: an image cannot be read ({first_line(exc, 120)})") from None
     if len({a.shape for a in arrays}) != 1:
         raise DataError(f"data set {name!r} has images of different sizes; resize them to one size first")
+    if len({a.dtype for a in arrays}) != 1:
+        raise DataError(f"data set {name!r} mixes 8-bit and 16-bit images; save them at one bit depth")
     x = np.stack(arrays)
     labels = np.asarray(ds[label_key]) if label_key in columns else np.zeros(len(x), dtype=np.int64)
     return _to_tensors(x, labels, name)
@@ -249,17 +268,43 @@ def _npz(path: Path) -> ImageData:
     return _to_tensors(np.concatenate(xs), np.concatenate(ys), str(path))
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL modes of 16-bit grey images (a 16-bit PNG opens as I;16; older Pillows give I): converting one to L clips
+every value above 255 to white, so they are read as they are and scaled by 65535."""
+
+
+def pil_pixels(img, what: str) -> np.ndarray:  # noqa: ANN001 - PIL.Image.Image
+    """An image's pixels as uint8 (HW or HWC), or uint16 (HW) for a 16-bit grey image; one line for a depth the
+    tool cannot scale (floating-point or 32-bit images)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(img)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise DataError(f"{what} is a 32-bit integer image (values {arr.min()}..{arr.max()}); save it as an 8- or "
+                            "16-bit PNG")
+        return arr.astype(np.uint16)
+    if img.mode == "F":
+        raise DataError(f"{what} is a floating-point image, whose pixel range is unknown; save it as an 8- or 16-bit "
+                        "PNG, or the array as a .npz in the model's range")
+    return np.asarray(img)
+
+
+def unit_pixels(arr: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 pixels as float32 in [-1, 1] (each by its own full scale)."""
+    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+    return arr.astype(np.float32) / (scale / 2.0) - 1.0
+
+
 def _to_tensors(x: np.ndarray, labels: np.ndarray, name: str) -> ImageData:
     if x.ndim == 3:  # grey images without a channel axis
-        x = x[:, None] if x.dtype != np.uint8 else x[..., None]
+        x = x[..., None] if x.dtype in (np.uint8, np.uint16) else x[:, None]
     if x.ndim != 4:
         raise DataError(f"data set {name!r}: expected images of rank 3 or 4, got shape {x.shape}")
-    if x.dtype == np.uint8:
-        # uint8 pixels are conventionally NHWC (PIL, numpy); NCHW only when unambiguous
+    if x.dtype in (np.uint8, np.uint16):
+        # integer pixels are conventionally NHWC (PIL, numpy); NCHW only when unambiguous
         channels_first = x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4)
         if not channels_first:
             x = x.transpose(0, 3, 1, 2)
-        tensor = torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1.0
+        tensor = torch.from_numpy(unit_pixels(np.ascontiguousarray(x)))
     else:
         tensor = torch.from_numpy(np.ascontiguousarray(x)).float()
     y = torch.from_numpy(np.asarray(labels).astype(np.int64))

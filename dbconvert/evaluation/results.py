@@ -1,13 +1,15 @@
 """RUN/eval/*.json: one file per evaluation, and the tables that show them.
 
-A result's file name is built from its settings (metric, model, features, split, sampler, number
-of samples, seed), so rerunning the same evaluation replaces its file and a different setting
-adds one. `eval compare` groups results by (metric, features): numbers from different feature
+A result's file name is built from its settings: the readable ones (metric, model, features, split,
+sampler, weights, number of samples, seed) and a digest of all of them (`result_settings`: those every
+metric records plus the metric's own `settings_keys`, e.g. Monte-Carlo draws, the judge's path, prompt
+lengths), so rerunning the same evaluation replaces its file and any different setting adds one. `eval compare` groups results by (metric, features): numbers from different feature
 extractors are never put in one column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,30 @@ def _slug(text: str) -> str:
     return out.strip("-")[:120]
 
 
+SETTINGS_KEYS = ("metric", "model", "features", "split", "sampler", "num_samples", "seed", "weights", "reference")
+"""Result keys every metric's settings include (`Metric.settings_keys` adds the metric's own)."""
+
+
+def result_settings(result: dict[str, Any]) -> dict[str, Any]:
+    """What decides a result (not what it measured): two results with equal settings are the same evaluation."""
+    keys = (*SETTINGS_KEYS, *metric_of(result).settings_keys)
+    settings = {k: result[k] for k in keys if k in result}
+    source = result.get("source") or {}
+    if source.get("kind") == "folder":  # a scored sample folder is a setting; the run's own path is not
+        settings["source"] = source.get("path")
+    return settings
+
+
 def result_name(result: dict[str, Any]) -> str:
     sampler = result.get("sampler") or {}
+    weights = sampler.get("weights") or result.get("weights")
     parts = [result["metric"], result["model"], str(result.get("features", "-")).split(" ")[0], result.get("split") or "folder",
              f"{sampler.get('solver', '')}{sampler.get('steps') or ''}",
              str(sampler.get("protocol")) if sampler.get("protocol") not in (None, "default") else "", f"g{sampler['guidance']:g}" if sampler.get("guidance") is not None else "",
+             f"{weights}-weights" if weights not in (None, "ema") else "",
              f"n{result['num_samples']}", f"seed{result['seed']}" if result.get("seed") is not None else ""]
-    return _slug("-".join(p for p in parts if p))
+    digest = hashlib.sha256(json.dumps(result_settings(result), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{_slug('-'.join(p for p in parts if p))[:111]}-{digest}"
 
 
 def write_result(eval_dir: Path, result: dict[str, Any]) -> Path:
@@ -67,17 +86,6 @@ def _sampler_text(r: dict[str, Any]) -> str:
     if s.get("guidance") not in (None, 1.0):
         parts.append(f"w={s['guidance']:g}")
     return ", ".join(parts)
-
-
-def overlap_text(r: dict[str, Any]) -> str:
-    """Whether an FID's reference holds training images, said so that it cannot be missed."""
-    overlaps = r.get("reference_overlaps_training")
-    if overlaps is None:
-        return "unknown (no run, or its training data unreadable)" if "reference_overlaps_training" in r else "not recorded"
-    if not overlaps:
-        return "no"
-    count = r.get("reference_overlap_images")
-    return "YES" + (f" ({count} training images)" if count else " (the training split)")
 
 
 def result_table(r: dict[str, Any]) -> Table:

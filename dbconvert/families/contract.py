@@ -203,6 +203,10 @@ class Family(ABC):
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         """State dict of the block holding source layers [start, end), through an explicit key map."""
 
+    def check_data(self, recipe: "Recipe") -> None:
+        """One-line refusals, before `split` reads the source, of data settings the run fixes that only the data
+        itself can check (its image shape and classes against the model, its augmentation). Default: none."""
+
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """Write shared artefacts into a new run (e.g. a text target table). Default: nothing."""
 

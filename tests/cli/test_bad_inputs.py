@@ -75,6 +75,28 @@ def huginn_2_4_2(root: Path) -> None:
 
 
 HUGINN = ("huginn-tiny-shakespeare", "data.source=corpus.txt")
+VIT = ("vit-tiny-digits", "model.embed_dim=32", "model.depth=3", "model.num_heads=2")
+
+
+def big_images(root: Path) -> None:
+    from dbconvert.data.images import write_random_images
+
+    write_random_images(root / "big.npz", 20, (1, 16, 16), 10, seed=0)
+
+
+def upper_gguf(root: Path) -> None:
+    (root / "UPPER.GGUF").write_bytes(b"GGUF" + bytes(20))
+
+
+def class_folders(root: Path) -> None:
+    """imgs/train/{a,b}/*.png (two classes) and flat/*.png (no class folders: every label would be 0)."""
+    import numpy as np
+    from PIL import Image
+
+    for folder in (root / "imgs" / "train" / "a", root / "imgs" / "train" / "b", root / "flat"):
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8), "L").save(folder / f"{i}.png")
 
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -89,6 +111,19 @@ ROWS = [
     Bad("export-over-a-file-without-force", ("export", "old.pt", "--run", "run"), "already exists; pass --force",
         setup=existing_file),
     # --- silent wrong answers
+    # settings split fixes, checked at split against the data (issue 34)
+    Bad("vit-images-of-another-size", ("split", *VIT, "data.source=big.npz", "data.kind=npz", "--out", "new"),
+        "has images of shape (1, 16, 16) but the model takes (1, 8, 8)", setup=big_images),
+    Bad("vit-more-classes-than-the-data", ("split", *VIT, "model.num_classes=11", "--out", "new"),
+        "set model.num_classes=10"),
+    Bad("vit-bogus-randaugment", ("split", *VIT, "model.augment.randaugment=bogus", "--out", "new"),
+        "is not a timm RandAugment string"),
+    Bad("vit-test-source-without-class-folders", ("split", *VIT, "data.source=imgs/train", "data.test_source=flat",
+                                                  "model.num_classes=2", "--out", "new"),
+        "has the class folders [] but data.source has ['a', 'b']", setup=class_folders),
+    Bad("gguf-given-to-vit", ("split", *VIT, "model.checkpoint=UPPER.GGUF", "model.global_pool=token", "--out", "new"),
+        "is a GGUF file (llama.cpp's format), which only the Llama recipes read", setup=upper_gguf),
+    Bad("noise-sigma-max-inf", ("split", *VIT, "noise.sigma_max=inf", "--out", "new"), "finite number"),
     Bad("train-with-data-test-fraction", ("train-block", "0", "data.test_fraction=0", "--run", "run", "-q"),
         "the 'data' section is fixed when the run is split"),
     Bad("train-with-another-data-source", ("train-block", "1", "data.source=digits", "--run", "run", "-q"),

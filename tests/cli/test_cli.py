@@ -155,6 +155,14 @@ def test_python_m_dbconvert_works() -> None:
     assert out.returncode == 0 and "train-block" in out.stdout
 
 
+def test_export_help_names_every_model_and_format() -> None:
+    import re
+
+    text = " ".join(re.sub("[\u2500-\u257f]", " ", invoke("export", "--help").stdout).split())  # no box lines
+    for word in ("source", "e2e", "ar (text)", "classifier (ViT)", "Hugging Face folder", "timm"):
+        assert word in text, word
+
+
 def test_tables_never_cut_numbers_when_not_a_terminal() -> None:
     import io
 

@@ -64,3 +64,27 @@ def test_hub_data_set_offline_fails_with_instructions() -> None:
 def test_unknown_split_of_digits() -> None:
     with pytest.raises(DataError, match="splits train, test"):
         load_images(DataConfig(source="digits"), "validation")
+
+
+def test_sixteen_bit_images_keep_their_range_in_folders_and_sample_images(tmp_path: Path) -> None:
+    """A 16-bit PNG is scaled by 65535, not clipped at 255 (issue 34: a 6 was read as a 1), in an image folder
+    data set and in `sample --images`; a float image, whose range is unknown, is one line."""
+    from PIL import Image
+
+    from dbconvert.families.vit.generate import read_image_folder
+
+    wide = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)  # up to 63000: all but 1 above 255
+    for label in ("cat", "dog"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.fromarray(wide).save(tmp_path / "data" / label / "a.png")
+    want = torch.from_numpy(wide.astype(np.float32) / 32767.5 - 1.0)
+    data = load_images(DataConfig(source=str(tmp_path / "data")))
+    assert data.x.shape == (2, 1, 8, 8) and torch.allclose(data.x[0, 0], want, atol=1e-6)
+    grey, _ = read_image_folder(tmp_path / "data", 1, 8)
+    rgb, _ = read_image_folder(tmp_path / "data", 3, 8)
+    assert torch.allclose(grey[0, 0], want, atol=1e-6) and torch.allclose(rgb[0], want.expand(3, 8, 8), atol=1e-6)
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), "F").save(tmp_path / "float.tiff")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "float.tiff").rename(tmp_path / "f" / "float.tiff")
+    with pytest.raises(DataError, match="floating-point image"):
+        read_image_folder(tmp_path / "f", 1, 8)

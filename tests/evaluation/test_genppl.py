@@ -36,7 +36,7 @@ def test_genppl_is_the_judges_perplexity_of_the_continuations(trained_run: Path)
     res = invoke(*ARGS, "--judge", judge, "--seeds", "2", "--json")
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout.strip().splitlines()[-1])
-    assert r["metric"] == "genppl" and r["model"] == "blocks" and r["features"] == "judge:judge"
+    assert r["metric"] == "genppl" and r["model"] == "blocks" and r["features"].startswith("judge:judge@")
     assert r["seeds"] == [0, 1] and len(r["values"]) == 2 and r["std"] >= 0 and r["sampler"]["steps"] == 2
     assert r["mean"] == pytest.approx(sum(r["values"]) / 2)
 
@@ -60,8 +60,19 @@ def test_genppl_is_the_judges_perplexity_of_the_continuations(trained_run: Path)
         assert r["per_seed"][k]["tokens"] == count
 
     table = invoke("eval", "compare")
-    assert table.exit_code == 0 and "Gen-PPL with features judge:judge (lower is better)" in table.stdout
+    assert table.exit_code == 0 and f"Gen-PPL with features {r['features']} (lower is better)" in table.stdout
     assert "entropy" in table.stdout
+
+    # a second judge folder of the same name: its own result file and its own table, the first one kept
+    import shutil
+
+    other = trained_run.parent / "other" / "judge"
+    shutil.copytree(judge, other)
+    res2 = invoke(*ARGS, "--judge", other, "--seeds", "2", "--json")
+    r2 = json.loads(res2.stdout.strip().splitlines()[-1])
+    assert r2["features"] != r["features"] and r2["file"] != r["file"] and Path(r["file"]).is_file()
+    tables = invoke("eval", "compare").stdout
+    assert f"features {r['features']}" in tables and f"features {r2['features']}" in tables
 
 
 def test_bad_judges_are_one_line(trained_run: Path) -> None:

@@ -224,6 +224,12 @@ def test_split_train_sample_and_bpc_of_blocks_and_e2e(in_tmp: Path) -> None:
     table = invoke("eval", "compare", "--run", "run").stdout
     assert "bits per character with features bits per character (lower is better)" in table
     assert_user_error(invoke("eval", "bpc", "--run", "run", "--steps", "3"), "--steps does not apply to eval bpc")
+    on_train = invoke("eval", "bpc", "--run", "run", "--split", "train", "--draws", "1", "--repeats", "1",
+                      "--max-rows", "2")
+    assert on_train.exit_code == 0 and "TRAINING rows" in on_train.stdout and "YES" in on_train.stdout
+    assert "holds the rows the run trains on" in on_train.stderr
+    assert_user_error(invoke("sample", "--run", "run", "--prompt", "ROMEO \u00fc\u20ac{x}"),
+                      "{ } \u00fc \u20ac); they would be dropped")  # a char-level vocabulary: never dropped silently
     prompt = invoke("sample", "--run", "run", "--prompt", "ROMEO:", "--num", "1")
     assert prompt.exit_code == 0 and "ROMEO:" in prompt.stdout
     assert_user_error(invoke("sample", "--run", "run", "--solver", "heun"), "ancestral unmasking")

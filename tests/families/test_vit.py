@@ -105,7 +105,7 @@ def test_timm_safetensors_and_hugging_face_folder_convert(tmp_path: Path) -> Non
 @pytest.mark.parametrize(("extra", "match"), [
     (["model.patch_size=4"], "patch_size=2 (recipe 4); set model.patch_size=2"),
     (["model.depth=6"], "depth=3 (recipe 6); set model.depth=3"),
-    (["model.num_classes=12"], "num_classes=10 (recipe 12); set model.num_classes=10"),
+    (["model.num_classes=12"], "set model.num_classes=10"),  # the data's count, checked first
     # every mismatch in one line, each with its key (issue 33: one at a time, as bare tensor shapes)
     (["model.depth=6", "model.mlp_ratio=4"], "depth=3 (recipe 6), mlp_ratio=2 (recipe 4); set model.depth=3 "
                                               "model.mlp_ratio=2"),
@@ -133,10 +133,12 @@ def test_dit_and_vit_checkpoints_are_refused_by_the_other_family(in_tmp: Path) -
 
 
 def test_class_count_that_differs_from_the_data_is_one_line(in_tmp: Path) -> None:
-    assert invoke("split", "vit-tiny-digits", *TINY, "model.num_classes=12", "--out", "r").exit_code == 0
-    assert_user_error(invoke("train-block", "0", "--run", "r"), "has 10 classes but model.num_classes is 12")
-    assert invoke("split", "vit-tiny-digits", *TINY, "model.img_size=16", "--out", "r2").exit_code == 0
-    assert_user_error(invoke("train-block", "0", "--run", "r2"), "has images of shape (1, 8, 8) but the model takes")
+    # fixed by split, so split checks them against the data (issue 34: they failed only at train-block)
+    assert_user_error(invoke("split", "vit-tiny-digits", *TINY, "model.num_classes=12", "--out", "r"),
+                      "has 10 classes but model.num_classes is 12")
+    assert_user_error(invoke("split", "vit-tiny-digits", *TINY, "model.img_size=16", "--out", "r2"),
+                      "has images of shape (1, 8, 8) but the model takes")
+    assert not (in_tmp / "r").exists() and not (in_tmp / "r2").exists()
     assert_user_error(invoke("split", "vit-tiny-digits", *TINY, "model.patch_size=3", "--out", "r3"),
                       "not divisible by the patch size")
 
@@ -249,6 +251,8 @@ def test_split_train_eval_sample_export_through_the_cli(in_tmp: Path) -> None:
 
     assert_user_error(invoke("export", "e2e.pth", "--model", "e2e"), "export --model source or --model classifier")
     assert invoke("export", "clf.pth", "--model", "classifier").exit_code == 0
+    assert invoke("export", "again.pth", "--model", "classifier").exit_code == 0
+    assert (in_tmp / "clf.pth").read_bytes() == (in_tmp / "again.pth").read_bytes()  # byte-reproducible, as DiT's
     assert invoke("export", "clf-hf", "--model", "classifier").exit_code == 0
     from dbconvert.families.vit.convert import timm_kwargs
     from dbconvert.rundir import Run
@@ -401,3 +405,67 @@ def test_split_refuses_a_conversion_whose_function_differs_from_timm(tmp_path: P
     monkeypatch.setattr(vit_family, "load_source", misread)
     with pytest.raises(CheckpointError, match="differ from timm's forward of the same weights by up to"):
         get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))
+
+
+def test_accuracy_on_training_images_is_said_and_recorded(in_tmp: Path) -> None:
+    """--split train, or a data.test_source that is a byte copy of the training images under another name:
+    the result and its table say it scored training images; an empty --split is refused (issue 34)."""
+    import shutil
+
+    from dbconvert.data.images import write_random_images
+
+    write_random_images(in_tmp / "train.npz", 40, (1, 8, 8), 10, seed=3)
+    shutil.copy(in_tmp / "train.npz", in_tmp / "copy.npz")
+    args = [*TINY, "data.source=train.npz", "data.kind=npz", "data.test_source=copy.npz"]
+    assert invoke("split", "vit-tiny-digits", *args, "--out", "r").exit_code == 0
+    copied = invoke("eval", "accuracy", "--model", "source", "--json")
+    r = json.loads(copied.stdout.strip().splitlines()[-1])
+    assert r["reference_overlaps_training"] is True and r["reference_overlap_images"] == 40
+    assert r["reference"].startswith("copy.npz:test")
+    table = invoke("eval", "accuracy", "--model", "source", "--split", "train")
+    assert table.exit_code == 0 and "reference overlaps training" in table.stdout and "YES" in table.stdout
+    assert "overlaps the training data" in table.stderr
+    assert_user_error(invoke("eval", "accuracy", "--model", "source", "--split", ""), "--split is empty")
+
+    assert invoke("split", "vit-tiny-digits", *TINY, "--out", "d").exit_code == 0  # digits: train and test apart
+    held_out = json.loads(invoke("eval", "accuracy", "--model", "source", "--json", "-q").stdout.strip())
+    assert held_out["reference_overlaps_training"] is False and held_out["reference_overlap_images"] == 0
+
+
+def test_hugging_face_label_order_is_mapped_to_the_data_classes(tmp_path: Path) -> None:
+    """A classifier saved with its head rows reversed and id2label saying so converts to the data's class order
+    (issue 34: it scored top-1 0.014); placeholder names keep the order; names of other classes are a note."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from dbconvert.families import get_family
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                       image_size=8, patch_size=2, num_channels=1, num_labels=10)
+    hf = ViTForImageClassification(config).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits  # row k = digit k
+        hf.classifier.weight.copy_(hf.classifier.weight.flip(0))
+        hf.classifier.bias.copy_(hf.classifier.bias.flip(0))
+    hf.config.id2label = {i: str(9 - i) for i in range(10)}  # row i now scores digit 9 - i, and says so
+    hf.config.label2id = {str(9 - i): i for i in range(10)}
+    hf.save_pretrained(str(tmp_path / "reversed"))
+    src = get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'reversed'}"))
+    with torch.no_grad():
+        torch.testing.assert_close(src.network.eval().classify(x), want, atol=1e-5, rtol=1e-5)
+    assert any("reordered by the checkpoint's id2label" in n for n in src.notes)
+
+    hf.config.id2label = {i: f"LABEL_{i}" for i in range(10)}  # placeholders: the rows as they are
+    hf.config.label2id = {f"LABEL_{i}": i for i in range(10)}
+    hf.save_pretrained(str(tmp_path / "plain"))
+    plain = get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'plain'}"))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.network.eval().classify(x), want.flip(-1), atol=1e-5, rtol=1e-5)
+    assert not any("id2label" in n for n in plain.notes)
+
+    hf.config.id2label = {i: f"class-{i}" for i in range(10)}
+    hf.config.label2id = {f"class-{i}": i for i in range(10)}
+    hf.save_pretrained(str(tmp_path / "other"))
+    other = get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'other'}"))
+    assert any("id2label names other classes" in n for n in other.notes)

@@ -11,8 +11,8 @@ from torch import nn
 
 from dbconvert import noise as nz
 from dbconvert.building import meta_specs
-from dbconvert.checkpoint import (apply_key_map, atomic_write, check_state, open_checkpoint,
-                                  resolve_storage_dtype, save_weights)
+from dbconvert.checkpoint import (apply_key_map, atomic_write, check_state, open_checkpoint, resolve_storage_dtype,
+                                  save_pt, save_weights)
 from dbconvert.data.images import ImageData, load_images
 from dbconvert.errors import DataError, DbconvertError
 from dbconvert.families.contract import Architectures, Family, Source
@@ -195,9 +195,3 @@ class DiTFamily(Family):
     def architectures(self) -> Architectures:
         return Architectures("DiT architectures (model.arch)", arch_rows(), ARCH_NOTES)
 
-
-def save_pt(state: dict[str, torch.Tensor], path: Path) -> None:
-    """torch.save through an open file: given a path, torch records the (temporary, random) file name inside the
-    zip, so the same weights would give different bytes; through a file object the record name is fixed."""
-    with open(path, "wb") as fh:
-        torch.save(state, fh)

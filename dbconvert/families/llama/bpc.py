@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dbconvert.data.text import text_split_overlaps_training
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
 from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
@@ -59,6 +60,7 @@ def evaluate_bpc(run: Run | str | Path, model: str = "blocks", *, split: str | N
     owned = run.owned_ranges() if model == "blocks" else [noise.full_range()]
     per_range = draws if model == "blocks" else draws * run.num_blocks
     split = heldout_split(run, split)
+    overlaps = text_split_overlaps_training(run.recipe.data, split)  # an unknown split of local text: one line
     data = run.family().load_data(run.recipe, split)
     tokens = data.tokens if max_rows is None else data.tokens[:max_rows]
     rows, length = tokens.shape
@@ -86,7 +88,9 @@ def evaluate_bpc(run: Run | str | Path, model: str = "blocks", *, split: str | N
         "std": spread / ln2 if repeats > 1 else 0.0,
         "features": "bits per character" if char else "bits per token",
         "num_samples": rows,
-        "reference": f"{run.recipe.data.source}:{split} (held-out rows)",
+        "reference": f"{run.recipe.data.source}:{split} "
+                     + ("(TRAINING rows: not held out)" if overlaps else "(held-out rows)"),
+        "reference_overlaps_training": overlaps,
         "source": {"kind": "run", "path": str(run.root.resolve())},
         "sampler": {"name": f"{per_range} Monte-Carlo times per range", "steps": None},
         "model": model,
@@ -118,6 +122,7 @@ class BPCMetric(Metric):
     """Bits per character (per token where the tokenizer is not character-level): the masked objective's bound."""
 
     name = "bpc"
+    settings_keys = ("draws_per_range", "repeats")
     title = "bits per character"
     lower_is_better = True
     num_option = "max_rows"
@@ -140,5 +145,9 @@ class BPCMetric(Metric):
         for unused in ("steps", "solver"):  # the bound is an expectation over times, not a sampler
             if options.pop(unused, None) is not None:
                 raise DbconvertError(f"--{unused} does not apply to eval bpc (it integrates over t; use --draws)")
-        return evaluate_bpc(run, model, **options)
+        result = evaluate_bpc(run, model, **options)
+        if result["reference_overlaps_training"]:
+            log(f"note: split {result['split']!r} holds the rows the run trains on: this bound is a training "
+                "figure, not a held-out one (the result says so)")
+        return result
 

@@ -323,6 +323,12 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     else:
         prompts = read_prompts(opts)
         encoded = [tok.encode(p) for p in prompts]
+        for prompt, ids in zip(prompts, encoded):
+            lost = tok.lost_characters(prompt, ids)
+            if lost:
+                raise DbconvertError(f"prompt {prompt[:30]!r} has characters the run's tokenizer cannot write "
+                                     f"({' '.join(lost)}); they would be dropped or replaced silently, so remove "
+                                     "them (a character-level vocabulary holds only its training text's characters)")
     for prompt, ids in zip(prompts, encoded):
         if len(ids) >= context:
             raise DbconvertError(f"prompt {prompt[:30]!r} has {len(ids)} tokens, not shorter than the context of "

@@ -243,6 +243,52 @@ def hf_reference(folder: str) -> torch.nn.Module:
     return Logits()
 
 
+def generic_labels(id2label: dict) -> bool:
+    """transformers' placeholder names (LABEL_0, LABEL_1, ...): a config that says nothing about its classes."""
+    return all(str(name) == f"LABEL_{int(i)}" for i, name in id2label.items())
+
+
+def label_order(id2label: dict, classes: list[str] | None, what: str) -> tuple[list[int] | None, str | None]:
+    """(head rows in the data's class order, a note) from a Hugging Face config's `id2label` and the data's class
+    names (issue 34: a classifier saved with its rows in another order scored near zero).
+
+    The rows are reordered when `id2label` names exactly the data's classes in another order; kept when it names
+    them in the same order or says nothing (placeholder names); a note says so when the names cannot be matched.
+    """
+    if not id2label or generic_labels(id2label):
+        return None, None
+    try:
+        names = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{what}: config.json's id2label has keys that are not class indices "
+                              f"({sorted(map(str, id2label))[:4]}); fix the config") from None
+    if classes is None:
+        return None, (f"{what}: id2label names its classes ({', '.join(names[:5])}...) but the data's classes have no "
+                      "names to match them to (a .npz or hub data set): head rows kept in the checkpoint's order, "
+                      "row k for label k")
+    if names == list(classes):
+        return None, None
+    if sorted(names) == sorted(classes) and len(set(names)) == len(names):
+        index = {name: i for i, name in enumerate(names)}
+        shown = ", ".join(classes[:5]) + ("..." if len(classes) > 5 else "")
+        return [index[c] for c in classes], (f"{what}: head rows reordered by the checkpoint's id2label to the data's "
+                                             f"class order ({shown})")
+    return None, (f"{what}: id2label names other classes ({', '.join(names[:5])}...) than the data's "
+                  f"({', '.join(classes[:5])}...): head rows kept in the checkpoint's order, row k for data class k "
+                  "(a classifier of other classes, to be trained on these)")
+
+
+class ReorderedLogits(torch.nn.Module):
+    """A reference classifier's logits in the data's class order (`label_order`), for the function check."""
+
+    def __init__(self, reference: torch.nn.Module, order: list[int]) -> None:
+        super().__init__()
+        self.reference, self.order = reference, order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference(x)[:, self.order]
+
+
 def check_function(net: ViTNet, reference: torch.nn.Module, library: str, what: str) -> float:
     """Split's function check (issue 32): the converted classifier and the original library's forward of the same
     checkpoint agree on random images to float tolerance, or split refuses in one line. Keys and shapes can all match

@@ -23,14 +23,16 @@ import torch
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import apply_key_map, atomic_write, load_weights, resolve_storage_dtype, save_weights
+from dbconvert.checkpoint import (apply_key_map, atomic_write, load_weights, resolve_storage_dtype, save_pt,
+                                  save_weights)
 from dbconvert.errors import CheckpointError, DbconvertError, RunError
+from dbconvert.data.images import class_names
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.vit.config import ARCHS, ViTConfig, arch_sizes
-from dbconvert.families.vit.convert import (LABELS_FILE, TIMM_SUFFIXES, block_key_map, check_against, check_function,
-                                            checkpoint_shape, export_timm_state, hf_reference, hf_shape_fields,
-                                            hf_to_timm, is_layer_key, label_table, load_source, read_source,
-                                            timm_kwargs, timm_reference, write_hf_folder)
+from dbconvert.families.vit.convert import (LABELS_FILE, TIMM_SUFFIXES, ReorderedLogits, block_key_map, check_against,
+                                            check_function, checkpoint_shape, export_timm_state, hf_reference,
+                                            hf_shape_fields, hf_to_timm, is_layer_key, label_order, label_table,
+                                            load_source, read_source, timm_kwargs, timm_reference, write_hf_folder)
 from dbconvert.families.vit.generate import ClassifySampleOptions
 from dbconvert.families.vit.model import ViTNet, parameter_count
 from dbconvert.families.vit.objective import (DEFAULT_WEIGHTING, WEIGHTINGS, Classifier, ViTDenoiser, classifier_loss,
@@ -141,6 +143,11 @@ class ViTFamily(Family):
             cfg.norm_eps = fields["norm_eps"]  # the manifest records the checkpoint's eps
             depth = int(hf.get("num_hidden_layers", 0))
             state = hf_to_timm(state, depth, what)
+            order, label_note = label_order(hf.get("id2label") or {}, class_names(recipe.data), what)
+            if order is not None:
+                state = {**state, "head.weight": state["head.weight"][order], "head.bias": state["head.bias"][order]}
+            if label_note:
+                notes.append(label_note)
             notes.append(f"converted from a Hugging Face ViTForImageClassification folder (layer_norm_eps="
                          f"{cfg.norm_eps:g})")
         elif cfg.global_pool is None:
@@ -157,7 +164,8 @@ class ViTFamily(Family):
         net = ViTNet(cfg.shape())
         load_source(net, state, what)
         if hf is not None:
-            check_function(net, hf_reference(cfg.checkpoint), "transformers", what)
+            reference = hf_reference(cfg.checkpoint)
+            check_function(net, reference if order is None else ReorderedLogits(reference, order), "transformers", what)
         else:
             check_function(net, timm_reference(cfg.shape(), raw), "timm", what)
         source = Source.of_network(net, net.shape.depth, checkpoint_sha256=digest, notes=notes, files=files)
@@ -174,6 +182,22 @@ class ViTFamily(Family):
         state = source.state
         return apply_key_map(state, block_key_map(list(state), start, end), ignored=is_layer_key,
                              what=f"ViT block of layers [{start}, {end})")
+
+    def check_data(self, recipe: "Recipe") -> None:
+        """Local images (built-in, folders, .npz) against the model at split: their shape and classes, the test
+        split's class folders, the RandAugment string. Hub data sets are checked when training first reads them
+        (offline, split still works)."""
+        from dbconvert.data.images import resolve_kind, split_folders
+        from dbconvert.families.vit.data import load_labelled
+
+        data, cfg = recipe.data, _cfg(recipe)
+        kind = resolve_kind(data)
+        if kind == "hub":
+            return
+        load_labelled(data, cfg, data.split, train_split=True)
+        local_test = data.test_source is not None or data.test_fraction > 0 or "test" in split_folders(data.source)
+        if data.split != "test" and (kind == "builtin" or local_test):
+            load_labelled(data, cfg, "test", train_split=False)
 
     def prepare_run(self, recipe: "Recipe", run_dir: Path, source: Source) -> None:
         """RUN/shared/labels.safetensors: the label table every block shares (fixed here, never trained)."""
@@ -236,7 +260,7 @@ class ViTFamily(Family):
             if out.suffix == ".safetensors":
                 save_weights(out, state)
             else:
-                atomic_write(out, lambda tmp: torch.save(state, tmp))
+                atomic_write(out, lambda tmp: save_pt(state, tmp))  # byte-reproducible
             notes = [f"load it with timm.create_model('vit_tiny_patch16_224', checkpoint_path='{out.name}', {kwargs}) "
                      "(the architecture name only picks the class; the keyword arguments set the sizes)"]
             if abs(network.shape.norm_eps - 1e-6) > 1e-12:

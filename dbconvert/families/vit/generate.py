@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dbconvert.checkpoint import atomic_write, atomic_write_text
+from dbconvert.data.images import SIXTEEN_BIT_MODES, pil_pixels, unit_pixels
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError
 from dbconvert.families.contract import sample_flag
@@ -72,15 +73,20 @@ def read_image_folder(folder: Path, in_chans: int, size: int) -> tuple[torch.Ten
     arrays = []
     for path in files:
         try:
-            img = Image.open(path).convert("L" if in_chans == 1 else "RGB")
+            img = Image.open(path)
+            sixteen = img.mode in SIXTEEN_BIT_MODES  # 16-bit grey stays 16-bit: L or RGB would clip it at 255
+            if not sixteen and img.mode != "F":  # F (floating point): refused below, its range unknown
+                img = img.convert("L" if in_chans == 1 else "RGB")
         except Exception as exc:
             raise DataError(f"cannot read image {path} ({type(exc).__name__})") from None
         if img.size != (size, size):
             raise DataError(f"image {path} is {img.size[0]}x{img.size[1]} but the model takes {size}x{size}; "
                             "resize the images first")
-        arr = np.asarray(img, dtype=np.float32)
+        arr = unit_pixels(pil_pixels(img, f"image {path}"))
+        if sixteen and in_chans == 3:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
+    x = torch.from_numpy(np.stack(arrays))
     return x, [str(p.relative_to(folder)) for p in files]
 
 

@@ -50,9 +50,28 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
+def training_overlap(run: Run, split: str, x: torch.Tensor, log: Log) -> tuple[bool | None, int | None]:
+    """(whether the scored images hold training images, how many): by the split's name, else pixel for pixel
+    against the training split (a `data.test_source` copied from the training images is caught here)."""
+    from dbconvert.data.images import load_images
+    from dbconvert.data.overlap import overlapping_images, split_overlaps_training
+
+    data_cfg = run.recipe.data
+    if split_overlaps_training(data_cfg, split):
+        return True, None
+    try:
+        count = overlapping_images(load_images(data_cfg, data_cfg.split).x, x)
+    except DbconvertError as exc:  # e.g. hub training data offline: the overlap stays unknown, the score does not
+        log(f"note: cannot compare split {split!r} with the training images ({exc}); overlap unknown")
+        return None, None
+    return count > 0, count
+
+
 def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None, weights: str | None = None,
-                      seed: int | None = None, split: str = "test", num: int | None = None) -> dict[str, Any]:
+                      seed: int | None = None, split: str = "test", num: int | None = None,
+                      log: Log = nolog) -> dict[str, Any]:
     """Accuracy of `model` (blocks, e2e, classifier or source) on `split`: the result record (value = top-1)."""
+    from dbconvert.data.overlap import split_source
     from dbconvert.families.vit.data import load_labelled
     from dbconvert.families.vit.generate import default_steps, step_logits
 
@@ -62,17 +81,28 @@ def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None,
     is_denoiser = model in ("blocks", "e2e")
     if steps is not None and not is_denoiser:
         raise DbconvertError(f"--steps applies to the denoisers (blocks, e2e), not to the {model} classifier")
+    if not split.strip():
+        raise DbconvertError("--split is empty; name the labelled split to classify (test; train or all score "
+                             "the training images, and the result says so)")
     weights = weights or run.recipe.sample.weights
     seed = run.recipe.sample.seed if seed is None else seed
     data = load_labelled(run.recipe.data, run.recipe.model, split, train_split=False)  # type: ignore[arg-type]
     n = len(data) if num is None else min(num, len(data))
     x, labels = data.x[:n], data.y[:n]
+    overlaps, overlap_images = training_overlap(run, split, x, log)
+    if overlaps:
+        what = f"{overlap_images} of its {n} images are" if overlap_images else "it is"
+        log(f"note: split {split!r} overlaps the training data ({what} training images): this accuracy is not a "
+            "held-out figure (the result says so)")
     steps = (steps or default_steps(run, model)) if is_denoiser else None
     logits = step_logits(run, model, x, steps, weights, seed)
     final = scores(logits[-1], labels)
     result: dict[str, Any] = {
         "metric": NAME, "model": model, "split": split, "images": n, "features": "pixels",
-        "reference": f"{run.recipe.data.source}:{split} labels", "source": {"kind": "run", "path": str(run.root.resolve())},
+        "reference": f"{split_source(run.recipe.data, split)}:{split} labels",
+        "source": {"kind": "run", "path": str(run.root.resolve())},
+        "reference_overlaps_training": overlaps,
+        **({"reference_overlap_images": overlap_images} if overlap_images is not None else {}),
         "num_samples": n, "seed": seed,
         **final,
         "per_step_top1": [(lg.argmax(-1) == labels).float().mean().item() for lg in logits],
@@ -108,7 +138,7 @@ class AccuracyMetric(Metric):
     def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
                  **options: Any) -> dict[str, Any]:
         options.pop("solver", None)  # one Euler step per level: the classifier's sampler has no other solver
-        return evaluate_accuracy(run, model=model, **options)
+        return evaluate_accuracy(run, model=model, log=log, **options)
 
     def spread(self, r: dict[str, Any]) -> float:
         return float(r.get("stderr_top1") or 0.0)
