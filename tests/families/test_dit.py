@@ -178,3 +178,14 @@ def test_edm_denoiser_is_identity_at_tiny_sigma_and_follows_the_preconditioning(
     s = sigma.reshape(-1, 1, 1, 1)
     f = net(nz.c_in(s, 0.5) * z, sigma_to_timestep(sigma, den.noise), y)
     assert torch.allclose(den(z, sigma, y), nz.c_skip(s, 0.5) * z + nz.c_out(s, 0.5) * f, atol=1e-6)
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_learn_sigma_checkpoint_mislabelled_in_the_recipe_is_refused(tmp_path: Path, saved: bool) -> None:
+    """Issue 32's planted layout mismatch for DiT: the variance channels said wrongly either way. dbconvert's
+    DiT has the reference code's own layout (no installed library to run it against), so the key and shape
+    check is what sees it: the final layer's rows differ."""
+    path, _ = _tiny_reference(tmp_path, saved, None, "pt")
+    with pytest.raises(CheckpointError, match=f"learn_sigma={not saved}.*variance channels.*set model.learn_sigma={str(saved).lower()}") as info:
+        get_family("dit").source(_recipe(path, learn_sigma=not saved))
+    assert "\n" not in str(info.value)

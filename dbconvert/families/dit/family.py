@@ -14,7 +14,7 @@ from dbconvert.building import meta_specs
 from dbconvert.checkpoint import (apply_key_map, atomic_write, check_state, open_checkpoint, resolve_storage_dtype,
                                   save_pt, save_weights)
 from dbconvert.data.images import ImageData, load_images
-from dbconvert.errors import DataError, DbconvertError
+from dbconvert.errors import CheckpointError, DataError, DbconvertError
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.dit.config import DiTConfig
 from dbconvert.families.dit.convert import (EXPORT_SUFFIXES, block_key_map, drop_variance, export_metadata, export_state,
@@ -55,6 +55,13 @@ class DiTFamily(Family):
         what = f"checkpoint {cfg.checkpoint} vs {cfg.arch} (input_size={cfg.input_size}, learn_sigma={cfg.learn_sigma})"
         checkpoint = open_checkpoint([Path(cfg.checkpoint).expanduser()])  # read tensor by tensor (a .pt: mapped)
         reference = meta_specs(lambda: DiT(cfg.shape()))
+        final = "final_layer.linear.weight"
+        other = meta_specs(lambda: DiT(cfg.shape(learn_sigma=not cfg.learn_sigma)))
+        found = checkpoint.specs.get(final)
+        if found is not None and found.shape != reference[final].shape and found.shape == other[final].shape:
+            says = "predicts" if not cfg.learn_sigma else "does not predict"
+            raise CheckpointError(f"{what}: its final layer {says} the variance channels ({final} "
+                                  f"{tuple(found.shape)}); set model.learn_sigma={str(not cfg.learn_sigma).lower()}")
         check_state(reference, checkpoint.specs, what)
         notes = resolve_parameterization(cfg, recipe.noise.settings(), recorded_parameterization(cfg.checkpoint))
         owned = recorded_sigma_range(cfg.checkpoint)
