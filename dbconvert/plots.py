@@ -30,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from dbconvert.checkpoint import atomic_write, atomic_write_text
 from dbconvert.config import override_recipe
@@ -263,6 +264,11 @@ def curve_color(run: Run, name: str) -> Any:
 
 def plot_loss(run: Run) -> Path:
     """RUN/plots/loss.png: raw loss faint, EMA-smoothed bold, one colour per block (and ce for text)."""
+    return save_figure(loss_figure(run), plots_dir(run) / "loss.png")
+
+
+def loss_figure(run: Run) -> Figure:
+    """The figure of `plot_loss`: steps on an integer axis from 0, and a short run's few logged steps said."""
     curves = training_curves(run)
     if not curves:
         raise RunError(MISSING["loss"].format(dir=run.root / "metrics"))
@@ -288,13 +294,21 @@ def plot_loss(run: Run) -> Path:
         if positive and len(positive) == len(plotted) and max(positive) / min(positive) > 10:
             ax.set_yscale("log")
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(left=0)
         ax.set_ylabel(ylabels[field] + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.set_title(f"{titles[field]} (raw faint, EMA-smoothed bold)", fontsize=11)
         ax.grid(True, alpha=0.3)
         ax.grid(True, which="minor", alpha=0.08)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{run_title(run)}: training curves from metrics/*.jsonl", fontsize=12)
-    return save_figure(fig, plots_dir(run) / "loss.png")
+    title = f"{run_title(run)}: training curves from metrics/*.jsonl"
+    most = max(len(records) for records in curves.values())
+    if most < 3:
+        every = run.recipe.train.log_every
+        title += (f"\n(only {most} logged step{'s' if most > 1 else ''} a curve: a line is logged every "
+                  f"{every} steps and at the end; train.log_every=N logs more often)")
+    fig.suptitle(title, fontsize=12)
+    return fig
 
 
 # --- eval ----------------------------------------------------------------------------------
@@ -330,6 +344,11 @@ def result_label(result: dict[str, Any]) -> str:
 
 def plot_eval(run: Run) -> Path:
     """RUN/plots/eval.png: each result's values as dots and mean ± std as an error bar, per (metric, features)."""
+    return save_figure(eval_figure(run), plots_dir(run) / "eval.png")
+
+
+def eval_figure(run: Run) -> Figure:
+    """The figure of `plot_eval`."""
     eval_dir = run.root / "eval"
     results = collect_results(eval_dir)
     if not results:
@@ -340,7 +359,8 @@ def plot_eval(run: Run) -> Path:
     ncols = min(3, len(groups))
     nrows = math.ceil(len(groups) / ncols)
     widest = max(len(rows) for rows in groups.values())
-    fig = new_figure(ncols * max(5.0, 1.3 * widest + 2.0), nrows * 4.6 + 0.4)
+    width = ncols * max(5.0, 1.3 * widest + 2.0)
+    fig = new_figure(width, nrows * 4.6 + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     order = {"blocks": 0, "e2e": 1}
     for ax, ((name, features), rows) in zip(axes, sorted(groups.items())):
@@ -368,8 +388,9 @@ def plot_eval(run: Run) -> Path:
         ax.grid(True, axis="y", alpha=0.3)
     for ax in axes[len(groups):]:
         ax.set_visible(False)
-    fig.suptitle(f"{run_title(run)}: evaluations (dots: every value; bar: mean ± std)", fontsize=12)
-    return save_figure(fig, plots_dir(run) / "eval.png")
+    title = f"{run_title(run)}: evaluations (dots: every value; bar: mean ± std)"
+    fig.suptitle("\n".join(textwrap.wrap(title, int(width * 8.5), break_on_hyphens=False)), fontsize=12)  # never clipped
+    return fig
 
 
 # --- samples -------------------------------------------------------------------------------

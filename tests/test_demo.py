@@ -27,10 +27,16 @@ def test_demo_runs_end_to_end_and_continues(in_tmp: Path) -> None:
     assert [p.name for p in result.figures] == ["partition.png", "loss.png", "eval.png"]
     assert all(p.is_file() and str(p) in out.getvalue() for p in result.figures)
     assert resolve_run(None).root.resolve() == (in_tmp / "demo").resolve()
+    text = out.getvalue()
+    assert str(result.samples.directory / "grid.png") in text and str(result.e2e_samples.directory / "grid.png") in text
+    assert "built-in digits features" in text and "KID is unscaled" in text
+    blocks_ahead = result.fid["blocks"]["value"] < result.fid["e2e"]["value"]
+    assert ("the blocks are ahead" if blocks_ahead else "the e2e baseline is ahead") in text
+    assert "loss None" not in text and "last logged loss " in text
 
     again = io.StringIO()
     run_demo(out=in_tmp / "demo", steps=3, progress=False, fid=False, console=Console(file=again))
-    assert "continuing the demo run" in again.getvalue()
+    assert "continuing the demo run" in again.getvalue() and "loss None" not in again.getvalue()
     assert result.run.status("block-00").step == 3  # resumed from step 2 to 3
 
 

@@ -199,3 +199,19 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tiny_run: Run, monk
         train_block(tiny_run, 1, overrides=["train.tensorboard=true"], progress=False)
     assert not tiny_run.status("block-01").trained
     assert_user_error(invoke("train-block", "1", "train.tensorboard=true", "-q"), "needs the tensorboard package")
+
+
+def test_short_runs_and_narrow_eval_figures_read_whole(tiny_run: Run) -> None:
+    """A run of a few steps: integer step ticks from 0 and a title that says why there are few points; the eval
+    figure of one result group: its long title wrapped inside the figure, never clipped (issue 33)."""
+    train_block(tiny_run, 0, steps=2, progress=False)
+    fig = plots.loss_figure(tiny_run)
+    ax = fig.axes[0]
+    assert ax.get_xlim()[0] == 0 and all(float(t).is_integer() for t in ax.get_xticks())
+    assert "train.log_every=N" in fig._suptitle.get_text()
+
+    write_result(tiny_run.root / "eval", fid_result("blocks", [31.8]))
+    fig = plots.eval_figure(tiny_run)
+    fig.canvas.draw()
+    box, frame = fig._suptitle.get_window_extent(), fig.bbox
+    assert box.x0 >= frame.x0 and box.x1 <= frame.x1, (box, frame)

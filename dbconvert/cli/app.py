@@ -443,10 +443,12 @@ def run_sample(run: Optional[Path], model: str, steps: Optional[int], solver: Op
     request = SampleRequest(model=model, steps=steps, solver=solver, num=num, seed=seed, weights=weights, out=out,
                             options=options, progress=not quiet)
     result = family.generate(opened, request)
-    for text in result.text:
+    for k, text in enumerate(result.text):  # completions hold newlines: each under its own numbered rule
+        if len(result.text) > 1:
+            console.print(f"--- sample {k + 1}/{len(result.text)} ---", highlight=False, markup=False)
         console.print(text, highlight=False, markup=False)
-    if result.tokens_per_second is not None:
-        console.print(f"{result.tokens_per_second:.1f} new tokens/s", highlight=False)
+    if result.tokens_per_second is not None and not quiet:  # a measurement, not a result: stderr
+        err_console.print(f"{result.tokens_per_second:.1f} new tokens/s", highlight=False)
     console.print(Text.assemble(f"wrote {len(result.files)} files to ", bold(result.directory),
                                 (f" (grid: {result.files[0]})" if result.files and result.files[0].suffix == ".png" else "")))
 
@@ -528,9 +530,8 @@ def demo_cmd(
     from dbconvert.demo import run_demo
 
     result = run_demo(out=out, steps=steps, e2e=e2e, force=force, progress=not quiet, console=console)
-    console.print(Text.assemble(bold("demo done", "bold green"), f": run {result.run.root}; samples {result.samples.directory}"))
-    for path in result.samples.files[:1]:
-        console.print(f"look at the grid: {path}")
+    console.print(Text.assemble(bold("demo done", "bold green"), f": run {result.run.root} (the lines above name its "
+                                "grids, figures and what the FIDs mean)"))
 
 
 def raise_user(message: str) -> None:

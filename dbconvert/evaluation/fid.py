@@ -435,6 +435,7 @@ class FIDMetric(Metric):
     """FID and KID through clean-fid (DESIGN 7): the image families' metric."""
 
     name = "fid"
+    depends_on_count = True
     settings_keys = ("repeats",)
     title = "FID"
     lower_is_better = True

@@ -39,6 +39,7 @@ import torch
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
 from dbconvert.evaluation.metric import Log, Metric, MetricOption, folder_label, nolog
+from dbconvert.quiet_transformers import quiet_transformers
 
 MAUVE_SEED = 25
 
@@ -64,12 +65,11 @@ def minilm_path() -> Path:
 def mean_pooled_encoder(path: Path, device: torch.device, batch_size: int = 32, max_length: int = 256) -> Callable[[list[str]], np.ndarray]:
     """Any local Hugging Face encoder: last hidden state averaged over the attention mask."""
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
     except Exception as exc:
         raise DbconvertError(f"cannot load a Hugging Face encoder from {path} ({type(exc).__name__}: "
                              f"{first_line(exc, 100)}); give a save_pretrained folder") from None
@@ -392,6 +392,7 @@ class MauveMetric(Metric):
     """MAUVE through mauve-text on SEDD's conditional protocol: the language-model families' metric."""
 
     name = "mauve"
+    depends_on_count = True
     settings_keys = ("features_info", "prompt_tokens", "new_tokens", "samples_per_prompt", "kmeans_seeds")
     title = "MAUVE"
     lower_is_better = False

@@ -115,6 +115,9 @@ class Metric(ABC):
     num_option: ClassVar[str] = "num"
     """The option that sets how much is generated (`ablate --num` and `demo` set it)."""
     spread_label: ClassVar[str] = "± std"
+    depends_on_count: ClassVar[bool] = False
+    """Whether the metric's value moves with the number of samples (FID's bias, MAUVE's quantisation): `eval
+    compare` then flags a table whose rows were scored at different counts."""
     settings_keys: ClassVar[tuple[str, ...]] = ()
     """Keys of the metric's result records, beyond those every metric records (`results.SETTINGS_KEYS`), that
     decide what was measured: two results differing in one are different evaluations (own files, own rows)."""

@@ -82,7 +82,8 @@ def _sampler_text(r: dict[str, Any]) -> str:
     s = r.get("sampler") or {}
     if not s:
         return "-"
-    parts = [s.get("name") or f"{s.get('solver')} {s.get('steps')} steps"]
+    named = " ".join(p for p in (s.get("solver"), f"{s['steps']} steps" if s.get("steps") else None) if p)
+    parts = [s.get("name") or named or "one forward"]  # a classifier: no solver, no steps
     if s.get("guidance") not in (None, 1.0):
         parts.append(f"w={s['guidance']:g}")
     return ", ".join(parts)
@@ -182,8 +183,13 @@ def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) 
             seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
             table.add_row(model, source, *(cell(r) for _, cell in columns), str(r["num_samples"]), ref_cell(r),
                           _sampler_text(r) + seed)
-        footnotes = Text("\n".join(f"[{i}] {path}" for i, path in enumerate(notes, 1)), no_wrap=True, overflow="ignore")
-        out.append(Group(table, footnotes) if notes else table)
+        lines = [f"[{i}] {path}" for i, path in enumerate(notes, 1)]
+        counts = sorted({int(r["num_samples"]) for r in rows})
+        if metric.depends_on_count and len(counts) > 1:
+            lines.append(f"note: these rows were scored at different sample counts (n = {', '.join(map(str, counts))}) "
+                         f"and {metric.title} moves with n: compare rows of equal n")
+        footnotes = Text("\n".join(lines), no_wrap=True, overflow="ignore")
+        out.append(Group(table, footnotes) if lines else table)
     return out
 
 

@@ -54,3 +54,19 @@ def test_local_model_folders_of_one_name_are_labelled_apart(tmp_path: Path) -> N
     first, second = folder_label(tmp_path / "a" / "judge"), folder_label(tmp_path / "b" / "judge")
     assert first.startswith("judge@") and second.startswith("judge@") and first != second
     assert folder_label(tmp_path / "a" / "judge") == first
+
+
+def test_compare_flags_rows_scored_at_different_counts_where_the_metric_moves_with_n() -> None:
+    from rich.console import Console
+
+    def mauve(n: int) -> dict:
+        return record("mauve", features="minilm", num_samples=n, values=[0.5], std=0.0, prompt_tokens=4)
+
+    console = Console(width=200, record=True)
+    for table in compare_tables([mauve(320), mauve(2220)], Path(".")):
+        console.print(table)
+    assert "different sample counts (n = 320, 2220)" in console.export_text()
+    console = Console(width=200, record=True)
+    for table in compare_tables([mauve(320), {**mauve(320), "seed": 1}], Path(".")):
+        console.print(table)
+    assert "different sample counts" not in console.export_text()

@@ -224,6 +224,8 @@ def test_split_train_sample_cli(in_tmp: Path, corpus: Path) -> None:
     assert res.exit_code == 0, res.output
     records = [json.loads(x) for x in (in_tmp / "run" / "samples" / "e2e-euler-4steps-seed0" / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["JULIET:", "JULIET:", "FRIAR:", "FRIAR:"]
+    assert "--- sample 1/4 ---" in res.stdout and "--- sample 4/4 ---" in res.stdout  # completions hold newlines
+    assert "tokens/s" not in res.stdout and "new tokens/s" in res.stderr  # stdout keeps results only
     # the converted source is a causal LM: sampled ancestrally (temperature 1 by default), N different continuations
     res = invoke("sample", "--model", "source", "--prompt", "ROMEO:", "--max-new-tokens", "8", "--num", "3", "--run", "run")
     assert res.exit_code == 0, res.output

@@ -20,6 +20,7 @@ from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.model import DecoderLayer, LlamaBlockNet, LlamaShape, SigmaEmbedder
 from dbconvert.schema import one_line
 from dbconvert.tensorio import LazyState, Spec, spec_of
+from dbconvert.quiet_transformers import quiet_transformers
 
 TARGETS_FILE = "targets.safetensors"
 
@@ -376,7 +377,8 @@ def write_hf_folder(network: LlamaBlockNet, out: Path, bos_id: int | None, eos_i
     model = LlamaForCausalLM(config)
     load_strict(model, state, what)
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=config.eos_token_id)
-    model.save_pretrained(str(out))
+    with quiet_transformers():
+        model.save_pretrained(str(out))
 
 
 # --- random checkpoints of a named shape (bench split) -----------------------------------------

@@ -19,6 +19,7 @@ from dbconvert.checkpoint import (KeyMap, apply_key_map, check_state, file_sha25
                                   read_checkpoint)
 from dbconvert.errors import CheckpointError
 from dbconvert.families.vit.model import ViTNet, ViTShape
+from dbconvert.quiet_transformers import quiet_transformers
 
 LABELS_FILE = "labels.safetensors"
 """RUN/shared/labels.safetensors: {"table": (num_classes, embed_dim)}, rows of unit L2 norm, fixed at split."""
@@ -223,14 +224,9 @@ def timm_reference(shape: ViTShape, raw: dict[str, torch.Tensor]) -> torch.nn.Mo
 def hf_reference(folder: str) -> torch.nn.Module:
     """transformers' ViTForImageClassification as it loads the folder itself, returning plain logits."""
     from transformers import ViTForImageClassification
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         model = ViTForImageClassification.from_pretrained(str(Path(folder).expanduser()), local_files_only=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
     class Logits(torch.nn.Module):
         def __init__(self) -> None:
@@ -370,4 +366,5 @@ def write_hf_folder(net: ViTNet, out: Path) -> None:
     state = timm_to_hf(export_timm_state(net), net.shape.depth, layout)
     check_state(model.state_dict(), state, "export to Hugging Face")
     model.load_state_dict(state, strict=True)
-    model.save_pretrained(str(out))
+    with quiet_transformers():
+        model.save_pretrained(str(out))
