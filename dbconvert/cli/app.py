@@ -1,7 +1,8 @@
 """The Typer app: each command parses and validates, then calls one library function.
 
 Errors a user can cause are `DbconvertError`s; `handle_errors` prints them as one line and
-exits with status 2, with no traceback.
+exits with status 2, with no traceback. So is a file-system error of any command (no permission, a read-only
+file system, a full disk, a file where a folder is expected), worded by `errors.file_system_error`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typer.core import TyperGroup
 
 from dbconvert.cli.options import (EpochsOpt, ModelOpt, Overrides, QuietOpt, RestartOpt, RunOpt, SampleStepsOpt,
                                    SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt)
-from dbconvert.errors import DbconvertError
+from dbconvert.errors import DbconvertError, file_system_error
 
 DYNAMIC_COMMANDS: dict[str, Callable[[], Any]] = {}
 """Commands built when the command line is read (`sample`: its flags come from the registered families)."""
@@ -105,15 +106,28 @@ def bold(text: object, style: str = "bold") -> Text:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def print_error(exc: BaseException) -> None:
+    """`error: MESSAGE` on stderr, one line."""
+    err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
+
+
 def handle_errors(func: F) -> F:
-    """Turn user errors into one red line on stderr and exit code 2."""
+    """Turn user errors into one red line on stderr and exit code 2: `DbconvertError`s, and the OSErrors of the
+    user's file system (any other OSError is a bug and keeps its traceback)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except DbconvertError as exc:
-            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
+            print_error(exc)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            user = file_system_error(exc)
+            if user is None:
+                raise
+            print_error(user)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; rerun the same command to resume from the last checkpoint")

@@ -79,7 +79,69 @@ HUGINN = ("huginn-tiny-shakespeare", "data.source=corpus.txt")
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
+VIT_SPLIT: list[Path] = []
+"""A tiny ViT run split once (the workspace has none), copied in by the rows that need one."""
+
+
+def a_file(root: Path) -> None:
+    (root / "afile").write_text("mine")
+
+
+def vit_run(root: Path) -> None:
+    """`vit`: a tiny ViT run (sample --images, eval accuracy), split once per session and copied."""
+    import tempfile
+
+    from dbconvert.config import load_recipe
+    from dbconvert.split import split
+    from tests.families.test_vit import TINY
+
+    if not VIT_SPLIT:
+        folder = Path(tempfile.mkdtemp(prefix="bad-inputs-vit-")) / "vit"
+        split(load_recipe("vit-tiny-digits", TINY), out=folder, make_current=False)
+        VIT_SPLIT.append(folder)
+    shutil.copytree(VIT_SPLIT[0], root / "vit")
+
+
+def vit_images(root: Path) -> None:
+    """`vit`, a folder of one image, and `existing.png`, a file where sample's --out folder would go."""
+    from PIL import Image
+
+    vit_run(root)
+    (root / "imgs").mkdir()
+    Image.new("L", (8, 8)).save(root / "imgs" / "a.png")
+    (root / "existing.png").write_text("mine")
+
+
+def file_in_the_run(name: str, vit: bool = False) -> Callable[[Path], None]:
+    """A file where the run's `name` folder (eval, plots, samples) goes."""
+
+    def make(root: Path) -> None:
+        if vit:
+            vit_run(root)
+        (root / ("vit" if vit else "run") / name).write_text("mine")
+
+    return make
+
+
 ROWS = [
+    # --- the file system and numbers (issue 32)
+    Bad("split-out-a-file", ("split", *DIT, "--out", "afile", "-q"), "afile is a file where a folder is expected",
+        setup=a_file),
+    Bad("split-force-out-a-file", ("split", *DIT, "--force", "--out", "afile", "-q"),
+        "afile is a file where a folder is expected; move it away or choose another path", setup=a_file),
+    Bad("split-out-under-a-file", ("split", *DIT, "--out", "afile/run", "-q"), "afile is a file where a folder",
+        setup=a_file),
+    Bad("export-under-a-file", ("export", "afile/x.pt", "--run", "run"), "afile is a file where a folder is expected",
+        setup=a_file),
+    Bad("sample-images-out-an-existing-file", ("sample", "--run", "vit", "--model", "source", "--images", "imgs",
+                                               "--out", "existing.png", "-q"),
+        "existing.png is a file where a folder is expected", setup=vit_images),
+    Bad("run-eval-is-a-file", ("eval", "accuracy", "--run", "vit", "--model", "source", "-q"),
+        "vit/eval is a file where a folder is expected", setup=file_in_the_run("eval", vit=True)),
+    Bad("run-plots-is-a-file", ("plot", "--run", "run"), "run/plots is a file where a folder is expected",
+        setup=file_in_the_run("plots")),
+    Bad("run-samples-is-a-file", ("sample", "--run", "run", "--model", "source", "-q"),
+        "run/samples is a file where a folder is expected (to reach run/samples/", setup=file_in_the_run("samples")),
     # --- data loss: export never replaces the run, a folder around or inside it, or a folder that is not an export
     Bad("export-into-the-run", ("export", "run", "--run", "run", "--force"), "is the run folder"),
     Bad("export-dot-holding-the-run", ("export", ".", "--run", "run", "--force"), "contains the run folder"),
