@@ -79,6 +79,8 @@ HUGINN = ("huginn-tiny-shakespeare", "data.source=corpus.txt")
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
+MAX_SEED = "9223372036854775807"
+TOO_BIG = "99999999999999999999"
 VIT_SPLIT: list[Path] = []
 """A tiny ViT run split once (the workspace has none), copied in by the rows that need one."""
 
@@ -142,6 +144,33 @@ ROWS = [
         setup=file_in_the_run("plots")),
     Bad("run-samples-is-a-file", ("sample", "--run", "run", "--model", "source", "-q"),
         "run/samples is a file where a folder is expected (to reach run/samples/", setup=file_in_the_run("samples")),
+    Bad("eval-accuracy-seed-too-big", ("eval", "accuracy", "--seed", TOO_BIG),
+        f"'--seed': must be from 0 to {MAX_SEED} (2^63 - 1, the seeds torch takes), not {TOO_BIG}"),
+    Bad("eval-bpc-seed-too-big", ("eval", "bpc", "--seed", TOO_BIG), f"'--seed': must be from 0 to {MAX_SEED}"),
+    Bad("sample-seed-negative", ("sample", "--run", "run", "--seed", "-1"), f"must be from 0 to {MAX_SEED}"),
+    Bad("recipe-seed-too-big", ("train-block", "0", f"train.seed={TOO_BIG}", "--run", "run", "-q"),
+        f"key 'train.seed': must be from 0 to {MAX_SEED} (2^63 - 1, the seeds torch takes) (got {TOO_BIG})"),
+    Bad("init-seed-negative", ("split", *DIT, "model.init_seed=-1", "--out", "new"),
+        f"key 'model.init_seed': must be from 0 to {MAX_SEED}"),
+    Bad("split-seed-too-big", ("split", *DIT, f"data.split_seed={TOO_BIG}", "--out", "new"), "key 'data.split_seed'"),
+    Bad("sample-seed-in-the-recipe-too-big", ("split", *DIT, f"sample.seed={TOO_BIG}", "--out", "new"),
+        "key 'sample.seed'"),
+    Bad("epochs-inf", ("train-block", "0", "--epochs", "inf", "--run", "run", "-q"),
+        "'--epochs': must be above 0 and at most 1000000 (a finite number), not inf"),
+    Bad("epochs-nan", ("train-e2e", "--epochs", "nan", "--run", "run", "-q"), "not nan"),
+    Bad("epochs-negative", ("train-all", "--epochs", "-2", "--run", "run", "-q"), "'--epochs': must be above 0"),
+    Bad("train-steps-absurd", ("train-block", "0", "--steps", "10000000000", "--run", "run", "-q"),
+        "'--steps': must be from 1 to 1000000000, not 10000000000"),
+    Bad("sample-steps-absurd", ("sample", "--run", "run", "--steps", "10000000000"), "'--steps': must be from 1 to 100000"),
+    Bad("recipe-epochs-inf", ("train-block", "0", "train.steps=null", "train.epochs=inf", "--run", "run", "-q"),
+        "key 'train.epochs': must be above 0 and at most 1000000 (a finite number)"),
+    Bad("epochs-beyond-the-step-limit", ("train-block", "0", "train.steps=null", "train.epochs=1000000",
+                                         "train.batch_size=1", "--run", "run", "-q"),
+        "train.epochs=1000000 is 1,438,000,000 steps (1,438 an epoch), more than the 1,000,000,000 allowed"),
+    Bad("recipe-steps-absurd", ("train-block", "0", "train.steps=10000000000", "--run", "run", "-q"),
+        "key 'train.steps': must be from 1 to 1000000000"),
+    Bad("recipe-sample-steps-absurd", ("split", *DIT, "sample.steps=10000000000", "--out", "new"),
+        "key 'sample.steps': must be from 1 to 100000"),
     # --- data loss: export never replaces the run, a folder around or inside it, or a folder that is not an export
     Bad("export-into-the-run", ("export", "run", "--run", "run", "--force"), "is the run folder"),
     Bad("export-dot-holding-the-run", ("export", ".", "--run", "run", "--force"), "contains the run folder"),

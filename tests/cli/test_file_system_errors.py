@@ -250,6 +250,20 @@ def test_a_refused_replace_puts_the_old_export_back(ws: Path, monkeypatch: pytes
     assert (ws / "empty.pt").is_dir()
 
 
+def test_the_largest_seed_works_where_seeds_are_multiplied(ws: Path) -> None:
+    """2^63 - 1 is accepted, and the seeds derived from it by arithmetic (bpc's repeats, a text row's seed, the epoch
+    permutation) are folded back into torch's range instead of overflowing."""
+    seed = str(2**63 - 1)
+    bpc = invoke("eval", "bpc", "--run", "md4", "--model", "e2e", "--draws", "1", "--repeats", "1",
+                 "--max-rows", "4", "--seed", seed, "-q")
+    assert bpc.exit_code == 0, bpc.output
+    sample = invoke("sample", "--run", "md4", "--model", "e2e", "--num", "1", "--max-new-tokens", "4",
+                    "--seed", seed, "-q")
+    assert sample.exit_code == 0, sample.output
+    train = invoke("train-block", "0", f"train.seed={seed}", "--steps", "1", "--run", "run", "-q")
+    assert train.exit_code == 0, train.output
+
+
 # --- the mapping itself --------------------------------------------------------------------
 
 
