@@ -171,6 +171,12 @@ ROWS = [
         "key 'train.steps': must be from 1 to 1000000000"),
     Bad("recipe-sample-steps-absurd", ("split", *DIT, "sample.steps=10000000000", "--out", "new"),
         "key 'sample.steps': must be from 1 to 100000"),
+    Bad("bench-skips-everything", ("bench", "memory", "vit-tiny-digits", "--blocks", "3", "--skip", "e2e", "--skip",
+                                   "block-0", "--skip", "block-1", "--skip", "block-2", "--no-checkpointing"),
+        "--skip leaves nothing to measure: every network here is skipped (block-0, block-1, block-2, e2e)"),
+    Bad("bench-speed-skips-everything", ("bench", "speed", "vit-tiny-digits", "--blocks", "3", "--skip", "e2e", "--skip",
+                                         "block-0", "--skip", "block-1", "--skip", "block-2", "--no-checkpointing"),
+        "--skip leaves nothing to measure"),
     # --- data loss: export never replaces the run, a folder around or inside it, or a folder that is not an export
     Bad("export-into-the-run", ("export", "run", "--run", "run", "--force"), "is the run folder"),
     Bad("export-dot-holding-the-run", ("export", ".", "--run", "run", "--force"), "contains the run folder"),
