@@ -21,8 +21,9 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from dbconvert.cli.options import (EpochsOpt, ModelOpt, Overrides, QuietOpt, RestartOpt, RunOpt, SampleStepsOpt,
-                                   SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt)
+                                   SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt, in_range)
 from dbconvert.errors import DbconvertError, file_system_error
+from dbconvert.schema import MAX_TRAIN_STEPS
 
 DYNAMIC_COMMANDS: dict[str, Callable[[], Any]] = {}
 """Commands built when the command line is read (`sample`: its flags come from the registered families)."""
@@ -533,7 +534,9 @@ DYNAMIC_COMMANDS["sample"] = sample_command
 @command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo run.")] = Path("dbconvert-demo"),
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps per block and for the baseline (default: 1000).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_TRAIN_STEPS),
+                                                 help="Training steps per block and for the baseline (default: "
+                                                      "1000).")] = None,
     e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also train the end-to-end baseline (and compare FIDs).")] = True,
     force: Annotated[bool, typer.Option("--force", help="Start over instead of continuing an existing demo run.")] = False,
     quiet: QuietOpt = False,
@@ -728,7 +731,9 @@ ablate_app = typer.Typer(help="The paper's ablations on a small scale: partition
                          no_args_is_help=True)
 app.add_typer(ablate_app, name="ablate")
 
-AblateStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps of every block of every variant (default: the recipe's train.steps).")]
+AblateStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_TRAIN_STEPS),
+                                                       help="Training steps of every block of every variant "
+                                                            "(default: the recipe's train.steps).")]
 AblateOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Ablation folder, one run per variant (default: runs/RECIPE-ablate-KIND).")]
 AblateNumOpt = Annotated[int, typer.Option("--num", min=1, help="Samples the metric scores per variant (same sampling seed for all).")]
 AblateValuesOpt = Annotated[Optional[str], typer.Option("--values", help="Comma-separated values of the variable instead of the paper's set.")]

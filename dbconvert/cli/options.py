@@ -64,4 +64,4 @@ def option_parameter(option: Any, help: str | None = None, hidden: bool = False)
 
 
 __all__ = ["EpochsOpt", "JsonOpt", "ModelOpt", "Overrides", "QuietOpt", "RestartOpt", "RunOpt", "SampleStepsOpt",
-           "SeedOpt", "SolverOpt", "TrainStepsOpt", "WeightsOpt", "option_parameter"]
+           "SeedOpt", "SolverOpt", "TrainStepsOpt", "WeightsOpt", "in_range", "option_parameter"]
