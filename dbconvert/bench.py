@@ -400,6 +400,20 @@ MEMORY_KEYS = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema"
                "saved_activations")
 
 
+def left_to_measure(targets: list[BenchTarget], skip: tuple[str, ...]) -> list[BenchTarget]:
+    """The targets `--skip` leaves; one line for a name that is not a target here, and for a selection that leaves
+    nothing to measure (there would be no result, only an empty report)."""
+    names = [t.name for t in targets]
+    unknown = sorted(set(skip) - set(names))
+    if unknown:
+        raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(names)}")
+    left = [t for t in targets if t.name not in skip]
+    if not left:
+        raise DbconvertError(f"--skip leaves nothing to measure: every network here is skipped ({', '.join(names)}); "
+                             "skip fewer")
+    return left
+
+
 def bench_memory(
     recipe: Recipe,
     blocks: int,
@@ -433,14 +447,11 @@ def bench_memory(
     batch = recipe.train.batch_size if batch is None else batch
     _check_batch(batch)
     targets = bench_targets(recipe, blocks, checkpointing, every_block)
-    unknown = sorted(set(skip) - {t.name for t in targets})
-    if unknown:
-        raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
+    measured = left_to_measure(targets, skip)
     dev = resolve_device(device or recipe.train.device)
     if dev.type not in ("cpu", "cuda"):
         raise DbconvertError(f"bench memory measures cpu or cuda, not {dev.type}; pass --device cpu")
     results: dict[str, dict[str, Any]] = {}
-    measured = [t for t in targets if t.name not in skip]
     for target in measured:
         if dev.type == "cuda":
             res = measure_cuda_step(recipe, target, batch, dev)
@@ -597,13 +608,11 @@ def bench_speed(
     family = get_family(recipe.model.family).for_bench(recipe)
     gen = torch.Generator().manual_seed(recipe.train.seed)
     data = [t.to(dev) for t in family.synthetic_batch(recipe, batch, gen)]
-    unknown = sorted(set(skip) - {t.name for t in targets})
-    if unknown:
-        raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
+    left = left_to_measure(targets, skip)
     # whole decodes first: a bad --decode-tokens is reported before any step is timed
     decode = family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress) \
         if decoding else None
-    trainers = [Trainer(recipe, t, dev) for t in targets if t.name not in skip]
+    trainers = [Trainer(recipe, t, dev) for t in left]
     plain = [tr for tr in trainers if not tr.target.checkpointing and tr.target.objective == "denoiser"]
     samplers = {tr.target.name: tr.sampling_step(data) for tr in plain}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dbconvert.errors import CheckpointError, first_line
+from dbconvert.errors import CheckpointError, first_line, naming
 from dbconvert.tensorio import LazyState, SafetensorsFile, Spec, spec_of, specs_of, write_safetensors
 
 StateDict = dict[str, torch.Tensor]
@@ -33,6 +33,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     A process killed at any moment leaves either the old file or the new one, never half of one. The file gets
     the permissions of any new file (0666 less the umask, as `open` gives), not the temp file's private 0600.
+    A write that fails without naming its file (a full disk) is raised naming `path`, for the one-line error.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,9 +41,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        with naming(path):
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # `write` may have made the file anew
         os.replace(tmp, path)
     finally:

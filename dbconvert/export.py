@@ -135,6 +135,7 @@ def export_model(run: Run, out: Path, model: str = "source", block: int | None =
     out.parent.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_staging(out)
     staging = make_staging(out.parent, f".{out.name}.export-")
+    replaced = staging / ".replaced"
     try:
         written = staging / out.name
         notes = family.export(run, kind, name, network, written)
@@ -148,10 +149,16 @@ def export_model(run: Run, out: Path, model: str = "source", block: int | None =
             raise RunError(f"{out} is a non-empty folder and a {run.family_name} {name} export is a file; "
                            "choose another path")
         if out.is_dir() and not out.is_symlink() or written.is_dir() and out.exists():
-            os.replace(out, staging / ".replaced")  # a folder cannot be renamed over: move the old one aside first
-        os.replace(written, out)  # one atomic rename for files
+            os.replace(out, replaced)  # a folder cannot be renamed over: move the old one aside first
+        try:
+            os.replace(written, out)  # one atomic rename for files
+        except BaseException:
+            if replaced.exists() or replaced.is_symlink():
+                os.replace(replaced, out)  # the old OUT back: a failed export changes nothing
+            raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not (replaced.exists() or replaced.is_symlink()) or out.exists() or out.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)  # else the old OUT is in it: the next export puts it back
     if removed:
         notes.append(f"removed {removed} staging folder(s) of killed exports to {out.name}")
     return ExportResult(out, name, source, notes)

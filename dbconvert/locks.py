@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from dbconvert.errors import DbconvertError
+from dbconvert.errors import DbconvertError, naming
 
 LOCK_NAME = "train.lock"
 
@@ -96,8 +96,9 @@ def acquire(path: Path, what: str, note: Callable[[str], None] | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     me = _owner()
     tmp = path.with_name(f".{path.name}.{me['pid']}.{me['token']}.tmp")
-    tmp.write_text(json.dumps(me))
     try:
+        with naming(tmp):  # inside the try: a full disk leaves no temp file behind
+            tmp.write_text(json.dumps(me))
         for _ in range(20):
             try:
                 os.link(tmp, path)
@@ -169,7 +170,14 @@ def make_staging(parent: Path, prefix: str) -> Path:
     import tempfile
 
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    (staging / OWNER_FILE).write_text(json.dumps(_owner()))
+    try:
+        with naming(staging / OWNER_FILE):
+            (staging / OWNER_FILE).write_text(json.dumps(_owner()))
+    except BaseException:  # e.g. a full disk: no ownerless folder is left behind
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging
 
 

@@ -7,12 +7,60 @@ import graph one-way: config -> families -> schema.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from dbconvert.noise_process import NoiseProcess, process_class, process_names
 from dbconvert.solvers import SOLVERS, solver_choices, solver_names
+
+
+MAX_SEED = 2**63 - 1
+"""The largest seed (recipe seeds, --seed): torch's generators take 64 bits, and a seed derived from one by
+arithmetic (`fold_seed`) is folded back below 2^63."""
+MAX_TRAIN_STEPS = 10**9
+"""The most training steps (train.steps, --steps, train.epochs counted in steps): far beyond any real run, so a
+typo such as an extra zero or `inf` is one line instead of a run that never ends or an overflow."""
+MAX_EPOCHS = 10**6
+MAX_SAMPLE_STEPS = 100_000
+"""The most diffusion steps of sampling (sample.steps, --steps of sample and eval)."""
+
+
+def fold_seed(value: int) -> int:
+    """A seed derived from a user's (seed * 1_000_003 + i) as one torch's `manual_seed` takes: unchanged below 2^63,
+    so every seed that worked before gives the same numbers."""
+    return value % (MAX_SEED + 1)
+
+
+def within(value: float, low: float, high: float, low_open: bool = False) -> bool:
+    """low <= value <= high (low < value with `low_open`); NaN is never within, so a finite `high` means finite."""
+    return (value > low if low_open else value >= low) and value <= high
+
+
+def range_text(low: float, high: float, low_open: bool = False, unit: str = "") -> str:
+    """`from 1 to 1000000000`: the whole allowed range, for one-line errors (recipe keys and CLI options alike)."""
+    return (f"above {low} and at most {high}" if low_open else f"from {low} to {high}") + unit
+
+
+def in_range(low: float, high: float, low_open: bool = False, unit: str = "") -> AfterValidator:
+    """A recipe number check whose message says the whole allowed range (pydantic's names only the bound that
+    failed, and lets `inf` through a lower bound)."""
+
+    def check(value: Any) -> Any:
+        if value is not None and not within(value, low, high, low_open):
+            raise ValueError(f"must be {range_text(low, high, low_open, unit)}")
+        return value
+
+    return AfterValidator(check)
+
+
+SEED_UNIT = " (2^63 - 1, the seeds torch takes)"
+EPOCHS_UNIT = " (a finite number)"
+
+
+Seed = Annotated[int, in_range(0, MAX_SEED, unit=SEED_UNIT)]
+"""Every seed of a recipe (train.seed, sample.seed, data.split_seed, a family's model.init_seed)."""
 
 
 class Section(BaseModel):
@@ -67,7 +115,7 @@ class DataConfig(Section):
     label_key: str | None = None
     text_key: str = "text"
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: Seed = 0
     """Seeds the document order and the held-out `val` rows (text) or `test` images (`test_fraction`).
     Deliberately not train.seed: changing the training seed must never move held-out data into training."""
     # --- local image data only (a .npz file or shard folder, an image folder) ---
@@ -165,13 +213,13 @@ class TrainConfig(Section):
     """After the linear warm-up: constant, or cosine decay to 0 at the last step (the paper's ViT recipe)."""
     grad_clip: float | None = Field(None, gt=0)
     batch_size: int = Field(256, ge=1)
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
+    steps: Annotated[int | None, in_range(1, MAX_TRAIN_STEPS)] = None
+    epochs: Annotated[float | None, in_range(0, MAX_EPOCHS, low_open=True, unit=EPOCHS_UNIT)] = None
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_warmup: bool = True
     """Use min(ema_decay, (1 + step) / (10 + step)), so short runs' EMA is not dominated by the init."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16", "bf16-true"] = "fp32"
     """fp32; bf16 / fp16: autocast over float32 master weights; bf16-true: weights, gradients and optimizer state in
@@ -222,7 +270,7 @@ class TrainConfig(Section):
 
 
 class SampleConfig(Section):
-    steps: int = Field(50, ge=1)
+    steps: Annotated[int, in_range(1, MAX_SAMPLE_STEPS)] = 50
     solver: str = next(iter(SOLVERS))
     """The sampling solver (`solvers.py`'s registry: euler, heun, or one registered at run time)."""
     guidance: float = Field(1.0, ge=0.0)
@@ -235,7 +283,7 @@ class SampleConfig(Section):
     """Text decoding protocol (families/llama/protocol.py): default = sample.steps EDM steps per token; few-step =
     the later paper's (steps = B, one per block, greedy final token, AR baseline top-p 0.95)."""
     num: int = Field(64, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     weights: Literal["ema", "model"] = "ema"
 
     @field_validator("solver")

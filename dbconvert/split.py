@@ -139,6 +139,24 @@ def remove_stale_split_folders(out: Path) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
+def replace_run(staging: Path, out: Path) -> None:
+    """Put the finished run `staging` in place of the run `out`: the old one is moved aside into a hidden folder,
+    the new one renamed in, the old one removed. When the rename in fails (no permission, a full disk), the old
+    run is moved back, so a failed `split --force` leaves the existing run as it was."""
+    trash = make_staging(out.parent, f".{out.name}.old-")
+    old = trash / "run"
+    try:
+        out.rename(old)
+        try:
+            staging.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+    finally:
+        if not old.exists() or (out / MANIFEST).exists():  # kept only when the old run could not be put back
+            shutil.rmtree(trash, ignore_errors=True)
+
+
 def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True,
           progress: bool = False, copy_source: bool = False) -> Run:
     """Open the source network, cut it into blocks and write a new run directory.
@@ -228,10 +246,7 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
         disown(staging)  # it becomes the run: no owner file inside
         os.chmod(staging, 0o777 & ~current_umask())  # a new folder's permissions, not mkdtemp's private 0700
         if out.exists():
-            trash = make_staging(out.parent, f".{out.name}.old-")
-            out.rename(trash / "run")
-            staging.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
+            replace_run(staging, out)
         else:
             staging.rename(out)
     finally:

@@ -29,6 +29,7 @@ from dbconvert.errors import DbconvertError, RunError, first_line
 from dbconvert.locks import LOCK_NAME
 from dbconvert.optimizers import flatten_state, set_lr, unflatten_state
 from dbconvert.rundir import Run
+from dbconvert.schema import MAX_TRAIN_STEPS, fold_seed
 from dbconvert.source_ref import source_state
 from dbconvert.trainstep import Objective, TrainingState, build_state, learning_rate
 
@@ -88,11 +89,15 @@ def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
 
 
 def total_steps(recipe: Recipe, num_examples: int) -> int:
-    """train.steps, or train.epochs worth of full batches."""
+    """train.steps, or train.epochs worth of full batches (at most MAX_TRAIN_STEPS, like train.steps)."""
     if recipe.train.steps is not None:
         return recipe.train.steps
     per_epoch = max(1, num_examples // recipe.train.batch_size)
-    return max(1, math.ceil(recipe.train.epochs * per_epoch))  # type: ignore[operator]
+    steps = max(1, math.ceil(recipe.train.epochs * per_epoch))  # type: ignore[operator]
+    if steps > MAX_TRAIN_STEPS:
+        raise DbconvertError(f"train.epochs={recipe.train.epochs:.10g} is {steps:,} steps ({per_epoch:,} an epoch), more "
+                             f"than the {MAX_TRAIN_STEPS:,} allowed; train fewer epochs")
+    return steps
 
 
 def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
@@ -106,7 +111,7 @@ def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
         raise DbconvertError(f"the data set has {n} examples, fewer than train.batch_size={batch}; lower the batch size")
     per_epoch = n // batch
     epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(fold_seed(seed * 7919 + epoch)))
     return perm[pos * batch : (pos + 1) * batch]
 
 

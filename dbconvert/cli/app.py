@@ -1,7 +1,8 @@
 """The Typer app: each command parses and validates, then calls one library function.
 
 Errors a user can cause are `DbconvertError`s; `handle_errors` prints them as one line and
-exits with status 2, with no traceback.
+exits with status 2, with no traceback. So is a file-system error of any command (no permission, a read-only
+file system, a full disk, a file where a folder is expected), worded by `errors.file_system_error`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from dbconvert.cli.options import (EpochsOpt, ModelOpt, Overrides, QuietOpt, RestartOpt, RunOpt, SampleStepsOpt,
-                                   SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt)
-from dbconvert.errors import DbconvertError
+                                   SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt, in_range)
+from dbconvert.errors import DbconvertError, file_system_error
+from dbconvert.schema import MAX_TRAIN_STEPS
 
 DYNAMIC_COMMANDS: dict[str, Callable[[], Any]] = {}
 """Commands built when the command line is read (`sample`: its flags come from the registered families)."""
@@ -105,15 +107,28 @@ def bold(text: object, style: str = "bold") -> Text:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def print_error(exc: BaseException) -> None:
+    """`error: MESSAGE` on stderr, one line."""
+    err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
+
+
 def handle_errors(func: F) -> F:
-    """Turn user errors into one red line on stderr and exit code 2."""
+    """Turn user errors into one red line on stderr and exit code 2: `DbconvertError`s, and the OSErrors of the
+    user's file system (any other OSError is a bug and keeps its traceback)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except DbconvertError as exc:
-            err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
+            print_error(exc)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            user = file_system_error(exc)
+            if user is None:
+                raise
+            print_error(user)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; rerun the same command to resume from the last checkpoint")
@@ -521,7 +536,9 @@ DYNAMIC_COMMANDS["sample"] = sample_command
 @command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo run.")] = Path("dbconvert-demo"),
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps per block and for the baseline (default: 1000).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_TRAIN_STEPS),
+                                                 help="Training steps per block and for the baseline (default: "
+                                                      "1000).")] = None,
     e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also train the end-to-end baseline (and compare FIDs).")] = True,
     force: Annotated[bool, typer.Option("--force", help="Start over instead of continuing an existing demo run.")] = False,
     quiet: QuietOpt = False,
@@ -715,7 +732,9 @@ ablate_app = typer.Typer(help="The paper's ablations on a small scale: partition
                          no_args_is_help=True)
 app.add_typer(ablate_app, name="ablate")
 
-AblateStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps of every block of every variant (default: the recipe's train.steps).")]
+AblateStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_TRAIN_STEPS),
+                                                       help="Training steps of every block of every variant "
+                                                            "(default: the recipe's train.steps).")]
 AblateOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Ablation folder, one run per variant (default: runs/RECIPE-ablate-KIND).")]
 AblateNumOpt = Annotated[int, typer.Option("--num", min=1, help="Samples the metric scores per variant (same sampling seed for all).")]
 AblateValuesOpt = Annotated[Optional[str], typer.Option("--values", help="Comma-separated values of the variable instead of the paper's set.")]

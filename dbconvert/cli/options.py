@@ -8,30 +8,48 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
+from dbconvert.schema import (EPOCHS_UNIT, MAX_EPOCHS, MAX_SAMPLE_STEPS, MAX_SEED, MAX_TRAIN_STEPS, SEED_UNIT,
+                              range_text, within)
 from dbconvert.solvers import solver_choices
+
+
+def in_range(low: float, high: float, low_open: bool = False, unit: str = "") -> Callable[[Any], Any]:
+    """An option callback: the value, or one line saying the whole allowed range, the recipe key's words
+    (click's min/max name only the bound that failed, and let NaN through)."""
+
+    def check(value: Any) -> Any:
+        if value is not None and not within(value, low, high, low_open):
+            raise typer.BadParameter(f"must be {range_text(low, high, low_open, unit)}, not {value}")
+        return value
+
+    return check
+
 
 RunOpt = Annotated[Optional[Path], typer.Option("--run", help="Run directory (default: the last run split here).")]
 Overrides = Annotated[
     Optional[list[str]],
     typer.Argument(help="Recipe overrides, key.sub=value (e.g. train.lr=3e-4).", show_default=False),
 ]
-TrainStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1,
+TrainStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_TRAIN_STEPS),
                                                       help="Train for this many steps (overrides the recipe).")]
-EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", min=0.0,
+EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", callback=in_range(0, MAX_EPOCHS, True, EPOCHS_UNIT),
                                                     help="Train for this many epochs (overrides the recipe).")]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Ignore the saved training state and start over.")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Which model: blocks, e2e (same denoiser, all layers), "
                                                       "source (the unsplit converted source) or the family's plain "
                                                       "reference (ar for text, classifier for ViT).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
-SampleStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion steps (default: recipe).")]
+SampleStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_SAMPLE_STEPS),
+                                                       help="Diffusion steps (default: recipe).")]
 SolverOpt = Annotated[Optional[str], typer.Option("--solver", help=f"{solver_choices()} (default: recipe).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: recipe).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", callback=in_range(0, MAX_SEED, unit=SEED_UNIT),
+                                                 help="Sampling seed (default: recipe).")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="ema or model weights (default: recipe).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -46,4 +64,4 @@ def option_parameter(option: Any, help: str | None = None, hidden: bool = False)
 
 
 __all__ = ["EpochsOpt", "JsonOpt", "ModelOpt", "Overrides", "QuietOpt", "RestartOpt", "RunOpt", "SampleStepsOpt",
-           "SeedOpt", "SolverOpt", "TrainStepsOpt", "WeightsOpt", "option_parameter"]
+           "SeedOpt", "SolverOpt", "TrainStepsOpt", "WeightsOpt", "in_range", "option_parameter"]

@@ -101,7 +101,108 @@ def class_folders(root: Path) -> None:
 
 TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
+MAX_SEED = "9223372036854775807"
+TOO_BIG = "99999999999999999999"
+VIT_SPLIT: list[Path] = []
+"""A tiny ViT run split once (the workspace has none), copied in by the rows that need one."""
+
+
+def a_file(root: Path) -> None:
+    (root / "afile").write_text("mine")
+
+
+def vit_run(root: Path) -> None:
+    """`vit`: a tiny ViT run (sample --images, eval accuracy), split once per session and copied."""
+    import tempfile
+
+    from dbconvert.config import load_recipe
+    from dbconvert.split import split
+    from tests.families.test_vit import TINY
+
+    if not VIT_SPLIT:
+        folder = Path(tempfile.mkdtemp(prefix="bad-inputs-vit-")) / "vit"
+        split(load_recipe("vit-tiny-digits", TINY), out=folder, make_current=False)
+        VIT_SPLIT.append(folder)
+    shutil.copytree(VIT_SPLIT[0], root / "vit")
+
+
+def vit_images(root: Path) -> None:
+    """`vit`, a folder of one image, and `existing.png`, a file where sample's --out folder would go."""
+    from PIL import Image
+
+    vit_run(root)
+    (root / "imgs").mkdir()
+    Image.new("L", (8, 8)).save(root / "imgs" / "a.png")
+    (root / "existing.png").write_text("mine")
+
+
+def file_in_the_run(name: str, vit: bool = False) -> Callable[[Path], None]:
+    """A file where the run's `name` folder (eval, plots, samples) goes."""
+
+    def make(root: Path) -> None:
+        if vit:
+            vit_run(root)
+        (root / ("vit" if vit else "run") / name).write_text("mine")
+
+    return make
+
+
 ROWS = [
+    # --- the file system and numbers (issue 32)
+    Bad("split-out-a-file", ("split", *DIT, "--out", "afile", "-q"), "afile is a file where a folder is expected",
+        setup=a_file),
+    Bad("split-force-out-a-file", ("split", *DIT, "--force", "--out", "afile", "-q"),
+        "afile is a file where a folder is expected; move it away or choose another path", setup=a_file),
+    Bad("split-out-under-a-file", ("split", *DIT, "--out", "afile/run", "-q"), "afile is a file where a folder",
+        setup=a_file),
+    Bad("export-under-a-file", ("export", "afile/x.pt", "--run", "run"), "afile is a file where a folder is expected",
+        setup=a_file),
+    Bad("sample-images-out-an-existing-file", ("sample", "--run", "vit", "--model", "source", "--images", "imgs",
+                                               "--out", "existing.png", "-q"),
+        "existing.png is a file where a folder is expected", setup=vit_images),
+    Bad("run-eval-is-a-file", ("eval", "accuracy", "--run", "vit", "--model", "source", "-q"),
+        "vit/eval is a file where a folder is expected", setup=file_in_the_run("eval", vit=True)),
+    Bad("run-plots-is-a-file", ("plot", "--run", "run"), "run/plots is a file where a folder is expected",
+        setup=file_in_the_run("plots")),
+    Bad("run-samples-is-a-file", ("sample", "--run", "run", "--model", "source", "-q"),
+        "run/samples is a file where a folder is expected (to reach run/samples/", setup=file_in_the_run("samples")),
+    Bad("eval-accuracy-seed-too-big", ("eval", "accuracy", "--seed", TOO_BIG),
+        f"'--seed': must be from 0 to {MAX_SEED} (2^63 - 1, the seeds torch takes), not {TOO_BIG}"),
+    Bad("eval-bpc-seed-too-big", ("eval", "bpc", "--seed", TOO_BIG), f"'--seed': must be from 0 to {MAX_SEED}"),
+    Bad("sample-seed-negative", ("sample", "--run", "run", "--seed", "-1"), f"must be from 0 to {MAX_SEED}"),
+    Bad("recipe-seed-too-big", ("train-block", "0", f"train.seed={TOO_BIG}", "--run", "run", "-q"),
+        f"key 'train.seed': must be from 0 to {MAX_SEED} (2^63 - 1, the seeds torch takes) (got {TOO_BIG})"),
+    Bad("init-seed-negative", ("split", *DIT, "model.init_seed=-1", "--out", "new"),
+        f"key 'model.init_seed': must be from 0 to {MAX_SEED}"),
+    Bad("split-seed-too-big", ("split", *DIT, f"data.split_seed={TOO_BIG}", "--out", "new"), "key 'data.split_seed'"),
+    Bad("sample-seed-in-the-recipe-too-big", ("split", *DIT, f"sample.seed={TOO_BIG}", "--out", "new"),
+        "key 'sample.seed'"),
+    Bad("epochs-inf", ("train-block", "0", "--epochs", "inf", "--run", "run", "-q"),
+        "'--epochs': must be above 0 and at most 1000000 (a finite number), not inf"),
+    Bad("epochs-nan", ("train-e2e", "--epochs", "nan", "--run", "run", "-q"), "not nan"),
+    Bad("epochs-negative", ("train-all", "--epochs", "-2", "--run", "run", "-q"), "'--epochs': must be above 0"),
+    Bad("train-steps-absurd", ("train-block", "0", "--steps", "10000000000", "--run", "run", "-q"),
+        "'--steps': must be from 1 to 1000000000, not 10000000000"),
+    Bad("demo-steps-absurd", ("demo", "--steps", "10000000000", "--out", "d", "-q"),
+        "'--steps': must be from 1 to 1000000000"),
+    Bad("ablate-steps-absurd", ("ablate", "blocks", *DIT, "--steps", "10000000000", "--out", "ab", "-q"),
+        "'--steps': must be from 1 to 1000000000"),
+    Bad("sample-steps-absurd", ("sample", "--run", "run", "--steps", "10000000000"), "'--steps': must be from 1 to 100000"),
+    Bad("recipe-epochs-inf", ("train-block", "0", "train.steps=null", "train.epochs=inf", "--run", "run", "-q"),
+        "key 'train.epochs': must be above 0 and at most 1000000 (a finite number)"),
+    Bad("epochs-beyond-the-step-limit", ("train-block", "0", "train.steps=null", "train.epochs=1000000",
+                                         "train.batch_size=1", "--run", "run", "-q"),
+        "train.epochs=1000000 is 1,438,000,000 steps (1,438 an epoch), more than the 1,000,000,000 allowed"),
+    Bad("recipe-steps-absurd", ("train-block", "0", "train.steps=10000000000", "--run", "run", "-q"),
+        "key 'train.steps': must be from 1 to 1000000000"),
+    Bad("recipe-sample-steps-absurd", ("split", *DIT, "sample.steps=10000000000", "--out", "new"),
+        "key 'sample.steps': must be from 1 to 100000"),
+    Bad("bench-skips-everything", ("bench", "memory", "vit-tiny-digits", "--blocks", "3", "--skip", "e2e", "--skip",
+                                   "block-0", "--skip", "block-1", "--skip", "block-2", "--no-checkpointing"),
+        "--skip leaves nothing to measure: every network here is skipped (block-0, block-1, block-2, e2e)"),
+    Bad("bench-speed-skips-everything", ("bench", "speed", "vit-tiny-digits", "--blocks", "3", "--skip", "e2e", "--skip",
+                                         "block-0", "--skip", "block-1", "--skip", "block-2", "--no-checkpointing"),
+        "--skip leaves nothing to measure"),
     # --- data loss: export never replaces the run, a folder around or inside it, or a folder that is not an export
     Bad("export-into-the-run", ("export", "run", "--run", "run", "--force"), "is the run folder"),
     Bad("export-dot-holding-the-run", ("export", ".", "--run", "run", "--force"), "contains the run folder"),

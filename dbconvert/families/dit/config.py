@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from dbconvert.families.dit.model import ARCHS, DiTShape
-from dbconvert.schema import ModelConfig, Section
+from dbconvert.schema import ModelConfig, Section, Seed
 
 class DDPMSchedule(Section):
     """The discrete DDPM schedule a `ddpm-eps` network was trained on: linear betas over `timesteps` steps.
@@ -38,7 +38,7 @@ class DiTConfig(ModelConfig):
     in_channels: int = Field(3, ge=1)
     num_classes: int = Field(10, ge=0)
     learn_sigma: bool = False
-    init_seed: int = 0
+    init_seed: Seed = 0
     parameterization: Literal["auto", "edm", "ddpm-eps"] = "auto"
     """`auto`: `ddpm-eps` for a checkpoint (unless its dbconvert metadata says otherwise), `edm` for a fresh
     network. `split` records the resolved value in the run; an `auto` left in a run's recipe comes from a

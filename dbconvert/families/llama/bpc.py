@@ -29,6 +29,7 @@ from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
 from dbconvert.families.llama.masked import MaskedDenoiser, sequence_bound
 from dbconvert.rundir import Run
 from dbconvert.sampling import load_models
+from dbconvert.schema import fold_seed
 from dbconvert.tokenizer import run_tokenizer
 
 
@@ -68,7 +69,7 @@ def evaluate_bpc(run: Run | str | Path, model: str = "blocks", *, split: str | N
     per_repeat: list[float] = []
     pieces_sum = torch.zeros(len(owned) + 1, dtype=torch.float64)
     for rep in range(repeats):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + rep)
+        gen = torch.Generator().manual_seed(fold_seed(seed * 1_000_003 + rep))
         total = 0.0
         for lo in range(0, rows, batch_size):
             batch = tokens[lo:lo + batch_size].to(device)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from dbconvert.families.llama.model import LlamaShape
-from dbconvert.schema import ModelConfig
+from dbconvert.schema import ModelConfig, Seed
 
 
 class LlamaConfig(ModelConfig):
@@ -35,7 +35,7 @@ class LlamaConfig(ModelConfig):
     tokenizer: str | None = None
     train_tokenizer: bool = False
     """Train a new BPE even though model.checkpoint is set and has no tokenizer (otherwise an error)."""
-    init_seed: int = 0
+    init_seed: Seed = 0
     objective: Literal["continuous", "masked"] = "continuous"
     """continuous: diffusion over the next token's embedding (DESIGN 5); masked: masked (absorbing-state)
     diffusion, MD4-style, with bidirectional attention (needs noise.process=masking; docs/families/masked.md)."""

@@ -40,6 +40,7 @@ from dbconvert.families.llama.model import KVCache
 from dbconvert.families.llama.protocol import get_protocol, steps_of
 from dbconvert.noise_process import owner_of
 from dbconvert.sampling import SampleResult, edm_sample, load_models, resolve_sampler
+from dbconvert.schema import fold_seed
 from dbconvert.tokenizer import Tokenizer, run_tokenizer
 
 if TYPE_CHECKING:
@@ -338,7 +339,7 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     num = request.num or 1
     masked = request.model in DIFFUSION_MODELS and masked_run(run)  # an empty prompt is unconditional: no start id
     rows = [list(ids) if masked else start_ids(ids, tok) for ids in encoded for _ in range(num)]
-    seeds = [dec.seed * 1_000_003 + i for i in range(len(rows))]
+    seeds = [fold_seed(dec.seed * 1_000_003 + i) for i in range(len(rows))]
     calls: list[int] = []
     start = time.perf_counter()
     with progress_bar(request.progress, f"sample {request.model}") as bar:

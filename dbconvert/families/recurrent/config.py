@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from dbconvert.families.recurrent.model import RecurrentShape
-from dbconvert.schema import ModelConfig
+from dbconvert.schema import ModelConfig, Seed
 
 HUGINN_MEAN_RECURRENCE = 32
 """Huginn's mean recurrence r (its training draws r around it; inference runs it)."""
@@ -50,7 +50,7 @@ class RecurrentConfig(ModelConfig):
     tokenizer: str | None = None
     train_tokenizer: bool = False
     tokenizer_type: Literal["bpe", "char"] = "bpe"
-    init_seed: int = 0
+    init_seed: Seed = 0
     target_dim: int | None = Field(None, ge=2)
     """Width of the shared target space (as Llama's model.target_dim); None = hidden."""
     noisy_anchor: bool = False

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from dbconvert.families.vit.model import LABEL_TOKENS, ViTShape
-from dbconvert.schema import ModelConfig, Section
+from dbconvert.schema import ModelConfig, Section, Seed
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class ViTConfig(ModelConfig):
     patch tokens, timm's `fc_norm=False`). A timm file does not record it (an avg-pooled ViT has exactly a CLS ViT's
     keys), so split refuses a timm checkpoint until it is said; null is `token` for a fresh network and for a
     Hugging Face folder (ViTForImageClassification always reads CLS)."""
-    init_seed: int = 0
+    init_seed: Seed = 0
     adaln_rank: int | None = Field(None, ge=1)
     """Low-rank noise modulation of every layer: Linear(D, r) then Linear(r, 6D) instead of Linear(D, 6D), as the
     Llama family's model.adaln_rank (null: DiT's full width, the default; docs/checkpoints.md, "Models of the size
