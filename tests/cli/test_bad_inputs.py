@@ -189,7 +189,7 @@ ROWS = [
         "'--steps': must be from 1 to 1000000000"),
     Bad("sample-steps-absurd", ("sample", "--run", "run", "--steps", "10000000000"), "'--steps': must be from 1 to 100000"),
     Bad("recipe-epochs-inf", ("train-block", "0", "train.steps=null", "train.epochs=inf", "--run", "run", "-q"),
-        "key 'train.epochs': must be above 0 and at most 1000000 (a finite number)"),
+        "key 'train.epochs': Input should be a finite number (got 'inf')"),  # no recipe number is inf or nan
     Bad("epochs-beyond-the-step-limit", ("train-block", "0", "train.steps=null", "train.epochs=1000000",
                                          "train.batch_size=1", "--run", "run", "-q"),
         "train.epochs=1000000 is 1,438,000,000 steps (1,438 an epoch), more than the 1,000,000,000 allowed"),
