@@ -23,11 +23,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from dbconvert.registry import Registry
 
 if TYPE_CHECKING:
+    import torch  # annotations only: the CLI's help path never imports torch
+
     from dbconvert.schema import NoiseConfig
 
 PROCESSES: dict[str, str] = {

@@ -16,15 +16,17 @@ help derive from it; a new solver is one function and one entry (or `register_so
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from dbconvert.errors import DbconvertError
 from dbconvert.registry import Registry
 
-Denoised = Callable[[torch.Tensor, float], torch.Tensor]
+if TYPE_CHECKING:
+    import torch  # annotations only: the CLI's help path never imports torch
+
+Denoised = Callable[["torch.Tensor", float], "torch.Tensor"]
 """(z, level) -> D(z, level), computed by the block that owns `level`."""
-Solver = Callable[[Denoised, torch.Tensor, float, float], torch.Tensor]
+Solver = Callable[[Denoised, "torch.Tensor", float, float], "torch.Tensor"]
 
 
 def euler(denoised: Denoised, z: torch.Tensor, t: float, t_next: float) -> torch.Tensor:

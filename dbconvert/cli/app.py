@@ -21,7 +21,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from dbconvert.cli.options import (EpochsOpt, ModelOpt, Overrides, QuietOpt, RestartOpt, RunOpt, SampleStepsOpt,
-                                   SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt, in_range)
+                                   SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt, in_range, tidy_help)
 from dbconvert.errors import DbconvertError, file_system_error
 from dbconvert.schema import MAX_TRAIN_STEPS
 
@@ -33,15 +33,27 @@ class OneLineErrors(TyperGroup):
     """The command group: a command-line parse error (unknown option, bad value, missing argument) is one
     `error: ...` line on stderr and exit status 2, like every other user error, instead of a box of usage text."""
 
+    listing = False
+    """True while the group's own help is drawn: a command's line there needs its short help only, so a dynamic
+    command stays its static placeholder (building `sample` would import every family, torch and timm)."""
+
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name in DYNAMIC_COMMANDS:
-            return DYNAMIC_COMMANDS[cmd_name]()
+        if cmd_name in DYNAMIC_COMMANDS and not self.listing:
+            return tidy_help(DYNAMIC_COMMANDS[cmd_name]())
         return super().get_command(ctx, cmd_name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
 
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
         import sys
 
+        tidy_help(self)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:

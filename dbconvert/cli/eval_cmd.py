@@ -20,7 +20,7 @@ from rich.text import Text
 
 from dbconvert.cli.app import bold, console, err_console, handle_errors, print_table
 from dbconvert.cli.options import (JsonOpt, ModelOpt, QuietOpt, RunOpt, SampleStepsOpt, SeedOpt, SolverOpt, WeightsOpt,
-                                   option_parameter)
+                                   option_parameter, tidy_help)
 from dbconvert.evaluation.metric import Metric, get_metric, metric_names, nolog
 
 
@@ -107,7 +107,7 @@ class MetricGroup(TyperGroup):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
         if found is None and cmd_name in metric_names():
-            found = metric_command(get_metric(cmd_name))
+            found = tidy_help(metric_command(get_metric(cmd_name)))
         return found
 
 

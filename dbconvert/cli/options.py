@@ -16,7 +16,7 @@ import typer
 
 from dbconvert.schema import (EPOCHS_UNIT, MAX_EPOCHS, MAX_SAMPLE_STEPS, MAX_SEED, MAX_TRAIN_STEPS, SEED_UNIT,
                               range_text, within)
-from dbconvert.solvers import solver_choices
+from dbconvert.solvers import solver_choices, solver_names
 
 
 def in_range(low: float, high: float, low_open: bool = False, unit: str = "") -> Callable[[Any], Any]:
@@ -41,17 +41,58 @@ TrainStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_ran
 EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", callback=in_range(0, MAX_EPOCHS, True, EPOCHS_UNIT),
                                                     help="Train for this many epochs (overrides the recipe).")]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Ignore the saved training state and start over.")]
-ModelOpt = Annotated[str, typer.Option("--model", help="Which model: blocks, e2e (same denoiser, all layers), "
-                                                      "source (the unsplit converted source) or the family's plain "
-                                                      "reference (ar for text, classifier for ViT).")]
+MODEL_CHOICES = "[blocks|e2e|source|ar|classifier]"
+"""The model kinds as --help shows them (ar: text families' plain reference; classifier: ViT's)."""
+ModelOpt = Annotated[str, typer.Option("--model", metavar=MODEL_CHOICES,
+                                      help="Which model: blocks, e2e (same denoiser, all layers), source (the unsplit "
+                                           "converted source) or the family's plain reference (ar for text, "
+                                           "classifier for ViT).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
 SampleStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_SAMPLE_STEPS),
                                                        help="Diffusion steps (default: recipe).")]
-SolverOpt = Annotated[Optional[str], typer.Option("--solver", help=f"{solver_choices()} (default: recipe).")]
+SolverOpt = Annotated[Optional[str], typer.Option("--solver", metavar=f"[{'|'.join(solver_names())}]",
+                                                   help=f"{solver_choices()} (default: recipe).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", callback=in_range(0, MAX_SEED, unit=SEED_UNIT),
                                                  help="Sampling seed (default: recipe).")]
-WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="ema or model weights (default: recipe).")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", metavar="[ema|model]",
+                                                    help="ema or model weights (default: recipe).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+TYPE_METAVARS = {"<str>": "TEXT", "<int>": "INT", "<float>": "FLOAT", "<path>": "PATH", "<file>": "FILE",
+                 "<directory>": "DIR", "<int range>": "INT", "<float range>": "FLOAT"}
+"""click's plain names for option values in --help, for typer's `<str>`, `<int>`, ... (a range keeps its bounds)."""
+
+
+def tidy_help(command: Any) -> Any:
+    """A command (and every subcommand) as --help should show it: a flag shows no value type (typer writes
+    `<bool>` beside --force), a value its plain name (TEXT, INT, PATH); options given a metavar (the choices of
+    --model, --solver, --weights) keep it."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "param_type_name", "") != "option" or param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+            continue
+        try:
+            shown = param.display_type(None)  # needs a context only for choices, which keep typer's <a|b>
+        except Exception:  # noqa: BLE001 - any other parameter kind: as typer shows it
+            continue
+        if shown in TYPE_METAVARS:
+            param.metavar = TYPE_METAVARS[shown]
+    help_option = getattr(command, "get_help_option", None)
+    if help_option is not None and not getattr(help_option, "tidied", False):
+        def tidied(ctx: Any, original: Callable[[Any], Any] = help_option) -> Any:
+            option = original(ctx)  # click adds --help when asked for it: a flag like the others
+            if option is not None and option.metavar is None:
+                option.metavar = ""
+            return option
+
+        tidied.tidied = True  # type: ignore[attr-defined]
+        command.get_help_option = tidied
+    for sub in (getattr(command, "commands", None) or {}).values():
+        tidy_help(sub)
+    return command
 
 
 def option_parameter(option: Any, help: str | None = None, hidden: bool = False) -> inspect.Parameter:
@@ -63,5 +104,6 @@ def option_parameter(option: Any, help: str | None = None, hidden: bool = False)
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=annotation)
 
 
-__all__ = ["EpochsOpt", "JsonOpt", "ModelOpt", "Overrides", "QuietOpt", "RestartOpt", "RunOpt", "SampleStepsOpt",
-           "SeedOpt", "SolverOpt", "TrainStepsOpt", "WeightsOpt", "in_range", "option_parameter"]
+__all__ = ["EpochsOpt", "JsonOpt", "MODEL_CHOICES", "ModelOpt", "Overrides", "QuietOpt", "RestartOpt", "RunOpt",
+           "SampleStepsOpt", "SeedOpt", "SolverOpt", "TrainStepsOpt", "WeightsOpt", "in_range", "option_parameter",
+           "tidy_help"]

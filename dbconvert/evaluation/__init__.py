@@ -14,10 +14,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from dbconvert.evaluation.fid import evaluate_fid
-from dbconvert.evaluation.mauve import evaluate_mauve
 from dbconvert.evaluation.metric import Log, Metric, get_metric, metric_names, nolog, register_metric
 from dbconvert.evaluation.results import collect_results, write_result
+
+LAZY = {"evaluate_fid": "dbconvert.evaluation.fid", "evaluate_mauve": "dbconvert.evaluation.mauve"}
+"""Names imported on first use: fid and mauve bring torch, and `dbconvert --help` imports this package."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(LAZY[name]), name)
+    raise AttributeError(f"module 'dbconvert.evaluation' has no attribute {name!r}")
 
 
 def evaluate(run: Any, metric: str | None = None, *, model: str = "blocks", num: int, log: Log | None = None,

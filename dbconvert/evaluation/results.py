@@ -19,7 +19,6 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from dbconvert.checkpoint import write_json
 from dbconvert.errors import RunError
 from dbconvert.evaluation.metric import metric_names, metric_of
 
@@ -58,6 +57,8 @@ def result_name(result: dict[str, Any]) -> str:
 
 
 def write_result(eval_dir: Path, result: dict[str, Any]) -> Path:
+    from dbconvert.checkpoint import write_json  # torch: not on the CLI's help path
+
     path = Path(eval_dir) / f"{result_name(result)}.json"
     write_json(path, result)
     return path

@@ -198,3 +198,32 @@ def test_version_names_ours_and_the_libraries_a_bug_report_needs() -> None:
         assert result.exit_code == 0, result.output
         line = result.stdout.strip()
         assert line.startswith(f"dbconvert {__version__} (python ") and "torch " in line and "timm " in line, line
+
+
+HELP_WITHOUT_TORCH = (("--help",), ("split", "--help"), ("train-block", "--help"), ("bench", "--help"),
+                      ("recipes", "--help"), ("export", "--help"))
+
+
+@pytest.mark.parametrize("args", HELP_WITHOUT_TORCH, ids=[" ".join(a) for a in HELP_WITHOUT_TORCH])
+def test_help_does_not_import_torch(args: tuple[str, ...]) -> None:
+    """--help is read before anything runs (issue 33: 6-8 s, importing torch, timm and every family): these help
+    pages import neither torch nor a family. `sample --help` and `eval --help` list the families' and metrics'
+    own options, so they still import them."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.argv = ['dbconvert', *sys.argv[1:]]\nfrom dbconvert.cli.app import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('IMPORTED', sorted(m for m in ('torch', 'timm', 'transformers', 'dbconvert.families.dit.family') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert "Usage" in out.stdout and out.stdout.strip().splitlines()[-1] == "IMPORTED []", out.stdout[-300:]
+
+
+def test_help_lists_choices_and_shows_no_bool_type() -> None:
+    sample = invoke("sample", "--help").stdout
+    for choices in ("[euler|heun]", "[ema|model]", "[blocks|e2e|source|ar|"):
+        assert choices in sample, choices
+    for args in (("split", "--help"), ("train-block", "--help"), ("sample", "--help"), ("eval", "fid", "--help")):
+        text = invoke(*args).stdout
+        assert "<bool>" not in text and "--help" in text, args
