@@ -130,3 +130,25 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert out.returncode == 0, out.stderr
+
+
+def test_every_shipped_recipe_is_in_the_recipes_page() -> None:
+    """Issue 33: the README's table once listed 7 of 11 recipes; docs/recipes.md names every shipped one."""
+    from dbconvert.config import shipped_recipes
+
+    page = (ROOT / "docs" / "recipes.md").read_text()
+    missing = [name for name in shipped_recipes() if f"`{name}`" not in page]
+    assert not missing, f"recipes not in docs/recipes.md: {missing}"
+
+
+def test_the_one_line_descriptions_name_every_architecture() -> None:
+    """The app's help and the package description list the five architectures (once: '(DiT, Llama)')."""
+    import tomllib
+
+    from dbconvert.cli.app import app
+
+    description = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["description"]
+    help_text = " ".join(str(app.info.help).split())
+    for text in (description, help_text):
+        for word in ("DiT", "ViT", "Llama", "masked-diffusion", "recurrent-depth"):
+            assert word in text, (word, text)

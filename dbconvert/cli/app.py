@@ -84,7 +84,8 @@ ABORTS = (typer.Abort,)
 app = typer.Typer(
     cls=OneLineErrors,
     name="dbconvert",
-    help="Turn residual networks (DiT, Llama, ViT, or a family you register) into diffusion blocks, train each "
+    help="Turn residual networks (DiT, ViT, Llama-style, masked-diffusion and recurrent-depth LMs, or a family you "
+         "register) into diffusion blocks, train each "
          "block alone, sample, evaluate.",
     no_args_is_help=True,
     add_completion=False,
