@@ -234,8 +234,12 @@ def parameterization_line(run: Any) -> str:
 
 
 def announce(title: str, payload: dict[str, Any]) -> None:
-    """Print the resolved configuration before a long run starts."""
-    console.rule(bold(title))
+    """Print the resolved configuration before a long run starts (a title wider than the terminal is a plain
+    line: a rule would cut it, the run's path included, with an ellipsis)."""
+    if len(title) + 6 > console.width:
+        console.print(bold(title), soft_wrap=True)
+    else:
+        console.rule(bold(title))
     console.print_json(json.dumps(payload), indent=None)
 
 

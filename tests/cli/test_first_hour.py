@@ -92,6 +92,11 @@ def test_train_block_announces_the_steps_it_runs_and_notes_a_changed_batch_size(
     assert "--restart" in note and len(note.splitlines()) == 1
     assert "block-00: step 3/3" in second.stdout
 
+    deep = in_tmp / ("a-run-folder-with-a-long-name-" * 4)  # a header wider than the terminal: whole, not cut
+    assert invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "--out", deep, "-q").exit_code == 0
+    long = invoke("train-block", "0", "--steps", "1", "--run", deep, "-q")
+    assert long.exit_code == 0 and f"training block 0 of {deep}" in long.stdout and "…" not in long.stdout
+
 
 def test_run_folder_names_data_that_differ_from_the_shipped_recipe(in_tmp: Path) -> None:
     from dbconvert.config import load_recipe
