@@ -51,24 +51,25 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None, weights: str | None = None,
-                      seed: int | None = None, split: str = "test", num: int | None = None) -> dict[str, Any]:
-    """Accuracy of `model` (blocks, e2e, classifier or source) on `split`: the result record (value = top-1)."""
+                      seed: int | None = None, split: str = "test", num: int | None = None,
+                      solver: str | None = None) -> dict[str, Any]:
+    """Accuracy of `model` (blocks, e2e, classifier or source) on `split`: the result record (value = top-1).
+
+    The denoisers step with `solver` (default: the recipe's sample.solver; `classify_steps`)."""
     from dbconvert.families.vit.data import load_labelled
-    from dbconvert.families.vit.generate import default_steps, step_logits
+    from dbconvert.families.vit.generate import denoiser_settings, step_logits
 
     start = time.time()
     AccuracyMetric().require(run)
     run.model_targets(model)  # one line naming the models this run has
     is_denoiser = model in ("blocks", "e2e")
-    if steps is not None and not is_denoiser:
-        raise DbconvertError(f"--steps applies to the denoisers (blocks, e2e), not to the {model} classifier")
+    steps, solver = denoiser_settings(run, model, steps, solver)
     weights = weights or run.recipe.sample.weights
     seed = run.recipe.sample.seed if seed is None else seed
     data = load_labelled(run.recipe.data, run.recipe.model, split, train_split=False)  # type: ignore[arg-type]
     n = len(data) if num is None else min(num, len(data))
     x, labels = data.x[:n], data.y[:n]
-    steps = (steps or default_steps(run, model)) if is_denoiser else None
-    logits = step_logits(run, model, x, steps, weights, seed)
+    logits = step_logits(run, model, x, steps, weights, seed, solver=solver or "euler")
     final = scores(logits[-1], labels)
     result: dict[str, Any] = {
         "metric": NAME, "model": model, "split": split, "images": n, "features": "pixels",
@@ -76,7 +77,8 @@ def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None,
         "num_samples": n, "seed": seed,
         **final,
         "per_step_top1": [(lg.argmax(-1) == labels).float().mean().item() for lg in logits],
-        "sampler": {"steps": steps, "levels": "evenly spaced in the log-normal CDF", "weights": weights, "seed": seed},
+        "sampler": {"steps": steps, "levels": "evenly spaced in the log-normal CDF", "weights": weights, "seed": seed,
+                    **({"solver": solver} if solver not in (None, "euler") else {})},  # Euler's file names unchanged
         "run": str(run.root),
     }
     if is_denoiser:
@@ -107,7 +109,6 @@ class AccuracyMetric(Metric):
 
     def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
                  **options: Any) -> dict[str, Any]:
-        options.pop("solver", None)  # one Euler step per level: the classifier's sampler has no other solver
         return evaluate_accuracy(run, model=model, **options)
 
     def spread(self, r: dict[str, Any]) -> float:
