@@ -142,7 +142,9 @@ def bench_recipe(recipe: Recipe) -> Recipe:
     """A copy of the recipe with the family's `resolve` applied: with model.checkpoint, the architecture `split`
     would build from that checkpoint (its config only, no weights), or a one-line error when it cannot."""
     copy = validate_recipe(recipe.to_dict(), "recipe")
-    get_family(copy.model.family).resolve(copy)
+    family = get_family(copy.model.family)
+    family.check_training(copy)  # bench steps as train does: an option train would refuse is refused here too
+    family.resolve(copy)
     # Settled, the recipe describes the checkpoint's architecture: the networks are built (and the source's depth
     # counted on the meta device) from it alone, as for a fresh model; weights never change memory or time.
     copy.model.checkpoint = None

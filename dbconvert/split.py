@@ -154,6 +154,7 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
 
     family = get_family(recipe.model.family)
     check_noise_process(family, recipe)
+    family.check_training(recipe)  # a training option the family would ignore: refused before anything is written
     out = Path(out) if out is not None else recipe.output_dir()
     if (out / MANIFEST).exists() and not force:
         raise RunError(f"{out} already holds a run; pass --force to replace it or --out DIR for another folder")

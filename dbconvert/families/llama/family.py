@@ -354,6 +354,13 @@ class LlamaFamily(Family):
         tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
         return load_text(recipe.data, tok, cfg.context, split)
 
+    def check_training(self, recipe: "Recipe") -> None:
+        """The masked objective's weight is fixed by its bound (MD4's -alpha'(t) / (1 - alpha(t))): no other applies."""
+        if is_masked(recipe) and recipe.train.loss_weight != "default":
+            raise RecipeError(f"train.loss_weight={recipe.train.loss_weight} does not apply to model.objective=masked "
+                              "(its cross-entropy is weighted by -alpha'(t) / (1 - alpha(t)), MD4's ELBO, so that "
+                              "eval bpc is a bound); drop it")
+
     def training_loss(
         self,
         denoiser: nn.Module,
@@ -364,6 +371,7 @@ class LlamaFamily(Family):
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if is_masked(recipe):
+            self.check_training(recipe)
             return masked_loss(denoiser, batch[0], sigma_range, generator, shard)  # type: ignore[arg-type]
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
         return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting,  # type: ignore[arg-type]
