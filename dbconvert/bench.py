@@ -505,9 +505,12 @@ def checkpointing_ratios(targets: list[BenchTarget], value: dict[str, float], un
     return {"checkpointing": out}
 
 
-def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_block: bool = True) -> dict[str, Any]:
+def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_block: bool = True,
+                 skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Exact bytes of parameters, gradients, optimizer state and EMA of each block and of e2e, built on the
     meta device: no memory is allocated, so any size works (activations are not included).
+
+    `skip`: target names not to build (as `bench_memory`'s); the ratios that need one of them are None.
 
     Optimizer state is what the recipe's optimizer keeps per trainable parameter once it has stepped:
     two moments for Adam/AdamW, one momentum buffer for SGD. The checkpointed targets hold the same
@@ -518,7 +521,11 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
     per_param = optimizer_moments(recipe)
     out: dict[str, Any] = {"recipe": recipe.name, "blocks": blocks, "device": "meta (static)", "breakdown": {}}
     targets = bench_targets(recipe, blocks, checkpointing, every_block)
-    for target in targets:
+    unknown = sorted(set(skip) - {t.name for t in targets})
+    if unknown:
+        raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
+    out["skipped"] = list(skip)
+    for target in (t for t in targets if t.name not in skip):
         with torch.device("meta"):
             trainer = Trainer(recipe, target, torch.device("meta"))
         parts = trainer.breakdown()
@@ -532,9 +539,11 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
                                                           "bytes": int((2 + per_param) * layer * target.depth),
                                                           "P": layer}}
     rows = out["breakdown"]
-    out["e2e_static_bytes"] = rows["e2e"]["total_bytes"]
-    out["block_static_bytes"] = [rows[t.name]["total_bytes"] for t in targets if not t.e2e and not t.checkpointing]
-    out["ratio"] = out["e2e_static_bytes"] / max(out["block_static_bytes"])
+    out["e2e_static_bytes"] = rows["e2e"]["total_bytes"] if "e2e" in rows else None
+    out["block_static_bytes"] = [rows[t.name]["total_bytes"] for t in targets
+                                 if not t.e2e and not t.checkpointing and t.name in rows]
+    both = out["e2e_static_bytes"] is not None and out["block_static_bytes"]
+    out["ratio"] = out["e2e_static_bytes"] / max(out["block_static_bytes"]) if both else None
     if checkpointing:
         out.update(checkpointing_ratios(targets, {n: r["total_bytes"] for n, r in rows.items()}, "bytes"))
     return out
@@ -603,8 +612,13 @@ def bench_speed(
     if unknown:
         raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
     # whole decodes first: a bad --decode-tokens is reported before any step is timed
+    if decode_tokens is not None and not decoding:
+        raise DbconvertError("--decode-tokens sets the decoding rows, which --no-decoding leaves out; drop one of them")
     decode = family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress) \
         if decoding else None
+    if decode is None and decode_tokens is not None:  # the family has no unit-by-unit decoding for this recipe
+        raise DbconvertError(f"--decode-tokens does not apply to {recipe.name} (its runs do not decode token by "
+                             "token, so there are no decoding rows to time); drop it")
     trainers = [Trainer(recipe, t, dev) for t in targets if t.name not in skip]
     plain = [tr for tr in trainers if not tr.target.checkpointing and tr.target.objective == "denoiser"]
     samplers = {tr.target.name: tr.sampling_step(data) for tr in plain}
@@ -755,7 +769,8 @@ def static_report(r: dict[str, Any]) -> list[Any]:
         g = row["app_g_static"]
         table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", gib(row["parameters"]), gib(row["gradients"]),
                       gib(row["optimizer_state"]), gib(row["ema"]), gib(row["total_bytes"]), f"{gib(g['bytes'])} = {g['formula']}")
-    lines: list[Any] = [table, f"ratio e2e / largest block (static part only): {r['ratio']:.2f}x",
+    ratio = "not measured" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+    lines: list[Any] = [table, f"ratio e2e / largest block (static part only): {ratio}",
                         *_ratio_lines(r, "static ratio")]
     if "checkpointing" in r:
         lines.append("a +ckpt network holds the same tensors as its twin: checkpointing changes activations only, which "
