@@ -141,7 +141,7 @@ def target_recipe(recipe: Recipe, target: BenchTarget) -> Recipe:
 def bench_recipe(recipe: Recipe) -> Recipe:
     """A copy of the recipe with the family's `resolve` applied: with model.checkpoint, the architecture `split`
     would build from that checkpoint (its config only, no weights), or a one-line error when it cannot."""
-    copy = validate_recipe(recipe.to_dict(), "recipe")
+    copy = validate_recipe(recipe.to_dict(), "recipe").mark_given(recipe.given)
     family = get_family(copy.model.family)
     family.check_training(copy)  # bench steps as train does: an option train would refuse is refused here too
     family.resolve(copy)

@@ -188,7 +188,7 @@ class LlamaFamily(Family):
             files = [Path(cfg.checkpoint).expanduser()]
             notes.append("a GGUF file is dequantised whole by transformers (into a temporary folder) before the split "
                          "streams it")
-        cfg = config_from_hf(cfg, hf_cfg)
+        cfg = config_from_hf(cfg, hf_cfg, recipe.given)
         recipe.model = cfg  # the manifest records the checkpoint's architecture, so blocks rebuild without it
         shape = cfg.shape()
         state = hf_source_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
@@ -202,7 +202,7 @@ class LlamaFamily(Family):
         """With model.checkpoint: the architecture of its config.json, as `source` records it (weights not read)."""
         cfg = _cfg(recipe)
         if cfg.checkpoint is not None:
-            recipe.model = config_from_hf(cfg, read_hf_config(cfg.checkpoint))
+            recipe.model = config_from_hf(cfg, read_hf_config(cfg.checkpoint), recipe.given)
 
     writes_random_checkpoints = True
 
