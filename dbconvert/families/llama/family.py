@@ -103,6 +103,11 @@ def check_mask_room(cfg: LlamaConfig) -> None:
         mask_token_id(Tokenizer(path), cfg.vocab_size, vocab_from(cfg))
 
 
+def needs_checkpoint_tokenizer(cfg: LlamaConfig) -> bool:
+    """Whether the run's tokenizer must come from the checkpoint (neither model.tokenizer nor model.train_tokenizer)."""
+    return cfg.tokenizer is None and not cfg.train_tokenizer
+
+
 def vocab_from(cfg: LlamaConfig) -> str | None:
     """What fixed the vocabulary size when it is not the recipe's to change (for the tokenizer check's hint)."""
     return f"the checkpoint's config.json ({cfg.checkpoint})" if cfg.checkpoint else None
@@ -182,7 +187,7 @@ class LlamaFamily(Family):
             source = Source.of_network(net, shape.num_layers, shape=shape)
             source.state = resolve_storage_dtype(cfg, source.state, fresh=True)
             return source
-        hf_cfg, hf_state, files = open_hf_checkpoint(checkpoint_folder(cfg.checkpoint))
+        hf_cfg, hf_state, files = open_hf_checkpoint(checkpoint_folder(cfg.checkpoint, needs_checkpoint_tokenizer(cfg)))
         notes = []
         if is_gguf(cfg.checkpoint):  # the run points at the GGUF file, not the temporary folder
             files = [Path(cfg.checkpoint).expanduser()]
@@ -254,7 +259,8 @@ class LlamaFamily(Family):
         table = target_table(source.state["embed_tokens.weight"].to(torch.float32), cfg.target_dim)
         save_weights(shared / TARGETS_FILE, {"table": table})
         room = 1 if is_masked(recipe) else 0  # a trained BPE leaves one row for [MASK]
-        folder = str(checkpoint_folder(cfg.checkpoint)) if cfg.checkpoint else None  # a GGUF file's dequantised folder
+        folder = (str(checkpoint_folder(cfg.checkpoint, needs_checkpoint_tokenizer(cfg)))  # a GGUF file's dequantised
+                  if cfg.checkpoint else None)
         tok = prepare_run_tokenizer(shared, cfg.tokenizer, folder, cfg.train_tokenizer,
                                     lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size - room,
                                     cfg.tokenizer_type)
