@@ -152,6 +152,9 @@ def train(
         if dist.is_main:
             try:
                 owner = locks.acquire(lock_path, f"{target.name} of {run.root}", note)
+                if run.replaced():  # a split put a new run here after this one was opened: not the run asked for
+                    failure = (f"{run.root} was replaced by a new split after this training opened it; nothing was "
+                               "trained: start the training again")
             except DbconvertError as exc:
                 failure = str(exc)
         distributed.broadcast_error(dist, failure)
