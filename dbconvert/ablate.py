@@ -476,12 +476,21 @@ def markdown_table(s: dict[str, Any]) -> str:
     lines += ["",
               f"{_metric_columns(s['metric'])[0]} ({get_metric(s['metric']).better_text()}; "
               f"best in bold) and {_metric_columns(s['metric'])[1]} on features `{s['features']}` against {s['reference']}; "
-              f"{s['num_samples']} samples per variant, {sm['solver']} {sm['steps']} steps, guidance {sm['guidance']:g}, "
-              f"{sm['weights']} weights, sampling seed {sm['seed']}. Training seed {s['train_seed']}, batch {s['batch_size']}; "
+              f"{s['num_samples']} samples per variant, {_sampler_text(sm, get_metric(s['metric']))}. Training seed {s['train_seed']}, batch {s['batch_size']}; "
               f"every block of every variant trains the same number of steps (matched layer updates). "
               f"Time = training + {get_metric(s['metric']).title} on this machine.",
               f"Settings: {'; '.join(s['notes'])}. Overrides: `{' '.join(s['overrides']) or '(none)'}`.", ""]
     return "\n".join(lines)
+
+
+def _sampler_text(sm: dict[str, Any], metric: Any) -> str:
+    """The sampler settings the metric used (a bound such as bpc's takes no steps, solver or guidance)."""
+    parts = []
+    if metric.accepts("steps"):
+        parts.append(f"{sm['solver']} {sm['steps']} steps" if metric.accepts("solver") else f"{sm['steps']} steps")
+    if metric.accepts("guidance") and sm.get("guidance") is not None:
+        parts.append(f"guidance {sm['guidance']:g}")
+    return ", ".join([*parts, f"{sm['weights']} weights", f"sampling seed {sm['seed']}"])
 
 
 def rich_table(s: dict[str, Any]) -> Table:

@@ -141,8 +141,10 @@ def target_recipe(recipe: Recipe, target: BenchTarget) -> Recipe:
 def bench_recipe(recipe: Recipe) -> Recipe:
     """A copy of the recipe with the family's `resolve` applied: with model.checkpoint, the architecture `split`
     would build from that checkpoint (its config only, no weights), or a one-line error when it cannot."""
-    copy = validate_recipe(recipe.to_dict(), "recipe")
-    get_family(copy.model.family).resolve(copy)
+    copy = validate_recipe(recipe.to_dict(), "recipe").mark_given(recipe.given)
+    family = get_family(copy.model.family)
+    family.check_training(copy)  # bench steps as train does: an option train would refuse is refused here too
+    family.resolve(copy)
     # Settled, the recipe describes the checkpoint's architecture: the networks are built (and the source's depth
     # counted on the meta device) from it alone, as for a fresh model; weights never change memory or time.
     copy.model.checkpoint = None
@@ -514,9 +516,12 @@ def checkpointing_ratios(targets: list[BenchTarget], value: dict[str, float], un
     return {"checkpointing": out}
 
 
-def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_block: bool = True) -> dict[str, Any]:
+def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_block: bool = True,
+                 skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Exact bytes of parameters, gradients, optimizer state and EMA of each block and of e2e, built on the
     meta device: no memory is allocated, so any size works (activations are not included).
+
+    `skip`: target names not to build (as `bench_memory`'s); the ratios that need one of them are None.
 
     Optimizer state is what the recipe's optimizer keeps per trainable parameter once it has stepped:
     two moments for Adam/AdamW, one momentum buffer for SGD. The checkpointed targets hold the same
@@ -527,7 +532,11 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
     per_param = optimizer_moments(recipe)
     out: dict[str, Any] = {"recipe": recipe.name, "blocks": blocks, "device": "meta (static)", "breakdown": {}}
     targets = bench_targets(recipe, blocks, checkpointing, every_block)
-    for target in targets:
+    unknown = sorted(set(skip) - {t.name for t in targets})
+    if unknown:
+        raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
+    out["skipped"] = list(skip)
+    for target in left_to_measure(targets, skip):  # nothing left is one line, as for the measured figures
         with torch.device("meta"):
             trainer = Trainer(recipe, target, torch.device("meta"))
         parts = trainer.breakdown()
@@ -541,9 +550,11 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
                                                           "bytes": int((2 + per_param) * layer * target.depth),
                                                           "P": layer}}
     rows = out["breakdown"]
-    out["e2e_static_bytes"] = rows["e2e"]["total_bytes"]
-    out["block_static_bytes"] = [rows[t.name]["total_bytes"] for t in targets if not t.e2e and not t.checkpointing]
-    out["ratio"] = out["e2e_static_bytes"] / max(out["block_static_bytes"])
+    out["e2e_static_bytes"] = rows["e2e"]["total_bytes"] if "e2e" in rows else None
+    out["block_static_bytes"] = [rows[t.name]["total_bytes"] for t in targets
+                                 if not t.e2e and not t.checkpointing and t.name in rows]
+    both = out["e2e_static_bytes"] is not None and out["block_static_bytes"]
+    out["ratio"] = out["e2e_static_bytes"] / max(out["block_static_bytes"]) if both else None
     if checkpointing:
         out.update(checkpointing_ratios(targets, {n: r["total_bytes"] for n, r in rows.items()}, "bytes"))
     return out
@@ -610,8 +621,13 @@ def bench_speed(
     data = [t.to(dev) for t in family.synthetic_batch(recipe, batch, gen)]
     left = left_to_measure(targets, skip)
     # whole decodes first: a bad --decode-tokens is reported before any step is timed
+    if decode_tokens is not None and not decoding:
+        raise DbconvertError("--decode-tokens sets the decoding rows, which --no-decoding leaves out; drop one of them")
     decode = family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress) \
         if decoding else None
+    if decode is None and decode_tokens is not None:  # the family has no unit-by-unit decoding for this recipe
+        raise DbconvertError(f"--decode-tokens does not apply to {recipe.name} (its runs do not decode token by "
+                             "token, so there are no decoding rows to time); drop it")
     trainers = [Trainer(recipe, t, dev) for t in left]
     plain = [tr for tr in trainers if not tr.target.checkpointing and tr.target.objective == "denoiser"]
     samplers = {tr.target.name: tr.sampling_step(data) for tr in plain}
@@ -762,7 +778,8 @@ def static_report(r: dict[str, Any]) -> list[Any]:
         g = row["app_g_static"]
         table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", gib(row["parameters"]), gib(row["gradients"]),
                       gib(row["optimizer_state"]), gib(row["ema"]), gib(row["total_bytes"]), f"{gib(g['bytes'])} = {g['formula']}")
-    lines: list[Any] = [table, f"ratio e2e / largest block (static part only): {r['ratio']:.2f}x",
+    ratio = "not measured" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+    lines: list[Any] = [table, f"ratio e2e / largest block (static part only): {ratio}",
                         *_ratio_lines(r, "static ratio")]
     if "checkpointing" in r:
         lines.append("a +ckpt network holds the same tensors as its twin: checkpointing changes activations only, which "

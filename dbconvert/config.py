@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from dbconvert.errors import RecipeError
 from dbconvert.schema import (BlocksConfig, DataConfig, ModelConfig, NoiseConfig, OutputConfig, SampleConfig, Section,
@@ -32,6 +32,21 @@ class Recipe(Section):
     train: TrainConfig
     sample: SampleConfig = Field(default_factory=SampleConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    _given: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The keys (`model.layers`, ...) the user set with `key.sub=value` overrides when the recipe was loaded.
+
+        Where a checkpoint's own config replaces the recipe's values, a size the user asked for that the checkpoint
+        contradicts is refused instead of silently replaced (`Family.source`). Not part of the recipe's data: the
+        manifest does not record it, and a recipe read back from a run has none."""
+        return self._given
+
+    def mark_given(self, keys: frozenset[str] | set[str] | list[str]) -> "Recipe":
+        """Record `keys` as given explicitly (see `given`); returns the recipe."""
+        self._given = frozenset(keys)
+        return self
 
     @field_validator("model", mode="wrap")
     @classmethod
@@ -182,7 +197,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         raise RecipeError(f"{origin}: the recipe must be a YAML mapping of sections (model, data, train, ...)")
     recipe = validate_recipe(apply_overrides(raw, overrides), origin)
     check_data_options(recipe, origin)
-    return recipe
+    return recipe.mark_given({".".join(path) for path, _ in parse_overrides(overrides)})
 
 
 def check_data_options(recipe: Recipe, origin: str = "recipe") -> None:

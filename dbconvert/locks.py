@@ -1,4 +1,5 @@
-"""One lock file per trained block: two processes never train the same block at once.
+"""One lock file per trained block: two processes never train the same block at once (and `split` never
+replaces a run while one of its blocks is being trained, nor writes a run folder another split is writing).
 
 The lock is a small JSON file (`RUN/blocks/block-02/train.lock`) holding the owner's pid,
 host, start time and a random token. It is created complete or not at all (written to a
@@ -81,17 +82,20 @@ def describe(owner: dict[str, Any]) -> str:
 
 
 @contextmanager
-def hold(path: Path, what: str, note: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+def hold(path: Path, what: str, note: Callable[[str], None] | None = None,
+         doing: str = "trained") -> Iterator[dict[str, Any]]:
     """Take the lock at `path` for the duration of the block (released on any exit but SIGKILL)."""
-    owner = acquire(path, what, note)
+    owner = acquire(path, what, note, doing)
     try:
         yield owner
     finally:
         release(path, owner)
 
 
-def acquire(path: Path, what: str, note: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Create the lock file or fail with a one-line LockedError naming the owner."""
+def acquire(path: Path, what: str, note: Callable[[str], None] | None = None,
+            doing: str = "trained") -> dict[str, Any]:
+    """Create the lock file or fail with a one-line LockedError naming the owner (`what` is already being `doing`
+    by it: `trained` for a block's lock, `written` for a split's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     me = _owner()
@@ -113,7 +117,7 @@ def acquire(path: Path, what: str, note: Callable[[str], None] | None = None) ->
                 raise LockedError(f"{what} is locked by {path}, which cannot be read; delete it if no process is training")
             if not is_stale(held):
                 raise LockedError(
-                    f"{what} is already being trained by {describe(held)} (lock {path}); wait for it, "
+                    f"{what} is already being {doing} by {describe(held)} (lock {path}); wait for it, "
                     "or delete the lock file if that process is gone"
                 )
             if _take_over(path, held):
@@ -154,6 +158,27 @@ def current_owner(path: Path) -> dict[str, Any] | None:
     if not held or is_stale(held):
         return None
     return held
+
+
+def model_locks(run_root: Path) -> list[Path]:
+    """The paths of every training lock a run folder can hold: one per folder under blocks/ and one per other
+    top-level folder (e2e, the family's reference, ...), whether or not the lock exists now."""
+    root = Path(run_root)
+    if not root.is_dir():
+        return []
+    blocks = root / "blocks"
+    folders = sorted(p for p in blocks.iterdir() if p.is_dir()) if blocks.is_dir() else []
+    folders += sorted(p for p in root.iterdir() if p.is_dir() and p != blocks)
+    return [folder / LOCK_NAME for folder in folders]
+
+
+def training_owner(run_root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(lock, live owner) of a training running in the run folder, or None (no lock, or only stale ones)."""
+    for path in model_locks(run_root):
+        owner = current_owner(path)
+        if owner is not None:
+            return path, owner
+    return None
 
 
 # --- staging folders ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ The current run is remembered in `.dbconvert/current-run` of the working directo
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,12 +80,23 @@ MANIFEST_KEYS = ("family", "num_layers", "num_blocks", "partition", "gamma", "bo
 """What every manifest split writes holds; a manifest without one of them is damaged (e.g. truncated)."""
 
 
+def folder_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Run:
     """An opened run directory: its manifest, resolved recipe and paths."""
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
+        self.folder_id = folder_identity(root)
+        """The folder's identity when opened: `split --force` puts a new folder at the same path (`replaced`)."""
         self._said_no_ema: set[str] = set()
         self.recipe: Recipe = validate_recipe(manifest["recipe"], f"{root / MANIFEST} recipe")
         self.blocks = [
@@ -121,6 +133,10 @@ class Run:
             return cls(root, manifest)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise RunError(f"{path} is damaged ({type(exc).__name__}: {first_line(exc, 80)}); split again") from None
+
+    def replaced(self) -> bool:
+        """Whether the folder at `root` is no longer the one this run was opened from (a split replaced it)."""
+        return folder_identity(self.root) != self.folder_id
 
     # -- settings --------------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ from dbconvert.checkpoint import current_umask, save_weights
 from dbconvert.config import Recipe
 from dbconvert.errors import RecipeError, RunError
 from dbconvert.families import Family, get_family
-from dbconvert.locks import disown, make_staging, stale_staging
+from dbconvert.families.contract import Source
+from dbconvert import locks
+from dbconvert.locks import LockedError, disown, make_staging, stale_staging
 from dbconvert.noise_process import owned_ranges
 from dbconvert.rundir import FORMAT_VERSION, MANIFEST, ORIENTATION, BlockInfo, Run, set_current, write_manifest
 from dbconvert.source_ref import checkpoint_digest, reference_record, write_key_map
@@ -157,6 +159,46 @@ def replace_run(staging: Path, out: Path) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
+def split_lock(out: Path) -> Path:
+    """The lock a split holds while it writes `out` (beside it: `.NAME.split.lock`), so two splits to one folder
+    never both report a run written."""
+    return out.parent / f".{out.name}.split.lock"
+
+
+def check_out(out: Path, force: bool) -> None:
+    """One-line refusals of `out` as a split's target: a run without --force, a folder that is not a run, a run of
+    which a block (or e2e, ...) is being trained now."""
+    if (out / MANIFEST).exists() and not force:
+        raise RunError(f"{out} already holds a run; pass --force to replace it or --out DIR for another folder")
+    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise RunError(f"{out} exists and is not an empty folder or a dbconvert run; choose another --out")
+    training = locks.training_owner(out)
+    if training is not None:
+        lock, owner = training
+        raise RunError(f"{out} cannot be replaced: {lock.parent.name} is being trained by {locks.describe(owner)} "
+                       f"(lock {lock}); wait for that training to end (or stop it), then split again, or choose "
+                       "another --out")
+
+
+def take_training_locks(out: Path) -> list[tuple[Path, dict]]:
+    """Every training lock of the run at `out` taken by this split, so no training starts on the run it is about to
+    replace; a training running now is a one-line refusal (the locks taken so far are released)."""
+    taken: list[tuple[Path, dict]] = []
+    try:
+        for path in locks.model_locks(out):
+            taken.append((path, locks.acquire(path, f"{path.parent.name} of {out}")))
+    except LockedError:
+        release_all(taken)
+        check_out(out, force=True)  # the refusal that names the training
+        raise
+    return taken
+
+
+def release_all(taken: list[tuple[Path, dict]]) -> None:
+    for path, owner in taken:
+        locks.release(path, owner)
+
+
 def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True,
           progress: bool = False, copy_source: bool = False) -> Run:
     """Open the source network, cut it into blocks and write a new run directory.
@@ -166,23 +208,36 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
     by reference (`source_ref.py`) unless `copy_source` asks for a copy inside the run; a fresh network is
     always copied (there is no file to point at). The run is assembled in a temporary sibling folder and renamed
     into place at the end, so a failed or killed split never leaves a half-written run, and an existing run is
-    only replaced when `force` is set. `progress` shows the tensors being written (MiB/s).
+    only replaced when `force` is set, and never while one of its blocks is being trained (`locks.py`). The split
+    holds a lock beside `out` while it writes, so a second split to the same folder refuses instead of both
+    reporting a run written. `progress` shows the tensors being written (MiB/s).
     """
-    from dbconvert.progress import progress as show
-
     family = get_family(recipe.model.family)
     check_noise_process(family, recipe)
+    family.check_training(recipe)  # a training option the family would ignore: refused before anything is written
     family.check_data(recipe)
     out = Path(out) if out is not None else recipe.output_dir()
-    if (out / MANIFEST).exists() and not force:
-        raise RunError(f"{out} already holds a run; pass --force to replace it or --out DIR for another folder")
-    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
-        raise RunError(f"{out} exists and is not an empty folder or a dbconvert run; choose another --out")
+    check_out(out, force)
 
     source = family.source(recipe)
     bounds, plans = plan_blocks(recipe, source.num_layers)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    with locks.hold(split_lock(out), f"run folder {out}", doing="written"):
+        check_out(out, force)  # again, now that no other split can write it: one may have finished meanwhile
+        write_run(family, recipe, source, bounds, plans, out, force, progress, copy_source)
+    if make_current:
+        set_current(out)
+    return Run.open(out)
+
+
+def write_run(family: Family, recipe: Recipe, source: Source, bounds: list[float], plans: list[dict], out: Path,
+              force: bool, progress: bool, copy_source: bool) -> None:
+    """Assemble the run in a staging folder beside `out` and rename it into place (under the split's lock): onto
+    nothing or an empty folder, or, with `force`, in place of a run; whatever else appeared at `out` meanwhile (made
+    by a process that does not take the lock) is left alone and the split refuses."""
+    from dbconvert.progress import progress as show
+
     remove_stale_split_folders(out)
     staging = make_staging(out.parent, f".{out.name}.split-")
     try:
@@ -245,13 +300,23 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
         )
         disown(staging)  # it becomes the run: no owner file inside
         os.chmod(staging, 0o777 & ~current_umask())  # a new folder's permissions, not mkdtemp's private 0700
-        if out.exists():
-            replace_run(staging, out)
+        replacing = out.exists() and any(out.iterdir())
+        if replacing and not (force and (out / MANIFEST).exists()):
+            raise RunError(f"{out} was created by another process while this split ran; the new run was not written "
+                           "(choose another --out, or pass --force to replace a run)")
+        if replacing:
+            taken = take_training_locks(out)  # they move away with the old run
+            try:
+                replace_run(staging, out)
+            except BaseException:
+                release_all(taken)  # the old run is back in place (replace_run): its locks are free again
+                raise
         else:
-            staging.rename(out)
+            try:
+                staging.rename(out)  # onto nothing, or an empty folder; never onto a run
+            except OSError:  # filled in the instant since the check
+                raise RunError(f"{out} was created by another process while this split ran; the new run was not "
+                               "written (choose another --out, or pass --force to replace a run)") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    if make_current:
-        set_current(out)
-    return Run.open(out)

@@ -117,11 +117,13 @@ def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
 
 def training_recipe(run: Run, overrides: list[str] | None = None, steps: int | None = None,
                     epochs: float | None = None) -> Recipe:
-    """The run's recipe with training overrides and --steps / --epochs applied."""
+    """The run's recipe with training overrides and --steps / --epochs applied (an option the run's family would
+    ignore is a one-line error: `Family.check_training`)."""
     recipe = override_recipe(run.recipe, overrides, TRAIN_OVERRIDABLE)
     if steps is not None or epochs is not None:
         recipe = override_recipe(recipe, [f"train.steps={steps}" if steps else "train.steps=null",
                                           f"train.epochs={epochs}" if epochs else "train.epochs=null"], ("train",))
+    run.family().check_training(recipe)
     return recipe
 
 
@@ -155,6 +157,9 @@ def train(
         if dist.is_main:
             try:
                 owner = locks.acquire(lock_path, f"{target.name} of {run.root}", note)
+                if run.replaced():  # a split put a new run here after this one was opened: not the run asked for
+                    failure = (f"{run.root} was replaced by a new split after this training opened it; nothing was "
+                               "trained: start the training again")
             except DbconvertError as exc:
                 failure = str(exc)
         distributed.broadcast_error(dist, failure)

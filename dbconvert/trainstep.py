@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import types
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,15 +145,17 @@ class TrainingState:
         parts = micro_batches(batch, t.grad_accumulation)
         losses: list[torch.Tensor] = []
         totals: dict[str, float] = {}
-        for i, micro in enumerate(parts):
-            sync = i == len(parts) - 1 or not hasattr(forward, "no_sync")
-            with nullcontext() if sync else forward.no_sync():
-                loss, stats = self.loss(forward, micro, sigma_range, generator, shard)
-                losses.append(check(loss) if check else loss.detach())
-                self.scaler.scale(loss / len(parts)).backward()
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value / len(parts)
-        self.update(step)
+        device = self.trainable[0].device if self.trainable else torch.device("cpu")
+        with seeded_global_rng(generator, shard[0], device):  # dropout draws from the global RNG
+            for i, micro in enumerate(parts):
+                sync = i == len(parts) - 1 or not hasattr(forward, "no_sync")
+                with nullcontext() if sync else forward.no_sync():
+                    loss, stats = self.loss(forward, micro, sigma_range, generator, shard)
+                    losses.append(check(loss) if check else loss.detach())
+                    self.scaler.scale(loss / len(parts)).backward()
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value / len(parts)
+            self.update(step)
         return torch.stack(losses).mean(), totals
 
     def update(self, step: int) -> None:
@@ -168,6 +170,28 @@ class TrainingState:
         """One whole training step without data parallelism (what `bench` measures)."""
         self.model.train()
         return self.train_step(self.model, batch, sigma_range, generator, step)
+
+
+def global_rng_seed(generator: torch.Generator, rank: int = 0) -> int:
+    """The global RNG's seed for one training step: a pure function of the step's own generator seed (itself one of
+    (train.seed, step, target): `train.step_generator`) and the data-parallel rank, mixed so that the global stream
+    is not the generator's own."""
+    return (generator.initial_seed() * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407 + rank * 2_654_435_761) \
+        % (2**63 - 1)
+
+
+@contextmanager
+def seeded_global_rng(generator: torch.Generator, rank: int, device: torch.device) -> Iterator[None]:
+    """Run one training step with torch's global RNG (the CPU's, and the training device's) seeded from the step.
+
+    What draws from the global RNG inside a step (dropout: `nn.Dropout` takes no generator) is then deterministic
+    by seed, and a resumed run draws what an uninterrupted one drew at the same step. The global state is restored
+    afterwards, so nothing outside the step (and nothing of a run without dropout) draws anything different."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(global_rng_seed(generator, rank))
+        yield
 
 
 def micro_batches(batch: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]:

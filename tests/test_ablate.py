@@ -140,3 +140,17 @@ def test_the_memory_ablation_varies_one_memory_option_each() -> None:
     assert parse_values("memory", "fp32,ema-off") == ("fp32", "ema-off")
     with pytest.raises(DbconvertError, match="--values for memory"):
         parse_values("memory", "fp32,fp8")
+
+
+def test_a_masked_recipe_ablates_every_variant_with_its_bound(in_tmp: Path) -> None:
+    """Issue 34: the recipe's sampler steps reached eval bpc, which refused them after the first variant's training."""
+    from tests.families.llama_tiny import write_corpus
+    from tests.families.test_llama_masked import masked_overrides
+
+    overrides = masked_overrides(write_corpus(in_tmp), **{"model.layers": 2, "blocks.num": 2})
+    result = run_ablation("overlap", "md4-tiny-shakespeare", overrides, steps=1, out=in_tmp / "abl", num=2,
+                          values=[0.0, 0.1], progress=False, console=Console(file=io.StringIO()))
+    assert [row["value"] for row in result.rows] == [0.0, 0.1] and result.summary["metric"] == "bpc"
+    assert all(row["score"] > 0 for row in result.rows)
+    text = result.markdown.read_text()
+    assert "ema weights, sampling seed 0" in text and " steps, " not in text.split("samples per variant")[1][:40]

@@ -176,6 +176,20 @@ def test_static_covers_the_four() -> None:
     assert set(json.loads(plain.stdout)["breakdown"]) == {"block-0", "block-1", "e2e"}
 
 
+def test_static_honours_skip() -> None:
+    result = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
+                                 "--skip", "e2e", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data["breakdown"]) == {"block-0", "block-1", "block-0+ckpt", "e2e+ckpt"} and data["skipped"] == ["e2e"]
+    assert data["e2e_static_bytes"] is None and data["ratio"] is None and len(data["block_static_bytes"]) == 2
+    ck = data["checkpointing"]
+    assert ck["e2e_over_block_ckpt"] is None and ck["e2e_ckpt_over_block_ckpt"] > 1
+    table = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
+                                "--skip", "e2e"])
+    assert table.exit_code == 0 and "(static part only): not measured" in table.stdout
+
+
 def test_speed_times_the_checkpointed_training_steps() -> None:
     result = runner.invoke(app, ["bench", "speed", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2",
                                  "--batch", "4", "--repeats", "1", "--warmup", "0", "--json"])

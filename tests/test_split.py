@@ -100,3 +100,117 @@ def test_split_removes_the_staging_folders_of_killed_splits_but_not_of_running_o
     assert not (run.root / ".owner.json").exists()
     assert (run.root / "source" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert run.root.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+
+
+# --- writes that report success are never lost (issue 34) ------------------------------------------------------
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_split_force_refuses_while_a_block_of_the_run_is_being_trained(tiny_run: Run, tiny_recipe) -> None:  # noqa: ANN001
+    from dbconvert import locks
+    from tests.cli_helpers import assert_user_error, invoke
+    from tests.conftest import TINY_OVERRIDES
+
+    before = _files(tiny_run.root)
+    lock = tiny_run.model_dir("block-02") / locks.LOCK_NAME
+    with locks.hold(lock, "block-02"):  # a live train-block 2 (this process) on the run
+        before = _files(tiny_run.root)
+        result = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "--out", tiny_run.root, "--force")
+        assert_user_error(result, f"{tiny_run.root} cannot be replaced: block-02 is being trained by pid")
+        assert _files(tiny_run.root) == before
+    assert split(tiny_recipe, out=tiny_run.root, force=True).num_blocks == 4  # once it ends, --force replaces
+
+
+def test_a_training_that_starts_during_split_force_keeps_its_run(tiny_run: Run, tiny_recipe,  # noqa: ANN001
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbconvert import locks
+    from dbconvert.families.dit.family import DiTFamily
+
+    lock = tiny_run.model_dir("block-01") / locks.LOCK_NAME
+    held: list[dict] = []
+    real = DiTFamily.prepare_run
+
+    def start_training(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        held.append(locks.acquire(lock, "block-01"))  # train-block 1 starts while the new run is being written
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiTFamily, "prepare_run", start_training)
+    before = _files(tiny_run.root)
+    with pytest.raises(RunError, match="block-01 is being trained"):
+        split(tiny_recipe, out=tiny_run.root, force=True)
+    locks.release(lock, held[0])
+    assert _files(tiny_run.root) == {k: v for k, v in before.items()}  # the old run, its other locks released
+    assert not list(tiny_run.root.parent.glob(f".{tiny_run.root.name}.*"))  # no staging folder, no split lock
+
+
+def test_a_training_of_a_run_replaced_after_it_was_opened_trains_nothing(tiny_run: Run, tiny_recipe) -> None:  # noqa: ANN001
+    from dbconvert.errors import DbconvertError
+    from dbconvert.train import train_block
+
+    split(tiny_recipe, out=tiny_run.root, force=True)  # after `tiny_run` was opened
+    with pytest.raises(DbconvertError, match="was replaced by a new split after this training opened it"):
+        train_block(tiny_run, 2, progress=False)
+    assert not Run.open(tiny_run.root).status("block-02").trained
+
+
+def test_a_second_split_to_a_folder_being_written_refuses(in_tmp: Path, tiny_recipe) -> None:  # noqa: ANN001
+    from dbconvert import locks
+    from dbconvert.errors import DbconvertError
+    from dbconvert.split import split_lock
+
+    out = in_tmp / "run"
+    with locks.hold(split_lock(out), f"run folder {out}", doing="written"):  # another split at work
+        with pytest.raises(DbconvertError, match=f"run folder {out} is already being written by pid"):
+            split(tiny_recipe, out=out)
+    assert not out.exists()
+
+
+def test_two_splits_started_together_write_one_run_and_the_other_refuses(in_tmp: Path, tiny_recipe) -> None:  # noqa: ANN001
+    import threading
+
+    from dbconvert.errors import DbconvertError
+
+    out = in_tmp / "run"
+    start = threading.Barrier(2)
+    outcome: dict[str, object] = {}
+
+    def one(name: str) -> None:
+        recipe = tiny_recipe.model_copy(update={"name": name})
+        start.wait()
+        try:
+            outcome[name] = split(recipe, out=out, make_current=False).recipe.name
+        except DbconvertError as exc:
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    written = [name for name, got in outcome.items() if got == name]
+    refused = [got for got in outcome.values() if isinstance(got, DbconvertError)]
+    assert len(written) == 1 and len(refused) == 1, outcome
+    assert "already being written" in str(refused[0]) or "already holds a run" in str(refused[0])
+    assert Run.open(out).recipe.name == written[0]  # the run that was reported written is the one on disk
+
+
+def test_a_run_made_meanwhile_by_another_process_is_never_replaced(in_tmp: Path, tiny_recipe,  # noqa: ANN001
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbconvert.families.dit.family import DiTFamily
+
+    out = in_tmp / "run"
+    real = DiTFamily.prepare_run
+
+    def someone_writes_out(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        (out / "blocks").mkdir(parents=True)  # a folder that appears at `out` without taking the split's lock
+        (out / "blocks" / "theirs.txt").write_text("theirs")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiTFamily, "prepare_run", someone_writes_out)
+    with pytest.raises(RunError, match="was created by another process while this split ran"):
+        split(tiny_recipe, out=out)
+    assert _files(out) == {"blocks/theirs.txt": b"theirs"}
+    assert not list(in_tmp.glob(".run.*"))

@@ -57,6 +57,56 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_run: Run, tmp_path: P
     assert [r["loss"] for r in lines] == pytest.approx([r["loss"] for r in resumed])
 
 
+def test_dropout_is_deterministic_by_seed_and_resumes_exactly(in_tmp: Path) -> None:
+    """Issue 34: with model.dropout > 0 two copies of a run drew different dropout masks (an unseeded global RNG)."""
+    import shutil
+
+    from dbconvert.config import load_recipe
+    from dbconvert.split import split
+
+    recipe = load_recipe("vit-tiny-digits", ["model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                                             "model.dropout=0.3", "blocks.num=2", "train.steps=4", "train.epochs=null",
+                                             "train.batch_size=16", "train.warmup_steps=0", "train.log_every=1",
+                                             "train.checkpoint_every=2", "train.ema_decay=0.5",
+                                             "train.lr_schedule=constant"])  # stopping at 2 of 2 = interrupted
+    run = split(recipe, out=in_tmp / "a")
+    copy = Run.open(shutil.copytree(run.root, in_tmp / "b"))
+    resumed = Run.open(shutil.copytree(run.root, in_tmp / "c"))
+    torch.manual_seed(1)  # what else the process drew before does not matter
+    train_block(run, 0, progress=False)
+    torch.manual_seed(2)
+    train_block(copy, 0, progress=False)
+    train_block(resumed, 0, steps=2, progress=False)  # "interrupted" at the checkpoint of step 2
+    torch.manual_seed(3)
+    train_block(resumed, 0, steps=4, progress=False)
+    losses = [[json.loads(x)["loss"] for x in r.metrics_path("block-00").read_text().splitlines()]
+              for r in (run, copy, resumed)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1] == losses[2]
+    for other in (copy, resumed):
+        for name in ("model", "ema"):
+            a = load_weights(run.model_dir("block-00") / f"{name}.safetensors")
+            b = load_weights(other.model_dir("block-00") / f"{name}.safetensors")
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_steps_global_rng_is_seeded_by_the_step_and_restored_after() -> None:
+    from dbconvert.trainstep import seeded_global_rng
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    with seeded_global_rng(torch.Generator().manual_seed(5), 0, cpu):
+        first = torch.rand(4)
+    assert torch.equal(torch.random.get_rng_state(), before)  # draws outside a step are what they were
+    with seeded_global_rng(torch.Generator().manual_seed(5), 0, cpu):
+        assert torch.equal(torch.rand(4), first)
+    with seeded_global_rng(torch.Generator().manual_seed(5), 1, cpu):  # another data-parallel rank
+        assert not torch.equal(torch.rand(4), first)
+    with seeded_global_rng(torch.Generator().manual_seed(6), 0, cpu):  # another step
+        assert not torch.equal(torch.rand(4), first)
+    assert not torch.equal(first, torch.rand(4, generator=torch.Generator().manual_seed(5)))  # not the noise's stream
+
+
 def test_restart_starts_over_and_finished_block_is_a_noop(tiny_run: Run) -> None:
     train_block(tiny_run, 0, progress=False)
     again = train_block(tiny_run, 0, progress=False)

@@ -648,6 +648,13 @@ def bench_memory_cmd(
             return
         _print_report(fit_report(result))
         return
+    if static:  # the meta device holds no activations: what sets them, or where they would live, does not apply
+        given = [flag for flag, value in (("--batch", batch), ("--device", device)) if value is not None]
+        if given:
+            raise DbconvertError(f"{given[0]} does not apply to --static (exact tensor bytes on the meta device, no "
+                                 "activations); drop it, or drop --static to measure a step")
+    if options and skip:
+        raise DbconvertError("--options gives the deepest block and e2e under each memory option; drop --skip")
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
     if options:
         from dbconvert.bench_fit import option_table, options_report
@@ -662,7 +669,7 @@ def bench_memory_cmd(
         _print_report(options_report(result))
         return
     if static:
-        result = bench_static(resolved, blocks, checkpointing, every_block)
+        result = bench_static(resolved, blocks, checkpointing, every_block, skip=tuple(skip or ()))
         if as_json:
             typer.echo(json.dumps(result))
             return

@@ -318,7 +318,8 @@ def evaluate_mauve(
         raise DbconvertError(f"--num-prompts must be at least 2, got {num_prompts}")
     run.require_trained(model)
     s = resolve_sampler(run.recipe.sample, steps=steps, solver=solver, seed=seed, weights=weights)
-    solver, seed, weights = s.solver, s.seed, s.weights  # steps: None lets the decoding protocol choose them
+    seed, weights = s.seed, s.weights  # steps and solver: None lets the family choose (the decoding protocol's
+    # steps; a masked run's unmasking, which is no ODE solver and refuses one given)
     need = prompt_tokens + new_tokens
 
     family = run.family()

@@ -121,6 +121,10 @@ class Metric(ABC):
     settings_keys: ClassVar[tuple[str, ...]] = ()
     """Keys of the metric's result records, beyond those every metric records (`results.SETTINGS_KEYS`), that
     decide what was measured: two results differing in one are different evaluations (own files, own rows)."""
+    sampler_options: ClassVar[tuple[str, ...]] = SAMPLER_OPTIONS
+    """The `SAMPLER_OPTIONS` that `evaluate` takes (a metric that draws no samples, as bpc's bound, takes fewer):
+    `evaluation.evaluate` hands a metric only those, so `ablate` can score any family's runs with the recipe's
+    sampler."""
 
     def check(self, recipe: "Recipe", family: "Family", num: int) -> None:
         """A one-line error, before any training, when this metric cannot score the recipe's runs with `num`."""
@@ -129,7 +133,7 @@ class Metric(ABC):
 
     def accepts(self, option: str) -> bool:
         """Whether `evaluate` takes `option` (the sampler options, or one of the metric's own)."""
-        return option in SAMPLER_OPTIONS or any(o.name == option for o in self.options)
+        return option in self.sampler_options or any(o.name == option for o in self.options)
 
     def require(self, run: "Run") -> None:
         """A one-line error when the run's family does not list this metric."""

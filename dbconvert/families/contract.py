@@ -247,6 +247,12 @@ class Family(ABC):
 
     # -- training --------------------------------------------------------------------------
 
+    def check_training(self, recipe: "Recipe") -> None:
+        """A one-line error when the recipe's training options include one this family's objective for it would
+        ignore (e.g. a loss weight the masked objective has no use for). Called at split, before any training
+        (`train.training_recipe`) and by bench, so an option is refused before work rather than dropped silently.
+        Default: every shared training option applies."""
+
     @abstractmethod
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: "NoiseProcess") -> nn.Module:
         """Wrap a network into the family's denoiser (preconditioning + noise conditioning)."""

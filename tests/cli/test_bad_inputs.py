@@ -308,6 +308,45 @@ ROWS = [
         "--context does not apply"),
     Bad("damaged-output-temperature-file", ("train-block", "0", "--run", "lm", "-q"),
         "output_temperature.json is not a JSON object of block names and numbers", setup=damaged_temperatures),
+    # --- options that do not apply, overrides a checkpoint contradicts (issue 34)
+    Bad("loss-weight-on-a-masked-split", lambda root: ("split", *md4_recipe(root), "train.loss_weight=lambda",
+                                                       "--out", "new"),
+        "train.loss_weight=lambda does not apply to model.objective=masked"),
+    Bad("loss-weight-on-a-masked-run", ("train-block", "0", "train.loss_weight=uniform", "--run", "md4", "-q"),
+        "train.loss_weight=uniform does not apply to model.objective=masked", setup=lambda root: md4_run(root)),
+    Bad("temperature-on-masked-blocks", ("sample", "--run", "md4", "--temperature", "0.5"),
+        "--temperature does not apply to the blocks of a masked-diffusion run", setup=lambda root: md4_run(root)),
+    Bad("top-p-on-masked-e2e", ("sample", "--run", "md4", "--model", "e2e", "--top-p", "0.9"),
+        "--top-p does not apply to the e2e of a masked-diffusion run", setup=lambda root: md4_run(root)),
+    Bad("decode-tokens-on-a-masked-recipe", lambda root: (
+        "bench", "speed", *md4_recipe(root), "--blocks", "3", "--batch", "1", "--sampling-only", "--repeats", "1",
+        "--warmup", "0", "--decode-tokens", "0"), "--decode-tokens does not apply to md4-tiny-shakespeare"),
+    Bad("decode-tokens-on-an-image-recipe", ("bench", "speed", *DIT, "--blocks", "2", "--batch", "1", "--sampling-only",
+                                             "--repeats", "1", "--warmup", "0", "--decode-tokens", "100000"),
+        "--decode-tokens does not apply to dit-tiny-digits"),
+    Bad("decode-tokens-on-a-classifier-recipe", lambda root: (
+        "bench", "speed", *vit_recipe(), "--blocks", "3", "--batch", "1", "--sampling-only", "--repeats", "1",
+        "--warmup", "0", "--decode-tokens", "-3"), "--decode-tokens does not apply to vit-tiny-digits"),
+    Bad("decode-tokens-with-no-decoding", lambda root: (
+        "bench", "speed", *llama_recipe(root), "--blocks", "2", "--batch", "1", "--sampling-only", "--repeats", "1",
+        "--warmup", "0", "--no-decoding", "--decode-tokens", "4"), "which --no-decoding leaves out"),
+    Bad("batch-with-static-memory", ("bench", "memory", *DIT, "--static", "--batch", "4"),
+        "--batch does not apply to --static"),
+    Bad("skip-with-static-options", ("bench", "memory", *DIT, "--static", "--options", "--skip", "e2e"),
+        "drop --skip"),
+    Bad("solver-on-the-plain-classifier", ("eval", "accuracy", "--run", "vit", "--model", "classifier", "--solver",
+                                           "heun"), "--solver applies to the denoisers (blocks, e2e), not to --model "
+        "classifier", setup=lambda root: vit_run(root)),
+    Bad("solver-on-the-converted-classifier", ("sample", "--run", "vit", "--model", "source", "--solver", "heun"),
+        "--solver applies to the denoisers", setup=lambda root: vit_run(root)),
+    Bad("llama-sizes-the-checkpoint-contradicts", lambda root: (
+        "split", *llama_recipe(root), "model.checkpoint=hf", "model.layers=2", "model.hidden=64", "--out", "new"),
+        "model.layers=2 (the checkpoint has 4), model.hidden=64 (the checkpoint has 32)",
+        setup=lambda root: hf_checkpoint(root)),
+    Bad("split-force-while-a-block-trains", ("split", *DIT, "--out", "run", "--force"),
+        "run cannot be replaced: block-02 is being trained by pid", setup=lambda root: training_block_2(root)),
+    Bad("split-to-a-folder-another-split-writes", ("split", *DIT, "--out", "new"),
+        "run folder new is already being written by pid", setup=lambda root: splitting_into_new(root)),
 ]
 
 
@@ -359,3 +398,56 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(row: Bad, workspace: P
     before = snapshot(root)
     assert_user_error(invoke(*args), row.match)
     assert snapshot(root) == before
+
+
+# --- setups of the issue 34 rows (defined here, after the table, so the rows above call them lazily) ----------
+
+
+def md4_recipe(root: Path) -> tuple[str, ...]:
+    from tests.families.test_llama_masked import masked_overrides
+
+    return ("md4-tiny-shakespeare", *masked_overrides(root / "corpus.txt"))
+
+
+def md4_run(root: Path) -> None:
+    """A masked-diffusion run `md4` (split, untrained: the refusals come before any model is read)."""
+    from dbconvert.config import load_recipe
+    from dbconvert.split import split
+
+    split(load_recipe(md4_recipe(root)[0], list(md4_recipe(root)[1:])), out=root / "md4", make_current=False)
+
+
+def vit_recipe() -> tuple[str, ...]:
+    from tests.families.test_vit import TINY
+
+    return ("vit-tiny-digits", *TINY)
+
+
+def vit_run(root: Path) -> None:
+    """A ViT run `vit` (split, untrained)."""
+    from dbconvert.config import load_recipe
+    from dbconvert.split import split
+
+    split(load_recipe(vit_recipe()[0], list(vit_recipe()[1:])), out=root / "vit", make_current=False)
+
+
+def hf_checkpoint(root: Path) -> None:
+    """A 4-layer, 32-wide transformers Llama in `hf` (the tiny recipe's sizes: a contradiction must be asked for)."""
+    from tests.families.test_llama import hf_llama
+
+    hf_llama(root / "hf")
+
+
+def training_block_2(root: Path) -> None:
+    """Block 2 of `run` held by a live training (this process's pid in its lock)."""
+    from dbconvert import locks
+
+    locks.acquire(root / "run" / "blocks" / "block-02" / locks.LOCK_NAME, "block-02")
+
+
+def splitting_into_new(root: Path) -> None:
+    """A live split writing the folder `new` (its lock beside it)."""
+    from dbconvert import locks
+    from dbconvert.split import split_lock
+
+    locks.acquire(split_lock(root / "new"), "run folder new", doing="written")

@@ -133,3 +133,21 @@ def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
     assert_user_error(invoke("eval", "fid", "--num", "70", "-q"), "eval fid does not apply to this llama run; use eval mauve")
     assert_user_error(invoke("sample", "--guidance", "2", "-q"), "--guidance does not apply to a llama run")
     assert_user_error(invoke("sample", "--class", "2", "-q"), "--class does not apply to a llama run")
+
+
+def test_cli_mauve_of_a_masked_run_samples_by_unmasking(in_tmp: Path) -> None:
+    """Issue 34: every masked run failed with "drop --solver" though no --solver was given (the recipe's was passed)."""
+    from tests.families.llama_tiny import write_corpus
+    from tests.families.test_llama_masked import masked_overrides
+
+    overrides = masked_overrides(write_corpus(in_tmp), **{"model.layers": 2, "blocks.num": 2, "train.steps": 1})
+    assert invoke("split", "md4-tiny-shakespeare", *overrides, "--out", "md4").exit_code == 0
+    for i in (0, 1):
+        assert invoke("train-block", str(i), "-q").exit_code == 0
+    args = ("eval", "mauve", "--prompt-tokens", "4", "--new-tokens", "4", "--num-prompts", "3",
+            "--samples-per-prompt", "1", "--featurizer", "minilm", "--seeds", "1", "-q")
+    res = invoke(*args, "--json")
+    assert res.exit_code == 0, res.output
+    saved = json.loads(res.stdout.strip().splitlines()[-1])
+    assert saved["sampler"]["solver"] == "unmask" and saved["sampler"]["name"].startswith("ancestral unmasking")
+    assert_user_error(invoke(*args, "--solver", "heun"), "--solver does not apply to the blocks of a masked-diffusion")

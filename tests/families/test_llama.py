@@ -18,6 +18,7 @@ from dbconvert.families.llama.objective import LlamaDenoiser
 from dbconvert.families.llama.model import LlamaBlockNet, block_diffusion_mask
 from dbconvert.noise import NoiseSettings
 
+from tests.cli_helpers import assert_user_error
 from tests.families.llama_tiny import CORPUS, tiny_overrides  # noqa: E402  (shared with the hardening tests)
 
 
@@ -104,6 +105,26 @@ def test_checkpoint_errors(tmp_path: Path, corpus: Path) -> None:
     (tmp_path / "hf" / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         family.source(ckpt_recipe(tmp_path / "hf", corpus))
+
+
+def test_checkpoint_replaces_the_recipes_sizes_but_refuses_sizes_given_that_differ(in_tmp: Path, corpus: Path) -> None:
+    """Issue 34: model.layers=2 model.hidden=64 with a 4 x 32 checkpoint was split as 4 x 32 without a word."""
+    hf_llama(in_tmp / "hf")
+    family = get_family("llama")
+    shipped = load_recipe("llama-tiny-shakespeare")
+    recipe = load_recipe("llama-tiny-shakespeare", [f"model.checkpoint={in_tmp / 'hf'}", f"data.source={corpus}"])
+    assert (shipped.model.layers, shipped.model.hidden) != (4, 32)
+    assert recipe.given == {"model.checkpoint", "data.source"}
+    family.resolve(recipe)  # the recipe's own sizes (not given) are the checkpoint's
+    assert (recipe.model.layers, recipe.model.hidden, recipe.model.vocab_size) == (4, 32, 300)
+    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{
+        "model.checkpoint": in_tmp / "hf", "model.layers": 2, "model.hidden": 64, "model.rope_theta": 500}))
+    assert_user_error(result, "model.layers=2 (the checkpoint has 4), model.hidden=64 (the checkpoint has 32); drop")
+    assert "rope_theta" not in result.stderr  # given, and the same as the checkpoint's
+    assert not (in_tmp / "runs").exists()
+    bench = invoke("bench", "memory", "llama-tiny-shakespeare", "--static", *tiny_overrides(corpus, **{
+        "model.checkpoint": in_tmp / "hf", "model.heads": 2}))
+    assert_user_error(bench, "model.heads=2 (the checkpoint has 4)")
 
 
 def test_context_longer_than_model_maximum(tmp_path: Path, corpus: Path) -> None:

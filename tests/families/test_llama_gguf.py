@@ -25,10 +25,12 @@ def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(folder: Path, layers: int = 4, max_pos: int = 256):
-    """A tiny Llama written as llama.cpp writes one (F32 tensors, byte-level BPE tokenizer in the metadata).
+def write_tiny_gguf(folder: Path, layers: int = 4, max_pos: int = 256, tokenizer: bool = True):
+    """A tiny Llama written as llama.cpp writes one (F32 tensors, byte-level BPE tokenizer in the metadata, unless
+    not `tokenizer`).
 
-    Returns (gguf path, the transformers model it holds, the tokenizer it holds as a tokenizers.Tokenizer)."""
+    Returns (gguf path, the transformers model it holds, the tokenizer it holds (or the file's own tokenizer would
+    have held) as a tokenizers.Tokenizer, saved as folder/bpe.json)."""
     gguf = pytest.importorskip("gguf", reason="the optional extra gguf (pip install 'dbconvert[gguf]') is not installed")
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,12 +59,13 @@ def write_tiny_gguf(folder: Path, layers: int = 4, max_pos: int = 256):
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(500.0)
     w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
-    w.add_eos_token_id(vocab["<|endoftext|>"])
-    w.add_add_bos_token(False)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * len(tokens))
+        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+        w.add_eos_token_id(vocab["<|endoftext|>"])
+        w.add_add_bos_token(False)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     for i in range(layers):
@@ -109,6 +112,32 @@ def test_a_gguf_file_converts_like_a_hugging_face_folder_with_its_tokenizer(in_t
     assert tok.eos_id == ref_tok.token_to_id("<|endoftext|>")
     assert any(n.startswith("context: training and sampling use model.context = 16 tokens (the recipe's), not the "
                             "checkpoint's 256") for n in run.notes)
+
+
+def test_a_gguf_file_without_a_tokenizer_takes_the_one_named(in_tmp: Path) -> None:
+    """Issue 34: model.tokenizer=PATH is what the refusal asks for, so once it is set the split goes through."""
+    from dbconvert.tokenizer import run_tokenizer
+
+    path, _, ref_tok = write_tiny_gguf(in_tmp / "gg", tokenizer=False)
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    args = ("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": str(path)}))
+    assert_user_error(invoke(*args, "--out", "run"), "its tokenizer could not be rebuilt")
+    assert not (in_tmp / "run").exists()
+    result = invoke(*args, f"model.tokenizer={in_tmp / 'gg' / 'bpe.json'}", "--out", "run")
+    assert result.exit_code == 0, result.output
+    text = "ROMEO:\nBut soft, what light"
+    assert run_tokenizer(in_tmp / "run" / "shared").encode(text) == ref_tok.encode(text).ids
+
+
+def test_sizes_given_that_a_gguf_file_contradicts_are_one_line(in_tmp: Path) -> None:
+    path, _, _ = write_tiny_gguf(in_tmp / "gg")
+    corpus = in_tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    result = invoke("split", "llama-tiny-shakespeare",
+                    *tiny_overrides(corpus, **{"model.checkpoint": str(path), "model.layers": 2}), "--out", "run")
+    assert_user_error(result, "model.layers=2 (the checkpoint has 4)")
+    assert not (in_tmp / "run").exists()
 
 
 def test_a_gguf_file_without_the_extra_is_one_line_naming_it(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,7 +57,8 @@ def test_converted_checkpoint_layers_compute_the_source_layers_under_full_attent
 
     hf = hf_llama(tmp_path / "hf", vocab=300)
     corpus = write_corpus(tmp_path)
-    recipe = load_recipe("md4-tiny-shakespeare", masked_overrides(corpus, **{"model.checkpoint": tmp_path / "hf"}))
+    recipe = load_recipe("md4-tiny-shakespeare", masked_overrides(corpus, **{"model.checkpoint": tmp_path / "hf",
+                                                                            "model.layers": 4}))  # the checkpoint's
     family = get_family("llama")
     source = family.source(recipe)
     assert any("bidirectionally" in note for note in source.notes)  # said at split (manifest, split, info)

@@ -191,6 +191,31 @@ def test_euler_steps_towards_the_softmax_mean_of_the_table() -> None:
     torch.testing.assert_close(seen[1][2], z0 + (0.5 - 10.0) * (z0 - table[0]) / 10.0)
 
 
+def test_heun_adds_the_trapezoid_correction_with_the_model_owning_the_next_level() -> None:
+    from dbconvert.families.vit.objective import classify_steps
+    from dbconvert.solvers import heun
+
+    table = torch.eye(3)
+    seen = []
+
+    def logits_of(k: int, z: torch.Tensor, s: float) -> torch.Tensor:
+        seen.append((k, s, z.clone()))
+        return torch.tensor([[50.0, 0.0, 0.0]]) if k == 0 else torch.tensor([[0.0, 50.0, 0.0]])
+
+    def denoised(lg: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(lg, -1) @ table
+
+    z0 = torch.tensor([[1.0, 2.0, 3.0]])
+    out = classify_steps(logits_of, denoised, [(1.0, 10.0), (0.1, 1.0)], [10.0, 0.5], z0, heun)
+    # level 10 (block 0), Heun's correction at 0.5 (block 1), then level 0.5 (block 1) at the corrected z
+    assert [(k, s) for k, s, _ in seen] == [(0, 10.0), (1, 0.5), (1, 0.5)] and len(out) == 2
+    d0 = (z0 - table[0]) / 10.0
+    euler = z0 + (0.5 - 10.0) * d0
+    torch.testing.assert_close(seen[1][2], euler)
+    corrected = z0 + (0.5 - 10.0) * 0.5 * (d0 + (euler - table[1]) / 0.5)
+    torch.testing.assert_close(seen[2][2], corrected)
+
+
 def test_lambda_weighted_cross_entropy_and_its_uniform_option() -> None:
     from dbconvert.families import get_family
     from dbconvert.families.vit.objective import diffusion_loss
@@ -231,6 +256,10 @@ def test_split_train_eval_sample_export_through_the_cli(in_tmp: Path) -> None:
     ref = json.loads(invoke("eval", "accuracy", "--model", "classifier", "--json").stdout)
     assert len(ref["per_step_top1"]) == 1
     assert_user_error(invoke("eval", "accuracy", "--model", "classifier", "--steps", "2"), "--steps applies")
+    heun = json.loads(invoke("eval", "accuracy", "--solver", "heun", "--json").stdout)  # honoured, not dropped
+    assert heun["sampler"]["solver"] == "heun" and "-heun3-" in Path(heun["file"]).name
+    assert "solver" not in blocks["sampler"] and Path(blocks["file"]).is_file()  # Euler's record and name unchanged
+    assert heun["per_step_top1"][0] == blocks["per_step_top1"][0]  # the first level is the same evaluation
 
     images = in_tmp / "imgs"
     images.mkdir()

@@ -138,6 +138,11 @@ class DiTFamily(Family):
             )
         return data
 
+    def check_training(self, recipe: "Recipe") -> None:
+        if recipe.train.loss_weight not in ("default", "lambda"):
+            raise DbconvertError(f"train.loss_weight={recipe.train.loss_weight} is a text-family option; DiT trains "
+                                 "with EDM's lambda(sigma) (use default or lambda)")
+
     def training_loss(
         self,
         denoiser: nn.Module,
@@ -147,9 +152,7 @@ class DiTFamily(Family):
         generator: torch.Generator,
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        if recipe.train.loss_weight not in ("default", "lambda"):
-            raise DbconvertError(f"train.loss_weight={recipe.train.loss_weight} is a text-family option; DiT trains "
-                                 "with EDM's lambda(sigma) (use default or lambda)")
+        self.check_training(recipe)
         return edm_loss(denoiser, batch, sigma_range, recipe.train.label_dropout, generator, shard)  # type: ignore[arg-type]
 
     def check_export(self, model: str, out: Path) -> None:

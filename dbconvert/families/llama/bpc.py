@@ -127,6 +127,7 @@ class BPCMetric(Metric):
     title = "bits per character"
     lower_is_better = True
     num_option = "max_rows"
+    sampler_options = ("seed", "weights")  # a bound over times, not a sampler: no steps, no solver
     help = ("Masked-diffusion runs: the ELBO bound in bits per character (per token, with perplexity, where the "
             "tokenizer is not character-level) on the held-out rows, blocks or e2e, with its Monte-Carlo spread.")
     options = (

@@ -214,8 +214,12 @@ def weight_files(folder: Path) -> list[Path]:
                           "save_pretrained")
 
 
-def config_from_hf(cfg: "LlamaConfig", hf: Any) -> "LlamaConfig":
-    """The recipe's model section with the architecture taken from the checkpoint's config."""
+def config_from_hf(cfg: "LlamaConfig", hf: Any, given: frozenset[str] = frozenset()) -> "LlamaConfig":
+    """The recipe's model section with the architecture taken from the checkpoint's config.
+
+    The checkpoint's values replace the recipe's defaults; a key in `given` (the `model.*` fields the user set on
+    the command line, `Recipe.given`) that the checkpoint contradicts is a one-line error naming each such key with
+    both values, rather than a run of another size than the one asked for."""
     fields = {
         "layers": hf.num_hidden_layers,
         "hidden": hf.hidden_size,
@@ -233,10 +237,27 @@ def config_from_hf(cfg: "LlamaConfig", hf: Any) -> "LlamaConfig":
         "mlp_bias": bool(getattr(hf, "mlp_bias", False)),
         "tie_embeddings": bool(hf.tie_word_embeddings),
     }
+    check_given(cfg, fields, given)
     try:
         return LlamaConfig.model_validate({**cfg.model_dump(), **fields})
     except ValidationError as exc:
         raise RecipeError(f"checkpoint {cfg.checkpoint}: {one_line(exc)}") from None
+
+
+def check_given(cfg: "LlamaConfig", found: dict[str, Any], given: frozenset[str]) -> None:
+    """A one-line error listing every explicitly given `model.*` value that the checkpoint's config contradicts."""
+    def differs(key: str) -> bool:
+        mine, theirs = getattr(cfg, key), found[key]
+        if isinstance(theirs, float) and isinstance(mine, (int, float)):
+            return not math.isclose(float(mine), theirs, rel_tol=1e-9, abs_tol=0.0)
+        return mine != theirs
+
+    keys = [key for key in found if f"model.{key}" in given and differs(key)]
+    if keys:
+        said = ", ".join(f"model.{key}={getattr(cfg, key)} (the checkpoint has {found[key]})" for key in keys)
+        raise RecipeError(f"checkpoint {cfg.checkpoint} contradicts what was asked for: {said}; drop "
+                          f"{'that override' if len(keys) == 1 else 'those overrides'} (the checkpoint's config sets "
+                          "the architecture) or give a checkpoint of that architecture")
 
 
 def new_parameters(shape: LlamaShape, seed: int) -> dict[str, torch.Tensor]:

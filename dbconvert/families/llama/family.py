@@ -103,6 +103,11 @@ def check_mask_room(cfg: LlamaConfig) -> None:
         mask_token_id(Tokenizer(path), cfg.vocab_size, vocab_from(cfg))
 
 
+def needs_checkpoint_tokenizer(cfg: LlamaConfig) -> bool:
+    """Whether the run's tokenizer must come from the checkpoint (neither model.tokenizer nor model.train_tokenizer)."""
+    return cfg.tokenizer is None and not cfg.train_tokenizer
+
+
 def vocab_from(cfg: LlamaConfig) -> str | None:
     """What fixed the vocabulary size when it is not the recipe's to change (for the tokenizer check's hint)."""
     return f"the checkpoint's config.json ({cfg.checkpoint})" if cfg.checkpoint else None
@@ -182,13 +187,13 @@ class LlamaFamily(Family):
             source = Source.of_network(net, shape.num_layers, shape=shape)
             source.state = resolve_storage_dtype(cfg, source.state, fresh=True)
             return source
-        hf_cfg, hf_state, files = open_hf_checkpoint(checkpoint_folder(cfg.checkpoint))
+        hf_cfg, hf_state, files = open_hf_checkpoint(checkpoint_folder(cfg.checkpoint, needs_checkpoint_tokenizer(cfg)))
         notes = []
         if is_gguf(cfg.checkpoint):  # the run points at the GGUF file, not the temporary folder
             files = [Path(cfg.checkpoint).expanduser()]
             notes.append("a GGUF file is dequantised whole by transformers (into a temporary folder) before the split "
                          "streams it")
-        cfg = config_from_hf(cfg, hf_cfg)
+        cfg = config_from_hf(cfg, hf_cfg, recipe.given)
         recipe.model = cfg  # the manifest records the checkpoint's architecture, so blocks rebuild without it
         shape = cfg.shape()
         state = hf_source_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
@@ -202,7 +207,7 @@ class LlamaFamily(Family):
         """With model.checkpoint: the architecture of its config.json, as `source` records it (weights not read)."""
         cfg = _cfg(recipe)
         if cfg.checkpoint is not None:
-            recipe.model = config_from_hf(cfg, read_hf_config(cfg.checkpoint))
+            recipe.model = config_from_hf(cfg, read_hf_config(cfg.checkpoint), recipe.given)
 
     writes_random_checkpoints = True
 
@@ -254,7 +259,8 @@ class LlamaFamily(Family):
         table = target_table(source.state["embed_tokens.weight"].to(torch.float32), cfg.target_dim)
         save_weights(shared / TARGETS_FILE, {"table": table})
         room = 1 if is_masked(recipe) else 0  # a trained BPE leaves one row for [MASK]
-        folder = str(checkpoint_folder(cfg.checkpoint)) if cfg.checkpoint else None  # a GGUF file's dequantised folder
+        folder = (str(checkpoint_folder(cfg.checkpoint, needs_checkpoint_tokenizer(cfg)))  # a GGUF file's dequantised
+                  if cfg.checkpoint else None)
         tok = prepare_run_tokenizer(shared, cfg.tokenizer, folder, cfg.train_tokenizer,
                                     lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size - room,
                                     cfg.tokenizer_type)
@@ -354,6 +360,13 @@ class LlamaFamily(Family):
         tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
         return load_text(recipe.data, tok, cfg.context, split)
 
+    def check_training(self, recipe: "Recipe") -> None:
+        """The masked objective's weight is fixed by its bound (MD4's -alpha'(t) / (1 - alpha(t))): no other applies."""
+        if is_masked(recipe) and recipe.train.loss_weight != "default":
+            raise RecipeError(f"train.loss_weight={recipe.train.loss_weight} does not apply to model.objective=masked "
+                              "(its cross-entropy is weighted by -alpha'(t) / (1 - alpha(t)), MD4's ELBO, so that "
+                              "eval bpc is a bound); drop it")
+
     def training_loss(
         self,
         denoiser: nn.Module,
@@ -364,6 +377,7 @@ class LlamaFamily(Family):
         shard: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if is_masked(recipe):
+            self.check_training(recipe)
             return masked_loss(denoiser, batch[0], sigma_range, generator, shard)  # type: ignore[arg-type]
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
         return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting,  # type: ignore[arg-type]

@@ -391,8 +391,11 @@ def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok:
         raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {s.temperature} and {s.top_p}")
     solver = s.solver
     if request.model in DIFFUSION_MODELS and masked_run(run):
-        if request.solver is not None:
-            raise DbconvertError("a masked-diffusion run samples by ancestral unmasking; drop --solver")
+        given = [flag for flag, value in (("--solver", request.solver), ("--temperature", opts.temperature),
+                                          ("--top-p", opts.top_p)) if value is not None]
+        if given:  # the unmasking sampler draws each token from the model's distribution as it is
+            raise DbconvertError(f"{given[0]} does not apply to the {request.model} of a masked-diffusion run (it "
+                                 "samples by ancestral unmasking from the model's own distribution); drop it")
         solver = UNMASK
     context = context or int(run.recipe.model.context)  # type: ignore[attr-defined]
     return Decoding(max_new_tokens=opts.max_new_tokens, context=context,

@@ -14,6 +14,8 @@ function as the dequantised model, which is what llama.cpp computes only up to i
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import importlib.util
 import shutil
 import tempfile
@@ -24,6 +26,8 @@ from dbconvert.errors import CheckpointError, DbconvertError, first_line
 EXTRA = "pip install 'dbconvert[gguf]' (the packages gguf and accelerate)"
 
 _folders: dict[str, Path] = {}
+_tokenizer_errors: dict[str, str] = {}
+"""Why a GGUF file's tokenizer could not be rebuilt (by file), said when the run needs that tokenizer."""
 
 
 def is_gguf(checkpoint: str | Path | None) -> bool:
@@ -41,14 +45,18 @@ def require_extra(path: Path) -> None:
         raise DbconvertError(f"model.checkpoint {path} is a GGUF file; reading it needs the optional extra gguf: {EXTRA}")
 
 
-def hf_folder(checkpoint: str | Path) -> Path:
+def hf_folder(checkpoint: str | Path, need_tokenizer: bool = True) -> Path:
     """A save_pretrained folder (config.json, model.safetensors, tokenizer) of the GGUF file's model, dequantised.
 
-    Made once per process and file; removed when the process ends.
+    Made once per process and file; removed when the process ends. A tokenizer that cannot be rebuilt from the file
+    is an error only when `need_tokenizer` (no model.tokenizer given, no model.train_tokenizer): the folder then
+    has none, and the run takes the user's.
     """
     path = Path(checkpoint).expanduser()
     key = str(path.resolve())
     if key in _folders and _folders[key].is_dir():
+        if need_tokenizer and key in _tokenizer_errors:
+            raise CheckpointError(_tokenizer_errors[key])
         return _folders[key]
     if not path.is_file():
         raise CheckpointError(f"model.checkpoint {path} is not a file; give a GGUF file (model.gguf) or a Hugging Face "
@@ -57,7 +65,7 @@ def hf_folder(checkpoint: str | Path) -> Path:
     out = Path(tempfile.mkdtemp(prefix="dbconvert-gguf-"))
     atexit.register(shutil.rmtree, out, True)
     try:
-        _dequantise(path, out)
+        problem = _dequantise(path, out)
     except DbconvertError:
         raise
     except ImportError as exc:
@@ -68,10 +76,16 @@ def hf_folder(checkpoint: str | Path) -> Path:
                               f"{first_line(exc, 120)}); give a llama-architecture GGUF file or a Hugging Face "
                               "folder") from None
     _folders[key] = out
+    if problem is not None:
+        _tokenizer_errors[key] = problem
+        if need_tokenizer:
+            raise CheckpointError(problem)
     return out
 
 
-def _dequantise(path: Path, out: Path) -> None:
+def _dequantise(path: Path, out: Path) -> str | None:
+    """Write the file's model (and its tokenizer, when it can be rebuilt) into `out`; returns why the tokenizer
+    could not be rebuilt, or None."""
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -82,7 +96,8 @@ def _dequantise(path: Path, out: Path) -> None:
     if getattr(config, "model_type", None) != "llama":
         raise CheckpointError(f"model.checkpoint {path} holds a {getattr(config, 'model_type', None)!r} model, not a "
                               "Llama; give a llama-architecture GGUF file")
-    model = LlamaForCausalLM.from_pretrained(folder, gguf_file=name)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar, which its logging does not silence
+        model = LlamaForCausalLM.from_pretrained(folder, gguf_file=name)
     model.config.quantization_config = None  # the saved folder holds plain float weights
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -92,11 +107,13 @@ def _dequantise(path: Path, out: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # no tokenizer in the file, or one transformers cannot rebuild
-        raise CheckpointError(f"model.checkpoint {path}: its tokenizer could not be rebuilt ({type(exc).__name__}: "
-                              f"{first_line(exc, 100)}); set model.tokenizer=PATH to the model's tokenizer.json") from None
+        return (f"model.checkpoint {path}: its tokenizer could not be rebuilt ({type(exc).__name__}: "
+                f"{first_line(exc, 100)}); set model.tokenizer=PATH to the model's tokenizer.json")
     tokenizer.save_pretrained(str(out))
+    return None
 
 
-def checkpoint_folder(checkpoint: str) -> Path:
-    """The folder the split reads for `model.checkpoint`: itself, or a GGUF file's dequantised folder."""
-    return hf_folder(checkpoint) if is_gguf(checkpoint) else Path(checkpoint).expanduser()
+def checkpoint_folder(checkpoint: str, need_tokenizer: bool = True) -> Path:
+    """The folder the split reads for `model.checkpoint`: itself, or a GGUF file's dequantised folder (whose
+    tokenizer must be rebuilt from the file when `need_tokenizer`; see `hf_folder`)."""
+    return hf_folder(checkpoint, need_tokenizer) if is_gguf(checkpoint) else Path(checkpoint).expanduser()

@@ -221,12 +221,16 @@ class ViTFamily(Family):
         train_split = split is None or split == recipe.data.split
         return load_labelled(recipe.data, _cfg(recipe), split, train_split)
 
-    def training_loss(self, denoiser: nn.Module, batch: Any, sigma_range: tuple[float, float], recipe: "Recipe",
-                      generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
-        weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
-        if weighting not in WEIGHTINGS:
+    def check_training(self, recipe: "Recipe") -> None:
+        weighting = recipe.train.loss_weight
+        if weighting != "default" and weighting not in WEIGHTINGS:
             raise DbconvertError(f"train.loss_weight={weighting} is a text-family option; the ViT family weights its "
                                  f"cross-entropy by {' or '.join(WEIGHTINGS)} (default: lambda)")
+
+    def training_loss(self, denoiser: nn.Module, batch: Any, sigma_range: tuple[float, float], recipe: "Recipe",
+                      generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+        self.check_training(recipe)
+        weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
         return diffusion_loss(denoiser, batch, sigma_range, generator, shard, weighting)  # type: ignore[arg-type]
 
     def wrap(self, model: str, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:

@@ -25,6 +25,7 @@ from dbconvert.families.contract import sample_flag
 from dbconvert.families.vit.objective import Classifier, ViTDenoiser, cdf_levels, classify_steps
 from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest, SampleResult, load_models
+from dbconvert.solvers import get_solver
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 EVAL_BATCH = 256
@@ -35,10 +36,31 @@ def default_steps(run: Run, model: str) -> int:
     return run.num_blocks
 
 
+def denoiser_settings(run: Run, model: str, steps: int | None, solver: str | None) -> tuple[int | None, str | None]:
+    """(steps, solver) of classifying with `model`: the denoisers' (blocks, e2e) defaults are one step per block and
+    the recipe's sample.solver; a plain classifier takes neither, so giving one is a one-line error."""
+    if model not in ("blocks", "e2e"):
+        for flag, value in (("--steps", steps), ("--solver", solver)):
+            if value is not None:
+                raise DbconvertError(f"{flag} applies to the denoisers (blocks, e2e), not to --model {model} (a plain "
+                                     "classifier: one forward pass); drop it")
+        return None, None
+    return steps or default_steps(run, model), solver or run.recipe.sample.solver
+
+
+def solver_tag(solver: str | None) -> str:
+    """`-heun` in file and folder names for a solver other than the default Euler (Euler's names are unchanged)."""
+    return f"-{solver}" if solver not in (None, "euler") else ""
+
+
 @torch.no_grad()
 def step_logits(run: Run, model: str, x: torch.Tensor, steps: int | None = None, weights: str = "ema",
-                seed: int = 0, device: torch.device | None = None, batch: int = EVAL_BATCH) -> list[torch.Tensor]:
-    """Logits (CPU, float32) of `model` on images `x` after each denoising step; one entry for a plain classifier."""
+                seed: int = 0, device: torch.device | None = None, batch: int = EVAL_BATCH,
+                solver: str = "euler") -> list[torch.Tensor]:
+    """Logits (CPU, float32) of `model` on images `x` after each denoising step; one entry for a plain classifier.
+
+    `solver` (`solvers.py`) moves the noisy label between levels (`classify_steps`)."""
+    step = get_solver(solver)
     device = device or resolve_device(run.recipe.train.device)
     models = load_models(run, model, weights, device)
     if isinstance(models[0], Classifier):
@@ -56,7 +78,7 @@ def step_logits(run: Run, model: str, x: torch.Tensor, steps: int | None = None,
         def logits_of(k: int, z: torch.Tensor, s: float) -> torch.Tensor:
             return models[k](xb, z, torch.full((z.shape[0],), s, device=device))
 
-        for j, logits in enumerate(classify_steps(logits_of, first.denoised, owned, levels, zb)):
+        for j, logits in enumerate(classify_steps(logits_of, first.denoised, owned, levels, zb, step)):
             per_step[j].append(logits.cpu())
     return [torch.cat(chunks) for chunks in per_step]
 
@@ -126,15 +148,14 @@ def classify(run: Run, request: SampleRequest) -> SampleResult:
         num = min(request.num or run.recipe.sample.num, len(data))
         x, labels = data.x[:num], data.y[:num]
         names = [str(i) for i in range(num)]
-    if request.model not in ("blocks", "e2e") and request.steps is not None:
-        raise DbconvertError(f"--steps applies to the denoisers (blocks, e2e), not to the {request.model} classifier")
-    steps = request.steps or default_steps(run, request.model)
-    logits = step_logits(run, request.model, x, steps, weights, seed)
+    steps, solver = denoiser_settings(run, request.model, request.steps, request.solver)
+    logits = step_logits(run, request.model, x, steps, weights, seed, solver=solver or "euler")
     probs = torch.stack([torch.softmax(lg, dim=-1) for lg in logits])
     final = probs[-1]
     conf, pred = final.max(dim=-1)
     is_denoiser = request.model in ("blocks", "e2e")
-    tag = f"{request.model}-classify-{what_tag(images, names, len(x))}-{steps if is_denoiser else 1}steps-seed{seed}"
+    tag = (f"{request.model}-classify-{what_tag(images, names, len(x))}-{steps if is_denoiser else 1}steps"
+           f"{solver_tag(solver)}-seed{seed}")
     tag += "" if weights == "ema" or not is_denoiser else f"-{weights}"
     out = Path(request.out) if request.out else run.root / "samples" / tag
     out.mkdir(parents=True, exist_ok=True)
@@ -155,5 +176,5 @@ def classify(run: Run, request: SampleRequest) -> SampleResult:
     text = []
     if labels is not None:
         text.append(f"top-1 accuracy on these {len(names)} test images: {(pred == labels).float().mean().item():.4f}")
-    return SampleResult(out, files, text=text, sampler={"steps": steps if is_denoiser else None, "seed": seed,
-                                                        "weights": weights})
+    return SampleResult(out, files, text=text, sampler={"steps": steps, "seed": seed, "weights": weights,
+                                                        **({"solver": solver} if solver else {})})

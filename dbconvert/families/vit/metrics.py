@@ -69,21 +69,22 @@ def training_overlap(run: Run, split: str, x: torch.Tensor, log: Log) -> tuple[b
 
 def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None, weights: str | None = None,
                       seed: int | None = None, split: str = "test", num: int | None = None,
-                      log: Log = nolog) -> dict[str, Any]:
-    """Accuracy of `model` (blocks, e2e, classifier or source) on `split`: the result record (value = top-1)."""
+                      solver: str | None = None, log: Log = nolog) -> dict[str, Any]:
+    """Accuracy of `model` (blocks, e2e, classifier or source) on `split`: the result record (value = top-1).
+
+    The denoisers step with `solver` (default: the recipe's sample.solver; `classify_steps`)."""
     from dbconvert.data.overlap import split_source
     from dbconvert.families.vit.data import load_labelled
-    from dbconvert.families.vit.generate import default_steps, step_logits
+    from dbconvert.families.vit.generate import denoiser_settings, step_logits
 
     start = time.time()
     AccuracyMetric().require(run)
     run.model_targets(model)  # one line naming the models this run has
     is_denoiser = model in ("blocks", "e2e")
-    if steps is not None and not is_denoiser:
-        raise DbconvertError(f"--steps applies to the denoisers (blocks, e2e), not to the {model} classifier")
     if not split.strip():
         raise DbconvertError("--split is empty; name the labelled split to classify (test; train or all score "
                              "the training images, and the result says so)")
+    steps, solver = denoiser_settings(run, model, steps, solver)
     weights = weights or run.recipe.sample.weights
     seed = run.recipe.sample.seed if seed is None else seed
     data = load_labelled(run.recipe.data, run.recipe.model, split, train_split=False)  # type: ignore[arg-type]
@@ -94,8 +95,7 @@ def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None,
         what = f"{overlap_images} of its {n} images are" if overlap_images else "it is"
         log(f"note: split {split!r} overlaps the training data ({what} training images): this accuracy is not a "
             "held-out figure (the result says so)")
-    steps = (steps or default_steps(run, model)) if is_denoiser else None
-    logits = step_logits(run, model, x, steps, weights, seed)
+    logits = step_logits(run, model, x, steps, weights, seed, solver=solver or "euler")
     final = scores(logits[-1], labels)
     result: dict[str, Any] = {
         "metric": NAME, "model": model, "split": split, "images": n, "features": "pixels",
@@ -106,7 +106,8 @@ def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None,
         "num_samples": n, "seed": seed,
         **final,
         "per_step_top1": [(lg.argmax(-1) == labels).float().mean().item() for lg in logits],
-        "sampler": {"steps": steps, "levels": "evenly spaced in the log-normal CDF", "weights": weights, "seed": seed},
+        "sampler": {"steps": steps, "levels": "evenly spaced in the log-normal CDF", "weights": weights, "seed": seed,
+                    **({"solver": solver} if solver not in (None, "euler") else {})},  # Euler's file names unchanged
         "run": str(run.root),
     }
     if is_denoiser:
@@ -137,7 +138,6 @@ class AccuracyMetric(Metric):
 
     def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
                  **options: Any) -> dict[str, Any]:
-        options.pop("solver", None)  # one Euler step per level: the classifier's sampler has no other solver
         return evaluate_accuracy(run, model=model, log=log, **options)
 
     def spread(self, r: dict[str, Any]) -> float:

@@ -16,7 +16,8 @@ Inference (the official code's schedule): N noise levels evenly spaced in the tr
 s_j = F^-1(F(sigma_max) + j/(N-1) (F(sigma_min) - F(sigma_max))), j = 0..N-1 (N = 1: sigma_max alone),
 z_0 = sigma_max eps; at each s_j the block owning s_j gives logits_j, and but for the last level Euler
 moves z to s_{j+1}: z <- z + (s_{j+1} - s_j) (z - softmax(logits_j) @ T) / s_j. The prediction is
-argmax logits_{N-1}. By default N = B: one network evaluation per block.
+argmax logits_{N-1}. By default N = B: one network evaluation per block. `--solver heun` adds Heun's trapezoid
+correction to each move (one more evaluation at s_{j+1}, by the model owning it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dbconvert import noise as nz
 from dbconvert.noise import sigma_to_timestep
 from dbconvert.families.contract import shard_slice
 from dbconvert.families.vit.model import ViTNet
+from dbconvert.solvers import Solver, euler
 
 WEIGHTINGS = ("lambda", "uniform")
 DEFAULT_WEIGHTING = "lambda"
@@ -115,12 +117,25 @@ Logits = Callable[[int, torch.Tensor, float], torch.Tensor]
 
 
 def classify_steps(logits_of: Logits, denoised: Callable[[torch.Tensor], torch.Tensor],
-                   owned: Sequence[tuple[float, float]], levels: Sequence[float], z: torch.Tensor) -> list[torch.Tensor]:
-    """Logits after each step of the sampler of the module docstring (owning model per level)."""
+                   owned: Sequence[tuple[float, float]], levels: Sequence[float], z: torch.Tensor,
+                   solver: Solver = euler) -> list[torch.Tensor]:
+    """Logits after each step of the sampler of the module docstring (owning model per level).
+
+    `solver` moves z between levels (`solvers.py`: Euler by default; Heun's correction at s_{j+1} is one more
+    evaluation, by the model owning s_{j+1}). The evaluation at s_j that gave logits_j is the solver's D(z, s_j),
+    so Euler costs one evaluation per level, as before."""
     out = []
     for j, s in enumerate(levels):
         logits = logits_of(nz.owner_of(s, list(owned)), z, s)
         out.append(logits)
         if j + 1 < len(levels):
-            z = z + (levels[j + 1] - s) * (z - denoised(logits)) / s
+            here, d_here = z, denoised(logits)
+
+            def d_of(zz: torch.Tensor, level: float, here: torch.Tensor = here, s: float = s,
+                     d_here: torch.Tensor = d_here) -> torch.Tensor:
+                if zz is here and level == s:
+                    return d_here
+                return denoised(logits_of(nz.owner_of(level, list(owned)), zz, level))
+
+            z = solver(d_of, z, s, levels[j + 1])
     return out
