@@ -766,14 +766,24 @@ def memory_report(r: dict[str, Any]) -> list[Any]:
     return lines
 
 
+def table_unit(largest: float) -> tuple[str, float]:
+    """(unit, bytes per unit) in which a table's largest figure reads with two decimals: GiB from 1 GiB, else MiB,
+    else KiB, so a CPU recipe's rows are not all 0.00 GiB."""
+    for unit, scale in (("GiB", 2.0**30), ("MiB", 2.0**20)):
+        if largest >= scale:
+            return unit, scale
+    return "KiB", 2.0**10
+
+
 def static_report(r: dict[str, Any]) -> list[Any]:
     """The `bench memory --static` table and its lines."""
     from rich.table import Table
 
-    table = Table(title=f"static training memory, GiB ({r['recipe']}, B={r['blocks']}, meta device)")
+    unit, scale = table_unit(max((row["total_bytes"] for row in r["breakdown"].values()), default=0))
+    table = Table(title=f"static training memory, {unit} ({r['recipe']}, B={r['blocks']}, meta device)")
     for col in ("network", "layers", "params", "grads", "optim", "EMA", "total", "App. G (no A)"):
         table.add_column(col, justify="left" if col == "network" else "right")
-    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    gib = lambda b: f"{b / scale:.2f}"  # noqa: E731
     for name, row in r["breakdown"].items():
         g = row["app_g_static"]
         table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", gib(row["parameters"]), gib(row["gradients"]),

@@ -188,6 +188,14 @@ def test_static_honours_skip() -> None:
     table = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
                                 "--skip", "e2e"])
     assert table.exit_code == 0 and "(static part only): not measured" in table.stdout
+    assert "static training memory, MiB" in table.stdout and " 0.00 " not in table.stdout  # a tiny recipe: MiB
+
+
+def test_static_tables_read_in_the_unit_of_their_largest_row() -> None:
+    from dbconvert.bench import table_unit
+
+    assert table_unit(3 * 2**30) == ("GiB", 2**30) and table_unit(2**30) == ("GiB", 2**30)
+    assert table_unit(5 * 2**20) == ("MiB", 2**20) and table_unit(100) == ("KiB", 2**10)
 
 
 def test_speed_times_the_checkpointed_training_steps() -> None:

@@ -423,14 +423,6 @@ def vit_recipe() -> tuple[str, ...]:
     return ("vit-tiny-digits", *TINY)
 
 
-def vit_run(root: Path) -> None:
-    """A ViT run `vit` (split, untrained)."""
-    from dbconvert.config import load_recipe
-    from dbconvert.split import split
-
-    split(load_recipe(vit_recipe()[0], list(vit_recipe()[1:])), out=root / "vit", make_current=False)
-
-
 def hf_checkpoint(root: Path) -> None:
     """A 4-layer, 32-wide transformers Llama in `hf` (the tiny recipe's sizes: a contradiction must be asked for)."""
     from tests.families.test_llama import hf_llama
