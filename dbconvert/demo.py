@@ -106,7 +106,8 @@ def summary_lines(result: DemoResult) -> list[str]:
     if result.fid:
         lines.append("FID and KID here use the built-in digits features (a small CNN trained on the digits train "
                      "split), not Inception: they compare these models with each other, not with published FIDs; "
-                     "KID is unscaled (not x1000); lower is better for both")
+                     "KID is clean-fid's raw value (not x1000; its size follows the features' scale); lower is better for "
+                     "both")
     if {"blocks", "e2e"} <= set(result.fid):
         blocks, e2e = result.fid["blocks"]["value"], result.fid["e2e"]["value"]
         ahead = "the blocks are" if blocks < e2e else "the e2e baseline is"

@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end_and_continues(in_tmp: Path) -> None:
     assert resolve_run(None).root.resolve() == (in_tmp / "demo").resolve()
     text = out.getvalue()
     assert str(result.samples.directory / "grid.png") in text and str(result.e2e_samples.directory / "grid.png") in text
-    assert "built-in digits features" in text and "KID is unscaled" in text
+    assert "built-in digits features" in text and "KID is clean-fid's raw value" in text
     blocks_ahead = result.fid["blocks"]["value"] < result.fid["e2e"]["value"]
     assert ("the blocks are ahead" if blocks_ahead else "the e2e baseline is ahead") in text
     assert "loss None" not in text and "last logged loss " in text
