@@ -102,12 +102,13 @@ def summary_lines(result: DemoResult) -> list[str]:
     model is ahead at this budget, said plainly whichever it is."""
     lines = [f"samples of the blocks: {path}" for path in result.samples.files if path.name == "grid.png"]
     if result.e2e_samples is not None:
-        lines += [f"samples of the e2e baseline: {path}" for path in result.e2e_samples.files if path.name == "grid.png"]
+        lines += [f"samples of the e2e baseline: {path}" for path in result.e2e_samples.files
+                  if path.name == "grid.png"]
     if result.fid:
         lines.append("FID and KID here use the built-in digits features (a small CNN trained on the digits train "
                      "split), not Inception: they compare these models with each other, not with published FIDs; "
-                     "KID is clean-fid's raw value (not x1000; its size follows the features' scale); lower is better for "
-                     "both")
+                     "KID is clean-fid's raw value (not x1000; its size follows the features' scale); lower is "
+                     "better for both")
     if {"blocks", "e2e"} <= set(result.fid):
         blocks, e2e = result.fid["blocks"]["value"], result.fid["e2e"]["value"]
         ahead = "the blocks are" if blocks < e2e else "the e2e baseline is"

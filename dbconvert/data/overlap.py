@@ -21,15 +21,20 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return np.clip((x.numpy() + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
+def image_digest(pixels: np.ndarray) -> str:
+    """sha1 of one uint8 image (CHW): equal digests are equal images."""
+    return hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
 def image_digests(pixels: np.ndarray) -> set[str]:
-    """sha1 of every uint8 image (NCHW): equal digests are equal images."""
-    return {hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixels}
+    """The digests of every uint8 image of a batch (NCHW)."""
+    return {image_digest(p) for p in pixels}
 
 
 def overlapping_images(train: torch.Tensor, scored: torch.Tensor) -> int:
     """How many of the `scored` images (NCHW in [-1, 1]) equal a training image once written as 8-bit pixels."""
     seen = image_digests(to_uint8(train))
-    return sum(hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() in seen for p in to_uint8(scored))
+    return sum(image_digest(p) in seen for p in to_uint8(scored))
 
 
 def split_overlaps_training(data_cfg: Any, split: str) -> bool:

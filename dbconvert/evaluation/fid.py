@@ -29,7 +29,7 @@ from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
 from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
                                            inception_features)
-from dbconvert.data.overlap import image_digests, split_overlaps_training, to_uint8
+from dbconvert.data.overlap import image_digest, image_digests, split_overlaps_training, to_uint8
 from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
 from dbconvert.progress import progress as show_progress
 from dbconvert.sampling import check_finite_samples
@@ -170,7 +170,7 @@ def folder_overlap(files: list[Path], data_cfg: Any) -> int:
         with Image.open(path) as img:
             arr = np.asarray(img.convert(mode))
         chw = arr[None] if mode == "L" else arr.transpose(2, 0, 1)
-        count += bool(image_digests(chw[None]) & train)
+        count += image_digest(chw) in train
     return count
 
 

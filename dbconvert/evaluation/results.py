@@ -3,8 +3,9 @@
 A result's file name is built from its settings: the readable ones (metric, model, features, split,
 sampler, weights, number of samples, seed) and a digest of all of them (`result_settings`: those every
 metric records plus the metric's own `settings_keys`, e.g. Monte-Carlo draws, the judge's path, prompt
-lengths), so rerunning the same evaluation replaces its file and any different setting adds one. `eval compare` groups results by (metric, features): numbers from different feature
-extractors are never put in one column.
+lengths), so rerunning the same evaluation replaces its file and any different setting adds one. `eval
+compare` groups results by (metric, features): numbers from different feature extractors are never put in one
+column.
 """
 
 from __future__ import annotations

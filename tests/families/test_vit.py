@@ -499,3 +499,11 @@ def test_hugging_face_label_order_is_mapped_to_the_data_classes(tmp_path: Path) 
     hf.save_pretrained(str(tmp_path / "other"))
     other = get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'other'}"))
     assert any("id2label names other classes" in n for n in other.notes)
+
+
+def test_an_id2label_without_class_indices_is_one_line() -> None:
+    from dbconvert.errors import CheckpointError
+    from dbconvert.families.vit.convert import label_order
+
+    with pytest.raises(CheckpointError, match="id2label has keys that are not class indices"):
+        label_order({"a": "cat", "b": "dog"}, ["cat", "dog"], "checkpoint x")

@@ -240,7 +240,8 @@ def hf_reference(folder: str) -> torch.nn.Module:
 
 
 def generic_labels(id2label: dict) -> bool:
-    """transformers' placeholder names (LABEL_0, LABEL_1, ...): a config that says nothing about its classes."""
+    """transformers' placeholder names (LABEL_0, LABEL_1, ...): a config that says nothing about its classes (its
+    keys already read as class indices)."""
     return all(str(name) == f"LABEL_{int(i)}" for i, name in id2label.items())
 
 
@@ -251,13 +252,15 @@ def label_order(id2label: dict, classes: list[str] | None, what: str) -> tuple[l
     The rows are reordered when `id2label` names exactly the data's classes in another order; kept when it names
     them in the same order or says nothing (placeholder names); a note says so when the names cannot be matched.
     """
-    if not id2label or generic_labels(id2label):
+    if not id2label:
         return None, None
     try:
         names = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
     except (TypeError, ValueError):
         raise CheckpointError(f"{what}: config.json's id2label has keys that are not class indices "
                               f"({sorted(map(str, id2label))[:4]}); fix the config") from None
+    if generic_labels(id2label):
+        return None, None
     if classes is None:
         return None, (f"{what}: id2label names its classes ({', '.join(names[:5])}...) but the data's classes have no "
                       "names to match them to (a .npz or hub data set): head rows kept in the checkpoint's order, "
