@@ -73,8 +73,15 @@ PAPER_FINDING = {
 DEFAULT_NUM = 500
 VARIANT_RECORD = "ablation-variant.json"
 # Settings a rerun may change without invalidating a variant's run (training continues to the new length).
-RESUMABLE_KEYS = {"train.steps", "train.epochs", "train.log_every", "train.checkpoint_every", "train.device",
-                  "train.compile", "train.activation_checkpointing"}
+RESUMABLE_KEYS = {
+    "train.steps",
+    "train.epochs",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.device",
+    "train.compile",
+    "train.activation_checkpointing",
+}
 
 
 @dataclass(frozen=True)
@@ -163,8 +170,11 @@ def _blocks_depth(base: Recipe, overrides: list[str] | None, counts: tuple[int, 
     if base.blocks.uneven:
         if max(counts) > depth:
             raise RecipeError(f"B = {max(counts)} exceeds the network's {depth} layers")
-        note = (f"depth {depth} (the recipe's); blocks.uneven=true: the first L mod B blocks get one more layer"
-                if bad else f"depth {depth} (the recipe's)")
+        note = (
+            f"depth {depth} (the recipe's); blocks.uneven=true: the first L mod B blocks get one more layer"
+            if bad
+            else f"depth {depth} (the recipe's)"
+        )
         return [], [note]
     if not bad and max(counts) <= depth:
         return [], [f"depth {depth} (the recipe's), divisible by every B"]
@@ -187,8 +197,9 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def plan_ablation(kind: str, base: Recipe, overrides: list[str] | None = None,
-                  values: tuple[Any, ...] | None = None) -> Plan:
+def plan_ablation(
+    kind: str, base: Recipe, overrides: list[str] | None = None, values: tuple[Any, ...] | None = None
+) -> Plan:
     """The variants of one ablation: their folder names and the overrides each adds to the recipe."""
     values = values if values is not None else parse_values(kind, None)
     variable = VARIABLE[kind]
@@ -265,8 +276,10 @@ def _open_or_split(recipe: Recipe, folder: Path, force: bool, log: Log) -> Run:
                 family.source(recipe)  # the checkpoint's dtype (its headers; no block is read)
         diff = _mismatch(run.recipe, recipe)
         if diff:
-            raise RunError(f"{folder} holds this variant with other settings ({diff}); "
-                           "pass --force to redo the ablation or --out DIR for a new one")
+            raise RunError(
+                f"{folder} holds this variant with other settings ({diff}); "
+                "pass --force to redo the ablation or --out DIR for a new one"
+            )
         log(f"{folder.name}: continuing the existing run")
         return run
     log(f"{folder.name}: splitting into {recipe.blocks.num} blocks")
@@ -317,13 +330,24 @@ def run_ablation(
             from dbconvert.split import layer_ranges
 
             layer_ranges(_depth(r), r.blocks.num, r.blocks.uneven)  # one-line error before any training
-    sampler = {"solver": base.sample.solver, "steps": base.sample.steps, "guidance": base.sample.guidance,
-               "seed": base.sample.seed, "weights": base.sample.weights}
+    sampler = {
+        "solver": base.sample.solver,
+        "steps": base.sample.steps,
+        "guidance": base.sample.guidance,
+        "seed": base.sample.seed,
+        "weights": base.sample.weights,
+    }
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    prog = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not progress)
+    prog = Progress(
+        TextColumn("{task.description}", style="bold", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+    )
 
     def log(msg: str) -> None:
         (prog.console if progress else console).print(msg, highlight=False, markup=False)
@@ -334,8 +358,11 @@ def run_ablation(
         overall = prog.add_task(f"ablate {kind}", total=len(plan.variants))
         stage = prog.add_task("", total=None)
         for variant, vrecipe in zip(plan.variants, recipes):
-            rows.append(_run_variant(plan, variant, vrecipe, out / variant.name, steps, num, sampler, force,
-                                     prog, stage, log, metric))
+            rows.append(
+                _run_variant(
+                    plan, variant, vrecipe, out / variant.name, steps, num, sampler, force, prog, stage, log, metric
+                )
+            )
             prog.advance(overall)
         prog.update(stage, visible=False)
     summary = {
@@ -352,7 +379,9 @@ def run_ablation(
         "features": rows[0]["features"] if rows else None,
         "reference": rows[0]["reference"] if rows else None,
         "metric": metric,
-        "best": (min if get_metric(metric).lower_is_better else max)(rows, key=lambda r: r["score"])["value"] if rows else None,
+        "best": (min if get_metric(metric).lower_is_better else max)(rows, key=lambda r: r["score"])["value"]
+        if rows
+        else None,
         "rows": rows,
         "seconds_this_call": round(time.time() - started, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -364,8 +393,20 @@ def run_ablation(
     return AblationResult(kind, out, rows, summary, md, json_path)
 
 
-def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, steps: int | None, num: int,
-                 sampler: dict[str, Any], force: bool, prog: Any, stage: Any, log: Log, metric: str) -> dict[str, Any]:
+def _run_variant(
+    plan: Plan,
+    variant: Variant,
+    recipe: Recipe,
+    folder: Path,
+    steps: int | None,
+    num: int,
+    sampler: dict[str, Any],
+    force: bool,
+    prog: Any,
+    stage: Any,
+    log: Log,
+    metric: str,
+) -> dict[str, Any]:
     from dbconvert.evaluation import evaluate
     from dbconvert.evaluation.results import write_result
     from dbconvert.train import train_block
@@ -404,9 +445,18 @@ def _run_variant(plan: Plan, variant: Variant, recipe: Recipe, folder: Path, ste
         log(f"{variant.name}: {scorer.title} already evaluated ({fid_file.name}); skipped")
     else:
         prog.update(stage, description=f"{variant.name}: {scorer.title} on {num} samples", total=None, completed=0)
-        res = evaluate(run, metric, model="blocks", num=num, steps=sampler["steps"], solver=sampler["solver"],
-                       guidance=sampler["guidance"], seed=sampler["seed"], weights=sampler["weights"],
-                       log=lambda m: log(f"{variant.name}: {m}"))
+        res = evaluate(
+            run,
+            metric,
+            model="blocks",
+            num=num,
+            steps=sampler["steps"],
+            solver=sampler["solver"],
+            guidance=sampler["guidance"],
+            seed=sampler["seed"],
+            weights=sampler["weights"],
+            log=lambda m: log(f"{variant.name}: {m}"),
+        )
         res["trained_steps_per_block"] = trained
         path = write_result(run.root / "eval", res)
         record.update({"fid_file": path.name, "fid_key": fid_key})
@@ -453,8 +503,16 @@ def _cells(row: dict[str, Any]) -> list[str]:
     def join(v: Any) -> str:
         return "/".join(map(str, v)) if isinstance(v, list) else str(v)
 
-    return [f"{row['score']:.3f}", f"{row['spread']:.4f}", join(row["steps_per_block"]), str(row["blocks"]),
-            join(row["layers_per_block"]), f"{row['layer_updates']:,}", str(row["samples"]), f"{row['seconds']:.0f}s"]
+    return [
+        f"{row['score']:.3f}",
+        f"{row['spread']:.4f}",
+        join(row["steps_per_block"]),
+        str(row["blocks"]),
+        join(row["layers_per_block"]),
+        f"{row['layer_updates']:,}",
+        str(row["samples"]),
+        f"{row['seconds']:.0f}s",
+    ]
 
 
 def _title(s: dict[str, Any]) -> str:
@@ -466,20 +524,27 @@ def _title(s: dict[str, Any]) -> str:
 
 def markdown_table(s: dict[str, Any]) -> str:
     sm = s["sampler"]
-    lines = [f"### {_title(s)}", "",
-             f"| {s['variable']} | " + " | ".join((*_metric_columns(s['metric']), *COLUMNS)) + " |",
-             "|---|" + "---:|" * (len(COLUMNS) + 2)]
+    lines = [
+        f"### {_title(s)}",
+        "",
+        f"| {s['variable']} | " + " | ".join((*_metric_columns(s["metric"]), *COLUMNS)) + " |",
+        "|---|" + "---:|" * (len(COLUMNS) + 2),
+    ]
     for row in s["rows"]:
         best = row["value"] == s["best"]
         value = f"**{_fmt(row['value'])}**" if best else _fmt(row["value"])
         lines.append(f"| {value} | " + " | ".join(_cells(row)) + " |")
-    lines += ["",
-              f"{_metric_columns(s['metric'])[0]} ({get_metric(s['metric']).better_text()}; "
-              f"best in bold) and {_metric_columns(s['metric'])[1]} on features `{s['features']}` against {s['reference']}; "
-              f"{s['num_samples']} samples per variant, {_sampler_text(sm, get_metric(s['metric']))}. Training seed {s['train_seed']}, batch {s['batch_size']}; "
-              f"every block of every variant trains the same number of steps (matched layer updates). "
-              f"Time = training + {get_metric(s['metric']).title} on this machine.",
-              f"Settings: {'; '.join(s['notes'])}. Overrides: `{' '.join(s['overrides']) or '(none)'}`.", ""]
+    lines += [
+        "",
+        f"{_metric_columns(s['metric'])[0]} ({get_metric(s['metric']).better_text()}; "
+        f"best in bold) and {_metric_columns(s['metric'])[1]} on features `{s['features']}` against {s['reference']}; "
+        f"{s['num_samples']} samples per variant, {_sampler_text(sm, get_metric(s['metric']))}. Training seed "
+        f"{s['train_seed']}, batch {s['batch_size']}; "
+        f"every block of every variant trains the same number of steps (matched layer updates). "
+        f"Time = training + {get_metric(s['metric']).title} on this machine.",
+        f"Settings: {'; '.join(s['notes'])}. Overrides: `{' '.join(s['overrides']) or '(none)'}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -494,8 +559,11 @@ def _sampler_text(sm: dict[str, Any], metric: Any) -> str:
 
 
 def rich_table(s: dict[str, Any]) -> Table:
-    table = Table(title=_title(s), caption=f"features {s['features']}; {s['num_samples']} samples, sampling seed "
-                                           f"{s['sampler']['seed']}; {'; '.join(s['notes'])}")
+    table = Table(
+        title=_title(s),
+        caption=f"features {s['features']}; {s['num_samples']} samples, sampling seed "
+        f"{s['sampler']['seed']}; {'; '.join(s['notes'])}",
+    )
     table.add_column(s["variable"])
     for col in (*_metric_columns(s["metric"]), *COLUMNS):
         table.add_column(col, justify="right")

@@ -7,7 +7,8 @@ step, blocks vs the whole network.
 
 Against what a user would turn on instead (issue 19): the deepest block and the e2e network are also
 measured with `train.activation_checkpointing` (every layer recomputed in backward), and for a family
-with a plain reference (`Family.reference_kind`: a causal LM for text) the same layers trained as it, without and with it;
+with a plain reference (`Family.reference_kind`: a causal LM for text) the same layers trained as it, without and
+with it;
 beside each measured peak, the paper's App. G estimate from the P and A measured on that network.
 
 Networks are built fresh from the recipe through the family registry, with random weights
@@ -93,8 +94,9 @@ CKPT = "+ckpt"
 """Suffix of a target trained with activation checkpointing (`e2e+ckpt`, `block-0+ckpt`)."""
 
 
-def bench_targets(recipe: Recipe, blocks: int, checkpointing: bool = False,
-                  every_block: bool = True) -> list[BenchTarget]:
+def bench_targets(
+    recipe: Recipe, blocks: int, checkpointing: bool = False, every_block: bool = True
+) -> list[BenchTarget]:
     """Every block of a B-way split (same layers and ranges as `split`), then the e2e network.
 
     With `checkpointing`, also the deepest block (the first of them) and the e2e network with activation
@@ -108,7 +110,9 @@ def bench_targets(recipe: Recipe, blocks: int, checkpointing: bool = False,
     total = source_depth(recipe)
     _, plans = plan_blocks(recipe, total)
     out = [
-        BenchTarget(f"block-{p['index']}", p["layers"][1] - p["layers"][0], tuple(p["layers"]), tuple(p["train_range"]), False)
+        BenchTarget(
+            f"block-{p['index']}", p["layers"][1] - p["layers"][0], tuple(p["layers"]), tuple(p["train_range"]), False
+        )
         for p in plans
     ]
     deepest = max(out, key=lambda t: t.depth)
@@ -118,8 +122,11 @@ def bench_targets(recipe: Recipe, blocks: int, checkpointing: bool = False,
     out.append(BenchTarget("e2e", total, (0, total), full, True))
     if not checkpointing:
         return out
-    out.append(BenchTarget(deepest.name + CKPT, deepest.depth, deepest.layers, deepest.level_range, False, True,
-                           twin=deepest.name))
+    out.append(
+        BenchTarget(
+            deepest.name + CKPT, deepest.depth, deepest.layers, deepest.level_range, False, True, twin=deepest.name
+        )
+    )
     out.append(BenchTarget("e2e" + CKPT, total, (0, total), full, True, True, twin="e2e"))
     family = get_family(recipe.model.family)
     ref = family.reference_kind
@@ -167,8 +174,7 @@ class Trainer:
         self.recipe, self.target, self.device = recipe, target, device
         self.family = get_family(recipe.model.family).for_bench(recipe)
         torch.manual_seed(recipe.train.seed)
-        self.state = build_state(self.family, recipe, target.depth, recipe.noise.settings(), device,
-                                 target.objective)
+        self.state = build_state(self.family, recipe, target.depth, recipe.noise.settings(), device, target.objective)
         self.network = self.state.network
         self.layers = self.family.layers(self.network)
 
@@ -212,9 +218,16 @@ class Trainer:
             ema = sum(_nbytes(e) for e, p in zip(s.ema.parameters(), s.network.parameters()) if p.requires_grad)
             ema += sum(_nbytes(t) for t in s.ema.buffers())
         # P of the App. G formulas: the trainable bytes of one residual layer (mean over the network's layers)
-        layer = sum(_nbytes(p) for m in self.layers for p in m.parameters() if p.requires_grad) // max(1, len(self.layers))
-        return {"parameters": params, "gradients": grads, "optimizer_state": optim, "ema": ema,
-                "layer_parameter_bytes": layer}
+        layer = sum(_nbytes(p) for m in self.layers for p in m.parameters() if p.requires_grad) // max(
+            1, len(self.layers)
+        )
+        return {
+            "parameters": params,
+            "gradients": grads,
+            "optimizer_state": optim,
+            "ema": ema,
+            "layer_parameter_bytes": layer,
+        }
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -256,8 +269,11 @@ class SavedActivations:
         self.running -= 1
 
     def __enter__(self) -> "SavedActivations":
-        self._handles = [h for m in self.layers for h in (m.register_forward_pre_hook(self._enter_layer),
-                                                          m.register_forward_hook(self._leave_layer))]
+        self._handles = [
+            h
+            for m in self.layers
+            for h in (m.register_forward_pre_hook(self._enter_layer), m.register_forward_hook(self._leave_layer))
+        ]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
@@ -329,11 +345,21 @@ def measure_cpu_step(recipe: Recipe, target: BenchTarget, batch: int) -> dict[st
     with SavedActivations(trainer.network, trainer.layers) as saved:
         trainer.step(data, seed=1)
     peak = _status_kb("VmHWM") * 1024 if use_proc else _maxrss_bytes()  # type: ignore[operator]
-    method = ("peak RSS (VmHWM after /proc/self/clear_refs) minus VmRSS before building the network"
-              if use_proc else "ru_maxrss after the step minus ru_maxrss before building the network")
-    return {"peak_bytes": peak - baseline, "baseline_bytes": baseline, "method": method, **trainer.breakdown(),
-            "resident_before_step": before - baseline, "step_peak": peak - before, "saved_activations": saved.nbytes,
-            "layer_saved_activations": saved.per_layer}
+    method = (
+        "peak RSS (VmHWM after /proc/self/clear_refs) minus VmRSS before building the network"
+        if use_proc
+        else "ru_maxrss after the step minus ru_maxrss before building the network"
+    )
+    return {
+        "peak_bytes": peak - baseline,
+        "baseline_bytes": baseline,
+        "method": method,
+        **trainer.breakdown(),
+        "resident_before_step": before - baseline,
+        "step_peak": peak - before,
+        "saved_activations": saved.nbytes,
+        "layer_saved_activations": saved.per_layer,
+    }
 
 
 def measure_cuda_step(recipe: Recipe, target: BenchTarget, batch: int, device: torch.device) -> dict[str, Any]:
@@ -354,11 +380,16 @@ def measure_cuda_step(recipe: Recipe, target: BenchTarget, batch: int, device: t
         trainer.step(data, seed=1)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - baseline
-    out = {"peak_bytes": int(peak), "baseline_bytes": int(baseline),
-           "method": "CUDA allocator peak (max_memory_allocated) minus memory allocated before building the network",
-           **trainer.breakdown(), "resident_before_step": int(before - baseline),
-           "step_peak": int(peak + baseline - before), "saved_activations": saved.nbytes,
-           "layer_saved_activations": saved.per_layer}
+    out = {
+        "peak_bytes": int(peak),
+        "baseline_bytes": int(baseline),
+        "method": "CUDA allocator peak (max_memory_allocated) minus memory allocated before building the network",
+        **trainer.breakdown(),
+        "resident_before_step": int(before - baseline),
+        "step_peak": int(peak + baseline - before),
+        "saved_activations": saved.nbytes,
+        "layer_saved_activations": saved.per_layer,
+    }
     del trainer, data
     gc.collect()
     torch.cuda.empty_cache()
@@ -367,10 +398,13 @@ def measure_cuda_step(recipe: Recipe, target: BenchTarget, batch: int, device: t
 
 def _run_worker(recipe: Recipe, target: BenchTarget, batch: int) -> dict[str, Any]:
     """Measure one target in a fresh interpreter, so no earlier allocation shapes its peak."""
-    spec = json.dumps({"recipe": recipe.to_dict(), "target": asdict(target), "batch": batch,
-                       "threads": torch.get_num_threads()})
+    spec = json.dumps(
+        {"recipe": recipe.to_dict(), "target": asdict(target), "batch": batch, "threads": torch.get_num_threads()}
+    )
     env = {**os.environ, **WORKER_ENV}
-    proc = subprocess.run([sys.executable, "-m", "dbconvert.bench"], input=spec, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dbconvert.bench"], input=spec, capture_output=True, text=True, env=env
+    )
     if proc.returncode != 0:
         if proc.returncode in (-9, 137):
             raise DbconvertError(f"the {target.name} measurement was killed (out of memory?); lower --batch")
@@ -398,8 +432,16 @@ def app_g_formula(target: BenchTarget, depth: int, p: int, a: int, moments: int)
     return {"formula": f"({k}P + A)·{n}", "bytes": int((kk * p + a) * depth), "P": p, "A": a, "depth": depth}
 
 
-MEMORY_KEYS = ("peak_bytes", "parameters", "gradients", "optimizer_state", "ema", "resident_before_step", "step_peak",
-               "saved_activations")
+MEMORY_KEYS = (
+    "peak_bytes",
+    "parameters",
+    "gradients",
+    "optimizer_state",
+    "ema",
+    "resident_before_step",
+    "step_peak",
+    "saved_activations",
+)
 
 
 def left_to_measure(targets: list[BenchTarget], skip: tuple[str, ...]) -> list[BenchTarget]:
@@ -411,8 +453,9 @@ def left_to_measure(targets: list[BenchTarget], skip: tuple[str, ...]) -> list[B
         raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(names)}")
     left = [t for t in targets if t.name not in skip]
     if not left:
-        raise DbconvertError(f"--skip leaves nothing to measure: every network here is skipped ({', '.join(names)}); "
-                             "skip fewer")
+        raise DbconvertError(
+            f"--skip leaves nothing to measure: every network here is skipped ({', '.join(names)}); skip fewer"
+        )
     return left
 
 
@@ -472,15 +515,21 @@ def bench_memory(
         # (none measured: no A to evaluate the formula with, so `app_g` is None)
         same = [u.name for u in measured if not u.checkpointing and u.objective == t.objective]
         twin = results.get(t.name if not t.checkpointing else t.twin if t.twin in results else (same or [""])[0])
-        row = {"layers": list(t.layers), "checkpointing": t.checkpointing, "objective": t.objective,
-               **{k: results[t.name][k] for k in MEMORY_KEYS}}
-        row["app_g"] = twin and app_g_formula(t, t.depth, twin["layer_parameter_bytes"],
-                                              twin["layer_saved_activations"], moments)
+        row = {
+            "layers": list(t.layers),
+            "checkpointing": t.checkpointing,
+            "objective": t.objective,
+            **{k: results[t.name][k] for k in MEMORY_KEYS},
+        }
+        row["app_g"] = twin and app_g_formula(
+            t, t.depth, twin["layer_parameter_bytes"], twin["layer_saved_activations"], moments
+        )
         breakdown[t.name] = row
     out: dict[str, Any] = {
         "recipe": recipe.name,
         "device": str(dev),
-        "method": next(iter(results.values()))["method"] + (" (fresh subprocess per measurement)" if dev.type == "cpu" else ""),
+        "method": next(iter(results.values()))["method"]
+        + (" (fresh subprocess per measurement)" if dev.type == "cpu" else ""),
         "skipped": list(skip),
         "blocks": blocks,
         "layers": max(t.depth for t in targets),
@@ -507,8 +556,12 @@ def checkpointing_ratios(targets: list[BenchTarget], value: dict[str, float], un
     if ref is not None:
         named.update({ref.name: ref.name, f"{ref.name}_ckpt": ref.name + CKPT})
         extra = {"reference": ref.name, "reference_title": ref.title}
-    out: dict[str, Any] = {"unit": unit, "block_ckpt_target": block_ck, **extra,
-                           **{key: value.get(name) for key, name in named.items()}}
+    out: dict[str, Any] = {
+        "unit": unit,
+        "block_ckpt_target": block_ck,
+        **extra,
+        **{key: value.get(name) for key, name in named.items()},
+    }
     for key in named:
         if key not in ("block", "block_ckpt"):
             ok = out[key] is not None and out["block_ckpt"] is not None
@@ -516,8 +569,9 @@ def checkpointing_ratios(targets: list[BenchTarget], value: dict[str, float], un
     return {"checkpointing": out}
 
 
-def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_block: bool = True,
-                 skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def bench_static(
+    recipe: Recipe, blocks: int, checkpointing: bool = True, every_block: bool = True, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Exact bytes of parameters, gradients, optimizer state and EMA of each block and of e2e, built on the
     meta device: no memory is allocated, so any size works (activations are not included).
 
@@ -534,7 +588,9 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
     targets = bench_targets(recipe, blocks, checkpointing, every_block)
     unknown = sorted(set(skip) - {t.name for t in targets})
     if unknown:
-        raise DbconvertError(f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}")
+        raise DbconvertError(
+            f"--skip {unknown[0]}: no such network here; choose from {', '.join(t.name for t in targets)}"
+        )
     out["skipped"] = list(skip)
     for target in left_to_measure(targets, skip):  # nothing left is one line, as for the measured figures
         with torch.device("meta"):
@@ -544,21 +600,27 @@ def bench_static(recipe: Recipe, blocks: int, checkpointing: bool = True, every_
         sizes = [p.numel() for p in trainer.state.trainable]
         parts["optimizer_state"] = int(optimizer_state_bytes(recipe.train, sizes))  # once it has stepped
         parts["total_bytes"] = sum(parts.values())
-        out["breakdown"][target.name] = {"layers": list(target.layers), "checkpointing": target.checkpointing,
-                                         "objective": target.objective, **parts,
-                                         "app_g_static": {"formula": f"{2 + per_param:g}P·{'L' if target.e2e else 'L/B'}",
-                                                          "bytes": int((2 + per_param) * layer * target.depth),
-                                                          "P": layer}}
+        out["breakdown"][target.name] = {
+            "layers": list(target.layers),
+            "checkpointing": target.checkpointing,
+            "objective": target.objective,
+            **parts,
+            "app_g_static": {
+                "formula": f"{2 + per_param:g}P·{'L' if target.e2e else 'L/B'}",
+                "bytes": int((2 + per_param) * layer * target.depth),
+                "P": layer,
+            },
+        }
     rows = out["breakdown"]
     out["e2e_static_bytes"] = rows["e2e"]["total_bytes"] if "e2e" in rows else None
-    out["block_static_bytes"] = [rows[t.name]["total_bytes"] for t in targets
-                                 if not t.e2e and not t.checkpointing and t.name in rows]
+    out["block_static_bytes"] = [
+        rows[t.name]["total_bytes"] for t in targets if not t.e2e and not t.checkpointing and t.name in rows
+    ]
     both = out["e2e_static_bytes"] is not None and out["block_static_bytes"]
     out["ratio"] = out["e2e_static_bytes"] / max(out["block_static_bytes"]) if both else None
     if checkpointing:
         out.update(checkpointing_ratios(targets, {n: r["total_bytes"] for n, r in rows.items()}, "bytes"))
     return out
-
 
 
 # --- speed ---------------------------------------------------------------------------------
@@ -623,11 +685,16 @@ def bench_speed(
     # whole decodes first: a bad --decode-tokens is reported before any step is timed
     if decode_tokens is not None and not decoding:
         raise DbconvertError("--decode-tokens sets the decoding rows, which --no-decoding leaves out; drop one of them")
-    decode = family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress) \
-        if decoding else None
+    decode = (
+        family.decoding_rates(recipe, blocks, batch, dev, repeats, warmup, decode_tokens, on_progress)
+        if decoding
+        else None
+    )
     if decode is None and decode_tokens is not None:  # the family has no unit-by-unit decoding for this recipe
-        raise DbconvertError(f"--decode-tokens does not apply to {recipe.name} (its runs do not decode token by "
-                             "token, so there are no decoding rows to time); drop it")
+        raise DbconvertError(
+            f"--decode-tokens does not apply to {recipe.name} (its runs do not decode token by "
+            "token, so there are no decoding rows to time); drop it"
+        )
     trainers = [Trainer(recipe, t, dev) for t in left]
     plain = [tr for tr in trainers if not tr.target.checkpointing and tr.target.objective == "denoiser"]
     samplers = {tr.target.name: tr.sampling_step(data) for tr in plain}
@@ -637,9 +704,14 @@ def bench_speed(
         for rep in range(warmup + repeats):
             for trainer in plain if kind == "sample" else trainers:
                 if on_progress:
-                    on_progress(f"{kind} step, {'warm-up' if rep < warmup else 'repetition'} {rep + 1}, {trainer.target.name}")
-                fn = samplers[trainer.target.name] if kind == "sample" else (
-                    lambda tr=trainer, r=rep: tr.step(data, seed=r))
+                    on_progress(
+                        f"{kind} step, {'warm-up' if rep < warmup else 'repetition'} {rep + 1}, {trainer.target.name}"
+                    )
+                fn = (
+                    samplers[trainer.target.name]
+                    if kind == "sample"
+                    else (lambda tr=trainer, r=rep: tr.step(data, seed=r))
+                )
                 seconds = timed(fn, dev)
                 if rep >= warmup:
                     timings[trainer.target.name][kind].append(seconds)
@@ -670,16 +742,23 @@ def bench_speed(
         "block_train_step_s": [med[n]["train"] for n in block_names],
         "sample_step_ratio": med["e2e"]["sample"] / max(med[n]["sample"] for n in block_names),
         "train_step_ratio": nan if sampling_only else med["e2e"]["train"] / max(med[n]["train"] for n in block_names),
-        **generation_rates(with_blocks(recipe, blocks), targets, med, batch, family.generated_unit,
-                           family.protocol_units),
+        **generation_rates(
+            with_blocks(recipe, blocks), targets, med, batch, family.generated_unit, family.protocol_units
+        ),
         **extra,
         "decoding": decode,
         "raw_seconds": timings,
     }
 
 
-def generation_rates(recipe: Recipe, targets: list[BenchTarget], med: dict[str, dict[str, float]], batch: int,
-                     unit: str, protocol_units: int) -> dict[str, Any]:
+def generation_rates(
+    recipe: Recipe,
+    targets: list[BenchTarget],
+    med: dict[str, dict[str, float]],
+    batch: int,
+    unit: str,
+    protocol_units: int,
+) -> dict[str, Any]:
     """Generated units (images, or tokens for text) per second with `sample.steps` steps each, and the hours
     the paper's evaluation protocol (`protocol_units` of them) takes at those rates.
 
@@ -700,9 +779,14 @@ def generation_rates(recipe: Recipe, targets: list[BenchTarget], med: dict[str, 
     ts = recipe.noise.settings().schedule(steps, recipe.sample.rho)
     per_unit = sum(med[names[owner_of(t, owned)]]["sample"] for t in ts[:-1])
     rates = {"block_units_per_s": batch / per_unit, "e2e_units_per_s": batch / (steps * med["e2e"]["sample"])}
-    return {"unit": unit, "sample_steps": steps, **rates, "protocol_units": protocol_units,
-            "block_protocol_hours": protocol_units / rates["block_units_per_s"] / 3600,
-            "e2e_protocol_hours": protocol_units / rates["e2e_units_per_s"] / 3600}
+    return {
+        "unit": unit,
+        "sample_steps": steps,
+        **rates,
+        "protocol_units": protocol_units,
+        "block_protocol_hours": protocol_units / rates["block_units_per_s"] / 3600,
+        "e2e_protocol_hours": protocol_units / rates["e2e_units_per_s"] / 3600,
+    }
 
 
 # --- tables (the CLI prints these) ---------------------------------------------------------
@@ -723,8 +807,10 @@ def _ratio_lines(r: dict[str, Any], name: str) -> list[str]:
     out = [f"{name} e2e / {ck}: {x('e2e_over_block_ckpt')}, e2e+ckpt / {ck}: {x('e2e_ckpt_over_block_ckpt')}"]
     ref = c.get("reference")
     if ref:
-        out.append(f"{name} the same network as a {c['reference_title']} ({ref}) / {ck}: {x(f'{ref}_over_block_ckpt')}, "
-                   f"{ref}+ckpt / {ck}: {x(f'{ref}_ckpt_over_block_ckpt')}")
+        out.append(
+            f"{name} the same network as a {c['reference_title']} ({ref}) / {ck}: {x(f'{ref}_over_block_ckpt')}, "
+            f"{ref}+ckpt / {ck}: {x(f'{ref}_ckpt_over_block_ckpt')}"
+        )
     return out
 
 
@@ -732,8 +818,10 @@ def memory_report(r: dict[str, Any]) -> list[Any]:
     """The `bench memory` table and its lines (rich renderables) of a `bench_memory` result."""
     from rich.table import Table
 
-    table = Table(title=f"peak training-step memory, MiB ({r['recipe']}, {r['layers']} layers, "
-                        f"B={r['blocks']}, batch {r['batch']}, {r['device']})")
+    table = Table(
+        title=f"peak training-step memory, MiB ({r['recipe']}, {r['layers']} layers, "
+        f"B={r['blocks']}, batch {r['batch']}, {r['device']})"
+    )
     heads = ("peak", "params", "grads", "optim", "EMA", "held", "step", "saved")
     table.add_column("network")
     table.add_column("layers", justify="right")
@@ -741,28 +829,44 @@ def memory_report(r: dict[str, Any]) -> list[Any]:
         table.add_column(head, justify="right")
     table.add_column("App. G", justify="right")
     for name, row in r["breakdown"].items():
-        table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", *(_mib(row[c]) for c in MEMORY_KEYS),
-                      _mib(row["app_g"]["bytes"]) if row["app_g"] else "-")
+        table.add_row(
+            name,
+            f"{row['layers'][0]}-{row['layers'][1]}",
+            *(_mib(row[c]) for c in MEMORY_KEYS),
+            _mib(row["app_g"]["bytes"]) if row["app_g"] else "-",
+        )
     ratio = "not measured" if r["ratio"] is None else f"{r['ratio']:.2f}x"
     lines: list[Any] = [table, f"ratio e2e / largest block: {ratio}", *_ratio_lines(r, "ratio")]
     if r["skipped"]:
         lines.append(f"not measured (--skip): {', '.join(r['skipped'])}")
-    lines.append(f"method: {r['method']}. layers: source layers [start, end). params, grads, optim (optimizer "
-                 "state) and EMA are exact tensor bytes; held = measured memory held between steps; step = measured "
-                 "growth during the step (activations, gradients, temporaries at its worst moment), peak = held + "
-                 "step; saved = bytes autograd kept for backward, exact (a lower bound of step).")
-    formulas = ", ".join(f"{name} {row['app_g']['formula']} (P {_mib(row['app_g']['P'])}, A {_mib(row['app_g']['A'])})"
-                         for name, row in r["breakdown"].items()
-                         if row["app_g"] and (name == "e2e" or row["objective"] != "denoiser" or CKPT in name))
-    lines.append(f"App. G: the paper's estimate from P = trainable bytes of one layer and A = bytes one layer saves "
-                 f"for backward (MiB), both measured on that network (a +ckpt row: on its twin without): {formulas}. "
-                 "It leaves out the EMA and everything outside the layers (embedding, head, loss, allocator), which "
-                 "is where a measured peak parts from it.")
+    lines.append(
+        f"method: {r['method']}. layers: source layers [start, end). params, grads, optim (optimizer "
+        "state) and EMA are exact tensor bytes; held = measured memory held between steps; step = measured "
+        "growth during the step (activations, gradients, temporaries at its worst moment), peak = held + "
+        "step; saved = bytes autograd kept for backward, exact (a lower bound of step)."
+    )
+    formulas = ", ".join(
+        f"{name} {row['app_g']['formula']} (P {_mib(row['app_g']['P'])}, A {_mib(row['app_g']['A'])})"
+        for name, row in r["breakdown"].items()
+        if row["app_g"] and (name == "e2e" or row["objective"] != "denoiser" or CKPT in name)
+    )
+    lines.append(
+        f"App. G: the paper's estimate from P = trainable bytes of one layer and A = bytes one layer saves "
+        f"for backward (MiB), both measured on that network (a +ckpt row: on its twin without): {formulas}. "
+        "It leaves out the EMA and everything outside the layers (embedding, head, loss, allocator), which "
+        "is where a measured peak parts from it."
+    )
     if "checkpointing" in r:
         reference = r["checkpointing"].get("reference")
-        lines.append("+ckpt: train.activation_checkpointing=true (every layer recomputed in backward)"
-                     + (f"; {reference}: the same layers trained as a {r['checkpointing'].get('reference_title')} "
-                        "(its own loss, the recipe's optimizer)" if reference else ""))
+        lines.append(
+            "+ckpt: train.activation_checkpointing=true (every layer recomputed in backward)"
+            + (
+                f"; {reference}: the same layers trained as a {r['checkpointing'].get('reference_title')} "
+                "(its own loss, the recipe's optimizer)"
+                if reference
+                else ""
+            )
+        )
     return lines
 
 
@@ -786,15 +890,28 @@ def static_report(r: dict[str, Any]) -> list[Any]:
     gib = lambda b: f"{b / scale:.2f}"  # noqa: E731
     for name, row in r["breakdown"].items():
         g = row["app_g_static"]
-        table.add_row(name, f"{row['layers'][0]}-{row['layers'][1]}", gib(row["parameters"]), gib(row["gradients"]),
-                      gib(row["optimizer_state"]), gib(row["ema"]), gib(row["total_bytes"]), f"{gib(g['bytes'])} = {g['formula']}")
+        table.add_row(
+            name,
+            f"{row['layers'][0]}-{row['layers'][1]}",
+            gib(row["parameters"]),
+            gib(row["gradients"]),
+            gib(row["optimizer_state"]),
+            gib(row["ema"]),
+            gib(row["total_bytes"]),
+            f"{gib(g['bytes'])} = {g['formula']}",
+        )
     ratio = "not measured" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-    lines: list[Any] = [table, f"ratio e2e / largest block (static part only): {ratio}",
-                        *_ratio_lines(r, "static ratio")]
+    lines: list[Any] = [
+        table,
+        f"ratio e2e / largest block (static part only): {ratio}",
+        *_ratio_lines(r, "static ratio"),
+    ]
     if "checkpointing" in r:
-        lines.append("a +ckpt network holds the same tensors as its twin: checkpointing changes activations only, which "
-                     "the static part leaves out; a reference row counts every trainable parameter, also those the "
-                     "reference never uses (measured, they get no gradient or optimizer state)")
+        lines.append(
+            "a +ckpt network holds the same tensors as its twin: checkpointing changes activations only, which "
+            "the static part leaves out; a reference row counts every trainable parameter, also those the "
+            "reference never uses (measured, they get no gradient or optimizer state)"
+        )
     return lines
 
 
@@ -802,8 +919,10 @@ def speed_report(r: dict[str, Any]) -> list[Any]:
     """The `bench speed` table and its lines."""
     from rich.table import Table
 
-    table = Table(title=f"median seconds per step ({r['recipe']}, {r['layers']} layers, B={r['blocks']}, "
-                        f"batch {r['batch']}, {r['device']}, {r['threads']} threads)")
+    table = Table(
+        title=f"median seconds per step ({r['recipe']}, {r['layers']} layers, B={r['blocks']}, "
+        f"batch {r['batch']}, {r['device']}, {r['threads']} threads)"
+    )
     for col in ("network", "sampling step", "training step"):
         table.add_column(col, justify="left" if col == "network" else "right")
     fmt = lambda x: "" if x != x else f"{x:.4f}"  # noqa: E731  (NaN: not timed)
@@ -818,13 +937,19 @@ def speed_report(r: dict[str, Any]) -> list[Any]:
     ]
     if "checkpointing" in r:
         c = r["checkpointing"]
-        lines.append(f"recompute cost: {c['block_ckpt_target']} / {c['block_ckpt_target'].removesuffix(CKPT)} training step "
-                     f"{c['block_ckpt_over_block']:.2f}x (a +ckpt network samples as its twin: not timed)")
+        lines.append(
+            f"recompute cost: {c['block_ckpt_target']} / {c['block_ckpt_target'].removesuffix(CKPT)} training step "
+            f"{c['block_ckpt_over_block']:.2f}x (a +ckpt network samples as its twin: not timed)"
+        )
     unit = r["unit"]
-    lines.append(f"generation with {r['sample_steps']} steps per {unit}: blocks {r['block_units_per_s']:.1f} {unit}s/s, "
-                 f"e2e {r['e2e_units_per_s']:.1f} {unit}s/s (denoising steps only)")
-    lines.append(f"the paper's evaluation protocol ({r['protocol_units']:,} {unit}s) at these rates and this batch: "
-                 f"blocks {r['block_protocol_hours']:.1f} h, e2e {r['e2e_protocol_hours']:.1f} h on {r['device']}")
+    lines.append(
+        f"generation with {r['sample_steps']} steps per {unit}: blocks {r['block_units_per_s']:.1f} {unit}s/s, "
+        f"e2e {r['e2e_units_per_s']:.1f} {unit}s/s (denoising steps only)"
+    )
+    lines.append(
+        f"the paper's evaluation protocol ({r['protocol_units']:,} {unit}s) at these rates and this batch: "
+        f"blocks {r['block_protocol_hours']:.1f} h, e2e {r['e2e_protocol_hours']:.1f} h on {r['device']}"
+    )
     if r.get("decoding"):
         lines += decoding_report(r["decoding"], r["device"])
     return lines
@@ -834,20 +959,24 @@ def decoding_report(d: dict[str, Any], device: str) -> list[Any]:
     """The decoding table of `bench speed` (families with `decoding_rates`)."""
     from rich.table import Table
 
-    table = Table(title=f"decoding, tokens/s (batch {d['batch']}, {d['prompt_tokens']}-token prompts, "
-                        f"{d['new_tokens']} new tokens each, KV cache, {device})")
+    table = Table(
+        title=f"decoding, tokens/s (batch {d['batch']}, {d['prompt_tokens']}-token prompts, "
+        f"{d['new_tokens']} new tokens each, KV cache, {device})"
+    )
     for col in ("decoder", "tokens/s", "x AR"):
         table.add_column(col, justify="left" if col == "decoder" else "right")
     ar = d["tokens_per_s"][d["reference"]]
     for name, rate in d["tokens_per_s"].items():
         table.add_row(name, f"{rate:,.1f}", f"{rate / ar:.2f}")
-    return [table,
-            f"blocks: the {d['protocol']} protocol ({d['steps']} steps per token, one per block, greedy last step); "
-            f"ar: greedy decoding of the same {d['layers']} layers. Fused, a block enters the new clean token in the "
-            "same forward as its next noisy query (one forward per block and token, as AR runs each layer once); "
-            "separate extend: one more forward per block and token. Left over AR: a head over the vocabulary in "
-            f"every block (B per token instead of 1). blocks / AR: {d['blocks_over_ar']:.2f}x (goal >= 0.9x), "
-            f"separate extend / AR: {d['unfused_over_ar']:.2f}x; median of the repetitions, prefill included."]
+    return [
+        table,
+        f"blocks: the {d['protocol']} protocol ({d['steps']} steps per token, one per block, greedy last step); "
+        f"ar: greedy decoding of the same {d['layers']} layers. Fused, a block enters the new clean token in the "
+        "same forward as its next noisy query (one forward per block and token, as AR runs each layer once); "
+        "separate extend: one more forward per block and token. Left over AR: a head over the vocabulary in "
+        f"every block (B per token instead of 1). blocks / AR: {d['blocks_over_ar']:.2f}x (goal >= 0.9x), "
+        f"separate extend / AR: {d['unfused_over_ar']:.2f}x; median of the repetitions, prefill included.",
+    ]
 
 
 # --- worker entry point --------------------------------------------------------------------

@@ -35,8 +35,14 @@ OPTION_SETS: dict[str, list[str]] = {
     "ema-cpu": ["train.ema=cpu"],
     "bf16-true": ["train.precision=bf16-true", "train.ema=cpu"],
     "bf16-true+8bit": ["train.precision=bf16-true", "train.optimizer=adamw8bit", "train.ema=cpu"],
-    "lean": ["train.precision=bf16-true", "train.optimizer=adamw8bit", "train.ema=off",
-             "train.optimizer_in_backward=true", "train.grad_clip=null", "train.grad_accumulation=1"],
+    "lean": [
+        "train.precision=bf16-true",
+        "train.optimizer=adamw8bit",
+        "train.ema=off",
+        "train.optimizer_in_backward=true",
+        "train.grad_clip=null",
+        "train.grad_accumulation=1",
+    ],
 }
 """The ladder `--options` and `--fit` walk, each adding levers to the one before (the recipe's own settings
 first). `lean` holds the least: bf16 weights, 8-bit moments, no EMA, one gradient at a time (so no clipping by
@@ -49,8 +55,17 @@ HEADROOM = 0.10
 """The share of the budget left for what the estimate leaves out (temporaries, allocator slack, CUDA context)."""
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB|TiB|TB|G|M|T)?\s*$", re.IGNORECASE)
-_UNITS = {"gib": 2**30, "g": 2**30, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6, "tib": 2**40, "t": 2**40,
-          "tb": 10**12}
+_UNITS = {
+    "gib": 2**30,
+    "g": 2**30,
+    "gb": 10**9,
+    "mib": 2**20,
+    "m": 2**20,
+    "mb": 10**6,
+    "tib": 2**40,
+    "t": 2**40,
+    "tb": 10**12,
+}
 
 
 def parse_size(text: str) -> int:
@@ -86,8 +101,14 @@ def element_counts(recipe: Recipe, depth: int, family: Any = None) -> dict[str, 
     trainable = [p.numel() for p in net.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
     buffers = sum(b.numel() * b.element_size() for b in net.buffers())
-    return {"trainable": sum(trainable), "frozen": frozen, "largest": max(trainable, default=0),
-            "buffer_bytes": buffers, "ema_buffer_bytes": own_buffers, "sizes": trainable}
+    return {
+        "trainable": sum(trainable),
+        "frozen": frozen,
+        "largest": max(trainable, default=0),
+        "buffer_bytes": buffers,
+        "ema_buffer_bytes": own_buffers,
+        "sizes": trainable,
+    }
 
 
 def static_bytes(recipe: Recipe, counts: dict[str, Any]) -> dict[str, float]:
@@ -95,10 +116,13 @@ def static_bytes(recipe: Recipe, counts: dict[str, Any]) -> dict[str, float]:
     t = recipe.train
     per = bytes_per_parameter(t, counts["largest"] / max(1, counts["trainable"]))
     n = counts["trainable"]
-    out = {"parameters": per["parameters"] * (n + counts["frozen"]) + counts["buffer_bytes"],
-           "gradients": per["gradients"] * n, "optimizer_state": optimizer_state_bytes(t, counts["sizes"]),
-           "ema": per["ema"] * n + (counts["ema_buffer_bytes"] if t.ema == "device" else 0),  # its buffers
-           "ema_host": per["ema_host"] * n}
+    out = {
+        "parameters": per["parameters"] * (n + counts["frozen"]) + counts["buffer_bytes"],
+        "gradients": per["gradients"] * n,
+        "optimizer_state": optimizer_state_bytes(t, counts["sizes"]),
+        "ema": per["ema"] * n + (counts["ema_buffer_bytes"] if t.ema == "device" else 0),  # its buffers
+        "ema_host": per["ema_host"] * n,
+    }
     out["total"] = out["parameters"] + out["gradients"] + out["optimizer_state"] + out["ema"]
     out["bytes_per_parameter"] = out["total"] / max(1, n + counts["frozen"])
     return out
@@ -196,8 +220,9 @@ def activation_model(recipe: Recipe, batch: int, context: int | None, family: An
     seq = sequence_length(recipe)
     if seq is None:
         if context is not None:
-            raise DbconvertError(f"--context does not apply to the {recipe.model.family} family (its inputs are "
-                                 "images): drop it")
+            raise DbconvertError(
+                f"--context does not apply to the {recipe.model.family} family (its inputs are images): drop it"
+            )
         a, b = saved_bytes(recipe, 1, family=family), saved_bytes(recipe, 2, family=family)
         scale = lambda key: a[key] + (b[key] - a[key]) * (batch - 1)  # noqa: E731  linear in examples
         parts = {"layer": scale("layer"), "outside": scale("total") - scale("layer"), "hidden": scale("hidden")}
@@ -207,10 +232,16 @@ def activation_model(recipe: Recipe, batch: int, context: int | None, family: An
     small = [c for c in SMALL_CONTEXTS if c < target] or [target]
     if len(small) == 1 and small[0] == target:
         a = saved_bytes(with_context(recipe, target), 1, family=family)
-        parts = {"layer": a["layer"] * batch, "outside": (a["total"] - a["layer"]) * batch,
-                 "hidden": a["hidden"] * batch}
-        return {**parts, "method": f"measured at batch 1, context {target} on the CPU, times the batch",
-                "context": target}
+        parts = {
+            "layer": a["layer"] * batch,
+            "outside": (a["total"] - a["layer"]) * batch,
+            "hidden": a["hidden"] * batch,
+        }
+        return {
+            **parts,
+            "method": f"measured at batch 1, context {target} on the CPU, times the batch",
+            "context": target,
+        }
     t1, t2 = SMALL_CONTEXTS
     m = {(n, t): saved_bytes(with_context(recipe, t), n, family=family) for n in (1, 2) for t in (t1, t2)}
 
@@ -225,11 +256,16 @@ def activation_model(recipe: Recipe, batch: int, context: int | None, family: An
         shared = [key(m[(1, t)]) - r for t, r in zip((t1, t2), row)]
         return batch * quadratic(*row) + quadratic(*shared)
 
-    parts = {"layer": fit(lambda x: x["layer"]), "outside": fit(lambda x: x["total"] - x["layer"]),
-             "hidden": fit(lambda x: x["hidden"])}
-    how = (f"measured at batch 1 and 2, contexts {t1} and {t2} on the CPU with torch's SDPA (its CPU kernel is fused: "
-           "no T x T attention weights are saved, as with flash attention on CUDA): a part a row and a part the rows "
-           "share, each fitted as a T + b T^2 and scaled to the batch and context")
+    parts = {
+        "layer": fit(lambda x: x["layer"]),
+        "outside": fit(lambda x: x["total"] - x["layer"]),
+        "hidden": fit(lambda x: x["hidden"]),
+    }
+    how = (
+        f"measured at batch 1 and 2, contexts {t1} and {t2} on the CPU with torch's SDPA (its CPU kernel is fused: "
+        "no T x T attention weights are saved, as with flash attention on CUDA): a part a row and a part the rows "
+        "share, each fitted as a T + b T^2 and scaled to the batch and context"
+    )
     return {**parts, "method": how, "context": target}
 
 
@@ -257,14 +293,27 @@ def option_table(recipe: Recipe, blocks: int) -> dict[str, Any]:
         except DbconvertError as exc:
             rows.append({"options": name, "refused": str(exc)})
             continue
-        rows.append({"options": name, "label": describe(r.train), "overrides": overrides,
-                     **{net: static_bytes(r, c) for net, c in counts.items()}})
-    return {"recipe": recipe.name, "blocks": blocks, "layers": total, "block_layers": depth, "rows": rows,
-            "device": "meta (static)"}
+        rows.append(
+            {
+                "options": name,
+                "label": describe(r.train),
+                "overrides": overrides,
+                **{net: static_bytes(r, c) for net, c in counts.items()},
+            }
+        )
+    return {
+        "recipe": recipe.name,
+        "blocks": blocks,
+        "layers": total,
+        "block_layers": depth,
+        "rows": rows,
+        "device": "meta (static)",
+    }
 
 
-def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | None = None,
-        headroom: float = HEADROOM) -> dict[str, Any]:
+def fit(
+    recipe: Recipe, budget: int, batch: int | None = None, context: int | None = None, headroom: float = HEADROOM
+) -> dict[str, Any]:
     """For each option set: the smallest B whose deepest block fits `budget` (without and with activation
     checkpointing), and whether the whole network fits end to end (without and with), from `estimate`."""
     if not 0 <= headroom < 1:
@@ -293,22 +342,41 @@ def fit(recipe: Recipe, budget: int, batch: int | None = None, context: int | No
             acts_by_precision[precision] = activation_model(r, batch, context, family)
         acts = acts_by_precision[precision]
         need = {d: {ck: estimate(static_bytes(r, counts[d]), acts, d, ck) for ck in (False, True)} for d in depths}
-        row: dict[str, Any] = {"options": name, "label": describe(r.train), "overrides": overrides,
-                               "e2e": need[total][False], "e2e_ckpt": need[total][True]}
+        row: dict[str, Any] = {
+            "options": name,
+            "label": describe(r.train),
+            "overrides": overrides,
+            "e2e": need[total][False],
+            "e2e_ckpt": need[total][True],
+        }
         for ck, key in ((False, "blocks"), (True, "blocks_ckpt")):
-            fitting = [n for n in range(1, total + 1)
-                       if need[max(b - a for a, b in layer_ranges(total, n, True))][ck] <= usable]
+            fitting = [
+                n
+                for n in range(1, total + 1)
+                if need[max(b - a for a, b in layer_ranges(total, n, True))][ck] <= usable
+            ]
             smallest = fitting[0] if fitting else None
             row[key] = smallest
             row[key + "_even"] = next((n for n in fitting if total % n == 0), None)
-            row[key + "_bytes"] = (need[max(b - a for a, b in layer_ranges(total, smallest, True))][ck]
-                                   if smallest else need[min(depths)][ck])
+            row[key + "_bytes"] = (
+                need[max(b - a for a, b in layer_ranges(total, smallest, True))][ck]
+                if smallest
+                else need[min(depths)][ck]
+            )
         rows.append(row)
     first = next(iter(acts_by_precision.values()))
-    return {"recipe": recipe.name, "budget_bytes": budget, "headroom": headroom, "usable_bytes": usable,
-            "batch": batch, "context": first["context"], "layers": total, "rows": rows,
-            "activations": {p: {k: a[k] for k in ("layer", "outside", "hidden")} for p, a in acts_by_precision.items()},
-            "method": first["method"]}
+    return {
+        "recipe": recipe.name,
+        "budget_bytes": budget,
+        "headroom": headroom,
+        "usable_bytes": usable,
+        "batch": batch,
+        "context": first["context"],
+        "layers": total,
+        "rows": rows,
+        "activations": {p: {k: a[k] for k in ("layer", "outside", "hidden")} for p, a in acts_by_precision.items()},
+        "method": first["method"],
+    }
 
 
 def _gib(b: float) -> str:
@@ -318,31 +386,56 @@ def _gib(b: float) -> str:
 def options_report(r: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
-    table = Table(title=f"static training memory by option, GiB ({r['recipe']}, {r['layers']} layers, B={r['blocks']}: "
-                        f"deepest block {r['block_layers']} layers, meta device)")
-    for col in ("options", "block total", "params", "grads", "optim", "EMA (host)", "bytes/param", "e2e total",
-                "e2e bytes/param"):
+    table = Table(
+        title=f"static training memory by option, GiB ({r['recipe']}, {r['layers']} layers, B={r['blocks']}: "
+        f"deepest block {r['block_layers']} layers, meta device)"
+    )
+    for col in (
+        "options",
+        "block total",
+        "params",
+        "grads",
+        "optim",
+        "EMA (host)",
+        "bytes/param",
+        "e2e total",
+        "e2e bytes/param",
+    ):
         table.add_column(col, justify="left" if col == "options" else "right")
     for row in r["rows"]:
         if "refused" in row:
             continue
         b, e = row["block"], row["e2e"]
         ema = _gib(b["ema"]) if b["ema"] or not b["ema_host"] else f"({_gib(b['ema_host'])})"
-        table.add_row(row["label"], _gib(b["total"]), _gib(b["parameters"]), _gib(b["gradients"]),
-                      _gib(b["optimizer_state"]), ema, f"{b['bytes_per_parameter']:.2f}", _gib(e["total"]),
-                      f"{e['bytes_per_parameter']:.2f}")
+        table.add_row(
+            row["label"],
+            _gib(b["total"]),
+            _gib(b["parameters"]),
+            _gib(b["gradients"]),
+            _gib(b["optimizer_state"]),
+            ema,
+            f"{b['bytes_per_parameter']:.2f}",
+            _gib(e["total"]),
+            f"{e['bytes_per_parameter']:.2f}",
+        )
     refused = [f"{row['options']}: {row['refused']}" for row in r["rows"] if "refused" in row]
-    return [table, *refused, "totals are what stays on the training device: an EMA in parentheses lives in host "
-                             "memory (train.ema=cpu); activations are not included (`bench memory --fit` adds them)."]
+    return [
+        table,
+        *refused,
+        "totals are what stays on the training device: an EMA in parentheses lives in host "
+        "memory (train.ema=cpu); activations are not included (`bench memory --fit` adds them).",
+    ]
 
 
 def fit_report(r: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
     ctx = f", context {r['context']}" if r["context"] else ""
-    table = Table(title=f"does it fit {_gib(r['budget_bytes'])} GiB? ({r['recipe']}, {r['layers']} layers, batch "
-                        f"{r['batch']}{ctx}; estimate <= {_gib(r['usable_bytes'])} GiB after {r['headroom']:.0%} "
-                        "headroom)")
+    table = Table(
+        title=f"does it fit {_gib(r['budget_bytes'])} GiB? ({r['recipe']}, {r['layers']} layers, batch "
+        f"{r['batch']}{ctx}; estimate <= {_gib(r['usable_bytes'])} GiB after {r['headroom']:.0%} "
+        "headroom)"
+    )
     for col in ("options", "e2e", "e2e+ckpt", "smallest B", "smallest B +ckpt"):
         table.add_column(col, justify="left" if col == "options" else "right")
     mark = lambda need: f"{_gib(need)} {'fits' if need <= r['usable_bytes'] else 'no'}"  # noqa: E731
@@ -357,10 +450,14 @@ def fit_report(r: dict[str, Any]) -> list[Any]:
     for row in r["rows"]:
         if "refused" in row:
             continue
-        table.add_row(row["label"], mark(row["e2e"]), mark(row["e2e_ckpt"]), blocks(row, "blocks"),
-                      blocks(row, "blocks_ckpt"))
+        table.add_row(
+            row["label"], mark(row["e2e"]), mark(row["e2e_ckpt"]), blocks(row, "blocks"), blocks(row, "blocks_ckpt")
+        )
     refused = [f"{row['options']}: {row['refused']}" for row in r["rows"] if "refused" in row]
-    return [table, *refused,
-            f"estimate = exact static tensors (meta device) + activations {r['method']}. Smallest B allows an uneven "
-            "split (blocks.uneven=true); the even split beside it divides the layers. It leaves out temporaries and "
-            "allocator slack (the headroom)."]
+    return [
+        table,
+        *refused,
+        f"estimate = exact static tensors (meta device) + activations {r['method']}. Smallest B allows an uneven "
+        "split (blocks.uneven=true); the even split beside it divides the layers. It leaves out temporaries and "
+        "allocator slack (the headroom).",
+    ]

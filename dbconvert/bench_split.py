@@ -102,8 +102,9 @@ def bench_split(
     say = on_progress or (lambda msg: None)
     family = get_family(recipe.model.family)
     if not family.writes_random_checkpoints:
-        raise DbconvertError(f"the {family.name} family cannot write a random checkpoint, so `bench split` does not "
-                             "apply to it")
+        raise DbconvertError(
+            f"the {family.name} family cannot write a random checkpoint, so `bench split` does not apply to it"
+        )
     extra = [f"model.context={context}"] if context else []
     recipe = overridden(with_blocks(recipe, blocks), extra)
     from dbconvert.split import layer_ranges, source_depth

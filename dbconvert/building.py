@@ -58,8 +58,9 @@ def assign_state(network: M, state: Mapping[str, torch.Tensor], what: str, dtype
     return network
 
 
-def load_network(factory: Callable[[], M], state: Mapping[str, torch.Tensor], what: str,
-                 dtype: torch.dtype | None = None) -> M:
+def load_network(
+    factory: Callable[[], M], state: Mapping[str, torch.Tensor], what: str, dtype: torch.dtype | None = None
+) -> M:
     """The network of `factory` holding `state`, without a second copy of its weights."""
     return assign_state(build_empty(factory), state, what, dtype)
 

@@ -76,8 +76,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def save_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                 on_tensor: Callable[[int], None] | None = None) -> None:
+def save_weights(
+    path: Path,
+    state: Mapping[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[int], None] | None = None,
+) -> None:
     """Save a state dict as safetensors, atomically, one tensor at a time (`tensorio.write_safetensors`).
 
     A `LazyState` is written without ever holding more than one of its tensors; a plain state dict is written
@@ -104,8 +108,9 @@ def load_weights(path: Path, remedy: str = RUN_FILE_REMEDY) -> StateDict:
         reader = SafetensorsFile(path)
         return {name: reader.read(name) for name in reader.specs}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"run file {path} is damaged: corrupt or truncated ({first_line(exc)}); "
-                              f"{remedy}") from None
+        raise CheckpointError(
+            f"run file {path} is damaged: corrupt or truncated ({first_line(exc)}); {remedy}"
+        ) from None
 
 
 def file_sha256(path: Path) -> str:
@@ -119,8 +124,9 @@ def file_sha256(path: Path) -> str:
 # --- reference checkpoints ------------------------------------------------------------------
 
 
-def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model"),
-                    key: str = "model.checkpoint") -> StateDict:
+def read_checkpoint(
+    path: str | Path, wrappers: tuple[str, ...] = ("ema", "model"), key: str = "model.checkpoint"
+) -> StateDict:
     """A user-supplied checkpoint (`.pt`/`.pth`/`.bin` or `.safetensors`) as a flat state dict.
 
     Accepts a bare state dict or one wrapped under the first of `wrappers` present (the DiT
@@ -137,8 +143,10 @@ def read_checkpoint(path: str | Path, wrappers: tuple[str, ...] = ("ema", "model
         try:
             state: Any = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{key} {path} is not a readable .safetensors file: corrupt or truncated "
-                                  f"({first_line(exc, 160)}); restore it from where it came from") from None
+            raise CheckpointError(
+                f"{key} {path} is not a readable .safetensors file: corrupt or truncated "
+                f"({first_line(exc, 160)}); restore it from where it came from"
+            ) from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -156,11 +164,14 @@ def unreadable_pt(key: str, path: Path, exc: BaseException) -> CheckpointError:
     except OSError:
         magic = b""
     if magic == b"GGUF":
-        return CheckpointError(f"{key} {path} is a GGUF file (llama.cpp's format), which only the Llama recipes "
-                               "read (e.g. llama-tiny-shakespeare); give this family a .pt/.safetensors file")
+        return CheckpointError(
+            f"{key} {path} is a GGUF file (llama.cpp's format), which only the Llama recipes "
+            "read (e.g. llama-tiny-shakespeare); give this family a .pt/.safetensors file"
+        )
     return CheckpointError(
         f"{key} {path} is not a readable .pt/.safetensors file ({first_line(exc, 160)}): it is truncated, "
-        "corrupt, or holds pickled objects (only weights are read); restore it from where it came from")
+        "corrupt, or holds pickled objects (only weights are read); restore it from where it came from"
+    )
 
 
 def folder_error(path: Path, key: str) -> str:
@@ -176,10 +187,15 @@ def folder_error(path: Path, key: str) -> str:
     model = re.sub(r"(For[A-Z]\w*|LMHeadModel|Model)$", "", archs[0]) if archs else model_type
     from dbconvert.families import family_names
 
-    hint = (f"use a {model_type} recipe (model.family={model_type})" if model_type in family_names()
-            else "no dbconvert family converts it")
-    return (f"{key} {path} is a Hugging Face {model} folder (config.json model_type {model_type!r}), not a "
-            f"checkpoint file of this recipe's family; {hint}")
+    hint = (
+        f"use a {model_type} recipe (model.family={model_type})"
+        if model_type in family_names()
+        else "no dbconvert family converts it"
+    )
+    return (
+        f"{key} {path} is a Hugging Face {model} folder (config.json model_type {model_type!r}), not a "
+        f"checkpoint file of this recipe's family; {hint}"
+    )
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -197,8 +213,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"weights file {path} is corrupt or truncated ({first_line(exc)})") from None
 
 
-def open_checkpoint(files: Iterable[str | Path], wrappers: tuple[str, ...] = ("ema", "model"),
-                    key: str = "model.checkpoint") -> LazyState:
+def open_checkpoint(
+    files: Iterable[str | Path], wrappers: tuple[str, ...] = ("ema", "model"), key: str = "model.checkpoint"
+) -> LazyState:
     """The tensors of a user's checkpoint (one file, or the shards of a folder), read one at a time on access.
 
     `.safetensors` files are read tensor by tensor (`tensorio.SafetensorsFile`); `.pt` / `.bin` files are
@@ -220,8 +237,10 @@ def open_checkpoint(files: Iterable[str | Path], wrappers: tuple[str, ...] = ("e
             try:
                 reader = SafetensorsFile(path)
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{key} {path} is not a readable .safetensors file: corrupt or truncated "
-                                      f"({first_line(exc, 160)}); restore it from where it came from") from None
+                raise CheckpointError(
+                    f"{key} {path} is not a readable .safetensors file: corrupt or truncated "
+                    f"({first_line(exc, 160)}); restore it from where it came from"
+                ) from None
             names = reader.specs
             read = (lambda r: lambda name: checked_read(r, name, key))(reader)
             specs.update(reader.specs)
@@ -233,19 +252,22 @@ def open_checkpoint(files: Iterable[str | Path], wrappers: tuple[str, ...] = ("e
             specs.update(source.specs)
         for name in names:
             if name in loaders:
-                raise CheckpointError(f"{key}: tensor {name!r} is in more than one file ({path.name} and another); "
-                                      "restore the checkpoint")
+                raise CheckpointError(
+                    f"{key}: tensor {name!r} is in more than one file ({path.name} and another); restore the checkpoint"
+                )
             loaders[name] = (lambda read, name: lambda: read(name))(read, name)
-    return LazyState(loaders, specs, release=lambda: [m.release() for m in mapped] and None,
-                     origins={name: name for name in loaders})
+    return LazyState(
+        loaders, specs, release=lambda: [m.release() for m in mapped] and None, origins={name: name for name in loaders}
+    )
 
 
 def checked_read(reader: SafetensorsFile, name: str, key: str) -> torch.Tensor:
     try:
         return reader.read(name)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{key} {reader.path} is corrupt or truncated ({first_line(exc, 160)}); restore it "
-                              "from where it came from") from None
+        raise CheckpointError(
+            f"{key} {reader.path} is corrupt or truncated ({first_line(exc, 160)}); restore it from where it came from"
+        ) from None
 
 
 class MappedFile:
@@ -307,7 +329,9 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 
 def resolve_storage_dtype(
-    cfg: Any, state: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor] | None = None,
+    cfg: Any,
+    state: Mapping[str, torch.Tensor],
+    checkpoint: Mapping[str, torch.Tensor] | None = None,
     fresh: bool = False,
 ) -> Mapping[str, torch.Tensor]:
     """`state` in the run's storage dtype; settles `cfg.storage_dtype=auto` in place (the manifest records it).
@@ -428,8 +452,9 @@ def map_lazily(
     for dst, src in key_map.items():
         got, want = source.specs[src], expected[dst]
         if dst not in transforms and got.shape != want.shape:
-            raise CheckpointError(f"{what}: shape mismatch for {dst!r}: checkpoint has {got.shape}, "
-                                  f"model expects {want.shape}")
+            raise CheckpointError(
+                f"{what}: shape mismatch for {dst!r}: checkpoint has {got.shape}, model expects {want.shape}"
+            )
         specs[dst] = Spec(got.dtype, want.shape)
 
     def loader(dst: str, src: str) -> Callable[[], torch.Tensor]:
@@ -440,14 +465,19 @@ def map_lazily(
             if transform is not None:
                 tensor = transform(tensor)
             if tuple(tensor.shape) != specs[dst].shape:
-                raise CheckpointError(f"{what}: {src!r} converts to shape {tuple(tensor.shape)}, the model expects "
-                                      f"{specs[dst].shape}")
+                raise CheckpointError(
+                    f"{what}: {src!r} converts to shape {tuple(tensor.shape)}, the model expects {specs[dst].shape}"
+                )
             return tensor
 
         return load
 
-    return LazyState({dst: loader(dst, src) for dst, src in key_map.items()}, specs, source.release,
-                     {dst: source.origins.get(src, src) for dst, src in key_map.items()})
+    return LazyState(
+        {dst: loader(dst, src) for dst, src in key_map.items()},
+        specs,
+        source.release,
+        {dst: source.origins.get(src, src) for dst, src in key_map.items()},
+    )
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -16,8 +16,18 @@ import yaml
 from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from dbconvert.errors import RecipeError
-from dbconvert.schema import (BlocksConfig, DataConfig, ModelConfig, NoiseConfig, OutputConfig, SampleConfig, Section,
-                              TrainConfig, foreign_data_option, one_line)
+from dbconvert.schema import (
+    BlocksConfig,
+    DataConfig,
+    ModelConfig,
+    NoiseConfig,
+    OutputConfig,
+    SampleConfig,
+    Section,
+    TrainConfig,
+    foreign_data_option,
+    one_line,
+)
 
 
 class Recipe(Section):
@@ -207,8 +217,10 @@ def check_data_options(recipe: Recipe, origin: str = "recipe") -> None:
     modality = type(recipe.model).data_modality
     foreign = foreign_data_option(recipe.data, modality)
     if foreign is not None:
-        raise RecipeError(f"{origin}: {foreign} is an option of {'text' if modality == 'image' else 'image'} data, "
-                          f"which a {recipe.model.family} model ({modality} data) does not read; remove it")
+        raise RecipeError(
+            f"{origin}: {foreign} is an option of {'text' if modality == 'image' else 'image'} data, "
+            f"which a {recipe.model.family} model ({modality} data) does not read; remove it"
+        )
 
 
 def override_recipe(recipe: Recipe, overrides: list[str] | None, allowed: tuple[str, ...]) -> Recipe:

@@ -87,7 +87,9 @@ def run_demo(
     try:  # figures are a bonus: a plotting problem must not cost the user the trained demo
         from dbconvert.plots import has_data, make_figures
 
-        result.figures = [p for name in ("partition", "loss", "eval") if has_data(run, name) for p in make_figures(run, name)]
+        result.figures = [
+            p for name in ("partition", "loss", "eval") if has_data(run, name) for p in make_figures(run, name)
+        ]
     except (ImportError, DbconvertError) as exc:
         console.print(f"figures skipped: {first_line(exc)}", highlight=False, markup=False)
     for path in result.figures:
@@ -102,16 +104,21 @@ def summary_lines(result: DemoResult) -> list[str]:
     model is ahead at this budget, said plainly whichever it is."""
     lines = [f"samples of the blocks: {path}" for path in result.samples.files if path.name == "grid.png"]
     if result.e2e_samples is not None:
-        lines += [f"samples of the e2e baseline: {path}" for path in result.e2e_samples.files
-                  if path.name == "grid.png"]
+        lines += [
+            f"samples of the e2e baseline: {path}" for path in result.e2e_samples.files if path.name == "grid.png"
+        ]
     if result.fid:
-        lines.append("FID and KID here use the built-in digits features (a small CNN trained on the digits train "
-                     "split), not Inception: they compare these models with each other, not with published FIDs; "
-                     "KID is clean-fid's raw value (not x1000; its size follows the features' scale); lower is "
-                     "better for both")
+        lines.append(
+            "FID and KID here use the built-in digits features (a small CNN trained on the digits train "
+            "split), not Inception: they compare these models with each other, not with published FIDs; "
+            "KID is clean-fid's raw value (not x1000; its size follows the features' scale); lower is "
+            "better for both"
+        )
     if {"blocks", "e2e"} <= set(result.fid):
         blocks, e2e = result.fid["blocks"]["value"], result.fid["e2e"]["value"]
         ahead = "the blocks are" if blocks < e2e else "the e2e baseline is"
-        lines.append(f"at this budget {ahead} ahead: FID {blocks:.2f} (blocks) vs {e2e:.2f} (e2e), one sample set "
-                     "each, so a small gap is within the noise of a rerun")
+        lines.append(
+            f"at this budget {ahead} ahead: FID {blocks:.2f} (blocks) vs {e2e:.2f} (e2e), one sample set "
+            "each, so a small gap is within the noise of a rerun"
+        )
     return lines

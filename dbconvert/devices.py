@@ -26,8 +26,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def busy_cpu_note(device: torch.device, threads: int | None = None, load: float | None = None,
-                  cores: int | None = None) -> str | None:
+def busy_cpu_note(
+    device: torch.device, threads: int | None = None, load: float | None = None, cores: int | None = None
+) -> str | None:
     """A one-line note when CPU training starts on cores other work already holds (issue 33).
 
     Measured on the 2-core machine (dit-tiny-digits, 60 steps of block 0 with start-up): idle, 2 threads 8.5-9.3 s
@@ -47,6 +48,8 @@ def busy_cpu_note(device: torch.device, threads: int | None = None, load: float 
             return None
     if threads <= 1 or load < 0.75 or load + threads <= cores + 0.5:
         return None
-    return (f"note: the CPU is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads; on shared "
-            "cores that can run 10x slower: OMP_NUM_THREADS=1 is faster while it stays busy (the last bits of the "
-            "results differ between thread counts)")
+    return (
+        f"note: the CPU is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads; on shared "
+        "cores that can run 10x slower: OMP_NUM_THREADS=1 is faster while it stays busy (the last bits of the "
+        "results differ between thread counts)"
+    )

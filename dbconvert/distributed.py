@@ -152,8 +152,11 @@ def reduce_stats(info: Dist, stats: dict[str, float]) -> dict[str, float]:
         return stats
     keys = sorted(stats)
     out = {}
-    for op, pick in ((td.ReduceOp.MIN, lambda k: k.endswith("_min")), (td.ReduceOp.MAX, lambda k: k.endswith("_max")),
-                     (td.ReduceOp.SUM, lambda k: not k.endswith(("_min", "_max")))):
+    for op, pick in (
+        (td.ReduceOp.MIN, lambda k: k.endswith("_min")),
+        (td.ReduceOp.MAX, lambda k: k.endswith("_max")),
+        (td.ReduceOp.SUM, lambda k: not k.endswith(("_min", "_max"))),
+    ):
         chosen = [k for k in keys if pick(k)]
         if not chosen:
             continue

@@ -40,8 +40,9 @@ class FileSystemError(DbconvertError):
     folder is expected (or a folder where a file is)."""
 
 
-FILE_SYSTEM_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-                                errno.EEXIST, errno.EISDIR})
+FILE_SYSTEM_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+)
 """The OSErrors that are the user's file system, not a bug: `file_system_error` words these. Any other OSError
 (a missing file the code did not check for, a network error) stays a traceback, a bug to fix where it happens."""
 
@@ -54,8 +55,13 @@ the folder they were made in, which is what the user chose, not them."""
 def shown_path(exc: OSError) -> Path | None:
     """The path an OSError is about, as the user knows it: a rename's target rather than its hidden source, and
     a hidden temporary file or staging folder replaced by the folder it was made in."""
-    name = exc.filename2 if exc.filename2 is not None and exc.filename is not None and any(
-        TEMPORARY.match(part) for part in Path(str(exc.filename)).parts) else exc.filename
+    name = (
+        exc.filename2
+        if exc.filename2 is not None
+        and exc.filename is not None
+        and any(TEMPORARY.match(part) for part in Path(str(exc.filename)).parts)
+        else exc.filename
+    )
     if name is None:
         return None
     path = Path(str(name) if not isinstance(name, bytes) else name.decode(errors="replace"))
@@ -102,11 +108,13 @@ def file_system_error(exc: OSError) -> FileSystemError | None:
     where = f"{path}: " if path is not None else ""
     move = "move it away or choose another path"
     if exc.errno == errno.EROFS:
-        return FileSystemError(f"{where}read-only file system; write to a folder on a writable disk "
-                               "(or remount it read-write)")
+        return FileSystemError(
+            f"{where}read-only file system; write to a folder on a writable disk (or remount it read-write)"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return FileSystemError(f"{where}permission denied; fix its permissions (ls -l, chmod, chown) or choose a "
-                               "path you can write to")
+        return FileSystemError(
+            f"{where}permission denied; fix its permissions (ls -l, chmod, chown) or choose a path you can write to"
+        )
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         full = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
         return FileSystemError(f"{where}{full}; free some space or choose a folder on another disk")

@@ -61,9 +61,11 @@ def export_target(run: Run, model: str, block: int | None, weights: str) -> tupl
     if not run.status(name).trained:
         objective = "" if model == "e2e" else " --objective " + model
         command = f"train-block {block}" if block is not None else f"train-e2e{objective}"
-        raise RunError(f"{name} of {run.root} is not trained, so there is nothing new to export; run "
-                       f"`dbconvert {command}` "
-                       "first (or export --model source)")
+        raise RunError(
+            f"{name} of {run.root} is not trained, so there is nothing new to export; run "
+            f"`dbconvert {command}` "
+            "first (or export --model source)"
+        )
     return model, name, depth, run.weights_file(name, weights)
 
 
@@ -82,15 +84,18 @@ def check_out(run: Run, out: Path, force: bool) -> None:
         raise RunError(f"{out} {where} the run folder {run.root}; export to a path outside the run")
     here = Path.cwd().resolve()
     if target == here or target in here.parents:
-        raise RunError(f"{out} is the working folder or holds it; export to a new path "
-                       f"(e.g. {out.name or 'export'}-hf)")
+        raise RunError(
+            f"{out} is the working folder or holds it; export to a new path (e.g. {out.name or 'export'}-hf)"
+        )
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
         raise RunError(f"{out} already exists; pass --force to replace it, or choose another path")
     if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not is_export_of(out, run.family_name):
-        raise RunError(f"{out} is a folder that is not an earlier {run.family_name} export, so --force will not "
-                       "replace it; choose another path (or empty it yourself)")
+        raise RunError(
+            f"{out} is a folder that is not an earlier {run.family_name} export, so --force will not "
+            "replace it; choose another path (or empty it yourself)"
+        )
 
 
 def is_export_of(folder: Path, family: str) -> bool:
@@ -115,8 +120,9 @@ def remove_stale_staging(out: Path) -> int:
     return removed
 
 
-def export_model(run: Run, out: Path, model: str = "source", block: int | None = None, weights: str = "ema",
-                 force: bool = False) -> ExportResult:
+def export_model(
+    run: Run, out: Path, model: str = "source", block: int | None = None, weights: str = "ema", force: bool = False
+) -> ExportResult:
     """Export one network of `run` to `out` (see the module docstring)."""
     out = Path(os.path.abspath(out))  # `.` and `..` by name: a folder is never renamed as "."
     check_out(run, out, force)
@@ -146,8 +152,9 @@ def export_model(run: Run, out: Path, model: str = "source", block: int | None =
                 raise RunError(f"{out} is a file and a {run.family_name} export is a folder; choose another path")
             (written / EXPORT_MARKER).write_text(json.dumps({"family": run.family_name, "exported": name}) + "\n")
         elif out.is_dir() and not out.is_symlink() and any(out.iterdir()):
-            raise RunError(f"{out} is a non-empty folder and a {run.family_name} {name} export is a file; "
-                           "choose another path")
+            raise RunError(
+                f"{out} is a non-empty folder and a {run.family_name} {name} export is a file; choose another path"
+            )
         if out.is_dir() and not out.is_symlink() or written.is_dir() and out.exists():
             os.replace(out, replaced)  # a folder cannot be renamed over: move the old one aside first
         try:

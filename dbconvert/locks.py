@@ -52,8 +52,13 @@ def _alive(pid: int) -> bool:
 
 def _owner() -> dict[str, Any]:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "started": _start_time(pid),
-            "token": secrets.token_hex(8), "time": time.time()}
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "started": _start_time(pid),
+        "token": secrets.token_hex(8),
+        "time": time.time(),
+    }
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -82,8 +87,9 @@ def describe(owner: dict[str, Any]) -> str:
 
 
 @contextmanager
-def hold(path: Path, what: str, note: Callable[[str], None] | None = None,
-         doing: str = "trained") -> Iterator[dict[str, Any]]:
+def hold(
+    path: Path, what: str, note: Callable[[str], None] | None = None, doing: str = "trained"
+) -> Iterator[dict[str, Any]]:
     """Take the lock at `path` for the duration of the block (released on any exit but SIGKILL)."""
     owner = acquire(path, what, note, doing)
     try:
@@ -92,8 +98,7 @@ def hold(path: Path, what: str, note: Callable[[str], None] | None = None,
         release(path, owner)
 
 
-def acquire(path: Path, what: str, note: Callable[[str], None] | None = None,
-            doing: str = "trained") -> dict[str, Any]:
+def acquire(path: Path, what: str, note: Callable[[str], None] | None = None, doing: str = "trained") -> dict[str, Any]:
     """Create the lock file or fail with a one-line LockedError naming the owner (`what` is already being `doing`
     by it: `trained` for a block's lock, `written` for a split's)."""
     path = Path(path)
@@ -114,7 +119,9 @@ def acquire(path: Path, what: str, note: Callable[[str], None] | None = None,
                 continue  # released meanwhile: try again
             if not held:
                 # unreadable: an empty or foreign file; only a stale one would be, but be explicit
-                raise LockedError(f"{what} is locked by {path}, which cannot be read; delete it if no process is training")
+                raise LockedError(
+                    f"{what} is locked by {path}, which cannot be read; delete it if no process is training"
+                )
             if not is_stale(held):
                 raise LockedError(
                     f"{what} is already being {doing} by {describe(held)} (lock {path}); wait for it, "
@@ -122,7 +129,9 @@ def acquire(path: Path, what: str, note: Callable[[str], None] | None = None,
                 )
             if _take_over(path, held):
                 if note:
-                    note(f"note: took over the stale lock of {what} left by {describe(held)}, which is no longer running")
+                    note(
+                        f"note: took over the stale lock of {what} left by {describe(held)}, which is no longer running"
+                    )
         raise LockedError(f"could not take the lock {path} (it keeps changing hands); try again")
     finally:
         tmp.unlink(missing_ok=True)
@@ -230,5 +239,6 @@ def stale_staging(parent: Path, prefix: str) -> list[Path]:
         return []
     import glob
 
-    return sorted(p for p in parent.glob(f"{glob.escape(prefix)}*") if p.is_dir() and not p.is_symlink()
-                  and staging_is_stale(p))
+    return sorted(
+        p for p in parent.glob(f"{glob.escape(prefix)}*") if p.is_dir() and not p.is_symlink() and staging_is_stale(p)
+    )

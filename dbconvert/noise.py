@@ -72,10 +72,12 @@ class NoiseSettings(NoiseProcess):
         """The log-normal must put mass in [sigma_min, sigma_max] (p_mean = 50 puts none: quantiles fail)."""
         total = self.cdf(self.sigma_max) - self.cdf(self.sigma_min)
         if not total > 1e-9:
-            raise RecipeError(f"{self.settings_text()}: the training log-normal puts (almost) no mass ({total:.3g}) in "
-                              f"[noise.sigma_min, noise.sigma_max] = [{self.sigma_min:g}, {self.sigma_max:g}]; choose "
-                              f"p_mean inside [{math.log(self.sigma_min):.3g}, {math.log(self.sigma_max):.3g}] (ln sigma) "
-                              "and a p_std near 1.2")
+            raise RecipeError(
+                f"{self.settings_text()}: the training log-normal puts (almost) no mass ({total:.3g}) in "
+                f"[noise.sigma_min, noise.sigma_max] = [{self.sigma_min:g}, {self.sigma_max:g}]; choose "
+                f"p_mean inside [{math.log(self.sigma_min):.3g}, {math.log(self.sigma_max):.3g}] (ln sigma) "
+                "and a p_std near 1.2"
+            )
 
     def boundaries(self, num_blocks: int, partition: str = "equiprobable") -> list[float]:
         return boundaries(self, num_blocks, partition)

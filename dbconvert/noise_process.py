@@ -167,5 +167,15 @@ def process_class(name: str) -> type[NoiseProcess]:
     return REGISTRY.load(name)
 
 
-__all__ = ["PROCESSES", "PROCESSES_ENV", "REGISTRY", "NoiseProcess", "owned_ranges", "owner_of", "process_class",
-           "process_names", "register_process", "unregister_process"]
+__all__ = [
+    "PROCESSES",
+    "PROCESSES_ENV",
+    "REGISTRY",
+    "NoiseProcess",
+    "owned_ranges",
+    "owner_of",
+    "process_class",
+    "process_names",
+    "register_process",
+    "unregister_process",
+]

@@ -54,10 +54,18 @@ class StochasticAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay; Adam with `decoupled=False`) for bf16 weights: float32 arithmetic, weights and
     both moments stored in bf16 with stochastic rounding. Float32 parameters are updated exactly, as torch's."""
 
-    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
-                 eps: float = 1e-8, decoupled: bool = True) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps,
-                                  "decoupled": decoupled})
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        eps: float = 1e-8,
+        decoupled: bool = True,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps, "decoupled": decoupled}
+        )
         self.seed = 0
 
     @torch.no_grad()
@@ -109,8 +117,9 @@ class SeededRounding(torch.optim.Optimizer):
         return getattr(self.__dict__["inner"], name)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        devices = sorted({p.device.index for g in self.inner.param_groups for p in g["params"]
-                          if p.device.type == "cuda"})
+        devices = sorted(
+            {p.device.index for g in self.inner.param_groups for p in g["params"] if p.device.type == "cuda"}
+        )
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             return self.inner.step(closure)
@@ -125,22 +134,33 @@ class SeededRounding(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict)
 
 
-def eight_bit_adamw(params: list[nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
-                    bf16: bool, device: torch.device) -> torch.optim.Optimizer:
+def eight_bit_adamw(
+    params: list[nn.Parameter],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    bf16: bool,
+    device: torch.device,
+) -> torch.optim.Optimizer:
     """torchao's AdamW8bit (bf16 stochastic rounding for bf16 weights), or a one-line error saying why not."""
     if device.type not in ("cpu", "cuda", "meta"):
-        raise DbconvertError(f"train.optimizer=adamw8bit runs on cpu or cuda (torchao), not {device.type}; "
-                             "use train.optimizer=adamw or train.device=cpu")
+        raise DbconvertError(
+            f"train.optimizer=adamw8bit runs on cpu or cuda (torchao), not {device.type}; "
+            "use train.optimizer=adamw or train.device=cpu"
+        )
     import warnings
 
     warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching")  # torchao's, harmless
     try:
         from torchao.optim import AdamW8bit
     except ImportError:
-        raise DbconvertError("train.optimizer=adamw8bit needs torchao: pip install 'dbconvert[memory]' "
-                             "(or pip install torchao), or use train.optimizer=adamw") from None
-    inner = AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, block_size=EIGHT_BIT_BLOCK,
-                      bf16_stochastic_round=bf16)
+        raise DbconvertError(
+            "train.optimizer=adamw8bit needs torchao: pip install 'dbconvert[memory]' "
+            "(or pip install torchao), or use train.optimizer=adamw"
+        ) from None
+    inner = AdamW8bit(
+        params, lr=lr, betas=betas, weight_decay=weight_decay, block_size=EIGHT_BIT_BLOCK, bf16_stochastic_round=bf16
+    )
     return SeededRounding(inner)
 
 
@@ -167,8 +187,11 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     state dict is keyed by parameter index, as a single optimizer's is.
     """
 
-    def __init__(self, make: Callable[[list[nn.Parameter]], torch.optim.Optimizer],  # noqa: D107
-                 params: list[nn.Parameter]) -> None:
+    def __init__(
+        self,
+        make: Callable[[list[nn.Parameter]], torch.optim.Optimizer],  # noqa: D107
+        params: list[nn.Parameter],
+    ) -> None:
         self.params = params
         self.inner = [make([p]) for p in params]
         self.hooks = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in zip(params, self.inner)]
@@ -218,8 +241,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict["param_groups"]
         if len(groups) != len(self.inner):
-            raise DbconvertError(f"the saved optimizer has {len(groups)} parameters, this network {len(self.inner)}; "
-                                 "rerun with --restart")
+            raise DbconvertError(
+                f"the saved optimizer has {len(groups)} parameters, this network {len(self.inner)}; "
+                "rerun with --restart"
+            )
         for i, opt in enumerate(self.inner):
             st = state_dict["state"].get(i, state_dict["state"].get(str(i)))
             opt.load_state_dict({"state": {0: st} if st else {}, "param_groups": [{**groups[i], "params": [0]}]})
@@ -255,9 +280,13 @@ def flatten_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Ten
                 for name in names:
                     tensors[f"optim.{pid}.{key}.{name}"] = getattr(value, name)
                 cls = type(value)
-                subclasses[f"{pid}.{key}"] = {"class": f"{cls.__module__}.{cls.__qualname__}", "inner": list(names),
-                                              "ctx": [_encode(c) for c in ctx],
-                                              "shape": list(value.shape), "stride": list(value.stride())}
+                subclasses[f"{pid}.{key}"] = {
+                    "class": f"{cls.__module__}.{cls.__qualname__}",
+                    "inner": list(names),
+                    "ctx": [_encode(c) for c in ctx],
+                    "shape": list(value.shape),
+                    "stride": list(value.stride()),
+                }
             elif isinstance(value, torch.Tensor):
                 tensors[f"optim.{pid}.{key}"] = value
             else:
@@ -362,8 +391,13 @@ def bytes_per_parameter(train: Any, largest_fraction: float = 1.0) -> dict[str, 
     w = weight_bytes(train)
     grads = w * (largest_fraction if train.optimizer_in_backward else 1.0)
     on_device_ema = ema_bytes(train) if train.ema == "device" else 0
-    return {"parameters": w, "gradients": grads, "optimizer_state": moment_bytes(train), "ema": on_device_ema,
-            "ema_host": ema_bytes(train) if train.ema == "cpu" else 0}
+    return {
+        "parameters": w,
+        "gradients": grads,
+        "optimizer_state": moment_bytes(train),
+        "ema": on_device_ema,
+        "ema_host": ema_bytes(train) if train.ema == "cpu" else 0,
+    }
 
 
 def describe(train: Any) -> str:

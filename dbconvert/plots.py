@@ -120,8 +120,9 @@ def mass_text(mass: float, percent: bool = False) -> str:
     return text + ("%" if percent else "")
 
 
-def draw_partition(ax: Axes, noise: NoiseProcess, blocks: list[dict[str, Any]], gamma: float, title: str,
-                   legend: bool = True) -> None:
+def draw_partition(
+    ax: Axes, noise: NoiseProcess, blocks: list[dict[str, Any]], gamma: float, title: str, legend: bool = True
+) -> None:
     """Density curve, shaded owned ranges with their mass, and one training-range bar per block above the curve.
 
     Drawn on the noise process's own axis (`coordinate`: ln sigma for EDM) with its training density.
@@ -141,8 +142,15 @@ def draw_partition(ax: Axes, noise: NoiseProcess, blocks: list[dict[str, Any]], 
         xs = np.linspace(own_lo, own_hi, 200)
         ax.fill_between(xs, 0, noise.density(xs), color=color, alpha=0.35, linewidth=0)
         if own_hi - own_lo > 0.06 * (hi - lo):  # room for the mass inside the shaded area
-            ax.text((own_lo + own_hi) / 2, top * 0.04, mass_text(b["mass"], percent=True), ha="center", va="bottom",
-                    fontsize=8, color="0.15")
+            ax.text(
+                (own_lo + own_hi) / 2,
+                top * 0.04,
+                mass_text(b["mass"], percent=True),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="0.15",
+            )
         if b["owned_range"][0] > noise.full_range()[0]:
             ax.axvline(own_lo, color="0.4", linewidth=0.8, linestyle=":")
         level = base + (num - 1 - i) * row
@@ -151,8 +159,7 @@ def draw_partition(ax: Axes, noise: NoiseProcess, blocks: list[dict[str, Any]], 
         layers = layers_text(b.get("layers"))
         label = f"block {i}: mass {mass_text(b['mass'])}" + (f", {layers}" if layers else "")
         middle = min(max((own_lo + own_hi) / 2, lo + 0.13 * (hi - lo)), hi - 0.13 * (hi - lo))  # stay inside
-        ax.text(middle, level + row * 0.22, label, ha="center", va="bottom", fontsize=8, color="0.1",
-                clip_on=False)
+        ax.text(middle, level + row * 0.22, label, ha="center", va="bottom", fontsize=8, color="0.1", clip_on=False)
     ax.plot(x, y, color="black", linewidth=1.6)
     ax.set_xlim(lo, hi)
     ax.set_ylim(0, base + num * row + row * 0.3)
@@ -165,11 +172,24 @@ def draw_partition(ax: Axes, noise: NoiseProcess, blocks: list[dict[str, Any]], 
     sigma_axis.set_xlabel(noise.level_symbol, fontsize=9)
     sigma_axis.tick_params(labelsize=8)
     if legend:
-        ax.legend(handles=[Line2D([], [], color="black", label="training density"),
-                           Patch(color="0.55", alpha=0.45, label="owned range (sampling), % of the mass"),
-                           Line2D([], [], color="0.3", linewidth=1.6, marker="|", markersize=9,
-                                  label=f"training range (overlap γ = {gamma:g})")],
-                  loc="upper left", fontsize=8, framealpha=0.9)
+        ax.legend(
+            handles=[
+                Line2D([], [], color="black", label="training density"),
+                Patch(color="0.55", alpha=0.45, label="owned range (sampling), % of the mass"),
+                Line2D(
+                    [],
+                    [],
+                    color="0.3",
+                    linewidth=1.6,
+                    marker="|",
+                    markersize=9,
+                    label=f"training range (overlap γ = {gamma:g})",
+                ),
+            ],
+            loc="upper left",
+            fontsize=8,
+            framealpha=0.9,
+        )
 
 
 def plot_partition(run: Run, compare_uniform: bool = False) -> Path:
@@ -180,16 +200,27 @@ def plot_partition(run: Run, compare_uniform: bool = False) -> Path:
     desc = f"{noise.describe()}, B = {run.num_blocks}"
     if not compare_uniform:
         fig = new_figure(10, 5.4)
-        draw_partition(fig.add_subplot(), noise, partition_blocks(run, own), gamma,
-                       f"{PARTITION_TITLES.get(own, own)} partition — {desc}")
+        draw_partition(
+            fig.add_subplot(),
+            noise,
+            partition_blocks(run, own),
+            gamma,
+            f"{PARTITION_TITLES.get(own, own)} partition — {desc}",
+        )
         fig.suptitle(f"{run_title(run)}: noise levels per block", fontsize=12)
         return save_figure(fig, plots_dir(run) / "partition.png")
     fig = new_figure(16, 5.6)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, partition in zip(axes, noise.partitions):
         mine = " (this run)" if partition == own else " (what split would give)"
-        draw_partition(ax, noise, partition_blocks(run, partition), gamma,
-                       f"{PARTITION_TITLES.get(partition, partition)}{mine}", legend=partition == noise.partitions[0])
+        draw_partition(
+            ax,
+            noise,
+            partition_blocks(run, partition),
+            gamma,
+            f"{PARTITION_TITLES.get(partition, partition)}{mine}",
+            legend=partition == noise.partitions[0],
+        )
     axes[1].set_ylabel("")
     fig.suptitle(f"{run_title(run)}: equi-probability vs uniform partition — {desc}", fontsize=12)
     return save_figure(fig, plots_dir(run) / "partition-compare.png")
@@ -213,8 +244,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of one metrics file that have a step and a loss."""
-    records = [r for r in read_jsonl(path)
-               if isinstance(r.get("step"), (int, float)) and isinstance(r.get("loss"), (int, float))]
+    records = [
+        r
+        for r in read_jsonl(path)
+        if isinstance(r.get("step"), (int, float)) and isinstance(r.get("loss"), (int, float))
+    ]
     return sorted(records, key=lambda r: r["step"])
 
 
@@ -228,7 +262,8 @@ def training_curves(run: Run) -> dict[str, list[dict[str, Any]]]:
 
 
 def ema_smooth(values: list[float], weight: float) -> np.ndarray:
-    """Exponential moving average with bias correction (as TensorBoard draws it), so early points are not pulled to 0."""
+    """Exponential moving average with bias correction (as TensorBoard draws it), so early points are not pulled to
+    0."""
     out, acc = [], 0.0
     for k, v in enumerate(values, start=1):
         acc = weight * acc + (1.0 - weight) * v
@@ -287,8 +322,14 @@ def loss_figure(run: Run) -> Figure:
             values = [float(r[field]) for r in rows]
             color = curve_color(run, name)
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
-            ax.plot(steps, ema_smooth(values, smoothing_weight(len(values))), color=color, linewidth=2.2,
-                    label=curve_label(run, name), marker="o" if len(values) < 3 else None)
+            ax.plot(
+                steps,
+                ema_smooth(values, smoothing_weight(len(values))),
+                color=color,
+                linewidth=2.2,
+                label=curve_label(run, name),
+                marker="o" if len(values) < 3 else None,
+            )
             plotted += values
         positive = [v for v in plotted if v > 0]
         if positive and len(positive) == len(plotted) and max(positive) / min(positive) > 10:
@@ -305,8 +346,10 @@ def loss_figure(run: Run) -> Figure:
     most = max(len(records) for records in curves.values())
     if most < 3:
         every = run.recipe.train.log_every
-        title += (f"\n(only {most} logged step{'s' if most > 1 else ''} a curve: a line is logged every "
-                  f"{every} steps and at the end; train.log_every=N logs more often)")
+        title += (
+            f"\n(only {most} logged step{'s' if most > 1 else ''} a curve: a line is logged every "
+            f"{every} steps and at the end; train.log_every=N logs more often)"
+        )
     fig.suptitle(title, fontsize=12)
     return fig
 
@@ -370,10 +413,10 @@ def eval_figure(run: Run) -> Figure:
             values, mean, std = result_spread(r)
             color = MODEL_COLORS.get(r["model"], "tab:gray")
             if len(values) > 1:  # every value left of the error bar, the numbers right of it
-                ax.scatter(x - 0.16 + np.linspace(-0.05, 0.05, len(values)), values, s=18, color=color, alpha=0.5,
-                           zorder=2)
-            ax.errorbar([x], [mean], yerr=[std], fmt="o", color=color, markersize=7, capsize=5, linewidth=1.8,
-                        zorder=3)
+                ax.scatter(
+                    x - 0.16 + np.linspace(-0.05, 0.05, len(values)), values, s=18, color=color, alpha=0.5, zorder=2
+                )
+            ax.errorbar([x], [mean], yerr=[std], fmt="o", color=color, markersize=7, capsize=5, linewidth=1.8, zorder=3)
             text = f"{mean:.4g}" if len(values) == 1 else f"mean {mean:.4g} ± {std:.2g}"
             note = metric.summary_note(r)
             if note:
@@ -384,12 +427,16 @@ def eval_figure(run: Run) -> Figure:
         ax.margins(y=0.25)
         ax.set_ylabel(f"{metric.title} ({metric.better_text()})")
         ax.set_xlabel("model and settings")
-        ax.set_title("\n".join(textwrap.wrap(f"{metric.title}, features {features}", 48, break_on_hyphens=False)), fontsize=10)
+        ax.set_title(
+            "\n".join(textwrap.wrap(f"{metric.title}, features {features}", 48, break_on_hyphens=False)), fontsize=10
+        )
         ax.grid(True, axis="y", alpha=0.3)
-    for ax in axes[len(groups):]:
+    for ax in axes[len(groups) :]:
         ax.set_visible(False)
     title = f"{run_title(run)}: evaluations (dots: every value; bar: mean ± std)"
-    fig.suptitle("\n".join(textwrap.wrap(title, int(width * 8.5), break_on_hyphens=False)), fontsize=12)  # never clipped
+    fig.suptitle(
+        "\n".join(textwrap.wrap(title, int(width * 8.5), break_on_hyphens=False)), fontsize=12
+    )  # never clipped
     return fig
 
 
@@ -428,17 +475,27 @@ def markdown_cell(text: str) -> str:
 
 def text_samples_page(run: Run, files: list[Path]) -> str:
     """A Markdown page: one section per sample folder, one table row per prompt and continuation."""
-    lines = [f"# Samples of {markdown_cell(run_title(run))}", "",
-             "Continuations written by `dbconvert sample`, one section per folder of `samples/`.", ""]
+    lines = [
+        f"# Samples of {markdown_cell(run_title(run))}",
+        "",
+        "Continuations written by `dbconvert sample`, one section per folder of `samples/`.",
+        "",
+    ]
     for path in files:
         records = read_jsonl(path)
-        lines += [f"## {markdown_cell(path.parent.name)}", "", "| # | prompt | continuation | new tokens | stopped by |",
-                  "| ---: | --- | --- | ---: | --- |"]
+        lines += [
+            f"## {markdown_cell(path.parent.name)}",
+            "",
+            "| # | prompt | continuation | new tokens | stopped by |",
+            "| ---: | --- | --- | ---: | --- |",
+        ]
         for k, r in enumerate(records):
             prompt = markdown_cell(str(r.get("prompt", ""))) or "*(empty)*"
             completion = markdown_cell(str(r.get("completion", r.get("text", ""))))
-            lines.append(f"| {k} | {prompt} | {completion} | {markdown_cell(str(r.get('new_tokens', '')))} | "
-                         f"{markdown_cell(str(r.get('stopped_by', '')))} |")
+            lines.append(
+                f"| {k} | {prompt} | {completion} | {markdown_cell(str(r.get('new_tokens', '')))} | "
+                f"{markdown_cell(str(r.get('stopped_by', '')))} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -462,7 +519,7 @@ def plot_samples(run: Run) -> list[Path]:
             ax.imshow(pixels, interpolation="nearest")
             ax.set_title(path.parent.name, fontsize=9)
             ax.set_axis_off()
-        for ax in axes[len(grids):]:
+        for ax in axes[len(grids) :]:
             ax.set_visible(False)
         fig.suptitle(f"{run_title(run)}: sample grids (samples/*/grid.png)", fontsize=12)
         written.append(save_figure(fig, plots_dir(run) / "samples.png"))
@@ -492,8 +549,9 @@ def missing_note(run: Run, figure: str) -> str:
     return f"skipped {figure}: " + MISSING[figure].format(dir=run.root / folder)
 
 
-def make_figures(run: Run, which: str = "all", compare_uniform: bool = False,
-                 note: Callable[[str], None] | None = None) -> list[Path]:
+def make_figures(
+    run: Run, which: str = "all", compare_uniform: bool = False, note: Callable[[str], None] | None = None
+) -> list[Path]:
     """Draw one figure (an error says which command provides its data) or, for `all`, every one with data.
 
     `all` never fails for lack of data: the partition exists from `split` on, and each figure

@@ -44,8 +44,9 @@ def amount(value: float) -> str:
 class PlainLines:
     """The non-terminal display: a line every `every` seconds and one at the end."""
 
-    def __init__(self, console: Console, label: str, total: float | None, unit: str, every: float,
-                 start: float = 0.0) -> None:
+    def __init__(
+        self, console: Console, label: str, total: float | None, unit: str, every: float, start: float = 0.0
+    ) -> None:
         self.console, self.label, self.total, self.unit, self.every = console, label, total, unit, every
         self.t0 = time.perf_counter()
         self.last = self.t0
@@ -53,8 +54,9 @@ class PlainLines:
         self.detail = ""
 
     def say(self, text: str) -> None:
-        self.console.print(text + (f", {self.detail}" if self.detail else ""), highlight=False, markup=False,
-                           soft_wrap=True)
+        self.console.print(
+            text + (f", {self.detail}" if self.detail else ""), highlight=False, markup=False, soft_wrap=True
+        )
 
     def rate(self, now: float) -> float:
         """Units per second in this process (work done before a resume does not count)."""
@@ -78,13 +80,23 @@ class PlainLines:
 
     def finish(self) -> None:
         now = time.perf_counter()
-        self.say(f"{self.label}: done, {amount(self.done - self.first)} {self.unit} in {duration(now - self.t0)} "
-                 f"({self.rate(now):.3g} {self.unit}/s)")
+        self.say(
+            f"{self.label}: done, {amount(self.done - self.first)} {self.unit} in {duration(now - self.t0)} "
+            f"({self.rate(now):.3g} {self.unit}/s)"
+        )
 
 
 @contextmanager
-def progress(label: str, total: float | None, *, unit: str = "steps", enabled: bool = True,
-             every: float = PLAIN_EVERY_S, console: Console | None = None, start: float = 0.0) -> Iterator[Update]:
+def progress(
+    label: str,
+    total: float | None,
+    *,
+    unit: str = "steps",
+    enabled: bool = True,
+    every: float = PLAIN_EVERY_S,
+    console: Console | None = None,
+    start: float = 0.0,
+) -> Iterator[Update]:
     """Show progress of `total` units of work (None: unknown); yields `update(done)`.
 
     `start`: units already done before (a resumed run): counted as done, not in the rate. Disabled, it
@@ -99,11 +111,25 @@ def progress(label: str, total: float | None, *, unit: str = "steps", enabled: b
         yield plain.update
         plain.finish()  # not reached when the work raised: no "done" line for failed work
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-               TextColumn(unit, markup=False), TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[detail]}", markup=False))  # labels hold paths: literal
+    columns = (
+        TextColumn("{task.description}", style="bold", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit, markup=False),
+        TextColumn("{task.fields[rate]}", markup=False),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[detail]}", markup=False),
+    )  # labels hold paths: literal
     t0 = time.perf_counter()
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(label, total=total, completed=start, rate="", detail="")

@@ -45,9 +45,18 @@ class Registry:
     `noun` is what an entry names, for errors (`class`, `function`).
     """
 
-    def __init__(self, what: str, builtin: Mapping[str, str | Entry], env: str, *, parts: int = 1,
-                 error: Callable[[str], Exception] = DbconvertError, where: str = "",
-                 extra: Callable[[], Mapping[str, str | Entry]] | None = None, noun: str = "class") -> None:
+    def __init__(
+        self,
+        what: str,
+        builtin: Mapping[str, str | Entry],
+        env: str,
+        *,
+        parts: int = 1,
+        error: Callable[[str], Exception] = DbconvertError,
+        where: str = "",
+        extra: Callable[[], Mapping[str, str | Entry]] | None = None,
+        noun: str = "class",
+    ) -> None:
         self.what = what
         self.noun = noun
         self.builtin = builtin
@@ -140,8 +149,10 @@ class Registry:
         try:
             return load_path(path)
         except (ImportError, AttributeError) as exc:  # a plug-in not importable here: say which
-            raise self.error(f"{self.what} {self.noun} {path} cannot be loaded ({type(exc).__name__}: "
-                             f"{first_line(exc)}); is its package on PYTHONPATH?") from None
+            raise self.error(
+                f"{self.what} {self.noun} {path} cannot be loaded ({type(exc).__name__}: "
+                f"{first_line(exc)}); is its package on PYTHONPATH?"
+            ) from None
 
     def get(self, name: str) -> Any:
         """One shared instance of the class entry `name` names (built on first use)."""

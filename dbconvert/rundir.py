@@ -193,8 +193,9 @@ class Run:
             return [(self.block_name(b.index), b.layers[1] - b.layers[0]) for b in self.blocks]
         kinds = self.family().model_kinds
         if model not in kinds:
-            raise DbconvertError(f"--model must be one of {', '.join(kinds)} for a {self.family_name} run, "
-                                 f"not {model!r}")
+            raise DbconvertError(
+                f"--model must be one of {', '.join(kinds)} for a {self.family_name} run, not {model!r}"
+            )
         return [(model, self.num_layers)]
 
     def require_trained(self, model: str) -> None:
@@ -234,8 +235,9 @@ class Run:
             if name not in self._said_no_ema:
                 import sys
 
-                print(f"{name} was trained with train.ema=off: using its model weights (there is no EMA)",
-                      file=sys.stderr)
+                print(
+                    f"{name} was trained with train.ema=off: using its model weights (there is no EMA)", file=sys.stderr
+                )
                 self._said_no_ema.add(name)
             return folder / "model.safetensors"
         return folder / f"{weights}.safetensors"
@@ -281,7 +283,9 @@ def resolve_run(run: str | Path | None, cwd: Path | None = None) -> Run:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    text = (f"# dbconvert run manifest (format {FORMAT_VERSION}); written by `dbconvert split`, read by every other "
-            "command\n")
+    text = (
+        f"# dbconvert run manifest (format {FORMAT_VERSION}); written by `dbconvert split`, read by every other "
+        "command\n"
+    )
     text += yaml.safe_dump(manifest, sort_keys=False)
     atomic_write_text(root / MANIFEST, text)

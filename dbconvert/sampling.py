@@ -54,8 +54,9 @@ class SampleRequest:
     def settings(self, cfg: "SampleConfig", **family: Any) -> SamplerSettings:
         """This request's sampler settings, the recipe's where it leaves them unset; `family` holds the family's own
         settings that the recipe also has a default for (guidance, temperature, top_p)."""
-        return resolve_sampler(cfg, steps=self.steps, solver=self.solver, num=self.num, seed=self.seed,
-                               weights=self.weights, **family)
+        return resolve_sampler(
+            cfg, steps=self.steps, solver=self.solver, num=self.num, seed=self.seed, weights=self.weights, **family
+        )
 
 
 @dataclass(frozen=True)
@@ -85,17 +86,31 @@ def check_sampler_choices(solver: str | None, weights: str | None) -> None:
         raise DbconvertError(f"--weights must be {' or '.join(WEIGHTS)}, not {weights!r}")
 
 
-def resolve_sampler(cfg: "SampleConfig", *, steps: int | None = None, solver: str | None = None,
-                    guidance: float | None = None, num: int | None = None, seed: int | None = None,
-                    weights: str | None = None, temperature: float | None = None,
-                    top_p: float | None = None) -> SamplerSettings:
+def resolve_sampler(
+    cfg: "SampleConfig",
+    *,
+    steps: int | None = None,
+    solver: str | None = None,
+    guidance: float | None = None,
+    num: int | None = None,
+    seed: int | None = None,
+    weights: str | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+) -> SamplerSettings:
     """Each setting as given, else the recipe's `sample` section: the one place this choice is written."""
     check_sampler_choices(solver, weights)
     return SamplerSettings(
-        steps=steps or cfg.steps, solver=solver or cfg.solver, guidance=cfg.guidance if guidance is None else guidance,
-        num=num or cfg.num, seed=cfg.seed if seed is None else seed, weights=weights or cfg.weights,
+        steps=steps or cfg.steps,
+        solver=solver or cfg.solver,
+        guidance=cfg.guidance if guidance is None else guidance,
+        num=num or cfg.num,
+        seed=cfg.seed if seed is None else seed,
+        weights=weights or cfg.weights,
         temperature=cfg.temperature if temperature is None else temperature,
-        top_p=cfg.top_p if top_p is None else top_p, rho=cfg.rho)
+        top_p=cfg.top_p if top_p is None else top_p,
+        rho=cfg.rho,
+    )
 
 
 @dataclass
@@ -219,5 +234,7 @@ def check_finite_samples(folder: Path) -> None:
     except (OSError, ValueError, KeyError):
         raise DataError(f"{path} cannot be read; remove it or make the samples again") from None
     if bad:
-        raise DataError(f"{bad} of the samples in {path} are not finite (NaN or inf); their images mean nothing: "
-                        "make the samples again (lower --guidance)")
+        raise DataError(
+            f"{bad} of the samples in {path} are not finite (NaN or inf); their images mean nothing: "
+            "make the samples again (lower --guidance)"
+        )

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dbconvert.noise_process import NoiseProcess, process_class, process_names
 from dbconvert.solvers import SOLVERS, solver_choices, solver_names
@@ -177,15 +185,18 @@ class NoiseConfig(Section):
     def _a_partition_of_the_process(cls, value: str, info: ValidationInfo) -> str:
         process = info.data.get("process")
         if process in process_names() and value not in process_class(process).partitions:
-            raise ValueError(f"{value} is not a partition of the {process} noise process; choose one of "
-                             f"{', '.join(process_class(process).partitions)}")
+            raise ValueError(
+                f"{value} is not a partition of the {process} noise process; choose one of "
+                f"{', '.join(process_class(process).partitions)}"
+            )
         return value
 
     @model_validator(mode="after")
     def _ordered(self) -> "NoiseConfig":
         if self.process not in process_names():
-            raise ValueError(f"noise.process: unknown noise process {self.process!r}; "
-                             f"choose one of {', '.join(process_names())}")
+            raise ValueError(
+                f"noise.process: unknown noise process {self.process!r}; choose one of {', '.join(process_names())}"
+            )
         if self.sigma_min >= self.sigma_max:
             raise ValueError("noise.sigma_min must be smaller than noise.sigma_max")
         return self
@@ -242,7 +253,8 @@ class TrainConfig(Section):
     docs/results/quality-llama.md, "Loss weight")."""
     val_every: int = Field(0, ge=0)
     """Every this many steps, log held-out metrics (val_ce, per-bucket CE, ...) on a fixed batch; 0 = never."""
-    """Also log the metrics to RUN/tensorboard/<block> for `tensorboard --logdir RUN/tensorboard` (the tensorboard extra)."""
+    """Also log the metrics to RUN/tensorboard/<block> for `tensorboard --logdir RUN/tensorboard` (the tensorboard
+    extra)."""
 
     @field_validator("ema", mode="before")
     @classmethod
@@ -255,17 +267,25 @@ class TrainConfig(Section):
         if self.steps is None and self.epochs is None:
             raise ValueError("set train.steps or train.epochs")
         if self.optimizer_in_backward and self.grad_clip:
-            raise ValueError("train.optimizer_in_backward=true steps each parameter before the whole gradient exists, "
-                             "so it cannot clip by its norm: set train.grad_clip=null or drop the option")
+            raise ValueError(
+                "train.optimizer_in_backward=true steps each parameter before the whole gradient exists, "
+                "so it cannot clip by its norm: set train.grad_clip=null or drop the option"
+            )
         if self.optimizer_in_backward and self.grad_accumulation > 1:
-            raise ValueError("train.optimizer_in_backward=true steps in every backward pass, so it cannot accumulate "
-                             "gradients: set train.grad_accumulation=1 or drop the option")
+            raise ValueError(
+                "train.optimizer_in_backward=true steps in every backward pass, so it cannot accumulate "
+                "gradients: set train.grad_accumulation=1 or drop the option"
+            )
         if self.optimizer_in_backward and self.precision == "fp16":
-            raise ValueError("train.optimizer_in_backward=true cannot use fp16's loss scaler (it checks all "
-                             "gradients before any step): use train.precision=bf16 or bf16-true")
+            raise ValueError(
+                "train.optimizer_in_backward=true cannot use fp16's loss scaler (it checks all "
+                "gradients before any step): use train.precision=bf16 or bf16-true"
+            )
         if self.batch_size % self.grad_accumulation:
-            raise ValueError(f"train.batch_size={self.batch_size} does not divide into "
-                             f"train.grad_accumulation={self.grad_accumulation} micro-batches: make it a multiple")
+            raise ValueError(
+                f"train.batch_size={self.batch_size} does not divide into "
+                f"train.grad_accumulation={self.grad_accumulation} micro-batches: make it a multiple"
+            )
         return self
 
 
@@ -296,7 +316,6 @@ class SampleConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs/{name}-B{blocks}"
-
 
 
 def one_line(exc: ValidationError) -> str:

@@ -89,5 +89,18 @@ def unregister_solver(name: str) -> None:
     REGISTRY.unregister(name)
 
 
-__all__ = ["REGISTRY", "SOLVERS", "SOLVERS_ENV", "Denoised", "Solver", "check_solver", "euler", "get_solver", "heun",
-           "register_solver", "solver_choices", "solver_names", "unregister_solver"]
+__all__ = [
+    "REGISTRY",
+    "SOLVERS",
+    "SOLVERS_ENV",
+    "Denoised",
+    "Solver",
+    "check_solver",
+    "euler",
+    "get_solver",
+    "heun",
+    "register_solver",
+    "solver_choices",
+    "solver_names",
+    "unregister_solver",
+]

@@ -64,16 +64,20 @@ def check_files(run: "Run", record: dict[str, Any]) -> None:
     """
     files = [Path(f["path"]) for f in record["files"]]
     sha = str(record.get("sha256") or "")
-    remedy = ("put it back, or split again (split --copy-source keeps a copy of the source inside the run)")
+    remedy = "put it back, or split again (split --copy-source keeps a copy of the source inside the run)"
     for path in files:
         if not path.is_file():
-            raise RunError(f"the source checkpoint of {run.root} is gone: {path} (recorded sha256 {sha}) does not "
-                           f"exist; {remedy}")
-    same = all((p.stat().st_size, p.stat().st_mtime_ns) == (f["bytes"], f["mtime_ns"])
-               for p, f in zip(files, record["files"]))
+            raise RunError(
+                f"the source checkpoint of {run.root} is gone: {path} (recorded sha256 {sha}) does not exist; {remedy}"
+            )
+    same = all(
+        (p.stat().st_size, p.stat().st_mtime_ns) == (f["bytes"], f["mtime_ns"]) for p, f in zip(files, record["files"])
+    )
     if not same and checkpoint_digest(files) != sha:
-        raise RunError(f"the source checkpoint of {run.root} has changed: {files[0]} no longer has the recorded "
-                       f"sha256 {sha}; {remedy}")
+        raise RunError(
+            f"the source checkpoint of {run.root} has changed: {files[0]} no longer has the recorded "
+            f"sha256 {sha}; {remedy}"
+        )
 
 
 def source_state(run: "Run") -> Mapping[str, torch.Tensor]:
@@ -92,8 +96,10 @@ def source_state(run: "Run") -> Mapping[str, torch.Tensor]:
     source = get_family(run.family_name).source(recipe)
     recorded = recorded_key_map(run)
     if recorded is not None and recorded != origins(source.state):
-        raise RunError(f"this dbconvert converts {checkpoint} with another key map than the one {run.root} was split "
-                       "with (shared/source_keys.json); split again, or use the dbconvert version that split it")
+        raise RunError(
+            f"this dbconvert converts {checkpoint} with another key map than the one {run.root} was split "
+            "with (shared/source_keys.json); split again, or use the dbconvert version that split it"
+        )
     return source.state
 
 

@@ -54,8 +54,10 @@ def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict
     n = recipe.noise
     process = n.settings()
     if n.partition not in process.partitions:
-        raise RecipeError(f"noise.partition={n.partition} is not a partition of the {process.name} noise process; "
-                          f"choose one of {', '.join(process.partitions)}")
+        raise RecipeError(
+            f"noise.partition={n.partition} is not a partition of the {process.name} noise process; "
+            f"choose one of {', '.join(process.partitions)}"
+        )
     process.validate()
     bounds = process.boundaries(recipe.blocks.num, n.partition)
     plans = []
@@ -65,9 +67,11 @@ def plan_blocks(recipe: Recipe, num_layers: int) -> tuple[list[float], list[dict
         train = process.expand(*owned, n.gamma)
         mass = process.mass(*owned)
         if not (owned[1] > owned[0] and mass > MIN_MASS):
-            raise RecipeError(f"{process.settings_text()}: block {i} would own the noise levels ({owned[0]:.4g}, "
-                              f"{owned[1]:.4g}] of mass {mass:.3g}, i.e. none; {process.widen_hint()}, "
-                              "or use fewer blocks")
+            raise RecipeError(
+                f"{process.settings_text()}: block {i} would own the noise levels ({owned[0]:.4g}, "
+                f"{owned[1]:.4g}] of mass {mass:.3g}, i.e. none; {process.widen_hint()}, "
+                "or use fewer blocks"
+            )
         plans.append({"index": i, "layers": layers, "owned_range": owned, "train_range": train, "mass": mass})
     return bounds, plans
 
@@ -80,8 +84,10 @@ from: such settings are refused at split."""
 def check_noise_process(family: Family, recipe: Recipe) -> None:
     """A one-line error when the recipe's noise process is not one the family's objectives take."""
     if recipe.noise.process not in family.noise_processes:
-        raise RecipeError(f"noise.process={recipe.noise.process} does not apply to the {family.name} family "
-                          f"(it takes {', '.join(family.noise_processes)}); remove the override")
+        raise RecipeError(
+            f"noise.process={recipe.noise.process} does not apply to the {family.name} family "
+            f"(it takes {', '.join(family.noise_processes)}); remove the override"
+        )
 
 
 def keep_initial(weights: Path) -> None:
@@ -175,9 +181,11 @@ def check_out(out: Path, force: bool) -> None:
     training = locks.training_owner(out)
     if training is not None:
         lock, owner = training
-        raise RunError(f"{out} cannot be replaced: {lock.parent.name} is being trained by {locks.describe(owner)} "
-                       f"(lock {lock}); wait for that training to end (or stop it), then split again, or choose "
-                       "another --out")
+        raise RunError(
+            f"{out} cannot be replaced: {lock.parent.name} is being trained by {locks.describe(owner)} "
+            f"(lock {lock}); wait for that training to end (or stop it), then split again, or choose "
+            "another --out"
+        )
 
 
 def take_training_locks(out: Path) -> list[tuple[Path, dict]]:
@@ -199,8 +207,14 @@ def release_all(taken: list[tuple[Path, dict]]) -> None:
         locks.release(path, owner)
 
 
-def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_current: bool = True,
-          progress: bool = False, copy_source: bool = False) -> Run:
+def split(
+    recipe: Recipe,
+    out: Path | None = None,
+    force: bool = False,
+    make_current: bool = True,
+    progress: bool = False,
+    copy_source: bool = False,
+) -> Run:
     """Open the source network, cut it into blocks and write a new run directory.
 
     A checkpoint streams: each block's tensors are read from it when the block is made, the block is written and
@@ -231,8 +245,17 @@ def split(recipe: Recipe, out: Path | None = None, force: bool = False, make_cur
     return Run.open(out)
 
 
-def write_run(family: Family, recipe: Recipe, source: Source, bounds: list[float], plans: list[dict], out: Path,
-              force: bool, progress: bool, copy_source: bool) -> None:
+def write_run(
+    family: Family,
+    recipe: Recipe,
+    source: Source,
+    bounds: list[float],
+    plans: list[dict],
+    out: Path,
+    force: bool,
+    progress: bool,
+    copy_source: bool,
+) -> None:
     """Assemble the run in a staging folder beside `out` and rename it into place (under the split's lock): onto
     nothing or an empty folder, or, with `force`, in place of a run; whatever else appeared at `out` meanwhile (made
     by a process that does not take the lock) is left alone and the split refuses."""
@@ -272,8 +295,11 @@ def write_run(family: Family, recipe: Recipe, source: Source, bounds: list[float
                 blocks.append(BlockInfo(params=params, **plan).to_dict())
                 done += 1
                 wrote(0)
-        record = {"checkpoint": recipe.model.checkpoint, "sha256": sha256,
-                  "storage_dtype": getattr(recipe.model, "storage_dtype", "float32")}
+        record = {
+            "checkpoint": recipe.model.checkpoint,
+            "sha256": sha256,
+            "storage_dtype": getattr(recipe.model, "storage_dtype", "float32"),
+        }
         if by_reference:
             record.update(reference_record(source, sha256))
             record["checkpoint_path"] = str(Path(str(recipe.model.checkpoint)).expanduser().resolve())
@@ -302,8 +328,10 @@ def write_run(family: Family, recipe: Recipe, source: Source, bounds: list[float
         os.chmod(staging, 0o777 & ~current_umask())  # a new folder's permissions, not mkdtemp's private 0700
         replacing = out.exists() and any(out.iterdir())
         if replacing and not (force and (out / MANIFEST).exists()):
-            raise RunError(f"{out} was created by another process while this split ran; the new run was not written "
-                           "(choose another --out, or pass --force to replace a run)")
+            raise RunError(
+                f"{out} was created by another process while this split ran; the new run was not written "
+                "(choose another --out, or pass --force to replace a run)"
+            )
         if replacing:
             taken = take_training_locks(out)  # they move away with the old run
             try:
@@ -315,8 +343,10 @@ def write_run(family: Family, recipe: Recipe, source: Source, bounds: list[float
             try:
                 staging.rename(out)  # onto nothing, or an empty folder; never onto a run
             except OSError:  # filled in the instant since the check
-                raise RunError(f"{out} was created by another process while this split ran; the new run was not "
-                               "written (choose another --out, or pass --force to replace a run)") from None
+                raise RunError(
+                    f"{out} was created by another process while this split ran; the new run was not "
+                    "written (choose another --out, or pass --force to replace a run)"
+                ) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -30,9 +30,14 @@ def require_tensorboard() -> None:
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The numeric, finite fields of a metrics record, minus step and time (booleans are not numbers here)."""
-    return {key: float(value) for key, value in record.items()
-            if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value)}
+    return {
+        key: float(value)
+        for key, value in record.items()
+        if key not in NOT_SCALARS
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
 
 
 class TensorBoardLog:

@@ -83,12 +83,16 @@ class Tokenizer:
                 eos = int(self._sp.eos_id())
                 self.eos_id = eos if eos >= 0 else None
             else:
-                raise TokenizerError(f"tokenizer {self.path} is neither a SentencePiece .model nor a tokenizers .json file")
+                raise TokenizerError(
+                    f"tokenizer {self.path} is neither a SentencePiece .model nor a tokenizers .json file"
+                )
         except TokenizerError:
             raise
         except Exception as exc:
             raise TokenizerError(f"cannot read tokenizer {self.path} ({first_line(exc, 120)})") from None
-        self.settings = settings or TokenizerSettings(eos_id=self.eos_id, stop_ids=(() if self.eos_id is None else (self.eos_id,)))
+        self.settings = settings or TokenizerSettings(
+            eos_id=self.eos_id, stop_ids=(() if self.eos_id is None else (self.eos_id,))
+        )
         self.eos_id = self.settings.eos_id
         self.bos_id = self.settings.bos_id if self.settings.add_bos else None
         self.stop_ids = self.settings.stop_ids
@@ -123,13 +127,14 @@ class Tokenizer:
         return all(len(t) == 1 for t in self._hf.get_vocab(with_added_tokens=True) if t not in special)
 
     def default_bos(self) -> tuple[bool, int | None]:
-        """(adds BOS by default, BOS id) as the file alone says: the tokenizers post-processor, or SentencePiece's BOS."""
+        """(adds BOS by default, BOS id) as the file alone says: the tokenizers post-processor, or SentencePiece's
+        BOS."""
         if self._sp is not None:
             bos = int(self._sp.bos_id())
             return bos >= 0, bos if bos >= 0 else None
         plain = self._hf.encode("a", add_special_tokens=False).ids
         full = self._hf.encode("a", add_special_tokens=True).ids
-        if len(full) > len(plain) and full[1:1 + len(plain)] == plain:
+        if len(full) > len(plain) and full[1 : 1 + len(plain)] == plain:
             return True, full[0]
         return False, None
 
@@ -158,7 +163,7 @@ class Tokenizer:
         head = self.decode(list(prefix))
         for cut in (head, head.rstrip("\ufffd")):
             if whole.startswith(cut):
-                return cut, whole[len(cut):]
+                return cut, whole[len(cut) :]
         common = next((i for i, (a, b) in enumerate(zip(whole, head)) if a != b), min(len(whole), len(head)))
         return whole[:common], whole[common:]
 
@@ -173,9 +178,12 @@ class Tokenizer:
         cannot be changed, and the hint says to use the checkpoint's own tokenizer instead.
         """
         if self.vocab_size > model_vocab:
-            fix = (f"the vocabulary size comes from {fixed_by}, so this tokenizer does not belong to the checkpoint; "
-                   "use the checkpoint's own tokenizer" if fixed_by else
-                   f"use a matching tokenizer or set model.vocab_size >= {self.vocab_size}")
+            fix = (
+                f"the vocabulary size comes from {fixed_by}, so this tokenizer does not belong to the checkpoint; "
+                "use the checkpoint's own tokenizer"
+                if fixed_by
+                else f"use a matching tokenizer or set model.vocab_size >= {self.vocab_size}"
+            )
             raise TokenizerError(
                 f"tokenizer {self.path.name} has {self.vocab_size} tokens but the model's vocabulary has "
                 f"{model_vocab} rows; {fix}"
@@ -269,8 +277,10 @@ def read_settings(shared_dir: Path) -> TokenizerSettings | None:
 def write_settings(shared_dir: Path, settings: TokenizerSettings) -> None:
     from dbconvert.checkpoint import atomic_write_text
 
-    atomic_write_text(shared_dir / SETTINGS_FILE, json.dumps({**asdict(settings), "stop_ids": list(settings.stop_ids)},
-                                                             indent=2) + "\n")
+    atomic_write_text(
+        shared_dir / SETTINGS_FILE,
+        json.dumps({**asdict(settings), "stop_ids": list(settings.stop_ids)}, indent=2) + "\n",
+    )
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -317,7 +327,9 @@ def checkpoint_settings(tok: Tokenizer, tokenizer_dir: Path, model_dir: Path | N
     if isinstance(tok_cfg.get("add_bos_token"), bool):
         add_bos, origin = tok_cfg["add_bos_token"], ["BOS from tokenizer_config.json add_bos_token"]
     if add_bos and bos_id is None:
-        raise TokenizerError(f"the tokenizer in {tokenizer_dir} adds a BOS token but names none; fix its tokenizer_config.json")
+        raise TokenizerError(
+            f"the tokenizer in {tokenizer_dir} adds a BOS token but names none; fix its tokenizer_config.json"
+        )
     config_eos = id_list(model_cfg.get("eos_token_id")) + id_list(gen_cfg.get("eos_token_id"))
     eos_id = tok.eos_id
     if (name := token_content(tok_cfg.get("eos_token"))) is not None and (i := tok.token_id(name)) is not None:
@@ -329,11 +341,19 @@ def checkpoint_settings(tok: Tokenizer, tokenizer_dir: Path, model_dir: Path | N
     return TokenizerSettings(add_bos=add_bos, bos_id=bos_id, eos_id=eos_id, stop_ids=stops, origin="; ".join(origin))
 
 
-def prepare_run_tokenizer(shared_dir: Path, tokenizer: str | None, checkpoint: str | None, train: bool,
-                          documents: Callable[[], Iterable[str]], vocab_size: int, kind: str = "bpe") -> Tokenizer:
+def prepare_run_tokenizer(
+    shared_dir: Path,
+    tokenizer: str | None,
+    checkpoint: str | None,
+    train: bool,
+    documents: Callable[[], Iterable[str]],
+    vocab_size: int,
+    kind: str = "bpe",
+) -> Tokenizer:
     """Put the run's tokenizer and its settings into RUN/shared/ (see the module docstring for the choices).
 
-    `documents` is only called when a tokenizer is trained (`kind`: a byte-level `bpe` or `char`acters). A checkpoint folder without a tokenizer is an
+    `documents` is only called when a tokenizer is trained (`kind`: a byte-level `bpe` or `char`acters). A
+    checkpoint folder without a tokenizer is an
     error unless `train` (model.train_tokenizer) says a new BPE is really wanted.
     """
     model_dir = Path(checkpoint).expanduser() if checkpoint else None
@@ -357,12 +377,18 @@ def prepare_run_tokenizer(shared_dir: Path, tokenizer: str | None, checkpoint: s
         )
     elif kind == "char":
         installed = Tokenizer(train_chars(documents(), shared_dir / "tokenizer.json"))
-        settings = TokenizerSettings(eos_id=installed.eos_id, stop_ids=(installed.eos_id,), origin="a character-level "
-                                     "tokenizer of the data's characters: no BOS, EOS " + BPE_EOS)
+        settings = TokenizerSettings(
+            eos_id=installed.eos_id,
+            stop_ids=(installed.eos_id,),
+            origin="a character-level tokenizer of the data's characters: no BOS, EOS " + BPE_EOS,
+        )
     else:
         installed = Tokenizer(train_bpe(documents(), vocab_size, shared_dir / "tokenizer.json"))
-        settings = TokenizerSettings(eos_id=installed.eos_id, stop_ids=(installed.eos_id,) if installed.eos_id is not None
-                                     else (), origin="a byte-level BPE trained on the data: no BOS, EOS " + BPE_EOS)
+        settings = TokenizerSettings(
+            eos_id=installed.eos_id,
+            stop_ids=(installed.eos_id,) if installed.eos_id is not None else (),
+            origin="a byte-level BPE trained on the data: no BOS, EOS " + BPE_EOS,
+        )
     write_settings(shared_dir, settings)
     return run_tokenizer(shared_dir)
 
@@ -378,13 +404,19 @@ def save_pretrained_tokenizer(shared_dir: Path, out: Path) -> list[Path]:
     settings = tok.settings
     out.mkdir(parents=True, exist_ok=True)
     if tok._sp is not None:
+
         def piece(i: int | None) -> str | None:
             return None if i is None else str(tok._sp.id_to_piece(i))
 
         shutil.copyfile(tok.path, out / "tokenizer.model")
-        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": settings.add_bos, "add_eos_token": False,
-                  "bos_token": piece(settings.bos_id), "eos_token": piece(settings.eos_id),
-                  "unk_token": piece(int(tok._sp.unk_id()))}
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": settings.add_bos,
+            "add_eos_token": False,
+            "bos_token": piece(settings.bos_id),
+            "eos_token": piece(settings.eos_id),
+            "unk_token": piece(int(tok._sp.unk_id())),
+        }
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return [out / "tokenizer.model", out / "tokenizer_config.json"]
     from tokenizers import Tokenizer as HFTokenizer
@@ -395,11 +427,15 @@ def save_pretrained_tokenizer(shared_dir: Path, out: Path) -> list[Path]:
     adds, bos = tok.default_bos()
     if settings.add_bos and (not adds or bos != settings.bos_id):
         name = raw.id_to_token(settings.bos_id)
-        raw.post_processor = processors.TemplateProcessing(single=f"{name} $A", pair=f"{name} $A {name} $B",
-                                                           special_tokens=[(name, settings.bos_id)])
+        raw.post_processor = processors.TemplateProcessing(
+            single=f"{name} $A", pair=f"{name} $A {name} $B", special_tokens=[(name, settings.bos_id)]
+        )
     elif not settings.add_bos and adds:
         raw.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
-    special = {key: raw.id_to_token(i) for key, i in (("bos_token", settings.bos_id), ("eos_token", settings.eos_id))
-               if i is not None}
+    special = {
+        key: raw.id_to_token(i)
+        for key, i in (("bos_token", settings.bos_id), ("eos_token", settings.eos_id))
+        if i is not None
+    }
     PreTrainedTokenizerFast(tokenizer_object=raw, **special).save_pretrained(str(out))
     return [out / "tokenizer.json", out / "tokenizer_config.json"]

@@ -67,7 +67,9 @@ StepCallback = Callable[[dict[str, Any]], None]
 def block_target(run: Run, index: int) -> Target:
     info = run.block(index)
     name = Run.block_name(index)
-    init = run.model_dir(name) / INIT_FILE  # what split wrote; runs split before it existed start from model.safetensors
+    init = (
+        run.model_dir(name) / INIT_FILE
+    )  # what split wrote; runs split before it existed start from model.safetensors
     if not init.is_file():
         init = run.model_dir(name) / "model.safetensors"
     return Target(name, info.layers[1] - info.layers[0], info.train_range, init, salt=1 + index)
@@ -81,8 +83,10 @@ def e2e_target(run: Run, objective: Objective = "denoiser") -> Target:
     if objective == "denoiser":
         return Target("e2e", run.num_layers, full, None)
     if reference is None:
-        raise DbconvertError(f"--objective {objective}: a {run.family_name} run has no plain reference to train; "
-                             "use --objective denoiser (the default)")
+        raise DbconvertError(
+            f"--objective {objective}: a {run.family_name} run has no plain reference to train; "
+            "use --objective denoiser (the default)"
+        )
     if objective != reference:
         raise DbconvertError(f"--objective must be denoiser or {reference}, not {objective!r}")
     return Target(objective, run.num_layers, full, None, objective, salt=999_983)
@@ -95,8 +99,10 @@ def total_steps(recipe: Recipe, num_examples: int) -> int:
     per_epoch = max(1, num_examples // recipe.train.batch_size)
     steps = max(1, math.ceil(recipe.train.epochs * per_epoch))  # type: ignore[operator]
     if steps > MAX_TRAIN_STEPS:
-        raise DbconvertError(f"train.epochs={recipe.train.epochs:.10g} is {steps:,} steps ({per_epoch:,} an epoch), more "
-                             f"than the {MAX_TRAIN_STEPS:,} allowed; train fewer epochs")
+        raise DbconvertError(
+            f"train.epochs={recipe.train.epochs:.10g} is {steps:,} steps ({per_epoch:,} an epoch), more "
+            f"than the {MAX_TRAIN_STEPS:,} allowed; train fewer epochs"
+        )
     return steps
 
 
@@ -108,21 +114,30 @@ def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
 def batch_indices(seed: int, step: int, batch: int, n: int) -> torch.Tensor:
     """Example indices of `step`: a fresh seeded permutation per epoch, full batches only."""
     if n < batch:
-        raise DbconvertError(f"the data set has {n} examples, fewer than train.batch_size={batch}; lower the batch size")
+        raise DbconvertError(
+            f"the data set has {n} examples, fewer than train.batch_size={batch}; lower the batch size"
+        )
     per_epoch = n // batch
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(fold_seed(seed * 7919 + epoch)))
     return perm[pos * batch : (pos + 1) * batch]
 
 
-def training_recipe(run: Run, overrides: list[str] | None = None, steps: int | None = None,
-                    epochs: float | None = None) -> Recipe:
+def training_recipe(
+    run: Run, overrides: list[str] | None = None, steps: int | None = None, epochs: float | None = None
+) -> Recipe:
     """The run's recipe with training overrides and --steps / --epochs applied (an option the run's family would
     ignore is a one-line error: `Family.check_training`)."""
     recipe = override_recipe(run.recipe, overrides, TRAIN_OVERRIDABLE)
     if steps is not None or epochs is not None:
-        recipe = override_recipe(recipe, [f"train.steps={steps}" if steps else "train.steps=null",
-                                          f"train.epochs={epochs}" if epochs else "train.epochs=null"], ("train",))
+        recipe = override_recipe(
+            recipe,
+            [
+                f"train.steps={steps}" if steps else "train.steps=null",
+                f"train.epochs={epochs}" if epochs else "train.epochs=null",
+            ],
+            ("train",),
+        )
     run.family().check_training(recipe)
     return recipe
 
@@ -158,8 +173,10 @@ def train(
             try:
                 owner = locks.acquire(lock_path, f"{target.name} of {run.root}", note)
                 if run.replaced():  # a split put a new run here after this one was opened: not the run asked for
-                    failure = (f"{run.root} was replaced by a new split after this training opened it; nothing was "
-                               "trained: start the training again")
+                    failure = (
+                        f"{run.root} was replaced by a new split after this training opened it; nothing was "
+                        "trained: start the training again"
+                    )
             except DbconvertError as exc:
                 failure = str(exc)
         distributed.broadcast_error(dist, failure)
@@ -171,8 +188,17 @@ def train(
             distributed.teardown(dist)
 
 
-def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, device_name: str, restart: bool,
-           on_step: StepCallback | None, progress: bool, note: Callable[[str], None]) -> TrainResult:
+def _train(
+    run: Run,
+    target: Target,
+    recipe: Recipe,
+    dist: distributed.Dist,
+    device_name: str,
+    restart: bool,
+    on_step: StepCallback | None,
+    progress: bool,
+    note: Callable[[str], None],
+) -> TrainResult:
     family = run.family()
     schedule = family.training_schedule(run, target.name, recipe, note)  # read (and checked) before any work
     device = resolve_device(device_name)
@@ -192,20 +218,33 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     if main:
         _remove_stale_temp_files(run, target.name)
         if restart:
-            clear_training_state(out_dir, keep=target.init_weights)  # a kill before the next checkpoint must not resume the old run
+            clear_training_state(
+                out_dir, keep=target.init_weights
+            )  # a kill before the next checkpoint must not resume the old run
     distributed.barrier(dist)
     initial = None
     if not state_path.exists():  # a new training: built straight from the weights it starts from
         initial = source_state(run) if target.init_weights is None else load_weights(target.init_weights)
-    state = build_state(family, recipe, target.depth, run.noise(), device, target.objective, initial,
-                        f"initial weights of {target.name}")
+    state = build_state(
+        family,
+        recipe,
+        target.depth,
+        run.noise(),
+        device,
+        target.objective,
+        initial,
+        f"initial weights of {target.name}",
+    )
     del initial
     if state_path.exists():
         start, saved = _restore(state_path, state, target.name)
         if saved.get("batch_size") not in (None, global_batch) and main and start < n_total:
-            note(f"{target.name}: resuming at step {start} with train.batch_size={global_batch} (the checkpoint was "
-                 f"trained with {saved['batch_size']}); steps continue from {start}, later batches are drawn with the new "
-                 "size, and the optimizer state is kept. Use --restart to start over with the new batch size.")
+            note(
+                f"{target.name}: resuming at step {start} with train.batch_size={global_batch} (the checkpoint was "
+                f"trained with {saved['batch_size']}); steps continue from {start}, later batches are drawn with "
+                f"the new "
+                "size, and the optimizer state is kept. Use --restart to start over with the new batch size."
+            )
     if main:
         _truncate_metrics(run.metrics_path(target.name), start)
     if start >= n_total:
@@ -224,9 +263,13 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
     last_loss: float | None = None
     t_log = time.perf_counter()
     examples = 0
-    with _progress(progress, target.name, n_total, start) as advance, \
-            (open(metrics, "a") if main else nullcontext()) as log, \
-            (tblog.TensorBoardLog(run.root, target.name, start) if main and recipe.train.tensorboard else nullcontext()) as tb:
+    with (
+        _progress(progress, target.name, n_total, start) as advance,
+        open(metrics, "a") if main else nullcontext() as log,
+        (
+            tblog.TensorBoardLog(run.root, target.name, start) if main and recipe.train.tensorboard else nullcontext()
+        ) as tb,
+    ):
         for step in range(start, n_total):
             gen = step_generator(recipe.train.seed, step, target.salt)
             indices = batch_indices(recipe.train.seed, step, global_batch, len(data))[local]
@@ -235,6 +278,7 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
             set_lr(state.optimizer, lr)
             if schedule is not None:
                 schedule(state.network, step)
+
             def check(loss: torch.Tensor, step: int = step) -> torch.Tensor:
                 value = distributed.mean_across(dist, loss)  # the same value on every rank
                 if not torch.isfinite(value):
@@ -248,8 +292,9 @@ def _train(run: Run, target: Target, recipe: Recipe, dist: distributed.Dist, dev
                 loss_value, stats = state.train_step(forward, batch, target.train_range, gen, step, dist.shard, check)
             except Exception as exc:
                 if recipe.train.compile and type(exc).__module__.startswith("torch._"):
-                    raise DbconvertError(f"train.compile=true failed on {device} ({first_line(exc)}); "
-                                         "rerun with train.compile=false") from None
+                    raise DbconvertError(
+                        f"train.compile=true failed on {device} ({first_line(exc)}); rerun with train.compile=false"
+                    ) from None
                 raise
             window.append(loss_value.item())
             examples += global_batch
@@ -294,7 +339,9 @@ HELDOUT_ROWS = 32
 """Rows of the fixed held-out batch that `train.val_every` evaluates."""
 
 
-def heldout_batch(family: Any, recipe: Recipe, device: torch.device, note: Callable[[str], None]) -> list[torch.Tensor] | None:
+def heldout_batch(
+    family: Any, recipe: Recipe, device: torch.device, note: Callable[[str], None]
+) -> list[torch.Tensor] | None:
     """The first HELDOUT_ROWS examples of the held-out split, or None (with a note) when there is none."""
     try:
         data = family.load_data(recipe, "val")
@@ -328,8 +375,10 @@ def _check_compiler(device: torch.device) -> None:
     import shutil
 
     if device.type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
-        raise DbconvertError("train.compile=true on the CPU needs a C++ compiler (g++ or clang++) for torch.compile; "
-                             "install one or rerun with train.compile=false")
+        raise DbconvertError(
+            "train.compile=true on the CPU needs a C++ compiler (g++ or clang++) for torch.compile; "
+            "install one or rerun with train.compile=false"
+        )
 
 
 def peak_memory(device: torch.device) -> int:
@@ -356,12 +405,22 @@ def _checkpoint(out_dir: Path, state: TrainingState, step: int, total: int, name
     tensors = {f"model.{k}": v for k, v in state.network.state_dict().items()}
     shared = {v.untyped_storage().data_ptr() for v in state.network.state_dict().values()}
     if state.ema is not None:
-        tensors.update({f"ema.{k}": v.clone() if v.untyped_storage().data_ptr() in shared else v  # frozen: same tensor
-                        for k, v in state.ema.state_dict().items()})
+        tensors.update(
+            {
+                f"ema.{k}": v.clone() if v.untyped_storage().data_ptr() in shared else v  # frozen: same tensor
+                for k, v in state.ema.state_dict().items()
+            }
+        )
     tensors.update(optim_tensors)
-    meta = {"step": str(step), "total_steps": str(total), "target": name, "optimizer": optim_meta,
-            "grad_scaler": json.dumps(state.scaler.state_dict()), "batch_size": str(batch_size),
-            "memory_options": json.dumps(resume_options(state.recipe))}
+    meta = {
+        "step": str(step),
+        "total_steps": str(total),
+        "target": name,
+        "optimizer": optim_meta,
+        "grad_scaler": json.dumps(state.scaler.state_dict()),
+        "batch_size": str(batch_size),
+        "memory_options": json.dumps(resume_options(state.recipe)),
+    }
     save_weights(out_dir / STATE_FILE, tensors, metadata=meta)
     _export(out_dir, state, step, total, name, batch_size)
 
@@ -372,14 +431,28 @@ def _export(out_dir: Path, state: TrainingState, step: int, total: int, name: st
         save_weights(out_dir / "ema.safetensors", state.ema.state_dict(), metadata={"step": str(step)})
     else:  # train.ema=off: no EMA file, and none of an earlier run left to be read as this one's
         (out_dir / "ema.safetensors").unlink(missing_ok=True)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.network.state_dict().values() if t.is_floating_point()})
+    dtypes = sorted(
+        {str(t.dtype).removeprefix("torch.") for t in state.network.state_dict().values() if t.is_floating_point()}
+    )
     t = state.recipe.train
-    write_json(out_dir / "state.json", {"step": step, "total_steps": total, "target": name, "batch_size": batch_size,
-                                        "weights_dtype": ",".join(dtypes),  # what training kept (split's: the manifest)
-                                        "memory_options": {"precision": t.precision, "optimizer": t.optimizer,
-                                                           "ema": t.ema, "optimizer_in_backward": t.optimizer_in_backward,
-                                                           "grad_accumulation": t.grad_accumulation,
-                                                           "effective_batch": batch_size}})
+    write_json(
+        out_dir / "state.json",
+        {
+            "step": step,
+            "total_steps": total,
+            "target": name,
+            "batch_size": batch_size,
+            "weights_dtype": ",".join(dtypes),  # what training kept (split's: the manifest)
+            "memory_options": {
+                "precision": t.precision,
+                "optimizer": t.optimizer,
+                "ema": t.ema,
+                "optimizer_in_backward": t.optimizer_in_backward,
+                "grad_accumulation": t.grad_accumulation,
+                "effective_batch": batch_size,
+            },
+        },
+    )
 
 
 def exports_match(out_dir: Path, step: int) -> bool:
@@ -388,7 +461,9 @@ def exports_match(out_dir: Path, step: int) -> bool:
 
     try:
         state = json.loads((out_dir / "state.json").read_text())
-        files = ["model.safetensors"] + ([] if state.get("memory_options", {}).get("ema") == "off" else ["ema.safetensors"])
+        files = ["model.safetensors"] + (
+            [] if state.get("memory_options", {}).get("ema") == "off" else ["ema.safetensors"]
+        )
         for file in files:
             with safe_open(str(out_dir / file), "pt") as fh:
                 if (fh.metadata() or {}).get("step") != str(step):
@@ -414,26 +489,35 @@ def _restore(path: Path, state: TrainingState, name: str) -> tuple[int, dict[str
     if meta.get("target") != name or "step" not in meta:
         raise RunError(f"{path} is not a training state of {name}; rerun with --restart")
     saved_options = json.loads(meta.get("memory_options", "null") or "null") or {}
-    changed = [f"train.{k}={saved_options[k]}" for k, v in resume_options(state.recipe).items()
-               if k in saved_options and saved_options[k] != v]
+    changed = [
+        f"train.{k}={saved_options[k]}"
+        for k, v in resume_options(state.recipe).items()
+        if k in saved_options and saved_options[k] != v
+    ]
     if changed:
-        raise RunError(f"{name} was trained with {', '.join(changed)}: resume with the same (add it to the command) "
-                       "or rerun with --restart")
+        raise RunError(
+            f"{name} was trained with {', '.join(changed)}: resume with the same (add it to the command) "
+            "or rerun with --restart"
+        )
     load_strict(state.network, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, f"{path} (model)")
     saved_ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     if (state.ema is None) != (not saved_ema):
         had, has = ("off" if not saved_ema else "on"), state.recipe.train.ema
-        raise RunError(f"{path} was trained with the EMA {had}, this run asks train.ema={has}; keep the option the "
-                       "training started with, or rerun with --restart")
+        raise RunError(
+            f"{path} was trained with the EMA {had}, this run asks train.ema={has}; keep the option the "
+            "training started with, or rerun with --restart"
+        )
     if state.ema is not None:
         load_strict(state.ema, saved_ema, f"{path} (ema)")
     try:
         state.optimizer.load_state_dict(
-            unflatten_state({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"]))
+            unflatten_state({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
+        )
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise RunError(f"{path}: the saved optimizer state does not fit train.optimizer={state.recipe.train.optimizer}"
-                       f" ({first_line(exc)}); keep the options the training started with, or rerun with --restart"
-                       ) from None
+        raise RunError(
+            f"{path}: the saved optimizer state does not fit train.optimizer={state.recipe.train.optimizer}"
+            f" ({first_line(exc)}); keep the options the training started with, or rerun with --restart"
+        ) from None
     if meta.get("grad_scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(json.loads(meta["grad_scaler"]))
     saved = {"batch_size": int(meta["batch_size"])} if meta.get("batch_size") else {}
@@ -444,8 +528,12 @@ def resume_options(recipe: Recipe) -> dict[str, Any]:
     """The memory options a training state is bound to: resuming with others would change what the saved tensors
     mean (their dtype, the optimizer state's layout, whether an EMA exists)."""
     t = recipe.train
-    return {"precision": t.precision, "optimizer": t.optimizer, "ema": t.ema,
-            "optimizer_in_backward": t.optimizer_in_backward}
+    return {
+        "precision": t.precision,
+        "optimizer": t.optimizer,
+        "ema": t.ema,
+        "optimizer_in_backward": t.optimizer_in_backward,
+    }
 
 
 def _remove_stale_temp_files(run: Run, name: str) -> None:
@@ -475,7 +563,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _progress(enabled: bool, name: str, total: int, start: int):  # noqa: ANN202
-    """Progress of the steps (`dbconvert.progress`: a bar, or plain lines when not a terminal) yielding `advance(step, loss)`."""
+    """Progress of the steps (`dbconvert.progress`: a bar, or plain lines when not a terminal) yielding
+    `advance(step, loss)`."""
     from contextlib import contextmanager
 
     from dbconvert.progress import progress

@@ -52,8 +52,9 @@ class TrainAllResult:
         return [j for j in self.jobs if j.state == FAILED]
 
 
-def default_launcher(steps: int | None = None, epochs: float | None = None,
-                     overrides: list[str] | None = None) -> Launcher:
+def default_launcher(
+    steps: int | None = None, epochs: float | None = None, overrides: list[str] | None = None
+) -> Launcher:
     """`python -m dbconvert train-block I --run RUN -q [--steps] [--epochs] [overrides]`."""
 
     def argv(run: Run, index: int) -> list[str]:
@@ -79,8 +80,9 @@ def cuda_devices() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def blocks_to_train(run: Run, steps: int | None = None, epochs: float | None = None,
-                    overrides: list[str] | None = None) -> tuple[list[int], list[int]]:
+def blocks_to_train(
+    run: Run, steps: int | None = None, epochs: float | None = None, overrides: list[str] | None = None
+) -> tuple[list[int], list[int]]:
     """(blocks to launch, blocks already finished) for the requested length of training."""
     from dbconvert.train import training_recipe
 
@@ -143,14 +145,19 @@ def train_all(
         elif threads:
             env["OMP_NUM_THREADS"] = threads
         with open(job.log, "a") as fh:
-            fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(launcher(run, job.index))}"
-                     f"{' (CUDA_VISIBLE_DEVICES=' + job.device + ')' if job.device else ''}\n")
+            fh.write(
+                f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(launcher(run, job.index))}"
+                f"{' (CUDA_VISIBLE_DEVICES=' + job.device + ')' if job.device else ''}\n"
+            )
             fh.flush()
-            job.process = subprocess.Popen(launcher(run, job.index), stdout=fh, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, env=env)
+            job.process = subprocess.Popen(
+                launcher(run, job.index), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
         job.state = RUNNING
-        say(f"block {job.index}: started (pid {job.process.pid}{', device ' + job.device if job.device else ''}); "
-            f"log {job.log}")
+        say(
+            f"block {job.index}: started (pid {job.process.pid}{', device ' + job.device if job.device else ''}); "
+            f"log {job.log}"
+        )
 
     def reap(job: BlockJob) -> None:
         assert job.process is not None
@@ -167,7 +174,11 @@ def train_all(
             job.state, job.detail = BUSY, tail
             say(f"block {job.index}: {tail}")
             return
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit code {code}"
+        how = (
+            f"killed by {signal.Signals(-code).name}"
+            if code < 0 and -code in signal.valid_signals()
+            else f"exit code {code}"
+        )
         job.state, job.detail = FAILED, f"{how}: {tail}" if tail else how
         say(f"block {job.index}: FAILED ({job.detail}); log {job.log}")
 
@@ -246,8 +257,13 @@ def _table(run: Run, jobs: dict[int, BlockJob]) -> Any:
         loss = rec.get("loss")
         speed = rec.get("examples_per_s")
         state = job.state if job.state != FAILED else f"failed ({job.returncode})"
-        table.add_row(str(i), Text(state, style=styles.get(job.state, "")), f"{step}/{total or '?'}",
-                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
-                      f"{speed:,.0f}" if isinstance(speed, (int, float)) and job.state == RUNNING else "-",
-                      job.device or "cpu", str(job.log) if job.state in (RUNNING, FAILED) else "")
+        table.add_row(
+            str(i),
+            Text(state, style=styles.get(job.state, "")),
+            f"{step}/{total or '?'}",
+            f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+            f"{speed:,.0f}" if isinstance(speed, (int, float)) and job.state == RUNNING else "-",
+            job.device or "cpu",
+            str(job.log) if job.state in (RUNNING, FAILED) else "",
+        )
     return table

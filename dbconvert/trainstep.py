@@ -87,9 +87,9 @@ def precision_context(precision: str, device: torch.device):  # noqa: ANN202
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     if precision == "fp16" and device.type != "cuda":
         raise DbconvertError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 here")
-    return (lambda: torch.autocast(device.type, dtype=dtype)), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
+    return (lambda: torch.autocast(device.type, dtype=dtype)), torch.amp.GradScaler(
+        device.type, enabled=precision == "fp16"
+    )
 
 
 Objective = str
@@ -112,8 +112,14 @@ class TrainingState:
     scaler: torch.amp.GradScaler
     objective: Objective = "denoiser"
 
-    def loss(self, forward: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
-             generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self,
+        forward: nn.Module,
+        batch: list[torch.Tensor],
+        sigma_range: tuple[float, float],
+        generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The objective's loss of one batch through `forward` (the model, or its DDP / compiled wrapper)."""
         with self.autocast():
             if self.objective != "denoiser":  # the reference (ar, classifier)
@@ -121,18 +127,27 @@ class TrainingState:
             return self.family.training_loss(forward, batch, sigma_range, self.recipe, generator, shard)
 
     def heldout(self, batch: list[torch.Tensor], sigma_range: tuple[float, float], seed: int) -> dict[str, float]:
-        """The family's held-out metrics of a fixed batch, in eval mode, with a fixed generator (comparable over steps)."""
+        """The family's held-out metrics of a fixed batch, in eval mode, with a fixed generator (comparable over
+        steps)."""
         self.model.eval()
         try:
             with torch.no_grad(), self.autocast():
-                return self.family.heldout_metrics(self.model, batch, sigma_range, self.recipe,
-                                                   torch.Generator().manual_seed(seed), self.objective)
+                return self.family.heldout_metrics(
+                    self.model, batch, sigma_range, self.recipe, torch.Generator().manual_seed(seed), self.objective
+                )
         finally:
             self.model.train()
 
-    def train_step(self, forward: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
-                   generator: torch.Generator, step: int, shard: tuple[int, int] = (0, 1),
-                   check: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def train_step(
+        self,
+        forward: nn.Module,
+        batch: list[torch.Tensor],
+        sigma_range: tuple[float, float],
+        generator: torch.Generator,
+        step: int,
+        shard: tuple[int, int] = (0, 1),
+        check: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimizer step over `batch`, in train.grad_accumulation micro-batches (train.py's order).
 
         Each micro-batch: forward, `check` of its loss (train.py: the mean over ranks, refused when not finite;
@@ -165,8 +180,9 @@ class TrainingState:
         if self.ema is not None:
             ema_update(self.ema, self.network, ema_decay_at(t.ema_decay, step, t.ema_warmup))
 
-    def step(self, batch: list[torch.Tensor], sigma_range: tuple[float, float], generator: torch.Generator,
-             step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(
+        self, batch: list[torch.Tensor], sigma_range: tuple[float, float], generator: torch.Generator, step: int = 0
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """One whole training step without data parallelism (what `bench` measures)."""
         self.model.train()
         return self.train_step(self.model, batch, sigma_range, generator, step)
@@ -176,8 +192,9 @@ def global_rng_seed(generator: torch.Generator, rank: int = 0) -> int:
     """The global RNG's seed for one training step: a pure function of the step's own generator seed (itself one of
     (train.seed, step, target): `train.step_generator`) and the data-parallel rank, mixed so that the global stream
     is not the generator's own."""
-    return (generator.initial_seed() * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407 + rank * 2_654_435_761) \
-        % (2**63 - 1)
+    return (generator.initial_seed() * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407 + rank * 2_654_435_761) % (
+        2**63 - 1
+    )
 
 
 @contextmanager
@@ -187,8 +204,9 @@ def seeded_global_rng(generator: torch.Generator, rank: int, device: torch.devic
     What draws from the global RNG inside a step (dropout: `nn.Dropout` takes no generator) is then deterministic
     by seed, and a resumed run draws what an uninterrupted one drew at the same step. The global state is restored
     afterwards, so nothing outside the step (and nothing of a run without dropout) draws anything different."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(global_rng_seed(generator, rank))
         yield
@@ -200,8 +218,10 @@ def micro_batches(batch: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]
         return [batch]
     rows = len(batch[0])
     if rows % n:
-        raise DbconvertError(f"a batch of {rows} rows does not divide into train.grad_accumulation={n} micro-batches; "
-                             "make train.batch_size (per rank) a multiple of it")
+        raise DbconvertError(
+            f"a batch of {rows} rows does not divide into train.grad_accumulation={n} micro-batches; "
+            "make train.batch_size (per rank) a multiple of it"
+        )
     return [list(chunk) for chunk in zip(*(t.chunk(n) for t in batch))]
 
 
@@ -233,9 +253,16 @@ def checkpoint_layers(layers: list[nn.Module]) -> None:
         layer.forward = types.MethodType(checkpointed_forward, layer)  # type: ignore[method-assign]
 
 
-def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseProcess, device: torch.device,
-                objective: Objective = "denoiser", initial: Mapping[str, torch.Tensor] | None = None,
-                what: str = "initial weights") -> TrainingState:
+def build_state(
+    family: Family,
+    recipe: Recipe,
+    depth: int,
+    noise: NoiseProcess,
+    device: torch.device,
+    objective: Objective = "denoiser",
+    initial: Mapping[str, torch.Tensor] | None = None,
+    what: str = "initial weights",
+) -> TrainingState:
     """Network of `depth` layers wrapped for `objective`, its EMA copy, optimizer and precision on `device`.
 
     With `initial` (the weights training starts from) the network is built on the meta device and the weights
@@ -248,20 +275,41 @@ def build_state(family: Family, recipe: Recipe, depth: int, noise: NoiseProcess,
     network = factory().to(dtype) if initial is None else load_network(factory, initial, what, dtype)
     if t.activation_checkpointing:
         checkpoint_layers(family.layers(network))
-    model = family.reference_model(recipe, network) if objective != "denoiser" else family.denoiser(recipe, network, noise)
+    model = (
+        family.reference_model(recipe, network) if objective != "denoiser" else family.denoiser(recipe, network, noise)
+    )
     model = model.to(device)
     ema = None
     if t.ema != "off":
-        ema = load_network(factory, {k: v.detach().clone() for k, v in network.state_dict().items()}, "EMA copy",
-                           torch.float32)
-        ema = ema.to(device if t.ema == "device" or device.type == "meta" else torch.device("cpu")).requires_grad_(False)
+        ema = load_network(
+            factory, {k: v.detach().clone() for k, v in network.state_dict().items()}, "EMA copy", torch.float32
+        )
+        ema = ema.to(device if t.ema == "device" or device.type == "meta" else torch.device("cpu")).requires_grad_(
+            False
+        )
         if dtype == torch.float32 and t.ema == "device":
             share_frozen(ema, network)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    if t.optimizer_in_backward and torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        raise DbconvertError("train.optimizer_in_backward=true steps before data parallelism averages the gradients: "
-                             "train on one process, or drop the option")
+    if (
+        t.optimizer_in_backward
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        raise DbconvertError(
+            "train.optimizer_in_backward=true steps before data parallelism averages the gradients: "
+            "train on one process, or drop the option"
+        )
     autocast, scaler = precision_context(t.precision, device)
-    return TrainingState(family, recipe, network, model, ema, make_optimizer(t, trainable, device), trainable,
-                         autocast, scaler, objective)
+    return TrainingState(
+        family,
+        recipe,
+        network,
+        model,
+        ema,
+        make_optimizer(t, trainable, device),
+        trainable,
+        autocast,
+        scaler,
+        objective,
+    )

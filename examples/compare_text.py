@@ -1,6 +1,7 @@
-"""Blocks vs the e2e baseline vs the AR reference on tinyshakespeare, at matched layer updates.
+r"""Blocks vs the e2e baseline vs the AR reference on tinyshakespeare, at matched layer updates.
 
-    python examples/compare_text.py --out runs/compare-text --steps 600 --seeds 0 1 --weights lambda uniform network-share
+    python examples/compare_text.py --out runs/compare-text --steps 600 --seeds 0 1 \
+        --weights lambda uniform network-share
 
 For every (loss weight, training seed): split `llama-tiny-shakespeare` into B=4 blocks, train every
 block `--steps` steps; for the default weight (docs/results/quality-llama.md) also train the e2e baseline (the same
@@ -34,9 +35,18 @@ def mauve(run: Run, model: str, args: argparse.Namespace) -> dict:
     path = run.root / "eval" / f"compare-mauve-{model}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    res = evaluate_mauve(run, model=model, num_prompts=args.prompts, samples_per_prompt=args.samples_per_prompt,
-                         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, featurizer="minilm",
-                         seeds=args.kmeans_seeds, steps=args.sample_steps, log=print)
+    res = evaluate_mauve(
+        run,
+        model=model,
+        num_prompts=args.prompts,
+        samples_per_prompt=args.samples_per_prompt,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        featurizer="minilm",
+        seeds=args.kmeans_seeds,
+        steps=args.sample_steps,
+        log=print,
+    )
     write_result(run.root / "eval", res)
     path.write_text(json.dumps(res))
     return res
@@ -48,7 +58,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--weights", nargs="+", default=["lambda", "uniform", "network-share"])
-    ap.add_argument("--baselines-for", default="lambda", help="loss weight whose runs also train e2e and ar ('none': blocks only, e.g. to measure a model option)")
+    ap.add_argument(
+        "--baselines-for",
+        default="lambda",
+        help="loss weight whose runs also train e2e and ar ('none': blocks only, e.g. to measure a model option)",
+    )
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples-per-prompt", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -65,9 +79,16 @@ def main() -> None:
             if (folder / MANIFEST).exists():
                 run = Run.open(folder)
             else:
-                recipe = load_recipe("llama-tiny-shakespeare", [f"train.steps={args.steps}", f"train.seed={seed}",
-                                                                f"train.loss_weight={weight}", "train.val_every=100",
-                                                                *args.overrides])
+                recipe = load_recipe(
+                    "llama-tiny-shakespeare",
+                    [
+                        f"train.steps={args.steps}",
+                        f"train.seed={seed}",
+                        f"train.loss_weight={weight}",
+                        "train.val_every=100",
+                        *args.overrides,
+                    ],
+                )
                 run = split(recipe, out=folder, make_current=False)
             models = ["blocks"]
             for b in run.blocks:
@@ -90,14 +111,19 @@ def main() -> None:
             print(json.dumps(row))
             (args.out / "summary.json").write_text(json.dumps(rows, indent=1))
 
-    lines = ["| loss weight | seed | val CE per block (0..3) | block-0 top-bucket CE | AR val CE | MAUVE blocks | MAUVE e2e | MAUVE ar |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| loss weight | seed | val CE per block (0..3) | block-0 top-bucket CE | AR val CE | MAUVE blocks | MAUVE "
+        "e2e | MAUVE ar |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ces = " / ".join(f"{r[f'block{i}']['val_ce']:.3f}" for i in range(4))
         cell = lambda m: f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}" if m in r else "-"  # noqa: E731
         ar_ce = f"{r['ar']['val_ce']:.3f}" if "ar" in r else "-"
-        lines.append(f"| {r['weight']} | {r['seed']} | {ces} | {r['block0']['val_ce_top']:.3f} | {ar_ce} | "
-                     f"{cell('mauve_blocks')} | {cell('mauve_e2e')} | {cell('mauve_ar')} |")
+        lines.append(
+            f"| {r['weight']} | {r['seed']} | {ces} | {r['block0']['val_ce_top']:.3f} | {ar_ce} | "
+            f"{cell('mauve_blocks')} | {cell('mauve_e2e')} | {cell('mauve_ar')} |"
+        )
     by_model: dict[str, list[float]] = {}
     for r in rows:
         for m in ("blocks", "e2e", "ar"):

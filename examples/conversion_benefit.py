@@ -60,8 +60,9 @@ def sample_as_split(run: Run, num: int, seed: int, out: Path) -> Path:
     z = (ts[0] * torch.randn((num, *family.sample_shape(run.recipe)), generator=gen, dtype=torch.float64)).float()
     y = torch.arange(num) % max(classes, 1)
     with torch.no_grad():
-        x = edm_sample(lambda i, z, s: guided(models[i], z, s, y, cfg.guidance, classes), run.owned_ranges(), ts, z,
-                       cfg.solver).clamp(-1, 1)
+        x = edm_sample(
+            lambda i, z, s: guided(models[i], z, s, y, cfg.guidance, classes), run.owned_ranges(), ts, z, cfg.solver
+        ).clamp(-1, 1)
     write_images(out, x, y)
     return out
 
@@ -90,15 +91,20 @@ def main() -> None:
     start = time.process_time()
     recipe = lambda *extra: load_recipe(args.recipe, [*args.overrides, f"blocks.num={args.blocks}", *extra])  # noqa: E731
 
-    pre_run = Run.open(out / "pretrain") if (out / "pretrain" / "manifest.yaml").exists() else \
-        split(recipe(), out=out / "pretrain", make_current=False)
+    pre_run = (
+        Run.open(out / "pretrain")
+        if (out / "pretrain" / "manifest.yaml").exists()
+        else split(recipe(), out=out / "pretrain", make_current=False)
+    )
     train_e2e(pre_run, steps=args.pretrain, progress=False)
     source_file = out / "source.safetensors"
     export_model(pre_run, source_file, model="e2e", force=True)
     runs = {}
     for label, extra in (("converted", [f"model.checkpoint={source_file}"]), ("scratch", [])):
         path = out / label
-        runs[label] = Run.open(path) if (path / "manifest.yaml").exists() else split(recipe(*extra), out=path, make_current=False)
+        runs[label] = (
+            Run.open(path) if (path / "manifest.yaml").exists() else split(recipe(*extra), out=path, make_current=False)
+        )
     assert runs["converted"].parameterization["name"] == "edm"
 
     results: dict = {"source": [fid(runs["converted"], "source", args.num, s) for s in seeds], "blocks": {}}
@@ -111,9 +117,17 @@ def main() -> None:
             values = [fid(run, "blocks", args.num, s, untrained=k == 0) for s in seeds]
             results["blocks"].setdefault(label, {})[k] = values
             print(f"{label}, {k} steps per block: FID {np.mean(values):.2f} {values}", flush=True)
-    results["settings"] = {"recipe": args.recipe, "overrides": args.overrides, "blocks": args.blocks,
-                           "pretrain_steps": args.pretrain, "finetune_steps": ks, "num": args.num, "seeds": seeds,
-                           "features": "builtin", "cpu_seconds": round(time.process_time() - start, 1)}
+    results["settings"] = {
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+        "blocks": args.blocks,
+        "pretrain_steps": args.pretrain,
+        "finetune_steps": ks,
+        "num": args.num,
+        "seeds": seeds,
+        "features": "builtin",
+        "cpu_seconds": round(time.process_time() - start, 1),
+    }
     (out / "conversion-benefit.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "conversion-benefit.md").write_text(markdown(results))
     plot(results, out / "conversion-benefit.png")
@@ -123,17 +137,20 @@ def main() -> None:
 def markdown(results: dict) -> str:
     s = results["settings"]
     seeds = ", ".join(str(x) for x in s["seeds"])
-    lines = ["| steps per block | from the pretrained source | from scratch | ahead |",
-             "|---:|---:|---:|---|"]
+    lines = ["| steps per block | from the pretrained source | from scratch | ahead |", "|---:|---:|---:|---|"]
     for k in s["finetune_steps"]:
         conv, scratch = (results["blocks"][label][k] for label in ("converted", "scratch"))
         a, b = float(np.mean(conv)), float(np.mean(scratch))
         fmt = lambda v: f"{np.mean(v):.2f} ({' / '.join(f'{x:.2f}' for x in v)})"  # noqa: E731
-        lines.append(f"| {k} | {fmt(conv)} | {fmt(scratch)} | {'pretrained' if a < b else 'scratch'} by {abs(a - b):.2f} |")
-    lines.append(f"\nPretrained source ({s['pretrain_steps']} e2e steps), unsplit: FID "
-                 f"{np.mean(results['source']):.2f} ({' / '.join(f'{x:.2f}' for x in results['source'])}). "
-                 f"FID on {s['num']} samples, built-in digit features, mean (per seed) over sampling seeds {seeds}; "
-                 f"{s['cpu_seconds']} CPU seconds in all.\n")
+        lines.append(
+            f"| {k} | {fmt(conv)} | {fmt(scratch)} | {'pretrained' if a < b else 'scratch'} by {abs(a - b):.2f} |"
+        )
+    lines.append(
+        f"\nPretrained source ({s['pretrain_steps']} e2e steps), unsplit: FID "
+        f"{np.mean(results['source']):.2f} ({' / '.join(f'{x:.2f}' for x in results['source'])}). "
+        f"FID on {s['num']} samples, built-in digit features, mean (per seed) over sampling seeds {seeds}; "
+        f"{s['cpu_seconds']} CPU seconds in all.\n"
+    )
     return "\n".join(lines)
 
 
@@ -146,8 +163,12 @@ def plot(results: dict, path: Path) -> None:
     for label, name in (("converted", "blocks from the pretrained source"), ("scratch", "blocks from scratch")):
         ks = s["finetune_steps"]
         ax.plot(ks, [np.mean(results["blocks"][label][k]) for k in ks], marker="o", label=name)
-    ax.axhline(np.mean(results["source"]), color="grey", linestyle="--",
-               label=f"pretrained source, unsplit ({s['pretrain_steps']} e2e steps)")
+    ax.axhline(
+        np.mean(results["source"]),
+        color="grey",
+        linestyle="--",
+        label=f"pretrained source, unsplit ({s['pretrain_steps']} e2e steps)",
+    )
     ax.set_xlabel("fine-tuning steps per block")
     ax.set_ylabel(f"FID (built-in features, {s['num']} samples)")
     ax.set_yscale("log")

@@ -1,16 +1,18 @@
 """What converting a pretrained language model buys, and the later paper's text protocol, on tinyshakespeare.
 
-    python examples/lm_conversion_benefit.py --out runs/lm-conversion --protocol-table --calibrated   # docs/results/quality-llama.md
+    python examples/lm_conversion_benefit.py --out runs/lm-conversion --protocol-table --calibrated
 
 1. The source: `split llama-tiny-shakespeare`, train its AR reference (`train-e2e --objective ar`) for
    --pretrain-steps (its held-out CE every --pretrain-val-every steps shows where it stops improving), and
    `export --model ar` it as a Hugging Face folder, OUT/source: an ordinary pretrained causal LM.
 2. For every training seed S: OUT/converted-S splits that folder (`model.checkpoint=OUT/source`, its own
-   tokenizer; with --calibrated also OUT/calibrated-S, `model.calibrate_output=true`) and OUT/scratch-S splits the fresh recipe (a BPE trained at split: the same tokenizer, checked);
+   tokenizer; with --calibrated also OUT/calibrated-S, `model.calibrate_output=true`) and OUT/scratch-S splits the
+   fresh recipe (a BPE trained at split: the same tokenizer, checked);
    every block of both is trained --steps steps with the held-out CE every --val-every steps, and the held-out
    CE of the split weights (step 0) is computed the same way, on the same 32 held-out rows.
 3. MAUVE of both runs' blocks (the recipe's default protocol: 50 Euler steps per token), as the text table of
-   docs/results/quality-llama.md. With --protocol-table, also the later paper's protocol (`--protocol few-step`: B steps per token,
+   docs/results/quality-llama.md. With --protocol-table, also the later paper's protocol (`--protocol few-step`: B
+   steps per token,
    greedy last step; AR at top-p 0.95) for the blocks, the e2e baseline and the AR reference of the scratch
    run (the two baselines trained here at matched layer updates): MAUVE and Gen-PPL with OUT/source as the
    judge (offline there is no GPT-2 XL; the judge is the converged AR model of the same shape and data).
@@ -81,8 +83,9 @@ def step0(run: Run, index: int) -> dict[str, float]:
     batch = heldout_batch(family, recipe, torch.device("cpu"), print)
     assert batch is not None
     with torch.no_grad():
-        return family.heldout_metrics(model, batch, tuple(info.train_range), recipe,
-                                      torch.Generator().manual_seed(recipe.train.seed))
+        return family.heldout_metrics(
+            model, batch, tuple(info.train_range), recipe, torch.Generator().manual_seed(recipe.train.seed)
+        )
 
 
 def heldout_rows(run: Run) -> torch.Tensor:
@@ -96,8 +99,15 @@ def scored(run: Run, metric: str, model: str, protocol: str, args: argparse.Name
     path = run.root / "eval" / f"lmconv-{metric}-{model}-{protocol}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    common = dict(model=model, num_prompts=args.prompts, samples_per_prompt=args.samples_per_prompt,
-                  prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, protocol=protocol, log=print)
+    common = dict(
+        model=model,
+        num_prompts=args.prompts,
+        samples_per_prompt=args.samples_per_prompt,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        protocol=protocol,
+        log=print,
+    )
     if metric == "mauve":
         steps = args.sample_steps if protocol == "default" and model != "ar" else None
         res = evaluate_mauve(run, featurizer="minilm", seeds=args.kmeans_seeds, steps=steps, **common)
@@ -119,53 +129,97 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/lm-conversion"))
-    ap.add_argument("--pretrain-steps", type=int, default=2000, help="AR pretraining steps; 2000 is where its held-out CE stopped falling (docs/results/quality-llama.md)")
+    ap.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=2000,
+        help="AR pretraining steps; 2000 is where its held-out CE stopped falling (docs/results/quality-llama.md)",
+    )
     ap.add_argument("--pretrain-val-every", type=int, default=250)
     ap.add_argument("--steps", type=int, default=300, help="training steps of every block (and of e2e and ar)")
     ap.add_argument("--val-every", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--calibrated", action="store_true", help="also the converted blocks with model.calibrate_output=true")
-    ap.add_argument("--protocol-table", action="store_true", help="also e2e and ar of the scratch runs, few-step protocol")
+    ap.add_argument(
+        "--calibrated", action="store_true", help="also the converted blocks with model.calibrate_output=true"
+    )
+    ap.add_argument(
+        "--protocol-table", action="store_true", help="also e2e and ar of the scratch runs, few-step protocol"
+    )
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples-per-prompt", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--judge-prompt-tokens", type=int, default=24,
-                    help="Gen-PPL's prompt length: 24 + 32 new tokens leave the 64-token judge room for re-tokenised text")
+    ap.add_argument(
+        "--judge-prompt-tokens",
+        type=int,
+        default=24,
+        help="Gen-PPL's prompt length: 24 + 32 new tokens leave the 64-token judge room for re-tokenised text",
+    )
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--kmeans-seeds", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, key=value")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    pre = open_or_split(args.out / "pretrain", [f"train.val_every={args.pretrain_val_every}",
-                                                f"train.checkpoint_every={args.pretrain_val_every}", *args.overrides])
+    pre = open_or_split(
+        args.out / "pretrain",
+        [
+            f"train.val_every={args.pretrain_val_every}",
+            f"train.checkpoint_every={args.pretrain_val_every}",
+            *args.overrides,
+        ],
+    )
     train_e2e(pre, objective="ar", steps=args.pretrain_steps, progress=False)
     source = args.out / "source"
     if not (source / "config.json").is_file():
         export_model(pre, source, model="ar")
-    summary: dict[str, Any] = {"pretrain": {"steps": args.pretrain_steps, "val_ce": {
-        s: m["val_ce"] for s, m in val_curve(pre, "ar").items()}}, "seeds": {}}
+    summary: dict[str, Any] = {
+        "pretrain": {"steps": args.pretrain_steps, "val_ce": {s: m["val_ce"] for s, m in val_curve(pre, "ar").items()}},
+        "seeds": {},
+    }
 
     train = [f"train.steps={args.steps}", f"train.val_every={args.val_every}", f"train.checkpoint_every={args.steps}"]
     for seed in args.seeds:
-        runs = {"converted": open_or_split(args.out / f"converted-{seed}", [
-                    f"model.checkpoint={source}", "model.calibrate_output=false", f"train.seed={seed}", *train,
-                    *args.overrides]),
-                "scratch": open_or_split(args.out / f"scratch-{seed}", [f"train.seed={seed}", *train, *args.overrides])}
+        runs = {
+            "converted": open_or_split(
+                args.out / f"converted-{seed}",
+                [
+                    f"model.checkpoint={source}",
+                    "model.calibrate_output=false",
+                    f"train.seed={seed}",
+                    *train,
+                    *args.overrides,
+                ],
+            ),
+            "scratch": open_or_split(args.out / f"scratch-{seed}", [f"train.seed={seed}", *train, *args.overrides]),
+        }
         if args.calibrated:  # the copied final norm scaled where the copied head starts worse than none
-            runs["calibrated"] = open_or_split(args.out / f"calibrated-{seed}", [
-                f"model.checkpoint={source}", "model.calibrate_output=true", f"train.seed={seed}", *train,
-                *args.overrides])
+            runs["calibrated"] = open_or_split(
+                args.out / f"calibrated-{seed}",
+                [
+                    f"model.checkpoint={source}",
+                    "model.calibrate_output=true",
+                    f"train.seed={seed}",
+                    *train,
+                    *args.overrides,
+                ],
+            )
         if any(not torch.equal(heldout_rows(r), heldout_rows(runs["scratch"])) for r in runs.values()):
             raise SystemExit("the converted and scratch runs do not hold out the same token rows (tokenizers differ)")
         row: dict[str, Any] = {}
         for kind, run in runs.items():
             for b in run.blocks:
                 train_block(run, b.index, progress=False)
-            row[kind] = {"blocks": [{"step0": step0(run, b.index), **{str(k): v for k, v in val_curve(
-                run, Run.block_name(b.index)).items()}} for b in run.blocks],
-                "mauve_blocks": scored(run, "mauve", "blocks", "default", args)}
+            row[kind] = {
+                "blocks": [
+                    {
+                        "step0": step0(run, b.index),
+                        **{str(k): v for k, v in val_curve(run, Run.block_name(b.index)).items()},
+                    }
+                    for b in run.blocks
+                ],
+                "mauve_blocks": scored(run, "mauve", "blocks", "default", args),
+            }
         if args.protocol_table:
             run = runs["scratch"]
             train_e2e(run, progress=False)
@@ -182,35 +236,55 @@ def main() -> None:
 
 
 def tables(summary: dict[str, Any], args: argparse.Namespace) -> str:
-    """The tables of docs/results/quality-llama.md: held-out CE per block over training (one cell per run kind, the seeds side by side),
+    """The tables of docs/results/quality-llama.md: held-out CE per block over training (one cell per run kind, the
+    seeds side by side),
     MAUVE of the blocks per run kind, and the few-step protocol's MAUVE and Gen-PPL."""
     seeds = list(summary["seeds"])
     first = summary["seeds"][seeds[0]]
     kinds = [k for k in ("converted", "calibrated", "scratch") if k in first]
     steps = ["step0", *(str(s) for s in range(args.val_every, args.steps + 1, args.val_every))]
     curve = summary["pretrain"]["val_ce"]
-    lines = [f"AR source: held-out CE {curve[max(curve, key=int)]:.3f} after {summary['pretrain']['steps']} steps",
-             "", f"held-out CE (nats) per block, training seeds {' / '.join(seeds)}:", "",
-             "| block | step | " + " | ".join(kinds) + " | scratch - converted (mean ± std over seeds) |",
-             "|---|---:|" + "---|" * len(kinds) + "---:|"]
+    lines = [
+        f"AR source: held-out CE {curve[max(curve, key=int)]:.3f} after {summary['pretrain']['steps']} steps",
+        "",
+        f"held-out CE (nats) per block, training seeds {' / '.join(seeds)}:",
+        "",
+        "| block | step | " + " | ".join(kinds) + " | scratch - converted (mean ± std over seeds) |",
+        "|---|---:|" + "---|" * len(kinds) + "---:|",
+    ]
     for b in range(len(first["converted"]["blocks"])):
         for st in steps:
             ce = {k: [summary["seeds"][s][k]["blocks"][b][st]["val_ce"] for s in seeds] for k in kinds}
             cells = [" / ".join(f"{v:.3f}" for v in ce[k]) for k in kinds]
             gaps = [f - c for f, c in zip(ce["scratch"], ce["converted"])]
             lines.append(f"| {b} | {st.replace('step0', '0')} | " + " | ".join(cells) + f" | {mean_std(gaps)} |")
-    lines += ["", "| training seed | " + " | ".join(f"MAUVE {k} blocks" for k in kinds) + " |",
-              "|---|" + "---:|" * len(kinds)]
+    lines += [
+        "",
+        "| training seed | " + " | ".join(f"MAUVE {k} blocks" for k in kinds) + " |",
+        "|---|" + "---:|" * len(kinds),
+    ]
     for s in seeds:
         row = summary["seeds"][s]
-        lines.append(f"| {s} | " + " | ".join(f"{row[k]['mauve_blocks']['mean']:.3f} ± {row[k]['mauve_blocks']['std']:.3f}"
-                                               for k in kinds) + " |")
+        lines.append(
+            f"| {s} | "
+            + " | ".join(f"{row[k]['mauve_blocks']['mean']:.3f} ± {row[k]['mauve_blocks']['std']:.3f}" for k in kinds)
+            + " |"
+        )
     if args.protocol_table:
-        lines += ["", "few-step protocol (B steps per token, greedy last step; ar at top-p 0.95):", "",
-                  "| model | " + " | ".join(f"MAUVE S{s} | Gen-PPL S{s}" for s in seeds) + " |",
-                  "|---|" + "---:|" * (2 * len(seeds))]
-        for kind, model in (("converted", "blocks"), ("calibrated", "blocks"), ("scratch", "blocks"), ("scratch", "e2e"),
-                            ("scratch", "ar")):
+        lines += [
+            "",
+            "few-step protocol (B steps per token, greedy last step; ar at top-p 0.95):",
+            "",
+            "| model | " + " | ".join(f"MAUVE S{s} | Gen-PPL S{s}" for s in seeds) + " |",
+            "|---|" + "---:|" * (2 * len(seeds)),
+        ]
+        for kind, model in (
+            ("converted", "blocks"),
+            ("calibrated", "blocks"),
+            ("scratch", "blocks"),
+            ("scratch", "e2e"),
+            ("scratch", "ar"),
+        ):
             if kind not in kinds:
                 continue
             cells = []
@@ -218,7 +292,11 @@ def tables(summary: dict[str, Any], args: argparse.Namespace) -> str:
                 row = summary["seeds"][s][kind]
                 for metric in ("mauve", "genppl"):
                     r = row[f"{metric}_{model}_few-step"]
-                    cells.append(f"{r['mean']:.3f} ± {r['std']:.3f}" if metric == "mauve" else f"{r['mean']:.2f} ± {r['std']:.2f}")
+                    cells.append(
+                        f"{r['mean']:.3f} ± {r['std']:.3f}"
+                        if metric == "mauve"
+                        else f"{r['mean']:.2f} ± {r['std']:.2f}"
+                    )
             lines.append(f"| {model} ({kind}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -36,8 +36,13 @@ def step0_ce(run: Run, net: torch.nn.Module, info, batches: int = 8, rows: int =
     out = []
     with torch.no_grad():
         for k in range(batches):
-            _, stats = family.training_loss(denoiser, [data[k * rows:(k + 1) * rows]], tuple(info.train_range), recipe,
-                                            torch.Generator().manual_seed(k))
+            _, stats = family.training_loss(
+                denoiser,
+                [data[k * rows : (k + 1) * rows]],
+                tuple(info.train_range),
+                recipe,
+                torch.Generator().manual_seed(k),
+            )
             out.append(stats["ce"])
     return sum(out) / len(out)
 
@@ -54,7 +59,9 @@ def main() -> None:
             row[other.root.name] = step0_ce(other, block_net(other, i)[0], info)
         swapped, _ = block_net(conv, i)
         state, fresh_state = swapped.state_dict(), fn.state_dict()
-        swapped.load_state_dict({k: fresh_state[k] if k.startswith(("norm.", "lm_head")) else v for k, v in state.items()})
+        swapped.load_state_dict(
+            {k: fresh_state[k] if k.startswith(("norm.", "lm_head")) else v for k, v in state.items()}
+        )
         row["converted, fresh norm + head"] = step0_ce(conv, swapped, info)
         for a in (0.5, 0.25, 0.1, 0.0):
             scaled, _ = block_net(conv, i)

@@ -28,16 +28,26 @@ def eps_prediction(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.
     return out[:, : x_t.shape[1]]
 
 
-def x0_prediction(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                  abar: torch.Tensor) -> torch.Tensor:
+def x0_prediction(
+    net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, abar: torch.Tensor
+) -> torch.Tensor:
     """(x_t - sqrt(1 - alphabar_t) eps_hat) / sqrt(alphabar_t) at integer steps t (computed in float64)."""
     a = abar[t].reshape(-1, 1, 1, 1)
     eps = eps_prediction(net, x_t.float(), t, y).double()
     return (x_t.double() - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def train_ddpm(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int = 64, lr: float = 2e-3,
-               seed: int = 0, null_class: int | None = None, label_dropout: float = 0.1) -> nn.Module:
+def train_ddpm(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    batch: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    null_class: int | None = None,
+    label_dropout: float = 0.1,
+) -> nn.Module:
     """Pretrain `net` with the reference DDPM epsilon objective (uniform t, MSE on epsilon), as DiT does."""
     abar = alphas_cumprod().to(torch.float32)
     gen = torch.Generator().manual_seed(seed)

@@ -29,10 +29,6 @@ def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPa
     return path
 
 
-
-
-
-
 def _snapshot(folder: Path) -> dict[str, int]:
     """mtime (ns) of every training state and evaluation file below the ablation folder."""
     files = [*folder.glob("*/blocks/*/state.safetensors"), *folder.glob("*/eval/*.json")]
@@ -42,8 +38,17 @@ def _snapshot(folder: Path) -> dict[str, int]:
 def test_overlap_one_row_per_gamma_matched_updates_and_resume(in_tmp: Path) -> None:
     out = in_tmp / "abl"
     log = io.StringIO()
-    result = run_ablation("overlap", "dit-tiny-digits", TINY, steps=2, out=out, num=NUM, values=GAMMAS,
-                          progress=False, console=Console(file=log, width=200))
+    result = run_ablation(
+        "overlap",
+        "dit-tiny-digits",
+        TINY,
+        steps=2,
+        out=out,
+        num=NUM,
+        values=GAMMAS,
+        progress=False,
+        console=Console(file=log, width=200),
+    )
     rows = result.rows
     assert [r["value"] for r in rows] == list(GAMMAS)
     assert all(r["steps_per_block"] == 2 and r["blocks"] == 4 and r["samples"] == NUM for r in rows)
@@ -65,16 +70,34 @@ def test_overlap_one_row_per_gamma_matched_updates_and_resume(in_tmp: Path) -> N
     before = _snapshot(out)
     assert len(before) == 3 * 4 + 3
     again = io.StringIO()
-    rerun = run_ablation("overlap", "dit-tiny-digits", TINY, steps=2, out=out, num=NUM, values=GAMMAS,
-                         progress=False, console=Console(file=again, width=200))
+    rerun = run_ablation(
+        "overlap",
+        "dit-tiny-digits",
+        TINY,
+        steps=2,
+        out=out,
+        num=NUM,
+        values=GAMMAS,
+        progress=False,
+        console=Console(file=again, width=200),
+    )
     assert _snapshot(out) == before  # nothing retrained, nothing re-evaluated
     assert [r["score"] for r in rerun.rows] == [r["score"] for r in rows]
     assert again.getvalue().count("skipped") == 3 and "trained to step" not in again.getvalue()
 
 
 def test_blocks_ablation_deepens_the_network_so_every_b_divides_it(in_tmp: Path) -> None:
-    result = run_ablation("blocks", "dit-tiny-digits", TINY, steps=2, out=in_tmp / "b", num=NUM, values=(3, 4),
-                          progress=False, console=Console(file=io.StringIO()))
+    result = run_ablation(
+        "blocks",
+        "dit-tiny-digits",
+        TINY,
+        steps=2,
+        out=in_tmp / "b",
+        num=NUM,
+        values=(3, 4),
+        progress=False,
+        console=Console(file=io.StringIO()),
+    )
     rows = result.rows
     assert [(r["blocks"], r["layers"], r["layers_per_block"]) for r in rows] == [(3, 12, 4), (4, 12, 3)]
     assert rows[0]["layer_updates"] == rows[1]["layer_updates"] == 2 * 12
@@ -84,9 +107,16 @@ def test_blocks_ablation_deepens_the_network_so_every_b_divides_it(in_tmp: Path)
 def test_default_variants_are_the_papers() -> None:
     recipe = load_recipe("dit-tiny-digits")
     assert [v.name for v in plan_ablation("overlap", recipe).variants] == [
-        "gamma-0", "gamma-0.05", "gamma-0.1", "gamma-0.15", "gamma-0.2"]
+        "gamma-0",
+        "gamma-0.05",
+        "gamma-0.1",
+        "gamma-0.15",
+        "gamma-0.2",
+    ]
     partition = plan_ablation("partition", recipe)
-    assert [v.value for v in partition.variants] == ["equiprobable", "uniform"] and partition.common == ["noise.gamma=0"]
+    assert [v.value for v in partition.variants] == ["equiprobable", "uniform"] and partition.common == [
+        "noise.gamma=0"
+    ]
     blocks = plan_ablation("blocks", recipe)
     assert [v.value for v in blocks.variants] == [1, 2, 3, 4, 6] and blocks.common == ["model.depth=12"]
 
@@ -107,10 +137,13 @@ def test_cli_partition_writes_both_tables_and_refuses_changed_settings(in_tmp: P
     assert "equiprobable" in result.stdout and "uniform" in result.stdout
     rows = json.loads((out / "ablation.json").read_text())["rows"]
     assert [(r["value"], r["gamma"], r["partition"]) for r in rows] == [
-        ("equiprobable", 0.0, "equiprobable"), ("uniform", 0.0, "uniform")]
+        ("equiprobable", 0.0, "equiprobable"),
+        ("uniform", 0.0, "uniform"),
+    ]
     assert (out / "ablation.md").is_file()
-    changed = invoke("ablate", "partition", "dit-tiny-digits", *TINY, "train.lr=5e-4", "--steps", 1, "--num", NUM,
-                     "--out", out, "-q")
+    changed = invoke(
+        "ablate", "partition", "dit-tiny-digits", *TINY, "train.lr=5e-4", "--steps", 1, "--num", NUM, "--out", out, "-q"
+    )
     assert_user_error(changed, "other settings (train.lr")
 
 
@@ -118,8 +151,9 @@ def test_bad_inputs_are_one_line_errors(in_tmp: Path) -> None:
     unknown = invoke("ablate", "depth", "dit-tiny-digits")
     assert unknown.exit_code == 2 and "No such command" in unknown.output
     assert_user_error(invoke("ablate", "overlap", "llama-tiny-shakespeare", "--num", "1", "-q"), "prompts for MAUVE")
-    assert_user_error(invoke("ablate", "blocks", "dit-tiny-digits", "model.depth=8", "--values", "2,3", "-q"),
-                      "blocks.uneven=true")
+    assert_user_error(
+        invoke("ablate", "blocks", "dit-tiny-digits", "model.depth=8", "--values", "2,3", "-q"), "blocks.uneven=true"
+    )
     assert_user_error(invoke("ablate", "overlap", "dit-tiny-digits", "--num", 10, "-q"), "at least 65")
     assert_user_error(invoke("ablate", "overlap", "dit-tiny-digits", "--values", "0,2", "-q"), "[0, 1]")
     assert_user_error(invoke("ablate", "partition", "dit-tiny-digits", "--values", "random", "-q"), "equiprobable")
@@ -133,7 +167,12 @@ def test_the_memory_ablation_varies_one_memory_option_each() -> None:
     from dbconvert.errors import DbconvertError
 
     plan = plan_ablation("memory", load_recipe("dit-tiny-digits"))
-    assert [v.name for v in plan.variants] == ["options-fp32", "options-bf16-true", "options-adamw8bit", "options-ema-off"]
+    assert [v.name for v in plan.variants] == [
+        "options-fp32",
+        "options-bf16-true",
+        "options-adamw8bit",
+        "options-ema-off",
+    ]
     assert plan.variants[0].overrides == () and all(len(v.overrides) == 1 for v in plan.variants[1:])
     for v in plan.variants:  # each is a valid recipe
         load_recipe("dit-tiny-digits", list(v.overrides))
@@ -148,8 +187,17 @@ def test_a_masked_recipe_ablates_every_variant_with_its_bound(in_tmp: Path) -> N
     from tests.families.test_llama_masked import masked_overrides
 
     overrides = masked_overrides(write_corpus(in_tmp), **{"model.layers": 2, "blocks.num": 2})
-    result = run_ablation("overlap", "md4-tiny-shakespeare", overrides, steps=1, out=in_tmp / "abl", num=2,
-                          values=[0.0, 0.1], progress=False, console=Console(file=io.StringIO()))
+    result = run_ablation(
+        "overlap",
+        "md4-tiny-shakespeare",
+        overrides,
+        steps=1,
+        out=in_tmp / "abl",
+        num=2,
+        values=[0.0, 0.1],
+        progress=False,
+        console=Console(file=io.StringIO()),
+    )
     assert [row["value"] for row in result.rows] == [0.0, 0.1] and result.summary["metric"] == "bpc"
     assert all(row["score"] > 0 for row in result.rows)
     text = result.markdown.read_text()

@@ -39,14 +39,18 @@ def _recipes(name: str, tmp_path: Path):  # noqa: ANN202
     if name == "dit":
         return lambda *o: load_recipe("dit-tiny-digits", [*TINY_OVERRIDES, "model.input_size=16", *o])
     if name == "vit":
-        return lambda *o: load_recipe("vit-tiny-digits", ["model.embed_dim=32", "model.depth=4", "model.num_heads=2",
-                                                          "train.steps=3", "train.epochs=null", *o])
+        return lambda *o: load_recipe(
+            "vit-tiny-digits",
+            ["model.embed_dim=32", "model.depth=4", "model.num_heads=2", "train.steps=3", "train.epochs=null", *o],
+        )
     if name == "llama":
         text = write_corpus(tmp_path)
         return lambda *o: load_recipe("llama-tiny-shakespeare", [*tiny_overrides(text), *o])
     path = tmp_path / "toy.yaml"
-    path.write_text("name: toy\nmodel: {family: toy, dim: 4, hidden: 16, layers: 4}\ndata: {source: toy}\n"
-                    "train: {batch_size: 8, steps: 4, device: cpu}\n")
+    path.write_text(
+        "name: toy\nmodel: {family: toy, dim: 4, hidden: 16, layers: 4}\ndata: {source: toy}\n"
+        "train: {batch_size: 8, steps: 4, device: cpu}\n"
+    )
     return lambda *o: load_recipe(str(path), list(o))
 
 
@@ -62,16 +66,26 @@ def _gradients(recipe, objective: str) -> tuple[float, dict[str, torch.Tensor], 
     return loss.item(), grads, state
 
 
-@pytest.mark.parametrize(("name", "objective"), [("dit", "denoiser"), ("llama", "denoiser"), ("llama", "ar"),
-                                                 ("vit", "denoiser"), ("vit", "classifier"), ("toy", "denoiser")])
+@pytest.mark.parametrize(
+    ("name", "objective"),
+    [
+        ("dit", "denoiser"),
+        ("llama", "denoiser"),
+        ("llama", "ar"),
+        ("vit", "denoiser"),
+        ("vit", "classifier"),
+        ("toy", "denoiser"),
+    ],
+)
 def test_gradients_equal_those_without_checkpointing(name: str, objective: str, tmp_path: Path, toy: None) -> None:
     recipe = _recipes(name, tmp_path)
     loss, grads, plain = _gradients(recipe(), objective)
     loss_ck, grads_ck, state = _gradients(recipe("train.activation_checkpointing=true"), objective)
     layers = state.family.layers(state.network)  # type: ignore[attr-defined]
     assert len(layers) == 2 and all(layer.forward.__func__ is checkpointed_forward for layer in layers)
-    assert not any(getattr(layer.forward, "__func__", None) is checkpointed_forward
-                   for layer in plain.family.layers(plain.network))  # type: ignore[attr-defined]
+    assert not any(
+        getattr(layer.forward, "__func__", None) is checkpointed_forward for layer in plain.family.layers(plain.network)
+    )  # type: ignore[attr-defined]
     assert loss_ck == pytest.approx(loss, rel=1e-6)
     assert grads.keys() == grads_ck.keys() and len(grads) > 0
     for key in grads:

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,8 @@ def is_type_checking(node: ast.AST) -> bool:
         return False
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
@@ -86,8 +89,9 @@ def imports_in(importer: str, tree: ast.Module) -> list[Imported]:
             if target.split(".")[0] != "dbconvert":
                 continue
             plain = [a.name for a in node.names if f"{target}.{a.name}" not in MODULES]
-            out += [Imported(f"{target}.{a.name}", (), node.lineno) for a in node.names
-                    if f"{target}.{a.name}" in MODULES]
+            out += [
+                Imported(f"{target}.{a.name}", (), node.lineno) for a in node.names if f"{target}.{a.name}" in MODULES
+            ]
             if plain:
                 out.append(Imported(target, tuple(plain), node.lineno))
     return out
@@ -135,7 +139,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 iters.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif nxt not in state:
                 state[nxt] = 1
                 path.append(nxt)
@@ -174,8 +178,12 @@ def is_private(name: str) -> bool:
 
 def private_uses(importer: str, tree: ast.Module) -> list[str]:
     """`from dbconvert.x import _y`, and `m._y` where `m` names a dbconvert module."""
-    found = [f"{importer}:{imp.line} imports {n} from {imp.module}"
-             for imp in imports_in(importer, tree) for n in imp.names if is_private(n)]
+    found = [
+        f"{importer}:{imp.line} imports {n} from {imp.module}"
+        for imp in imports_in(importer, tree)
+        for n in imp.names
+        if is_private(n)
+    ]
     aliases: set[str] = set()
     for node in runtime_nodes(tree):
         if isinstance(node, ast.ImportFrom) and absolute(importer, node).split(".")[0] == "dbconvert":
@@ -184,18 +192,27 @@ def private_uses(importer: str, tree: ast.Module) -> list[str]:
         elif isinstance(node, ast.Import):
             aliases |= {a.asname for a in node.names if a.asname and a.name.startswith("dbconvert.")}
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and is_private(node.attr)):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and is_private(node.attr)
+        ):
             found.append(f"{importer}:{node.lineno} uses {node.value.id}.{node.attr}")
     return found
 
 
 def test_the_private_check_catches_what_it_should() -> None:
-    code = ast.parse("from dbconvert.checkpoint import _x, load_weights\nfrom dbconvert import noise as nz\n"
-                     "nz._y\nimport dbconvert.train as t\nt._z\nnz.c_in\nself._w\nfrom .errors import _v\n")
+    code = ast.parse(
+        "from dbconvert.checkpoint import _x, load_weights\nfrom dbconvert import noise as nz\n"
+        "nz._y\nimport dbconvert.train as t\nt._z\nnz.c_in\nself._w\nfrom .errors import _v\n"
+    )
     assert sorted(private_uses("dbconvert.split", code)) == [
-        "dbconvert.split:1 imports _x from dbconvert.checkpoint", "dbconvert.split:3 uses nz._y",
-        "dbconvert.split:5 uses t._z", "dbconvert.split:8 imports _v from dbconvert.errors"]
+        "dbconvert.split:1 imports _x from dbconvert.checkpoint",
+        "dbconvert.split:3 uses nz._y",
+        "dbconvert.split:5 uses t._z",
+        "dbconvert.split:8 imports _v from dbconvert.errors",
+    ]
 
 
 def test_no_private_name_is_imported_from_another_module() -> None:
@@ -227,8 +244,9 @@ def strings(node: ast.AST) -> set[str]:
 
 def sniffing(tree: ast.AST, names: set[str], fields: set[str]) -> Iterator[tuple[int, str]]:
     for node in ast.walk(tree):
-        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
-                                                 for op in node.ops):
+        if isinstance(node, ast.Compare) and any(
+            isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops
+        ):
             hit = set().union(*(strings(n) for n in (node.left, *node.comparators))) & names
             if hit:
                 yield node.lineno, f"compares with the family name {sorted(hit)[0]!r}"
@@ -236,11 +254,20 @@ def sniffing(tree: ast.AST, names: set[str], fields: set[str]) -> Iterator[tuple
             hit = set().union(*(strings(k) for k in node.keys if k is not None)) & names
             if hit:
                 yield node.lineno, f"a table keyed by the family name {sorted(hit)[0]!r}"
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
-              and len(node.args) >= 2 and strings(node.args[1]) & fields):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+            and len(node.args) >= 2
+            and strings(node.args[1]) & fields
+        ):
             yield node.lineno, f"{node.func.id}(..., {sorted(strings(node.args[1]))[0]!r}) sniffs a family's config"
-        elif (isinstance(node, ast.Attribute) and node.attr in fields and isinstance(node.value, ast.Attribute)
-              and node.value.attr == "model"):
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr in fields
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "model"
+        ):
             yield node.lineno, f"reads the family field model.{node.attr}"
 
 
@@ -248,16 +275,21 @@ def test_the_sniffing_check_catches_what_it_should() -> None:
     names, fields = family_names_and_fields()
     assert {"dit", "llama"} <= names and {"in_channels", "num_classes", "context", "depth", "layers"} <= fields
     assert "family" not in fields and "checkpoint" not in fields
-    code = ast.parse("a == 'dit'\nb in ('x', 'llama')\n{'dit': 1}\ngetattr(m, 'num_classes', 0)\nhasattr(m, 'depth')\n"
-                     "r.model.context\na == 'other'\ngetattr(m, 'checkpoint')\nr.model.checkpoint\nr.sample.steps\n")
+    code = ast.parse(
+        "a == 'dit'\nb in ('x', 'llama')\n{'dit': 1}\ngetattr(m, 'num_classes', 0)\nhasattr(m, 'depth')\n"
+        "r.model.context\na == 'other'\ngetattr(m, 'checkpoint')\nr.model.checkpoint\nr.sample.steps\n"
+    )
     assert [line for line, _ in sniffing(code, names, fields)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_no_module_outside_families_asks_which_family_it_has() -> None:
     names, fields = family_names_and_fields()
-    found = [f"{name}:{line} {what}" for name, path in MODULES.items()
-             if not path.is_relative_to(PACKAGE / "families")
-             for line, what in sniffing(parse(name), names, fields)]
+    found = [
+        f"{name}:{line} {what}"
+        for name, path in MODULES.items()
+        if not path.is_relative_to(PACKAGE / "families")
+        for line, what in sniffing(parse(name), names, fields)
+    ]
     assert not found, "\n".join(found)
 
 
@@ -268,10 +300,13 @@ def test_no_generic_module_asks_which_metric_or_noise_process_it_has() -> None:
 
     names = set(metric_names()) | set(process_names())
     own = {PACKAGE / "evaluation" / "fid.py", PACKAGE / "evaluation" / "mauve.py", PACKAGE / "noise.py"}
-    found = [f"{name}:{line} {what}" for name, path in MODULES.items()
-             if path not in own and not path.is_relative_to(PACKAGE / "families")
-             for line, what in sniffing(parse(name), names, set())
-             if "a table keyed by" not in what or path.name not in ("metric.py", "noise_process.py")]
+    found = [
+        f"{name}:{line} {what}"
+        for name, path in MODULES.items()
+        if path not in own and not path.is_relative_to(PACKAGE / "families")
+        for line, what in sniffing(parse(name), names, set())
+        if "a table keyed by" not in what or path.name not in ("metric.py", "noise_process.py")
+    ]
     assert not found, "\n".join(found)
     code = ast.parse("m == 'fid'\nm in ('mauve',)\np == 'edm'\n")
     assert [line for line, _ in sniffing(code, names, set())] == [1, 2, 3]
@@ -298,16 +333,22 @@ def kind_literals(tree: ast.AST, kinds: set[str]) -> Iterator[tuple[int, str]]:
     """Every string constant (outside docstrings and f-string pieces) that is exactly a reference's model kind."""
     skip = docstrings(tree) | {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in kinds
-                and id(node) not in skip):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value in kinds
+            and id(node) not in skip
+        ):
             yield node.lineno, f"names the model kind {node.value!r} (use Family.reference_kind)"
 
 
 def test_the_model_kind_check_catches_what_it_should() -> None:
     kinds = reference_kinds()
     assert {"ar", "classifier"} <= kinds
-    code = ast.parse('"""ar"""\nx == "ar"\nd["classifier"]\n("e2e", "ar")\n"ar" + CKPT\nf"{x}ar"\n"a ar b"\n'
-                     'def f():\n    """classifier"""\n')
+    code = ast.parse(
+        '"""ar"""\nx == "ar"\nd["classifier"]\n("e2e", "ar")\n"ar" + CKPT\nf"{x}ar"\n"a ar b"\n'
+        'def f():\n    """classifier"""\n'
+    )
     assert [line for line, _ in kind_literals(code, kinds)] == [2, 3, 4, 5]
 
 
@@ -315,9 +356,12 @@ def test_no_module_outside_families_names_a_model_kind() -> None:
     """Which plain reference a family has (an AR LM, a classifier) is the family's: generic code asks
     `reference_kind`."""
     kinds = reference_kinds()
-    found = [f"{name}:{line} {what}" for name, path in MODULES.items()
-             if not path.is_relative_to(PACKAGE / "families")
-             for line, what in kind_literals(parse(name), kinds)]
+    found = [
+        f"{name}:{line} {what}"
+        for name, path in MODULES.items()
+        if not path.is_relative_to(PACKAGE / "families")
+        for line, what in kind_literals(parse(name), kinds)
+    ]
     assert not found, "\n".join(found)
 
 
@@ -325,9 +369,13 @@ def test_no_module_outside_families_imports_a_family_package() -> None:
     """Generic code reaches a family through the registry, never by importing its package."""
     names, _ = family_names_and_fields()
     packages = tuple(f"dbconvert.families.{n}" for n in names)
-    found = [f"{name}:{imp.line} imports {imp.module}" for name, path in MODULES.items()
-             if not path.is_relative_to(PACKAGE / "families")
-             for imp in imports_of(name) if imp.module.startswith(packages)]
+    found = [
+        f"{name}:{imp.line} imports {imp.module}"
+        for name, path in MODULES.items()
+        if not path.is_relative_to(PACKAGE / "families")
+        for imp in imports_of(name)
+        if imp.module.startswith(packages)
+    ]
     assert not found, "\n".join(found)
 
 
@@ -339,8 +387,10 @@ def family_module_strings(tree: ast.AST, packages: tuple[str, ...]) -> Iterator[
 
 
 def test_the_family_module_string_check_catches_what_it_should() -> None:
-    code = ast.parse('x = {"a": "dbconvert.families.vit.metrics:AccuracyMetric"}\ny = "dbconvert.evaluation.fid:F"\n'
-                     'z = "dbconvert.families.llama"\n')
+    code = ast.parse(
+        'x = {"a": "dbconvert.families.vit.metrics:AccuracyMetric"}\ny = "dbconvert.evaluation.fid:F"\n'
+        'z = "dbconvert.families.llama"\n'
+    )
     packages = ("dbconvert.families.vit", "dbconvert.families.llama")
     assert sorted(line for line, _ in family_module_strings(code, packages)) == [1, 3]
 
@@ -349,9 +399,12 @@ def test_no_module_outside_families_names_a_family_module_in_a_string() -> None:
     """A registry entry pointing into a family package (a metric, a solver) belongs to the family, not generic code."""
     names, _ = family_names_and_fields()
     packages = tuple(f"dbconvert.families.{n}" for n in names)
-    found = [f"{name}:{line} {what}" for name, path in MODULES.items()
-             if not path.is_relative_to(PACKAGE / "families")
-             for line, what in family_module_strings(parse(name), packages)]
+    found = [
+        f"{name}:{line} {what}"
+        for name, path in MODULES.items()
+        if not path.is_relative_to(PACKAGE / "families")
+        for line, what in family_module_strings(parse(name), packages)
+    ]
     assert not found, "\n".join(found)
 
 
@@ -381,14 +434,33 @@ def test_builtin_families_fulfil_the_contract(name: str) -> None:
     assert set(cls.metrics) <= set(metric_names()) and set(cls.own_metrics) <= set(cls.metrics)
 
 
+LINT_PATHS = "dbconvert tests examples recipes"
+
+
 def test_the_lint_gate_is_configured() -> None:
     """`.ci/run` runs `ruff check` with pyflakes (F811 caught the duplicate `LlamaFamily.resolve`), pycodestyle and
-    120 columns; E501 is waived only per file (temporarily), never for the whole code base."""
+    120 columns, and `ruff format --check`, with no waiver: neither for the whole code base nor per file. The README's
+    development command is the one `.ci/run` runs."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]
     assert config["line-length"] == 120 and {"F", "E", "W"} <= set(config["lint"]["select"])
-    assert "E501" not in config["lint"].get("ignore", []) and "F811" not in config["lint"].get("ignore", [])
-    assert "ruff check dbconvert tests examples" in (ROOT / ".ci" / "run").read_text()
-    assert any(dep.startswith("ruff") for dep in
-               tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"])
+    assert not config["lint"].get("ignore") and not config["lint"].get("per-file-ignores")
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [f"python -m ruff check {LINT_PATHS}", f"python -m ruff format --check {LINT_PATHS}", "python -m pytest"]
+    assert all(c + "\n" in ci for c in commands)
+    assert " && ".join(commands) in (ROOT / "README.md").read_text()
+    assert any(
+        dep.startswith("ruff")
+        for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    )
+
+
+def test_the_code_passes_the_lint_gate() -> None:
+    """The gate itself, so a long line or an unformatted file fails the suite too, not only CI."""
+    pytest.importorskip("ruff")
+    for command in (["check"], ["format", "--check"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, *LINT_PATHS.split()], cwd=ROOT, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stdout + out.stderr

@@ -56,12 +56,37 @@ def test_memory_breakdown_is_measured_and_consistent(memory_json: dict) -> None:
 
 
 def test_speed_json_has_documented_fields() -> None:
-    result = runner.invoke(app, ["bench", "speed", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2",
-                                 "--batch", "4", "--repeats", "1", "--warmup", "0", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "speed",
+            "dit-tiny-digits",
+            *BENCH_OVERRIDES,
+            "--blocks",
+            "2",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    for key in ("device", "blocks", "batch", "sample_step_ratio", "train_step_ratio", "e2e_sample_step_s",
-                "block_sample_step_s", "e2e_train_step_s", "block_train_step_s"):
+    for key in (
+        "device",
+        "blocks",
+        "batch",
+        "sample_step_ratio",
+        "train_step_ratio",
+        "e2e_sample_step_s",
+        "block_sample_step_s",
+        "e2e_train_step_s",
+        "block_train_step_s",
+    ):
         assert key in data
     assert len(data["block_sample_step_s"]) == len(data["block_train_step_s"]) == 2
     assert data["sample_step_ratio"] > 0 and data["train_step_ratio"] > 0
@@ -99,12 +124,30 @@ def test_bad_input_is_one_line_exit_2(command: str, args: list[str], message: st
 
 
 def test_speed_sampling_only_times_no_training_step_and_reports_rates() -> None:
-    result = runner.invoke(app, ["bench", "speed", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--batch", "4",
-                                 "--repeats", "1", "--warmup", "0", "--sampling-only", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "speed",
+            "dit-tiny-digits",
+            *BENCH_OVERRIDES,
+            "--blocks",
+            "2",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--sampling-only",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert math.isnan(data["train_step_ratio"]) and all(not t for t in
-                                                        (v["train"] for v in data["raw_seconds"].values()))
+    assert math.isnan(data["train_step_ratio"]) and all(
+        not t for t in (v["train"] for v in data["raw_seconds"].values())
+    )
     assert data["sample_step_ratio"] > 0 and data["unit"] == "image" and data["block_units_per_s"] > 0
     assert data["protocol_units"] == 50_000  # FID-50k
     assert data["e2e_protocol_hours"] == pytest.approx(50_000 / data["e2e_units_per_s"] / 3600)
@@ -118,8 +161,9 @@ def test_memory_measures_the_four_networks_and_their_ratios(memory_json: dict) -
     assert {"block-0", "block-1", "e2e", "block-0+ckpt", "e2e+ckpt"} == set(rows)  # DiT has no causal LM
     assert ck["block_ckpt_target"] == "block-0+ckpt" and ck["unit"] == "bytes"
     assert ck["e2e_over_block_ckpt"] == pytest.approx(rows["e2e"]["peak_bytes"] / rows["block-0+ckpt"]["peak_bytes"])
-    assert ck["e2e_ckpt_over_block_ckpt"] == pytest.approx(rows["e2e+ckpt"]["peak_bytes"]
-                                                           / rows["block-0+ckpt"]["peak_bytes"])
+    assert ck["e2e_ckpt_over_block_ckpt"] == pytest.approx(
+        rows["e2e+ckpt"]["peak_bytes"] / rows["block-0+ckpt"]["peak_bytes"]
+    )
     for name in ("block-0", "e2e"):
         plain, recomputed = rows[name], rows[name + "+ckpt"]
         assert recomputed["checkpointing"] and not plain["checkpointing"]
@@ -140,13 +184,32 @@ def test_app_g_formulas_use_the_measured_p_and_a(memory_json: dict) -> None:
     assert rows["e2e+ckpt"]["app_g"]["bytes"] == 4 * p * 4 + a  # its twin's P and A
     a0 = rows["block-0"]["app_g"]["A"]
     assert a0 == pytest.approx(a, rel=0.01) and rows["block-0"]["app_g"]["bytes"] == (4 * p + a0) * 2
-    assert rows["block-0+ckpt"]["app_g"] == {"formula": "4P·L/B + A", "bytes": 4 * p * 2 + a0, "P": p, "A": a0,
-                                             "depth": 2}
+    assert rows["block-0+ckpt"]["app_g"] == {
+        "formula": "4P·L/B + A",
+        "bytes": 4 * p * 2 + a0,
+        "P": p,
+        "A": a0,
+        "depth": 2,
+    }
 
 
 def test_memory_table_shows_the_four_and_the_ratio_lines() -> None:
-    result = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--batch",
-                                 "8", "--deepest-block", "--skip", "e2e"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "memory",
+            "dit-tiny-digits",
+            *BENCH_OVERRIDES,
+            "--blocks",
+            "2",
+            "--batch",
+            "8",
+            "--deepest-block",
+            "--skip",
+            "e2e",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = result.stdout
     for row in ("block-0", "block-0+ckpt", "e2e+ckpt", "App. G"):
@@ -155,14 +218,32 @@ def test_memory_table_shows_the_four_and_the_ratio_lines() -> None:
     assert "ratio e2e / block-0+ckpt: not measured, e2e+ckpt / block-0+ckpt:" in out
     assert "not measured (--skip): e2e" in out and "4P·L + A" in out
     # a checkpointed network whose plain twin was skipped takes P and A from a measured network of its objective
-    data = json.loads(runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2",
-                                          "--batch", "8", "--deepest-block", "--skip", "e2e", "--json"]).stdout)
+    data = json.loads(
+        runner.invoke(
+            app,
+            [
+                "bench",
+                "memory",
+                "dit-tiny-digits",
+                *BENCH_OVERRIDES,
+                "--blocks",
+                "2",
+                "--batch",
+                "8",
+                "--deepest-block",
+                "--skip",
+                "e2e",
+                "--json",
+            ],
+        ).stdout
+    )
     assert data["breakdown"]["e2e+ckpt"]["app_g"]["A"] == data["breakdown"]["block-0"]["app_g"]["A"]
 
 
 def test_static_covers_the_four() -> None:
-    result = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
-                                 "--json"])
+    result = runner.invoke(
+        app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static", "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows = data["breakdown"]
@@ -171,22 +252,48 @@ def test_static_covers_the_four() -> None:
     assert data["checkpointing"]["e2e_over_block_ckpt"] == pytest.approx(data["ratio"])
     p = rows["e2e"]["app_g_static"]["P"]
     assert rows["e2e"]["app_g_static"]["bytes"] == 4 * p * 4 and rows["block-1"]["app_g_static"]["bytes"] == 4 * p * 2
-    plain = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
-                                "--no-checkpointing", "--json"])
+    plain = runner.invoke(
+        app,
+        [
+            "bench",
+            "memory",
+            "dit-tiny-digits",
+            *BENCH_OVERRIDES,
+            "--blocks",
+            "2",
+            "--static",
+            "--no-checkpointing",
+            "--json",
+        ],
+    )
     assert set(json.loads(plain.stdout)["breakdown"]) == {"block-0", "block-1", "e2e"}
 
 
 def test_static_honours_skip() -> None:
-    result = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
-                                 "--skip", "e2e", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "memory",
+            "dit-tiny-digits",
+            *BENCH_OVERRIDES,
+            "--blocks",
+            "2",
+            "--static",
+            "--skip",
+            "e2e",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data["breakdown"]) == {"block-0", "block-1", "block-0+ckpt", "e2e+ckpt"} and data["skipped"] == ["e2e"]
     assert data["e2e_static_bytes"] is None and data["ratio"] is None and len(data["block_static_bytes"]) == 2
     ck = data["checkpointing"]
     assert ck["e2e_over_block_ckpt"] is None and ck["e2e_ckpt_over_block_ckpt"] > 1
-    table = runner.invoke(app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static",
-                                "--skip", "e2e"])
+    table = runner.invoke(
+        app, ["bench", "memory", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2", "--static", "--skip", "e2e"]
+    )
     assert table.exit_code == 0 and "(static part only): not measured" in table.stdout
     assert "static training memory, MiB" in table.stdout and " 0.00 " not in table.stdout  # a tiny recipe: MiB
 
@@ -199,8 +306,24 @@ def test_static_tables_read_in_the_unit_of_their_largest_row() -> None:
 
 
 def test_speed_times_the_checkpointed_training_steps() -> None:
-    result = runner.invoke(app, ["bench", "speed", "dit-tiny-digits", *BENCH_OVERRIDES, "--blocks", "2",
-                                 "--batch", "4", "--repeats", "1", "--warmup", "0", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "speed",
+            "dit-tiny-digits",
+            *BENCH_OVERRIDES,
+            "--blocks",
+            "2",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     ck, raw = data["checkpointing"], data["raw_seconds"]
@@ -214,5 +337,7 @@ def test_speed_times_the_checkpointed_training_steps() -> None:
 def test_skip_of_an_unknown_network_is_one_line(command: str) -> None:
     from tests.cli_helpers import assert_user_error, invoke
 
-    assert_user_error(invoke("bench", command, "dit-tiny-digits", "--blocks", "2", "--skip", "e2e-ckpt"),
-                      "--skip e2e-ckpt: no such network here")
+    assert_user_error(
+        invoke("bench", command, "dit-tiny-digits", "--blocks", "2", "--skip", "e2e-ckpt"),
+        "--skip e2e-ckpt: no such network here",
+    )

@@ -7,8 +7,19 @@ import pytest
 import torch
 
 from dbconvert.bench import BenchTarget, Trainer, bench_recipe, bench_static
-from dbconvert.bench_fit import (OPTION_SETS, activation_model, element_counts, estimate, fit, option_recipe,
-                                 option_table, parse_size, saved_bytes, static_bytes, with_context)
+from dbconvert.bench_fit import (
+    OPTION_SETS,
+    activation_model,
+    element_counts,
+    estimate,
+    fit,
+    option_recipe,
+    option_table,
+    parse_size,
+    saved_bytes,
+    static_bytes,
+    with_context,
+)
 from dbconvert.config import load_recipe
 from dbconvert.errors import DbconvertError
 from dbconvert.split import layer_ranges, source_depth
@@ -91,8 +102,15 @@ def test_fit_gives_the_first_B_whose_block_fits(llama) -> None:  # noqa: ANN001
     total = source_depth(llama)
     r = option_recipe(llama, [])
     acts = activation_model(r, 4, 64)
-    need = {n: estimate(static_bytes(r, element_counts(r, max(b - a for a, b in layer_ranges(total, n, True)))),
-                        acts, max(b - a for a, b in layer_ranges(total, n, True)), False) for n in range(1, total + 1)}
+    need = {
+        n: estimate(
+            static_bytes(r, element_counts(r, max(b - a for a, b in layer_ranges(total, n, True)))),
+            acts,
+            max(b - a for a, b in layer_ranges(total, n, True)),
+            False,
+        )
+        for n in range(1, total + 1)
+    }
     assert need[1] > need[total]
     budget = int((need[1] + need[total]) / 2 / 0.9)
     result = fit(llama, budget, batch=4, context=64)
@@ -111,7 +129,6 @@ def test_bad_fit_inputs_are_one_line(llama) -> None:  # noqa: ANN001
         with pytest.raises(DbconvertError) as err:
             fit(llama, 2**30, **kwargs)
         assert message in str(err.value)
-
 
 
 def test_bench_memory_measures_a_block_under_the_lean_options(dit) -> None:  # noqa: ANN001

@@ -11,8 +11,16 @@ from safetensors import safe_open
 
 from tests.cli_helpers import assert_user_error, invoke
 
-TOY = ["model.layers=4", "model.hidden=64", "model.heads=4", "model.kv_heads=2", "model.head_dim=16",
-       "model.intermediate=96", "model.vocab_size=600", "model.context=16"]
+TOY = [
+    "model.layers=4",
+    "model.hidden=64",
+    "model.heads=4",
+    "model.kv_heads=2",
+    "model.head_dim=16",
+    "model.intermediate=96",
+    "model.vocab_size=600",
+    "model.context=16",
+]
 
 
 def test_bench_split_reports_the_split_and_a_training_step(in_tmp: Path) -> None:
@@ -26,7 +34,8 @@ def test_bench_split_reports_the_split_and_a_training_step(in_tmp: Path) -> None
     with safe_open(str(scratch / "run" / "blocks" / "block-00" / "init.safetensors"), "pt") as fh:  # as split wrote it
         assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"BF16"}  # the checkpoint's dtype kept
     assert r["largest_block_file_bytes"] == max(
-        p.stat().st_size for p in (scratch / "run" / "blocks").glob("*/init.safetensors"))
+        p.stat().st_size for p in (scratch / "run" / "blocks").glob("*/init.safetensors")
+    )
     assert json.loads((scratch / "run" / "blocks" / "block-00" / "state.json").read_text())["step"] == 1
     table = invoke("bench", "split", "tinyllama-1.1b-shape", *TOY, "--blocks", "2", "--no-train")
     assert table.exit_code == 0, table.output
@@ -51,9 +60,19 @@ def test_bench_split_bad_inputs_are_one_line(in_tmp: Path) -> None:
 
 def test_bench_split_of_the_image_families(in_tmp: Path) -> None:
     """DiT (reference layout, learn_sigma) and ViT (timm names) random checkpoints split and train a step."""
-    for recipe, extra in (("dit-xl2-shape", ["model.arch=DiT-Micro/2", "model.input_size=8", "model.num_classes=4"]),
-                          ("vit-b16-shape", ["model.arch=vit-micro", "model.img_size=8", "model.in_chans=1",
-                                             "model.num_classes=4", "train.batch_size=8"])):
+    for recipe, extra in (
+        ("dit-xl2-shape", ["model.arch=DiT-Micro/2", "model.input_size=8", "model.num_classes=4"]),
+        (
+            "vit-b16-shape",
+            [
+                "model.arch=vit-micro",
+                "model.img_size=8",
+                "model.in_chans=1",
+                "model.num_classes=4",
+                "train.batch_size=8",
+            ],
+        ),
+    ):
         result = invoke("bench", "split", recipe, *extra, "--blocks", "2", "--json")
         assert result.exit_code == 0, result.output
         r = json.loads(result.stdout)

@@ -42,7 +42,9 @@ def test_paper_cifar10_setting() -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    r = load_recipe("dit-tiny-digits", ["train.lr=3e-4", "noise.partition=uniform", "blocks.num=2", "train.betas=[0.8, 0.9]"])
+    r = load_recipe(
+        "dit-tiny-digits", ["train.lr=3e-4", "noise.partition=uniform", "blocks.num=2", "train.betas=[0.8, 0.9]"]
+    )
     assert r.train.lr == 3e-4 and r.noise.partition == "uniform" and r.blocks.num == 2
     assert r.train.betas == (0.8, 0.9)
 

@@ -42,8 +42,9 @@ def _train_quietly(root: str, steps: int) -> None:
     import sys
 
     sys.stderr = io.StringIO()
-    train_block(Run.open(root), 0, steps=steps, overrides=["train.checkpoint_every=1", "train.log_every=1"],
-                progress=False)
+    train_block(
+        Run.open(root), 0, steps=steps, overrides=["train.checkpoint_every=1", "train.log_every=1"], progress=False
+    )
 
 
 def _wait_for_progress(run: Run, proc, before: int) -> None:  # noqa: ANN001
@@ -59,8 +60,20 @@ def test_sigkill_at_random_moments_never_leaves_an_unreadable_checkpoint(tiny_ru
 
     rng = random.Random(6)
     total = 80
-    cmd = [sys.executable, "-m", "dbconvert", "train-block", "0", "--run", str(tiny_run.root), "--quiet",
-           "--steps", str(total), "train.checkpoint_every=1", "train.log_every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dbconvert",
+        "train-block",
+        "0",
+        "--run",
+        str(tiny_run.root),
+        "--quiet",
+        "--steps",
+        str(total),
+        "train.checkpoint_every=1",
+        "train.log_every=1",
+    ]
     steps, kills = [], 0
     for i in range(2):  # the real command: killed during start-up, then once it trains
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,8 +107,14 @@ def test_sigkill_at_random_moments_never_leaves_an_unreadable_checkpoint(tiny_ru
     assert lock.exists()  # left by the last killed process: stale, taken over below
 
     notes: list[str] = []
-    result = train_block(tiny_run, 0, steps=total, overrides=["train.checkpoint_every=1", "train.log_every=1"],
-                         progress=False, note=notes.append)
+    result = train_block(
+        tiny_run,
+        0,
+        steps=total,
+        overrides=["train.checkpoint_every=1", "train.log_every=1"],
+        progress=False,
+        note=notes.append,
+    )
     assert result.step == total and any("took over the stale lock" in n for n in notes)
     assert tiny_run.status("block-00").step == total and not lock.exists()
     assert not list(tiny_run.model_dir("block-00").glob(".*.tmp"))
@@ -128,7 +147,8 @@ def test_sigkill_in_the_final_checkpoint_is_repaired_on_rerun(tiny_run: Run) -> 
     from safetensors import safe_open
 
     child = multiprocessing.get_context("fork").Process(
-        target=_die_between_the_final_state_and_the_exports, args=(str(tiny_run.root), 4))
+        target=_die_between_the_final_state_and_the_exports, args=(str(tiny_run.root), 4)
+    )
     child.start()
     child.join(120)
     assert child.exitcode == -signal.SIGKILL
@@ -150,13 +170,25 @@ def test_sigkill_in_the_final_checkpoint_is_repaired_on_rerun(tiny_run: Run) -> 
 def test_a_second_process_on_a_locked_block_refuses(tiny_run: Run) -> None:
     lock = tiny_run.model_dir("block-01") / locks.LOCK_NAME
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dbconvert.locks import acquire; "
-         f"acquire({str(lock)!r}, 'block-01'); print('held', flush=True); time.sleep(120)"],
-        env=_env(), stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dbconvert.locks import acquire; "
+            f"acquire({str(lock)!r}, 'block-01'); print('held', flush=True); time.sleep(120)",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        cli = subprocess.run([sys.executable, "-m", "dbconvert", "train-block", "1", "--run", str(tiny_run.root), "-q"],
-                             env=_env(), capture_output=True, text=True, timeout=120)
+        cli = subprocess.run(
+            [sys.executable, "-m", "dbconvert", "train-block", "1", "--run", str(tiny_run.root), "-q"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode == 2
         err = cli.stderr.strip()
         assert len(err.splitlines()) == 1, err

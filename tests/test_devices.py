@@ -18,15 +18,19 @@ def test_auto_is_cpu_here_and_unknown_devices_are_one_line() -> None:
         resolve_device("tpu")
 
 
-@pytest.mark.parametrize(("threads", "load", "cores", "noted"), [
-    (2, 1.9, 2, True),    # one other job on a 2-core machine: the case measured at 12x slower
-    (2, 0.2, 2, False),   # idle: torch's default is the faster
-    (1, 1.9, 2, False),   # already one thread
-    (4, 2.0, 8, False),   # room to spare
-    (8, 3.0, 8, True),
-])
-def test_busy_cpu_note_only_when_the_threads_do_not_fit_beside_the_load(threads: int, load: float, cores: int,
-                                                                        noted: bool) -> None:
+@pytest.mark.parametrize(
+    ("threads", "load", "cores", "noted"),
+    [
+        (2, 1.9, 2, True),  # one other job on a 2-core machine: the case measured at 12x slower
+        (2, 0.2, 2, False),  # idle: torch's default is the faster
+        (1, 1.9, 2, False),  # already one thread
+        (4, 2.0, 8, False),  # room to spare
+        (8, 3.0, 8, True),
+    ],
+)
+def test_busy_cpu_note_only_when_the_threads_do_not_fit_beside_the_load(
+    threads: int, load: float, cores: int, noted: bool
+) -> None:
     note = busy_cpu_note(torch.device("cpu"), threads=threads, load=load, cores=cores)
     assert (note is not None) == noted
     if noted:

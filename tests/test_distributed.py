@@ -29,7 +29,9 @@ def _env() -> dict[str, str]:
 def test_no_torchrun_environment_means_one_process() -> None:
     assert distributed.from_env({}) == distributed.SINGLE
     assert not distributed.from_env({"WORLD_SIZE": "1", "RANK": "0"}).enabled
-    two = distributed.from_env({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    two = distributed.from_env(
+        {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    )
     assert (two.rank, two.world_size, two.is_main, two.shard) == (1, 2, False, (1, 2))
     assert two.slice(16) == slice(8, 16)
     with pytest.raises(DbconvertError, match="does not divide by the world size 2"):
@@ -48,8 +50,17 @@ def test_rank_slices_of_the_loss_average_to_the_global_loss(tiny_run: Run) -> No
     x, y = data.batch(torch.arange(16))
     rng = tiny_run.block(0).train_range
     full, _ = family.training_loss(den, (x, y), rng, recipe, torch.Generator().manual_seed(3))
-    halves = [family.training_loss(den, (x[r * 8:(r + 1) * 8], y[r * 8:(r + 1) * 8]), rng, recipe,
-                                   torch.Generator().manual_seed(3), shard=(r, 2))[0] for r in range(2)]
+    halves = [
+        family.training_loss(
+            den,
+            (x[r * 8 : (r + 1) * 8], y[r * 8 : (r + 1) * 8]),
+            rng,
+            recipe,
+            torch.Generator().manual_seed(3),
+            shard=(r, 2),
+        )[0]
+        for r in range(2)
+    ]
     assert torch.allclose(full, (halves[0] + halves[1]) / 2, rtol=1e-5, atol=1e-6)
 
 
@@ -58,8 +69,24 @@ def test_torchrun_two_ranks_match_one_process_and_resume_across_world_sizes(tiny
     ddp = Run.open(shutil.copytree(tiny_run.root, tmp_path / "ddp"))
     train_block(tiny_run, 1, steps=6, progress=False)  # reference: one process, 6 steps
     train_block(ddp, 1, steps=2, progress=False)  # one process to step 2, then 2 ranks to step 6
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "dbconvert", "--", "train-block", "1", "--run", str(ddp.root), "--steps", "6", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dbconvert",
+        "--",
+        "train-block",
+        "1",
+        "--run",
+        str(ddp.root),
+        "--steps",
+        "6",
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("block-01: step 6/6") == 1  # only rank 0 reports
@@ -79,9 +106,25 @@ def test_torchrun_with_activation_checkpointing_matches_one_process_without(tiny
     """train.activation_checkpointing=true under DDP (2 gloo ranks): the weights of one plain process."""
     ddp = Run.open(shutil.copytree(tiny_run.root, tmp_path / "ddp"))
     train_block(tiny_run, 2, steps=2, progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "dbconvert", "--", "train-block", "2", "--run", str(ddp.root), "--steps", "2", "--quiet",
-           "train.activation_checkpointing=true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dbconvert",
+        "--",
+        "train-block",
+        "2",
+        "--run",
+        str(ddp.root),
+        "--steps",
+        "2",
+        "--quiet",
+        "train.activation_checkpointing=true",
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     a = load_weights(tiny_run.model_dir("block-02") / "model.safetensors")

@@ -46,8 +46,9 @@ def github_slug(title: str) -> str:
 
 
 def relative_links(path: Path) -> list[str]:
-    return [href for href in LINK.findall(prose(path.read_text()))
-            if not re.match(r"[a-z][a-z0-9+.-]*:", href)]  # http:, https:, mailto: are not checked here
+    return [
+        href for href in LINK.findall(prose(path.read_text())) if not re.match(r"[a-z][a-z0-9+.-]*:", href)
+    ]  # http:, https:, mailto: are not checked here
 
 
 @pytest.mark.parametrize("path", [ROOT / "README.md", *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
@@ -109,8 +110,11 @@ def test_every_module_of_the_package_is_named_in_the_developer_guides_package_la
             entry = re.search(rf"^( +){re.escape(folder)}.*(?:\n\1 +\S.*)*", layout, re.M)
             own = entry and re.search(rf"\b{re.escape(module.stem)}\.py\b", entry[0])
             path = re.search(rf"^ *{re.escape('/'.join(rel.parts[-2:]))}\b", layout, re.M)
-            nested = rel.parts[0] == "families" and len(rel.parts) == 2 and re.search(
-                rf"^    {re.escape(module.name)}\b", layout, re.M)
+            nested = (
+                rel.parts[0] == "families"
+                and len(rel.parts) == 2
+                and re.search(rf"^    {re.escape(module.name)}\b", layout, re.M)
+            )
             ok = own or path or nested
         if not ok:
             missing.append(str(rel))
@@ -126,9 +130,14 @@ def test_every_results_page_says_when_and_at_which_commit() -> None:
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")
-    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert out.returncode == 0, out.stderr
 
 

@@ -14,15 +14,26 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
 def test_python_api_example_runs(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, str(EXAMPLE), "--steps", "2", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "block 1: 2 steps" in out.stdout and (tmp_path / "run" / "samples").is_dir()
 
 
 WALKTHROUGH = Path(__file__).resolve().parents[1] / "examples" / "own_data.md"
-TINY_WALK = {"DATA": "tiny-shapes", "SIZE": "8", "CHANNELS": "1", "CLASSES": "2", "ARCH": "DiT-Micro/2",
-             "BATCH": "16", "STEPS": "2", "NUM": "70"}
+TINY_WALK = {
+    "DATA": "tiny-shapes",
+    "SIZE": "8",
+    "CHANNELS": "1",
+    "CLASSES": "2",
+    "ARCH": "DiT-Micro/2",
+    "BATCH": "16",
+    "STEPS": "2",
+    "NUM": "70",
+}
 """The walk-through's settings for the tiny copy: 8x8 grey images in 2 classes, 2 training steps, 70 FID samples
 (the built-in features are 64-d: FID needs 65 samples and 65 reference images)."""
 
@@ -96,12 +107,30 @@ def test_own_data_walkthrough_runs_on_a_tiny_synthetic_copy(in_tmp: Path, tmp_pa
 
 
 def test_conversion_benefit_script_runs(tmp_path: Path) -> None:
-    """The measurement behind the conversion table of docs/results/quality-dit.md, at toy size (2 pretraining steps, 70 samples)."""
+    """The measurement behind the conversion table of docs/results/quality-dit.md, at toy size (2 pretraining
+    steps, 70 samples)."""
     script = EXAMPLE.parent / "conversion_benefit.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path / "cb"), "--pretrain", "2", "--finetune", "0,1",
-         "--num", "70", "--seeds", "0", "model.arch=DiT-Micro/2", "sample.steps=3"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            str(script),
+            "--out",
+            str(tmp_path / "cb"),
+            "--pretrain",
+            "2",
+            "--finetune",
+            "0,1",
+            "--num",
+            "70",
+            "--seeds",
+            "0",
+            "model.arch=DiT-Micro/2",
+            "sample.steps=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "| 1 |" in out.stdout and (tmp_path / "cb" / "conversion-benefit.png").is_file()
@@ -109,21 +138,63 @@ def test_conversion_benefit_script_runs(tmp_path: Path) -> None:
 
 
 def test_lm_conversion_benefit_script_runs(tmp_path: Path) -> None:
-    """The measurement behind the LM conversion and text-protocol tables of docs/results/quality-llama.md, at toy size."""
+    """The measurement behind the LM conversion and text-protocol tables of docs/results/quality-llama.md, at toy
+    size."""
     from tests.families.llama_tiny import CORPUS
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS)
-    tiny = ["model.layers=4", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.intermediate=48",
-            "model.vocab_size=300", "model.context=16", f"data.source={corpus}", "data.val_fraction=0.1",
-            "train.batch_size=4", "train.warmup_steps=0", "train.log_every=1"]
+    tiny = [
+        "model.layers=4",
+        "model.hidden=32",
+        "model.heads=4",
+        "model.kv_heads=2",
+        "model.intermediate=48",
+        "model.vocab_size=300",
+        "model.context=16",
+        f"data.source={corpus}",
+        "data.val_fraction=0.1",
+        "train.batch_size=4",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+    ]
     script = EXAMPLE.parent / "lm_conversion_benefit.py"
-    args = [sys.executable, str(script), "--out", str(tmp_path / "lm"), "--pretrain-steps", "2", "--pretrain-val-every",
-            "1", "--steps", "2", "--val-every", "1", "--seeds", "0", "--prompts", "4", "--samples-per-prompt", "2",
-            "--prompt-tokens", "4", "--new-tokens", "4", "--judge-prompt-tokens", "3", "--sample-steps", "2", "--kmeans-seeds", "1",
-            "--protocol-table", "--calibrated", *tiny]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    args = [
+        sys.executable,
+        str(script),
+        "--out",
+        str(tmp_path / "lm"),
+        "--pretrain-steps",
+        "2",
+        "--pretrain-val-every",
+        "1",
+        "--steps",
+        "2",
+        "--val-every",
+        "1",
+        "--seeds",
+        "0",
+        "--prompts",
+        "4",
+        "--samples-per-prompt",
+        "2",
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "4",
+        "--judge-prompt-tokens",
+        "3",
+        "--sample-steps",
+        "2",
+        "--kmeans-seeds",
+        "1",
+        "--protocol-table",
+        "--calibrated",
+        *tiny,
+    ]
+    out = subprocess.run(
+        args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
     seed = summary["seeds"]["0"]
@@ -134,6 +205,7 @@ def test_lm_conversion_benefit_script_runs(tmp_path: Path) -> None:
         assert seed["scratch"][f"genppl_{model}_few-step"]["mean"] > 1
     assert "| 0 | 0 |" in out.stdout and "few-step protocol" in out.stdout
     assert (tmp_path / "lm" / "source" / "config.json").is_file()
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # a rerun reads every stage back
+    again = subprocess.run(
+        args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )  # a rerun reads every stage back
     assert again.returncode == 0 and json.loads((tmp_path / "lm" / "summary.json").read_text()) == summary

@@ -85,7 +85,10 @@ def test_dit_export_of_trained_networks(in_tmp: Path) -> None:
     same_weights(in_tmp / "e2e.safetensors", run.model_dir("e2e") / "ema.safetensors")
     assert invoke("export", "e2e-raw.pt", "--model", "e2e", "--weights", "model", "--run", "run").exit_code == 0
     raw = torch.load(in_tmp / "e2e-raw.pt", weights_only=True)
-    assert torch.equal(raw["final_layer.linear.weight"], load_weights(run.model_dir("e2e") / "model.safetensors")["final_layer.linear.weight"])
+    assert torch.equal(
+        raw["final_layer.linear.weight"],
+        load_weights(run.model_dir("e2e") / "model.safetensors")["final_layer.linear.weight"],
+    )
     result = invoke("export", "block1.safetensors", "--block", "1", "--run", "run")
     assert result.exit_code == 0 and "stand-alone denoiser of depth 1" in result.stderr
     with safe_open(str(in_tmp / "block1.safetensors"), framework="pt") as fh:
@@ -206,9 +209,12 @@ def test_llama_source_exports_a_transformers_folder_that_splits_back(in_tmp: Pat
     assert_same_run_weights(first, again)
     same_weights(first.shared_dir / "targets.safetensors", again.shared_dir / "targets.safetensors")
     assert again.family().tokenizer().settings.stop_ids == first.family().tokenizer().settings.stop_ids
-    assert_user_error(invoke("export", "blocks", "--block", "0", "--run", "first"),
-                      "a Llama blocks network is a denoiser")
-    assert_user_error(invoke("export", "e2e", "--model", "e2e", "--run", "first"), "export --model source or --model ar")
+    assert_user_error(
+        invoke("export", "blocks", "--block", "0", "--run", "first"), "a Llama blocks network is a denoiser"
+    )
+    assert_user_error(
+        invoke("export", "e2e", "--model", "e2e", "--run", "first"), "export --model source or --model ar"
+    )
     assert_user_error(invoke("export", "x.safetensors", "--run", "first"), "a Hugging Face folder")
     assert invoke("export", "exported", "--run", "first", "--force").exit_code == 0  # an earlier export: replaced
     assert_user_error(invoke("export", "hf", "--run", "first", "--force"), "not an earlier llama export")
@@ -216,18 +222,35 @@ def test_llama_source_exports_a_transformers_folder_that_splits_back(in_tmp: Pat
 
 
 def test_split_of_a_pt_export_says_its_parameterization_is_assumed_and_a_block_export_says_its_range_is_ignored(
-        in_tmp: Path) -> None:
+    in_tmp: Path,
+) -> None:
     split_cli("run")
     assert invoke("export", "src.pt", "--run", "run").exit_code == 0
     result = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=src.pt", "--out", "again")
     assert result.exit_code == 0, result.output
     assert "taken as a DDPM epsilon-predictor" in result.stderr and "model.parameterization=edm" in result.stderr
-    explicit = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=src.pt",
-                      "model.parameterization=edm", "--out", "edm")
+    explicit = invoke(
+        "split",
+        "dit-tiny-digits",
+        *TINY_OVERRIDES,
+        "model.checkpoint=src.pt",
+        "model.parameterization=edm",
+        "--out",
+        "edm",
+    )
     assert explicit.exit_code == 0 and "taken as" not in explicit.stderr
     assert invoke("train-block", "1", "--run", "run", "--steps", "1", "-q").exit_code == 0
     assert invoke("export", "block1.safetensors", "--block", "1", "--run", "run").exit_code == 0
-    block = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "model.checkpoint=block1.safetensors", "model.depth=1", "-b", "1",
-                   "--out", "from-block")
+    block = invoke(
+        "split",
+        "dit-tiny-digits",
+        *TINY_OVERRIDES,
+        "model.checkpoint=block1.safetensors",
+        "model.depth=1",
+        "-b",
+        "1",
+        "--out",
+        "from-block",
+    )
     assert block.exit_code == 0, block.output
     assert "is a block export" in block.stderr and "that range ignored" in block.stderr

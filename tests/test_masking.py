@@ -91,7 +91,9 @@ def test_draws_schedule_and_density() -> None:
     assert torch.allclose(gaps, torch.full_like(gaps, 0.2 / 1000), atol=1e-6)
     # the first time of a batch (and so each one) is uniform on the range over the generator's draws
     offsets = torch.stack([p.draw(3, 0.0, 1.0, torch.Generator().manual_seed(s))[0] for s in range(2000)])
-    assert float(offsets.mean()) == pytest.approx(0.5, abs=0.02) and float(offsets.std()) == pytest.approx(12 ** -0.5, abs=0.02)
+    assert float(offsets.mean()) == pytest.approx(0.5, abs=0.02) and float(offsets.std()) == pytest.approx(
+        12**-0.5, abs=0.02
+    )
     ts = p.schedule(8)
     assert ts == pytest.approx([1 - j / 8 for j in range(9)]) and ts[0] == 1.0 and ts[-1] == 0.0
     owned = owned_ranges(p.boundaries(2, "uniform"))
@@ -102,12 +104,15 @@ def test_draws_schedule_and_density() -> None:
     assert p.full_range() == (0.05, 1.0) and "cosine" in p.describe()
 
 
-@pytest.mark.parametrize(("override", "match"), [
-    ("noise.schedule=quadratic", "noise.schedule"),
-    ("noise.t_min=1.5", "noise.t_min"),
-    ("noise.t_min=-0.1", "noise.t_min"),
-    ("noise.t_min=0", "noise.t_min"),
-])
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("noise.schedule=quadratic", "noise.schedule"),
+        ("noise.t_min=1.5", "noise.t_min"),
+        ("noise.t_min=-0.1", "noise.t_min"),
+        ("noise.t_min=0", "noise.t_min"),
+    ],
+)
 def test_bad_masking_settings_are_one_line_recipe_errors(override: str, match: str) -> None:
     with pytest.raises(RecipeError, match=match) as info:
         load_recipe("md4-tiny-shakespeare", [override])

@@ -72,7 +72,9 @@ def test_sampled_sigmas_follow_the_restricted_lognormal() -> None:
     f_lo, f_hi = NOISE.cdf(lo), NOISE.cdf(hi)
 
     def cdf(s):  # noqa: ANN001, ANN202
-        return (stats.norm.cdf((torch.log(torch.as_tensor(s)).numpy() - NOISE.p_mean) / NOISE.p_std) - f_lo) / (f_hi - f_lo)
+        return (stats.norm.cdf((torch.log(torch.as_tensor(s)).numpy() - NOISE.p_mean) / NOISE.p_std) - f_lo) / (
+            f_hi - f_lo
+        )
 
     assert stats.kstest(sigma.numpy(), cdf).pvalue > 0.01
     # and it is NOT log-uniform on the same range (the test has power)
@@ -102,7 +104,9 @@ def test_preconditioning_identities() -> None:
     sigma = torch.logspace(-3, 2, 50, dtype=torch.float64)
     assert torch.allclose(nz.c_skip(sigma, sd) + nz.c_out(sigma, sd) ** 2 / sd**2, torch.ones_like(sigma))
     tiny = torch.tensor(1e-8, dtype=torch.float64)
-    assert nz.c_skip(tiny, sd).item() == pytest.approx(1.0) and nz.c_out(tiny, sd).item() == pytest.approx(0.0, abs=1e-7)
+    assert nz.c_skip(tiny, sd).item() == pytest.approx(1.0) and nz.c_out(tiny, sd).item() == pytest.approx(
+        0.0, abs=1e-7
+    )
     assert torch.allclose(nz.c_in(sigma, sd), 1 / torch.sqrt(sigma**2 + sd**2))
     assert torch.allclose(nz.c_noise(sigma), torch.log(sigma) / 4)
     assert torch.allclose(nz.loss_weight(sigma, sd), (sigma**2 + sd**2) / (sigma * sd) ** 2)

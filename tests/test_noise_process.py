@@ -98,8 +98,9 @@ def linear_toy() -> Iterator[str]:
 
 
 def test_a_plugged_in_process_plans_blocks_with_the_generic_overlap_rule(linear_toy: str) -> None:
-    recipe = load_recipe("dit-tiny-digits", [*TINY_OVERRIDES, "noise.process=linear-toy", "noise.partition=uniform",
-                                             "noise.gamma=0.5"])
+    recipe = load_recipe(
+        "dit-tiny-digits", [*TINY_OVERRIDES, "noise.process=linear-toy", "noise.partition=uniform", "noise.gamma=0.5"]
+    )
     _, plans = plan_blocks(recipe, 4)
     assert [p["owned_range"] for p in plans] == [(0.75, 1.0), (0.5, 0.75), (0.25, 0.5), (0.0, 0.25)]
     assert plans[1]["train_range"] == pytest.approx((0.375, 0.875))  # widened by gamma * width each side
@@ -111,10 +112,14 @@ def test_a_plugged_in_process_plans_blocks_with_the_generic_overlap_rule(linear_
 def test_unknown_process_and_a_process_the_family_does_not_take_are_one_line_errors(in_tmp, linear_toy) -> None:  # noqa: ANN001
     from tests.cli_helpers import assert_user_error, invoke
 
-    assert_user_error(invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "noise.process=nope"),
-                      "unknown noise process 'nope'; choose one of edm, linear-toy, masking")
-    assert_user_error(invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "noise.process=linear-toy",
-                             "noise.partition=uniform"), "does not apply to the dit family")
+    assert_user_error(
+        invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "noise.process=nope"),
+        "unknown noise process 'nope'; choose one of edm, linear-toy, masking",
+    )
+    assert_user_error(
+        invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "noise.process=linear-toy", "noise.partition=uniform"),
+        "does not apply to the dit family",
+    )
     assert not any(in_tmp.iterdir())
 
 

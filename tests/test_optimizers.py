@@ -14,8 +14,15 @@ from torch import nn
 from dbconvert.checkpoint import load_weights
 from dbconvert.config import load_recipe
 from dbconvert.errors import DbconvertError
-from dbconvert.optimizers import (InBackwardOptimizer, StochasticAdamW, bytes_per_parameter, flatten_state,
-                                  single_optimizer, stochastic_bf16, unflatten_state)
+from dbconvert.optimizers import (
+    InBackwardOptimizer,
+    StochasticAdamW,
+    bytes_per_parameter,
+    flatten_state,
+    single_optimizer,
+    stochastic_bf16,
+    unflatten_state,
+)
 from dbconvert.rundir import Run
 from dbconvert.train import train_block
 
@@ -120,14 +127,17 @@ def test_bytes_per_parameter_of_each_option() -> None:
     assert bytes_per_parameter(recipe_with("train.optimizer_in_backward=true"), 0.1)["gradients"] == pytest.approx(0.4)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["train.optimizer_in_backward=true", "train.grad_clip=1.0"], "cannot clip"),
-    (["train.optimizer_in_backward=true", "train.grad_accumulation=2"], "cannot accumulate"),
-    (["train.optimizer_in_backward=true", "train.precision=fp16"], "loss scaler"),
-    (["train.grad_accumulation=3"], "does not divide"),
-    (["train.ema=gpu"], "train.ema"),
-    (["train.optimizer=adamw4bit"], "train.optimizer"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.optimizer_in_backward=true", "train.grad_clip=1.0"], "cannot clip"),
+        (["train.optimizer_in_backward=true", "train.grad_accumulation=2"], "cannot accumulate"),
+        (["train.optimizer_in_backward=true", "train.precision=fp16"], "loss scaler"),
+        (["train.grad_accumulation=3"], "does not divide"),
+        (["train.ema=gpu"], "train.ema"),
+        (["train.optimizer=adamw4bit"], "train.optimizer"),
+    ],
+)
 def test_bad_option_combinations_are_one_line(overrides: list[str], message: str) -> None:
     with pytest.raises(DbconvertError) as err:
         recipe_with(*overrides)
@@ -141,8 +151,12 @@ OPTIONS = {
     "ema-cpu": ["train.ema=cpu"],
     "in-backward": ["train.optimizer_in_backward=true"],
     "accumulation": ["train.grad_accumulation=4"],
-    "all": ["train.precision=bf16-true", "train.optimizer=adamw8bit", "train.ema=off",
-            "train.optimizer_in_backward=true"],
+    "all": [
+        "train.precision=bf16-true",
+        "train.optimizer=adamw8bit",
+        "train.ema=off",
+        "train.optimizer_in_backward=true",
+    ],
 }
 
 
@@ -199,7 +213,8 @@ def test_a_resume_with_other_memory_options_is_refused(tiny_run: Run) -> None:
 
 
 def test_sampling_a_run_trained_without_ema_uses_the_model_weights_and_says_so(
-        tiny_run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_run: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
     for i in range(4):
         train_block(tiny_run, i, steps=1, overrides=["train.ema=off"], progress=False)
     assert tiny_run.weights_file("block-00", "ema").name == "model.safetensors"
@@ -207,8 +222,13 @@ def test_sampling_a_run_trained_without_ema_uses_the_model_weights_and_says_so(
     assert tiny_run.weights_file("block-00", "model").name == "model.safetensors"
 
 
-LEAN = ["train.precision=bf16-true", "train.optimizer=adamw8bit", "train.ema=off", "train.optimizer_in_backward=true",
-        "train.grad_clip=null"]
+LEAN = [
+    "train.precision=bf16-true",
+    "train.optimizer=adamw8bit",
+    "train.ema=off",
+    "train.optimizer_in_backward=true",
+    "train.grad_clip=null",
+]
 
 
 @pytest.mark.parametrize("family", ["llama", "vit"])
@@ -227,19 +247,22 @@ def test_the_leanest_options_train_and_sample_every_family(in_tmp: Path, family:
     for i in range(run.recipe.blocks.num):
         result = train_block(run, i, steps=2, overrides=LEAN, progress=False)
         assert result.last_loss is not None and result.last_loss == result.last_loss  # finite, logged
-    assert all(run.weights_file(f"block-{i:02d}", "ema").name == "model.safetensors"
-               for i in range(run.recipe.blocks.num))
+    assert all(
+        run.weights_file(f"block-{i:02d}", "ema").name == "model.safetensors" for i in range(run.recipe.blocks.num)
+    )
     from dbconvert.sampling import load_model
 
-    net = load_model(run, "block-00", run.block(0).layers[1] - run.block(0).layers[0], "blocks", "ema",
-                     torch.device("cpu"))
+    net = load_model(
+        run, "block-00", run.block(0).layers[1] - run.block(0).layers[0], "blocks", "ema", torch.device("cpu")
+    )
     assert all(p.dtype == torch.float32 for p in net.parameters())  # sampling widens the bf16 weights
 
 
 def test_train_block_shows_the_memory_options_and_the_effective_batch(tiny_run: Run) -> None:
     from tests.cli_helpers import invoke
 
-    result = invoke("train-block", "0", "--steps", "1", "train.grad_accumulation=4", "train.ema=cpu",
-                    "--run", tiny_run.root)
+    result = invoke(
+        "train-block", "0", "--steps", "1", "train.grad_accumulation=4", "train.ema=cpu", "--run", tiny_run.root
+    )
     assert result.exit_code == 0, result.output
     assert "memory options: fp32 adamw ema-cpu accum4; effective batch 16 = 4 x 4" in result.stdout

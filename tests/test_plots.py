@@ -26,8 +26,9 @@ try:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 except ImportError:
     EventAccumulator = None
-needs_tensorboard = pytest.mark.skipif(EventAccumulator is None,
-                                       reason='tensorboard is not installed (pip install "dbconvert[tensorboard]")')
+needs_tensorboard = pytest.mark.skipif(
+    EventAccumulator is None, reason='tensorboard is not installed (pip install "dbconvert[tensorboard]")'
+)
 
 
 def assert_png(path: Path) -> tuple[int, int]:
@@ -47,17 +48,41 @@ def assert_png(path: Path) -> tuple[int, int]:
 def fid_result(model: str, values: list[float], num: int = 1000) -> dict:
     """An `eval fid` result as evaluate_fid writes it (the fields plots read, and the ones result_name needs)."""
     kids = [v / 1000 for v in values]
-    return {"metric": "fid", "value": min(values), "values": values, "min": min(values), "mean": float(np.mean(values)),
-            "kid": {"values": kids, "min": min(kids), "mean": float(np.mean(kids))}, "model": model,
-            "features": "builtin-cnn:digits@5e1f0a2b", "num_samples": num, "split": "test", "repeats": len(values),
-            "sampler": {"solver": "euler", "steps": 50, "guidance": 1.0}, "seed": 0, "reference": "digits:test"}
+    return {
+        "metric": "fid",
+        "value": min(values),
+        "values": values,
+        "min": min(values),
+        "mean": float(np.mean(values)),
+        "kid": {"values": kids, "min": min(kids), "mean": float(np.mean(kids))},
+        "model": model,
+        "features": "builtin-cnn:digits@5e1f0a2b",
+        "num_samples": num,
+        "split": "test",
+        "repeats": len(values),
+        "sampler": {"solver": "euler", "steps": 50, "guidance": 1.0},
+        "seed": 0,
+        "reference": "digits:test",
+    }
 
 
 def mauve_result(model: str, values: list[float]) -> dict:
-    return {"metric": "mauve", "value": float(np.mean(values)), "values": values, "mean": float(np.mean(values)),
-            "std": float(np.std(values, ddof=1)), "model": model, "features": "minilm (all-MiniLM-L6-v2, mean-pooled)",
-            "num_samples": 500, "num_prompts": 100, "samples_per_prompt": 5, "split": "val",
-            "sampler": {"solver": "euler", "steps": 20}, "seed": 0, "reference": "val"}
+    return {
+        "metric": "mauve",
+        "value": float(np.mean(values)),
+        "values": values,
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)),
+        "model": model,
+        "features": "minilm (all-MiniLM-L6-v2, mean-pooled)",
+        "num_samples": 500,
+        "num_prompts": 100,
+        "samples_per_prompt": 5,
+        "split": "val",
+        "sampler": {"solver": "euler", "steps": 20},
+        "seed": 0,
+        "reference": "val",
+    }
 
 
 # --- partition -----------------------------------------------------------------------------
@@ -79,7 +104,9 @@ def test_partition_figure_of_a_four_block_run(tiny_run: Run) -> None:
     noise = tiny_run.noise()
     x = np.linspace(math.log(noise.sigma_min), math.log(noise.sigma_max), 20001)
     density = noise.density(x)
-    assert (density.sum() - (density[0] + density[-1]) / 2) * (x[1] - x[0]) == pytest.approx(1.0, rel=1e-4)  # trapezoid rule
+    assert (density.sum() - (density[0] + density[-1]) / 2) * (x[1] - x[0]) == pytest.approx(
+        1.0, rel=1e-4
+    )  # trapezoid rule
 
 
 # --- loss, eval, samples and `plot all` --------------------------------------------------
@@ -125,18 +152,28 @@ def test_results_spread_uses_the_file_or_the_values(tiny_run: Run) -> None:
 def test_text_samples_page_escapes_every_markdown_construct(tiny_run: Run) -> None:
     from markdown_it import MarkdownIt
 
-    tricky = ["a | b", "`code` *em* _u_ [link](http://x) ![img](y) ~~s~~", "<script>alert(1)</script> & co",
-              "two\nlines", "@someone $x^2$ # not a heading \\ back", "ROMEO: don't, please."]
+    tricky = [
+        "a | b",
+        "`code` *em* _u_ [link](http://x) ![img](y) ~~s~~",
+        "<script>alert(1)</script> & co",
+        "two\nlines",
+        "@someone $x^2$ # not a heading \\ back",
+        "ROMEO: don't, please.",
+    ]
     folder = tiny_run.root / "samples" / "blocks-euler-20steps-seed0"
     folder.mkdir(parents=True)
-    (folder / "samples.jsonl").write_text("".join(
-        json.dumps({"prompt": f"P{k}: {t}", "completion": t, "new_tokens": 7, "stopped_by": "max_new_tokens"}) + "\n"
-        for k, t in enumerate(tricky)))
+    (folder / "samples.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": f"P{k}: {t}", "completion": t, "new_tokens": 7, "stopped_by": "max_new_tokens"})
+            + "\n"
+            for k, t in enumerate(tricky)
+        )
+    )
     [page] = plots.plot_samples(tiny_run)
     assert page.name == "samples.md"
 
     tokens = MarkdownIt("commonmark").enable("table").parse(page.read_text())
-    body = tokens[[t.type for t in tokens].index("tbody_open"):[t.type for t in tokens].index("tbody_close")]
+    body = tokens[[t.type for t in tokens].index("tbody_open") : [t.type for t in tokens].index("tbody_close")]
     cells = [tok.children or [] for tok in body if tok.type == "inline"]
     texts = ["".join(ch.content for ch in children if ch.type == "text") for children in cells]
     for k, t in enumerate(tricky):
@@ -172,8 +209,16 @@ def test_plot_without_data_is_a_one_line_error(tiny_run: Run) -> None:
 def test_tensorboard_scalars_are_the_numeric_metrics_fields() -> None:
     from dbconvert.tblog import scalars
 
-    record = {"step": 4, "time": 1.7e9, "loss": 0.5, "lr": 1e-4, "world_size": 1, "finished": True,
-              "device": "cpu", "nan": float("nan")}
+    record = {
+        "step": 4,
+        "time": 1.7e9,
+        "loss": 0.5,
+        "lr": 1e-4,
+        "world_size": 1,
+        "finished": True,
+        "device": "cpu",
+        "nan": float("nan"),
+    }
     assert scalars(record) == {"loss": 0.5, "lr": 1e-4, "world_size": 1.0}
 
 

@@ -17,8 +17,9 @@ def plain_console() -> tuple[Console, io.StringIO]:
 
 def test_plain_lines_carry_count_rate_and_time_left_and_never_wrap() -> None:
     console, out = plain_console()
-    with progress("a long label that is wider than the forty columns", 4, unit="images", every=0.0,
-                  console=console) as update:
+    with progress(
+        "a long label that is wider than the forty columns", 4, unit="images", every=0.0, console=console
+    ) as update:
         for done in range(1, 5):
             update(done, detail="3 MiB")
     lines = out.getvalue().splitlines()

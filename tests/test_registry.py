@@ -56,8 +56,9 @@ def test_names_register_unregister_and_the_environment(things: Registry) -> None
     assert things.load("a") is json.dumps and ENV not in os.environ
 
 
-def test_unknown_names_bad_environments_and_unloadable_entries_are_one_line(things: Registry,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_names_bad_environments_and_unloadable_entries_are_one_line(
+    things: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(DbconvertError, match=r"^unknown thing 'z'; choose one of a, b$"):
         things.load("z")
     with pytest.raises(ValueError, match="not of the form 'module:attribute'"):
@@ -76,12 +77,15 @@ def test_run_time_registrations_reach_child_processes() -> None:
     metric.register_metric("corner", "tests.families.toy_family:CornerMetric")
     solvers.register_solver("midpoint", "tests.test_registry:midpoint")
     try:
-        code = ("from dbconvert import noise_process, solvers\nfrom dbconvert.evaluation import metric\n"
-                "print(noise_process.process_class('linear-toy').__name__, type(metric.get_metric('corner')).__name__,"
-                " solvers.get_solver('midpoint').__name__)")
+        code = (
+            "from dbconvert import noise_process, solvers\nfrom dbconvert.evaluation import metric\n"
+            "print(noise_process.process_class('linear-toy').__name__, type(metric.get_metric('corner')).__name__,"
+            " solvers.get_solver('midpoint').__name__)"
+        )
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True
+        )
         assert out.stdout.split() == ["LinearProcess", "CornerMetric", "midpoint"]
     finally:
         noise_process.unregister_process("linear-toy")

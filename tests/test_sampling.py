@@ -88,8 +88,16 @@ def test_result_names_keep_the_sign_of_the_guidance_exponent() -> None:
     from dbconvert.evaluation.results import result_name
 
     def name(guidance: float) -> str:
-        return result_name({"metric": "fid", "model": "blocks", "features": "x", "num_samples": 4, "seed": 0,
-                            "sampler": {"solver": "heun", "steps": 4, "guidance": guidance}})
+        return result_name(
+            {
+                "metric": "fid",
+                "model": "blocks",
+                "features": "x",
+                "num_samples": 4,
+                "seed": 0,
+                "sampler": {"solver": "heun", "steps": 4, "guidance": guidance},
+            }
+        )
 
     assert name(1e30) != name(1e-30) and "g1e+30" in name(1e30)
 

@@ -124,8 +124,11 @@ def test_split_force_refuses_while_a_block_of_the_run_is_being_trained(tiny_run:
     assert split(tiny_recipe, out=tiny_run.root, force=True).num_blocks == 4  # once it ends, --force replaces
 
 
-def test_a_training_that_starts_during_split_force_keeps_its_run(tiny_run: Run, tiny_recipe,  # noqa: ANN001
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_training_that_starts_during_split_force_keeps_its_run(
+    tiny_run: Run,
+    tiny_recipe,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from dbconvert import locks
     from dbconvert.families.dit.family import DiTFamily
 
@@ -197,8 +200,11 @@ def test_two_splits_started_together_write_one_run_and_the_other_refuses(in_tmp:
     assert Run.open(out).recipe.name == written[0]  # the run that was reported written is the one on disk
 
 
-def test_a_run_made_meanwhile_by_another_process_is_never_replaced(in_tmp: Path, tiny_recipe,  # noqa: ANN001
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_made_meanwhile_by_another_process_is_never_replaced(
+    in_tmp: Path,
+    tiny_recipe,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from dbconvert.families.dit.family import DiTFamily
 
     out = in_tmp / "run"

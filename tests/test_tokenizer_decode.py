@@ -21,7 +21,7 @@ def test_split_decode_of_a_byte_level_bpe_keeps_accents_and_spaces(tmp_path: Pat
         assert head + tail == TEXT and "\ufffd" not in head + tail, k
     k = split_inside[0]  # "caf" + the first byte of "é"
     assert tok.split_decode(ids[:k], ids[k:]) == ("caf", TEXT[3:])
-    assert tok.decode(ids)[len(tok.decode(ids[:k])):] == TEXT[4:]  # the old way lost the "é"
+    assert tok.decode(ids)[len(tok.decode(ids[:k])) :] == TEXT[4:]  # the old way lost the "é"
     space = ids.index(tok.encode(" ")[0])
     assert tok.decode_continuation(ids[:space], ids[space:]).startswith(" crème")  # the word boundary is kept
 

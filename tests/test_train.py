@@ -64,11 +64,24 @@ def test_dropout_is_deterministic_by_seed_and_resumes_exactly(in_tmp: Path) -> N
     from dbconvert.config import load_recipe
     from dbconvert.split import split
 
-    recipe = load_recipe("vit-tiny-digits", ["model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-                                             "model.dropout=0.3", "blocks.num=2", "train.steps=4", "train.epochs=null",
-                                             "train.batch_size=16", "train.warmup_steps=0", "train.log_every=1",
-                                             "train.checkpoint_every=2", "train.ema_decay=0.5",
-                                             "train.lr_schedule=constant"])  # stopping at 2 of 2 = interrupted
+    recipe = load_recipe(
+        "vit-tiny-digits",
+        [
+            "model.embed_dim=32",
+            "model.depth=2",
+            "model.num_heads=2",
+            "model.dropout=0.3",
+            "blocks.num=2",
+            "train.steps=4",
+            "train.epochs=null",
+            "train.batch_size=16",
+            "train.warmup_steps=0",
+            "train.log_every=1",
+            "train.checkpoint_every=2",
+            "train.ema_decay=0.5",
+            "train.lr_schedule=constant",
+        ],
+    )  # stopping at 2 of 2 = interrupted
     run = split(recipe, out=in_tmp / "a")
     copy = Run.open(shutil.copytree(run.root, in_tmp / "b"))
     resumed = Run.open(shutil.copytree(run.root, in_tmp / "c"))
@@ -79,8 +92,10 @@ def test_dropout_is_deterministic_by_seed_and_resumes_exactly(in_tmp: Path) -> N
     train_block(resumed, 0, steps=2, progress=False)  # "interrupted" at the checkpoint of step 2
     torch.manual_seed(3)
     train_block(resumed, 0, steps=4, progress=False)
-    losses = [[json.loads(x)["loss"] for x in r.metrics_path("block-00").read_text().splitlines()]
-              for r in (run, copy, resumed)]
+    losses = [
+        [json.loads(x)["loss"] for x in r.metrics_path("block-00").read_text().splitlines()]
+        for r in (run, copy, resumed)
+    ]
     assert len(losses[0]) == 4 and losses[0] == losses[1] == losses[2]
     for other in (copy, resumed):
         for name in ("model", "ema"):

@@ -26,13 +26,20 @@ if i == 2:
 """
 
 
-def test_at_most_n_at_a_time_one_device_each_and_a_failure_does_not_stop_the_others(tiny_run: Run, tmp_path: Path) -> None:
+def test_at_most_n_at_a_time_one_device_each_and_a_failure_does_not_stop_the_others(
+    tiny_run: Run, tmp_path: Path
+) -> None:
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
     out = tmp_path / "out"
     out.mkdir()
-    result = train_all(tiny_run, parallel=2, devices=["3", "5"], poll=0.05,
-                       launcher=lambda run, i: [sys.executable, str(script), str(i), str(out)])
+    result = train_all(
+        tiny_run,
+        parallel=2,
+        devices=["3", "5"],
+        poll=0.05,
+        launcher=lambda run, i: [sys.executable, str(script), str(i), str(out)],
+    )
     states = {j.index: j.state for j in result.jobs}
     assert states == {0: DONE, 1: DONE, 2: FAILED, 3: DONE}
     failed = result.failed[0]
@@ -75,7 +82,9 @@ def test_train_all_trains_every_block_and_a_killed_block_finishes_on_rerun(in_tm
 
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "every block" in again.stdout and "block 1: started" in again.stdout and "block 0: started" not in again.stdout
+    assert (
+        "every block" in again.stdout and "block 1: started" in again.stdout and "block 0: started" not in again.stdout
+    )
     assert run.status("block-01").step == 60
     records = [json.loads(x) for x in run.metrics_path("block-01").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(5, 61, 5))

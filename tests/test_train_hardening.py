@@ -39,7 +39,9 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_kill_during_the_final_checkpoint_is_repaired_on_rerun(tiny_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_kill_during_the_final_checkpoint_is_repaired_on_rerun(
+    tiny_run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Killed after the final state file, before model/ema/state.json: the rerun trains nothing and re-exports."""
     out = tiny_run.model_dir("block-01")
     real = train_mod.save_weights
@@ -54,7 +56,9 @@ def test_a_kill_during_the_final_checkpoint_is_repaired_on_rerun(tiny_run: Run, 
         train_block(tiny_run, 1, progress=False)
     monkeypatch.undo()
     assert metadata(out / "state.safetensors")["step"] == "4"  # the state file is final ...
-    assert metadata(out / "model.safetensors")["step"] == "2" and tiny_run.status("block-01").step == 2  # ... the exports not
+    assert (
+        metadata(out / "model.safetensors")["step"] == "2" and tiny_run.status("block-01").step == 2
+    )  # ... the exports not
 
     again = train_block(tiny_run, 1, progress=False)
     assert again.step == 4 and again.last_loss is None  # nothing trained twice
@@ -62,13 +66,14 @@ def test_a_kill_during_the_final_checkpoint_is_repaired_on_rerun(tiny_run: Run, 
     for name in ("model", "ema"):
         assert metadata(out / f"{name}.safetensors")["step"] == "4"
         exported = load_weights(out / f"{name}.safetensors")
-        assert same(exported, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")})
+        assert same(exported, {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")})
     assert json.loads((out / "state.json").read_text())["step"] == 4
     assert tiny_run.status("block-01").finished
 
 
 def test_restart_clears_the_old_run_at_once_and_starts_from_the_split_weights(
-        tiny_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fresh = Run.open(shutil.copytree(tiny_run.root, tmp_path / "fresh"))  # the run as split, never trained
     out = tiny_run.model_dir("block-00")
     split_weights = load_weights(fresh.model_dir("block-00") / "model.safetensors")
@@ -99,7 +104,9 @@ def test_restart_clears_the_old_run_at_once_and_starts_from_the_split_weights(
     assert result.last_loss is not None and same(first[1], split_weights)
     train_block(fresh, 0, progress=False)
     for name in ("model", "ema"):  # the restarted run is exactly a run trained once from the split
-        assert same(load_weights(out / f"{name}.safetensors"), load_weights(fresh.model_dir("block-00") / f"{name}.safetensors"))
+        assert same(
+            load_weights(out / f"{name}.safetensors"), load_weights(fresh.model_dir("block-00") / f"{name}.safetensors")
+        )
     assert [json.loads(x)["step"] for x in tiny_run.metrics_path("block-00").read_text().splitlines()] == [2, 4]
 
 

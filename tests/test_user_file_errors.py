@@ -67,14 +67,29 @@ def test_a_corrupt_file_inside_a_llama_checkpoint_folder(in_tmp: Path) -> None:
 
     folder = in_tmp / "hf"
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-                     ).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     corpus = write_corpus(in_tmp)
-    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": folder}),
-                    "--blocks", "2", "--out", "run")
+    result = invoke(
+        "split",
+        "llama-tiny-shakespeare",
+        *tiny_overrides(corpus, **{"model.checkpoint": folder}),
+        "--blocks",
+        "2",
+        "--out",
+        "run",
+    )
     assert_user_error(result, f"model.checkpoint {weights} is not a readable .safetensors file: corrupt or truncated")
     assert not any(word in result.stderr for word in RUN_REMEDIES), result.stderr
 

@@ -20,8 +20,21 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from dbconvert.cli.options import (EpochsOpt, ModelOpt, Overrides, QuietOpt, RestartOpt, RunOpt, SampleStepsOpt,
-                                   SeedOpt, SolverOpt, TrainStepsOpt, WeightsOpt, in_range, tidy_help)
+from dbconvert.cli.options import (
+    EpochsOpt,
+    ModelOpt,
+    Overrides,
+    QuietOpt,
+    RestartOpt,
+    RunOpt,
+    SampleStepsOpt,
+    SeedOpt,
+    SolverOpt,
+    TrainStepsOpt,
+    WeightsOpt,
+    in_range,
+    tidy_help,
+)
 from dbconvert.errors import DbconvertError, file_system_error
 from dbconvert.schema import MAX_TRAIN_STEPS
 
@@ -49,8 +62,14 @@ class OneLineErrors(TyperGroup):
         finally:
             self.listing = False
 
-    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
-             **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: Any = None,
+        complete_var: Any = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         import sys
 
         tidy_help(self)
@@ -85,8 +104,8 @@ app = typer.Typer(
     cls=OneLineErrors,
     name="dbconvert",
     help="Turn residual networks (DiT, ViT, Llama-style, masked-diffusion and recurrent-depth LMs, or a family you "
-         "register) into diffusion blocks, train each "
-         "block alone, sample, evaluate.",
+    "register) into diffusion blocks, train each "
+    "block alone, sample, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -109,14 +128,16 @@ def print_table(table: Any, to: Console | None = None) -> None:
         to.print(table)
         return
     natural = Measurement.get(to, to.options.update_width(1_000_000), table).maximum  # unconstrained width
-    wide = Console(file=to.file, width=max(to.width, natural), markup=False, soft_wrap=True,
-                   color_system=to.color_system)  # type: ignore[arg-type]
+    wide = Console(
+        file=to.file, width=max(to.width, natural), markup=False, soft_wrap=True, color_system=to.color_system
+    )  # type: ignore[arg-type]
     wide.print(table)
 
 
 def bold(text: object, style: str = "bold") -> Text:
     """`text` in a style, literally (no markup is read in it)."""
     return Text(str(text), style=style)
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -185,9 +206,17 @@ def show_version(value: bool) -> None:
 
 
 @app.callback()
-def root(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
-                                               help="Print the version (and torch's, transformers', timm's) and exit.")]
-         = False) -> None:
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=show_version,
+            is_eager=True,
+            help="Print the version (and torch's, transformers', timm's) and exit.",
+        ),
+    ] = False,
+) -> None:
     """Turn residual networks into diffusion blocks, train each block alone, sample, evaluate."""
 
 
@@ -206,16 +235,25 @@ def _fmt_range(r: tuple[float, float] | list[float]) -> str:
 def blocks_table(run: Any) -> Table:
     from dbconvert.rundir import Run
 
-    table = Table(title=f"{run.root}  ({run.family_name}, {run.num_layers} layers, {run.num_blocks} blocks, "
-                        f"{run.manifest['partition']}, gamma={run.manifest['gamma']})")
+    table = Table(
+        title=f"{run.root}  ({run.family_name}, {run.num_layers} layers, {run.num_blocks} blocks, "
+        f"{run.manifest['partition']}, gamma={run.manifest['gamma']})"
+    )
     level = run.noise().level_name
     for col in ("block", "layers", f"owned {level}", f"training {level}", "mass", "params", "trained steps"):
         table.add_column(col, justify="right" if col in ("mass", "params", "trained steps") else "left")
     for b in run.blocks:
         status = run.status(Run.block_name(b.index))
         steps = f"{status.step}/{status.total_steps}" if status.total_steps else "-"
-        table.add_row(str(b.index), f"[{b.layers[0]}, {b.layers[1]})", _fmt_range(b.owned_range),
-                      _fmt_range(b.train_range), f"{b.mass:.4f}", f"{b.params:,}", steps)
+        table.add_row(
+            str(b.index),
+            f"[{b.layers[0]}, {b.layers[1]})",
+            _fmt_range(b.owned_range),
+            _fmt_range(b.train_range),
+            f"{b.mass:.4f}",
+            f"{b.params:,}",
+            steps,
+        )
     return table
 
 
@@ -249,8 +287,13 @@ def announce(title: str, payload: dict[str, Any]) -> None:
 @command("recipes")
 def recipes_cmd(
     show: Annotated[Optional[str], typer.Option("--show", help="Print one recipe's YAML.")] = None,
-    archs: Annotated[bool, typer.Option("--archs", help="List every named model architecture (sizes, parameters, "
-                                                       "advice on patch size and CPU time).")] = False,
+    archs: Annotated[
+        bool,
+        typer.Option(
+            "--archs",
+            help="List every named model architecture (sizes, parameters, advice on patch size and CPU time).",
+        ),
+    ] = False,
 ) -> None:
     """List the shipped recipes (or print one with --show NAME, or the architectures with --archs)."""
     from dbconvert.config import read_recipe_text, shipped_recipes
@@ -293,11 +336,21 @@ def architectures_tables() -> None:
 def split_cmd(
     recipe: Annotated[str, typer.Argument(help="A shipped recipe name or a path to a YAML recipe.")],
     overrides: Overrides = None,
-    blocks: Annotated[Optional[int], typer.Option("--blocks", "-b", help="Number of blocks B (overrides blocks.num).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: the recipe's output.dir).")] = None,
+    blocks: Annotated[
+        Optional[int], typer.Option("--blocks", "-b", help="Number of blocks B (overrides blocks.num).")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Run directory (default: the recipe's output.dir).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run in the output folder.")] = False,
-    copy_source: Annotated[bool, typer.Option("--copy-source", help="Keep a copy of the converted source inside the run "
-                                              "(a self-contained folder); by default the run points at the checkpoint.")] = False,
+    copy_source: Annotated[
+        bool,
+        typer.Option(
+            "--copy-source",
+            help="Keep a copy of the converted source inside the run "
+            "(a self-contained folder); by default the run points at the checkpoint.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert a checkpoint (or a fresh config) into B diffusion blocks and write the run directory.
@@ -317,14 +370,24 @@ def split_cmd(
     for note in run.notes:
         err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     suffix = resolved.data_suffix() if out is None else None
-    why = (f" (named -{suffix} because data.source={resolved.data.source} is not the data of the shipped "
-           f"{resolved.name}; --out DIR to choose)") if suffix else ""
-    console.print(Text.assemble("run written to ", bold(run.root), f"{why} (now the current run); next: dbconvert "
-                                "train-block 0"), highlight=False)
+    why = (
+        (
+            f" (named -{suffix} because data.source={resolved.data.source} is not the data of the shipped "
+            f"{resolved.name}; --out DIR to choose)"
+        )
+        if suffix
+        else ""
+    )
+    console.print(
+        Text.assemble("run written to ", bold(run.root), f"{why} (now the current run); next: dbconvert train-block 0"),
+        highlight=False,
+    )
 
 
 @command("info")
-def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json", help="Print the blocks as JSON.")] = False) -> None:
+def info_cmd(
+    run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json", help="Print the blocks as JSON.")] = False
+) -> None:
     """Show the current run's blocks: layers, sigma ranges, mass, parameters, training progress."""
     from dbconvert.rundir import resolve_run
     from dbconvert.source_ref import describe as describe_source
@@ -342,8 +405,16 @@ def info_cmd(run: RunOpt = None, as_json: Annotated[bool, typer.Option("--json",
     console.print(f"e2e baseline: {'%d/%s steps' % (e2e.step, e2e.total_steps) if e2e.trained else 'not trained'}")
 
 
-def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | None,
-           steps: int | None, epochs: float | None, restart: bool, quiet: bool, objective: str = "denoiser") -> None:
+def _train(
+    run_dir: Optional[Path],
+    index: int | None,
+    overrides: list[str] | None,
+    steps: int | None,
+    epochs: float | None,
+    restart: bool,
+    quiet: bool,
+    objective: str = "denoiser",
+) -> None:
     from dbconvert.devices import busy_cpu_note, resolve_device
     from dbconvert.distributed import from_env
     from dbconvert.optimizers import describe
@@ -353,27 +424,47 @@ def _train(run_dir: Optional[Path], index: int | None, overrides: list[str] | No
     run = resolve_run(run_dir)
     target = block_target(run, index) if index is not None else e2e_target(run, objective)  # validates first
     resolved = training_recipe(run, overrides, steps, epochs)  # the values that will be used, --steps included
-    what = (f"block {index}" if index is not None else "e2e baseline" if target.name == "e2e"
-            else f"{run.family().reference_title} ({target.name})")
+    what = (
+        f"block {index}"
+        if index is not None
+        else "e2e baseline"
+        if target.name == "e2e"
+        else f"{run.family().reference_title} ({target.name})"
+    )
     dist = from_env()  # under torchrun only rank 0 talks
     if dist.is_main:
-        announce(f"training {what} of {run.root}", {
-            **({"world_size": dist.world_size} if dist.enabled else {}),
-            "train": resolved.train.model_dump(mode="json"),
-            "objective": target.objective, "layers": run.num_layers if index is None else list(run.block(index).layers),
-            "train_range": list(target.train_range),
-        })
+        announce(
+            f"training {what} of {run.root}",
+            {
+                **({"world_size": dist.world_size} if dist.enabled else {}),
+                "train": resolved.train.model_dump(mode="json"),
+                "objective": target.objective,
+                "layers": run.num_layers if index is None else list(run.block(index).layers),
+                "train_range": list(target.train_range),
+            },
+        )
         t = resolved.train
         micro = t.batch_size // t.grad_accumulation
-        batch = (f"effective batch {t.batch_size} = {t.grad_accumulation} x {micro}" if t.grad_accumulation > 1
-                 else f"batch {t.batch_size}")
+        batch = (
+            f"effective batch {t.batch_size} = {t.grad_accumulation} x {micro}"
+            if t.grad_accumulation > 1
+            else f"batch {t.batch_size}"
+        )
         if not quiet:
             console.print(f"memory options: {describe(t)}; {batch}", highlight=False, markup=False)
             busy = busy_cpu_note(resolve_device(t.device))
             if busy:
                 console.print(busy, highlight=False, markup=False)
-    result = train(run, target, steps=steps, epochs=epochs, restart=restart, overrides=overrides, progress=not quiet,
-                   note=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
+    result = train(
+        run,
+        target,
+        steps=steps,
+        epochs=epochs,
+        restart=restart,
+        overrides=overrides,
+        progress=not quiet,
+        note=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True),
+    )
     if not dist.is_main:
         return
     loss = f", last logged loss {result.last_loss:.4f}" if result.last_loss is not None else " (already finished)"
@@ -398,7 +489,9 @@ def train_block_cmd(
 def train_all_cmd(
     overrides: Overrides = None,
     run: RunOpt = None,
-    parallel: Annotated[int, typer.Option("--parallel", "-p", min=1, help="Blocks trained at the same time (one process each).")] = 1,
+    parallel: Annotated[
+        int, typer.Option("--parallel", "-p", min=1, help="Blocks trained at the same time (one process each).")
+    ] = 1,
     steps: TrainStepsOpt = None,
     epochs: EpochsOpt = None,
     quiet: QuietOpt = False,
@@ -413,12 +506,18 @@ def train_all_cmd(
     result = train_all(opened, parallel, steps, epochs, overrides, console=console, live=not quiet)
     busy = [j for j in result.jobs if j.state == BUSY]
     if busy:
-        console.print(f"left to other processes: {', '.join(f'block {j.index} ({j.detail})' for j in busy)}", highlight=False)
+        console.print(
+            f"left to other processes: {', '.join(f'block {j.index} ({j.detail})' for j in busy)}", highlight=False
+        )
     if result.failed:
-        raise_user("; ".join(f"block {j.index} failed ({j.detail or j.returncode}), log {j.log}" for j in result.failed)
-                   + " (the other blocks went on; rerun to continue each from its last checkpoint)")
-    console.print(bold(f"every block of {opened.root} is trained", "bold green") if not busy
-                  else "the other blocks are trained", highlight=False)
+        raise_user(
+            "; ".join(f"block {j.index} failed ({j.detail or j.returncode}), log {j.log}" for j in result.failed)
+            + " (the other blocks went on; rerun to continue each from its last checkpoint)"
+        )
+    console.print(
+        bold(f"every block of {opened.root} is trained", "bold green") if not busy else "the other blocks are trained",
+        highlight=False,
+    )
 
 
 @command("train-e2e")
@@ -429,19 +528,29 @@ def train_e2e_cmd(
     epochs: EpochsOpt = None,
     restart: RestartOpt = False,
     quiet: QuietOpt = False,
-    objective: Annotated[str, typer.Option("--objective", help="denoiser: the e2e baseline (the blocks' denoiser over "
-                                           "all layers and the full sigma range); ar: the autoregressive reference "
-                                           "(text), into RUN/ar/; classifier: the plain classifier (ViT), into "
-                                           "RUN/classifier/.")] = "denoiser",
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="denoiser: the e2e baseline (the blocks' denoiser over "
+            "all layers and the full sigma range); ar: the autoregressive reference "
+            "(text), into RUN/ar/; classifier: the plain classifier (ViT), into "
+            "RUN/classifier/.",
+        ),
+    ] = "denoiser",
 ) -> None:
     """Train the unsplit network end to end (the baseline), matched to the blocks in layer updates."""
     _train(run, None, overrides, steps, epochs, restart, quiet, objective)
 
 
 SAMPLE_SHARED = [
-    ("run", RunOpt, None), ("model", ModelOpt, "blocks"), ("steps", SampleStepsOpt, None), ("solver", SolverOpt, None),
+    ("run", RunOpt, None),
+    ("model", ModelOpt, "blocks"),
+    ("steps", SampleStepsOpt, None),
+    ("solver", SolverOpt, None),
     ("num", Annotated[Optional[int], typer.Option("--num", min=1, help="Number of samples.")], None),
-    ("seed", SeedOpt, None), ("weights", WeightsOpt, None),
+    ("seed", SeedOpt, None),
+    ("weights", WeightsOpt, None),
     ("out", Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN/samples/...).")], None),
     ("quiet", QuietOpt, False),
 ]
@@ -460,9 +569,19 @@ def family_sample_flags() -> dict[str, tuple[Any, list[str]]]:
     return out
 
 
-def run_sample(run: Optional[Path], model: str, steps: Optional[int], solver: Optional[str], num: Optional[int],
-               seed: Optional[int], weights: Optional[str], out: Optional[Path], quiet: bool,
-               flags: dict[str, str], **given: Any) -> None:
+def run_sample(
+    run: Optional[Path],
+    model: str,
+    steps: Optional[int],
+    solver: Optional[str],
+    num: Optional[int],
+    seed: Optional[int],
+    weights: Optional[str],
+    out: Optional[Path],
+    quiet: bool,
+    flags: dict[str, str],
+    **given: Any,
+) -> None:
     """What `dbconvert sample` does: resolve the run, build its family's options (an option of another family is
     one line), generate, report."""
     from dbconvert.rundir import resolve_run
@@ -472,8 +591,17 @@ def run_sample(run: Optional[Path], model: str, steps: Optional[int], solver: Op
     opened = resolve_run(run)
     family = opened.family()
     options = family.sample_options(flags, **{k: v for k, v in given.items() if v is not None})
-    request = SampleRequest(model=model, steps=steps, solver=solver, num=num, seed=seed, weights=weights, out=out,
-                            options=options, progress=not quiet)
+    request = SampleRequest(
+        model=model,
+        steps=steps,
+        solver=solver,
+        num=num,
+        seed=seed,
+        weights=weights,
+        out=out,
+        options=options,
+        progress=not quiet,
+    )
     result = family.generate(opened, request)
     for k, text in enumerate(result.text):  # completions hold newlines: each under its own numbered rule
         if len(result.text) > 1:
@@ -481,13 +609,20 @@ def run_sample(run: Optional[Path], model: str, steps: Optional[int], solver: Op
         console.print(text, highlight=False, markup=False)
     if result.tokens_per_second is not None and not quiet:  # a measurement, not a result: stderr
         err_console.print(f"{result.tokens_per_second:.1f} new tokens/s", highlight=False)
-    console.print(Text.assemble(f"wrote {len(result.files)} files to ", bold(result.directory),
-                                (f" (grid: {result.files[0]})" if result.files and result.files[0].suffix == ".png" else "")))
+    console.print(
+        Text.assemble(
+            f"wrote {len(result.files)} files to ",
+            bold(result.directory),
+            (f" (grid: {result.files[0]})" if result.files and result.files[0].suffix == ".png" else ""),
+        )
+    )
 
 
-SAMPLE_HELP = ("Generate with the trained blocks (or --model e2e / source / the family's reference); writes the samples "
-               "into the run. The options after --quiet are the families' own (`Family.sample_options_type`), each "
-               "marked with the families that take it; `sample --help` on a run shows that run's family's only.")
+SAMPLE_HELP = (
+    "Generate with the trained blocks (or --model e2e / source / the family's reference); writes the samples "
+    "into the run. The options after --quiet are the families' own (`Family.sample_options_type`), each "
+    "marked with the families that take it; `sample --help` on a run shows that run's family's only."
+)
 
 
 def sample_function(with_families: bool = True) -> Callable[..., None]:
@@ -501,8 +636,10 @@ def sample_function(with_families: bool = True) -> Callable[..., None]:
         shared = {name: kwargs.pop(name) for name, _, _ in SAMPLE_SHARED}
         run_sample(**shared, flags=flags, **kwargs)
 
-    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-              for name, annotation, default in SAMPLE_SHARED]
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in SAMPLE_SHARED
+    ]
     params += [option_parameter(flag, help=f"{flag.help} ({', '.join(names)} runs)") for flag, names in own.values()]
     sample.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     sample.__doc__ = SAMPLE_HELP
@@ -539,7 +676,9 @@ def sample_command() -> Any:
                 names = func.family_options.get(param.name)  # type: ignore[attr-defined]
                 if names is not None and family not in names:
                     param.hidden = True  # type: ignore[attr-defined]
-            cmd.help = SAMPLE_HELP.split(" The options after")[0] + f" Options of this {family} run's family follow --quiet."
+            cmd.help = (
+                SAMPLE_HELP.split(" The options after")[0] + f" Options of this {family} run's family follow --quiet."
+            )
         return parse(ctx, args)
 
     cmd.parse_args = parse_args  # type: ignore[method-assign]
@@ -553,19 +692,32 @@ DYNAMIC_COMMANDS["sample"] = sample_command
 @command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo run.")] = Path("dbconvert-demo"),
-    steps: Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_TRAIN_STEPS),
-                                                 help="Training steps per block and for the baseline (default: "
-                                                      "1000).")] = None,
-    e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also train the end-to-end baseline (and compare FIDs).")] = True,
-    force: Annotated[bool, typer.Option("--force", help="Start over instead of continuing an existing demo run.")] = False,
+    steps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--steps",
+            callback=in_range(1, MAX_TRAIN_STEPS),
+            help="Training steps per block and for the baseline (default: 1000).",
+        ),
+    ] = None,
+    e2e: Annotated[
+        bool, typer.Option("--e2e/--no-e2e", help="Also train the end-to-end baseline (and compare FIDs).")
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Start over instead of continuing an existing demo run.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """The built-in default: digits, tiny DiT, B=4; split -> train every block -> sample -> e2e -> FID of both."""
     from dbconvert.demo import run_demo
 
     result = run_demo(out=out, steps=steps, e2e=e2e, force=force, progress=not quiet, console=console)
-    console.print(Text.assemble(bold("demo done", "bold green"), f": run {result.run.root} (the lines above name its "
-                                "grids, figures and what the FIDs mean)"))
+    console.print(
+        Text.assemble(
+            bold("demo done", "bold green"),
+            f": run {result.run.root} (the lines above name its grids, figures and what the FIDs mean)",
+        )
+    )
 
 
 def raise_user(message: str) -> None:
@@ -574,28 +726,47 @@ def raise_user(message: str) -> None:
 
 # --- bench ---------------------------------------------------------------------------------
 
-bench_app = typer.Typer(help="Measure the claims: training memory and step time of one block vs the whole network.",
-                        no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Measure the claims: training memory and step time of one block vs the whole network.", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 RecipeArg = Annotated[str, typer.Argument(help="A shipped recipe name or a path to a YAML recipe.")]
-BenchBlocksOpt = Annotated[int, typer.Option("--blocks", "-b", help="Number of blocks B to compare against the whole network.")]
+BenchBlocksOpt = Annotated[
+    int, typer.Option("--blocks", "-b", help="Number of blocks B to compare against the whole network.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, ... (default: the recipe's train.device).")]
-ContextOpt = Annotated[Optional[int], typer.Option("--context", min=2, help="Text recipes: sequence length "
-                                                   "(overrides model.context).")]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="cpu, cuda, ... (default: the recipe's train.device).")
+]
+ContextOpt = Annotated[
+    Optional[int], typer.Option("--context", min=2, help="Text recipes: sequence length (overrides model.context).")
+]
 
 
-CheckpointingOpt = Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Also measure the deepest "
-                                                 "block and the whole network with train.activation_checkpointing "
-                                                 "(and, for families with one, the same network as a plain causal LM "
-                                                 "without and with it).")]
-EveryBlockOpt = Annotated[bool, typer.Option("--every-block/--deepest-block", help="Measure every block of the split, "
-                                             "or only the deepest one (blocks of equal depth cost the same).")]
+CheckpointingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--checkpointing/--no-checkpointing",
+        help="Also measure the deepest "
+        "block and the whole network with train.activation_checkpointing "
+        "(and, for families with one, the same network as a plain causal LM "
+        "without and with it).",
+    ),
+]
+EveryBlockOpt = Annotated[
+    bool,
+    typer.Option(
+        "--every-block/--deepest-block",
+        help="Measure every block of the split, or only the deepest one (blocks of equal depth cost the same).",
+    ),
+]
 
 
-SkipOpt = Annotated[Optional[list[str]], typer.Option("--skip", help="A network not to measure, e.g. e2e when it "
-                                                   "would not fit in memory (repeatable).")]
+SkipOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--skip", help="A network not to measure, e.g. e2e when it would not fit in memory (repeatable)."),
+]
 
 
 def _print_report(lines: list) -> None:
@@ -613,23 +784,47 @@ def bench_memory_cmd(
     recipe: RecipeArg,
     overrides: Overrides = None,
     blocks: BenchBlocksOpt = 4,
-    batch: Annotated[Optional[int], typer.Option("--batch", help="Training batch (default: the recipe's train.batch_size).")] = None,
+    batch: Annotated[
+        Optional[int], typer.Option("--batch", help="Training batch (default: the recipe's train.batch_size).")
+    ] = None,
     context: ContextOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
-    static: Annotated[bool, typer.Option("--static", help="Only the exact bytes of parameters, gradients, optimizer "
-                                         "state and EMA, built on the meta device (any size; no activations).")] = False,
+    static: Annotated[
+        bool,
+        typer.Option(
+            "--static",
+            help="Only the exact bytes of parameters, gradients, optimizer "
+            "state and EMA, built on the meta device (any size; no activations).",
+        ),
+    ] = False,
     checkpointing: CheckpointingOpt = True,
     every_block: EveryBlockOpt = True,
     skip: SkipOpt = None,
-    options: Annotated[bool, typer.Option("--options", help="With --static: the static bytes of the deepest block "
-                                          "and of e2e under each memory option (bf16-true, adamw8bit, EMA on the CPU "
-                                          "or off, optimizer in backward), with bytes a parameter.")] = False,
-    fit_size: Annotated[Optional[str], typer.Option("--fit", help="A memory size (24GiB, 80GB; G = GiB): the smallest "
-                                                    "B whose block fits, per memory option, beside e2e and "
-                                                    "e2e+checkpointing (static tensors + measured activations).")] = None,
-    headroom: Annotated[float, typer.Option("--headroom", help="With --fit: the share of the size kept free for "
-                                            "temporaries and allocator slack.")] = 0.10,
+    options: Annotated[
+        bool,
+        typer.Option(
+            "--options",
+            help="With --static: the static bytes of the deepest block "
+            "and of e2e under each memory option (bf16-true, adamw8bit, EMA on the CPU "
+            "or off, optimizer in backward), with bytes a parameter.",
+        ),
+    ] = False,
+    fit_size: Annotated[
+        Optional[str],
+        typer.Option(
+            "--fit",
+            help="A memory size (24GiB, 80GB; G = GiB): the smallest "
+            "B whose block fits, per memory option, beside e2e and "
+            "e2e+checkpointing (static tensors + measured activations).",
+        ),
+    ] = None,
+    headroom: Annotated[
+        float,
+        typer.Option(
+            "--headroom", help="With --fit: the share of the size kept free for temporaries and allocator slack."
+        ),
+    ] = 0.10,
 ) -> None:
     """Peak memory of one training step: each block alone vs the whole network end to end, with and without
     activation checkpointing; --options: what each memory option holds; --fit SIZE: which B fits."""
@@ -651,8 +846,10 @@ def bench_memory_cmd(
     if static:  # the meta device holds no activations: what sets them, or where they would live, does not apply
         given = [flag for flag, value in (("--batch", batch), ("--device", device)) if value is not None]
         if given:
-            raise DbconvertError(f"{given[0]} does not apply to --static (exact tensor bytes on the meta device, no "
-                                 "activations); drop it, or drop --static to measure a step")
+            raise DbconvertError(
+                f"{given[0]} does not apply to --static (exact tensor bytes on the meta device, no "
+                "activations); drop it, or drop --static to measure a step"
+            )
     if options and skip:
         raise DbconvertError("--options gives the deepest block and e2e under each memory option; drop --skip")
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
@@ -660,8 +857,10 @@ def bench_memory_cmd(
         from dbconvert.bench_fit import option_table, options_report
 
         if not static:
-            raise DbconvertError("--options gives the static figures (add --static); a measured step of one option "
-                                 "is `bench memory RECIPE train.precision=bf16-true ...`")
+            raise DbconvertError(
+                "--options gives the static figures (add --static); a measured step of one option "
+                "is `bench memory RECIPE train.precision=bf16-true ...`"
+            )
         result = option_table(resolved, blocks)
         if as_json:
             typer.echo(json.dumps(result))
@@ -675,10 +874,25 @@ def bench_memory_cmd(
             return
         _print_report(static_report(result))
         return
-    progress = None if as_json else (
-        lambda name, res: err_console.print(f"measured {name}: {res['peak_bytes'] / 2**20:,.1f} MiB", highlight=False))
-    result = bench_memory(resolved, blocks, batch, device, on_result=progress, checkpointing=checkpointing,
-                          every_block=every_block, skip=tuple(skip or ()))
+    progress = (
+        None
+        if as_json
+        else (
+            lambda name, res: err_console.print(
+                f"measured {name}: {res['peak_bytes'] / 2**20:,.1f} MiB", highlight=False
+            )
+        )
+    )
+    result = bench_memory(
+        resolved,
+        blocks,
+        batch,
+        device,
+        on_result=progress,
+        checkpointing=checkpointing,
+        every_block=every_block,
+        skip=tuple(skip or ()),
+    )
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -691,14 +905,30 @@ def bench_split_cmd(
     recipe: RecipeArg,
     overrides: Overrides = None,
     blocks: BenchBlocksOpt = 2,
-    dtype: Annotated[str, typer.Option("--dtype", help="dtype of the random checkpoint: bfloat16, float16 or float32.")] = "bfloat16",
-    train: Annotated[bool, typer.Option("--train/--no-train", help="Also train the deepest block one step (skipped, "
-                                        "with its static figure, when that cannot fit in the memory available).")] = True,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="dtype of the random checkpoint: bfloat16, float16 or float32.")
+    ] = "bfloat16",
+    train: Annotated[
+        bool,
+        typer.Option(
+            "--train/--no-train",
+            help="Also train the deepest block one step (skipped, "
+            "with its static figure, when that cannot fit in the memory available).",
+        ),
+    ] = True,
     batch: Annotated[int, typer.Option("--batch", help="Batch of the training step.")] = 1,
     context: ContextOpt = None,
-    directory: Annotated[Optional[Path], typer.Option("--dir", help="Where the scratch checkpoint and run go (default: "
-                                                      "here); it needs about twice the checkpoint's size free.")] = None,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep the scratch folder (checkpoint and run) afterwards.")] = False,
+    directory: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--dir",
+            help="Where the scratch checkpoint and run go (default: "
+            "here); it needs about twice the checkpoint's size free.",
+        ),
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the scratch folder (checkpoint and run) afterwards.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a random checkpoint of the recipe's size (e.g. tinyllama-1.1b-shape), split it and train one block
@@ -721,8 +951,13 @@ def bench_speed_cmd(
     recipe: RecipeArg,
     overrides: Overrides = None,
     blocks: BenchBlocksOpt = 4,
-    batch: Annotated[Optional[int], typer.Option("--batch", help="Batch of the sampling and training steps (default: the recipe's sample.num).")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed repetitions per measurement (the median is reported).")] = 5,
+    batch: Annotated[
+        Optional[int],
+        typer.Option("--batch", help="Batch of the sampling and training steps (default: the recipe's sample.num)."),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Timed repetitions per measurement (the median is reported).")
+    ] = 5,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed repetitions first.")] = 1,
     context: ContextOpt = None,
     device: DeviceOpt = None,
@@ -731,8 +966,21 @@ def bench_speed_cmd(
     checkpointing: CheckpointingOpt = True,
     every_block: EveryBlockOpt = True,
     skip: SkipOpt = None,
-    decoding: Annotated[bool, typer.Option("--decoding/--no-decoding", help="Text: also time whole decodes, blocks at the few-step protocol vs AR decoding (KV cache both).")] = True,
-    decode_tokens: Annotated[Optional[int], typer.Option("--decode-tokens", help="New tokens per row of the decoding rows (default: up to 64, what the context leaves after a quarter-context prompt).")] = None,
+    decoding: Annotated[
+        bool,
+        typer.Option(
+            "--decoding/--no-decoding",
+            help="Text: also time whole decodes, blocks at the few-step protocol vs AR decoding (KV cache both).",
+        ),
+    ] = True,
+    decode_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--decode-tokens",
+            help="New tokens per row of the decoding rows (default: up to 64, what the context leaves after "
+            "a quarter-context prompt).",
+        ),
+    ] = None,
 ) -> None:
     """Seconds per sampling step and per training step: each block vs all layers, with and without checkpointing."""
     from dbconvert.bench import bench_speed, speed_report
@@ -740,9 +988,21 @@ def bench_speed_cmd(
 
     resolved = load_recipe(recipe, [*(overrides or []), *([f"model.context={context}"] if context else [])])
     progress = None if as_json else (lambda msg: err_console.print(msg, highlight=False))
-    result = bench_speed(resolved, blocks, batch, repeats, warmup, device, on_progress=progress,
-                         sampling_only=sampling_only, checkpointing=checkpointing, every_block=every_block,
-                         skip=tuple(skip or ()), decoding=decoding, decode_tokens=decode_tokens)
+    result = bench_speed(
+        resolved,
+        blocks,
+        batch,
+        repeats,
+        warmup,
+        device,
+        on_progress=progress,
+        sampling_only=sampling_only,
+        checkpointing=checkpointing,
+        every_block=every_block,
+        skip=tuple(skip or ()),
+        decoding=decoding,
+        decode_tokens=decode_tokens,
+    )
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -751,54 +1011,109 @@ def bench_speed_cmd(
 
 # --- ablate --------------------------------------------------------------------------------
 
-ablate_app = typer.Typer(help="The paper's ablations on a small scale: partition (Table 3), overlap gamma (Table 4), "
-                              "number of blocks (Table 5); each variant trained and scored by its family's default metric (FID for DiT).",
-                         no_args_is_help=True)
+ablate_app = typer.Typer(
+    help="The paper's ablations on a small scale: partition (Table 3), overlap gamma (Table 4), "
+    "number of blocks (Table 5); each variant trained and scored by its family's default metric (FID for DiT).",
+    no_args_is_help=True,
+)
 app.add_typer(ablate_app, name="ablate")
 
-AblateStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_TRAIN_STEPS),
-                                                       help="Training steps of every block of every variant "
-                                                            "(default: the recipe's train.steps).")]
-AblateOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Ablation folder, one run per variant (default: runs/RECIPE-ablate-KIND).")]
-AblateNumOpt = Annotated[int, typer.Option("--num", min=1, help="Samples the metric scores per variant (same sampling seed for all).")]
-AblateValuesOpt = Annotated[Optional[str], typer.Option("--values", help="Comma-separated values of the variable instead of the paper's set.")]
+AblateStepsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--steps",
+        callback=in_range(1, MAX_TRAIN_STEPS),
+        help="Training steps of every block of every variant (default: the recipe's train.steps).",
+    ),
+]
+AblateOutOpt = Annotated[
+    Optional[Path],
+    typer.Option("--out", help="Ablation folder, one run per variant (default: runs/RECIPE-ablate-KIND)."),
+]
+AblateNumOpt = Annotated[
+    int, typer.Option("--num", min=1, help="Samples the metric scores per variant (same sampling seed for all).")
+]
+AblateValuesOpt = Annotated[
+    Optional[str], typer.Option("--values", help="Comma-separated values of the variable instead of the paper's set.")
+]
 AblateForceOpt = Annotated[bool, typer.Option("--force", help="Redo every variant from scratch instead of resuming.")]
 
 
-def _ablate(kind: str, recipe: str, overrides: Optional[list[str]], steps: Optional[int], out: Optional[Path],
-            num: int, values: Optional[str], force: bool, quiet: bool) -> None:
+def _ablate(
+    kind: str,
+    recipe: str,
+    overrides: Optional[list[str]],
+    steps: Optional[int],
+    out: Optional[Path],
+    num: int,
+    values: Optional[str],
+    force: bool,
+    quiet: bool,
+) -> None:
     from dbconvert.ablate import parse_values, rich_table, run_ablation
 
-    result = run_ablation(kind, recipe, overrides, steps=steps, out=out, num=num, values=parse_values(kind, values),
-                          force=force, progress=not quiet, console=console)
+    result = run_ablation(
+        kind,
+        recipe,
+        overrides,
+        steps=steps,
+        out=out,
+        num=num,
+        values=parse_values(kind, values),
+        force=force,
+        progress=not quiet,
+        console=console,
+    )
     print_table(rich_table(result.summary))
-    console.print(Text.assemble("tables written to ", bold(result.markdown), " and ", bold(result.json_path)),
-                  highlight=False)
+    console.print(
+        Text.assemble("tables written to ", bold(result.markdown), " and ", bold(result.json_path)), highlight=False
+    )
 
 
 @ablate_app.command("partition")
 @handle_errors
-def ablate_partition_cmd(recipe: RecipeArg, overrides: Overrides = None, steps: AblateStepsOpt = None,
-                         out: AblateOutOpt = None, num: AblateNumOpt = 500, values: AblateValuesOpt = None,
-                         force: AblateForceOpt = False, quiet: QuietOpt = False) -> None:
+def ablate_partition_cmd(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    steps: AblateStepsOpt = None,
+    out: AblateOutOpt = None,
+    num: AblateNumOpt = 500,
+    values: AblateValuesOpt = None,
+    force: AblateForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Equi-probability vs uniform partition of the noise levels, gamma = 0 (the paper's Table 3)."""
     _ablate("partition", recipe, overrides, steps, out, num, values, force, quiet)
 
 
 @ablate_app.command("overlap")
 @handle_errors
-def ablate_overlap_cmd(recipe: RecipeArg, overrides: Overrides = None, steps: AblateStepsOpt = None,
-                       out: AblateOutOpt = None, num: AblateNumOpt = 500, values: AblateValuesOpt = None,
-                       force: AblateForceOpt = False, quiet: QuietOpt = False) -> None:
+def ablate_overlap_cmd(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    steps: AblateStepsOpt = None,
+    out: AblateOutOpt = None,
+    num: AblateNumOpt = 500,
+    values: AblateValuesOpt = None,
+    force: AblateForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Overlap gamma in {0, 0.05, 0.1, 0.15, 0.2} (the paper's Table 4)."""
     _ablate("overlap", recipe, overrides, steps, out, num, values, force, quiet)
 
 
 @ablate_app.command("blocks")
 @handle_errors
-def ablate_blocks_cmd(recipe: RecipeArg, overrides: Overrides = None, steps: AblateStepsOpt = None,
-                      out: AblateOutOpt = None, num: AblateNumOpt = 500, values: AblateValuesOpt = None,
-                      force: AblateForceOpt = False, quiet: QuietOpt = False) -> None:
+def ablate_blocks_cmd(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    steps: AblateStepsOpt = None,
+    out: AblateOutOpt = None,
+    num: AblateNumOpt = 500,
+    values: AblateValuesOpt = None,
+    force: AblateForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Number of blocks B in {1, 2, 3, 4, 6} at a fixed depth, matched layer updates (the paper's Table 5).
 
     A fresh network whose depth not every B divides is deepened to the next multiple of
@@ -810,8 +1125,15 @@ def ablate_blocks_cmd(recipe: RecipeArg, overrides: Overrides = None, steps: Abl
 
 @ablate_app.command("memory")
 @handle_errors
-def ablate_memory_cmd(recipe: RecipeArg, overrides: Overrides = None, steps: AblateStepsOpt = None,
-                      out: AblateOutOpt = None, num: AblateNumOpt = 500, values: AblateValuesOpt = None,
-                      force: AblateForceOpt = False, quiet: QuietOpt = False) -> None:
+def ablate_memory_cmd(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    steps: AblateStepsOpt = None,
+    out: AblateOutOpt = None,
+    num: AblateNumOpt = 500,
+    values: AblateValuesOpt = None,
+    force: AblateForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """The memory options against float32 AdamW with EMA: fp32, bf16-true, adamw8bit, ema-off (not in the paper)."""
     _ablate("memory", recipe, overrides, steps, out, num, values, force, quiet)

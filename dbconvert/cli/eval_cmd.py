@@ -19,8 +19,18 @@ from typer.core import TyperGroup
 from rich.text import Text
 
 from dbconvert.cli.app import bold, console, err_console, handle_errors, print_table
-from dbconvert.cli.options import (JsonOpt, ModelOpt, QuietOpt, RunOpt, SampleStepsOpt, SeedOpt, SolverOpt, WeightsOpt,
-                                   option_parameter, tidy_help)
+from dbconvert.cli.options import (
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    RunOpt,
+    SampleStepsOpt,
+    SeedOpt,
+    SolverOpt,
+    WeightsOpt,
+    option_parameter,
+    tidy_help,
+)
 from dbconvert.evaluation.metric import Metric, get_metric, metric_names, nolog
 
 
@@ -37,17 +47,35 @@ def _report(result: dict, run, as_json: bool) -> None:  # noqa: ANN001
         return
     print_table(result_table(result))
     if path:
-        console.print(Text.assemble("written to ", bold(path), "; `dbconvert eval compare` lists every evaluation of the run"))
+        console.print(
+            Text.assemble("written to ", bold(path), "; `dbconvert eval compare` lists every evaluation of the run")
+        )
 
 
 SHARED = [
-    ("run", RunOpt, None), ("model", ModelOpt, "blocks"), ("steps", SampleStepsOpt, None), ("solver", SolverOpt, None),
-    ("seed", SeedOpt, None), ("weights", WeightsOpt, None), ("as_json", JsonOpt, False), ("quiet", QuietOpt, False),
+    ("run", RunOpt, None),
+    ("model", ModelOpt, "blocks"),
+    ("steps", SampleStepsOpt, None),
+    ("solver", SolverOpt, None),
+    ("seed", SeedOpt, None),
+    ("weights", WeightsOpt, None),
+    ("as_json", JsonOpt, False),
+    ("quiet", QuietOpt, False),
 ]
 
 
-def run_metric(metric: Metric, run: Optional[Path], model: str, steps: Optional[int], solver: Optional[str],
-               seed: Optional[int], weights: Optional[str], as_json: bool, quiet: bool, **options: Any) -> None:
+def run_metric(
+    metric: Metric,
+    run: Optional[Path],
+    model: str,
+    steps: Optional[int],
+    solver: Optional[str],
+    seed: Optional[int],
+    weights: Optional[str],
+    as_json: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
     """What every `eval METRIC` command does: resolve the run, evaluate through the registry, report."""
     from dbconvert.errors import DbconvertError
     from dbconvert.rundir import resolve_run
@@ -60,12 +88,20 @@ def run_metric(metric: Metric, run: Optional[Path], model: str, steps: Optional[
     else:
         opened = resolve_run(run)
         if run is None and given and metric.name not in opened.family().metrics_for(opened.recipe):
-            raise DbconvertError(f"{metric.alone_hint} (the current run {opened.root} is a {opened.family_name} run, "
-                                 f"which eval {metric.name} does not apply to)")
+            raise DbconvertError(
+                f"{metric.alone_hint} (the current run {opened.root} is a {opened.family_name} run, "
+                f"which eval {metric.name} does not apply to)"
+            )
         metric.require(opened)
     sampler = {"steps": steps, "solver": solver, "seed": seed, "weights": weights}
-    result = metric.evaluate(opened, model=model, log=_log(quiet or as_json), progress=not quiet,
-                             **{k: v for k, v in sampler.items() if v is not None}, **options)
+    result = metric.evaluate(
+        opened,
+        model=model,
+        log=_log(quiet or as_json),
+        progress=not quiet,
+        **{k: v for k, v in sampler.items() if v is not None},
+        **options,
+    )
     _report(result, opened, as_json)
 
 
@@ -88,8 +124,10 @@ def metric_command(metric: Metric) -> click.Command:
         shared = {name: kwargs.pop(name) for name, _, _ in SHARED}
         run_metric(metric, **shared, **kwargs)
 
-    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-              for name, annotation, default in SHARED]
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in SHARED
+    ]
     params += [option_parameter(o) for o in metric.options]
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = metric.help or f"{metric.title} of the run's models."
@@ -111,9 +149,12 @@ class MetricGroup(TyperGroup):
         return found
 
 
-eval_app = typer.Typer(cls=MetricGroup, no_args_is_help=True,
-                       help="Evaluate a run with one of its metrics (FID/KID for images, MAUVE for text, and those a "
-                            "family registers), and compare every result.")
+eval_app = typer.Typer(
+    cls=MetricGroup,
+    no_args_is_help=True,
+    help="Evaluate a run with one of its metrics (FID/KID for images, MAUVE for text, and those a "
+    "family registers), and compare every result.",
+)
 
 
 @eval_app.command("compare")

@@ -14,8 +14,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from dbconvert.schema import (EPOCHS_UNIT, MAX_EPOCHS, MAX_SAMPLE_STEPS, MAX_SEED, MAX_TRAIN_STEPS, SEED_UNIT,
-                              range_text, within)
+from dbconvert.schema import (
+    EPOCHS_UNIT,
+    MAX_EPOCHS,
+    MAX_SAMPLE_STEPS,
+    MAX_SEED,
+    MAX_TRAIN_STEPS,
+    SEED_UNIT,
+    range_text,
+    within,
+)
 from dbconvert.solvers import solver_choices, solver_names
 
 
@@ -36,31 +44,62 @@ Overrides = Annotated[
     Optional[list[str]],
     typer.Argument(help="Recipe overrides, key.sub=value (e.g. train.lr=3e-4).", show_default=False),
 ]
-TrainStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_TRAIN_STEPS),
-                                                      help="Train for this many steps (overrides the recipe).")]
-EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", callback=in_range(0, MAX_EPOCHS, True, EPOCHS_UNIT),
-                                                    help="Train for this many epochs (overrides the recipe).")]
+TrainStepsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--steps", callback=in_range(1, MAX_TRAIN_STEPS), help="Train for this many steps (overrides the recipe)."
+    ),
+]
+EpochsOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--epochs",
+        callback=in_range(0, MAX_EPOCHS, True, EPOCHS_UNIT),
+        help="Train for this many epochs (overrides the recipe).",
+    ),
+]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Ignore the saved training state and start over.")]
 MODEL_CHOICES = "[blocks|e2e|source|ar|classifier]"
 """The model kinds as --help shows them (ar: text families' plain reference; classifier: ViT's)."""
-ModelOpt = Annotated[str, typer.Option("--model", metavar=MODEL_CHOICES,
-                                      help="Which model: blocks, e2e (same denoiser, all layers), source (the unsplit "
-                                           "converted source) or the family's plain reference (ar for text, "
-                                           "classifier for ViT).")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        metavar=MODEL_CHOICES,
+        help="Which model: blocks, e2e (same denoiser, all layers), source (the unsplit "
+        "converted source) or the family's plain reference (ar for text, "
+        "classifier for ViT).",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
-SampleStepsOpt = Annotated[Optional[int], typer.Option("--steps", callback=in_range(1, MAX_SAMPLE_STEPS),
-                                                       help="Diffusion steps (default: recipe).")]
-SolverOpt = Annotated[Optional[str], typer.Option("--solver", metavar=f"[{'|'.join(solver_names())}]",
-                                                   help=f"{solver_choices()} (default: recipe).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", callback=in_range(0, MAX_SEED, unit=SEED_UNIT),
-                                                 help="Sampling seed (default: recipe).")]
-WeightsOpt = Annotated[Optional[str], typer.Option("--weights", metavar="[ema|model]",
-                                                    help="ema or model weights (default: recipe).")]
+SampleStepsOpt = Annotated[
+    Optional[int],
+    typer.Option("--steps", callback=in_range(1, MAX_SAMPLE_STEPS), help="Diffusion steps (default: recipe)."),
+]
+SolverOpt = Annotated[
+    Optional[str],
+    typer.Option("--solver", metavar=f"[{'|'.join(solver_names())}]", help=f"{solver_choices()} (default: recipe)."),
+]
+SeedOpt = Annotated[
+    Optional[int],
+    typer.Option("--seed", callback=in_range(0, MAX_SEED, unit=SEED_UNIT), help="Sampling seed (default: recipe)."),
+]
+WeightsOpt = Annotated[
+    Optional[str], typer.Option("--weights", metavar="[ema|model]", help="ema or model weights (default: recipe).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-TYPE_METAVARS = {"<str>": "TEXT", "<int>": "INT", "<float>": "FLOAT", "<path>": "PATH", "<file>": "FILE",
-                 "<directory>": "DIR", "<int range>": "INT", "<float range>": "FLOAT"}
+TYPE_METAVARS = {
+    "<str>": "TEXT",
+    "<int>": "INT",
+    "<float>": "FLOAT",
+    "<path>": "PATH",
+    "<file>": "FILE",
+    "<directory>": "DIR",
+    "<int range>": "INT",
+    "<float range>": "FLOAT",
+}
 """click's plain names for option values in --help, for typer's `<str>`, `<int>`, ... (a range keeps its bounds)."""
 
 
@@ -82,6 +121,7 @@ def tidy_help(command: Any) -> Any:
             param.metavar = TYPE_METAVARS[shown]
     help_option = getattr(command, "get_help_option", None)
     if help_option is not None and not getattr(help_option, "tidied", False):
+
         def tidied(ctx: Any, original: Callable[[Any], Any] = help_option) -> Any:
             option = original(ctx)  # click adds --help when asked for it: a flag like the others
             if option is not None and option.metavar is None:
@@ -104,6 +144,21 @@ def option_parameter(option: Any, help: str | None = None, hidden: bool = False)
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=annotation)
 
 
-__all__ = ["EpochsOpt", "JsonOpt", "MODEL_CHOICES", "ModelOpt", "Overrides", "QuietOpt", "RestartOpt", "RunOpt",
-           "SampleStepsOpt", "SeedOpt", "SolverOpt", "TrainStepsOpt", "WeightsOpt", "in_range", "option_parameter",
-           "tidy_help"]
+__all__ = [
+    "EpochsOpt",
+    "JsonOpt",
+    "MODEL_CHOICES",
+    "ModelOpt",
+    "Overrides",
+    "QuietOpt",
+    "RestartOpt",
+    "RunOpt",
+    "SampleStepsOpt",
+    "SeedOpt",
+    "SolverOpt",
+    "TrainStepsOpt",
+    "WeightsOpt",
+    "in_range",
+    "option_parameter",
+    "tidy_help",
+]

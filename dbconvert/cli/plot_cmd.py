@@ -1,4 +1,5 @@
-"""`dbconvert plot [partition|loss|eval|samples|all]`: PNG figures of a run in RUN/plots/, paths printed one per line."""
+"""`dbconvert plot [partition|loss|eval|samples|all]`: PNG figures of a run in RUN/plots/, paths printed one per
+line."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import typer
 from dbconvert.cli.app import RunOpt, command, err_console
 
 FigureArg = Annotated[str, typer.Argument(help="partition, loss, eval, samples, or all (every figure that has data).")]
-CompareOpt = Annotated[bool, typer.Option("--compare-uniform",
-                                          help="Partition figure: equi-probability and uniform side by side.")]
+CompareOpt = Annotated[
+    bool, typer.Option("--compare-uniform", help="Partition figure: equi-probability and uniform side by side.")
+]
 
 
 @command("plot")
@@ -20,7 +22,11 @@ def plot_cmd(figure: FigureArg = "all", run: RunOpt = None, compare_uniform: Com
     from dbconvert.rundir import resolve_run
 
     opened = resolve_run(run)
-    paths = make_figures(opened, figure, compare_uniform,
-                         note=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
+    paths = make_figures(
+        opened,
+        figure,
+        compare_uniform,
+        note=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True),
+    )
     for path in paths:
         typer.echo(str(path))  # plain lines: scripts and terminals get whole paths, never wrapped

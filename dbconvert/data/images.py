@@ -7,7 +7,8 @@ Sources (`data.source`, with `data.kind` = auto to guess):
   with a message saying what to download and where to point `data.source`.
 - a local image folder: the `imagefolder` builder (class sub-folders become labels).
 - a `.npz` file, or a folder of `.npz` shards: arrays `x` (or `images`, `latents`); uint8 pixels
-  in NHWC (or unambiguous NCHW), float arrays in NCHW and optional `y` (or `labels`). uint8 arrays are scaled to [-1, 1]; float arrays
+  in NHWC (or unambiguous NCHW), float arrays in NCHW and optional `y` (or `labels`). uint8 arrays are scaled to
+  [-1, 1]; float arrays
   (e.g. precomputed VAE latents) are used as they are.
 
 Splits of local data (so that FID and the feature network's accuracy never silently use training
@@ -54,8 +55,13 @@ LOCAL_KINDS = ("imagefolder", "npz")
 
 
 def _is_npz(path: Path) -> bool:
-    return path.suffix == ".npz" or (path.is_dir() and (any(path.glob("*.npz")) or any(
-        (path / name).is_dir() and any((path / name).glob("*.npz")) for name in SPLIT_FOLDERS)))
+    return path.suffix == ".npz" or (
+        path.is_dir()
+        and (
+            any(path.glob("*.npz"))
+            or any((path / name).is_dir() and any((path / name).glob("*.npz")) for name in SPLIT_FOLDERS)
+        )
+    )
 
 
 def local_kind(source: str, what: str = "data.source") -> str:
@@ -130,11 +136,15 @@ def _local(cfg: DataConfig, kind: str, split: str) -> ImageData:
     if cfg.test_source is not None and cfg.test_fraction > 0:
         raise DataError("set data.test_source or data.test_fraction, not both")
     if folders and (cfg.test_source is not None or cfg.test_fraction > 0):
-        raise DataError(f"data.source {cfg.source!r} has split sub-folders ({', '.join(folders)}); they are its splits, "
-                        "so drop data.test_source / data.test_fraction")
+        raise DataError(
+            f"data.source {cfg.source!r} has split sub-folders ({', '.join(folders)}); they are its splits, "
+            "so drop data.test_source / data.test_fraction"
+        )
     if folders:
         if split not in folders:
-            raise DataError(f"data.source {cfg.source!r} has no {split!r} split (its sub-folders: {', '.join(folders)})")
+            raise DataError(
+                f"data.source {cfg.source!r} has no {split!r} split (its sub-folders: {', '.join(folders)})"
+            )
         return _read(cfg, kind, cfg.source, split)
     if split == "test" and cfg.test_source is not None:
         test_kind = local_kind(cfg.test_source, "data.test_source")
@@ -170,13 +180,16 @@ def hold_out(data: ImageData, fraction: float, seed: int, split: str) -> ImageDa
 
 def _same_classes(source: str, test_source: str) -> None:
     """Labels of an image folder come from its sorted class sub-folders: both folders need the same ones."""
+
     def classes(folder: str) -> list[str]:
         return sorted(p.name for p in Path(folder).expanduser().iterdir() if p.is_dir())
 
     train, test = classes(source), classes(test_source)
     if train != test:
-        raise DataError(f"data.test_source {test_source!r} has the class folders {test} but data.source has {train}; "
-                        "labels come from the sorted folder names, so use the same class folders in both")
+        raise DataError(
+            f"data.test_source {test_source!r} has the class folders {test} but data.source has {train}; "
+            "labels come from the sorted folder names, so use the same class folders in both"
+        )
 
 
 def _digits(split: str) -> ImageData:
@@ -232,8 +245,10 @@ def _from_hf(ds, cfg: DataConfig, name: str) -> ImageData:  # noqa: ANN001
     if len(ds) == 0:
         raise DataError(f"data set {name!r} is empty")
     try:
-        arrays = [pil_pixels(img, f"an image of data set {name!r}") if hasattr(img, "mode") else np.asarray(img)
-                  for img in ds[image_key]]
+        arrays = [
+            pil_pixels(img, f"an image of data set {name!r}") if hasattr(img, "mode") else np.asarray(img)
+            for img in ds[image_key]
+        ]
     except DataError:
         raise
     except Exception as exc:
@@ -279,12 +294,15 @@ def pil_pixels(img, what: str) -> np.ndarray:  # noqa: ANN001 - PIL.Image.Image
     if img.mode in SIXTEEN_BIT_MODES:
         arr = np.asarray(img)
         if arr.min() < 0 or arr.max() > 65535:
-            raise DataError(f"{what} is a 32-bit integer image (values {arr.min()}..{arr.max()}); save it as an 8- or "
-                            "16-bit PNG")
+            raise DataError(
+                f"{what} is a 32-bit integer image (values {arr.min()}..{arr.max()}); save it as an 8- or 16-bit PNG"
+            )
         return arr.astype(np.uint16)
     if img.mode == "F":
-        raise DataError(f"{what} is a floating-point image, whose pixel range is unknown; save it as an 8- or 16-bit "
-                        "PNG, or the array as a .npz in the model's range")
+        raise DataError(
+            f"{what} is a floating-point image, whose pixel range is unknown; save it as an 8- or 16-bit "
+            "PNG, or the array as a .npz in the model's range"
+        )
     return np.asarray(img)
 
 

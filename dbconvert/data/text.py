@@ -98,7 +98,9 @@ def read_documents(cfg: DataConfig, split: str = "train") -> list[str]:
     if kind == "text":
         files = local_files(cfg.source)
         try:
-            ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by=cfg.text_unit, split="train")
+            ds = datasets.load_dataset(
+                "text", data_files=[str(f) for f in files], sample_by=cfg.text_unit, split="train"
+            )
         except Exception as exc:
             raise DataError(
                 f"cannot read text data {cfg.source!r} as UTF-8 text ({type(exc).__name__}: "
@@ -109,7 +111,9 @@ def read_documents(cfg: DataConfig, split: str = "train") -> list[str]:
         ds = _load_hub(cfg, split)
         key = cfg.text_key
         if key not in ds.column_names:
-            raise DataError(f"data set {cfg.source!r} has no column {key!r} (columns: {ds.column_names}); set data.text_key")
+            raise DataError(
+                f"data set {cfg.source!r} has no column {key!r} (columns: {ds.column_names}); set data.text_key"
+            )
     docs = [t for t in ds[key] if isinstance(t, str) and t.strip()]
     if not docs:
         raise DataError(f"text data {cfg.source!r} is empty; give a file with text in it")
@@ -148,7 +152,8 @@ def pack(docs: list[str], tokenizer: Tokenizer, context: int, seed: int) -> np.n
     rows = len(stream) // context
     if rows == 0:
         raise DataError(
-            f"the text has {len(stream)} tokens, fewer than one context of {context}; give more text or lower model.context"
+            f"the text has {len(stream)} tokens, fewer than one context of {context}; give more text or lower "
+            f"model.context"
         )
     return stream[: rows * context].reshape(rows, context)
 
@@ -158,8 +163,9 @@ def text_split_overlaps_training(cfg: DataConfig, split: str) -> bool:
     any other name is a DataError (it would otherwise read the training rows)."""
     if resolve_kind(cfg) == "text":
         if split not in ("train", *VAL_SPLITS):
-            raise DataError(f"local text has the splits train and val (rows held out by data.val_fraction), "
-                            f"not {split!r}")
+            raise DataError(
+                f"local text has the splits train and val (rows held out by data.val_fraction), not {split!r}"
+            )
         return split not in VAL_SPLITS
     return split == cfg.split
 
@@ -179,7 +185,9 @@ def load_text(cfg: DataConfig, tokenizer: Tokenizer, context: int, split: str | 
         perm = np.random.default_rng(seed + 1).permutation(len(rows))
         n_val = max(1, int(round(cfg.val_fraction * len(rows))))
         if n_val >= len(rows):
-            raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training rows out of {len(rows)}; lower it")
+            raise DataError(
+                f"data.val_fraction={cfg.val_fraction} leaves no training rows out of {len(rows)}; lower it"
+            )
         pick = np.sort(perm[:n_val] if held_out else perm[n_val:])
         rows = rows[pick]
     if int(rows.max()) >= tokenizer.vocab_size:

@@ -29,8 +29,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dbconvert.evaluation' has no attribute {name!r}")
 
 
-def evaluate(run: Any, metric: str | None = None, *, model: str = "blocks", num: int, log: Log | None = None,
-             **sampler: Any) -> dict[str, Any]:
+def evaluate(
+    run: Any, metric: str | None = None, *, model: str = "blocks", num: int, log: Log | None = None, **sampler: Any
+) -> dict[str, Any]:
     """The run's family's default metric (or `metric`) of `model` with `num` generated units (images, prompts...).
 
     `sampler` holds seed / steps / solver / weights / guidance (None = the recipe's); a metric gets those
@@ -42,5 +43,14 @@ def evaluate(run: Any, metric: str | None = None, *, model: str = "blocks", num:
     return chosen.evaluate(run, model=model, log=log or nolog, **{chosen.num_option: num}, **options)
 
 
-__all__ = ["Metric", "collect_results", "evaluate", "evaluate_fid", "evaluate_mauve", "get_metric", "metric_names",
-           "register_metric", "write_result"]
+__all__ = [
+    "Metric",
+    "collect_results",
+    "evaluate",
+    "evaluate_fid",
+    "evaluate_mauve",
+    "get_metric",
+    "metric_names",
+    "register_metric",
+    "write_result",
+]

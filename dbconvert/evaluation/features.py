@@ -16,7 +16,8 @@ tensor without rescaling, so the extractor receives float tensors (N, 3, H, W) w
   ~/.cache/dbconvert)/features/, with its accuracies stored in the file's metadata. Its cost is
   bounded: a seeded share of the train split (10%, at most 1000 images) is held out, at most
   `CNN_MAX_IMAGES` of the rest are trained on, and training stops when the held-out accuracy has
-  not improved for `CNN_PATIENCE` epochs (at most `CNN_EPOCHS`); the best epoch's weights are kept. Its features are the 64-d penultimate layer before the ReLU. It runs at the
+  not improved for `CNN_PATIENCE` epochs (at most `CNN_EPOCHS`); the best epoch's weights are kept. Its features
+  are the 64-d penultimate layer before the ReLU. It runs at the
   images' native size: we pass clean-fid a `custom_fn_resize` that only converts to float32
   (no 299 x 299 resize, which would be meaningless for 8 x 8 digits), and the extractor takes
   channel 0 of the RGB copy (exactly the grey value) and scales it to [-1, 1] as in training.
@@ -97,10 +98,16 @@ class FeatureCNN(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, dim: int = CNN_DIM) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, dim),
+            nn.Conv2d(in_channels, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, dim),
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(dim, num_classes))
 
@@ -121,8 +128,9 @@ class BuiltinExtractor:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.size:
-            raise DataError(f"the built-in features take {self.size[0]}x{self.size[1]} images, got "
-                            f"{x.shape[-2]}x{x.shape[-1]}")
+            raise DataError(
+                f"the built-in features take {self.size[0]}x{self.size[1]} images, got {x.shape[-2]}x{x.shape[-1]}"
+            )
         x = x[:, :1] if self.in_channels == 1 else x[:, : self.in_channels]
         device = next(self.net.parameters()).device
         with torch.no_grad():
@@ -135,8 +143,13 @@ def data_key(source: str) -> str:
     return slug if source == "digits" else f"{slug}-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}"
 
 
-def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Callable[[str], None] | None = None,
-                     max_images: int = CNN_MAX_IMAGES, progress: bool = False) -> FeatureSpec:
+def builtin_features(
+    data_cfg: Any,
+    device: torch.device | None = None,
+    log: Callable[[str], None] | None = None,
+    max_images: int = CNN_MAX_IMAGES,
+    progress: bool = False,
+) -> FeatureSpec:
     """The built-in CNN for `data_cfg`'s data set: loaded from the cache, else trained once and cached.
 
     `max_images` caps the training images (0: the whole train split minus the held-out share).
@@ -147,8 +160,10 @@ def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Cal
     device = device or torch.device("cpu")
     train = load_images(data_cfg, "train")
     if train.x.shape[1] not in (1, 3):
-        raise DataError(f"the built-in features need 1- or 3-channel pixel images; {train.name} has "
-                        f"{train.x.shape[1]} channels (latents: decode them and pass --samples/--reference folders)")
+        raise DataError(
+            f"the built-in features need 1- or 3-channel pixel images; {train.name} has "
+            f"{train.x.shape[1]} channels (latents: decode them and pass --samples/--reference folders)"
+        )
     if train.num_classes < 2:
         raise DataError(f"the built-in features are a classifier and need labelled data; {train.name} has no classes")
     if len(train) < 2:
@@ -156,8 +171,22 @@ def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Cal
     pixels = to_uint8(train.x)
     c, h, w = pixels.shape[1:]
     digest = hashlib.sha256()
-    digest.update(json.dumps([CNN_VERSION, CNN_DIM, CNN_EPOCHS, CNN_PATIENCE, max_images, CNN_HELD_OUT,
-                              CNN_MAX_HELD_OUT, CNN_BATCH, CNN_LR, list(pixels.shape)]).encode())
+    digest.update(
+        json.dumps(
+            [
+                CNN_VERSION,
+                CNN_DIM,
+                CNN_EPOCHS,
+                CNN_PATIENCE,
+                max_images,
+                CNN_HELD_OUT,
+                CNN_MAX_HELD_OUT,
+                CNN_BATCH,
+                CNN_LR,
+                list(pixels.shape),
+            ]
+        ).encode()
+    )
     digest.update(pixels.tobytes())
     digest.update(train.y.numpy().astype(np.int64).tobytes())
     key = f"{data_key(data_cfg.source)}-{digest.hexdigest()[:10]}"
@@ -172,36 +201,64 @@ def builtin_features(data_cfg: Any, device: torch.device | None = None, log: Cal
                 meta = json.loads(fh.metadata()["dbconvert"])
                 net.load_state_dict({k: fh.get_tensor(k) for k in fh.keys()}, strict=True)
         except Exception as exc:
-            raise CheckpointError(f"cached feature network {path} is damaged ({type(exc).__name__}); delete it and rerun") from None
+            raise CheckpointError(
+                f"cached feature network {path} is damaged ({type(exc).__name__}); delete it and rerun"
+            ) from None
         if log:
-            log(f"built-in features: cached {path.name} (held-out accuracy {meta['val_accuracy']}, "
-                f"test accuracy {meta['test_accuracy']})")
+            log(
+                f"built-in features: cached {path.name} (held-out accuracy {meta['val_accuracy']}, "
+                f"test accuracy {meta['test_accuracy']})"
+            )
     else:
         fit, held = split_for_cnn(len(train), max_images)
         if log:
-            log(f"built-in features: training a small CNN on {len(fit)} of the {len(train)} {train.name} train images "
+            log(
+                f"built-in features: training a small CNN on {len(fit)} of the {len(train)} {train.name} train images "
                 f"(at most {CNN_EPOCHS} epochs, stopping when the accuracy on {len(held)} held-out train images stops "
-                "improving; seed 0)")
+                "improving; seed 0)"
+            )
         t0 = time.perf_counter()
         x = torch.from_numpy(pixels)
         val_accuracy, epochs = _train_cnn(net, x[fit], train.y[fit], x[held], train.y[held], progress)
         accuracy, test_n = _test_accuracy(net, data_cfg)
-        meta = {"version": CNN_VERSION, "data": str(data_cfg.source), "train_images": len(fit),
-                "train_split_images": len(train), "epochs": epochs, "seed": 0, "dim": CNN_DIM, "size": [h, w],
-                "channels": c, "val_accuracy": val_accuracy, "val_images": len(held), "test_accuracy": accuracy,
-                "test_images": test_n, "train_seconds": round(time.perf_counter() - t0, 1)}
+        meta = {
+            "version": CNN_VERSION,
+            "data": str(data_cfg.source),
+            "train_images": len(fit),
+            "train_split_images": len(train),
+            "epochs": epochs,
+            "seed": 0,
+            "dim": CNN_DIM,
+            "size": [h, w],
+            "channels": c,
+            "val_accuracy": val_accuracy,
+            "val_images": len(held),
+            "test_accuracy": accuracy,
+            "test_images": test_n,
+            "train_seconds": round(time.perf_counter() - t0, 1),
+        }
         save_weights(path, net.state_dict(), metadata={"dbconvert": json.dumps(meta)})
         if log:
             test = f"test accuracy {accuracy} on {test_n} images" if test_n else "no test split to measure it on"
-            log(f"built-in features: {epochs} epochs in {meta['train_seconds']}s, held-out accuracy {val_accuracy} "
-                f"on {len(held)} images, {test}; cached at {path}")
+            log(
+                f"built-in features: {epochs} epochs in {meta['train_seconds']}s, held-out accuracy {val_accuracy} "
+                f"on {len(held)} images, {test}; cached at {path}"
+            )
     net = net.to(device).eval()
     name = f"builtin-cnn:{data_key(data_cfg.source)}@{digest.hexdigest()[:8]}"
-    info = {"kind": "builtin-cnn", "weights": str(path), "val_accuracy": meta.get("val_accuracy"),
-            "val_images": meta.get("val_images"), "test_accuracy": meta["test_accuracy"],
-            "test_images": meta["test_images"], "train_images": meta.get("train_images"),
-            "epochs": meta.get("epochs"), "trained_on": f"{data_cfg.source}:train", "dim": CNN_DIM,
-            "input": f"native {h}x{w}, no resize"}
+    info = {
+        "kind": "builtin-cnn",
+        "weights": str(path),
+        "val_accuracy": meta.get("val_accuracy"),
+        "val_images": meta.get("val_images"),
+        "test_accuracy": meta["test_accuracy"],
+        "test_images": meta["test_images"],
+        "train_images": meta.get("train_images"),
+        "epochs": meta.get("epochs"),
+        "trained_on": f"{data_cfg.source}:train",
+        "dim": CNN_DIM,
+        "input": f"native {h}x{w}, no resize",
+    }
     return FeatureSpec(name, CNN_DIM, BuiltinExtractor(net, c, (h, w)), native_resize, key, (h, w), info)
 
 
@@ -215,8 +272,14 @@ def split_for_cnn(n: int, max_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     return fit, order[:n_held]
 
 
-def _train_cnn(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor, val_pixels: torch.Tensor,
-               val_labels: torch.Tensor, progress: bool) -> tuple[float, int]:
+def _train_cnn(
+    net: FeatureCNN,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    val_pixels: torch.Tensor,
+    val_labels: torch.Tensor,
+    progress: bool,
+) -> tuple[float, int]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a net this small only loses to thread synchronisation (10x on a busy 2-core CPU)
     try:
@@ -231,8 +294,14 @@ def _accuracy(net: FeatureCNN, x: torch.Tensor, y: torch.Tensor) -> float:
     return round(float((pred == y).float().mean()), 4)
 
 
-def _train_loop(net: FeatureCNN, pixels: torch.Tensor, labels: torch.Tensor, val_pixels: torch.Tensor,
-                val_labels: torch.Tensor, progress: bool) -> tuple[float, int]:
+def _train_loop(
+    net: FeatureCNN,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    val_pixels: torch.Tensor,
+    val_labels: torch.Tensor,
+    progress: bool,
+) -> tuple[float, int]:
     """Adam with a cosine schedule over CNN_EPOCHS; stops early on the held-out accuracy; keeps the best epoch."""
     from dbconvert.progress import progress as show
 
@@ -329,8 +398,12 @@ class InceptionExtractor:
             return self.layers.forward((x.to(self.device) - 128) / 128).reshape(x.shape[0], -1)
 
 
-def inception_features(weights: Path | None, device: torch.device | None = None,
-                       log: Callable[[str], None] | None = None, download_timeout: float = 60.0) -> FeatureSpec:
+def inception_features(
+    weights: Path | None,
+    device: torch.device | None = None,
+    log: Callable[[str], None] | None = None,
+    download_timeout: float = 60.0,
+) -> FeatureSpec:
     """Inception-V3 (clean-fid's weights): a user file, else clean-fid's cached file, else downloaded like clean-fid."""
     device = device or torch.device("cpu")
     if weights is not None:
@@ -346,9 +419,21 @@ def inception_features(weights: Path | None, device: torch.device | None = None,
                 log(f"downloading clean-fid's Inception weights to {path} (first use)")
             _download(inception_url(), path, download_timeout)
             source = "downloaded by clean-fid's rule"
-    spec = FeatureSpec("inception-v3 (clean-fid)", INCEPTION_DIM, InceptionExtractor(path, device), None,
-                       "inception", None, {"kind": "inception", "weights": str(path), "source": source,
-                                           "input": "clean-fid mode clean: PIL bicubic resize to 299x299", "dim": INCEPTION_DIM})
+    spec = FeatureSpec(
+        "inception-v3 (clean-fid)",
+        INCEPTION_DIM,
+        InceptionExtractor(path, device),
+        None,
+        "inception",
+        None,
+        {
+            "kind": "inception",
+            "weights": str(path),
+            "source": source,
+            "input": "clean-fid mode clean: PIL bicubic resize to 299x299",
+            "dim": INCEPTION_DIM,
+        },
+    )
     return spec
 
 

@@ -27,8 +27,14 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, RunError
-from dbconvert.evaluation.features import (CNN_MAX_IMAGES, FeatureSpec, builtin_features, cache_dir, data_key,
-                                           inception_features)
+from dbconvert.evaluation.features import (
+    CNN_MAX_IMAGES,
+    FeatureSpec,
+    builtin_features,
+    cache_dir,
+    data_key,
+    inception_features,
+)
 from dbconvert.data.overlap import image_digest, image_digests, split_overlaps_training, to_uint8
 from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
 from dbconvert.progress import progress as show_progress
@@ -52,8 +58,11 @@ def list_images(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
-                   and p.name not in SKIP_NAMES)
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS and p.name not in SKIP_NAMES
+    )
     if not files:
         raise DataError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTS))}; grid.png is skipped)")
     return files
@@ -70,17 +79,26 @@ def check_images(files: list[Path], what: str) -> tuple[int, int]:
                 img.load()
                 w, h = img.size
         except Exception as exc:
-            raise DataError(f"{what}: {path} cannot be read as an image ({type(exc).__name__}); remove or replace it") from None
+            raise DataError(
+                f"{what}: {path} cannot be read as an image ({type(exc).__name__}); remove or replace it"
+            ) from None
         sizes.setdefault((h, w), path)
         if len(sizes) > 1:
             (h0, w0), p0 = next(iter(sizes.items()))
-            raise DataError(f"{what} has images of different sizes: {p0.name} is {w0}x{h0} but {path.name} is {w}x{h}; "
-                            "use one size")
+            raise DataError(
+                f"{what} has images of different sizes: {p0.name} is {w0}x{h0} but {path.name} is {w}x{h}; use one size"
+            )
     return next(iter(sizes))
 
 
-def file_features(files: list[Path], spec: FeatureSpec, device: torch.device, batch_size: int = 64,
-                  label: str = "FID features", show: bool = False) -> np.ndarray:
+def file_features(
+    files: list[Path],
+    spec: FeatureSpec,
+    device: torch.device,
+    batch_size: int = 64,
+    label: str = "FID features",
+    show: bool = False,
+) -> np.ndarray:
     """clean-fid features of image files (mode clean; the spec's resize replaces the 299 resize if set).
 
     Read in slices of 8 batches, so progress can be shown; the batches are the ones a single call makes.
@@ -91,27 +109,41 @@ def file_features(files: list[Path], spec: FeatureSpec, device: torch.device, ba
     parts = []
     with show_progress(label, len(files), unit="images", enabled=show) as update:
         for lo in range(0, len(files), step):
-            parts.append(get_files_features([str(f) for f in files[lo : lo + step]], model=spec.extractor, num_workers=0,
-                                            batch_size=batch_size, device=device, mode="clean",
-                                            custom_fn_resize=spec.resize, verbose=False))
+            parts.append(
+                get_files_features(
+                    [str(f) for f in files[lo : lo + step]],
+                    model=spec.extractor,
+                    num_workers=0,
+                    batch_size=batch_size,
+                    device=device,
+                    mode="clean",
+                    custom_fn_resize=spec.resize,
+                    verbose=False,
+                )
+            )
             update(min(lo + step, len(files)))
     return np.concatenate(parts)
 
 
-def folder_features(folder: Path, spec: FeatureSpec, device: torch.device, what: str, batch_size: int = 64,
-                    show: bool = False) -> np.ndarray:
+def folder_features(
+    folder: Path, spec: FeatureSpec, device: torch.device, what: str, batch_size: int = 64, show: bool = False
+) -> np.ndarray:
     files = list_images(folder)
     h, w = check_images(files, what)
     if spec.native_size is not None and (h, w) != spec.native_size:
-        raise DataError(f"{what} holds {w}x{h} images but the features {spec.name} take "
-                        f"{spec.native_size[1]}x{spec.native_size[0]}; use images of the data set's size")
+        raise DataError(
+            f"{what} holds {w}x{h} images but the features {spec.name} take "
+            f"{spec.native_size[1]}x{spec.native_size[0]}; use images of the data set's size"
+        )
     return file_features(files, spec, device, batch_size, f"FID features of {what}", show)
 
 
 def check_count(n: int, spec: FeatureSpec, what: str) -> None:
     if n < spec.min_samples():
-        raise DbconvertError(f"{what} has {n} images, too few for {spec.dim}-d features ({spec.name}): FID needs at "
-                             f"least {spec.min_samples()} (a full-rank covariance); use --num {spec.min_samples()} or more")
+        raise DbconvertError(
+            f"{what} has {n} images, too few for {spec.dim}-d features ({spec.name}): FID needs at "
+            f"least {spec.min_samples()} (a full-rank covariance); use --num {spec.min_samples()} or more"
+        )
 
 
 # --- FID / KID -------------------------------------------------------------------------------
@@ -179,13 +211,16 @@ def reference_key(data_cfg: Any, split: str) -> str:
     import hashlib
     import json
 
-    fields = {k: getattr(data_cfg, k, None) for k in ("test_source", "test_fraction", "split_seed", "image_key", "label_key")}
+    fields = {
+        k: getattr(data_cfg, k, None) for k in ("test_source", "test_fraction", "split_seed", "image_key", "label_key")
+    }
     digest = hashlib.sha256(json.dumps([str(data_cfg.source), split, fields], default=str).encode()).hexdigest()[:8]
     return f"{data_key(data_cfg.source)}-{split}-{digest}"
 
 
-def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = nolog,
-                       show: bool = False) -> tuple[np.ndarray, str]:
+def reference_features(
+    data_cfg: Any, split: str, spec: FeatureSpec, device: torch.device, log: Log = nolog, show: bool = False
+) -> tuple[np.ndarray, str]:
     """Features of the data set's `split`, cached in $DBCONVERT_CACHE/fid-ref/ per data set / split / features."""
     from dbconvert.data.images import load_images
 
@@ -200,15 +235,18 @@ def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: tor
             log(f"reference statistics: {path} is damaged; recomputing")
     data = load_images(data_cfg, split)
     if data.x.shape[1] not in (1, 3):
-        raise DataError(f"FID needs pixel images; {data.name} has {data.x.shape[1]} channels (latents): decode "
-                        "samples and references with the VAE and pass --samples and --reference folders")
+        raise DataError(
+            f"FID needs pixel images; {data.name} has {data.x.shape[1]} channels (latents): decode "
+            "samples and references with the VAE and pass --samples and --reference folders"
+        )
     check_count(len(data), spec, f"the reference set {data.name}:{split}")
     log(f"reference statistics: {len(data)} images of {data.name}:{split} with {spec.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="ref-", dir=path.parent))
     try:
-        feats = file_features(write_pngs(data.x, tmp), spec, device, label=f"FID features of {data.name}:{split}",
-                              show=show)
+        feats = file_features(
+            write_pngs(data.x, tmp), spec, device, label=f"FID features of {data.name}:{split}", show=show
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     desc = f"{data_cfg.source}:{split} ({len(data)} images)"
@@ -221,9 +259,16 @@ def reference_features(data_cfg: Any, split: str, spec: FeatureSpec, device: tor
 # --- the command ---------------------------------------------------------------------------
 
 
-def resolve_features(features: str, run: Any, inception_weights: Path | None, channels: int | None,
-                     device: torch.device, log: Log, feature_images: int = CNN_MAX_IMAGES,
-                     progress: bool = False) -> FeatureSpec:
+def resolve_features(
+    features: str,
+    run: Any,
+    inception_weights: Path | None,
+    channels: int | None,
+    device: torch.device,
+    log: Log,
+    feature_images: int = CNN_MAX_IMAGES,
+    progress: bool = False,
+) -> FeatureSpec:
     """auto = Inception for 3-channel images, the built-in CNN for 1-channel ones; builtin[:SOURCE].
 
     `builtin:SOURCE` trains the built-in CNN on SOURCE's train split (any `data.source`: digits, a hub name,
@@ -239,11 +284,17 @@ def resolve_features(features: str, run: Any, inception_weights: Path | None, ch
     if kind == "inception":
         return inception_features(inception_weights, device, log)
     if source:
-        data_cfg = DataConfig(source=source) if run is None else run.recipe.data.model_copy(update={"source": source, "kind": "auto"})
+        data_cfg = (
+            DataConfig(source=source)
+            if run is None
+            else run.recipe.data.model_copy(update={"source": source, "kind": "auto"})
+        )
     elif run is not None:
         data_cfg = run.recipe.data
     else:
-        raise DbconvertError("--features builtin trains on a run's data set: pass --run DIR or name one, e.g. --features builtin:digits")
+        raise DbconvertError(
+            "--features builtin trains on a run's data set: pass --run DIR or name one, e.g. --features builtin:digits"
+        )
     return builtin_features(data_cfg, device, log, max_images=feature_images, progress=progress)
 
 
@@ -260,11 +311,16 @@ class Reference:
 
 def image_channels(run: Any) -> int | None:
     """The channels of the run's samples when FID applies to its family (its `sample_shape` is C, H, W)."""
-    return run.family().sample_shape(run.recipe)[0] if run is not None and "fid" in run.family().metrics_for(run.recipe) else None
+    return (
+        run.family().sample_shape(run.recipe)[0]
+        if run is not None and "fid" in run.family().metrics_for(run.recipe)
+        else None
+    )
 
 
-def sampler_settings(run: Any, steps: int | None, solver: str | None, guidance: float | None, seed: int | None,
-                     weights: str | None) -> dict[str, Any]:
+def sampler_settings(
+    run: Any, steps: int | None, solver: str | None, guidance: float | None, seed: int | None, weights: str | None
+) -> dict[str, Any]:
     """The sampler an FID's samples are drawn with: each setting given, else the recipe's."""
     from dbconvert.sampling import resolve_sampler
 
@@ -272,8 +328,15 @@ def sampler_settings(run: Any, steps: int | None, solver: str | None, guidance: 
     return {"solver": s.solver, "steps": s.steps, "guidance": s.guidance, "weights": s.weights, "seed": s.seed}
 
 
-def resolve_reference(run: Any | None, reference: Path | None, split: str | None, spec: FeatureSpec,
-                      device: torch.device, log: Log, progress: bool) -> Reference:
+def resolve_reference(
+    run: Any | None,
+    reference: Path | None,
+    split: str | None,
+    spec: FeatureSpec,
+    device: torch.device,
+    log: Log,
+    progress: bool,
+) -> Reference:
     """A reference folder, or the run's data set split (default: `default_split`), with its training overlap."""
     if reference is not None:
         feats = folder_features(Path(reference), spec, device, f"reference folder {reference}", show=progress)
@@ -295,9 +358,18 @@ def resolve_reference(run: Any | None, reference: Path | None, split: str | None
     return ref
 
 
-def fid_record(spec: FeatureSpec, ref: Reference, fids: list[float], kids: list[float], dirs: list[str],
-               count: int, model: str, source: dict[str, str], sampler: dict[str, Any] | None,
-               start: float) -> dict[str, Any]:
+def fid_record(
+    spec: FeatureSpec,
+    ref: Reference,
+    fids: list[float],
+    kids: list[float],
+    dirs: list[str],
+    count: int,
+    model: str,
+    source: dict[str, str],
+    sampler: dict[str, Any] | None,
+    start: float,
+) -> dict[str, Any]:
     """The result record of one FID evaluation (every mode)."""
     import dbconvert
 
@@ -329,47 +401,86 @@ def fid_record(spec: FeatureSpec, ref: Reference, fids: list[float], kids: list[
     }
 
 
-def fid_of_folder(run: Any | None, samples: Path, *, reference: Path | None = None, split: str | None = None,
-                  features: str = "auto", inception_weights: Path | None = None, log: Log = nolog,
-                  feature_images: int = CNN_MAX_IMAGES, progress: bool = False) -> dict[str, Any]:
+def fid_of_folder(
+    run: Any | None,
+    samples: Path,
+    *,
+    reference: Path | None = None,
+    split: str | None = None,
+    features: str = "auto",
+    inception_weights: Path | None = None,
+    log: Log = nolog,
+    feature_images: int = CNN_MAX_IMAGES,
+    progress: bool = False,
+) -> dict[str, Any]:
     """FID of a folder of sample images against a reference folder or (with a run) the run's data set split."""
     start = time.time()
     check_finite_samples(Path(samples))  # NaN samples' PNGs look like pictures: refuse them
     if run is None and reference is None:
         raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
     if reference is None and image_channels(run) is None:
-        raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model "
-                             f"(use eval {run.family().default_metric(run.recipe)}, or give --reference FOLDER)")
+        raise DbconvertError(
+            f"eval fid is for image runs; this run is a {run.family_name} model "
+            f"(use eval {run.family().default_metric(run.recipe)}, or give --reference FOLDER)"
+        )
     device = resolve_device(run.recipe.train.device if run is not None else "auto")
-    spec = resolve_features(features, run, inception_weights, image_channels(run), device, log, feature_images,
-                            progress)
+    spec = resolve_features(
+        features, run, inception_weights, image_channels(run), device, log, feature_images, progress
+    )
     ref = resolve_reference(run, reference, split, spec, device, log, progress)
     feats = folder_features(Path(samples), spec, device, f"sample folder {samples}", show=progress)
     check_count(len(feats), spec, f"sample folder {samples}")
     fid, kid = fid_kid(feats, ref.feats)
-    return fid_record(spec, ref, [fid], [kid], [str(samples)], len(feats), f"folder:{Path(samples).name}",
-                      {"kind": "folder", "path": str(Path(samples).resolve())}, None, start)
+    return fid_record(
+        spec,
+        ref,
+        [fid],
+        [kid],
+        [str(samples)],
+        len(feats),
+        f"folder:{Path(samples).name}",
+        {"kind": "folder", "path": str(Path(samples).resolve())},
+        None,
+        start,
+    )
 
 
-def fid_of_model(run: Any, *, model: str = "blocks", num: int | None = None, repeats: int = 1,
-                 reference: Path | None = None, split: str | None = None, features: str = "auto",
-                 inception_weights: Path | None = None, steps: int | None = None, solver: str | None = None,
-                 guidance: float | None = None, seed: int | None = None, weights: str | None = None,
-                 log: Log = nolog, feature_images: int = CNN_MAX_IMAGES, progress: bool = False) -> dict[str, Any]:
+def fid_of_model(
+    run: Any,
+    *,
+    model: str = "blocks",
+    num: int | None = None,
+    repeats: int = 1,
+    reference: Path | None = None,
+    split: str | None = None,
+    features: str = "auto",
+    inception_weights: Path | None = None,
+    steps: int | None = None,
+    solver: str | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    weights: str | None = None,
+    log: Log = nolog,
+    feature_images: int = CNN_MAX_IMAGES,
+    progress: bool = False,
+) -> dict[str, Any]:
     """FID of `num` fresh samples of the run's `model` (per repeat) against the data set split or a folder."""
     start = time.time()
     if repeats < 1:
         raise DbconvertError(f"--repeats must be at least 1, got {repeats}")
     run.model_targets(model)  # one line naming the models this run has
     if image_channels(run) is None:
-        raise DbconvertError(f"eval fid is for image runs; this run is a {run.family_name} model "
-                             f"(use eval {run.family().default_metric(run.recipe)})")
+        raise DbconvertError(
+            f"eval fid is for image runs; this run is a {run.family_name} model "
+            f"(use eval {run.family().default_metric(run.recipe)})"
+        )
     sampler = sampler_settings(run, steps, solver, guidance, seed, weights)
     run.require_trained(model)
     num = num or 10_000
     device = resolve_device(run.recipe.train.device)
-    spec = resolve_features(features, run, inception_weights, image_channels(run), device, log, feature_images,
-                            progress)
+    spec = resolve_features(
+        features, run, inception_weights, image_channels(run), device, log, feature_images, progress
+    )
     check_count(num, spec, "--num")
     ref = resolve_reference(run, reference, split, spec, device, log, progress)
     fids, kids, dirs, counts = [], [], [], []
@@ -379,17 +490,29 @@ def fid_of_model(run: Any, *, model: str = "blocks", num: int | None = None, rep
         t0 = time.time()
         out = generate_images(run, model, sampler, base, num, label, progress)
         log(f"repeat {r + 1}/{repeats}: {num} samples ({model}, seed {base}) in {time.time() - t0:.1f}s -> {out}")
-        feats = file_features(list_images(out), spec, device, label=f"FID features of the samples ({model})",
-                              show=progress)
+        feats = file_features(
+            list_images(out), spec, device, label=f"FID features of the samples ({model})", show=progress
+        )
         fid, kid = fid_kid(feats, ref.feats, kid_seed=r)
         log(f"repeat {r + 1}/{repeats}: FID {fid:.4f}, KID {kid:.5f}")
         fids.append(fid), kids.append(kid), dirs.append(str(out)), counts.append(len(feats))
-    return fid_record(spec, ref, fids, kids, dirs, counts[0], model,
-                      {"kind": "run", "path": str(Path(run.root).resolve())}, sampler, start)
+    return fid_record(
+        spec,
+        ref,
+        fids,
+        kids,
+        dirs,
+        counts[0],
+        model,
+        {"kind": "run", "path": str(Path(run.root).resolve())},
+        sampler,
+        start,
+    )
 
 
-def generate_images(run: Any, model: str, sampler: dict[str, Any], base: int, num: int, label: str,
-                    progress: bool) -> Path:
+def generate_images(
+    run: Any, model: str, sampler: dict[str, Any], base: int, num: int, label: str, progress: bool
+) -> Path:
     """`num` samples of `model` in chunks of CHUNK (chunk c with seed base + c) under RUN/eval/samples/."""
     from dbconvert.sampling import SampleRequest
 
@@ -405,10 +528,20 @@ def generate_images(run: Any, model: str, sampler: dict[str, Any], base: int, nu
             def chunk_done(done: int, total: int, lo: int = lo, n: int = n) -> None:
                 update(lo + n * done / max(total, 1))
 
-            family.generate(run, SampleRequest(model=model, steps=sampler["steps"], solver=sampler["solver"],
-                                             options=family.sample_options(guidance=sampler["guidance"]), num=n,
-                                             seed=base + c, weights=sampler["weights"], out=out / f"chunk-{c:03d}",
-                                             on_progress=chunk_done))
+            family.generate(
+                run,
+                SampleRequest(
+                    model=model,
+                    steps=sampler["steps"],
+                    solver=sampler["solver"],
+                    options=family.sample_options(guidance=sampler["guidance"]),
+                    num=n,
+                    seed=base + c,
+                    weights=sampler["weights"],
+                    out=out / f"chunk-{c:03d}",
+                    on_progress=chunk_done,
+                ),
+            )
     return out
 
 
@@ -423,9 +556,14 @@ def evaluate_fid(run: Any | None, *, samples: Path | None = None, repeats: int =
             raise RunError("no run: pass --run DIR (or split one), or give both --samples and --reference folders")
         return fid_of_model(run, repeats=repeats, **options)
     if repeats > 1:
-        raise DbconvertError("--repeats needs freshly generated samples; a --samples folder is one fixed set (drop --repeats)")
-    unused = [k for k in ("model", "num", "steps", "solver", "guidance", "seed", "weights")
-              if options.pop(k, None) not in (None, "blocks")]
+        raise DbconvertError(
+            "--repeats needs freshly generated samples; a --samples folder is one fixed set (drop --repeats)"
+        )
+    unused = [
+        k
+        for k in ("model", "num", "steps", "solver", "guidance", "seed", "weights")
+        if options.pop(k, None) not in (None, "blocks")
+    ]
     if unused:
         raise DbconvertError(f"--samples scores a fixed folder: drop {', '.join('--' + k for k in unused)}")
     return fid_of_folder(run, samples, **options)
@@ -440,34 +578,57 @@ class FIDMetric(Metric):
     title = "FID"
     lower_is_better = True
     alone_options = ("samples", "reference")
-    alone_hint = "--samples needs a reference: give --reference DIR, or --run an image run whose data set is the reference"
+    alone_hint = (
+        "--samples needs a reference: give --reference DIR, or --run an image run whose data set is the reference"
+    )
     spread_label = "KID"
     help = "FID and KID (clean-fid, mode clean) of the run's samples against the data set's reference images."
     options = (
         MetricOption("num", int, None, "Samples to generate per repeat (default 10000; the paper: 50000).", min=1),
-        MetricOption("repeats", int, 1, "Independent sample sets; reports each, the minimum (paper) and the mean.", min=1),
+        MetricOption(
+            "repeats", int, 1, "Independent sample sets; reports each, the minimum (paper) and the mean.", min=1
+        ),
         MetricOption("samples", Path, None, "Evaluate this image folder instead of generating."),
         MetricOption("reference", Path, None, "Reference image folder instead of the data set."),
-        MetricOption("split", str, None, "Reference split of the recipe's data set (default: train for cifar10, as "
-                     "published FIDs use; test otherwise)."),
-        MetricOption("features", str, "auto", "auto (Inception for RGB, built-in CNN for grey), inception, builtin or "
-                     "builtin:SOURCE."),
+        MetricOption(
+            "split",
+            str,
+            None,
+            "Reference split of the recipe's data set (default: train for cifar10, as "
+            "published FIDs use; test otherwise).",
+        ),
+        MetricOption(
+            "features",
+            str,
+            "auto",
+            "auto (Inception for RGB, built-in CNN for grey), inception, builtin or builtin:SOURCE.",
+        ),
         MetricOption("inception_weights", Path, None, "clean-fid's inception-2015-12-05.pt, if not in /tmp."),
-        MetricOption("feature_images", int, CNN_MAX_IMAGES, "Built-in features: train the CNN on at most this many "
-                     "images of the train split (0 = all of them).", min=0),
+        MetricOption(
+            "feature_images",
+            int,
+            CNN_MAX_IMAGES,
+            "Built-in features: train the CNN on at most this many images of the train split (0 = all of them).",
+            min=0,
+        ),
         MetricOption("guidance", float, None, "Classifier-free guidance w (default: recipe).", min=0.0),
     )
 
     def check(self, recipe: Any, family: Any, num: int) -> None:
         channels = family.sample_shape(recipe)[0]
         if channels not in (1, 3):
-            raise DbconvertError(f"FID scores pixels; {recipe.name} models {channels}-channel latents "
-                                 "(use a pixel-space recipe such as dit-tiny-digits)")
+            raise DbconvertError(
+                f"FID scores pixels; {recipe.name} models {channels}-channel latents "
+                "(use a pixel-space recipe such as dit-tiny-digits)"
+            )
         if num < 65:
-            raise DbconvertError(f"--num must be at least 65 (FID on the built-in 64-d features needs d + 1), got {num}")
+            raise DbconvertError(
+                f"--num must be at least 65 (FID on the built-in 64-d features needs d + 1), got {num}"
+            )
 
-    def evaluate(self, run: Any | None, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
-                 **options: Any) -> dict[str, Any]:
+    def evaluate(
+        self, run: Any | None, *, model: str = "blocks", log: Log = nolog, progress: bool = False, **options: Any
+    ) -> dict[str, Any]:
         return evaluate_fid(run, model=model, log=log, progress=progress, **options)
 
     def spread(self, r: dict[str, Any]) -> float:

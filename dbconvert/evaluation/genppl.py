@@ -68,17 +68,28 @@ def load_judge(judge: str, device: torch.device) -> Judge:
         model = AutoModelForCausalLM.from_pretrained(where, local_files_only=local or offline())
     except Exception as exc:
         if local:
-            raise DbconvertError(f"--judge {judge}: cannot load a Hugging Face causal LM with its tokenizer from this "
-                                 f"folder ({type(exc).__name__}: {first_line(exc, 100)}); give a save_pretrained folder "
-                                 "(e.g. dbconvert export --model source)") from None
-        raise DbconvertError(f"--judge {judge} could not be loaded ({type(exc).__name__}) and is not a local folder"
-                             + ("; offline (HF_HUB_OFFLINE=1) a hub name loads only from the local cache: give a "
-                                "local folder, e.g. an exported source (dbconvert export --model source --out DIR)"
-                                if offline() else f": {first_line(exc, 100)}")) from None
+            raise DbconvertError(
+                f"--judge {judge}: cannot load a Hugging Face causal LM with its tokenizer from this "
+                f"folder ({type(exc).__name__}: {first_line(exc, 100)}); give a save_pretrained folder "
+                "(e.g. dbconvert export --model source)"
+            ) from None
+        raise DbconvertError(
+            f"--judge {judge} could not be loaded ({type(exc).__name__}) and is not a local folder"
+            + (
+                "; offline (HF_HUB_OFFLINE=1) a hub name loads only from the local cache: give a "
+                "local folder, e.g. an exported source (dbconvert export --model source --out DIR)"
+                if offline()
+                else f": {first_line(exc, 100)}"
+            )
+        ) from None
     model = model.to(device).eval()
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    info = {"judge": str(path.resolve()) if local else judge, "class": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()), "max_positions": positions}
+    info = {
+        "judge": str(path.resolve()) if local else judge,
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "max_positions": positions,
+    }
     return Judge(folder_label(path) if local else judge, model, tokenizer, device, positions, info)
 
 
@@ -90,12 +101,16 @@ def judge_ids(judge: Judge, prompt: str, continuation: str) -> tuple[list[int], 
     unk = tok.unk_token_id
     if unk is not None and unk in tail and tok.unk_token not in continuation:
         lost = sum(1 for i in tail if i == unk)
-        raise DataError(f"--judge {judge.name}: its tokenizer cannot read this text ({lost} token(s) of the continuation "
-                        f"{continuation[:30]!r} become its unknown token {tok.unk_token!r}); give a judge whose "
-                        "tokenizer covers the run's text (byte-level BPE, e.g. GPT-2, or the run's own exported source)")
+        raise DataError(
+            f"--judge {judge.name}: its tokenizer cannot read this text ({lost} token(s) of the continuation "
+            f"{continuation[:30]!r} become its unknown token {tok.unk_token!r}); give a judge whose "
+            "tokenizer covers the run's text (byte-level BPE, e.g. GPT-2, or the run's own exported source)"
+        )
     if continuation and not tail:
-        raise DataError(f"--judge {judge.name}: its tokenizer encodes the continuation {continuation[:30]!r} as no "
-                        "tokens at all; give a judge whose tokenizer covers the run's text")
+        raise DataError(
+            f"--judge {judge.name}: its tokenizer encodes the continuation {continuation[:30]!r} as no "
+            "tokens at all; give a judge whose tokenizer covers the run's text"
+        )
     if not head:  # a tokenizer that adds nothing: score the first token from the second on
         head = tail[:1]
         tail = tail[1:]
@@ -109,17 +124,17 @@ def continuation_nll(judge: Judge, rows: list[tuple[list[int], int]], batch_size
     pad = pad if pad is not None else 0
     out: list[tuple[float, int]] = []
     for lo in range(0, len(rows), batch_size):
-        part = rows[lo:lo + batch_size]
+        part = rows[lo : lo + batch_size]
         width = max(len(ids) for ids, _ in part)
         ids = torch.full((len(part), width), pad, dtype=torch.long)
         mask = torch.zeros((len(part), width), dtype=torch.long)
         for r, (row, _) in enumerate(part):  # right padding: positions are those of the row alone
-            ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
         logits = judge.model(input_ids=ids.to(judge.device), attention_mask=mask.to(judge.device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(judge.device))[..., 0].cpu()
         for r, (row, start) in enumerate(part):
-            nll = -logp[r, start - 1:len(row) - 1]
+            nll = -logp[r, start - 1 : len(row) - 1]
             out.append((float(nll.sum()), int(nll.numel())))
     return out
 
@@ -162,8 +177,10 @@ def evaluate_genppl(
     start = time.time()
     GenPPLMetric().require(run)
     if not judge:
-        raise DbconvertError("eval genppl needs --judge MODEL: a Hugging Face causal LM folder (e.g. dbconvert export "
-                             "--model source --out DIR) or a hub name such as gpt2-xl")
+        raise DbconvertError(
+            "eval genppl needs --judge MODEL: a Hugging Face causal LM folder (e.g. dbconvert export "
+            "--model source --out DIR) or a hub name such as gpt2-xl"
+        )
     run.model_targets(model)
     split, overlaps = checked_split(run, split)  # local text has train and val only: never training rows as "test"
     for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--seeds", seeds), ("--batch-size", batch_size)):
@@ -180,8 +197,10 @@ def evaluate_genppl(
     family = run.family()
     rows = family.load_data(run.recipe, split).tokens
     if len(rows) < 1:
-        raise DataError(f"text too short for the protocol: the {split} split has no sequence of "
-                        f"{prompt_tokens + new_tokens}+ tokens (give more text or raise data.val_fraction)")
+        raise DataError(
+            f"text too short for the protocol: the {split} split has no sequence of "
+            f"{prompt_tokens + new_tokens}+ tokens (give more text or raise data.val_fraction)"
+        )
     n = min(num_prompts or 1000, len(rows))
     tok = run_tokenizer(run.shared_dir)
     prompts = [rows[i, :prompt_tokens].tolist() for i in range(n)]
@@ -192,9 +211,20 @@ def evaluate_genppl(
     values, entropies, per_seed, sampler, empty, folders = [], [], [], {}, 0, []
     for k in range(seeds):
         out = run.root / "eval" / "samples" / f"genppl-{model}-seed{s.seed + k}-p{n}x{samples_per_prompt}"
-        result = family.generate(run, SampleRequest(
-            model=model, steps=steps, solver=solver, seed=s.seed + k, weights=weights, num=samples_per_prompt,
-            options=family.sample_options(**options), out=out, progress=progress))
+        result = family.generate(
+            run,
+            SampleRequest(
+                model=model,
+                steps=steps,
+                solver=solver,
+                seed=s.seed + k,
+                weights=weights,
+                num=samples_per_prompt,
+                options=family.sample_options(**options),
+                out=out,
+                progress=progress,
+            ),
+        )
         sampler = {**result.sampler, "seed": s.seed}
         texts = [(prompt_texts[r["prompt_index"]], r["completion"]) for r in result.records]
         scored = [judge_ids(scorer, p, c) for p, c in texts if c]
@@ -202,9 +232,11 @@ def evaluate_genppl(
         if not scored:
             raise DataError(f"every continuation of seed {s.seed + k} is empty (EOS at once); nothing to score")
         if scorer.max_positions and max(len(ids) for ids, _ in scored) > scorer.max_positions:
-            raise DataError(f"--judge {scorer.name} reads at most {scorer.max_positions} tokens, and prompt + "
-                            f"continuation take up to {max(len(ids) for ids, _ in scored)} of its tokens; lower "
-                            "--prompt-tokens/--new-tokens or give a judge with a longer context")
+            raise DataError(
+                f"--judge {scorer.name} reads at most {scorer.max_positions} tokens, and prompt + "
+                f"continuation take up to {max(len(ids) for ids, _ in scored)} of its tokens; lower "
+                "--prompt-tokens/--new-tokens or give a judge with a longer context"
+            )
         nll = continuation_nll(scorer, scored, batch_size)
         total, count = sum(x for x, _ in nll), sum(c for _, c in nll)
         value = math.exp(total / count)
@@ -214,11 +246,17 @@ def evaluate_genppl(
         empty += empty_k
         folders.append(str(out))
         per_seed.append({"seed": s.seed + k, "value": value, "tokens": count, "empty": empty_k, "entropy": ent})
-        atomic_write_text(out / "genppl.jsonl", "".join(
-            json.dumps({"prompt": p, "generation": c, "judge_tokens": len(ids) - start, "nll": x})
-            + "\n" for (p, c), (ids, start), (x, _) in zip([t for t in texts if t[1]], scored, nll)))
-        log(f"Gen-PPL (seed {s.seed + k}): {value:.3f} over {count} judge tokens, unigram entropy {ent:.3f}"
-            + (f", {empty_k} empty continuation(s) left out" if empty_k else ""))
+        atomic_write_text(
+            out / "genppl.jsonl",
+            "".join(
+                json.dumps({"prompt": p, "generation": c, "judge_tokens": len(ids) - start, "nll": x}) + "\n"
+                for (p, c), (ids, start), (x, _) in zip([t for t in texts if t[1]], scored, nll)
+            ),
+        )
+        log(
+            f"Gen-PPL (seed {s.seed + k}): {value:.3f} over {count} judge tokens, unigram entropy {ent:.3f}"
+            + (f", {empty_k} empty continuation(s) left out" if empty_k else "")
+        )
     return {
         "metric": "genppl",
         "value": float(np.mean(values)),
@@ -259,11 +297,18 @@ class GenPPLMetric(Metric):
     lower_is_better = True
     num_option = "num_prompts"
     spread_label = "± std over seeds"
-    help = ("Generative perplexity: the perplexity of the run's continuations (MAUVE's prompts) under a judge causal "
-            "LM (--judge: a Hugging Face folder or hub name); spread over sampling seeds.")
+    help = (
+        "Generative perplexity: the perplexity of the run's continuations (MAUVE's prompts) under a judge causal "
+        "LM (--judge: a Hugging Face folder or hub name); spread over sampling seeds."
+    )
     options = (
-        MetricOption("judge", str, None, "The judge: a Hugging Face causal LM folder (e.g. an exported source) or hub "
-                     "name (gpt2-xl; offline only from the local cache)."),
+        MetricOption(
+            "judge",
+            str,
+            None,
+            "The judge: a Hugging Face causal LM folder (e.g. an exported source) or hub "
+            "name (gpt2-xl; offline only from the local cache).",
+        ),
         MetricOption("num_prompts", int, None, "Prompts (default: up to 1000).", min=1),
         MetricOption("samples_per_prompt", int, 1, "Continuations per prompt and seed.", min=1),
         MetricOption("prompt_tokens", int, None, "Prompt length in tokens (default as eval mauve).", min=1),
@@ -271,24 +316,31 @@ class GenPPLMetric(Metric):
         MetricOption("split", str, None, "Held-out split (default: val for local text, test for hub data)."),
         MetricOption("seeds", int, 2, "Sampling seeds (from --seed on); the spread is over them.", min=1),
         MetricOption("batch_size", int, 8, "Texts per judge forward.", min=1),
-        MetricOption("protocol", str, None, "Text decoding protocol: default or few-step (default: the recipe's "
-                     "sample.protocol)."),
+        MetricOption(
+            "protocol",
+            str,
+            None,
+            "Text decoding protocol: default or few-step (default: the recipe's sample.protocol).",
+        ),
     )
 
     def check(self, recipe: Any, family: Any, num: int) -> None:
         if num < 1:
             raise DbconvertError(f"--num (num_prompts for {self.title}) must be at least 1, got {num}")
 
-    def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
-                 **options: Any) -> dict[str, Any]:
+    def evaluate(
+        self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False, **options: Any
+    ) -> dict[str, Any]:
         return evaluate_genppl(run, model=model, log=log, progress=progress, **options)
 
     def detail_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
-        return [("Gen-PPL (mean ± std)", f"{r['mean']:.3f} ± {r['std']:.3f}"),
-                ("per seed", ", ".join(f"{v:.3f}" for v in r["values"])),
-                ("judge", f"{r['judge']['judge']} ({r['judge']['parameters']:,} parameters)"),
-                ("unigram entropy", f"{r['entropy']:.3f} nats"),
-                ("prompts x samples x seeds", f"{r['num_prompts']} x {r['samples_per_prompt']} x {len(r['values'])}")]
+        return [
+            ("Gen-PPL (mean ± std)", f"{r['mean']:.3f} ± {r['std']:.3f}"),
+            ("per seed", ", ".join(f"{v:.3f}" for v in r["values"])),
+            ("judge", f"{r['judge']['judge']} ({r['judge']['parameters']:,} parameters)"),
+            ("unigram entropy", f"{r['entropy']:.3f} nats"),
+            ("prompts x samples x seeds", f"{r['num_prompts']} x {r['samples_per_prompt']} x {len(r['values'])}"),
+        ]
 
     def compare_columns(self) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
         return [*super().compare_columns(), ("entropy", lambda r: f"{r.get('entropy', float('nan')):.3f}")]

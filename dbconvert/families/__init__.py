@@ -17,8 +17,10 @@ from dbconvert.schema import ModelConfig
 FAMILIES: dict[str, tuple[str, str]] = {
     "dit": ("dbconvert.families.dit.family:DiTFamily", "dbconvert.families.dit.config:DiTConfig"),
     "llama": ("dbconvert.families.llama.family:LlamaFamily", "dbconvert.families.llama.config:LlamaConfig"),
-    "recurrent": ("dbconvert.families.recurrent.family:RecurrentFamily",
-                  "dbconvert.families.recurrent.config:RecurrentConfig"),
+    "recurrent": (
+        "dbconvert.families.recurrent.family:RecurrentFamily",
+        "dbconvert.families.recurrent.config:RecurrentConfig",
+    ),
     "vit": ("dbconvert.families.vit.family:ViTFamily", "dbconvert.families.vit.config:ViTConfig"),
 }
 """name -> (family class, recipe model-section class), as "module:attribute"."""
@@ -63,5 +65,16 @@ def get_family(name: str) -> Family:
     return REGISTRY.get(name)
 
 
-__all__ = ["FAMILIES", "PLUGINS_ENV", "REGISTRY", "Family", "Source", "config_class", "family_names", "get_family",
-           "register", "registered", "unregister"]
+__all__ = [
+    "FAMILIES",
+    "PLUGINS_ENV",
+    "REGISTRY",
+    "Family",
+    "Source",
+    "config_class",
+    "family_names",
+    "get_family",
+    "register",
+    "registered",
+    "unregister",
+]

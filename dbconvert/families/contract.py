@@ -66,8 +66,9 @@ class Source:
             if self.build is None:
                 raise DbconvertError("this source has no network builder")
             network = self.build()
-            network.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
-                                     for k, v in self.state.items()}, strict=True)
+            network.load_state_dict(
+                {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in self.state.items()}, strict=True
+            )
             self._network = network
         return self._network
 
@@ -120,8 +121,15 @@ def sample_flags(options_type: type) -> list[SampleFlag]:
         if "help" not in f.metadata:
             continue
         kinds = [a for a in get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
-        out.append(SampleFlag(f.name, kinds[0], f.metadata["help"], f.metadata.get("flag") or
-                              "--" + f.name.replace("_", "-"), f.metadata.get("min")))
+        out.append(
+            SampleFlag(
+                f.name,
+                kinds[0],
+                f.metadata["help"],
+                f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
+                f.metadata.get("min"),
+            )
+        )
     return out
 
 
@@ -196,8 +204,10 @@ class Family(ABC):
         `train.activation_checkpointing` recomputes each of them in backward and `bench` attributes
         per-layer parameters and activations to them. Every family lists its layers here.
         """
-        raise DbconvertError(f"the {self.name} family does not list its layers, so train.activation_checkpointing "
-                             "cannot be used with it; set train.activation_checkpointing=false")
+        raise DbconvertError(
+            f"the {self.name} family does not list its layers, so train.activation_checkpointing "
+            "cannot be used with it; set train.activation_checkpointing=false"
+        )
 
     @abstractmethod
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
@@ -237,13 +247,20 @@ class Family(ABC):
     writes_random_checkpoints: ClassVar[bool] = False
     """Whether `random_checkpoint` is implemented (`bench split` refuses a family without, before any work)."""
 
-    def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
-                          on_tensor: Callable[[int], None] | None = None) -> list[str]:
+    def random_checkpoint(
+        self,
+        recipe: "Recipe",
+        folder: Path,
+        dtype: torch.dtype,
+        seed: int,
+        on_tensor: Callable[[int], None] | None = None,
+    ) -> list[str]:
         """Write a checkpoint of the recipe's architecture with random weights in `dtype` into `folder` (tensor by
         tensor: any size), with what a split and a training step of it need beside it (a tokenizer, a little data
         of the model's shape); return the recipe overrides that split it (`bench split`)."""
-        raise DbconvertError(f"the {self.name} family cannot write a random checkpoint, so `bench split` does not "
-                             "apply to it")
+        raise DbconvertError(
+            f"the {self.name} family cannot write a random checkpoint, so `bench split` does not apply to it"
+        )
 
     # -- training --------------------------------------------------------------------------
 
@@ -291,13 +308,21 @@ class Family(ABC):
         """The plain reference around the full network (an AR LM, a classifier; families with a `reference_kind`)."""
         raise DbconvertError(f"the {self.name} family has no plain reference; use --model blocks or e2e")
 
-    def reference_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
-                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def reference_loss(
+        self, model: nn.Module, batch: Any, recipe: "Recipe", shard: tuple[int, int] = (0, 1)
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The plain reference's own loss of one batch (next-token cross-entropy, classification cross-entropy)."""
         raise DbconvertError(f"the {self.name} family has no plain reference; use --model blocks or e2e")
 
-    def heldout_metrics(self, model: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
-                        recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
+    def heldout_metrics(
+        self,
+        model: nn.Module,
+        batch: list[torch.Tensor],
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        objective: str = "denoiser",
+    ) -> dict[str, float]:
         """Metrics of a fixed held-out batch, logged every `train.val_every` steps (`val_*` keys). Default: none."""
         return {}
 
@@ -353,26 +378,35 @@ class Family(ABC):
         """Random training data of the model's shape, for `bench` (no data set needed)."""
 
     @abstractmethod
-    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
-                      sigma: float) -> Callable[[], Any]:
+    def sampling_step(
+        self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor], sigma: float
+    ) -> Callable[[], Any]:
         """A closure running ONE sampling step's network evaluation of `model` on `batch` (for `bench speed`).
 
         Set-up that a real sampler does once (e.g. a KV cache of the prompt) happens here, outside the closure.
         """
 
-    def training_schedule(self, run: "Run", target: str, recipe: "Recipe",
-                          note: Callable[[str], None] | None = None) -> Callable[[nn.Module, int], None] | None:
+    def training_schedule(
+        self, run: "Run", target: str, recipe: "Recipe", note: Callable[[str], None] | None = None
+    ) -> Callable[[nn.Module, int], None] | None:
         """What the trainer calls with (network, step index) before every training step of `target` (a block's
         name, `e2e`, ...) under `recipe` (the run's, with the training's overrides), for settings that change over
         training but are not weights (it may measure them on the network at step 0 and tell the user through
         `note`); None (the default): none."""
         return None
 
-    def decoding_rates(self, recipe: "Recipe", blocks: int, batch: int, device: torch.device, repeats: int,
-                       warmup: int, new_tokens: int | None = None,
-                       on_progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    def decoding_rates(
+        self,
+        recipe: "Recipe",
+        blocks: int,
+        batch: int,
+        device: torch.device,
+        repeats: int,
+        warmup: int,
+        new_tokens: int | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any] | None:
         """For families that decode unit by unit (text): the blocks' decoding rate against the same network's
         autoregressive decoding, for `bench speed`: `tokens_per_s` by decoder, `reference` naming the decoder the
         others are compared with. None (the default): nothing of the kind to compare."""
         return None
-

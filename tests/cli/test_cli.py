@@ -11,11 +11,6 @@ from tests.conftest import TINY_OVERRIDES
 from tests.cli_helpers import assert_user_error, invoke
 
 
-
-
-
-
-
 @pytest.fixture
 def cli_run(in_tmp: Path) -> Path:
     result = invoke("split", "dit-tiny-digits", *TINY_OVERRIDES, "--blocks", "4")
@@ -57,8 +52,10 @@ def test_pipeline_split_info_train_sample(cli_run: Path) -> None:
     # a language model's options on an image run: one line naming the option, nothing sampled
     before = sorted(p.name for p in (cli_run / "samples").iterdir())
     assert_user_error(invoke("sample", "--prompt", "ROMEO:"), "--prompt does not apply to a dit run")
-    assert_user_error(invoke("sample", "--top-p", "0.9"), "--top-p does not apply to a dit run (its sampling options: "
-                      "--class, --guidance)")
+    assert_user_error(
+        invoke("sample", "--top-p", "0.9"),
+        "--top-p does not apply to a dit run (its sampling options: --class, --guidance)",
+    )
     assert sorted(p.name for p in (cli_run / "samples").iterdir()) == before
 
 
@@ -128,8 +125,10 @@ def test_sample_flags_are_the_families_options(in_tmp: Path) -> None:
     dit = {f.flag for f in sample_flags(get_family("dit").sample_options_type)}
     assert all(flag in on_dit for flag in dit) and not any(flag in on_dit for flag in every - dit)
     assert "--prompt" in invoke("sample", "--help", "--run", "nowhere").stdout  # no run there: every flag
-    assert_user_error(invoke("sample", "--prompt", "hi"),
-                      "--prompt does not apply to a dit run (its sampling options: --class, --guidance); drop it")
+    assert_user_error(
+        invoke("sample", "--prompt", "hi"),
+        "--prompt does not apply to a dit run (its sampling options: --class, --guidance); drop it",
+    )
     assert_user_error(invoke("sample", "--max-new-tokens", "0"), "--max-new-tokens")  # its declared minimum
 
 
@@ -200,8 +199,14 @@ def test_version_names_ours_and_the_libraries_a_bug_report_needs() -> None:
         assert line.startswith(f"dbconvert {__version__} (python ") and "torch " in line and "timm " in line, line
 
 
-HELP_WITHOUT_TORCH = (("--help",), ("split", "--help"), ("train-block", "--help"), ("bench", "--help"),
-                      ("recipes", "--help"), ("export", "--help"))
+HELP_WITHOUT_TORCH = (
+    ("--help",),
+    ("split", "--help"),
+    ("train-block", "--help"),
+    ("bench", "--help"),
+    ("recipes", "--help"),
+    ("export", "--help"),
+)
 
 
 @pytest.mark.parametrize("args", HELP_WITHOUT_TORCH, ids=[" ".join(a) for a in HELP_WITHOUT_TORCH])
@@ -212,10 +217,12 @@ def test_help_does_not_import_torch(args: tuple[str, ...]) -> None:
     import subprocess
     import sys
 
-    code = ("import sys\nsys.argv = ['dbconvert', *sys.argv[1:]]\nfrom dbconvert.cli.app import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('IMPORTED', sorted(m for m in ('torch', 'timm', 'transformers', 'dbconvert.families.dit.family') "
-            "if m in sys.modules))")
+    code = (
+        "import sys\nsys.argv = ['dbconvert', *sys.argv[1:]]\nfrom dbconvert.cli.app import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('IMPORTED', sorted(m for m in ('torch', 'timm', 'transformers', 'dbconvert.families.dit.family') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert "Usage" in out.stdout and out.stdout.strip().splitlines()[-1] == "IMPORTED []", out.stdout[-300:]
 

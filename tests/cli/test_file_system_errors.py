@@ -129,9 +129,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.chdir(root)
     try:
         text = write_corpus(root)
-        for args in (("split", *DIT, "--out", "run"), ("split", "vit-tiny-digits", *TINY, "--out", "vit"),
-                     ("split", "md4-tiny-shakespeare", *masked_overrides(text), "--out", "md4"),
-                     ("train-e2e", "--run", "md4", "-q"), ("export", "old.pt", "--run", "run")):
+        for args in (
+            ("split", *DIT, "--out", "run"),
+            ("split", "vit-tiny-digits", *TINY, "--out", "vit"),
+            ("split", "md4-tiny-shakespeare", *masked_overrides(text), "--out", "md4"),
+            ("train-e2e", "--run", "md4", "-q"),
+            ("export", "old.pt", "--run", "run"),
+        ):
             result = invoke(*args)
             assert result.exit_code == 0, result.output
         (root / "imgs").mkdir()
@@ -157,8 +161,10 @@ HERE = "."
 
 COMMANDS = [
     (("eval", "accuracy", "--run", "vit", "--model", "source", "-q"), "vit/eval"),
-    (("eval", "bpc", "--run", "md4", "--model", "e2e", "--draws", "1", "--repeats", "1", "--max-rows", "4", "-q"),
-     "md4/eval"),
+    (
+        ("eval", "bpc", "--run", "md4", "--model", "e2e", "--draws", "1", "--repeats", "1", "--max-rows", "4", "-q"),
+        "md4/eval",
+    ),
     (("sample", "--run", "run", "--model", "source", "-q"), "run/samples"),
     (("sample", "--run", "vit", "--model", "source", "--images", "imgs", "-q"), "vit/samples"),
     (("train-block", "0", "--run", "run", "-q"), "run/blocks/block-00"),
@@ -171,10 +177,12 @@ COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize("args, path", COMMANDS, ids=[" ".join(a[:2]) + (" --force" if "--force" in a else "")
-                                                      for a, _ in COMMANDS])
-def test_a_read_only_folder_is_one_line_naming_it(args: tuple[str, ...], path: str, ws: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "args, path", COMMANDS, ids=[" ".join(a[:2]) + (" --force" if "--force" in a else "") for a, _ in COMMANDS]
+)
+def test_a_read_only_folder_is_one_line_naming_it(
+    args: tuple[str, ...], path: str, ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shown = str(Path.cwd()) if path == HERE else path
     before = snapshot(ws)
     with refuse_writes(monkeypatch, ws):
@@ -196,14 +204,19 @@ def files(tree: dict[str, tuple]) -> dict[str, tuple]:
     return {path: entry for path, entry in tree.items() if entry != ("dir",)}
 
 
-@pytest.mark.parametrize("args, path, exact", [
-    (("split", *DIT, "--out", "run", "--force", "-q"), HERE, True),
-    (("export", "old.pt", "--run", "run", "--force"), HERE, True),
-    (("train-block", "0", "--run", "run", "-q"), "run/blocks/block-00", False),
-    (("eval", "accuracy", "--run", "vit", "--model", "source", "-q"), "vit/eval/accuracy-", False),
-], ids=["split --force", "export --force", "train-block", "eval accuracy"])
-def test_a_full_disk_leaves_nothing_half_written(args: tuple[str, ...], path: str, exact: bool, ws: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "args, path, exact",
+    [
+        (("split", *DIT, "--out", "run", "--force", "-q"), HERE, True),
+        (("export", "old.pt", "--run", "run", "--force"), HERE, True),
+        (("train-block", "0", "--run", "run", "-q"), "run/blocks/block-00", False),
+        (("eval", "accuracy", "--run", "vit", "--model", "source", "-q"), "vit/eval/accuracy-", False),
+    ],
+    ids=["split --force", "export --force", "train-block", "eval accuracy"],
+)
+def test_a_full_disk_leaves_nothing_half_written(
+    args: tuple[str, ...], path: str, exact: bool, ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """split and export write into a staging folder: nothing at all changes (the old run and the old export kept);
     a file written in place (atomic_write) leaves no temp file, at most the new empty folder it was to go in."""
     shown = str(Path.cwd()) if path == HERE else path
@@ -254,11 +267,27 @@ def test_the_largest_seed_works_where_seeds_are_multiplied(ws: Path) -> None:
     """2^63 - 1 is accepted, and the seeds derived from it by arithmetic (bpc's repeats, a text row's seed, the epoch
     permutation) are folded back into torch's range instead of overflowing."""
     seed = str(2**63 - 1)
-    bpc = invoke("eval", "bpc", "--run", "md4", "--model", "e2e", "--draws", "1", "--repeats", "1",
-                 "--max-rows", "4", "--seed", seed, "-q")
+    bpc = invoke(
+        "eval",
+        "bpc",
+        "--run",
+        "md4",
+        "--model",
+        "e2e",
+        "--draws",
+        "1",
+        "--repeats",
+        "1",
+        "--max-rows",
+        "4",
+        "--seed",
+        seed,
+        "-q",
+    )
     assert bpc.exit_code == 0, bpc.output
-    sample = invoke("sample", "--run", "md4", "--model", "e2e", "--num", "1", "--max-new-tokens", "4",
-                    "--seed", seed, "-q")
+    sample = invoke(
+        "sample", "--run", "md4", "--model", "e2e", "--num", "1", "--max-new-tokens", "4", "--seed", seed, "-q"
+    )
     assert sample.exit_code == 0, sample.output
     train = invoke("train-block", "0", f"train.seed={seed}", "--steps", "1", "--run", "run", "-q")
     assert train.exit_code == 0, train.output
@@ -267,30 +296,65 @@ def test_the_largest_seed_works_where_seeds_are_multiplied(ws: Path) -> None:
 # --- the mapping itself --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code, filename, filename2, line", [
-    (errno.EROFS, "r/eval", None, "r/eval: read-only file system; write to a folder on a writable disk "
-                                  "(or remount it read-write)"),
-    (errno.EACCES, "r/plots", None, "r/plots: permission denied; fix its permissions (ls -l, chmod, chown) or "
-                                    "choose a path you can write to"),
-    (errno.EPERM, "r/x", None, "r/x: permission denied"),
-    (errno.ENOSPC, "r/m.safetensors", None, "r/m.safetensors: no space left on the device; free some space or "
-                                            "choose a folder on another disk"),
-    (errno.EDQUOT, "r/m.safetensors", None, "r/m.safetensors: disk quota exceeded"),
-    (errno.EISDIR, "r/eval.json", None, "r/eval.json is a folder where a file is expected; move it away or "
-                                        "choose another path"),
-    (errno.EROFS, "r/eval/.a.json.k3j2.tmp", None, "r/eval: read-only"),  # atomic_write's temp file: its folder
-    (errno.EROFS, "r/blocks/block-00/.train.lock.12.ab.tmp", None, "r/blocks/block-00: read-only"),  # a lock's
-    (errno.EACCES, "out/.run.split-x1y2/source/model.safetensors", None, "out: permission denied"),  # staging
-    (errno.EACCES, "out/.run.split-x1y2", "out/run", "out/run: permission denied"),  # a rename: its target
-    (errno.EACCES, "out/a.json", "out/b.json", "out/a.json: permission denied"),  # not a temp: the source
-    (errno.ENOSPC, None, None, "no space left on the device; free some space"),
-    (errno.ENOTDIR, None, None, "Not a directory; move it away or choose another path"),
-], ids=["erofs", "eacces", "eperm", "enospc", "edquot", "eisdir", "temp-file", "lock-temp", "staging", "rename",
-        "rename-plain", "enospc-no-filename", "enotdir-no-filename"])
-def test_file_system_errors_become_one_line(code: int, filename: str | None, filename2: str | None,
-                                            line: str) -> None:
-    exc = OSError(code, os.strerror(code), filename, None, filename2) if filename2 else (
-        OSError(code, os.strerror(code), filename) if filename else OSError(code, os.strerror(code)))
+@pytest.mark.parametrize(
+    "code, filename, filename2, line",
+    [
+        (
+            errno.EROFS,
+            "r/eval",
+            None,
+            "r/eval: read-only file system; write to a folder on a writable disk (or remount it read-write)",
+        ),
+        (
+            errno.EACCES,
+            "r/plots",
+            None,
+            "r/plots: permission denied; fix its permissions (ls -l, chmod, chown) or choose a path you can write to",
+        ),
+        (errno.EPERM, "r/x", None, "r/x: permission denied"),
+        (
+            errno.ENOSPC,
+            "r/m.safetensors",
+            None,
+            "r/m.safetensors: no space left on the device; free some space or choose a folder on another disk",
+        ),
+        (errno.EDQUOT, "r/m.safetensors", None, "r/m.safetensors: disk quota exceeded"),
+        (
+            errno.EISDIR,
+            "r/eval.json",
+            None,
+            "r/eval.json is a folder where a file is expected; move it away or choose another path",
+        ),
+        (errno.EROFS, "r/eval/.a.json.k3j2.tmp", None, "r/eval: read-only"),  # atomic_write's temp file: its folder
+        (errno.EROFS, "r/blocks/block-00/.train.lock.12.ab.tmp", None, "r/blocks/block-00: read-only"),  # a lock's
+        (errno.EACCES, "out/.run.split-x1y2/source/model.safetensors", None, "out: permission denied"),  # staging
+        (errno.EACCES, "out/.run.split-x1y2", "out/run", "out/run: permission denied"),  # a rename: its target
+        (errno.EACCES, "out/a.json", "out/b.json", "out/a.json: permission denied"),  # not a temp: the source
+        (errno.ENOSPC, None, None, "no space left on the device; free some space"),
+        (errno.ENOTDIR, None, None, "Not a directory; move it away or choose another path"),
+    ],
+    ids=[
+        "erofs",
+        "eacces",
+        "eperm",
+        "enospc",
+        "edquot",
+        "eisdir",
+        "temp-file",
+        "lock-temp",
+        "staging",
+        "rename",
+        "rename-plain",
+        "enospc-no-filename",
+        "enotdir-no-filename",
+    ],
+)
+def test_file_system_errors_become_one_line(code: int, filename: str | None, filename2: str | None, line: str) -> None:
+    exc = (
+        OSError(code, os.strerror(code), filename, None, filename2)
+        if filename2
+        else (OSError(code, os.strerror(code), filename) if filename else OSError(code, os.strerror(code)))
+    )
     user = file_system_error(exc)
     assert user is not None and line in str(user) and "\n" not in str(user)
 
@@ -301,16 +365,25 @@ def test_a_file_in_the_way_is_named_itself(tmp_path: Path) -> None:
     deep = tmp_path / "afile" / "run" / "eval"
     assert str(file_system_error(NotADirectoryError(errno.ENOTDIR, "Not a directory", str(deep)))) == (
         f"{tmp_path / 'afile'} is a file where a folder is expected (to reach {deep}); move it away or choose "
-        "another path")
+        "another path"
+    )
     assert str(file_system_error(FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "afile")))) == (
-        f"{tmp_path / 'afile'} is a file where a folder is expected; move it away or choose another path")
+        f"{tmp_path / 'afile'} is a file where a folder is expected; move it away or choose another path"
+    )
     assert str(file_system_error(FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "dir")))) == (
-        f"{tmp_path / 'dir'} already exists; move it away or choose another path")
+        f"{tmp_path / 'dir'} already exists; move it away or choose another path"
+    )
 
 
-@pytest.mark.parametrize("exc", [FileNotFoundError(errno.ENOENT, "No such file or directory", "x"),
-                                 ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
-                                 OSError("no errno")], ids=["enoent", "network", "no-errno"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        FileNotFoundError(errno.ENOENT, "No such file or directory", "x"),
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+        OSError("no errno"),
+    ],
+    ids=["enoent", "network", "no-errno"],
+)
 def test_other_os_errors_are_not_the_users_file_system(exc: OSError) -> None:
     """A missing file the code did not check for, or a network error, is a bug to fix where it happens: it keeps its
     traceback (and its own one-line DataError where the code does check)."""
@@ -330,5 +403,7 @@ def test_the_cli_turns_a_file_system_error_into_exit_2(capsys: pytest.CaptureFix
     with pytest.raises(typer.Exit) as exit_:
         handle_errors(command)()
     assert exit_.value.exit_code == 2
-    assert capsys.readouterr().err.strip() == ("error: runs/r/eval: permission denied; fix its permissions (ls -l, "
-                                               "chmod, chown) or choose a path you can write to")
+    assert capsys.readouterr().err.strip() == (
+        "error: runs/r/eval: permission denied; fix its permissions (ls -l, "
+        "chmod, chown) or choose a path you can write to"
+    )

@@ -53,7 +53,8 @@ def test_archs_lists_every_dit_architecture_with_parameters_counted_from_the_mod
 
 
 def test_split_sample_and_eval_fid_talk_in_plain_lines_when_not_a_terminal(
-        in_tmp: Path, tmp_path_factory, monkeypatch) -> None:  # noqa: ANN001
+    in_tmp: Path, tmp_path_factory, monkeypatch
+) -> None:  # noqa: ANN001
     from tests.cli_helpers import invoke
 
     monkeypatch.setenv("DBCONVERT_CACHE", str(tmp_path_factory.getbasetemp() / "dbconvert-cache"))
@@ -107,8 +108,11 @@ def test_run_folder_names_data_that_differ_from_the_shipped_recipe(in_tmp: Path)
     corpus = in_tmp / "my corpus.txt"
     corpus.write_text(CORPUS)
     assert load_recipe("llama-tiny-shakespeare", [f"data.source={corpus}"]).output_dir() == Path(
-        "runs/llama-tiny-shakespeare-my-corpus-B4")
-    assert load_recipe("llama-tiny-shakespeare", [f"data.source={corpus}", "output.dir=mine"]).output_dir() == Path("mine")
+        "runs/llama-tiny-shakespeare-my-corpus-B4"
+    )
+    assert load_recipe("llama-tiny-shakespeare", [f"data.source={corpus}", "output.dir=mine"]).output_dir() == Path(
+        "mine"
+    )
 
     res = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus), "--blocks", "2", "-q")
     assert res.exit_code == 0, res.output

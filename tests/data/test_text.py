@@ -105,8 +105,9 @@ def test_sentencepiece_model(tmp_path: Path) -> None:
     import sentencepiece as spm
 
     (tmp_path / "corpus.txt").write_text(TEXT)
-    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=80, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=80, minloglevel=2
+    )
     tok = Tokenizer(tmp_path / "sp.model")
     assert tok.vocab_size == 80 and tok.eos_id == 2
     assert tok.decode(tok.encode("line number 7")) == "line number 7"
@@ -141,15 +142,27 @@ def test_a_built_wheel_carries_the_built_in_text(tmp_path: Path) -> None:
     shutil.copytree(root / "dbconvert", src / "dbconvert", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy(root / "pyproject.toml", src / "pyproject.toml")
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp_path / "dist").glob("dbconvert-*.whl"))
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
-                   check=True, capture_output=True)
-    code = ("import dbconvert; from dbconvert.config import load_recipe; from dbconvert.data.text import local_files;"
-            "print(dbconvert.__file__); print(local_files(load_recipe('llama-tiny-shakespeare').data.source)[0])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.split()
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True, capture_output=True
+    )
+    code = (
+        "import dbconvert; from dbconvert.config import load_recipe; from dbconvert.data.text import local_files;"
+        "print(dbconvert.__file__); print(local_files(load_recipe('llama-tiny-shakespeare').data.source)[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    ).stdout.split()
     site = (tmp_path / "site").resolve()
     assert Path(out[0]).resolve().is_relative_to(site), out  # the wheel's package, not the checkout
     assert Path(out[1]).is_relative_to(site) and Path(out[1]).stat().st_size > 1_000_000, out

@@ -10,8 +10,9 @@ import pytest
 from dbconvert.schema import DataConfig
 
 
-def test_capped_training_stops_on_held_out_accuracy_and_talks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_capped_training_stops_on_held_out_accuracy_and_talks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from dbconvert.evaluation import features
 
     monkeypatch.setenv("DBCONVERT_CACHE", str(tmp_path / "cache"))

@@ -14,14 +14,9 @@ from dbconvert.config import load_recipe
 from tests.cli_helpers import assert_user_error, invoke
 
 
-
-
-
 def invoke_q(*args: object):  # noqa: ANN201
     """Without progress messages, so stderr holds only the error line."""
     return invoke(*args, "-q")
-
-
 
 
 @pytest.fixture(autouse=True)
@@ -70,13 +65,29 @@ def test_cli_fid_of_two_folders_equals_cleanfid(folders, spec, in_tmp: Path) -> 
 
     from dbconvert.evaluation.features import native_resize
 
-    res = invoke("eval", "fid", "--samples", folders["test"], "--reference", folders["train"],
-                 "--features", "builtin:digits", "--json")
+    res = invoke(
+        "eval",
+        "fid",
+        "--samples",
+        folders["test"],
+        "--reference",
+        folders["train"],
+        "--features",
+        "builtin:digits",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     ours = json.loads(res.stdout.strip().splitlines()[-1])
-    direct = cleanfid.compute_fid(str(folders["test"]), str(folders["train"]), mode="clean",
-                                  custom_feat_extractor=spec.extractor, custom_fn_resize=native_resize,
-                                  device=torch.device("cpu"), num_workers=0, verbose=False)
+    direct = cleanfid.compute_fid(
+        str(folders["test"]),
+        str(folders["train"]),
+        mode="clean",
+        custom_feat_extractor=spec.extractor,
+        custom_fn_resize=native_resize,
+        device=torch.device("cpu"),
+        num_workers=0,
+        verbose=False,
+    )
     assert ours["features"] == spec.name and ours["num_samples"] == 359
     assert abs(ours["value"] - direct) < 1e-6
     assert ours["value"] > 0 and ours["kid"]["values"][0] == pytest.approx(ours["kid"]["min"])
@@ -110,7 +121,9 @@ def test_bad_sample_folders(folders, tmp_path: Path, in_tmp: Path) -> None:  # n
     assert_user_error(invoke_q("eval", "fid", "--samples", bad), "no current run")
 
 
-def test_missing_inception_weights_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, folders, in_tmp: Path) -> None:  # noqa: ANN001
+def test_missing_inception_weights_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, folders, in_tmp: Path
+) -> None:  # noqa: ANN001
     from dbconvert.evaluation import features
 
     missing = tmp_path / "cache" / features.INCEPTION_FILE
@@ -138,8 +151,19 @@ def test_cli_fid_of_tiny_run_blocks_and_e2e(tiny_run, in_tmp: Path) -> None:  # 
     assert res.exit_code == 0, res.output
     blocks = json.loads(res.stdout.strip().splitlines()[-1])
     saved = json.loads(Path(blocks["file"]).read_text())
-    for key in ("metric", "value", "model", "features", "num_samples", "sampler", "seed", "split", "seconds",
-                "dbconvert_version", "kid"):
+    for key in (
+        "metric",
+        "value",
+        "model",
+        "features",
+        "num_samples",
+        "sampler",
+        "seed",
+        "split",
+        "seconds",
+        "dbconvert_version",
+        "kid",
+    ):
         assert key in saved, key
     assert saved["model"] == "blocks" and saved["split"] == "test" and saved["sampler"]["steps"] == 2
     assert saved["features"].startswith("builtin-cnn:digits") and saved["num_samples"] == 70
@@ -164,8 +188,17 @@ def test_fid_of_two_folders_needs_no_run_even_when_the_current_run_is_a_text_run
     (in_tmp / "corpus.txt").write_text(CORPUS)
     split = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(in_tmp / "corpus.txt"), "-b", "2", "--out", "lm")
     assert split.exit_code == 0, split.output  # now the current run
-    res = invoke("eval", "fid", "--samples", folders["shifted"], "--reference", folders["test"],
-                 "--features", "builtin:digits", "--json")
+    res = invoke(
+        "eval",
+        "fid",
+        "--samples",
+        folders["shifted"],
+        "--reference",
+        folders["test"],
+        "--features",
+        "builtin:digits",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["value"] > 1.0
     assert not (in_tmp / "lm" / "eval").exists()  # nothing written into the unrelated text run

@@ -17,8 +17,15 @@ from tests.families.llama_tiny import CORPUS, tiny_overrides
 def trained_run(in_tmp: Path) -> Path:
     corpus = in_tmp / "corpus.txt"
     corpus.write_text(CORPUS)
-    split = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.max_positions": 64}), "--blocks", "2",
-                   "--out", "run")
+    split = invoke(
+        "split",
+        "llama-tiny-shakespeare",
+        *tiny_overrides(corpus, **{"model.max_positions": 64}),
+        "--blocks",
+        "2",
+        "--out",
+        "run",
+    )
     assert split.exit_code == 0, split.output
     for i in (0, 1):
         assert invoke("train-block", str(i), "--steps", "1", "-q").exit_code == 0
@@ -51,7 +58,7 @@ def test_genppl_is_the_judges_perplexity_of_the_continuations(trained_run: Path)
             tail = tok(row["generation"], add_special_tokens=False)["input_ids"]
             ids = torch.tensor([head + tail])
             labels = ids.clone()
-            labels[0, :len(head)] = -100
+            labels[0, : len(head)] = -100
             with torch.no_grad():
                 loss = float(model(ids, labels=labels).loss)
             total += loss * len(tail)
@@ -91,6 +98,14 @@ def test_bad_judges_are_one_line(trained_run: Path) -> None:
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     narrow = trained_run.parent / "narrow"
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(str(narrow))
-    LlamaForCausalLM(LlamaConfig(vocab_size=4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=64)).save_pretrained(str(narrow))
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=4,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(str(narrow))
     assert_user_error(invoke(*ARGS, "--judge", narrow), "its tokenizer cannot read this text")

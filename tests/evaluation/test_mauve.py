@@ -12,11 +12,6 @@ from tests.families.test_llama import CORPUS, tiny_overrides
 from tests.cli_helpers import assert_user_error, invoke
 
 
-
-
-
-
-
 def test_wrapper_equals_compute_mauve_on_same_features() -> None:
     import mauve
 
@@ -32,13 +27,16 @@ def test_wrapper_equals_compute_mauve_on_same_features() -> None:
     assert mauve_scores(p, p, [25])[0] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("context,given,expected", [
-    (256, (None, None), (50, 50)),   # SEDD's protocol when it fits
-    (64, (None, None), (32, 32)),    # the tiny recipe: half the context each
-    (16, (10, None), (10, 6)),       # one length given: the other takes what the context leaves
-    (16, (None, 4), (12, 4)),
-    (64, (20, 30), (20, 30)),        # both given: used as they are
-])
+@pytest.mark.parametrize(
+    "context,given,expected",
+    [
+        (256, (None, None), (50, 50)),  # SEDD's protocol when it fits
+        (64, (None, None), (32, 32)),  # the tiny recipe: half the context each
+        (16, (10, None), (10, 6)),  # one length given: the other takes what the context leaves
+        (16, (None, 4), (12, 4)),
+        (64, (20, 30), (20, 30)),  # both given: used as they are
+    ],
+)
 def test_protocol_lengths_fit_the_context(context: int, given: tuple, expected: tuple) -> None:
     from dbconvert.evaluation.mauve import protocol_lengths
 
@@ -82,8 +80,25 @@ def llama_run(in_tmp: Path) -> Path:
 
 
 def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
-    args = ("eval", "mauve", "--prompt-tokens", "4", "--new-tokens", "4", "--num-prompts", "4",
-            "--samples-per-prompt", "2", "--featurizer", "minilm", "--seeds", "2", "--steps", "2", "-q")
+    args = (
+        "eval",
+        "mauve",
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "4",
+        "--num-prompts",
+        "4",
+        "--samples-per-prompt",
+        "2",
+        "--featurizer",
+        "minilm",
+        "--seeds",
+        "2",
+        "--steps",
+        "2",
+        "-q",
+    )
     assert_user_error(invoke(*args), "untrained blocks")
     for i in (0, 1):
         assert invoke("train-block", str(i), "--steps", "1", "-q").exit_code == 0
@@ -116,8 +131,20 @@ def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
     assert all(m in table.stdout for m in ("blocks", "e2e", "ar"))
 
     # without lengths, a 16-token context gets 8-token prompts and continuations (SEDD's 50 + 50 do not fit)
-    res = invoke("eval", "mauve", "--num-prompts", "2", "--samples-per-prompt", "1", "--featurizer", "minilm",
-                 "--seeds", "1", "--steps", "2")
+    res = invoke(
+        "eval",
+        "mauve",
+        "--num-prompts",
+        "2",
+        "--samples-per-prompt",
+        "1",
+        "--featurizer",
+        "minilm",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+    )
     assert res.exit_code == 0, res.output
     assert "8-token prompts, 8-token continuations (model.context = 16" in res.stderr
     newest = max((llama_run / "eval").glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
@@ -125,12 +152,16 @@ def test_cli_mauve_blocks_and_e2e(llama_run: Path) -> None:
     assert (saved["prompt_tokens"], saved["new_tokens"], saved["num_prompts"]) == (8, 8, 2)
 
     # bad input
-    assert_user_error(invoke(*args[:2], "--prompt-tokens", "10", "--new-tokens", "10", "-q"), "too short for the protocol")
+    assert_user_error(
+        invoke(*args[:2], "--prompt-tokens", "10", "--new-tokens", "10", "-q"), "too short for the protocol"
+    )
     assert_user_error(invoke(*args, "--num-prompts", "100000"), "too short for the protocol")
     assert_user_error(invoke(*args, "--featurizer", "no-such-featurizer"), "--featurizer must be")
     offline = invoke(*args, "--featurizer", "gpt2-large")
     assert_user_error(offline, "could not be loaded")
-    assert_user_error(invoke("eval", "fid", "--num", "70", "-q"), "eval fid does not apply to this llama run; use eval mauve")
+    assert_user_error(
+        invoke("eval", "fid", "--num", "70", "-q"), "eval fid does not apply to this llama run; use eval mauve"
+    )
     assert_user_error(invoke("sample", "--guidance", "2", "-q"), "--guidance does not apply to a llama run")
     assert_user_error(invoke("sample", "--class", "2", "-q"), "--class does not apply to a llama run")
 
@@ -144,8 +175,23 @@ def test_cli_mauve_of_a_masked_run_samples_by_unmasking(in_tmp: Path) -> None:
     assert invoke("split", "md4-tiny-shakespeare", *overrides, "--out", "md4").exit_code == 0
     for i in (0, 1):
         assert invoke("train-block", str(i), "-q").exit_code == 0
-    args = ("eval", "mauve", "--prompt-tokens", "4", "--new-tokens", "4", "--num-prompts", "3",
-            "--samples-per-prompt", "1", "--featurizer", "minilm", "--seeds", "1", "-q")
+    args = (
+        "eval",
+        "mauve",
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "4",
+        "--num-prompts",
+        "3",
+        "--samples-per-prompt",
+        "1",
+        "--featurizer",
+        "minilm",
+        "--seeds",
+        "1",
+        "-q",
+    )
     res = invoke(*args, "--json")
     assert res.exit_code == 0, res.output
     saved = json.loads(res.stdout.strip().splitlines()[-1])

@@ -8,8 +8,17 @@ from dbconvert.evaluation.results import compare_tables, result_name, result_tab
 
 
 def record(metric: str = "accuracy", **extra: object) -> dict:
-    base = {"metric": metric, "model": "blocks", "value": 0.5, "features": "pixels", "split": "test",
-            "num_samples": 10, "seed": 0, "seconds": 1.0, "sampler": {"steps": 3, "weights": "ema", "seed": 0}}
+    base = {
+        "metric": metric,
+        "model": "blocks",
+        "value": 0.5,
+        "features": "pixels",
+        "split": "test",
+        "num_samples": 10,
+        "seed": 0,
+        "seconds": 1.0,
+        "sampler": {"steps": 3, "weights": "ema", "seed": 0},
+    }
     return {**base, **extra}
 
 
@@ -38,8 +47,7 @@ def test_a_result_on_training_data_is_flagged_in_its_table_and_in_compare() -> N
     on_train = record(split="train", reference_overlaps_training=True, **scores)
     console = Console(width=200, record=True)
     console.print(result_table(on_train))
-    for table in compare_tables([on_train, record(reference_overlaps_training=False, **scores)],
-                                Path(".")):
+    for table in compare_tables([on_train, record(reference_overlaps_training=False, **scores)], Path(".")):
         console.print(table)
     text = console.export_text()
     assert "reference overlaps training" in text and "YES" in text and "train OVERLAPS TRAINING" in text

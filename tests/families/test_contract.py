@@ -102,8 +102,10 @@ def test_split_train_sample_bench_through_the_cli(toy_recipe: Path) -> None:
     result = invoke("sample", "--clip", "0.1", "--num", "16", "--out", "clipped", "-q")
     assert result.exit_code == 0, result.output
     assert np.abs(np.load("clipped/samples.npz")["x"]).max() <= 0.1
-    assert_user_error(invoke("sample", "--guidance", "2", "-q"),
-                      "--guidance does not apply to a toy run (its sampling options: --clip); drop it")
+    assert_user_error(
+        invoke("sample", "--guidance", "2", "-q"),
+        "--guidance does not apply to a toy run (its sampling options: --clip); drop it",
+    )
     assert_user_error(invoke("sample", "--clip", "-1", "-q"), "--clip")  # its declared minimum
     shown = invoke("sample", "--help").stdout  # on a toy run: the toy's options, not the other families'
     assert "--clip" in shown and "--guidance" not in shown and "--prompt" not in shown
@@ -112,12 +114,15 @@ def test_split_train_sample_bench_through_the_cli(toy_recipe: Path) -> None:
     result = invoke("train-e2e", "--steps", "20", "-q")
     assert result.exit_code == 0, result.output
     assert invoke("sample", "--model", "e2e", "-q").exit_code == 0
-    assert_user_error(invoke("sample", "--model", "ar", "-q"), "--model must be one of blocks, e2e, source for a toy run")
+    assert_user_error(
+        invoke("sample", "--model", "ar", "-q"), "--model must be one of blocks, e2e, source for a toy run"
+    )
 
     # bench: the speed comparison runs in this process, the memory one in fresh worker processes,
     # which know the toy family because `register` hands it down through the environment
-    result = invoke("bench", "speed", toy_recipe, "--blocks", "2", "--batch", "8", "--repeats", "1", "--warmup", "0",
-                    "--json")
+    result = invoke(
+        "bench", "speed", toy_recipe, "--blocks", "2", "--batch", "8", "--repeats", "1", "--warmup", "0", "--json"
+    )
     assert result.exit_code == 0, result.output
     speed = json.loads(result.stdout)
     assert len(speed["block_sample_step_s"]) == 2 and speed["e2e_sample_step_s"] > 0
@@ -154,7 +159,9 @@ def test_bench_memory_measures_the_toy_in_worker_processes(toy_recipe: Path, mon
     assert memory["blocks"] == 2 and memory["layers"] == 4 and len(memory["block_peak_bytes"]) == 2
     block, e2e = memory["breakdown"]["block-0"], memory["breakdown"]["e2e"]
     assert block["layers"] == [0, 2] and e2e["layers"] == [0, 4]
-    assert 0 < block["parameters"] < e2e["parameters"] and block["optimizer_state"] >= 2 * block["gradients"]  # AdamW: two moments (+ step counters)
+    assert (
+        0 < block["parameters"] < e2e["parameters"] and block["optimizer_state"] >= 2 * block["gradients"]
+    )  # AdamW: two moments (+ step counters)
 
 
 def family_samples(run: Run, model: str, num: int = 256, seed: int | None = None) -> np.ndarray:
@@ -166,7 +173,10 @@ def family_samples(run: Run, model: str, num: int = 256, seed: int | None = None
 
 
 def test_child_processes_inherit_a_registered_family(toy: str) -> None:
-    code = "from dbconvert.families import family_names, get_family; print(family_names(), type(get_family('toy')).__name__)"
+    code = (
+        "from dbconvert.families import family_names, get_family; "
+        "print(family_names(), type(get_family('toy')).__name__)"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     assert out.stdout.strip() == "['dit', 'llama', 'recurrent', 'toy', 'vit'] ToyFamily"
@@ -193,8 +203,16 @@ def test_bad_plugin_settings_are_one_line_errors(monkeypatch: pytest.MonkeyPatch
 def test_ablate_scores_variants_with_the_familys_metric(toy_recipe: Path) -> None:
     from dbconvert.ablate import run_ablation
 
-    result = run_ablation("overlap", str(toy_recipe), ["sample.steps=4"], steps=30, out=Path("abl"), num=16,
-                          values=(0.0, 0.2), progress=False)
+    result = run_ablation(
+        "overlap",
+        str(toy_recipe),
+        ["sample.steps=4"],
+        steps=30,
+        out=Path("abl"),
+        num=16,
+        values=(0.0, 0.2),
+        progress=False,
+    )
     rows = result.summary["rows"]
     assert result.summary["metric"] == "corner" and [r["value"] for r in rows] == [0.0, 0.2]
     for row in rows:  # each score is the variant's own evaluation, read back from its run

@@ -19,8 +19,16 @@ from dbconvert.source_ref import checkpoint_digest
 from dbconvert.families.dit.objective import EDMDenoiser, sigma_to_timestep
 from dbconvert.families.dit.model import DiT, DiTShape, variance_channel_mask
 
-XL2 = DiTShape(input_size=32, in_channels=4, num_classes=1000, depth=28, hidden_size=1152, num_heads=16, patch_size=2,
-               learn_sigma=True)
+XL2 = DiTShape(
+    input_size=32,
+    in_channels=4,
+    num_classes=1000,
+    depth=28,
+    hidden_size=1152,
+    num_heads=16,
+    patch_size=2,
+    learn_sigma=True,
+)
 
 # Names and shapes of the public DiT-XL/2 256x256 checkpoint (facebookresearch/DiT).
 REFERENCE_SHAPES = {
@@ -78,10 +86,15 @@ def _tiny_reference(tmp_path: Path, learn_sigma: bool, wrap: str | None, fmt: st
 
 
 def _recipe(path: Path | None, learn_sigma: bool = False, blocks: int = 2):  # noqa: ANN202
-    return load_recipe("dit-tiny-digits", [
-        "model.arch=DiT-Micro/2", f"model.learn_sigma={str(learn_sigma).lower()}", f"blocks.num={blocks}",
-        f"model.checkpoint={path}" if path else "model.checkpoint=null",
-    ])
+    return load_recipe(
+        "dit-tiny-digits",
+        [
+            "model.arch=DiT-Micro/2",
+            f"model.learn_sigma={str(learn_sigma).lower()}",
+            f"blocks.num={blocks}",
+            f"model.checkpoint={path}" if path else "model.checkpoint=null",
+        ],
+    )
 
 
 @pytest.mark.parametrize("fmt,wrap", [("pt", None), ("pt", "ema"), ("pt", "model"), ("safetensors", None)])
@@ -162,7 +175,9 @@ def test_sigma_to_timestep_maps_the_sigma_range_onto_ddpm_timesteps() -> None:
     noise = nz.NoiseSettings()
     t = sigma_to_timestep(torch.tensor([0.002, 80.0, 0.4]), noise)
     assert t[0].item() == pytest.approx(0.0, abs=1e-4) and t[1].item() == pytest.approx(999.0, abs=1e-3)
-    expected = 999 * (torch.log(torch.tensor(0.4)) - torch.log(torch.tensor(0.002))) / torch.log(torch.tensor(80 / 0.002))
+    expected = (
+        999 * (torch.log(torch.tensor(0.4)) - torch.log(torch.tensor(0.002))) / torch.log(torch.tensor(80 / 0.002))
+    )
     assert t[2].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -186,6 +201,8 @@ def test_a_learn_sigma_checkpoint_mislabelled_in_the_recipe_is_refused(tmp_path:
     DiT has the reference code's own layout (no installed library to run it against), so the key and shape
     check is what sees it: the final layer's rows differ."""
     path, _ = _tiny_reference(tmp_path, saved, None, "pt")
-    with pytest.raises(CheckpointError, match=f"learn_sigma={not saved}.*variance channels.*set model.learn_sigma={str(saved).lower()}") as info:
+    with pytest.raises(
+        CheckpointError, match=f"learn_sigma={not saved}.*variance channels.*set model.learn_sigma={str(saved).lower()}"
+    ) as info:
         get_family("dit").source(_recipe(path, learn_sigma=not saved))
     assert "\n" not in str(info.value)

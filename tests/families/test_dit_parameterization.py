@@ -36,10 +36,16 @@ def reference_checkpoint(path: Path, learn_sigma: bool = True, std: float = 0.05
 
 
 def recipe_for(checkpoint: Path | None, *extra: str, learn_sigma: bool = True):  # noqa: ANN201
-    return load_recipe("dit-tiny-digits", [
-        "model.arch=DiT-Micro/2", f"model.learn_sigma={str(learn_sigma).lower()}", "blocks.num=2",
-        f"model.checkpoint={checkpoint}" if checkpoint else "model.checkpoint=null", *extra,
-    ])
+    return load_recipe(
+        "dit-tiny-digits",
+        [
+            "model.arch=DiT-Micro/2",
+            f"model.learn_sigma={str(learn_sigma).lower()}",
+            "blocks.num=2",
+            f"model.checkpoint={checkpoint}" if checkpoint else "model.checkpoint=null",
+            *extra,
+        ],
+    )
 
 
 def test_converted_denoiser_equals_the_ddpm_x0_prediction_at_every_integer_step(tmp_path: Path) -> None:
@@ -78,8 +84,9 @@ def test_timestep_is_linear_in_log_sigma_between_steps_and_clamped_outside() -> 
     log_sigmas = sigmas.log()
     k, w = 400, 0.3
     between = torch.exp((1 - w) * log_sigmas[k] + w * log_sigmas[k + 1])
-    t = ddpm_timestep(torch.stack([sigmas[0], sigmas[k], between, sigmas[-1], sigmas[0] / 5, sigmas[-1] * 5]),
-                      log_sigmas)
+    t = ddpm_timestep(
+        torch.stack([sigmas[0], sigmas[k], between, sigmas[-1], sigmas[0] / 5, sigmas[-1] * 5]), log_sigmas
+    )
     assert t.tolist() == pytest.approx([0.0, k, k + w, 999.0, 0.0, 999.0], abs=1e-9)
 
 
@@ -111,7 +118,9 @@ def test_exported_metadata_decides_auto_and_a_contradiction_is_an_error(tmp_path
         family.source(recipe_for(path, "model.parameterization=ddpm-eps", learn_sigma=False))
     record = {"name": "ddpm-eps", "beta_start": 1e-4, "beta_end": 0.025, "timesteps": 1000}
     save_file(state, str(path), metadata={"dbconvert": json.dumps({"parameterization": record})})
-    with pytest.raises(CheckpointError, match="beta_end=0.025 .* set model.ddpm.beta_start=0.0001 model.ddpm.beta_end=0.025"):
+    with pytest.raises(
+        CheckpointError, match="beta_end=0.025 .* set model.ddpm.beta_start=0.0001 model.ddpm.beta_end=0.025"
+    ):
         family.source(recipe_for(path, learn_sigma=False))
     family.source(recipe_for(path, "model.ddpm.beta_end=0.025", learn_sigma=False))  # the matching schedule is fine
 
@@ -124,7 +133,9 @@ def test_noise_range_outside_the_schedule(tmp_path: Path) -> None:
     source = family.source(recipe_for(tmp_path / "ref.pt"))  # the recipe's sigma_min 0.002 < sigma_0 = 0.01
     assumed = "does not say what its network predicts, so it is taken as a DDPM epsilon-predictor"
     assert len(source.notes) == 2 and assumed in source.notes[0] and "fed t = 0" in source.notes[1]
-    assert [assumed in n for n in family.source(recipe_for(tmp_path / "ref.pt", "noise.sigma_min=0.02")).notes] == [True]
+    assert [assumed in n for n in family.source(recipe_for(tmp_path / "ref.pt", "noise.sigma_min=0.02")).notes] == [
+        True
+    ]
 
 
 def test_unknown_parameterization_is_a_one_line_error(in_tmp: Path) -> None:
@@ -134,14 +145,25 @@ def test_unknown_parameterization_is_a_one_line_error(in_tmp: Path) -> None:
 
 def test_the_run_records_and_info_shows_the_parameterization(in_tmp: Path) -> None:
     reference_checkpoint(in_tmp / "ref.pt")
-    result = invoke("split", "dit-tiny-digits", "model.arch=DiT-Micro/2", "model.learn_sigma=true",
-                    f"model.checkpoint={in_tmp / 'ref.pt'}", "--blocks", "2", "--out", "run")
+    result = invoke(
+        "split",
+        "dit-tiny-digits",
+        "model.arch=DiT-Micro/2",
+        "model.learn_sigma=true",
+        f"model.checkpoint={in_tmp / 'ref.pt'}",
+        "--blocks",
+        "2",
+        "--out",
+        "run",
+    )
     assert result.exit_code == 0, result.output
     assert "note: noise.sigma_min=0.002 lies below" in result.stderr
     info = invoke("info", "--run", "run")
     assert info.exit_code == 0, info.output
-    assert "parameterization: ddpm-eps (beta_start=0.0001, beta_end=0.02, timesteps=1000, sigma_range=0.01..157.4)" \
+    assert (
+        "parameterization: ddpm-eps (beta_start=0.0001, beta_end=0.02, timesteps=1000, sigma_range=0.01..157.4)"
         in info.stdout
+    )
     from dbconvert.rundir import Run
     from dbconvert.sampling import load_models
 
@@ -149,8 +171,9 @@ def test_the_run_records_and_info_shows_the_parameterization(in_tmp: Path) -> No
     assert run.manifest["parameterization"]["name"] == "ddpm-eps" and run.recipe.model.parameterization == "ddpm-eps"
     family = run.family()
     for name, depth in run.model_targets("blocks"):  # blocks keep the source's parameterisation
-        assert isinstance(family.denoiser(run.recipe, family.block_network(run.recipe, depth), run.noise()),
-                          DDPMEpsDenoiser)
+        assert isinstance(
+            family.denoiser(run.recipe, family.block_network(run.recipe, depth), run.noise()), DDPMEpsDenoiser
+        )
     (source,) = load_models(run, "source", "ema", torch.device("cpu"))
     assert isinstance(source, DDPMEpsDenoiser)
     fresh = invoke("split", "dit-tiny-digits", "model.arch=DiT-Micro/2", "--out", "fresh")

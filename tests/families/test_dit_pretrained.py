@@ -38,8 +38,17 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def split_source(checkpoint: Path, out: str, *extra: str) -> Run:
-    result = invoke("split", "dit-tiny-digits", "model.arch=DiT-Micro/2", f"model.checkpoint={checkpoint}",
-                    "--blocks", "2", "--out", out, *extra)
+    result = invoke(
+        "split",
+        "dit-tiny-digits",
+        "model.arch=DiT-Micro/2",
+        f"model.checkpoint={checkpoint}",
+        "--blocks",
+        "2",
+        "--out",
+        out,
+        *extra,
+    )
     assert result.exit_code == 0, result.output
     return Run.open(out)
 
@@ -74,14 +83,29 @@ def test_sample_source_draws_digit_like_images_before_any_training(in_tmp: Path,
     assert abs(samples.mean() - data.mean()) < 0.15 and nearest < 0.5, (samples.mean(), data.mean(), nearest)
     # read with the old EDM mapping, the same checkpoint samples noise far from every digit (measured 1.09)
     split_source(pretrained, "misread", "model.parameterization=edm")
-    assert invoke("sample", "--model", "source", "--num", "64", "--steps", "20", "--run", "misread", "-q").exit_code == 0
+    assert (
+        invoke("sample", "--model", "source", "--num", "64", "--steps", "20", "--run", "misread", "-q").exit_code == 0
+    )
     bad = np.load(next((in_tmp / "misread" / "samples").glob("source-*/samples.npz")))["x"]
     assert ((bad.reshape(64, 1, -1) - data.reshape(1, len(data), -1)) ** 2).mean(-1).min(1).mean() > 2 * nearest
 
 
 def test_eval_fid_of_the_source_needs_no_training(in_tmp: Path, pretrained: Path) -> None:
     split_source(pretrained, "run")
-    result = invoke("eval", "fid", "--model", "source", "--num", "80", "--steps", "10", "--features", "builtin",
-                    "--run", "run", "--json")
+    result = invoke(
+        "eval",
+        "fid",
+        "--model",
+        "source",
+        "--num",
+        "80",
+        "--steps",
+        "10",
+        "--features",
+        "builtin",
+        "--run",
+        "run",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert '"model": "source"' in result.stdout

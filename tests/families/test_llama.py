@@ -34,9 +34,17 @@ def hf_llama(folder: Path, tie: bool = False, layers: int = 4, max_pos: int = 64
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        tie_word_embeddings=tie,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(folder)
     return model
@@ -99,7 +107,9 @@ def test_checkpoint_errors(tmp_path: Path, corpus: Path) -> None:
     assert "shape mismatch" in mutate(model__norm__weight=torch.ones(7))
     save_file(state, str(weights))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     with pytest.raises(CheckpointError, match="not a Llama"):
         family.source(ckpt_recipe(tmp_path / "hf", corpus))
     (tmp_path / "hf" / "config.json").unlink()
@@ -117,13 +127,24 @@ def test_checkpoint_replaces_the_recipes_sizes_but_refuses_sizes_given_that_diff
     assert recipe.given == {"model.checkpoint", "data.source"}
     family.resolve(recipe)  # the recipe's own sizes (not given) are the checkpoint's
     assert (recipe.model.layers, recipe.model.hidden, recipe.model.vocab_size) == (4, 32, 300)
-    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{
-        "model.checkpoint": in_tmp / "hf", "model.layers": 2, "model.hidden": 64, "model.rope_theta": 500}))
+    result = invoke(
+        "split",
+        "llama-tiny-shakespeare",
+        *tiny_overrides(
+            corpus,
+            **{"model.checkpoint": in_tmp / "hf", "model.layers": 2, "model.hidden": 64, "model.rope_theta": 500},
+        ),
+    )
     assert_user_error(result, "model.layers=2 (the checkpoint has 4), model.hidden=64 (the checkpoint has 32); drop")
     assert "rope_theta" not in result.stderr  # given, and the same as the checkpoint's
     assert not (in_tmp / "runs").exists()
-    bench = invoke("bench", "memory", "llama-tiny-shakespeare", "--static", *tiny_overrides(corpus, **{
-        "model.checkpoint": in_tmp / "hf", "model.heads": 2}))
+    bench = invoke(
+        "bench",
+        "memory",
+        "llama-tiny-shakespeare",
+        "--static",
+        *tiny_overrides(corpus, **{"model.checkpoint": in_tmp / "hf", "model.heads": 2}),
+    )
     assert_user_error(bench, "model.heads=2 (the checkpoint has 4)")
 
 
@@ -137,15 +158,18 @@ def test_context_longer_than_model_maximum(tmp_path: Path, corpus: Path) -> None
 
 
 def test_mask_for_three_tokens() -> None:
-    expected = torch.tensor([
-        # clean 0..2   noisy 0..2
-        [1, 0, 0, 0, 0, 0],  # clean 0
-        [1, 1, 0, 0, 0, 0],  # clean 1
-        [1, 1, 1, 0, 0, 0],  # clean 2
-        [0, 0, 0, 1, 0, 0],  # noisy 0: itself only
-        [1, 0, 0, 0, 1, 0],  # noisy 1: clean 0 and itself
-        [1, 1, 0, 0, 0, 1],  # noisy 2: clean 0, 1 and itself
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            # clean 0..2   noisy 0..2
+            [1, 0, 0, 0, 0, 0],  # clean 0
+            [1, 1, 0, 0, 0, 0],  # clean 1
+            [1, 1, 1, 0, 0, 0],  # clean 2
+            [0, 0, 0, 1, 0, 0],  # noisy 0: itself only
+            [1, 0, 0, 0, 1, 0],  # noisy 1: clean 0 and itself
+            [1, 1, 0, 0, 0, 1],  # noisy 2: clean 0, 1 and itself
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(block_diffusion_mask(3), expected)
 
 
@@ -240,17 +264,38 @@ def test_split_train_sample_cli(in_tmp: Path, corpus: Path) -> None:
         outs.append((in_tmp / "run" / "samples" / "blocks-euler-6steps-seed0" / "samples.txt").read_text())
     assert outs[0] == outs[1] and outs[0].startswith("ROMEO:")
     (in_tmp / "prompts.txt").write_text("JULIET:\nFRIAR:\n")
-    res = invoke("sample", "--model", "e2e", "--prompt-file", "prompts.txt", "--max-new-tokens", "4", "--num", "2",
-                 "--steps", "4", "--run", "run")
+    res = invoke(
+        "sample",
+        "--model",
+        "e2e",
+        "--prompt-file",
+        "prompts.txt",
+        "--max-new-tokens",
+        "4",
+        "--num",
+        "2",
+        "--steps",
+        "4",
+        "--run",
+        "run",
+    )
     assert res.exit_code == 0, res.output
-    records = [json.loads(x) for x in (in_tmp / "run" / "samples" / "e2e-euler-4steps-seed0" / "samples.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(x)
+        for x in (in_tmp / "run" / "samples" / "e2e-euler-4steps-seed0" / "samples.jsonl").read_text().splitlines()
+    ]
     assert [r["prompt"] for r in records] == ["JULIET:", "JULIET:", "FRIAR:", "FRIAR:"]
     assert "--- sample 1/4 ---" in res.stdout and "--- sample 4/4 ---" in res.stdout  # completions hold newlines
     assert "tokens/s" not in res.stdout and "new tokens/s" in res.stderr  # stdout keeps results only
     # the converted source is a causal LM: sampled ancestrally (temperature 1 by default), N different continuations
-    res = invoke("sample", "--model", "source", "--prompt", "ROMEO:", "--max-new-tokens", "8", "--num", "3", "--run", "run")
+    res = invoke(
+        "sample", "--model", "source", "--prompt", "ROMEO:", "--max-new-tokens", "8", "--num", "3", "--run", "run"
+    )
     assert res.exit_code == 0, res.output
-    records = [json.loads(x) for x in (in_tmp / "run" / "samples" / "source-t1-p1-seed0" / "samples.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(x)
+        for x in (in_tmp / "run" / "samples" / "source-t1-p1-seed0" / "samples.jsonl").read_text().splitlines()
+    ]
     assert len({r["completion"] for r in records}) > 1
     res = invoke("sample", "--model", "ar", "--prompt", "ROMEO:", "--run", "run")
     assert res.exit_code == 2 and "train-e2e --objective ar" in res.output and "Traceback" not in res.output
@@ -268,7 +313,9 @@ def test_sampling_dispatches_to_owning_blocks(in_tmp: Path, corpus: Path) -> Non
     for i in range(run.num_blocks):
         train_block(run, i, progress=False)
     family = get_family("llama")
-    result = family.generate(run, SampleRequest(steps=32, options=family.sample_options(prompt="ROMEO:", max_new_tokens=1)))
+    result = family.generate(
+        run, SampleRequest(steps=32, options=family.sample_options(prompt="ROMEO:", max_new_tokens=1))
+    )
     assert len(result.calls) == 4 and all(c > 0 for c in result.calls)
     assert sum(result.calls) == 32  # one token: M Euler steps, each run by exactly one (the owning) block
 
@@ -297,8 +344,9 @@ def test_checkpoint_split_uses_checkpoint_tokenizer_or_trains_one(in_tmp: Path, 
     torch.testing.assert_close(table, normalised_table(source))
 
 
-def test_split_refuses_a_conversion_whose_layers_differ_from_transformers(tmp_path: Path, corpus: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_refuses_a_conversion_whose_layers_differ_from_transformers(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 32's function check: keys and shapes all fit, but q/k rows are read in Meta's interleaved rotary layout
     instead of Hugging Face's half-split one (or rope_theta is not carried over); split compares a converted layer
     with transformers' layer of the same checkpoint and refuses in one line."""
@@ -315,10 +363,12 @@ def test_split_refuses_a_conversion_whose_layers_differ_from_transformers(tmp_pa
         state = convert(*args, **kwargs)
         loaders = dict(state.loaders)
         for key in ("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight"):
+
             def meta(read=loaders[key]):  # noqa: ANN001, ANN202 - each head's rows (x0, x1, ...) as pairs
                 w = read()
                 heads = w.shape[0] // 8
                 return w.view(heads, 2, 4, -1).transpose(1, 2).reshape(w.shape)
+
             loaders[key] = meta
         return LazyState(loaders, state.specs)
 

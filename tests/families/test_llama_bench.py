@@ -19,8 +19,25 @@ def overrides(tmp_path: Path) -> list[str]:
 
 
 def test_speed_reports_tokens_per_second_and_the_protocols_hours(overrides: list[str]) -> None:
-    args = ("bench", "speed", "llama-tiny-shakespeare", *overrides, "model.target_dim=8", "model.head_rank=4",
-            "--blocks", "2", "--batch", "2", "--context", "12", "--repeats", "1", "--warmup", "0", "--sampling-only")
+    args = (
+        "bench",
+        "speed",
+        "llama-tiny-shakespeare",
+        *overrides,
+        "model.target_dim=8",
+        "model.head_rank=4",
+        "--blocks",
+        "2",
+        "--batch",
+        "2",
+        "--context",
+        "12",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--sampling-only",
+    )
     result = invoke(*args, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -43,8 +60,24 @@ def test_speed_reports_tokens_per_second_and_the_protocols_hours(overrides: list
 
 
 def test_speed_decoding_options(overrides: list[str]) -> None:
-    args = ("bench", "speed", "llama-tiny-shakespeare", *overrides, "--blocks", "2", "--batch", "1", "--context", "12",
-            "--repeats", "1", "--warmup", "0", "--sampling-only", "--json")
+    args = (
+        "bench",
+        "speed",
+        "llama-tiny-shakespeare",
+        *overrides,
+        "--blocks",
+        "2",
+        "--batch",
+        "1",
+        "--context",
+        "12",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--sampling-only",
+        "--json",
+    )
     off = invoke(*args, "--no-decoding")
     assert off.exit_code == 0, off.output
     assert json.loads(off.stdout)["decoding"] is None
@@ -56,8 +89,9 @@ def test_speed_decoding_options(overrides: list[str]) -> None:
 
 def test_static_bytes_of_a_low_rank_head_are_exact(overrides: list[str]) -> None:
     def gradients(*extra: str) -> dict[str, int]:
-        result = invoke("bench", "memory", "llama-tiny-shakespeare", *overrides, *extra, "--static", "--blocks", "2",
-                        "--json")
+        result = invoke(
+            "bench", "memory", "llama-tiny-shakespeare", *overrides, *extra, "--static", "--blocks", "2", "--json"
+        )
         assert result.exit_code == 0, result.output
         return {name: row["gradients"] for name, row in json.loads(result.stdout)["breakdown"].items()}
 
@@ -70,8 +104,18 @@ def test_static_bytes_of_a_low_rank_head_are_exact(overrides: list[str]) -> None
 
 def test_memory_measures_the_same_network_as_a_plain_causal_lm(overrides: list[str]) -> None:
     """The user's own alternative: the e2e network trained autoregressively, without and with checkpointing."""
-    result = invoke("bench", "memory", "llama-tiny-shakespeare", *overrides, "--blocks", "2", "--batch", "2",
-                    "--deepest-block", "--json")
+    result = invoke(
+        "bench",
+        "memory",
+        "llama-tiny-shakespeare",
+        *overrides,
+        "--blocks",
+        "2",
+        "--batch",
+        "2",
+        "--deepest-block",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows, ck = data["breakdown"], data["checkpointing"]
@@ -84,8 +128,24 @@ def test_memory_measures_the_same_network_as_a_plain_causal_lm(overrides: list[s
     assert 0 <= rows["ar"]["optimizer_state"] - 2 * rows["ar"]["gradients"] < 1024  # two moments + a step count each
     assert rows["ar+ckpt"]["saved_activations"] < rows["ar"]["saved_activations"]
     # the causal LM measured with checkpointing only: no causal-LM A measured, so no App. G value for it
-    alone = invoke("bench", "memory", "llama-tiny-shakespeare", *overrides, "--blocks", "2", "--batch", "2",
-                   "--deepest-block", "--skip", "e2e", "--skip", "e2e+ckpt", "--skip", "ar", "--json")
+    alone = invoke(
+        "bench",
+        "memory",
+        "llama-tiny-shakespeare",
+        *overrides,
+        "--blocks",
+        "2",
+        "--batch",
+        "2",
+        "--deepest-block",
+        "--skip",
+        "e2e",
+        "--skip",
+        "e2e+ckpt",
+        "--skip",
+        "ar",
+        "--json",
+    )
     assert alone.exit_code == 0, alone.output
     rows = json.loads(alone.stdout)["breakdown"]
     assert rows["ar+ckpt"]["app_g"] is None and rows["block-0+ckpt"]["app_g"]["A"] == rows["block-0"]["app_g"]["A"]
@@ -106,20 +166,41 @@ def test_bench_with_a_checkpoint_builds_the_network_split_builds(tmp_path: Path,
     # refused (issue 34), so the tiny overrides' sizes are left out here
     overrides = [o for o in overrides if not o.startswith(("model.layers=", "model.hidden=", "model.intermediate="))]
     folder = tmp_path / "hf"
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     (folder / "model.safetensors").unlink()  # bench reads the config only: no weights needed ...
-    args = ("bench", "memory", "llama-tiny-shakespeare", *overrides, f"model.checkpoint={folder}", "--blocks", "2",
-            "--static", "--json", "--no-checkpointing")
+    args = (
+        "bench",
+        "memory",
+        "llama-tiny-shakespeare",
+        *overrides,
+        f"model.checkpoint={folder}",
+        "--blocks",
+        "2",
+        "--static",
+        "--json",
+        "--no-checkpointing",
+    )
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["breakdown"]
     assert rows["e2e"]["layers"] == [0, 6] and rows["block-0"]["layers"] == [0, 3]
     LlamaForCausalLM(cfg).save_pretrained(folder)  # ... split does: its block holds exactly what bench counted
-    run = (split(load_recipe("llama-tiny-shakespeare", [*overrides, f"model.checkpoint={folder}",
-                                                                 "blocks.num=2", "model.train_tokenizer=true"]),
-                         out=tmp_path / "run"))
+    run = split(
+        load_recipe(
+            "llama-tiny-shakespeare",
+            [*overrides, f"model.checkpoint={folder}", "blocks.num=2", "model.train_tokenizer=true"],
+        ),
+        out=tmp_path / "run",
+    )
     block = load_weights(run.model_dir("block-00") / "model.safetensors")
     assert rows["block-0"]["gradients"] == sum(t.numel() * t.element_size() for t in block.values())
     missing = [a if not a.startswith("model.checkpoint=") else f"model.checkpoint={tmp_path / 'no'}" for a in args]

@@ -14,15 +14,23 @@ from tests.cli_helpers import assert_user_error, invoke
 from tests.families.llama_tiny import CORPUS, tiny_overrides
 
 LLAMA_CPP_NAMES = {  # Hugging Face layer key -> llama.cpp tensor name below blk.{i}.
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 
 
 def llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's q/k row order (convert_hf_to_gguf.py), which transformers undoes when it reads a GGUF."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def write_tiny_gguf(folder: Path, layers: int = 4, max_pos: int = 256, tokenizer: bool = True):
@@ -31,7 +39,9 @@ def write_tiny_gguf(folder: Path, layers: int = 4, max_pos: int = 256, tokenizer
 
     Returns (gguf path, the transformers model it holds, the tokenizer it holds (or the file's own tokenizer would
     have held) as a tokenizers.Tokenizer, saved as folder/bpe.json)."""
-    gguf = pytest.importorskip("gguf", reason="the optional extra gguf (pip install 'dbconvert[gguf]') is not installed")
+    gguf = pytest.importorskip(
+        "gguf", reason="the optional extra gguf (pip install 'dbconvert[gguf]') is not installed"
+    )
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,9 +53,18 @@ def write_tiny_gguf(folder: Path, layers: int = 4, max_pos: int = 256, tokenizer
     vocab = spec["model"]["vocab"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos, rms_norm_eps=1e-6,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     path = folder / "model.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -66,8 +85,11 @@ def write_tiny_gguf(folder: Path, layers: int = 4, max_pos: int = 256, tokenizer
         w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
         w.add_eos_token_id(vocab["<|endoftext|>"])
         w.add_add_bos_token(False)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     for i in range(layers):
         names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in LLAMA_CPP_NAMES.items()})
     state = model.state_dict()
@@ -110,8 +132,12 @@ def test_a_gguf_file_converts_like_a_hugging_face_folder_with_its_tokenizer(in_t
     tok = run_tokenizer(run.shared_dir)
     assert tok.encode(text) == ref_tok.encode(text).ids  # the file's own tokenizer, no BOS as the file says
     assert tok.eos_id == ref_tok.token_to_id("<|endoftext|>")
-    assert any(n.startswith("context: training and sampling use model.context = 16 tokens (the recipe's), not the "
-                            "checkpoint's 256") for n in run.notes)
+    assert any(
+        n.startswith(
+            "context: training and sampling use model.context = 16 tokens (the recipe's), not the checkpoint's 256"
+        )
+        for n in run.notes
+    )
 
 
 def test_a_gguf_file_without_a_tokenizer_takes_the_one_named(in_tmp: Path) -> None:
@@ -134,8 +160,13 @@ def test_sizes_given_that_a_gguf_file_contradicts_are_one_line(in_tmp: Path) -> 
     path, _, _ = write_tiny_gguf(in_tmp / "gg")
     corpus = in_tmp / "corpus.txt"
     corpus.write_text(CORPUS)
-    result = invoke("split", "llama-tiny-shakespeare",
-                    *tiny_overrides(corpus, **{"model.checkpoint": str(path), "model.layers": 2}), "--out", "run")
+    result = invoke(
+        "split",
+        "llama-tiny-shakespeare",
+        *tiny_overrides(corpus, **{"model.checkpoint": str(path), "model.layers": 2}),
+        "--out",
+        "run",
+    )
     assert_user_error(result, "model.layers=2 (the checkpoint has 4)")
     assert not (in_tmp / "run").exists()
 
@@ -147,8 +178,13 @@ def test_a_gguf_file_without_the_extra_is_one_line_naming_it(in_tmp: Path, monke
     corpus = in_tmp / "corpus.txt"
     corpus.write_text(CORPUS)
     monkeypatch.setattr(gguf_in, "extra_installed", lambda: False)
-    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": "model.gguf"}),
-                    "--out", in_tmp / "run")
+    result = invoke(
+        "split",
+        "llama-tiny-shakespeare",
+        *tiny_overrides(corpus, **{"model.checkpoint": "model.gguf"}),
+        "--out",
+        in_tmp / "run",
+    )
     assert_user_error(result, "needs the optional extra gguf: pip install 'dbconvert[gguf]'")
     assert not (in_tmp / "run").exists()
 
@@ -158,8 +194,13 @@ def test_a_damaged_gguf_file_is_one_line(in_tmp: Path) -> None:
     (in_tmp / "model.gguf").write_bytes(b"GGUF not really")
     corpus = in_tmp / "corpus.txt"
     corpus.write_text(CORPUS)
-    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": "model.gguf"}),
-                    "--out", in_tmp / "run")
+    result = invoke(
+        "split",
+        "llama-tiny-shakespeare",
+        *tiny_overrides(corpus, **{"model.checkpoint": "model.gguf"}),
+        "--out",
+        in_tmp / "run",
+    )
     assert_user_error(result, "could not be read as a GGUF Llama")
     assert not (in_tmp / "run").exists()
 
@@ -175,14 +216,20 @@ def test_split_notes_the_context_and_sample_source_can_use_the_checkpoints(in_tm
     train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
     corpus = in_tmp / "corpus.txt"
     corpus.write_text(CORPUS)
-    result = invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": in_tmp / "hf"}),
-                    "--out", in_tmp / "run")
+    result = invoke(
+        "split",
+        "llama-tiny-shakespeare",
+        *tiny_overrides(corpus, **{"model.checkpoint": in_tmp / "hf"}),
+        "--out",
+        in_tmp / "run",
+    )
     assert result.exit_code == 0, result.output
     assert "model.context = 16 tokens (the recipe's), not the checkpoint's 64" in " ".join(result.output.split())
 
     def sample(*args: object):
-        return invoke("sample", "--run", in_tmp / "run", "--model", "source", "--max-new-tokens", 200,
-                      "--temperature", 0, *args)
+        return invoke(
+            "sample", "--run", in_tmp / "run", "--model", "source", "--max-new-tokens", 200, "--temperature", 0, *args
+        )
 
     short, long = sample("--out", in_tmp / "s16"), sample("--context", "checkpoint", "--out", in_tmp / "s64")
     assert short.exit_code == 0 and long.exit_code == 0, short.output + long.output
@@ -192,8 +239,10 @@ def test_split_notes_the_context_and_sample_source_can_use_the_checkpoints(in_tm
     assert rows[1]["new_tokens"] + 1 <= 64 and (rows[0]["new_tokens"] + 1 <= 16)
     assert_user_error(sample("--context", "65"), "longer than the checkpoint's 64 positions")
     assert_user_error(sample("--context", "many"), "--context must be recipe, checkpoint or a number")
-    assert_user_error(invoke("sample", "--run", in_tmp / "run", "--model", "blocks", "--context", "checkpoint"),
-                      "the blocks model was trained at model.context = 16")
+    assert_user_error(
+        invoke("sample", "--run", in_tmp / "run", "--model", "blocks", "--context", "checkpoint"),
+        "the blocks model was trained at model.context = 16",
+    )
 
 
 def test_context_checkpoint_needs_a_checkpoint_and_applies_to_text_only(in_tmp: Path, tiny_run) -> None:
@@ -203,15 +252,17 @@ def test_context_checkpoint_needs_a_checkpoint_and_applies_to_text_only(in_tmp: 
     with pytest.raises(DbconvertError, match="has no model.checkpoint"):
         sample_context(recipe, None, "source", "checkpoint")
     assert sample_context(recipe, None, "source", "8") == 8
-    assert_user_error(invoke("sample", "--run", tiny_run.root, "--context", "checkpoint"),
-                      "--context does not apply to a dit run")
+    assert_user_error(
+        invoke("sample", "--run", tiny_run.root, "--context", "checkpoint"), "--context does not apply to a dit run"
+    )
 
 
 # --- a converted block's output temperature ------------------------------------------------
 
 
-def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_converted_blocks_start_with_a_calibrated_output_temperature(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from safetensors.torch import load_file
 
     from dbconvert.families.llama.calibrate import GRID, TEMPERATURE_FILE, read_block_temperature, step0_loss
@@ -231,9 +282,20 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
     corpus.write_text(CORPUS)
 
     def run_of(name: str, calibrate: bool):
-        return split(load_recipe("llama-tiny-shakespeare", tiny_overrides(
-            corpus, **{"model.checkpoint": str(in_tmp / "hf"), "model.calibrate_output": str(calibrate).lower(),
-                       "train.warmup_steps": 2})), out=in_tmp / name)
+        return split(
+            load_recipe(
+                "llama-tiny-shakespeare",
+                tiny_overrides(
+                    corpus,
+                    **{
+                        "model.checkpoint": str(in_tmp / "hf"),
+                        "model.calibrate_output": str(calibrate).lower(),
+                        "train.warmup_steps": 2,
+                    },
+                ),
+            ),
+            out=in_tmp / name,
+        )
 
     plain, calibrated = run_of("plain", False), run_of("calibrated", True)
     source = source_state(calibrated)
@@ -257,8 +319,12 @@ def test_converted_blocks_start_with_a_calibrated_output_temperature(in_tmp: Pat
             net.load_state_dict(scaled)
             return family.denoiser(calibrated.recipe, net, calibrated.noise()).eval()
 
-        old = {a: step0_loss(make({**state, "norm.weight": state["norm.weight"] * a}), rows, tuple(info.train_range),
-                             "uniform", 0) for a in (0.0, *GRID)}
+        old = {
+            a: step0_loss(
+                make({**state, "norm.weight": state["norm.weight"] * a}), rows, tuple(info.train_range), "uniform", 0
+            )
+            for a in (0.0, *GRID)
+        }
         expected = min(GRID, key=lambda a: (old[a], -a)) if old[1.0] > old[0.0] else 1.0
         net = family.block_network(calibrated.recipe, info.layers[1] - info.layers[0])
         net.load_state_dict(state)
@@ -308,8 +374,13 @@ def test_runs_calibrated_at_split_keep_their_scales(in_tmp: Path) -> None:
     train_bpe([CORPUS], 300, in_tmp / "hf" / "tokenizer.json")
     corpus = in_tmp / "corpus.txt"
     corpus.write_text(CORPUS)
-    run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf"),
-                                                                                "train.warmup_steps": 2})), out=in_tmp / "r")
+    run = split(
+        load_recipe(
+            "llama-tiny-shakespeare",
+            tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf"), "train.warmup_steps": 2}),
+        ),
+        out=in_tmp / "r",
+    )
     (run.shared_dir / TEMPERATURE_FILE).write_text('{"block-01": 0.25}')
     family = run.family()
     assert family.training_schedule(run, "block-00", run.recipe) is None  # not listed: it started unscaled
@@ -337,12 +408,15 @@ def test_head_gain_rises_linearly_to_one_over_the_warm_up() -> None:
     assert [head_gain_at(0.25, k, 0) for k in range(3)] == [0.25, 1.0, 1.0]  # no warm-up: step 0 only
 
 
-@pytest.mark.parametrize("loss_of,expected", [
-    (lambda a: (a - 0.4) ** 2 + 1.0, 0.375),  # the head hurts (worse than none at all): the best grid scale
-    (lambda a: (a - 0.4) ** 2 + (a - 0.05) * 0.3, 1.0 / 4),
-    (lambda a: (a - 0.6) ** 2, 1.0),  # the head already helps at step 0 (better than none): kept as it is
-    (lambda a: 5.0 - a, 1.0),
-])
+@pytest.mark.parametrize(
+    "loss_of,expected",
+    [
+        (lambda a: (a - 0.4) ** 2 + 1.0, 0.375),  # the head hurts (worse than none at all): the best grid scale
+        (lambda a: (a - 0.4) ** 2 + (a - 0.05) * 0.3, 1.0 / 4),
+        (lambda a: (a - 0.6) ** 2, 1.0),  # the head already helps at step 0 (better than none): kept as it is
+        (lambda a: 5.0 - a, 1.0),
+    ],
+)
 def test_calibration_scales_only_a_head_that_starts_worse_than_none(loss_of, expected: float) -> None:
     from dbconvert.families.llama import calibrate as cal
 

@@ -10,8 +10,7 @@ import torch
 
 from dbconvert.config import load_recipe
 from dbconvert.families import get_family
-from dbconvert.families.llama.masked import (MaskedDenoiser, corrupt, mask_token_id, masked_loss, sequence_bound,
-                                             unmask)
+from dbconvert.families.llama.masked import MaskedDenoiser, corrupt, mask_token_id, masked_loss, sequence_bound, unmask
 from dbconvert.families.llama.model import LlamaBlockNet
 from dbconvert.masking import MaskingProcess
 from dbconvert.noise_process import owned_ranges, owner_of
@@ -26,8 +25,17 @@ NUM, MASK = 30, 30
 
 
 def tiny_net(layers: int = 2, seed: int = 0, vocab: int = V) -> LlamaBlockNet:
-    recipe = load_recipe("md4-tiny-shakespeare", [f"model.layers={layers}", "model.hidden=32", "model.heads=4",
-                                                  "model.kv_heads=2", "model.intermediate=48", f"model.vocab_size={vocab}"])
+    recipe = load_recipe(
+        "md4-tiny-shakespeare",
+        [
+            f"model.layers={layers}",
+            "model.hidden=32",
+            "model.heads=4",
+            "model.kv_heads=2",
+            "model.intermediate=48",
+            f"model.vocab_size={vocab}",
+        ],
+    )
     torch.manual_seed(seed)
     net = LlamaBlockNet(recipe.model.shape())
     for layer in net.layers:  # a trained-looking modulation, so t matters
@@ -41,10 +49,23 @@ def denoiser(net: LlamaBlockNet, process: MaskingProcess | None = None) -> Maske
 
 def masked_overrides(text: Path, **extra: object) -> list[str]:
     """md4-tiny-shakespeare shrunk to 3 layers of width 32, rows of 16 characters, on `text`."""
-    base = {"model.layers": 3, "model.hidden": 32, "model.heads": 4, "model.kv_heads": 2, "model.intermediate": 48,
-            "model.context": 16, "data.source": str(text), "data.val_fraction": 0.1, "train.batch_size": 4,
-            "train.steps": 3, "train.warmup_steps": 0, "train.log_every": 1, "train.checkpoint_every": 3,
-            "train.val_every": 3, "sample.steps": 6}
+    base = {
+        "model.layers": 3,
+        "model.hidden": 32,
+        "model.heads": 4,
+        "model.kv_heads": 2,
+        "model.intermediate": 48,
+        "model.context": 16,
+        "data.source": str(text),
+        "data.val_fraction": 0.1,
+        "train.batch_size": 4,
+        "train.steps": 3,
+        "train.warmup_steps": 0,
+        "train.log_every": 1,
+        "train.checkpoint_every": 3,
+        "train.val_every": 3,
+        "sample.steps": 6,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -57,8 +78,9 @@ def test_converted_checkpoint_layers_compute_the_source_layers_under_full_attent
 
     hf = hf_llama(tmp_path / "hf", vocab=300)
     corpus = write_corpus(tmp_path)
-    recipe = load_recipe("md4-tiny-shakespeare", masked_overrides(corpus, **{"model.checkpoint": tmp_path / "hf",
-                                                                            "model.layers": 4}))  # the checkpoint's
+    recipe = load_recipe(
+        "md4-tiny-shakespeare", masked_overrides(corpus, **{"model.checkpoint": tmp_path / "hf", "model.layers": 4})
+    )  # the checkpoint's
     family = get_family("llama")
     source = family.source(recipe)
     assert any("bidirectionally" in note for note in source.notes)  # said at split (manifest, split, info)
@@ -111,7 +133,9 @@ def test_block_loss_is_md4_weighted_masked_cross_entropy() -> None:
     model.noise.draw(4, 0.25, 0.25, gen)
     u = torch.rand((4, 12), generator=gen)
     noisy, masked = corrupt(tokens, torch.full((4,), 0.25), u, model.noise, MASK)
-    assert torch.equal(noisy[masked], torch.full_like(noisy[masked], MASK)) and torch.equal(noisy[~masked], tokens[~masked])
+    assert torch.equal(noisy[masked], torch.full_like(noisy[masked], MASK)) and torch.equal(
+        noisy[~masked], tokens[~masked]
+    )
     with torch.no_grad():
         logits = model(noisy, torch.full((4,), 0.25))
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
@@ -209,28 +233,56 @@ def test_split_train_sample_and_bpc_of_blocks_and_e2e(in_tmp: Path) -> None:
     for model in ("blocks", "e2e"):
         result = invoke("sample", "--run", "run", "--model", model, "--num", "2", "--max-new-tokens", "16")
         assert result.exit_code == 0, result.output
-        samples = [json.loads(x) for x in (in_tmp / "run" / "samples" / f"{model}-unmask-6steps-seed0" /
-                                           "samples.jsonl").read_text().splitlines()]
+        samples = [
+            json.loads(x)
+            for x in (in_tmp / "run" / "samples" / f"{model}-unmask-6steps-seed0" / "samples.jsonl")
+            .read_text()
+            .splitlines()
+        ]
         assert len(samples) == 2 and all(s["new_tokens"] <= 16 for s in samples)
-        cli = invoke("eval", "bpc", "--run", "run", "--model", model, "--draws", "1", "--repeats", "2",
-                     "--max-rows", "4", "--json", "-q")
+        cli = invoke(
+            "eval",
+            "bpc",
+            "--run",
+            "run",
+            "--model",
+            model,
+            "--draws",
+            "1",
+            "--repeats",
+            "2",
+            "--max-rows",
+            "4",
+            "--json",
+            "-q",
+        )
         assert cli.exit_code == 0, cli.output
         result = json.loads(cli.stdout)
-        assert result == {**evaluate_bpc("run", model, draws=1, repeats=2, max_rows=4), "file": result["file"],
-                          "seconds": result["seconds"]}  # the registry's command is the library function
-        assert result["character_level"] and result["value"] == result["bpc"] and result["bpc"] == pytest.approx(result["nats_per_token"] / 0.6931471805599453)
+        assert result == {
+            **evaluate_bpc("run", model, draws=1, repeats=2, max_rows=4),
+            "file": result["file"],
+            "seconds": result["seconds"],
+        }  # the registry's command is the library function
+        assert (
+            result["character_level"]
+            and result["value"] == result["bpc"]
+            and result["bpc"] == pytest.approx(result["nats_per_token"] / 0.6931471805599453)
+        )
         assert len(result["pieces_bits_per_token"]) == (4 if model == "blocks" else 2)
         assert sum(result["pieces_bits_per_token"]) == pytest.approx(result["bits_per_token"])
         assert json.loads(Path(result["file"]).read_text())["bpc"] == result["bpc"]
     table = invoke("eval", "compare", "--run", "run").stdout
     assert "bits per character with features bits per character (lower is better)" in table
     assert_user_error(invoke("eval", "bpc", "--run", "run", "--steps", "3"), "--steps does not apply to eval bpc")
-    on_train = invoke("eval", "bpc", "--run", "run", "--split", "train", "--draws", "1", "--repeats", "1",
-                      "--max-rows", "2")
+    on_train = invoke(
+        "eval", "bpc", "--run", "run", "--split", "train", "--draws", "1", "--repeats", "1", "--max-rows", "2"
+    )
     assert on_train.exit_code == 0 and "TRAINING rows" in on_train.stdout and "YES" in on_train.stdout
     assert "holds the rows the run trains on" in on_train.stderr
-    assert_user_error(invoke("sample", "--run", "run", "--prompt", "ROMEO \u00fc\u20ac{x}"),
-                      "{ } \u00fc \u20ac); they would be dropped")  # a char-level vocabulary: never dropped silently
+    assert_user_error(
+        invoke("sample", "--run", "run", "--prompt", "ROMEO \u00fc\u20ac{x}"),
+        "{ } \u00fc \u20ac); they would be dropped",
+    )  # a char-level vocabulary: never dropped silently
     prompt = invoke("sample", "--run", "run", "--prompt", "ROMEO:", "--num", "1")
     assert prompt.exit_code == 0 and "ROMEO:" in prompt.stdout
     assert_user_error(invoke("sample", "--run", "run", "--solver", "heun"), "ancestral unmasking")
@@ -238,18 +290,41 @@ def test_split_train_sample_and_bpc_of_blocks_and_e2e(in_tmp: Path) -> None:
 
 def test_bench_memory_and_speed_run_for_the_masked_objective(tmp_path: Path) -> None:
     text = write_corpus(tmp_path)
-    speed = invoke("bench", "speed", "md4-tiny-shakespeare", *masked_overrides(text), "--blocks", "3", "--batch", "2",
-                   "--repeats", "1", "--warmup", "0", "--sampling-only", "--json")
+    speed = invoke(
+        "bench",
+        "speed",
+        "md4-tiny-shakespeare",
+        *masked_overrides(text),
+        "--blocks",
+        "3",
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--sampling-only",
+        "--json",
+    )
     assert speed.exit_code == 0, speed.output
     rates = json.loads(speed.stdout)
     assert rates["unit"] == "sequence" and rates["sample_steps"] == 6 and rates["block_units_per_s"] > 0
     assert rates["decoding"] is None  # whole sequences, not token by token: no AR decoding to compare with
-    result = invoke("bench", "memory", "md4-tiny-shakespeare", *masked_overrides(text), "--static", "--blocks", "3",
-                    "--json")
+    result = invoke(
+        "bench", "memory", "md4-tiny-shakespeare", *masked_overrides(text), "--static", "--blocks", "3", "--json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data["breakdown"]) == {"block-0", "block-1", "block-2", "e2e",  # + checkpointing and the causal LM
-                                      "block-0+ckpt", "e2e+ckpt", "ar", "ar+ckpt"}
+    assert set(data["breakdown"]) == {
+        "block-0",
+        "block-1",
+        "block-2",
+        "e2e",  # + checkpointing and the causal LM
+        "block-0+ckpt",
+        "e2e+ckpt",
+        "ar",
+        "ar+ckpt",
+    }
     assert data["e2e_static_bytes"] == data["breakdown"]["e2e"]["total_bytes"] and 1.5 < data["ratio"] < 3
 
 
@@ -265,22 +340,29 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("recipe", "extra", "match"), [
-    ("dit-tiny-digits", [*TINY_OVERRIDES, "model.objective=masked"], "unknown key 'model.objective'"),
-    ("dit-tiny-digits", [*TINY_OVERRIDES, "noise.process=masking"], "does not apply to the dit family"),
-    ("md4-tiny-shakespeare", ["noise.process=edm"], "model.objective=masked needs noise.process=masking"),
-    ("llama-tiny-shakespeare", ["noise.process=masking"], "set model.objective=masked"),
-    ("md4-tiny-shakespeare", ["noise.schedule=quadratic"], "noise.schedule"),
-    ("md4-tiny-shakespeare", ["noise.t_min=1.5"], "noise.t_min"),
-    ("md4-tiny-shakespeare", ["noise.t_min=-0.2"], "noise.t_min"),
-    ("md4-tiny-shakespeare", ["TOKENIZER"], "[MASK]"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(in_tmp: Path, inputs: Path, recipe: str, extra: list[str],
-                                                  match: str) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "extra", "match"),
+    [
+        ("dit-tiny-digits", [*TINY_OVERRIDES, "model.objective=masked"], "unknown key 'model.objective'"),
+        ("dit-tiny-digits", [*TINY_OVERRIDES, "noise.process=masking"], "does not apply to the dit family"),
+        ("md4-tiny-shakespeare", ["noise.process=edm"], "model.objective=masked needs noise.process=masking"),
+        ("llama-tiny-shakespeare", ["noise.process=masking"], "set model.objective=masked"),
+        ("md4-tiny-shakespeare", ["noise.schedule=quadratic"], "noise.schedule"),
+        ("md4-tiny-shakespeare", ["noise.t_min=1.5"], "noise.t_min"),
+        ("md4-tiny-shakespeare", ["noise.t_min=-0.2"], "noise.t_min"),
+        ("md4-tiny-shakespeare", ["TOKENIZER"], "[MASK]"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    in_tmp: Path, inputs: Path, recipe: str, extra: list[str], match: str
+) -> None:
     text = inputs / "corpus.txt"
     if extra == ["TOKENIZER"]:  # a tokenizer using every row of model.vocab_size: no free id for [MASK]
-        extra = [f"model.tokenizer={inputs / 'chars.json'}", "model.tokenizer_type=bpe",
-                 f"model.vocab_size={(inputs / 'size').read_text()}"]
+        extra = [
+            f"model.tokenizer={inputs / 'chars.json'}",
+            "model.tokenizer_type=bpe",
+            f"model.vocab_size={(inputs / 'size').read_text()}",
+        ]
     base = masked_overrides(text) if recipe != "dit-tiny-digits" else []
     assert_user_error(invoke("split", recipe, *base, *extra), match)
     assert not any(in_tmp.iterdir())
@@ -288,10 +370,21 @@ def test_bad_input_is_one_line_and_writes_nothing(in_tmp: Path, inputs: Path, re
 
 def test_md4_text8_is_the_papers_setting_and_names_what_to_place_where_offline(in_tmp: Path) -> None:
     r = load_recipe("md4-text8")
-    assert (r.model.layers, r.model.hidden, r.model.heads, r.blocks.num, r.noise.gamma, r.model.context) == \
-        (12, 768, 12, 3, 0.05, 256)
-    assert (r.train.lr, r.train.weight_decay, r.train.warmup_steps, r.train.batch_size, r.noise.schedule) == \
-        (3e-4, 0.03, 2000, 256, "linear")
+    assert (r.model.layers, r.model.hidden, r.model.heads, r.blocks.num, r.noise.gamma, r.model.context) == (
+        12,
+        768,
+        12,
+        3,
+        0.05,
+        256,
+    )
+    assert (r.train.lr, r.train.weight_decay, r.train.warmup_steps, r.train.batch_size, r.noise.schedule) == (
+        3e-4,
+        0.03,
+        2000,
+        256,
+        "linear",
+    )
     assert (r.model.objective, r.model.tokenizer_type, r.noise.process) == ("masked", "char", "masking")
     small = ["model.layers=3", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.intermediate=48"]
     result = invoke("split", "md4-text8", *small, "--out", "run")  # the tests run with HF_DATASETS_OFFLINE=1

@@ -16,7 +16,14 @@ from dbconvert.families import get_family
 from dbconvert.families.llama.convert import normalised_table
 from dbconvert.families.llama.generate import Decoding, ancestral, diffuse, filter_logits
 from dbconvert.families.llama.model import LlamaBlockNet, LlamaShape
-from dbconvert.families.llama.objective import BUCKETS, LlamaDenoiser, diffusion_loss, loss_weights, sigma_bucket, token_ce
+from dbconvert.families.llama.objective import (
+    BUCKETS,
+    LlamaDenoiser,
+    diffusion_loss,
+    loss_weights,
+    sigma_bucket,
+    token_ce,
+)
 from dbconvert.noise import NoiseSettings, sample_sigmas, truncated_quantile
 from dbconvert.split import split
 from dbconvert.train import train_block, train_e2e
@@ -27,8 +34,16 @@ NOISE = NoiseSettings(0.002, 80.0, 0.5, -1.2, 1.2)
 
 
 def shape(**kw: object) -> LlamaShape:
-    base = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
-                head_dim=4, max_positions=32)
+    base = dict(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=4,
+        max_positions=32,
+    )
     base.update(kw)
     return LlamaShape(**base)  # type: ignore[arg-type]
 
@@ -105,10 +120,12 @@ def test_head_gain_scales_the_head_logits_and_not_the_likelihood(head: str, targ
     assert "head_gain" not in str(list(d.net.state_dict()))  # not a weight: never saved
 
 
-@pytest.mark.parametrize("head,target_dim", [("trainable", None), ("tied-table", None), ("tied-table", 6),
-                                             ("trainable", 6)])
-def test_chunked_cross_entropy_equals_the_whole_vocabulary_pass_values_and_gradients(head: str,
-                                                                                   target_dim: int | None) -> None:
+@pytest.mark.parametrize(
+    "head,target_dim", [("trainable", None), ("tied-table", None), ("tied-table", 6), ("trainable", 6)]
+)
+def test_chunked_cross_entropy_equals_the_whole_vocabulary_pass_values_and_gradients(
+    head: str, target_dim: int | None
+) -> None:
     d = denoiser(head=head, target_dim=target_dim)
     width = d.table.shape[1]
     tokens = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(2))
@@ -123,8 +140,10 @@ def test_chunked_cross_entropy_equals_the_whole_vocabulary_pass_values_and_gradi
         if chunk == 0:
             ref = (ce.detach(), hit)
             logits = d(tokens, z, sigma)
-            torch.testing.assert_close(ce.detach(), F.cross_entropy(logits.reshape(10, -1), tokens.reshape(-1),
-                                                                    reduction="none").view(2, 5).detach())
+            torch.testing.assert_close(
+                ce.detach(),
+                F.cross_entropy(logits.reshape(10, -1), tokens.reshape(-1), reduction="none").view(2, 5).detach(),
+            )
     torch.testing.assert_close(ce.detach(), ref[0])
     assert torch.equal(hit, ref[1])
     for a, b in zip(*grads):
@@ -183,14 +202,21 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def test_memory_options_train_sample_and_keep_the_frozen_embedding(in_tmp: Path, corpus: Path) -> None:
-    opts = {"model.head": "tied-table", "model.freeze_embedding": "true", "model.adaln_rank": 4,
-            "model.loss_chunk": 16, "train.val_every": 2}
+    opts = {
+        "model.head": "tied-table",
+        "model.freeze_embedding": "true",
+        "model.adaln_rank": 4,
+        "model.loss_chunk": 16,
+        "train.val_every": 2,
+    }
     run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **opts)), out=in_tmp / "run")
     family = run.family()
     state = build_state(family, run.recipe, 2, run.noise(), torch.device("cpu"))
     assert not state.network.embed_tokens.weight.requires_grad
     assert state.ema.embed_tokens.weight.data_ptr() == state.network.embed_tokens.weight.data_ptr()
-    assert all(p.requires_grad for p in state.trainable) and len(state.trainable) < len(list(state.network.parameters()))
+    assert all(p.requires_grad for p in state.trainable) and len(state.trainable) < len(
+        list(state.network.parameters())
+    )
     init = run.model_dir("block-00") / "model.safetensors"
     from dbconvert.checkpoint import load_weights
 
@@ -204,12 +230,16 @@ def test_memory_options_train_sample_and_keep_the_frozen_embedding(in_tmp: Path,
     assert {"val_ce", "val_ce_top", "val_context_tv", "ce_q0"} <= set(record)
     from dbconvert.sampling import SampleRequest
 
-    result = family.generate(run, SampleRequest(steps=4, num=2, options=family.sample_options(prompt="ROMEO:", max_new_tokens=3)))
+    result = family.generate(
+        run, SampleRequest(steps=4, num=2, options=family.sample_options(prompt="ROMEO:", max_new_tokens=3))
+    )
     assert len(result.records) == 2 and result.sampler["steps"] == 4
     train_e2e(run, objective="ar", progress=False)
     ar = json.loads(run.metrics_path("ar").read_text().splitlines()[-1])
     assert "val_ce" in ar and "val_ce_top" not in ar
-    result = family.generate(run, SampleRequest(model="ar", options=family.sample_options(prompt="ROMEO:", max_new_tokens=3)))
+    result = family.generate(
+        run, SampleRequest(model="ar", options=family.sample_options(prompt="ROMEO:", max_new_tokens=3))
+    )
     assert result.sampler["solver"] == "ancestral"
 
 
@@ -223,13 +253,20 @@ def test_model_kinds_are_one_line_errors_where_a_family_has_no_such_model(tiny_r
     from tests.cli_helpers import assert_user_error, invoke
 
     assert_user_error(invoke("sample", "--model", "ar", "--run", str(tiny_run.root)), "--model must be one of")
-    assert_user_error(invoke("train-e2e", "--objective", "ar", "--run", str(tiny_run.root)), "--objective ar: a dit run has no plain reference to train")
-    assert_user_error(invoke("train-e2e", "--objective", "mse", "--run", str(tiny_run.root)), "--objective mse: a dit run has no")
+    assert_user_error(
+        invoke("train-e2e", "--objective", "ar", "--run", str(tiny_run.root)),
+        "--objective ar: a dit run has no plain reference to train",
+    )
+    assert_user_error(
+        invoke("train-e2e", "--objective", "mse", "--run", str(tiny_run.root)), "--objective mse: a dit run has no"
+    )
 
 
 def test_anchored_noisy_input_keeps_the_converted_source_exact_and_trains(in_tmp: Path, corpus: Path) -> None:
-    run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.noisy_anchor": "true"})),
-                out=in_tmp / "run")
+    run = split(
+        load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.noisy_anchor": "true"})),
+        out=in_tmp / "run",
+    )
     from dbconvert.checkpoint import load_weights
 
     block = load_weights(run.model_dir("block-00") / "model.safetensors")

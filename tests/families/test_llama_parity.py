@@ -36,14 +36,28 @@ LOW_RANK = {"model.target_dim": 8, "model.head_rank": 4}
 """A narrower target space and a trainable low-rank head."""
 
 
-@pytest.fixture(scope="module", params=[{}, NARROW, LOW_RANK],
-                ids=["hidden-width-targets", "narrow-targets-tied-head", "narrow-targets-rank-4-head"])
+@pytest.fixture(
+    scope="module",
+    params=[{}, NARROW, LOW_RANK],
+    ids=["hidden-width-targets", "narrow-targets-tied-head", "narrow-targets-rank-4-head"],
+)
 def trained_run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Run:
     """B = 2, biases everywhere, every split weight perturbed, then 3 optimizer steps per block."""
     folder = tmp_path_factory.mktemp("parity")
-    recipe = load_recipe("llama-tiny-shakespeare", tiny_overrides(
-        write_corpus(folder), **{"model.attention_bias": "true", "model.mlp_bias": "true", "train.steps": 3,
-                                 "train.lr": "1e-3", "train.checkpoint_every": 3, **request.param}))
+    recipe = load_recipe(
+        "llama-tiny-shakespeare",
+        tiny_overrides(
+            write_corpus(folder),
+            **{
+                "model.attention_bias": "true",
+                "model.mlp_bias": "true",
+                "train.steps": 3,
+                "train.lr": "1e-3",
+                "train.checkpoint_every": 3,
+                **request.param,
+            },
+        ),
+    )
     run = split(recipe, out=folder / "run", make_current=False)
     gen = torch.Generator().manual_seed(0)
     for block in run.blocks:
@@ -72,13 +86,21 @@ def block_under_test(run: Run, index: int, seed: int) -> tuple[torch.nn.Module, 
     return trained_denoiser(run, index), lo, hi, torch.Generator().manual_seed(seed)
 
 
-def training_logits(net: torch.nn.Module, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+def training_logits(
+    net: torch.nn.Module, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor
+) -> torch.Tensor:
     """Head logits at the noisy positions of the training forward over [clean tokens ; noisy inputs]."""
     return net.head(net.hidden_train(tokens, noisy, c_noise))
 
 
-def cached_logits(net: torch.nn.Module, cache: list | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
-                  pad: torch.Tensor | None = None) -> torch.Tensor:
+def cached_logits(
+    net: torch.nn.Module,
+    cache: list | None,
+    noisy: torch.Tensor,
+    c_noise: torch.Tensor,
+    position: int,
+    pad: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Head logits of one noisy query through the sampler's cached path."""
     return net.head(net.noisy_hidden(cache, noisy, c_noise, position, pad))
 

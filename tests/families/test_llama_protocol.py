@@ -41,14 +41,16 @@ def test_few_step_token_is_the_argmax_of_the_last_steps_logits() -> None:
             z = (ts[0] * eps).to(torch.float32)[None]
             z = z + (ts[1] - ts[0]) * (z - d.step(cache, z, ts[0], len(row))) / ts[0]
             assert token == [int(d.step_logits(cache, z, ts[1], len(row)).argmax(-1))]
-    default, _ = diffuse([d, d], owned, rows, Decoding(max_new_tokens=3, context=32, eos=(), seed=0, steps=2),
-                         seeds, torch.device("cpu"))
+    default, _ = diffuse(
+        [d, d], owned, rows, Decoding(max_new_tokens=3, context=32, eos=(), seed=0, steps=2), seeds, torch.device("cpu")
+    )
     assert len(default[0]) == 3  # the default protocol still decodes (nearest row to the final z)
 
 
 @pytest.mark.parametrize("protocol,steps", [("few-step", 2), ("default", 5)])
 def test_fused_decoding_writes_what_a_separate_extend_writes_with_one_forward_per_block_and_token(
-        protocol: str, steps: int) -> None:
+    protocol: str, steps: int
+) -> None:
     """`diffuse(fuse=True)` (the default) enters the new clean token in the same forward as the next noisy query;
     the text is the same as with a separate `extend` forward, and at one step per block each block runs once per
     token (the calls counted are the forwards run: fused, no extend forward is added)."""
@@ -76,7 +78,10 @@ def test_fused_decoding_writes_what_a_separate_extend_writes_with_one_forward_pe
 def test_sample_and_eval_take_the_protocol_by_name_or_from_the_recipe(in_tmp: Path) -> None:
     corpus = in_tmp / "corpus.txt"
     corpus.write_text(CORPUS)
-    assert invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus), "--blocks", "2", "--out", "run").exit_code == 0
+    assert (
+        invoke("split", "llama-tiny-shakespeare", *tiny_overrides(corpus), "--blocks", "2", "--out", "run").exit_code
+        == 0
+    )
     for i in (0, 1):
         assert invoke("train-block", str(i), "--steps", "1", "-q").exit_code == 0
     res = invoke("sample", "--protocol", "few-step", "--prompt", "ROMEO:", "--max-new-tokens", "5", "--num", "2", "-q")
@@ -90,16 +95,36 @@ def test_sample_and_eval_take_the_protocol_by_name_or_from_the_recipe(in_tmp: Pa
 
     run = Run.open(in_tmp / "run")
     family = get_family("llama")
-    result = family.generate(run, SampleRequest(num=1, options=family.sample_options(prompt="ROMEO:", max_new_tokens=4,
-                                                                                     protocol="few-step")))
+    result = family.generate(
+        run, SampleRequest(num=1, options=family.sample_options(prompt="ROMEO:", max_new_tokens=4, protocol="few-step"))
+    )
     tokens = sum(r["new_tokens"] for r in result.records)
     assert result.calls == [tokens, tokens]  # one forward of each block per token
     assert result.sampler["protocol"] == "few-step" and "greedy final token" in result.sampler["name"]
 
     # the recipe's sample.protocol is the default; eval mauve records it
     assert invoke("train-e2e", "--objective", "ar", "--steps", "1", "-q").exit_code == 0
-    res = invoke("eval", "mauve", "--model", "ar", "--prompt-tokens", "4", "--new-tokens", "4", "--num-prompts", "3",
-                 "--samples-per-prompt", "1", "--featurizer", "minilm", "--seeds", "1", "--protocol", "few-step", "--json")
+    res = invoke(
+        "eval",
+        "mauve",
+        "--model",
+        "ar",
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "4",
+        "--num-prompts",
+        "3",
+        "--samples-per-prompt",
+        "1",
+        "--featurizer",
+        "minilm",
+        "--seeds",
+        "1",
+        "--protocol",
+        "few-step",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     sampler = json.loads(res.stdout.strip().splitlines()[-1])["sampler"]
     assert sampler["protocol"] == "few-step" and sampler["top_p"] == 0.95  # the paper's AR baseline nucleus
@@ -118,11 +143,25 @@ def test_openwebtext_recipe_is_the_papers_setting_and_refused_offline_in_one_lin
     recipe = load_recipe("llama-openwebtext")
     assert (recipe.model.context, recipe.data.kind, recipe.data.source) == (1024, "hub", "Skylion007/openwebtext")
     assert recipe.sample.protocol == "few-step"
-    bpe = train_bpe([CORPUS], 300, in_tmp / "bpe.json")  # the network shrunk to a CPU second; the data set is the recipe's
-    small = ["model.layers=2", "model.hidden=32", "model.heads=4", "model.kv_heads=2", "model.intermediate=48",
-             "model.vocab_size=300", "model.context=16", f"model.tokenizer={bpe}", "model.adaln_rank=4",
-             "model.target_dim=16", "blocks.num=2"]
+    bpe = train_bpe(
+        [CORPUS], 300, in_tmp / "bpe.json"
+    )  # the network shrunk to a CPU second; the data set is the recipe's
+    small = [
+        "model.layers=2",
+        "model.hidden=32",
+        "model.heads=4",
+        "model.kv_heads=2",
+        "model.intermediate=48",
+        "model.vocab_size=300",
+        "model.context=16",
+        f"model.tokenizer={bpe}",
+        "model.adaln_rank=4",
+        "model.target_dim=16",
+        "blocks.num=2",
+    ]
     res = invoke("split", "llama-openwebtext", *small, "--out", "run")
     assert res.exit_code == 0, res.output
-    assert_user_error(invoke("train-block", "0", "--steps", "1", "-q"),
-                      "text data set 'Skylion007/openwebtext' could not be loaded from the Hugging Face hub (offline")
+    assert_user_error(
+        invoke("train-block", "0", "--steps", "1", "-q"),
+        "text data set 'Skylion007/openwebtext' could not be loaded from the Hugging Face hub (offline",
+    )

@@ -42,14 +42,16 @@ def save_tokenizer(folder: Path, vocab: int = 280, bos_template: bool = True) ->
     tok.add_special_tokens(["<s>", "</s>", "<|eot_id|>"])
     ids = {t: tok.token_to_id(t) for t in ("<s>", "</s>", "<|eot_id|>")}
     if bos_template:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", ids["<s>"])])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", ids["<s>"])]
+        )
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
     return ids
 
 
 def checkpoint_with_tokenizer(folder: Path, **tokenizer: object) -> dict[str, int]:
-    """hf_llama's checkpoint with the tokenizer, config.json's eos = </s>, generation_config's eos = [</s>, <|eot_id|>]."""
+    """hf_llama's checkpoint with the tokenizer, config.json's eos = </s>, generation_config's eos = [</s>,
+    <|eot_id|>]."""
     hf_llama(folder)
     ids = save_tokenizer(folder, **tokenizer)  # type: ignore[arg-type]
     config = json.loads((folder / "config.json").read_text())
@@ -60,8 +62,14 @@ def checkpoint_with_tokenizer(folder: Path, **tokenizer: object) -> dict[str, in
 
 
 def split_args(corpus: Path, checkpoint: Path, *extra: str) -> list[str]:
-    return ["split", "llama-tiny-shakespeare", *tiny_overrides(corpus, **{"model.checkpoint": str(checkpoint)}),
-            *extra, "--out", "run"]
+    return [
+        "split",
+        "llama-tiny-shakespeare",
+        *tiny_overrides(corpus, **{"model.checkpoint": str(checkpoint)}),
+        *extra,
+        "--out",
+        "run",
+    ]
 
 
 def test_checkpoint_without_tokenizer_is_refused_unless_one_is_named_or_asked_for(in_tmp: Path, corpus: Path) -> None:
@@ -80,8 +88,10 @@ def test_checkpoint_without_tokenizer_is_refused_unless_one_is_named_or_asked_fo
 
 def test_bos_and_eos_follow_the_checkpoint_in_training_data_and_prompts(in_tmp: Path, corpus: Path) -> None:
     ids = checkpoint_with_tokenizer(in_tmp / "hf")
-    run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
-                out=in_tmp / "run")
+    run = split(
+        load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
+        out=in_tmp / "run",
+    )
     settings = json.loads((run.shared_dir / SETTINGS_FILE).read_text())
     assert settings["add_bos"] is True and settings["bos_id"] == ids["<s>"] and settings["eos_id"] == ids["</s>"]
     assert settings["stop_ids"] == [ids["</s>"], ids["<|eot_id|>"]]
@@ -93,7 +103,9 @@ def test_bos_and_eos_follow_the_checkpoint_in_training_data_and_prompts(in_tmp: 
     assert after_eos and set(after_eos) == {ids["<s>"]}  # every packed document is <s> ... </s>
     result = invoke("sample", "--model", "source", "--prompt", "ROMEO:", "--max-new-tokens", "4", "--run", "run", "-q")
     assert result.exit_code == 0, result.output
-    record = json.loads((next((in_tmp / "run" / "samples").glob("source-*")) / "samples.jsonl").read_text().splitlines()[0])
+    record = json.loads(
+        (next((in_tmp / "run" / "samples").glob("source-*")) / "samples.jsonl").read_text().splitlines()[0]
+    )
     assert record["prompt"] == "ROMEO:" and record["text"].startswith("ROMEO:")  # BOS is never shown
 
 
@@ -101,8 +113,10 @@ def test_tokenizer_config_add_bos_token_wins_over_the_post_processor(in_tmp: Pat
     ids = checkpoint_with_tokenizer(in_tmp / "hf")
     config = json.loads((in_tmp / "hf" / "tokenizer_config.json").read_text())
     (in_tmp / "hf" / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
-    run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
-                out=in_tmp / "run")
+    run = split(
+        load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
+        out=in_tmp / "run",
+    )
     tok = run.family().tokenizer()
     assert tok.bos_id is None and ids["<s>"] not in tok.encode("ROMEO:") and tok.encode("") == []
     assert "add_bos_token" in tok.settings.origin
@@ -110,8 +124,10 @@ def test_tokenizer_config_add_bos_token_wins_over_the_post_processor(in_tmp: Pat
 
 def test_no_bos_without_a_template_or_config(in_tmp: Path, corpus: Path) -> None:
     checkpoint_with_tokenizer(in_tmp / "hf", bos_template=False)
-    run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
-                out=in_tmp / "run")
+    run = split(
+        load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
+        out=in_tmp / "run",
+    )
     assert run.family().tokenizer().bos_id is None
 
 
@@ -135,8 +151,13 @@ def test_generation_stops_at_any_of_the_checkpoints_eos_ids() -> None:
     dec = Decoding(max_new_tokens=6, context=32, eos=(eos, eot), seed=0, temperature=0.0)
     new, why = ancestral(net, [[1, 2]], dec, [0], torch.device("cpu"))
     assert new == [[5, 6]] and why == ["eos"]
-    new, why = ancestral(net, [[1, 2]], Decoding(max_new_tokens=6, context=32, eos=(eos,), seed=0, temperature=0.0),
-                         [0], torch.device("cpu"))
+    new, why = ancestral(
+        net,
+        [[1, 2]],
+        Decoding(max_new_tokens=6, context=32, eos=(eos,), seed=0, temperature=0.0),
+        [0],
+        torch.device("cpu"),
+    )
     assert new == [[5, 6, eot, 7]] and why == ["eos"]
 
 
@@ -144,8 +165,10 @@ def test_no_vocab_size_hint_where_the_checkpoint_fixes_the_vocabulary(in_tmp: Pa
     hf_llama(in_tmp / "hf")  # vocab 300
     save_tokenizer(in_tmp / "hf", vocab=400)
     with pytest.raises(DbconvertError) as err:
-        split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
-              out=in_tmp / "run")
+        split(
+            load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
+            out=in_tmp / "run",
+        )
     assert "vocabulary has 300 rows" in str(err.value) and "config.json" in str(err.value)
     assert "model.vocab_size" not in str(err.value)
 
@@ -154,9 +177,15 @@ def test_sentencepiece_checkpoint_adds_bos_like_llama_tokenizer(in_tmp: Path, co
     import sentencepiece as spm
 
     hf_llama(in_tmp / "hf")  # config.json: bos_token_id 1, eos_token_id 2 (transformers' Llama defaults)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS.splitlines()), model_prefix=str(in_tmp / "hf" / "tokenizer"),
-                                   vocab_size=60, minloglevel=2)
-    run = split(load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
-                out=in_tmp / "run")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines()),
+        model_prefix=str(in_tmp / "hf" / "tokenizer"),
+        vocab_size=60,
+        minloglevel=2,
+    )
+    run = split(
+        load_recipe("llama-tiny-shakespeare", tiny_overrides(corpus, **{"model.checkpoint": str(in_tmp / "hf")})),
+        out=in_tmp / "run",
+    )
     tok = run.family().tokenizer()
     assert tok.bos_id == 1 and tok.encode("ROMEO:")[0] == 1 and tok.stop_ids == (2,)

@@ -13,8 +13,14 @@ from dbconvert.errors import RecipeError
 from dbconvert.families import get_family
 from dbconvert.rundir import Run
 from dbconvert.source_ref import source_state
-from dbconvert.families.llama.convert import (TARGETS_FILE, factor_head, full_head, normalised_table, target_basis,
-                                              target_table)
+from dbconvert.families.llama.convert import (
+    TARGETS_FILE,
+    factor_head,
+    full_head,
+    normalised_table,
+    target_basis,
+    target_table,
+)
 from dbconvert.sampling import SampleRequest
 from dbconvert.split import split
 from dbconvert.train import train_block
@@ -63,10 +69,13 @@ def test_target_dim_wider_than_hidden_is_a_one_line_recipe_error(tmp_path: Path)
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"model.head_rank": 8, "model.head": "tied-table"}, "model.head_rank factorises a trainable head"),
-    ({"model.head_rank": 32}, "model.head_rank 32 is not below model.hidden 32"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"model.head_rank": 8, "model.head": "tied-table"}, "model.head_rank factorises a trainable head"),
+        ({"model.head_rank": 32}, "model.head_rank 32 is not below model.hidden 32"),
+    ],
+)
 def test_head_rank_errors_are_one_line(tmp_path: Path, extra: dict, message: str) -> None:
     with pytest.raises(RecipeError, match=message) as err:
         load_recipe("llama-tiny-shakespeare", tiny_overrides(write_corpus(tmp_path), **extra))
@@ -92,8 +101,11 @@ def test_bench_table_has_the_target_width(tmp_path: Path) -> None:
     assert tuple(get_family("llama").for_bench(recipe).table().shape) == (300, 8)
 
 
-@pytest.mark.parametrize("head", [{"model.head": "tied-table"}, {"model.head": "trainable"},
-                                  {"model.head": "trainable", "model.head_rank": 4}], ids=["tied", "trainable", "rank4"])
+@pytest.mark.parametrize(
+    "head",
+    [{"model.head": "tied-table"}, {"model.head": "trainable"}, {"model.head": "trainable", "model.head_rank": 4}],
+    ids=["tied", "trainable", "rank4"],
+)
 def test_split_train_and_sample_in_a_narrow_target_space(tmp_path: Path, head: dict) -> None:
     overrides = tiny_overrides(write_corpus(tmp_path), **{"model.target_dim": 8, "train.steps": 2, **head})
     run = split(load_recipe("llama-tiny-shakespeare", overrides), out=tmp_path / "run", make_current=False)
@@ -117,7 +129,9 @@ def test_split_train_and_sample_in_a_narrow_target_space(tmp_path: Path, head: d
     torch.testing.assert_close(d, table[tokens], atol=1e-4, rtol=1e-4)
     for block in run.blocks:
         train_block(run, block.index, progress=False)
-    result = run.family().generate(run, SampleRequest(steps=4, num=2, options=run.family().sample_options(prompt="ROMEO:", max_new_tokens=3)))
+    result = run.family().generate(
+        run, SampleRequest(steps=4, num=2, options=run.family().sample_options(prompt="ROMEO:", max_new_tokens=3))
+    )
     assert len(result.records) == 2 and all(r["prompt"] == "ROMEO:" for r in result.records)
 
 
@@ -129,16 +143,18 @@ def test_a_checkpoints_head_is_factorised_at_split_and_multiplied_back_at_export
 
     checkpoint_with_tokenizer(in_tmp / "hf")
     original = LlamaForCausalLM.from_pretrained(in_tmp / "hf").eval()
-    overrides = tiny_overrides(write_corpus(in_tmp), **{"model.checkpoint": str(in_tmp / "hf"), "model.head_rank": 8,
-                                                         "model.target_dim": 8})
+    overrides = tiny_overrides(
+        write_corpus(in_tmp), **{"model.checkpoint": str(in_tmp / "hf"), "model.head_rank": 8, "model.target_dim": 8}
+    )
     result = invoke("split", "llama-tiny-shakespeare", *overrides, "--out", "run")
     assert result.exit_code == 0, result.output
     run = Run.open(in_tmp / "run")
     source = dict(source_state(run))  # by reference: the checkpoint read again, factorised as at split
     u, s, vh = torch.linalg.svd(original.lm_head.weight.detach().double(), full_matrices=False)
     best = (u[:, :8] * s[:8]) @ vh[:8]
-    torch.testing.assert_close((source["lm_head.1.weight"] @ source["lm_head.0.weight"]).double(), best,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        (source["lm_head.1.weight"] @ source["lm_head.0.weight"]).double(), best, atol=1e-4, rtol=1e-4
+    )
     block = load_weights(run.model_dir(Run.block_name(0)) / "model.safetensors")
     assert torch.equal(block["lm_head.0.weight"], source["lm_head.0.weight"]) and "lm_head.weight" not in block
     result = invoke("export", "exported", "--run", "run")

@@ -30,28 +30,54 @@ COUNTS = (1, 2, 1)
 def tiny(corpus: Path, **extra: object) -> list[str]:
     """huginn-tiny-shakespeare shrunk to width 32, 16-token contexts, mean recurrence 4, on `corpus`."""
     base: dict[str, object] = {
-        "model.hidden": H, "model.heads": HEADS, "model.intermediate": FF, "model.vocab_size": V, "model.context": T,
-        "model.mean_recurrence": 4, "model.backprop_depth": 2, "data.source": str(corpus), "data.val_fraction": 0.1,
-        "train.batch_size": 4, "train.steps": 4, "train.warmup_steps": 0, "train.log_every": 2,
-        "train.checkpoint_every": 2, "train.val_every": 0, "sample.steps": 4, "train.device": "cpu"}
+        "model.hidden": H,
+        "model.heads": HEADS,
+        "model.intermediate": FF,
+        "model.vocab_size": V,
+        "model.context": T,
+        "model.mean_recurrence": 4,
+        "model.backprop_depth": 2,
+        "data.source": str(corpus),
+        "data.val_fraction": 0.1,
+        "train.batch_size": 4,
+        "train.steps": 4,
+        "train.warmup_steps": 0,
+        "train.log_every": 2,
+        "train.checkpoint_every": 2,
+        "train.val_every": 0,
+        "sample.steps": 4,
+        "train.device": "cpu",
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 # --- a Huginn checkpoint and Huginn's forward, written from the formulas -----------------------------------
 
+
 def huginn_checkpoint(folder: Path, counts: tuple[int, int, int] = COUNTS, seed: int = 0) -> dict[str, torch.Tensor]:
     """A tiny checkpoint in the key layout of Huginn's HF modeling file (rotary buffer and tied lm_head included)."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *shape: 0.2 * torch.randn(*shape, generator=gen)  # noqa: E731
-    state = {"transformer.wte.weight": r(V, H), "transformer.adapter.weight": r(H, 2 * H),
-             "transformer.ln_f.weight": 1 + r(H), "freqs_cis": torch.zeros(T, H // HEADS // 2, 2)}
+    state = {
+        "transformer.wte.weight": r(V, H),
+        "transformer.adapter.weight": r(H, 2 * H),
+        "transformer.ln_f.weight": 1 + r(H),
+        "freqs_cis": torch.zeros(T, H // HEADS // 2, 2),
+    }
     for stack, n in zip(("prelude", "core_block", "coda"), counts):
         for i in range(n):
             p = f"transformer.{stack}.{i}."
-            state.update({p + "attn.Wqkv.weight": r(3 * H, H), p + "attn.qk_bias": r(2, 1, HEADS, H // HEADS),
-                          p + "attn.proj.weight": r(H, H), p + "mlp.fc.weight": r(2 * FF, H),
-                          p + "mlp.proj.weight": r(H, FF), **{p + f"norm_{k}.weight": 1 + r(H) for k in range(1, 5)}})
+            state.update(
+                {
+                    p + "attn.Wqkv.weight": r(3 * H, H),
+                    p + "attn.qk_bias": r(2, 1, HEADS, H // HEADS),
+                    p + "attn.proj.weight": r(H, H),
+                    p + "mlp.fc.weight": r(2 * FF, H),
+                    p + "mlp.proj.weight": r(H, FF),
+                    **{p + f"norm_{k}.weight": 1 + r(H) for k in range(1, 5)},
+                }
+            )
     state["lm_head.weight"] = state["transformer.wte.weight"].clone()
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"))
@@ -62,8 +88,9 @@ def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
 
 
-def reference_logits(w: dict[str, torch.Tensor], tokens: torch.Tensor, state: torch.Tensor, r: int,
-                     theta: float = 50000.0) -> torch.Tensor:
+def reference_logits(
+    w: dict[str, torch.Tensor], tokens: torch.Tensor, state: torch.Tensor, r: int, theta: float = 50000.0
+) -> torch.Tensor:
     """Huginn from its formulas: e = P(wte(x) sqrt(H)); s <- R(adapter([s, e])) r times; head(ln_f(C(ln_f(s))))."""
     b, t = tokens.shape
     d = H // HEADS
@@ -115,22 +142,22 @@ def test_a_huginn_checkpoint_converts_to_the_same_recurrent_function(tmp_path: P
     state = 0.5 * torch.randn(2, 12, H, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for r in (1, 3, 6):
-            torch.testing.assert_close(lm(tokens, state, (r, 0)), reference_logits(weights, tokens, state, r),
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                lm(tokens, state, (r, 0)), reference_logits(weights, tokens, state, r), atol=1e-4, rtol=1e-4
+            )
         # the KV-cached decode (a cache per recurrence) is the same function, column by column
         full = lm(tokens, lm.column_state(0, 12, 2, tokens.device))
         cache, last = lm.extend(None, tokens[:, :7], 0)
         torch.testing.assert_close(last, full[:, 6], atol=1e-4, rtol=1e-4)
         for c in range(7, 12):
-            cache, last = lm.extend(cache, tokens[:, c:c + 1], c)
+            cache, last = lm.extend(cache, tokens[:, c : c + 1], c)
             torch.testing.assert_close(last, full[:, c], atol=1e-4, rtol=1e-4)
 
 
 def test_split_export_round_trip_keeps_huginns_layout(in_tmp: Path, corpus: Path) -> None:
     weights = huginn_checkpoint(in_tmp / "huginn")
     given = {"model.checkpoint": in_tmp / "huginn", "model.train_tokenizer": "true"}
-    result = invoke("split", "huginn-tiny-shakespeare", *tiny(corpus, **given),
-                    "--out", "run")
+    result = invoke("split", "huginn-tiny-shakespeare", *tiny(corpus, **given), "--out", "run")
     assert result.exit_code == 0, result.output
     assert invoke("export", "out", "--run", "run", "--model", "source").exit_code == 0
     back = load_file(str(in_tmp / "out" / "model.safetensors"))
@@ -145,8 +172,11 @@ def test_split_export_round_trip_keeps_huginns_layout(in_tmp: Path, corpus: Path
 def test_checkpoint_errors_are_one_line(tmp_path: Path, corpus: Path) -> None:
     family = get_family("recurrent")
     state = huginn_checkpoint(tmp_path / "huginn", counts=(2, 4, 2))
-    with pytest.raises(CheckpointError, match="has 2/4/2 prelude/core/coda layers, the recipe 1/2/1; set "
-                                              "model.prelude_layers=2 model.core_layers=4 model.coda_layers=2"):
+    with pytest.raises(
+        CheckpointError,
+        match="has 2/4/2 prelude/core/coda layers, the recipe 1/2/1; set "
+        "model.prelude_layers=2 model.core_layers=4 model.coda_layers=2",
+    ):
         family.source(ckpt_recipe(tmp_path / "huginn", corpus))
     huginn_checkpoint(tmp_path / "huginn")
     weights = tmp_path / "huginn" / "model.safetensors"
@@ -173,11 +203,14 @@ def test_checkpoint_errors_are_one_line(tmp_path: Path, corpus: Path) -> None:
     del state
 
 
-@pytest.mark.parametrize("override, match", [
-    ("model.backprop_depth=33", "model.backprop_depth 33 must be in [1, model.mean_recurrence 32]"),
-    ("model.backprop_depth=0", "model.backprop_depth 0 must be in [1"),
-    ("model.hidden=30", "must be model.heads 4 times an even head width"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("model.backprop_depth=33", "model.backprop_depth 33 must be in [1, model.mean_recurrence 32]"),
+        ("model.backprop_depth=0", "model.backprop_depth 0 must be in [1"),
+        ("model.hidden=30", "must be model.heads 4 times an even head width"),
+    ],
+)
 def test_bad_recurrent_settings(override: str, match: str) -> None:
     with pytest.raises(RecipeError, match=re_escape(match)):
         load_recipe("huginn-tiny-shakespeare", [override])
@@ -195,6 +228,7 @@ def test_a_recurrent_option_on_another_family_is_refused() -> None:
 
 
 # --- Huginn's training ---------------------------------------------------------------------------------------
+
 
 def test_recurrence_sampler_is_huginns_poisson_lognormal() -> None:
     gen = torch.Generator().manual_seed(0)
@@ -220,8 +254,9 @@ def test_gradients_flow_through_the_last_k_iterations_only(tmp_path: Path, corpu
                 e = net.stack(net.transformer.prelude, net.embed(tokens), net.rope(torch.arange(8)[None]), None)[0]
                 state = s0
                 for _ in range(3):
-                    state = net.stack(net.transformer.core_block, net.adapt(state, e),
-                                      net.rope(torch.arange(8)[None]), None)[0]
+                    state = net.stack(
+                        net.transformer.core_block, net.adapt(state, e), net.rope(torch.arange(8)[None]), None
+                    )[0]
         net.zero_grad()
         lm(tokens, state, (no_grad, 2)).logsumexp(-1).sum().backward()
         grads.append(net.transformer.adapter.weight.grad.clone())
@@ -235,6 +270,7 @@ def test_compute_accounting_of_app_h() -> None:
 
 
 # --- the denoiser: train = sample --------------------------------------------------------------------------
+
 
 def test_cached_sampling_path_is_the_training_forward(tmp_path: Path, corpus: Path) -> None:
     """Every parameter randomised (the zero modulation too): the KV-cached query (fused and unfused) computes the
@@ -283,6 +319,7 @@ def test_converted_network_with_zero_modulation_runs_the_source_layers(tmp_path:
 
 # --- the CLI, end to end ------------------------------------------------------------------------------------
 
+
 def test_split_train_both_sample_both(in_tmp: Path, corpus: Path) -> None:
     result = invoke("split", "huginn-tiny-shakespeare", *tiny(corpus), "--out", "run")
     assert result.exit_code == 0, result.output
@@ -310,8 +347,9 @@ def test_bench_memory_of_the_baseline_grows_with_k_and_the_denoisers_does_not(co
 
     peaks = {}
     for k in (1, 4):
-        recipe = load_recipe("huginn-tiny-shakespeare", tiny(corpus, **{"model.mean_recurrence": 8,
-                                                                        "model.backprop_depth": k}))
+        recipe = load_recipe(
+            "huginn-tiny-shakespeare", tiny(corpus, **{"model.mean_recurrence": 8, "model.backprop_depth": k})
+        )
         r = bench_memory(recipe, 1, batch=4, device="cpu")
         peaks[k] = {name: row["saved_activations"] for name, row in r["breakdown"].items()}
     assert peaks[4]["recurrent"] > 2 * peaks[1]["recurrent"]

@@ -14,11 +14,22 @@ from dbconvert import noise as nz
 from dbconvert.config import load_recipe
 from tests.cli_helpers import assert_user_error, invoke
 
-TINY = ["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "model.global_pool=token", "train.steps=3",
-        "train.epochs=null", "train.batch_size=16", "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=3",
-        "sample.num=8"]
-TIMM_SIZES = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3, num_heads=2,
-                  mlp_ratio=2.0)
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=3",
+    "model.num_heads=2",
+    "model.global_pool=token",
+    "train.steps=3",
+    "train.epochs=null",
+    "train.batch_size=16",
+    "train.warmup_steps=0",
+    "train.log_every=1",
+    "train.checkpoint_every=3",
+    "sample.num=8",
+]
+TIMM_SIZES = dict(
+    img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0
+)
 
 
 def tiny_timm(seed: int = 0):  # noqa: ANN201 - timm.models.VisionTransformer
@@ -91,9 +102,18 @@ def test_timm_safetensors_and_hugging_face_folder_convert(tmp_path: Path) -> Non
         assert torch.equal(net.classify(x), ref(x))
 
     torch.manual_seed(0)
-    hf = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                             intermediate_size=64, image_size=8, patch_size=2, num_channels=1,
-                                             num_labels=10)).eval()
+    hf = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            num_labels=10,
+        )
+    ).eval()
     hf.save_pretrained(str(tmp_path / "hf"))
     r = recipe(f"model.checkpoint={tmp_path / 'hf'}")
     src = get_family("vit").source(r)
@@ -102,14 +122,19 @@ def test_timm_safetensors_and_hugging_face_folder_convert(tmp_path: Path) -> Non
         torch.testing.assert_close(src.network.eval().classify(x), hf(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("extra", "match"), [
-    (["model.patch_size=4"], "patch_size=2 (recipe 4); set model.patch_size=2"),
-    (["model.depth=6"], "depth=3 (recipe 6); set model.depth=3"),
-    (["model.num_classes=12"], "set model.num_classes=10"),  # the data's count, checked first
-    # every mismatch in one line, each with its key (issue 33: one at a time, as bare tensor shapes)
-    (["model.depth=6", "model.mlp_ratio=4"], "depth=3 (recipe 6), mlp_ratio=2 (recipe 4); set model.depth=3 "
-                                              "model.mlp_ratio=2"),
-])
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["model.patch_size=4"], "patch_size=2 (recipe 4); set model.patch_size=2"),
+        (["model.depth=6"], "depth=3 (recipe 6); set model.depth=3"),
+        (["model.num_classes=12"], "set model.num_classes=10"),  # the data's count, checked first
+        # every mismatch in one line, each with its key (issue 33: one at a time, as bare tensor shapes)
+        (
+            ["model.depth=6", "model.mlp_ratio=4"],
+            "depth=3 (recipe 6), mlp_ratio=2 (recipe 4); set model.depth=3 model.mlp_ratio=2",
+        ),
+    ],
+)
 def test_checkpoint_that_differs_from_the_recipe_is_one_line(in_tmp: Path, extra: list[str], match: str) -> None:
     torch.save(tiny_timm().state_dict(), in_tmp / "vit.pth")
     result = invoke("split", "vit-tiny-digits", *TINY, f"model.checkpoint={in_tmp / 'vit.pth'}", *extra)
@@ -124,23 +149,33 @@ def test_dit_and_vit_checkpoints_are_refused_by_the_other_family(in_tmp: Path) -
 
     dit = DiT(load("dit-tiny-digits", ["model.arch=DiT-Micro/2"]).model.shape())
     torch.save(dit.state_dict(), in_tmp / "dit.pt")
-    assert_user_error(invoke("split", "vit-tiny-digits", *TINY, f"model.checkpoint={in_tmp / 'dit.pt'}"),
-                      "is a DiT checkpoint, not a ViT classifier")
+    assert_user_error(
+        invoke("split", "vit-tiny-digits", *TINY, f"model.checkpoint={in_tmp / 'dit.pt'}"),
+        "is a DiT checkpoint, not a ViT classifier",
+    )
     torch.save(tiny_timm().state_dict(), in_tmp / "vit.pth")
-    assert_user_error(invoke("split", "dit-tiny-digits", "model.arch=DiT-Micro/2",
-                             f"model.checkpoint={in_tmp / 'vit.pth'}"), "missing key")
+    assert_user_error(
+        invoke("split", "dit-tiny-digits", "model.arch=DiT-Micro/2", f"model.checkpoint={in_tmp / 'vit.pth'}"),
+        "missing key",
+    )
     assert not (in_tmp / "runs").exists()
 
 
 def test_class_count_that_differs_from_the_data_is_one_line(in_tmp: Path) -> None:
     # fixed by split, so split checks them against the data (issue 34: they failed only at train-block)
-    assert_user_error(invoke("split", "vit-tiny-digits", *TINY, "model.num_classes=12", "--out", "r"),
-                      "has 10 classes but model.num_classes is 12")
-    assert_user_error(invoke("split", "vit-tiny-digits", *TINY, "model.img_size=16", "--out", "r2"),
-                      "has images of shape (1, 8, 8) but the model takes")
+    assert_user_error(
+        invoke("split", "vit-tiny-digits", *TINY, "model.num_classes=12", "--out", "r"),
+        "has 10 classes but model.num_classes is 12",
+    )
+    assert_user_error(
+        invoke("split", "vit-tiny-digits", *TINY, "model.img_size=16", "--out", "r2"),
+        "has images of shape (1, 8, 8) but the model takes",
+    )
     assert not (in_tmp / "r").exists() and not (in_tmp / "r2").exists()
-    assert_user_error(invoke("split", "vit-tiny-digits", *TINY, "model.patch_size=3", "--out", "r3"),
-                      "not divisible by the patch size")
+    assert_user_error(
+        invoke("split", "vit-tiny-digits", *TINY, "model.patch_size=3", "--out", "r3"),
+        "not divisible by the patch size",
+    )
 
 
 def test_label_table_is_shared_normalised_and_head_rows_for_a_checkpoint(tmp_path: Path) -> None:
@@ -184,8 +219,9 @@ def test_euler_steps_towards_the_softmax_mean_of_the_table() -> None:
         return torch.tensor([[50.0, 0.0, 0.0]])  # certain of class 0
 
     z0 = torch.tensor([[1.0, 2.0, 3.0]])
-    out = classify_steps(logits_of, lambda lg: torch.softmax(lg, -1) @ table, [(1.0, 10.0), (0.1, 1.0)],
-                         [10.0, 0.5], z0)
+    out = classify_steps(
+        logits_of, lambda lg: torch.softmax(lg, -1) @ table, [(1.0, 10.0), (0.1, 1.0)], [10.0, 0.5], z0
+    )
     assert [k for k, _, _ in seen] == [0, 1] and len(out) == 2
     # one Euler step from 10 to 0.5 towards D = e_0: z + (0.5 - 10) (z - e_0) / 10
     torch.testing.assert_close(seen[1][2], z0 + (0.5 - 10.0) * (z0 - table[0]) / 10.0)
@@ -273,7 +309,11 @@ def test_split_train_eval_sample_export_through_the_cli(in_tmp: Path) -> None:
     out = next((in_tmp / "r" / "samples").glob("blocks-classify-images-imgs-*"))
     assert test_split.read_bytes() == before and len(before.splitlines()) == 6  # ... are not replaced (issue 33)
     rows = (out / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "image,prediction,probability" and [r.split(",")[0] for r in rows[1:]] == ["0.png", "1.png", "2.png"]
+    assert rows[0] == "image,prediction,probability" and [r.split(",")[0] for r in rows[1:]] == [
+        "0.png",
+        "1.png",
+        "2.png",
+    ]
     assert np.load(out / "probs.npz")["probs"].shape == (3, 3, 10)  # steps x images x classes
     Image.fromarray(np.zeros((9, 9), dtype=np.uint8), "L").save(images / "big.png")
     assert_user_error(invoke("sample", "--images", images, "-q"), "is 9x9 but the model takes 8x8")
@@ -288,8 +328,9 @@ def test_split_train_eval_sample_export_through_the_cli(in_tmp: Path) -> None:
     from dbconvert.rundir import Run
 
     run = Run.open(in_tmp / "r")
-    loaded = timm.create_model("vit_tiny_patch16_224", checkpoint_path=str(in_tmp / "clf.pth"),
-                               **timm_kwargs(run.recipe.model.shape())).eval()
+    loaded = timm.create_model(
+        "vit_tiny_patch16_224", checkpoint_path=str(in_tmp / "clf.pth"), **timm_kwargs(run.recipe.model.shape())
+    ).eval()
     x = torch.randn(2, 1, 8, 8)
     from dbconvert.checkpoint import load_weights
 
@@ -317,8 +358,15 @@ def test_augmentation_is_deterministic_by_batch_and_changes_images() -> None:
 
 
 def test_fresh_network_from_a_timm_name_and_bad_names() -> None:
-    r = recipe("model.arch=vit_tiny_patch16_224", "model.depth=null", "model.embed_dim=null", "model.num_heads=null",
-               "model.img_size=32", "model.in_chans=3", "model.patch_size=8")
+    r = recipe(
+        "model.arch=vit_tiny_patch16_224",
+        "model.depth=null",
+        "model.embed_dim=null",
+        "model.num_heads=null",
+        "model.img_size=32",
+        "model.in_chans=3",
+        "model.patch_size=8",
+    )
     shape = r.model.shape()
     assert (shape.embed_dim, shape.num_heads, shape.depth, shape.mlp_ratio) == (192, 3, 12, 4.0)
     assert_user_error(invoke("split", "vit-tiny-digits", "model.arch=vit_nope"), "is neither one of vit-micro")
@@ -347,8 +395,15 @@ def test_image_folder_trains_and_hub_data_offline_is_one_line(in_tmp: Path) -> N
             folder.mkdir(parents=True)
             for i in range(6):
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), "RGB").save(folder / f"{i}.png")
-    args = [*TINY, "data.source=imgs", "model.in_chans=3", "model.num_classes=3", "train.batch_size=6",
-            "model.augment.flip=true", "model.augment.crop_padding=1"]
+    args = [
+        *TINY,
+        "data.source=imgs",
+        "model.in_chans=3",
+        "model.num_classes=3",
+        "train.batch_size=6",
+        "model.augment.flip=true",
+        "model.augment.crop_padding=1",
+    ]
     assert invoke("split", "vit-tiny-digits", *args, "--out", "r").exit_code == 0
     assert invoke("train-block", "0", "-q").exit_code == 0
     assert json.loads(invoke("eval", "accuracy", "--model", "source", "--json").stdout)["images"] == 18
@@ -383,8 +438,9 @@ def test_avg_pooled_timm_vit_must_be_said_and_then_converts_exactly(in_tmp: Path
     from dbconvert.families.vit.convert import timm_kwargs
 
     torch.manual_seed(2)
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="avg", fc_norm=False,
-                            **TIMM_SIZES).eval()
+    ref = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, global_pool="avg", fc_norm=False, **TIMM_SIZES
+    ).eval()
     torch.save(ref.state_dict(), in_tmp / "avg.pth")
     unsaid = [t for t in TINY if not t.startswith("model.global_pool")]
     result = invoke("split", "vit-tiny-digits", *unsaid, f"model.checkpoint={in_tmp / 'avg.pth'}")
@@ -401,16 +457,24 @@ def test_avg_pooled_timm_vit_must_be_said_and_then_converts_exactly(in_tmp: Path
     assert any("num_heads=2 (from model.num_heads)" in n and "global_pool=avg" in n for n in src.notes)
     assert timm_kwargs(r.model.shape())["global_pool"] == "avg"  # and so the timm export rebuilds it
 
-    result = invoke("split", "vit-tiny-digits", *unsaid, f"model.checkpoint={in_tmp / 'avg.pth'}",
-                    "model.global_pool=avg", "--out", "avg")
+    result = invoke(
+        "split",
+        "vit-tiny-digits",
+        *unsaid,
+        f"model.checkpoint={in_tmp / 'avg.pth'}",
+        "model.global_pool=avg",
+        "--out",
+        "avg",
+    )
     assert result.exit_code == 0, result.output
     assert "global_pool=avg" in result.stderr  # the assumption is said at split
     assert_user_error(invoke("export", "hf-out", "--model", "source", "--run", "avg"), "reads the CLS token")
     assert not (in_tmp / "hf-out").exists()
 
 
-def test_split_refuses_a_conversion_whose_function_differs_from_timm(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_refuses_a_conversion_whose_function_differs_from_timm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The function check: keys and shapes all fit, but the weights are read in another layout (the q and v rows of
     the fused qkv read in another order, as a mislabelled layout would); split compares with timm's own forward and
     refuses."""
@@ -430,7 +494,7 @@ def test_split_refuses_a_conversion_whose_function_differs_from_timm(tmp_path: P
         with torch.no_grad():
             w = net.blocks[1].attn.qkv.weight
             d = w.shape[1]
-            w.copy_(torch.cat([w[2 * d:], w[d:2 * d], w[:d]]))  # v, k, q
+            w.copy_(torch.cat([w[2 * d :], w[d : 2 * d], w[:d]]))  # v, k, q
 
     monkeypatch.setattr(vit_family, "load_source", misread)
     with pytest.raises(CheckpointError, match="differ from timm's forward of the same weights by up to"):
@@ -470,8 +534,16 @@ def test_hugging_face_label_order_is_mapped_to_the_data_classes(tmp_path: Path) 
     from dbconvert.families import get_family
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                       image_size=8, patch_size=2, num_channels=1, num_labels=10)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        num_labels=10,
+    )
     hf = ViTForImageClassification(config).eval()
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():

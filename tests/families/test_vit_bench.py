@@ -9,8 +9,21 @@ from tests.families.test_vit import TINY
 
 
 def test_speed_times_classification_steps_of_blocks_and_e2e() -> None:
-    result = invoke("bench", "speed", "vit-tiny-digits", *TINY, "--blocks", "3", "--batch", "4", "--repeats", "1",
-                    "--warmup", "0", "--json")
+    result = invoke(
+        "bench",
+        "speed",
+        "vit-tiny-digits",
+        *TINY,
+        "--blocks",
+        "3",
+        "--batch",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["unit"] == "image" and data["protocol_units"] == 10_000

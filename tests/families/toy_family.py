@@ -118,10 +118,12 @@ class ToyData:
 
 @dataclass
 class ToySampleOptions:
-    """The toy's own sampling option (a flag of `dbconvert sample`, generated from this field: nothing generic names it)."""
+    """The toy's own sampling option (a flag of `dbconvert sample`, generated from this field: nothing generic
+    names it)."""
 
-    clip: float | None = field(default=None, metadata=sample_flag("Clamp every generated coordinate to [-CLIP, CLIP].",
-                                                                  min=0.0))
+    clip: float | None = field(
+        default=None, metadata=sample_flag("Clamp every generated coordinate to [-CLIP, CLIP].", min=0.0)
+    )
 
 
 def _cfg(recipe: "Recipe") -> ToyConfig:
@@ -149,8 +151,12 @@ class ToyFamily(Family):
         return list(network.layers)  # type: ignore[union-attr, arg-type]
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
-        return apply_key_map(source.state, layer_slice_key_map(SHARED_KEYS, "layers", LAYER_KEYS, start, end),
-                             ignored=lambda key: key.startswith("layers."), what=f"toy block [{start}, {end})")
+        return apply_key_map(
+            source.state,
+            layer_slice_key_map(SHARED_KEYS, "layers", LAYER_KEYS, start, end),
+            ignored=lambda key: key.startswith("layers."),
+            what=f"toy block [{start}, {end})",
+        )
 
     def denoiser(self, recipe: "Recipe", network: nn.Module, noise: nz.NoiseSettings) -> nn.Module:
         assert isinstance(network, ToyNet)
@@ -160,8 +166,15 @@ class ToyFamily(Family):
         seed = recipe.data.split_seed + (1 if (split or recipe.data.split) != "train" else 0)
         return ToyData(_cfg(recipe).dim, 512, seed)
 
-    def training_loss(self, denoiser: nn.Module, batch: Any, sigma_range: tuple[float, float], recipe: "Recipe",
-                      generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self,
+        denoiser: nn.Module,
+        batch: Any,
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch[0]
         n, keep = shard_slice(x.shape[0], shard)
         noise = recipe.noise.settings()
@@ -192,7 +205,11 @@ class ToyFamily(Family):
         clip = self.options_of(request).clip
         if clip is not None:
             x = x.clamp(-clip, clip)
-        out = Path(request.out) if request.out else run.root / "samples" / f"{request.model}-{solver}-{steps}steps-seed{seed}"
+        out = (
+            Path(request.out)
+            if request.out
+            else run.root / "samples" / f"{request.model}-{solver}-{steps}steps-seed{seed}"
+        )
         file = out / "samples.npz"
 
         def save(tmp: Path) -> None:
@@ -208,8 +225,9 @@ class ToyFamily(Family):
     def synthetic_batch(self, recipe: "Recipe", batch: int, generator: torch.Generator) -> list[torch.Tensor]:
         return [torch.randn((batch, *self.sample_shape(recipe)), generator=generator)]
 
-    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
-                      sigma: float) -> Callable[[], Any]:
+    def sampling_step(
+        self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor], sigma: float
+    ) -> Callable[[], Any]:
         z = torch.randn_like(batch[0])
         s = torch.full((z.shape[0],), sigma, device=z.device)
         return lambda: model(z, s)
@@ -228,24 +246,52 @@ class CornerMetric(Metric):
     title = "corner distance"
     lower_is_better = True
     help = "Mean distance of generated points from the nearest cluster centre of the toy data."
-    options = (MetricOption("num", int, 256, "Points to generate per seed.", min=2),
-               MetricOption("repeats", int, 2, "Sampling seeds (seed, seed + 1, ...).", min=1))
+    options = (
+        MetricOption("num", int, 256, "Points to generate per seed.", min=2),
+        MetricOption("repeats", int, 2, "Sampling seeds (seed, seed + 1, ...).", min=1),
+    )
 
-    def evaluate(self, run: "Run", *, model: str = "blocks", log: Log = nolog, progress: bool = False,
-                 num: int = 256, repeats: int = 2, seed: int | None = None, steps: int | None = None,
-                 solver: str | None = None, weights: str | None = None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        run: "Run",
+        *,
+        model: str = "blocks",
+        log: Log = nolog,
+        progress: bool = False,
+        num: int = 256,
+        repeats: int = 2,
+        seed: int | None = None,
+        steps: int | None = None,
+        solver: str | None = None,
+        weights: str | None = None,
+    ) -> dict[str, Any]:
         start = time.time()
         base = run.recipe.sample.seed if seed is None else seed
         values, sampler = [], {}
         for r in range(repeats):
             out = run.root / "eval" / "samples" / f"corner-{model}-seed{base + r}-n{num}"
-            result = run.family().generate(run, SampleRequest(model=model, num=num, seed=base + r, steps=steps,
-                                                              solver=solver, weights=weights, out=out))
+            result = run.family().generate(
+                run,
+                SampleRequest(
+                    model=model, num=num, seed=base + r, steps=steps, solver=solver, weights=weights, out=out
+                ),
+            )
             values.append(corner_distance(np.load(result.files[0])["x"]))
             sampler = result.sampler
             log(f"seed {base + r}: corner distance {values[-1]:.4f}")
-        return {"metric": self.name, "model": model, "value": float(np.mean(values)), "values": values,
-                "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                "features": "coordinates", "num_samples": num, "seed": base, "sampler": sampler, "split": None,
-                "reference": "cluster centres +-0.5", "source": {"kind": "run", "path": str(run.root.resolve())},
-                "seconds": round(time.time() - start, 2)}
+        return {
+            "metric": self.name,
+            "model": model,
+            "value": float(np.mean(values)),
+            "values": values,
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "features": "coordinates",
+            "num_samples": num,
+            "seed": base,
+            "sampler": sampler,
+            "split": None,
+            "reference": "cluster centres +-0.5",
+            "source": {"kind": "run", "path": str(run.root.resolve())},
+            "seconds": round(time.time() - start, 2),
+        }

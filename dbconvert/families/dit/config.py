@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from dbconvert.families.dit.model import ARCHS, DiTShape
 from dbconvert.schema import ModelConfig, Section, Seed
 
+
 class DDPMSchedule(Section):
     """The discrete DDPM schedule a `ddpm-eps` network was trained on: linear betas over `timesteps` steps.
 
@@ -22,8 +23,10 @@ class DDPMSchedule(Section):
     @model_validator(mode="after")
     def _increasing(self) -> "DDPMSchedule":
         if self.beta_start > self.beta_end:
-            raise ValueError(f"model.ddpm.beta_start {self.beta_start:g} is above model.ddpm.beta_end {self.beta_end:g}: "
-                             "a DDPM schedule adds noise, its betas increase (the reference DiT's: 1e-4 to 0.02)")
+            raise ValueError(
+                f"model.ddpm.beta_start {self.beta_start:g} is above model.ddpm.beta_end {self.beta_end:g}: "
+                "a DDPM schedule adds noise, its betas increase (the reference DiT's: 1e-4 to 0.02)"
+            )
         return self
 
 

@@ -60,12 +60,23 @@ def block_key_map(start: int, end: int) -> KeyMap:
 def is_layer_key(key: str, num_layers: int) -> bool:
     """True for `blocks.{k}.<layer key>` with k < num_layers (the keys a block slice renames)."""
     parts = key.split(".", 2)
-    return (len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < num_layers
-            and parts[2] in LAYER_KEYS)
+    return (
+        len(parts) == 3
+        and parts[0] == "blocks"
+        and parts[1].isdigit()
+        and int(parts[1]) < num_layers
+        and parts[2] in LAYER_KEYS
+    )
 
 
-def drop_variance(state: Mapping[str, torch.Tensor], arch: str, in_channels: int, learn_sigma: bool,
-                  depth: int, expected: Mapping[str, Spec] | None = None) -> Mapping[str, torch.Tensor]:
+def drop_variance(
+    state: Mapping[str, torch.Tensor],
+    arch: str,
+    in_channels: int,
+    learn_sigma: bool,
+    depth: int,
+    expected: Mapping[str, Spec] | None = None,
+) -> Mapping[str, torch.Tensor]:
     """learn_sigma checkpoints predict (mean, variance) channels; the EDM denoiser keeps the mean.
 
     A lazy `state` (with the network's `expected` specs) gives a lazy result: nothing is read here.
@@ -75,8 +86,9 @@ def drop_variance(state: Mapping[str, torch.Tensor], arch: str, in_channels: int
         keep = variance_channel_mask(ARCHS[arch].patch_size, in_channels)
         transforms = {"final_layer.linear.weight": lambda w: w[keep], "final_layer.linear.bias": lambda b: b[keep]}
     if isinstance(state, LazyState) and expected is not None:
-        return map_lazily(state, block_key_map(0, depth), expected, transforms=transforms,
-                          what="DiT checkpoint conversion")
+        return map_lazily(
+            state, block_key_map(0, depth), expected, transforms=transforms, what="DiT checkpoint conversion"
+        )
     return apply_key_map(state, block_key_map(0, depth), transforms=transforms, what="DiT checkpoint conversion")
 
 
@@ -93,8 +105,10 @@ def recorded_parameterization(checkpoint: str | Path) -> dict[str, Any] | None:
         if not isinstance(record, dict) or not isinstance(record.get("name"), str):
             raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {checkpoint}: its {METADATA_KEY!r} metadata has no valid parameterization "
-                              "record; remove the metadata or export the run again") from None
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: its {METADATA_KEY!r} metadata has no valid parameterization "
+            "record; remove the metadata or export the run again"
+        ) from None
     return record
 
 
@@ -128,18 +142,23 @@ def resolve_parameterization(cfg: DiTConfig, noise: NoiseSettings, recorded: dic
     if cfg.parameterization == "auto":
         name = recorded["name"] if recorded else ("ddpm-eps" if cfg.checkpoint else "edm")
         if cfg.checkpoint and not recorded:
-            assumed = [f"{where} does not say what its network predicts, so it is taken as a DDPM epsilon-predictor "
-                       "(ddpm-eps, as the reference DiT); if it is a .pt export of a dbconvert edm run, split it with "
-                       "model.parameterization=edm"]
+            assumed = [
+                f"{where} does not say what its network predicts, so it is taken as a DDPM epsilon-predictor "
+                "(ddpm-eps, as the reference DiT); if it is a .pt export of a dbconvert edm run, split it with "
+                "model.parameterization=edm"
+            ]
     else:
         name = cfg.parameterization
         if recorded and recorded["name"] != name:
-            raise CheckpointError(f"{where} holds a {recorded['name']!r} network (its {METADATA_KEY} metadata says "
-                                  f"so), but model.parameterization is {name!r}; set "
-                                  f"model.parameterization={recorded['name']} or auto")
+            raise CheckpointError(
+                f"{where} holds a {recorded['name']!r} network (its {METADATA_KEY} metadata says "
+                f"so), but model.parameterization is {name!r}; set "
+                f"model.parameterization={recorded['name']} or auto"
+            )
     if name not in ("edm", "ddpm-eps"):
-        raise CheckpointError(f"{where} records the unknown parameterization {name!r}; this dbconvert knows edm "
-                              "and ddpm-eps")
+        raise CheckpointError(
+            f"{where} records the unknown parameterization {name!r}; this dbconvert knows edm and ddpm-eps"
+        )
     cfg.parameterization = name
     return assumed + ddpm_notes(cfg, noise, recorded, where) if name == "ddpm-eps" else assumed
 
@@ -151,20 +170,26 @@ def ddpm_notes(cfg: DiTConfig, noise: NoiseSettings, recorded: dict[str, Any] | 
         mismatch = [k for k in schedule if k in recorded and recorded[k] != schedule[k]]
         if mismatch:
             want = " ".join(f"model.ddpm.{k}={recorded[k]}" for k in schedule if k in recorded)
-            raise CheckpointError(f"{where} was trained on a DDPM schedule with {mismatch[0]}={recorded[mismatch[0]]} "
-                                  f"(its metadata), but the recipe has "
-                                  f"model.ddpm.{mismatch[0]}={schedule[mismatch[0]]}; "
-                                  f"set {want}")
+            raise CheckpointError(
+                f"{where} was trained on a DDPM schedule with {mismatch[0]}={recorded[mismatch[0]]} "
+                f"(its metadata), but the recipe has "
+                f"model.ddpm.{mismatch[0]}={schedule[mismatch[0]]}; "
+                f"set {want}"
+            )
     sigmas = ddpm_sigmas(cfg.ddpm)
     lo, hi, last = sigmas[0].item(), sigmas[-1].item(), cfg.ddpm.timesteps - 1
     if noise.sigma_max > hi * (1 + 1e-9):
-        raise RecipeError(f"noise.sigma_max={noise.sigma_max:g} lies above the largest noise level of the ddpm-eps "
-                          f"schedule (sigma = {hi:.4g} at t = {last}), which the network never saw; "
-                          f"set noise.sigma_max <= {hi:.4g}")
+        raise RecipeError(
+            f"noise.sigma_max={noise.sigma_max:g} lies above the largest noise level of the ddpm-eps "
+            f"schedule (sigma = {hi:.4g} at t = {last}), which the network never saw; "
+            f"set noise.sigma_max <= {hi:.4g}"
+        )
     if noise.sigma_min < lo:
-        return [f"noise.sigma_min={noise.sigma_min:g} lies below the smallest noise level of the ddpm-eps schedule "
-                f"(sigma = {lo:.4g} at t = 0); smaller sigmas are fed t = 0, which is harmless: D stays within "
-                "sigma * |eps_hat| of z there"]
+        return [
+            f"noise.sigma_min={noise.sigma_min:g} lies below the smallest noise level of the ddpm-eps schedule "
+            f"(sigma = {lo:.4g} at t = 0); smaller sigmas are fed t = 0, which is harmless: D stays within "
+            "sigma * |eps_hat| of z there"
+        ]
     return []
 
 

@@ -11,15 +11,31 @@ from torch import nn
 
 from dbconvert import noise as nz
 from dbconvert.building import meta_specs
-from dbconvert.checkpoint import (apply_key_map, atomic_write, check_state, open_checkpoint, resolve_storage_dtype,
-                                  save_pt, save_weights)
+from dbconvert.checkpoint import (
+    apply_key_map,
+    atomic_write,
+    check_state,
+    open_checkpoint,
+    resolve_storage_dtype,
+    save_pt,
+    save_weights,
+)
 from dbconvert.data.images import ImageData, load_images
 from dbconvert.errors import CheckpointError, DataError, DbconvertError
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.dit.config import DiTConfig
-from dbconvert.families.dit.convert import (EXPORT_SUFFIXES, block_key_map, drop_variance, export_metadata, export_state,
-                                            is_layer_key, parameterization_record, recorded_parameterization,
-                                            recorded_sigma_range, resolve_parameterization)
+from dbconvert.families.dit.convert import (
+    EXPORT_SUFFIXES,
+    block_key_map,
+    drop_variance,
+    export_metadata,
+    export_state,
+    is_layer_key,
+    parameterization_record,
+    recorded_parameterization,
+    recorded_sigma_range,
+    resolve_parameterization,
+)
 from dbconvert.families.dit.generate import ImageSampleOptions, sample_images
 from dbconvert.families.dit.model import ARCH_NOTES, DiT, arch_rows
 from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, edm_loss
@@ -60,25 +76,37 @@ class DiTFamily(Family):
         found = checkpoint.specs.get(final)
         if found is not None and found.shape != reference[final].shape and found.shape == other[final].shape:
             says = "predicts" if not cfg.learn_sigma else "does not predict"
-            raise CheckpointError(f"{what}: its final layer {says} the variance channels ({final} "
-                                  f"{tuple(found.shape)}); set model.learn_sigma={str(not cfg.learn_sigma).lower()}")
+            raise CheckpointError(
+                f"{what}: its final layer {says} the variance channels ({final} "
+                f"{tuple(found.shape)}); set model.learn_sigma={str(not cfg.learn_sigma).lower()}"
+            )
         check_state(reference, checkpoint.specs, what)
         notes = resolve_parameterization(cfg, recipe.noise.settings(), recorded_parameterization(cfg.checkpoint))
         owned = recorded_sigma_range(cfg.checkpoint)
         if owned is not None:
-            notes.append(f"checkpoint {cfg.checkpoint} is a block export, a denoiser for sigma in ({owned[0]:.4g}, "
-                         f"{owned[1]:.4g}] only (its metadata); split as a source it is used over the whole noise "
-                         "range, that range ignored")
-        state = drop_variance(checkpoint, cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth,
-                              expected=meta_specs(lambda: DiT(shape)))
+            notes.append(
+                f"checkpoint {cfg.checkpoint} is a block export, a denoiser for sigma in ({owned[0]:.4g}, "
+                f"{owned[1]:.4g}] only (its metadata); split as a source it is used over the whole noise "
+                "range, that range ignored"
+            )
+        state = drop_variance(
+            checkpoint, cfg.arch, cfg.in_channels, cfg.learn_sigma, shape.depth, expected=meta_specs(lambda: DiT(shape))
+        )
         state = resolve_storage_dtype(cfg, state, checkpoint=checkpoint)
-        return Source(state, shape.depth, notes=notes,
-                      files=[Path(cfg.checkpoint).expanduser()], build=lambda: DiT(shape))
+        return Source(
+            state, shape.depth, notes=notes, files=[Path(cfg.checkpoint).expanduser()], build=lambda: DiT(shape)
+        )
 
     writes_random_checkpoints = True
 
-    def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
-                          on_tensor: Callable[[int], None] | None = None) -> list[str]:
+    def random_checkpoint(
+        self,
+        recipe: "Recipe",
+        folder: Path,
+        dtype: torch.dtype,
+        seed: int,
+        on_tensor: Callable[[int], None] | None = None,
+    ) -> list[str]:
         """A random reference-layout checkpoint of the recipe's DiT (learn_sigma as the recipe says) as safetensors,
         and 64 random images of its input shape to train on."""
         from dbconvert.data.images import write_random_images
@@ -88,8 +116,9 @@ class DiTFamily(Family):
         specs = {k: Spec(dtype, s.shape) for k, s in meta_specs(lambda: DiT(cfg.shape())).items()}
         folder.mkdir(parents=True, exist_ok=True)
         write_random_safetensors(folder / "dit.safetensors", specs, seed, on_tensor=on_tensor)
-        data = write_random_images(folder / "images.npz", 64, (cfg.in_channels, cfg.input_size, cfg.input_size),
-                                   cfg.num_classes, seed)
+        data = write_random_images(
+            folder / "images.npz", 64, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg.num_classes, seed
+        )
         return [f"model.checkpoint={folder / 'dit.safetensors'}", f"data.source={data}", "data.kind=npz"]
 
     def resolve(self, recipe: "Recipe") -> None:
@@ -134,14 +163,17 @@ class DiTFamily(Family):
             )
         if cfg.num_classes and data.num_classes > cfg.num_classes:
             raise DataError(
-                f"data set {recipe.data.source!r} has {data.num_classes} classes but model.num_classes is {cfg.num_classes}"
+                f"data set {recipe.data.source!r} has {data.num_classes} classes but model.num_classes is "
+                f"{cfg.num_classes}"
             )
         return data
 
     def check_training(self, recipe: "Recipe") -> None:
         if recipe.train.loss_weight not in ("default", "lambda"):
-            raise DbconvertError(f"train.loss_weight={recipe.train.loss_weight} is a text-family option; DiT trains "
-                                 "with EDM's lambda(sigma) (use default or lambda)")
+            raise DbconvertError(
+                f"train.loss_weight={recipe.train.loss_weight} is a text-family option; DiT trains "
+                "with EDM's lambda(sigma) (use default or lambda)"
+            )
 
     def training_loss(
         self,
@@ -157,8 +189,10 @@ class DiTFamily(Family):
 
     def check_export(self, model: str, out: Path) -> None:
         if out.suffix not in EXPORT_SUFFIXES:
-            raise DbconvertError(f"a DiT export is a reference checkpoint file: end the path in {' or '.join(EXPORT_SUFFIXES)}, "
-                                 f"not {out.name!r}")
+            raise DbconvertError(
+                f"a DiT export is a reference checkpoint file: end the path in {' or '.join(EXPORT_SUFFIXES)}, "
+                f"not {out.name!r}"
+            )
 
     def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
         """A reference DiT checkpoint (learn_sigma=False): `.pt` (plain torch.save state dict) or `.safetensors`."""
@@ -168,17 +202,25 @@ class DiTFamily(Family):
         owned = next((b.owned_range for b in run.blocks if run.block_name(b.index) == name), None)
         if out.suffix == ".safetensors":
             save_weights(out, state, metadata=export_metadata(record, name, owned))
-            notes = [f"{out.name} records its parameterization ({record['name']}): split it with "
-                     "model.parameterization=auto (the default)"]
+            notes = [
+                f"{out.name} records its parameterization ({record['name']}): split it with "
+                "model.parameterization=auto (the default)"
+            ]
         else:
             atomic_write(out, lambda tmp: save_pt(state, tmp))
-            notes = [f"{out.name} holds a {record['name']!r} network and a .pt file cannot say so: "
-                     + ("it is a DDPM epsilon-predictor like the reference DiT's, so split it with the default auto"
-                        if record["name"] == "ddpm-eps" else "split it with model.parameterization=edm "
-                        "(a .safetensors export records it)")]
+            notes = [
+                f"{out.name} holds a {record['name']!r} network and a .pt file cannot say so: "
+                + (
+                    "it is a DDPM epsilon-predictor like the reference DiT's, so split it with the default auto"
+                    if record["name"] == "ddpm-eps"
+                    else "split it with model.parameterization=edm (a .safetensors export records it)"
+                )
+            ]
         if owned is not None:
-            notes.append(f"{name} is a stand-alone denoiser of depth {network.shape.depth} for sigma in "
-                         f"({owned[0]:.4g}, {owned[1]:.4g}] only")
+            notes.append(
+                f"{name} is a stand-alone denoiser of depth {network.shape.depth} for sigma in "
+                f"({owned[0]:.4g}, {owned[1]:.4g}] only"
+            )
         return notes
 
     def generate(self, run: "Run", request: "SampleRequest") -> "SampleResult":
@@ -194,8 +236,9 @@ class DiTFamily(Family):
         y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=generator)
         return [x, y]
 
-    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
-                      sigma: float) -> Callable[[], Any]:
+    def sampling_step(
+        self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor], sigma: float
+    ) -> Callable[[], Any]:
         """One guided forward (both CFG halves in one batch when the recipe's guidance is not 1)."""
         classes = _cfg(recipe).num_classes
         scale = recipe.sample.guidance if classes else 1.0
@@ -204,4 +247,3 @@ class DiTFamily(Family):
 
     def architectures(self) -> Architectures:
         return Architectures("DiT architectures (model.arch)", arch_rows(), ARCH_NOTES)
-

@@ -22,8 +22,9 @@ from dbconvert.sampling import ResidentModels, SampleRequest, SampleResult, edm_
 class ImageSampleOptions:
     """DiT's own sampling options: classifier-free guidance w (None = the recipe's) and one class to draw."""
 
-    guidance: float | None = field(default=None, metadata=sample_flag(
-        "Classifier-free guidance scale w (1 = none; default: recipe).", min=0.0))
+    guidance: float | None = field(
+        default=None, metadata=sample_flag("Classifier-free guidance scale w (1 = none; default: recipe).", min=0.0)
+    )
     class_label: int | None = field(default=None, metadata=sample_flag("Generate this class only.", flag="--class"))
 
 
@@ -37,7 +38,9 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
     if opts.class_label is not None and not 0 <= opts.class_label < max(num_classes, 1):
         raise DbconvertError(f"--class {opts.class_label} is out of range: the model has classes 0..{num_classes - 1}")
     if num_classes == 0 and guidance != 1.0:
-        raise DbconvertError("guidance needs a class-conditional model; this one has model.num_classes=0 (use --guidance 1)")
+        raise DbconvertError(
+            "guidance needs a class-conditional model; this one has model.num_classes=0 (use --guidance 1)"
+        )
 
     device = resolve_device(run.recipe.train.device)
     models = ResidentModels(run, request.model, weights, device)  # one block at a time, high noise to low
@@ -53,9 +56,10 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
         y = torch.arange(num) % max(num_classes, 1)
     y = y.to(device)
     calls = [0] * len(models)
-    total = (steps if solver == "euler" else 2 * steps - 1)  # Heun: no correction on the last step (to sigma 0)
+    total = steps if solver == "euler" else 2 * steps - 1  # Heun: no correction on the last step (to sigma 0)
 
     with progress(f"sample {request.model} ({num} images)", total, unit="steps", enabled=request.progress) as update:
+
         def denoise(i: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
             calls[i] += 1
             out = guided(models[i], z, sigma, y, guidance, num_classes)
@@ -69,8 +73,10 @@ def sample_images(run: Run, request: SampleRequest) -> SampleResult:
             x = edm_sample(denoise, owned, ts, z, solver)
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         if bad:
-            raise DbconvertError(f"{bad} of {num} samples are not finite (NaN or inf) with guidance {guidance:g}, "
-                                 f"{solver}, {steps} steps; nothing was written (lower --guidance, or retrain)")
+            raise DbconvertError(
+                f"{bad} of {num} samples are not finite (NaN or inf) with guidance {guidance:g}, "
+                f"{solver}, {steps} steps; nothing was written (lower --guidance, or retrain)"
+            )
         x = x.clamp(-1, 1).cpu()
 
     tag = f"{request.model}-{solver}-{steps}steps-g{guidance:g}-seed{seed}"
@@ -111,7 +117,9 @@ def write_images(out: Path, x: torch.Tensor, y: torch.Tensor) -> list[Path]:
     grid = Image.new(mode, (cols * w * scale + (cols + 1) * 2, rows * h * scale + (rows + 1) * 2))
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid.paste(img.resize((w * scale, h * scale), Image.NEAREST), (2 + c * (w * scale + 2), 2 + r * (h * scale + 2)))
+        grid.paste(
+            img.resize((w * scale, h * scale), Image.NEAREST), (2 + c * (w * scale + 2), 2 + r * (h * scale + 2))
+        )
     grid.save(out / "grid.png")
     files.insert(0, out / "grid.png")
     return files

@@ -136,7 +136,9 @@ class DiT(nn.Module):
         self.in_channels = shape.in_channels
         self.out_channels = shape.in_channels * 2 if shape.learn_sigma else shape.in_channels
         self.patch_size = shape.patch_size
-        self.x_embedder = PatchEmbed(shape.input_size, shape.patch_size, shape.in_channels, shape.hidden_size, bias=True)
+        self.x_embedder = PatchEmbed(
+            shape.input_size, shape.patch_size, shape.in_channels, shape.hidden_size, bias=True
+        )
         self.t_embedder = TimestepEmbedder(shape.hidden_size)
         self.y_embedder = LabelEmbedder(shape.num_classes, shape.hidden_size, shape.use_null_class)
         num_patches = self.x_embedder.num_patches
@@ -236,11 +238,19 @@ def arch_rows() -> list[dict[str, object]]:
     for name, a in ARCHS.items():
         small = DiTShape(32, 3, 10, a.depth, a.hidden_size, a.num_heads, a.patch_size)
         paper = DiTShape(32, 4, 1000, a.depth, a.hidden_size, a.num_heads, a.patch_size, learn_sigma=True)
-        rows.append({
-            "arch": name, "depth": a.depth, "hidden": a.hidden_size, "heads": a.num_heads, "patch": a.patch_size,
-            "params": millions(parameter_count(small)), "paper": millions(parameter_count(paper)),
-            "tokens": (32 // a.patch_size) ** 2, "Gflops": f"{forward_gflops(a, 32):.3g}",
-        })
+        rows.append(
+            {
+                "arch": name,
+                "depth": a.depth,
+                "hidden": a.hidden_size,
+                "heads": a.num_heads,
+                "patch": a.patch_size,
+                "params": millions(parameter_count(small)),
+                "paper": millions(parameter_count(paper)),
+                "tokens": (32 // a.patch_size) ** 2,
+                "Gflops": f"{forward_gflops(a, 32):.3g}",
+            }
+        )
     return rows
 
 

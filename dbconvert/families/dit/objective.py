@@ -89,7 +89,8 @@ class DDPMEpsDenoiser(DiTDenoiser):
         self.on_device: dict[torch.device, torch.Tensor] = {}
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """t(sigma) in float64 (on the CPU for devices without float64), handed over as float32 like the embedder uses it."""
+        """t(sigma) in float64 (on the CPU for devices without float64), handed over as float32 like the embedder
+        uses it."""
         where = sigma.device if sigma.device.type in ("cpu", "cuda") else torch.device("cpu")
         if where not in self.on_device:  # one copy per device, not one per forward
             self.on_device[where] = self.log_sigmas.to(where)
@@ -125,4 +126,8 @@ def edm_loss(
     weight = nz.loss_weight(s, noise.sigma_data)
     loss = (weight * (d - x) ** 2).mean()
     log_sigma = sigma.log()
-    return loss, {"sigma_min": sigma.min().item(), "sigma_max": sigma.max().item(), "log_sigma_mean": log_sigma.mean().item()}
+    return loss, {
+        "sigma_min": sigma.min().item(),
+        "sigma_max": sigma.max().item(),
+        "log_sigma_mean": log_sigma.mean().item(),
+    }

@@ -41,9 +41,18 @@ def heldout_split(run: Run, split: str | None) -> str:
 
 
 @torch.no_grad()
-def evaluate_bpc(run: Run | str | Path, model: str = "blocks", *, split: str | None = None, draws: int = 4,
-                 repeats: int = 3, seed: int | None = None, batch_size: int = 32, max_rows: int | None = None,
-                 weights: str | None = None) -> dict[str, Any]:
+def evaluate_bpc(
+    run: Run | str | Path,
+    model: str = "blocks",
+    *,
+    split: str | None = None,
+    draws: int = 4,
+    repeats: int = 3,
+    seed: int | None = None,
+    batch_size: int = 32,
+    max_rows: int | None = None,
+    weights: str | None = None,
+) -> dict[str, Any]:
     """The bound of `model` (blocks or e2e) on the held-out rows: the result record (value = bits per token)."""
     run = run if isinstance(run, Run) else Run.open(run)
     seed = run.recipe.sample.seed if seed is None else seed
@@ -51,8 +60,10 @@ def evaluate_bpc(run: Run | str | Path, model: str = "blocks", *, split: str | N
     if model not in ("blocks", "e2e"):
         raise DbconvertError(f"bpc evaluates the masked-diffusion bound of blocks or e2e, not {model!r}")
     if getattr(run.recipe.model, "objective", "continuous") != "masked":
-        raise DbconvertError("bpc is the masked-diffusion bound; this run's model.objective is not masked "
-                             "(split a recipe with model.objective=masked, e.g. md4-tiny-shakespeare)")
+        raise DbconvertError(
+            "bpc is the masked-diffusion bound; this run's model.objective is not masked "
+            "(split a recipe with model.objective=masked, e.g. md4-tiny-shakespeare)"
+        )
     if draws < 1 or repeats < 1:
         raise DbconvertError(f"draws and repeats must be at least 1, got {draws} and {repeats}")
     device = resolve_device(run.recipe.train.device)
@@ -72,7 +83,7 @@ def evaluate_bpc(run: Run | str | Path, model: str = "blocks", *, split: str | N
         gen = torch.Generator().manual_seed(fold_seed(seed * 1_000_003 + rep))
         total = 0.0
         for lo in range(0, rows, batch_size):
-            batch = tokens[lo:lo + batch_size].to(device)
+            batch = tokens[lo : lo + batch_size].to(device)
             bound, pieces = sequence_bound(models, owned, batch, per_range, gen)
             total += float(bound.sum())
             pieces_sum += torch.stack([p.sum().cpu() for p in pieces])
@@ -90,7 +101,7 @@ def evaluate_bpc(run: Run | str | Path, model: str = "blocks", *, split: str | N
         "features": "bits per character" if char else "bits per token",
         "num_samples": rows,
         "reference": f"{run.recipe.data.source}:{split} "
-                     + ("(TRAINING rows: not held out)" if overlaps else "(held-out rows)"),
+        + ("(TRAINING rows: not held out)" if overlaps else "(held-out rows)"),
         "reference_overlaps_training": overlaps,
         "source": {"kind": "run", "path": str(run.root.resolve())},
         "sampler": {"name": f"{per_range} Monte-Carlo times per range", "steps": None},
@@ -114,7 +125,7 @@ def evaluate_bpc(run: Run | str | Path, model: str = "blocks", *, split: str | N
         "weights": weights,
         "seconds": round(time.perf_counter() - start, 2),
         "bound": "MD4 continuous-time ELBO from t_min plus the reconstruction term at t_min (an upper bound on "
-                 "-log p per token), estimated by Monte Carlo",
+        "-log p per token), estimated by Monte Carlo",
     }
     return result
 
@@ -128,11 +139,15 @@ class BPCMetric(Metric):
     lower_is_better = True
     num_option = "max_rows"
     sampler_options = ("seed", "weights")  # a bound over times, not a sampler: no steps, no solver
-    help = ("Masked-diffusion runs: the ELBO bound in bits per character (per token, with perplexity, where the "
-            "tokenizer is not character-level) on the held-out rows, blocks or e2e, with its Monte-Carlo spread.")
+    help = (
+        "Masked-diffusion runs: the ELBO bound in bits per character (per token, with perplexity, where the "
+        "tokenizer is not character-level) on the held-out rows, blocks or e2e, with its Monte-Carlo spread."
+    )
     options = (
         MetricOption("split", str, None, "Held-out split (default: val when the run holds rows out, else test)."),
-        MetricOption("draws", int, 4, "Monte-Carlo times per block range (e2e: B times as many over [t_min, 1]).", min=1),
+        MetricOption(
+            "draws", int, 4, "Monte-Carlo times per block range (e2e: B times as many over [t_min, 1]).", min=1
+        ),
         MetricOption("repeats", int, 3, "Independent estimates (their spread is reported).", min=1),
         MetricOption("max_rows", int, None, "Score only the first N held-out rows (default: all).", min=1),
         MetricOption("batch_size", int, 32, "Rows per forward.", min=1),
@@ -142,14 +157,16 @@ class BPCMetric(Metric):
         if num < 1:
             raise DbconvertError(f"--num (held-out rows for the bound) must be at least 1, got {num}")
 
-    def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
-                 **options: Any) -> dict[str, Any]:
+    def evaluate(
+        self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False, **options: Any
+    ) -> dict[str, Any]:
         for unused in ("steps", "solver"):  # the bound is an expectation over times, not a sampler
             if options.pop(unused, None) is not None:
                 raise DbconvertError(f"--{unused} does not apply to eval bpc (it integrates over t; use --draws)")
         result = evaluate_bpc(run, model, **options)
         if result["reference_overlaps_training"]:
-            log(f"note: split {result['split']!r} holds the rows the run trains on: this bound is a training "
-                "figure, not a held-out one (the result says so)")
+            log(
+                f"note: split {result['split']!r} holds the rows the run trains on: this bound is a training "
+                "figure, not a held-out one (the result says so)"
+            )
         return result
-

@@ -54,18 +54,20 @@ DOCUMENTS = 2000
 
 
 @torch.no_grad()
-def step0_loss(denoiser: Any, rows: torch.Tensor, train_range: tuple[float, float], weighting: str, chunk: int,
-               seed: int = 0) -> float:
+def step0_loss(
+    denoiser: Any, rows: torch.Tensor, train_range: tuple[float, float], weighting: str, chunk: int, seed: int = 0
+) -> float:
     """The block's training loss at step 0 on `rows`, with fixed noise (BATCHES batches of ROWS rows)."""
     from dbconvert.families.llama.objective import diffusion_loss
 
     losses = []
     for k in range(BATCHES):
-        batch = rows[k * ROWS:(k + 1) * ROWS]
+        batch = rows[k * ROWS : (k + 1) * ROWS]
         if len(batch) == 0:
             break
-        loss, _ = diffusion_loss(denoiser, batch, train_range, torch.Generator().manual_seed(seed + k), (0, 1),
-                                 weighting, chunk)
+        loss, _ = diffusion_loss(
+            denoiser, batch, train_range, torch.Generator().manual_seed(seed + k), (0, 1), weighting, chunk
+        )
         losses.append(float(loss))
     return sum(losses) / len(losses)
 
@@ -81,8 +83,9 @@ def calibrate(loss_at: Callable[[float], float]) -> tuple[float, dict[float, flo
     return best, losses
 
 
-def scaled_norm_loss(network: Any, denoiser: Any, rows: torch.Tensor, train_range: tuple[float, float],
-                     weighting: str, chunk: int) -> Callable[[float], float]:
+def scaled_norm_loss(
+    network: Any, denoiser: Any, rows: torch.Tensor, train_range: tuple[float, float], weighting: str, chunk: int
+) -> Callable[[float], float]:
     """`loss_at(a)` for `calibrate` on the network itself: its final norm's weight scaled by a in place, the
     step-0 loss taken in eval mode, and the weight and mode put back exactly as they were."""
     norm = network.norm.weight
@@ -103,8 +106,10 @@ def scaled_norm_loss(network: Any, denoiser: Any, rows: torch.Tensor, train_rang
 
 
 def write_block_temperature(folder: Path, scale: float, losses: dict[float, float]) -> None:
-    atomic_write_text(folder / TEMPERATURE_FILE, json.dumps({"scale": scale, "losses": {f"{a:g}": v for a, v in
-                                                                                        losses.items()}}, indent=1))
+    atomic_write_text(
+        folder / TEMPERATURE_FILE,
+        json.dumps({"scale": scale, "losses": {f"{a:g}": v for a, v in losses.items()}}, indent=1),
+    )
 
 
 def read_block_temperature(folder: Path) -> float | None:
@@ -117,8 +122,10 @@ def read_block_temperature(folder: Path) -> float | None:
     try:
         return float(json.loads(path.read_text(encoding="utf-8"))["scale"])
     except (ValueError, TypeError, KeyError, UnicodeDecodeError):
-        raise RunError(f"{path} is damaged; delete it (the block's next training from step 0 measures it again) "
-                       "or train the block with --restart") from None
+        raise RunError(
+            f"{path} is damaged; delete it (the block's next training from step 0 measures it again) "
+            "or train the block with --restart"
+        ) from None
 
 
 def read_temperatures(shared: Path) -> dict[str, float]:
@@ -131,8 +138,10 @@ def read_temperatures(shared: Path) -> dict[str, float]:
     try:
         return {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
-        raise RunError(f"{path} is not a JSON object of block names and numbers (damaged?); split the run again "
-                       "or delete the file to train without the calibrated start") from None
+        raise RunError(
+            f"{path} is not a JSON object of block names and numbers (damaged?); split the run again "
+            "or delete the file to train without the calibrated start"
+        ) from None
 
 
 def head_gain_at(start: float, step: int, steps: int) -> float:

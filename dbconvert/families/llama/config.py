@@ -80,20 +80,30 @@ class LlamaConfig(ModelConfig):
         if self.heads % (self.kv_heads or self.heads):
             raise ValueError(f"model.heads {self.heads} is not a multiple of model.kv_heads {self.kv_heads}")
         if self.head_rank is not None and self.head != "trainable":
-            raise ValueError(f"model.head_rank factorises a trainable head; model.head={self.head} has none "
-                             "(drop model.head_rank or set model.head=trainable)")
+            raise ValueError(
+                f"model.head_rank factorises a trainable head; model.head={self.head} has none "
+                "(drop model.head_rank or set model.head=trainable)"
+            )
         if self.head_rank is not None and self.head_rank >= self.hidden:
-            raise ValueError(f"model.head_rank {self.head_rank} is not below model.hidden {self.hidden}; "
-                             f"use a rank < {self.hidden} (null = the full V x H head)")
+            raise ValueError(
+                f"model.head_rank {self.head_rank} is not below model.hidden {self.hidden}; "
+                f"use a rank < {self.hidden} (null = the full V x H head)"
+            )
         if self.adaln_rank is not None and self.adaln_rank >= self.hidden:
-            raise ValueError(f"model.adaln_rank {self.adaln_rank} is not below model.hidden {self.hidden}; "
-                             f"use a rank < {self.hidden} (null = the full Linear(H, 6H) modulation, which is smaller)")
+            raise ValueError(
+                f"model.adaln_rank {self.adaln_rank} is not below model.hidden {self.hidden}; "
+                f"use a rank < {self.hidden} (null = the full Linear(H, 6H) modulation, which is smaller)"
+            )
         if self.target_dim is not None and self.target_dim > self.hidden:
-            raise ValueError(f"model.target_dim {self.target_dim} is larger than model.hidden {self.hidden}; "
-                             f"use at most {self.hidden} (null = hidden)")
+            raise ValueError(
+                f"model.target_dim {self.target_dim} is larger than model.hidden {self.hidden}; "
+                f"use at most {self.hidden} (null = hidden)"
+            )
         if self.tokenizer_type == "char" and self.tokenizer is not None:
-            raise ValueError("model.tokenizer_type=char builds a tokenizer from the data; unset model.tokenizer "
-                             "(or drop model.tokenizer_type to use the named tokenizer)")
+            raise ValueError(
+                "model.tokenizer_type=char builds a tokenizer from the data; unset model.tokenizer "
+                "(or drop model.tokenizer_type to use the named tokenizer)"
+            )
         if self.max_positions is not None and self.context > self.max_positions:
             raise ValueError(
                 f"model.context {self.context} is longer than the model's maximum of {self.max_positions} positions; "

@@ -16,16 +16,21 @@ from typing import Any
 
 from dbconvert.errors import DbconvertError
 
+
 def context_note(cfg: Any) -> str:
     """The split note of a run converted from a checkpoint (cfg: the recipe's model section, architecture filled in)."""
     longest = cfg.max_positions or cfg.context
     if cfg.context == longest:
-        return (f"context: training and sampling use model.context = {cfg.context} tokens, the checkpoint's own length "
-                "(its max_position_embeddings)")
-    return (f"context: training and sampling use model.context = {cfg.context} tokens (the recipe's), not the "
-            f"checkpoint's {longest} (its max_position_embeddings): rows of {cfg.context} tokens keep training cheap; "
-            f"set model.context=N (N <= {longest}) at split to train longer; `sample --model source --context "
-            f"checkpoint` decodes the unsplit source at {longest}")
+        return (
+            f"context: training and sampling use model.context = {cfg.context} tokens, the checkpoint's own length "
+            "(its max_position_embeddings)"
+        )
+    return (
+        f"context: training and sampling use model.context = {cfg.context} tokens (the recipe's), not the "
+        f"checkpoint's {longest} (its max_position_embeddings): rows of {cfg.context} tokens keep training cheap; "
+        f"set model.context=N (N <= {longest}) at split to train longer; `sample --model source --context "
+        f"checkpoint` decodes the unsplit source at {longest}"
+    )
 
 
 def sample_context(recipe: Any, checkpoint: str | None, model: str, value: str | int | None) -> int:
@@ -40,8 +45,10 @@ def sample_context(recipe: Any, checkpoint: str | None, model: str, value: str |
     longest = int(cfg.max_positions or cfg.context)
     if value == "checkpoint":
         if checkpoint is None:
-            raise DbconvertError("--context checkpoint: this run has no model.checkpoint (a fresh network); its length "
-                                 f"is model.context = {cfg.context}")
+            raise DbconvertError(
+                "--context checkpoint: this run has no model.checkpoint (a fresh network); its length "
+                f"is model.context = {cfg.context}"
+            )
         length = longest
     else:
         try:
@@ -53,12 +60,18 @@ def sample_context(recipe: Any, checkpoint: str | None, model: str, value: str |
     if length <= cfg.context:
         return length
     if checkpoint is None:
-        raise DbconvertError(f"--context {value}: this run has no model.checkpoint, so its length is model.context = "
-                             f"{cfg.context}; use --context {cfg.context} or less")
+        raise DbconvertError(
+            f"--context {value}: this run has no model.checkpoint, so its length is model.context = "
+            f"{cfg.context}; use --context {cfg.context} or less"
+        )
     if model != "source":
-        raise DbconvertError(f"--context {value}: the {model} model was trained at model.context = {cfg.context} "
-                             f"tokens; only --model source (the checkpoint's own network) decodes longer")
+        raise DbconvertError(
+            f"--context {value}: the {model} model was trained at model.context = {cfg.context} "
+            f"tokens; only --model source (the checkpoint's own network) decodes longer"
+        )
     if length > longest:
-        raise DbconvertError(f"--context {length} is longer than the checkpoint's {longest} positions "
-                             "(its max_position_embeddings); use --context checkpoint")
+        raise DbconvertError(
+            f"--context {length} is longer than the checkpoint's {longest} positions "
+            "(its max_position_embeddings); use --context checkpoint"
+        )
     return length

@@ -13,8 +13,7 @@ from torch import nn
 from pydantic import ValidationError
 
 from dbconvert.building import load_network, meta_specs
-from dbconvert.checkpoint import (KeyMap, apply_key_map, layer_slice_key_map, load_strict, map_lazily,
-                                  open_checkpoint)
+from dbconvert.checkpoint import KeyMap, apply_key_map, layer_slice_key_map, load_strict, map_lazily, open_checkpoint
 from dbconvert.errors import CheckpointError, RecipeError
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.model import DecoderLayer, LlamaBlockNet, LlamaShape, SigmaEmbedder
@@ -32,6 +31,7 @@ NEW_KEYS: tuple[str, ...] = (
     "sigma_embed.mlp.2.bias",
 )
 """Keys a Hugging Face checkpoint does not have: the noisy-input path, created at conversion."""
+
 
 def head_keys(shape: LlamaShape) -> tuple[str, ...]:
     """The head's keys: a trainable V x H matrix, or (tied-table) one learned scale on the run's target
@@ -52,6 +52,7 @@ def mod_keys(shape: LlamaShape) -> tuple[str, ...]:
     if shape.adaln_rank is None:
         return ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
     return ("adaLN_modulation.1.weight", "adaLN_modulation.2.weight", "adaLN_modulation.2.bias")
+
 
 HF_LAYER_KEYS: tuple[str, ...] = (
     "self_attn.q_proj.weight",
@@ -196,8 +197,10 @@ def read_hf_config(path: str | Path) -> Any:
 
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a save_pretrained folder: the one file, or every shard its index names."""
-    layouts = (("model.safetensors", "model.safetensors.index.json"),
-               ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+    layouts = (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    )
     for single, index in layouts:
         if (folder / single).is_file():
             return [folder / single]
@@ -210,8 +213,9 @@ def weight_files(folder: Path) -> list[Path]:
             if missing:
                 raise CheckpointError(f"checkpoint {folder} is missing shard {missing[0]} named in {index}")
             return [folder / n for n in names]
-    raise CheckpointError(f"checkpoint folder {folder} has no weights (model.safetensors); save it with "
-                          "save_pretrained")
+    raise CheckpointError(
+        f"checkpoint folder {folder} has no weights (model.safetensors); save it with save_pretrained"
+    )
 
 
 def config_from_hf(cfg: "LlamaConfig", hf: Any, given: frozenset[str] = frozenset()) -> "LlamaConfig":
@@ -246,6 +250,7 @@ def config_from_hf(cfg: "LlamaConfig", hf: Any, given: frozenset[str] = frozense
 
 def check_given(cfg: "LlamaConfig", found: dict[str, Any], given: frozenset[str]) -> None:
     """A one-line error listing every explicitly given `model.*` value that the checkpoint's config contradicts."""
+
     def differs(key: str) -> bool:
         mine, theirs = getattr(cfg, key), found[key]
         if isinstance(theirs, float) and isinstance(mine, (int, float)):
@@ -255,9 +260,11 @@ def check_given(cfg: "LlamaConfig", found: dict[str, Any], given: frozenset[str]
     keys = [key for key in found if f"model.{key}" in given and differs(key)]
     if keys:
         said = ", ".join(f"model.{key}={getattr(cfg, key)} (the checkpoint has {found[key]})" for key in keys)
-        raise RecipeError(f"checkpoint {cfg.checkpoint} contradicts what was asked for: {said}; drop "
-                          f"{'that override' if len(keys) == 1 else 'those overrides'} (the checkpoint's config sets "
-                          "the architecture) or give a checkpoint of that architecture")
+        raise RecipeError(
+            f"checkpoint {cfg.checkpoint} contradicts what was asked for: {said}; drop "
+            f"{'that override' if len(keys) == 1 else 'those overrides'} (the checkpoint's config sets "
+            "the architecture) or give a checkpoint of that architecture"
+        )
 
 
 def new_parameters(shape: LlamaShape, seed: int) -> dict[str, torch.Tensor]:
@@ -281,7 +288,11 @@ def new_parameters(shape: LlamaShape, seed: int) -> dict[str, torch.Tensor]:
 
 
 def hf_source_state(
-    hf_state: Mapping[str, torch.Tensor], shape: LlamaShape, tied: bool, seed: int, what: str = "fresh Llama",
+    hf_state: Mapping[str, torch.Tensor],
+    shape: LlamaShape,
+    tied: bool,
+    seed: int,
+    what: str = "fresh Llama",
     sigma_data: float = 0.5,
 ) -> LazyState:
     """HF LlamaForCausalLM state -> the state dict of the block network of all L layers, via the explicit key map,
@@ -295,8 +306,9 @@ def hf_source_state(
     """
     if not isinstance(hf_state, LazyState):  # an in-memory state dict (a fresh network, tests)
         tensors = dict(hf_state)
-        hf_state = LazyState({k: (lambda v=v: v) for k, v in tensors.items()},
-                             {k: spec_of(v) for k, v in tensors.items()})
+        hf_state = LazyState(
+            {k: (lambda v=v: v) for k, v in tensors.items()}, {k: spec_of(v) for k, v in tensors.items()}
+        )
     drop_head = tied or shape.head != "trainable"  # a tied-table head does not use the checkpoint's lm_head
     ignored = lambda key: key.endswith("rotary_emb.inv_freq") or (drop_head and key == "lm_head.weight")  # noqa: E731
     expected = meta_specs(lambda: LlamaBlockNet(shape))
@@ -317,7 +329,7 @@ def hf_source_state(
             return memo[key]
 
         for key in ("lm_head.0.weight", "lm_head.1.weight"):
-            loaders[key] = (lambda key=key: factor(key))
+            loaders[key] = lambda key=key: factor(key)
             specs[key] = Spec(torch.float32, expected[key].shape)
 
     embed = mapped["embed_tokens.weight"].to(torch.float32)
@@ -340,10 +352,10 @@ def hf_source_state(
     for key, spec in expected.items():  # the zero-initialised modulation: made when asked for, never held
         if key in fresh or key in loaders or not key.endswith(mod_keys(shape)):
             continue
-        loaders[key] = (lambda spec=spec: torch.zeros(spec.shape, dtype=spec.dtype))
+        loaders[key] = lambda spec=spec: torch.zeros(spec.shape, dtype=spec.dtype)
         specs[key] = spec
     for key, value in fresh.items():
-        loaders[key] = (lambda value=value: value.clone())
+        loaders[key] = lambda value=value: value.clone()
         specs[key] = spec_of(value)
     missing = sorted(set(expected) - set(loaders) - ({"lm_head.weight"} if factored else set()))
     if missing:  # pragma: no cover - a new parameter of the network that the conversion does not make
@@ -358,7 +370,11 @@ def hf_source_state(
 
 
 def convert_hf_state(
-    hf_state: Mapping[str, torch.Tensor], shape: LlamaShape, tied: bool, seed: int, what: str = "fresh Llama",
+    hf_state: Mapping[str, torch.Tensor],
+    shape: LlamaShape,
+    tied: bool,
+    seed: int,
+    what: str = "fresh Llama",
     sigma_data: float = 0.5,
 ) -> LlamaBlockNet:
     """The block network of all L layers holding `hf_source_state` (in memory: fresh sources, tests)."""
@@ -388,8 +404,10 @@ def write_hf_folder(network: LlamaBlockNet, out: Path, bos_id: int | None, eos_i
 
     shape = network.shape
     if shape.head != "trainable":
-        raise CheckpointError(f"{what}: model.head={shape.head} has no lm_head of its own (it is the run's target "
-                              "table times a scale); export writes Hugging Face folders of trainable-head models only")
+        raise CheckpointError(
+            f"{what}: model.head={shape.head} has no lm_head of its own (it is the run's target "
+            "table times a scale); export writes Hugging Face folders of trainable-head models only"
+        )
     state = apply_key_map(full_head(network.state_dict()), hf_export_key_map(shape), ignored=diffusion_only, what=what)
     config = shape.hf_config()
     config.architectures = ["LlamaForCausalLM"]
@@ -409,8 +427,9 @@ SHARD_BYTES = 2 * 2**30
 """Shard size of the random checkpoints `bench split` writes (save_pretrained's default is about 5 GB)."""
 
 
-def write_random_hf_folder(shape: LlamaShape, tied: bool, folder: Path, dtype: torch.dtype, seed: int,
-                           on_tensor: Any = None) -> int:
+def write_random_hf_folder(
+    shape: LlamaShape, tied: bool, folder: Path, dtype: torch.dtype, seed: int, on_tensor: Any = None
+) -> int:
     """A save_pretrained-style LlamaForCausalLM folder of `shape` with random weights in `dtype`, written one tensor
     at a time into shards (index json beside them): a checkpoint of any size in about one tensor's memory.
 
@@ -429,8 +448,9 @@ def write_random_hf_folder(shape: LlamaShape, tied: bool, folder: Path, dtype: t
     config.dtype = str(dtype).removeprefix("torch.")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    specs = {k: Spec(dtype, tuple(v.shape)) for k, v in model.state_dict().items()
-             if not (tied and k == "lm_head.weight")}
+    specs = {
+        k: Spec(dtype, tuple(v.shape)) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
+    }
     shards: list[list[str]] = [[]]
     size = 0
     for key, spec in specs.items():
@@ -451,11 +471,16 @@ def write_random_hf_folder(shape: LlamaShape, tied: bool, folder: Path, dtype: t
     weight_map = {}
     for i, keys in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        atomic_write(folder / name, lambda tmp, keys=keys: write_safetensors(tmp, {k: specs[k] for k in keys}, random,
-                                                                             {"format": "pt"}, on_tensor))
+        atomic_write(
+            folder / name,
+            lambda tmp, keys=keys: write_safetensors(
+                tmp, {k: specs[k] for k in keys}, random, {"format": "pt"}, on_tensor
+            ),
+        )
         weight_map.update({k: name for k in keys})
     total = sum(s.nbytes for s in specs.values())
-    (folder / "model.safetensors.index.json").write_text(jsonlib.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "model.safetensors.index.json").write_text(
+        jsonlib.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     config.save_pretrained(str(folder))
     return total

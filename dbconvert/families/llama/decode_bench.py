@@ -34,9 +34,17 @@ def default_lengths(context: int) -> tuple[int, int]:
     return prompt, max(1, min(64, context - prompt))
 
 
-def decoding_rates(family: "Family", recipe: "Recipe", blocks: int, batch: int, device: torch.device,
-                   repeats: int, warmup: int, new_tokens: int | None = None,
-                   on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def decoding_rates(
+    family: "Family",
+    recipe: "Recipe",
+    blocks: int,
+    batch: int,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    new_tokens: int | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Median tokens/s of AR decoding, of the blocks fused (the default sampler) and with a separate extend."""
     from dbconvert.bench import timed, with_blocks
     from dbconvert.errors import DbconvertError
@@ -47,16 +55,22 @@ def decoding_rates(family: "Family", recipe: "Recipe", blocks: int, batch: int, 
     prompt, new = default_lengths(context)
     if new_tokens is not None:
         if not 1 <= new_tokens <= context - prompt:
-            raise DbconvertError(f"--decode-tokens must be between 1 and {context - prompt} (the context of {context} "
-                                 f"less the {prompt}-token prompt), got {new_tokens}")
+            raise DbconvertError(
+                f"--decode-tokens must be between 1 and {context - prompt} (the context of {context} "
+                f"less the {prompt}-token prompt), got {new_tokens}"
+            )
         new = new_tokens
     total = source_depth(recipe)
     _, plans = plan_blocks(recipe, total)
     noise = recipe.noise.settings()
     torch.manual_seed(recipe.train.seed)
     ar = family.wrap("ar", recipe, family.block_network(recipe, total), noise).to(device).eval()
-    models = [family.wrap("blocks", recipe, family.block_network(recipe, p["layers"][1] - p["layers"][0]), noise)
-              .to(device).eval() for p in plans]
+    models = [
+        family.wrap("blocks", recipe, family.block_network(recipe, p["layers"][1] - p["layers"][0]), noise)
+        .to(device)
+        .eval()
+        for p in plans
+    ]
     owned = [tuple(p["owned_range"]) for p in plans]
     gen = torch.Generator().manual_seed(recipe.train.seed)
     vocab = int(recipe.model.vocab_size)  # type: ignore[attr-defined]
@@ -78,6 +92,16 @@ def decoding_rates(family: "Family", recipe: "Recipe", blocks: int, batch: int, 
             if rep >= warmup:
                 seconds[name].append(took)
     rate = {name: batch * new / statistics.median(s) for name, s in seconds.items()}
-    return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new, "steps": blocks, "protocol": "few-step",
-            "layers": total, "tokens_per_s": rate, "reference": "ar", "blocks_over_ar": rate["blocks"] / rate["ar"],
-            "unfused_over_ar": rate["blocks (separate extend)"] / rate["ar"], "raw_seconds": seconds}
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": new,
+        "steps": blocks,
+        "protocol": "few-step",
+        "layers": total,
+        "tokens_per_s": rate,
+        "reference": "ar",
+        "blocks_over_ar": rate["blocks"] / rate["ar"],
+        "unfused_over_ar": rate["blocks (separate extend)"] / rate["ar"],
+        "raw_seconds": seconds,
+    }

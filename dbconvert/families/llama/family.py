@@ -44,21 +44,51 @@ from dbconvert.errors import RecipeError, RunError
 from dbconvert.families.contract import Family, Source
 from dbconvert.families.llama.config import LlamaConfig
 from dbconvert.families.llama.function_check import check_llama_function
-from dbconvert.families.llama.convert import (TARGETS_FILE, block_key_map, config_from_hf, convert_hf_state,
-                                              hf_source_state, layer_keys, normalised_table, open_hf_checkpoint,
-                                              read_hf_config, target_table, write_hf_folder)
-from dbconvert.families.llama.calibrate import (BATCHES, DOCUMENTS, ROWS, TEMPERATURE_FILE, calibrate, head_gain_at,
-                                                read_block_temperature, read_temperatures, scaled_norm_loss,
-                                                write_block_temperature)
+from dbconvert.families.llama.convert import (
+    TARGETS_FILE,
+    block_key_map,
+    config_from_hf,
+    convert_hf_state,
+    hf_source_state,
+    layer_keys,
+    normalised_table,
+    open_hf_checkpoint,
+    read_hf_config,
+    target_table,
+    write_hf_folder,
+)
+from dbconvert.families.llama.calibrate import (
+    BATCHES,
+    DOCUMENTS,
+    ROWS,
+    TEMPERATURE_FILE,
+    calibrate,
+    head_gain_at,
+    read_block_temperature,
+    read_temperatures,
+    scaled_norm_loss,
+    write_block_temperature,
+)
 from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import TextSampleOptions, sample_text
-from dbconvert.families.llama.masked import (MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss)
+from dbconvert.families.llama.masked import MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss
 from dbconvert.families.llama.gguf import checkpoint_folder, is_gguf
 from dbconvert.families.llama.model import LlamaBlockNet
-from dbconvert.families.llama.objective import (CausalLM, LlamaDenoiser, ar_loss, diffusion_loss, heldout_ar_metrics,
-                                                heldout_diffusion_metrics)
-from dbconvert.tokenizer import (Tokenizer, checkpoint_tokenizer, prepare_run_tokenizer, run_tokenizer,
-                                 save_pretrained_tokenizer)
+from dbconvert.families.llama.objective import (
+    CausalLM,
+    LlamaDenoiser,
+    ar_loss,
+    diffusion_loss,
+    heldout_ar_metrics,
+    heldout_diffusion_metrics,
+)
+from dbconvert.tokenizer import (
+    Tokenizer,
+    checkpoint_tokenizer,
+    prepare_run_tokenizer,
+    run_tokenizer,
+    save_pretrained_tokenizer,
+)
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
@@ -87,11 +117,14 @@ def check_objective(recipe: "Recipe") -> None:
     """model.objective=masked goes with noise.process=masking, and the continuous objective with the others."""
     masked, masking = is_masked(recipe), recipe.noise.process == "masking"
     if masked and not masking:
-        raise RecipeError(f"model.objective=masked needs noise.process=masking, not {recipe.noise.process}; "
-                          "set noise.process=masking")
+        raise RecipeError(
+            f"model.objective=masked needs noise.process=masking, not {recipe.noise.process}; set noise.process=masking"
+        )
     if masking and not masked:
-        raise RecipeError("noise.process=masking is the masked-diffusion objective's; set model.objective=masked "
-                          "(or drop noise.process)")
+        raise RecipeError(
+            "noise.process=masking is the masked-diffusion objective's; set model.objective=masked "
+            "(or drop noise.process)"
+        )
 
 
 def check_mask_room(cfg: LlamaConfig) -> None:
@@ -126,8 +159,9 @@ class LlamaFamily(Family):
     protocol_units = 1000 * 5 * 50  # SEDD's conditional MAUVE protocol, as the paper runs it
     noise_processes = ("edm", "masking")
 
-    def __init__(self, shared: Path | None = None, table: torch.Tensor | None = None,
-                 mask: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, shared: Path | None = None, table: torch.Tensor | None = None, mask: tuple[int, int] | None = None
+    ) -> None:
         self._shared = shared
         self._table = table
         self._mask = mask
@@ -136,9 +170,10 @@ class LlamaFamily(Family):
         """Without a run: a seeded random unit-norm target table of the model's shape (memory and time only)."""
         cfg = _cfg(recipe)
         gen = torch.Generator().manual_seed(cfg.init_seed)
-        family = LlamaFamily(table=normalised_table(torch.randn(cfg.vocab_size, cfg.shape().target_size,
-                                                                generator=gen)),
-                             mask=(cfg.vocab_size - 1, cfg.vocab_size - 1))  # masked: the last row is [MASK]
+        family = LlamaFamily(
+            table=normalised_table(torch.randn(cfg.vocab_size, cfg.shape().target_size, generator=gen)),
+            mask=(cfg.vocab_size - 1, cfg.vocab_size - 1),
+        )  # masked: the last row is [MASK]
         if is_masked(recipe):  # one sample is a whole sequence, unmasked over sample.steps steps
             family.generated_unit = "sequence"
             family.protocol_units = MASKED_PROTOCOL_SEQUENCES
@@ -169,9 +204,11 @@ class LlamaFamily(Family):
         source = self._source(recipe)
         if is_masked(recipe):
             check_mask_room(_cfg(recipe))  # after a checkpoint's config.json has set the vocabulary
-            source.notes.append("model.objective=masked: the layers attend bidirectionally (the causal mask is "
-                                "replaced by full attention); with the zero-initialised t modulation each layer "
-                                "computes what the source layer computes under full attention")
+            source.notes.append(
+                "model.objective=masked: the layers attend bidirectionally (the causal mask is "
+                "replaced by full attention); with the zero-initialised t modulation each layer "
+                "computes what the source layer computes under full attention"
+            )
         return source
 
     def _source(self, recipe: "Recipe") -> Source:
@@ -191,17 +228,25 @@ class LlamaFamily(Family):
         notes = []
         if is_gguf(cfg.checkpoint):  # the run points at the GGUF file, not the temporary folder
             files = [Path(cfg.checkpoint).expanduser()]
-            notes.append("a GGUF file is dequantised whole by transformers (into a temporary folder) before the split "
-                         "streams it")
+            notes.append(
+                "a GGUF file is dequantised whole by transformers (into a temporary folder) before the split streams it"
+            )
         cfg = config_from_hf(cfg, hf_cfg, recipe.given)
         recipe.model = cfg  # the manifest records the checkpoint's architecture, so blocks rebuild without it
         shape = cfg.shape()
-        state = hf_source_state(hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}",
-                                recipe.noise.sigma_data)
+        state = hf_source_state(
+            hf_state, shape, cfg.tie_embeddings, cfg.init_seed, f"checkpoint {cfg.checkpoint}", recipe.noise.sigma_data
+        )
         check_llama_function(hf_cfg, hf_state, shape, state, f"checkpoint {cfg.checkpoint}")
         state = resolve_storage_dtype(cfg, state, checkpoint=hf_state)
-        return Source(state, shape.num_layers, notes=[context_note(cfg), *notes], files=files,
-                      build=lambda: LlamaBlockNet(shape), shape=shape)
+        return Source(
+            state,
+            shape.num_layers,
+            notes=[context_note(cfg), *notes],
+            files=files,
+            build=lambda: LlamaBlockNet(shape),
+            shape=shape,
+        )
 
     def resolve(self, recipe: "Recipe") -> None:
         """With model.checkpoint: the architecture of its config.json, as `source` records it (weights not read)."""
@@ -211,8 +256,14 @@ class LlamaFamily(Family):
 
     writes_random_checkpoints = True
 
-    def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
-                          on_tensor: Callable[[int], None] | None = None) -> list[str]:
+    def random_checkpoint(
+        self,
+        recipe: "Recipe",
+        folder: Path,
+        dtype: torch.dtype,
+        seed: int,
+        on_tensor: Callable[[int], None] | None = None,
+    ) -> list[str]:
         """A random save_pretrained folder of the recipe's shape, a small BPE tokenizer in it, and a text file (the
         built-in text when it is there) to train on. Output calibration is off: it measures nothing of memory."""
         from dbconvert.families.llama.convert import write_random_hf_folder
@@ -221,12 +272,15 @@ class LlamaFamily(Family):
         cfg = _cfg(recipe)
         write_random_hf_folder(cfg.shape(), cfg.tie_embeddings, folder, dtype, seed, on_tensor)
         text = folder / "train.txt"
-        words = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
-                 "but have an had they you were their one all we can her has there been if more when will would "
-                 "who so no").split()
+        words = (
+            "the of and to in a is that for it as was with be by on not he I this are or his from at which "
+            "but have an had they you were their one all we can her has there been if more when will would "
+            "who so no"
+        ).split()
         gen = torch.Generator().manual_seed(seed)
-        lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=gen))
-                 for _ in range(400)]
+        lines = [
+            " ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=gen)) for _ in range(400)
+        ]
         text.write_text("\n".join(lines) + "\n")
         train_bpe(lines, min(512, cfg.vocab_size), folder / "tokenizer.json")
         return [f"model.checkpoint={folder}", f"data.source={text}", "data.kind=text", "model.calibrate_output=false"]
@@ -259,19 +313,30 @@ class LlamaFamily(Family):
         table = target_table(source.state["embed_tokens.weight"].to(torch.float32), cfg.target_dim)
         save_weights(shared / TARGETS_FILE, {"table": table})
         room = 1 if is_masked(recipe) else 0  # a trained BPE leaves one row for [MASK]
-        folder = (str(checkpoint_folder(cfg.checkpoint, needs_checkpoint_tokenizer(cfg)))  # a GGUF file's dequantised
-                  if cfg.checkpoint else None)
-        tok = prepare_run_tokenizer(shared, cfg.tokenizer, folder, cfg.train_tokenizer,
-                                    lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size - room,
-                                    cfg.tokenizer_type)
+        folder = (
+            str(checkpoint_folder(cfg.checkpoint, needs_checkpoint_tokenizer(cfg)))  # a GGUF file's dequantised
+            if cfg.checkpoint
+            else None
+        )
+        tok = prepare_run_tokenizer(
+            shared,
+            cfg.tokenizer,
+            folder,
+            cfg.train_tokenizer,
+            lambda: read_documents(recipe.data, recipe.data.split),
+            cfg.vocab_size - room,
+            cfg.tokenizer_type,
+        )
         tok.check_vocab(cfg.vocab_size, vocab_from(cfg))
         if is_masked(recipe):
             mask_token_id(tok, cfg.vocab_size, vocab_from(cfg))
         elif cfg.checkpoint and cfg.calibrate_output:  # the continuous objective's output path (calibrate.py)
-            source.notes.append("output calibration (model.calibrate_output): each block measures, at step 0 of its "
-                                "own training and on its training device, whether its copied head starts worse than "
-                                "none; if so its head logits start scaled down and the scale rises linearly to 1 over "
-                                f"the {recipe.train.warmup_steps} warm-up steps (the weights stay the checkpoint's)")
+            source.notes.append(
+                "output calibration (model.calibrate_output): each block measures, at step 0 of its "
+                "own training and on its training device, whether its copied head starts worse than "
+                "none; if so its head logits start scaled down and the scale rises linearly to 1 over "
+                f"the {recipe.train.warmup_steps} warm-up steps (the weights stay the checkpoint's)"
+            )
 
     def calibrates(self, run: "Run", target: str) -> bool:
         """Whether `target` is a block of a run converted from a checkpoint with model.calibrate_output on."""
@@ -279,8 +344,9 @@ class LlamaFamily(Family):
         blocks = {run.block_name(b.index) for b in run.blocks}
         return target in blocks and cfg.checkpoint is not None and cfg.calibrate_output and not is_masked(run.recipe)
 
-    def measure_temperature(self, run: "Run", target: str, recipe: "Recipe", network: nn.Module,
-                            note: Callable[[str], None]) -> float:
+    def measure_temperature(
+        self, run: "Run", target: str, recipe: "Recipe", network: nn.Module, note: Callable[[str], None]
+    ) -> float:
         """The block's starting head scale (calibrate.py), measured on `network` (its split weights, on the training
         device), written into the block's folder, and said in one note."""
         cfg = _cfg(recipe)
@@ -288,11 +354,14 @@ class LlamaFamily(Family):
         info = next(b for b in run.blocks if run.block_name(b.index) == target)
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
         denoiser = self.denoiser(recipe, network, run.noise())
-        best, losses = calibrate(scaled_norm_loss(network, denoiser, rows, tuple(info.train_range), weighting,
-                                                  cfg.loss_chunk))
+        best, losses = calibrate(
+            scaled_norm_loss(network, denoiser, rows, tuple(info.train_range), weighting, cfg.loss_chunk)
+        )
         write_block_temperature(run.model_dir(target), best, losses)
-        note(f"{target}: output calibration: head logits start x{best:g} (step-0 loss {losses[1.0]:.2f} -> "
-             f"{losses[best]:.2f}; no head {losses[0.0]:.2f})" + (", rising to 1 over the warm-up" if best < 1 else ""))
+        note(
+            f"{target}: output calibration: head logits start x{best:g} (step-0 loss {losses[1.0]:.2f} -> "
+            f"{losses[best]:.2f}; no head {losses[0.0]:.2f})" + (", rising to 1 over the warm-up" if best < 1 else "")
+        )
         return best
 
     def calibration_rows(self, recipe: "Recipe") -> torch.Tensor:
@@ -302,10 +371,11 @@ class LlamaFamily(Family):
         split = recipe.data.split  # a hub data set: only its first documents are read (datasets' slice syntax)
         docs = read_documents(recipe.data, f"{split}[:{DOCUMENTS}]" if resolve_kind(recipe.data) == "hub" else split)
         rows = torch.from_numpy(pack(docs[:DOCUMENTS], self.tokenizer(), _cfg(recipe).context, recipe.data.split_seed))
-        return rows[:BATCHES * ROWS]
+        return rows[: BATCHES * ROWS]
 
-    def training_schedule(self, run: "Run", target: str, recipe: "Recipe",
-                          note: Callable[[str], None] | None = None) -> Callable[[nn.Module, int], None] | None:
+    def training_schedule(
+        self, run: "Run", target: str, recipe: "Recipe", note: Callable[[str], None] | None = None
+    ) -> Callable[[nn.Module, int], None] | None:
         """A converted block's calibrated head temperature, undone over the warm-up steps (calibrate.py); measured
         at step 0 the first time the block trains (runs split before that keep the scales their split measured)."""
         note = note or (lambda msg: None)
@@ -322,8 +392,9 @@ class LlamaFamily(Family):
 
         def set_gain(network: nn.Module, step: int) -> None:
             if known["start"] is None:  # the block's first training: measured on its split weights, at step 0
-                known["start"] = (self.measure_temperature(run, target, recipe, network, note) if step == 0
-                                  else 1.0)  # resumed past step 0 without a scale: a run of an older version
+                known["start"] = (
+                    self.measure_temperature(run, target, recipe, network, note) if step == 0 else 1.0
+                )  # resumed past step 0 without a scale: a run of an older version
             network.head_gain.fill_(head_gain_at(known["start"], step, steps))  # type: ignore[operator]
 
         return set_gain
@@ -363,9 +434,11 @@ class LlamaFamily(Family):
     def check_training(self, recipe: "Recipe") -> None:
         """The masked objective's weight is fixed by its bound (MD4's -alpha'(t) / (1 - alpha(t))): no other applies."""
         if is_masked(recipe) and recipe.train.loss_weight != "default":
-            raise RecipeError(f"train.loss_weight={recipe.train.loss_weight} does not apply to model.objective=masked "
-                              "(its cross-entropy is weighted by -alpha'(t) / (1 - alpha(t)), MD4's ELBO, so that "
-                              "eval bpc is a bound); drop it")
+            raise RecipeError(
+                f"train.loss_weight={recipe.train.loss_weight} does not apply to model.objective=masked "
+                "(its cross-entropy is weighted by -alpha'(t) / (1 - alpha(t)), MD4's ELBO, so that "
+                "eval bpc is a bound); drop it"
+            )
 
     def training_loss(
         self,
@@ -380,11 +453,25 @@ class LlamaFamily(Family):
             self.check_training(recipe)
             return masked_loss(denoiser, batch[0], sigma_range, generator, shard)  # type: ignore[arg-type]
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
-        return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting,  # type: ignore[arg-type]
-                              _cfg(recipe).loss_chunk)
+        return diffusion_loss(
+            denoiser,
+            batch[0],
+            sigma_range,
+            generator,
+            shard,
+            weighting,  # type: ignore[arg-type]
+            _cfg(recipe).loss_chunk,
+        )
 
-    def heldout_metrics(self, model: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
-                        recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
+    def heldout_metrics(
+        self,
+        model: nn.Module,
+        batch: list[torch.Tensor],
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        objective: str = "denoiser",
+    ) -> dict[str, float]:
         if objective == "ar":
             return heldout_ar_metrics(model, batch[0])
         if is_masked(recipe):
@@ -403,8 +490,9 @@ class LlamaFamily(Family):
             network.attach_table(self.table())
         return CausalLM(network)
 
-    def reference_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
-                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def reference_loss(
+        self, model: nn.Module, batch: Any, recipe: "Recipe", shard: tuple[int, int] = (0, 1)
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         return ar_loss(model, batch[0])
 
     # -- export ----------------------------------------------------------------------------
@@ -413,11 +501,15 @@ class LlamaFamily(Family):
         """Only causal LMs (source, ar) export: a denoiser's (blocks, e2e) sigma modulation and noisy-input path
         are what it learned, and a LlamaForCausalLM cannot hold them."""
         if model not in ("source", "ar"):
-            raise RunError(f"a Llama {model} network is a denoiser whose sigma modulation and noisy-input path a "
-                           "LlamaForCausalLM cannot hold; export --model source or --model ar (causal LMs)")
+            raise RunError(
+                f"a Llama {model} network is a denoiser whose sigma modulation and noisy-input path a "
+                "LlamaForCausalLM cannot hold; export --model source or --model ar (causal LMs)"
+            )
         if out.suffix in (".safetensors", ".pt", ".bin", ".json"):
-            raise RunError(f"a Llama export is a Hugging Face folder (save_pretrained), not a {out.suffix} file; "
-                           "give a folder path")
+            raise RunError(
+                f"a Llama export is a Hugging Face folder (save_pretrained), not a {out.suffix} file; "
+                "give a folder path"
+            )
 
     def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
         """A Hugging Face folder (LlamaForCausalLM + the run's tokenizer) of a causal LM: source or ar."""
@@ -425,8 +517,10 @@ class LlamaFamily(Family):
         tok = self.tokenizer()
         write_hf_folder(network, out, tok.settings.bos_id, tuple(tok.stop_ids), f"export of {name}")
         save_pretrained_tokenizer(self._shared_dir(), out)
-        return ["the sigma modulation and noisy-input path were left out (clean tokens never use them); load the "
-                "folder with transformers' LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained"]
+        return [
+            "the sigma modulation and noisy-input path were left out (clean tokens never use them); load the "
+            "folder with transformers' LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained"
+        ]
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -440,9 +534,17 @@ class LlamaFamily(Family):
         cfg = _cfg(recipe)
         return [torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=generator)]
 
-    def decoding_rates(self, recipe: "Recipe", blocks: int, batch: int, device: torch.device, repeats: int,
-                       warmup: int, new_tokens: int | None = None,
-                       on_progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    def decoding_rates(
+        self,
+        recipe: "Recipe",
+        blocks: int,
+        batch: int,
+        device: torch.device,
+        repeats: int,
+        warmup: int,
+        new_tokens: int | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any] | None:
         """Tokens/s of the blocks at the few-step protocol vs AR decoding (`decode_bench.py`); None when masked (a
         masked run decodes whole sequences, not token by token)."""
         if is_masked(recipe):
@@ -451,8 +553,9 @@ class LlamaFamily(Family):
 
         return decoding_rates(self, recipe, blocks, batch, device, repeats, warmup, new_tokens, on_progress)
 
-    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
-                      sigma: float) -> Callable[[], Any]:
+    def sampling_step(
+        self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor], sigma: float
+    ) -> Callable[[], Any]:
         """One denoising step of the next token for every row, over a KV cache of the row as prompt.
 
         The cache is built once here (a sampler extends it by one token per M steps); the closure

@@ -29,8 +29,9 @@ def checked_layers(num_layers: int) -> list[int]:
     return sorted({0, num_layers - 1})
 
 
-def reference_layer_output(hf_config: Any, hf_state: Mapping[str, torch.Tensor], index: int,
-                           x: torch.Tensor) -> torch.Tensor:
+def reference_layer_output(
+    hf_config: Any, hf_state: Mapping[str, torch.Tensor], index: int, x: torch.Tensor
+) -> torch.Tensor:
     """transformers' decoder layer `index`, from the checkpoint's own config and tensors, on hidden states x
     (causal attention, positions 0..T-1)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -50,8 +51,9 @@ def reference_layer_output(hf_config: Any, hf_state: Mapping[str, torch.Tensor],
     return (out[0] if isinstance(out, tuple) else out).float()
 
 
-def converted_layer_output(shape: LlamaShape, state: Mapping[str, torch.Tensor], index: int,
-                           x: torch.Tensor) -> torch.Tensor:
+def converted_layer_output(
+    shape: LlamaShape, state: Mapping[str, torch.Tensor], index: int, x: torch.Tensor
+) -> torch.Tensor:
     """dbconvert's layer `index` from the converted state (its zero modulation left out: cond None), same input."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -67,8 +69,13 @@ def converted_layer_output(shape: LlamaShape, state: Mapping[str, torch.Tensor],
     return out.float()
 
 
-def check_llama_function(hf_config: Any, hf_state: Mapping[str, torch.Tensor], shape: LlamaShape,
-                         state: Mapping[str, torch.Tensor], what: str) -> float:
+def check_llama_function(
+    hf_config: Any,
+    hf_state: Mapping[str, torch.Tensor],
+    shape: LlamaShape,
+    state: Mapping[str, torch.Tensor],
+    what: str,
+) -> float:
     """Refuse (one line) when a converted layer differs from transformers' layer of the same checkpoint; returns
     the largest relative difference seen."""
     gen = torch.Generator().manual_seed(0)
@@ -80,7 +87,9 @@ def check_llama_function(hf_config: Any, hf_state: Mapping[str, torch.Tensor], s
         err = float((ours - ref).abs().max()) / (1e-6 + float(ref.abs().max()))
         worst = max(worst, err)
         if not err <= 1e-3:
-            raise CheckpointError(f"{what}: layer {index} as converted differs from transformers' layer of the same "
-                                  f"checkpoint by {err:.2g} of its output (tolerance 1e-3): the checkpoint's layout "
-                                  "or config is not the one this conversion reads, so nothing was written")
+            raise CheckpointError(
+                f"{what}: layer {index} as converted differs from transformers' layer of the same "
+                f"checkpoint by {err:.2g} of its output (tolerance 1e-3): the checkpoint's layout "
+                "or config is not the one this conversion reads, so nothing was written"
+            )
     return worst

@@ -84,16 +84,30 @@ class TextSampleOptions:
     prompt_ids: list[list[int]] | None = None
     """Prompts as token ids (evaluation protocols), instead of --prompt text."""
     max_new_tokens: int = field(default=64, metadata=sample_flag("Tokens to generate (default 64).", min=1))
-    temperature: float | None = field(default=None, metadata=sample_flag(
-        "AR decoding (ar, text source): softmax temperature, 0 = greedy (default: recipe, 1).", min=0.0))
-    top_p: float | None = field(default=None, metadata=sample_flag("AR decoding: nucleus probability (default: recipe, 1)."))
-    protocol: str | None = field(default=None, metadata=sample_flag(
-        "default (sample.steps steps per token) or few-step (the later paper's: steps = B, greedy final token, AR "
-        "top-p 0.95) (default: recipe's sample.protocol)."))
+    temperature: float | None = field(
+        default=None,
+        metadata=sample_flag(
+            "AR decoding (ar, text source): softmax temperature, 0 = greedy (default: recipe, 1).", min=0.0
+        ),
+    )
+    top_p: float | None = field(
+        default=None, metadata=sample_flag("AR decoding: nucleus probability (default: recipe, 1).")
+    )
+    protocol: str | None = field(
+        default=None,
+        metadata=sample_flag(
+            "default (sample.steps steps per token) or few-step (the later paper's: steps = B, greedy final token, AR "
+            "top-p 0.95) (default: recipe's sample.protocol)."
+        ),
+    )
     """default or few-step (`protocol.py`); None = the recipe's sample.protocol."""
-    context: str | None = field(default=None, metadata=sample_flag(
-        "The longest text: recipe (model.context, default), checkpoint (--model source of a converted checkpoint: "
-        "its own max_position_embeddings) or N tokens."))
+    context: str | None = field(
+        default=None,
+        metadata=sample_flag(
+            "The longest text: recipe (model.context, default), checkpoint (--model source of a converted checkpoint: "
+            "its own max_position_embeddings) or N tokens."
+        ),
+    )
     """The longest text: recipe (model.context, default), checkpoint (a converted source's own length) or N
     (`families/llama/context.py`)."""
 
@@ -106,7 +120,9 @@ def read_prompts(opts: "TextSampleOptions") -> list[str]:
         try:
             lines = Path(opts.prompt_file).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise DbconvertError(f"cannot read --prompt-file {opts.prompt_file} ({type(exc).__name__}); give a UTF-8 text file") from None
+            raise DbconvertError(
+                f"cannot read --prompt-file {opts.prompt_file} ({type(exc).__name__}); give a UTF-8 text file"
+            ) from None
         prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise DbconvertError(f"--prompt-file {opts.prompt_file} has no prompts (one per line)")
@@ -121,7 +137,9 @@ def start_ids(ids: list[int], tok: Tokenizer) -> list[int]:
     if ids:
         return list(ids)
     if tok.eos_id is None:
-        raise DbconvertError("an empty prompt needs an EOS token to start from, and this tokenizer has none; give --prompt")
+        raise DbconvertError(
+            "an empty prompt needs an EOS token to start from, and this tokenizer has none; give --prompt"
+        )
     return [tok.eos_id]
 
 
@@ -155,9 +173,17 @@ def _finish(new: torch.Tensor, length: torch.Tensor, dec: Decoding) -> tuple[lis
 
 
 @torch.no_grad()
-def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: list[list[int]], dec: Decoding,
-            row_seeds: list[int], device: torch.device, calls: list[int] | None = None,
-            progress: Progress | None = None, fuse: bool = True) -> tuple[list[list[int]], list[str]]:
+def diffuse(
+    models: list[nn.Module],
+    owned: list[tuple[float, float]],
+    rows: list[list[int]],
+    dec: Decoding,
+    row_seeds: list[int],
+    device: torch.device,
+    calls: list[int] | None = None,
+    progress: Progress | None = None,
+    fuse: bool = True,
+) -> tuple[list[list[int]], list[str]]:
     """Continue every row by diffusion, one token at a time for all rows together (see module docstring).
 
     `fuse` (default): a block's first step of a token also enters the clean tokens its cache lacks, in the same
@@ -181,7 +207,7 @@ def diffuse(models: list[nn.Module], owned: list[tuple[float, float]], rows: lis
 
         def logits_of(b: int, z: torch.Tensor, sigma: float) -> torch.Tensor:
             calls[b] += 1
-            clean = seq[:, cached[b]:] if cached[b] < column else None  # what this block's cache lacks (lazily)
+            clean = seq[:, cached[b] :] if cached[b] < column else None  # what this block's cache lacks (lazily)
             if clean is not None and not fuse:
                 caches[b], _ = models[b].net.extend(caches[b], clean, cached[b], pad)
                 clean = None
@@ -226,8 +252,14 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: float) -> tor
 
 
 @torch.no_grad()
-def ancestral(net: nn.Module, rows: list[list[int]], dec: Decoding, row_seeds: list[int], device: torch.device,
-              progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
+def ancestral(
+    net: nn.Module,
+    rows: list[list[int]],
+    dec: Decoding,
+    row_seeds: list[int],
+    device: torch.device,
+    progress: Progress | None = None,
+) -> tuple[list[list[int]], list[str]]:
     """Continue every row by sampling the causal LM (`LlamaBlockNet.extend`) with temperature / top-p."""
     tokens, pad, length = _batch(rows, device)
     budget = row_budget(int(length.min()), dec)
@@ -251,9 +283,17 @@ def ancestral(net: nn.Module, rows: list[list[int]], dec: Decoding, row_seeds: l
     return _finish(new, length, dec)
 
 
-def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, row_seeds: list[int],
-                  weights: str, batch_size: int = 64, progress: Progress | None = None,
-                  calls: list[int] | None = None) -> tuple[list[list[int]], list[str]]:
+def continue_rows(
+    run: "Run",
+    model: str,
+    rows: list[list[int]],
+    dec: Decoding,
+    row_seeds: list[int],
+    weights: str,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    calls: list[int] | None = None,
+) -> tuple[list[list[int]], list[str]]:
     """New tokens for every row of ids, with `model` of the run, `batch_size` rows at a time."""
     device = resolve_device(run.recipe.train.device)
     models = load_models(run, model, weights, device)
@@ -267,7 +307,7 @@ def continue_rows(run: "Run", model: str, rows: list[list[int]], dec: Decoding, 
     total = sum(row_budget(len(r), dec) for r in rows)
     done_before = 0
     for lo in range(0, len(rows), batch_size):
-        part, seeds = rows[lo:lo + batch_size], row_seeds[lo:lo + batch_size]
+        part, seeds = rows[lo : lo + batch_size], row_seeds[lo : lo + batch_size]
         base = done_before
         report = (lambda k, _n, b=base: progress(b + k, total)) if progress else None
         if masked:
@@ -286,9 +326,16 @@ def masked_run(run: "Run") -> bool:
     return getattr(run.recipe.model, "objective", "continuous") == "masked"
 
 
-def unmask_rows(models: list[nn.Module], owned: list[tuple[float, float]], rows: list[list[int]], dec: Decoding,
-                row_seeds: list[int], device: torch.device, calls: list[int] | None = None,
-                progress: Progress | None = None) -> tuple[list[list[int]], list[str]]:
+def unmask_rows(
+    models: list[nn.Module],
+    owned: list[tuple[float, float]],
+    rows: list[list[int]],
+    dec: Decoding,
+    row_seeds: list[int],
+    device: torch.device,
+    calls: list[int] | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[list[int]], list[str]]:
     """Masked diffusion: whole rows by ancestral unmasking (`masked.unmask`), the tokens after each prompt."""
     from dbconvert.families.llama.masked import unmask
 
@@ -297,7 +344,7 @@ def unmask_rows(models: list[nn.Module], owned: list[tuple[float, float]], rows:
     width = dec.context - int(length.min())
     new = torch.zeros(len(rows), width, dtype=torch.long)
     for r, n in enumerate(length.tolist()):
-        new[r, :dec.context - n] = x[r, n:]
+        new[r, : dec.context - n] = x[r, n:]
     return _finish(new, length, dec)
 
 
@@ -314,8 +361,9 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     cfg = run.recipe.sample
     opts: TextSampleOptions = run.family().options_of(request)
     run.model_targets(request.model)  # one line naming the models this run has
-    context = sample_context(run.recipe, (run.manifest.get("source") or {}).get("checkpoint"), request.model,
-                             opts.context)
+    context = sample_context(
+        run.recipe, (run.manifest.get("source") or {}).get("checkpoint"), request.model, opts.context
+    )
     tok = run_tokenizer(run.shared_dir)
     tok.check_vocab(int(run.recipe.model.vocab_size))  # type: ignore[attr-defined]
     if opts.prompt_ids is not None:
@@ -327,13 +375,16 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
         for prompt, ids in zip(prompts, encoded):
             lost = tok.lost_characters(prompt, ids)
             if lost:
-                raise DbconvertError(f"prompt {prompt[:30]!r} has characters the run's tokenizer cannot write "
-                                     f"({' '.join(lost)}); they would be dropped or replaced silently, so remove "
-                                     "them (a character-level vocabulary holds only its training text's characters)")
+                raise DbconvertError(
+                    f"prompt {prompt[:30]!r} has characters the run's tokenizer cannot write "
+                    f"({' '.join(lost)}); they would be dropped or replaced silently, so remove "
+                    "them (a character-level vocabulary holds only its training text's characters)"
+                )
     for prompt, ids in zip(prompts, encoded):
         if len(ids) >= context:
-            raise DbconvertError(f"prompt {prompt[:30]!r} has {len(ids)} tokens, not shorter than the context of "
-                                 f"{context}; shorten it")
+            raise DbconvertError(
+                f"prompt {prompt[:30]!r} has {len(ids)} tokens, not shorter than the context of {context}; shorten it"
+            )
     dec = decoding(run, request, opts, tok, context)
     weights = request.settings(cfg).weights
     num = request.num or 1
@@ -343,6 +394,7 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     calls: list[int] = []
     start = time.perf_counter()
     with progress_bar(request.progress, f"sample {request.model}") as bar:
+
         def report(done: int, total: int) -> None:
             for fn in (bar, request.on_progress):
                 if fn:
@@ -354,53 +406,116 @@ def sample_text(run: "Run", request: "SampleRequest") -> SampleResult:
     for i, (toks, reason) in enumerate(zip(new, why)):
         prompt_ids = encoded[i // num]
         text = tok.decode(prompt_ids + toks)
-        records.append({"prompt": prompts[i // num], "prompt_index": i // num, "sample": i % num,
-                        "completion": tok.decode_continuation(prompt_ids, toks), "text": text, "new_tokens": len(toks),
-                        "stopped_by": reason, "model": request.model})
+        records.append(
+            {
+                "prompt": prompts[i // num],
+                "prompt_index": i // num,
+                "sample": i % num,
+                "completion": tok.decode_continuation(prompt_ids, toks),
+                "text": text,
+                "new_tokens": len(toks),
+                "stopped_by": reason,
+                "model": request.model,
+            }
+        )
     out = Path(request.out) if request.out else run.root / "samples" / sample_tag(request.model, dec)
     atomic_write_text(out / "samples.txt", "".join(r["text"] + "\n\n" for r in records))
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     tokens = sum(r["new_tokens"] for r in records)
-    return SampleResult(out, [out / "samples.txt", out / "samples.jsonl"], text=[r["text"] for r in records],
-                        calls=calls, records=records, tokens_per_second=tokens / max(seconds, 1e-9),
-                        sampler=sampler_info(request.model, dec, weights))
+    return SampleResult(
+        out,
+        [out / "samples.txt", out / "samples.jsonl"],
+        text=[r["text"] for r in records],
+        calls=calls,
+        records=records,
+        tokens_per_second=tokens / max(seconds, 1e-9),
+        sampler=sampler_info(request.model, dec, weights),
+    )
 
 
 def sampler_info(model: str, dec: Decoding, weights: str) -> dict[str, Any]:
     """The sampler as evaluation results record it."""
     if model in DIFFUSION_MODELS and dec.solver == UNMASK:
-        return {"solver": dec.solver, "steps": dec.steps, "guidance": None, "weights": weights, "seed": dec.seed,
-                "name": f"ancestral unmasking, {dec.steps} steps per sequence"}
+        return {
+            "solver": dec.solver,
+            "steps": dec.steps,
+            "guidance": None,
+            "weights": weights,
+            "seed": dec.seed,
+            "name": f"ancestral unmasking, {dec.steps} steps per sequence",
+        }
     if model in DIFFUSION_MODELS:
-        return {"solver": dec.solver, "steps": dec.steps, "guidance": None, "weights": weights, "seed": dec.seed,
-                "protocol": dec.protocol, "name": get_protocol(dec.protocol).describe(dec.steps, dec.solver)}
-    return {"solver": "ancestral", "steps": None, "guidance": None, "weights": weights if model == "ar" else "model",
-            "seed": dec.seed, "temperature": dec.temperature, "top_p": dec.top_p, "protocol": dec.protocol,
-            "name": f"ancestral (temperature {dec.temperature:g}, top-p {dec.top_p:g})"}
+        return {
+            "solver": dec.solver,
+            "steps": dec.steps,
+            "guidance": None,
+            "weights": weights,
+            "seed": dec.seed,
+            "protocol": dec.protocol,
+            "name": get_protocol(dec.protocol).describe(dec.steps, dec.solver),
+        }
+    return {
+        "solver": "ancestral",
+        "steps": None,
+        "guidance": None,
+        "weights": weights if model == "ar" else "model",
+        "seed": dec.seed,
+        "temperature": dec.temperature,
+        "top_p": dec.top_p,
+        "protocol": dec.protocol,
+        "name": f"ancestral (temperature {dec.temperature:g}, top-p {dec.top_p:g})",
+    }
 
 
-def decoding(run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok: Tokenizer,
-             context: int | None = None) -> Decoding:
+def decoding(
+    run: "Run", request: "SampleRequest", opts: TextSampleOptions, tok: Tokenizer, context: int | None = None
+) -> Decoding:
     """The request's decoding settings, the recipe's where the request leaves them unset (context: model.context)."""
     protocol = get_protocol(opts.protocol or getattr(run.recipe.sample, "protocol", None))
     top_p = opts.top_p if opts.top_p is not None else protocol.ar_top_p
     steps = request.steps or (run.num_blocks if protocol.steps_per_block else None)
-    s = resolve_sampler(run.recipe.sample, steps=steps, solver=request.solver, num=request.num, seed=request.seed,
-                        weights=request.weights, temperature=opts.temperature, top_p=top_p)
+    s = resolve_sampler(
+        run.recipe.sample,
+        steps=steps,
+        solver=request.solver,
+        num=request.num,
+        seed=request.seed,
+        weights=request.weights,
+        temperature=opts.temperature,
+        top_p=top_p,
+    )
     if s.temperature < 0 or not 0 < s.top_p <= 1:
         raise DbconvertError(f"--temperature must be >= 0 and --top-p in (0, 1], got {s.temperature} and {s.top_p}")
     solver = s.solver
     if request.model in DIFFUSION_MODELS and masked_run(run):
-        given = [flag for flag, value in (("--solver", request.solver), ("--temperature", opts.temperature),
-                                          ("--top-p", opts.top_p)) if value is not None]
+        given = [
+            flag
+            for flag, value in (
+                ("--solver", request.solver),
+                ("--temperature", opts.temperature),
+                ("--top-p", opts.top_p),
+            )
+            if value is not None
+        ]
         if given:  # the unmasking sampler draws each token from the model's distribution as it is
-            raise DbconvertError(f"{given[0]} does not apply to the {request.model} of a masked-diffusion run (it "
-                                 "samples by ancestral unmasking from the model's own distribution); drop it")
+            raise DbconvertError(
+                f"{given[0]} does not apply to the {request.model} of a masked-diffusion run (it "
+                "samples by ancestral unmasking from the model's own distribution); drop it"
+            )
         solver = UNMASK
     context = context or int(run.recipe.model.context)  # type: ignore[attr-defined]
-    return Decoding(max_new_tokens=opts.max_new_tokens, context=context,
-                    eos=tuple(tok.stop_ids), seed=s.seed, steps=s.steps, solver=solver,
-                    temperature=s.temperature, top_p=s.top_p, rho=s.rho, protocol=protocol.name)
+    return Decoding(
+        max_new_tokens=opts.max_new_tokens,
+        context=context,
+        eos=tuple(tok.stop_ids),
+        seed=s.seed,
+        steps=s.steps,
+        solver=solver,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        rho=s.rho,
+        protocol=protocol.name,
+    )
 
 
 def sample_tag(model: str, dec: Decoding) -> str:

@@ -42,7 +42,9 @@ def extra_installed() -> bool:
 def require_extra(path: Path) -> None:
     """A one-line error naming the extra when the gguf package is missing."""
     if not extra_installed():
-        raise DbconvertError(f"model.checkpoint {path} is a GGUF file; reading it needs the optional extra gguf: {EXTRA}")
+        raise DbconvertError(
+            f"model.checkpoint {path} is a GGUF file; reading it needs the optional extra gguf: {EXTRA}"
+        )
 
 
 def hf_folder(checkpoint: str | Path, need_tokenizer: bool = True) -> Path:
@@ -59,8 +61,10 @@ def hf_folder(checkpoint: str | Path, need_tokenizer: bool = True) -> Path:
             raise CheckpointError(_tokenizer_errors[key])
         return _folders[key]
     if not path.is_file():
-        raise CheckpointError(f"model.checkpoint {path} is not a file; give a GGUF file (model.gguf) or a Hugging Face "
-                              "LlamaForCausalLM folder")
+        raise CheckpointError(
+            f"model.checkpoint {path} is not a file; give a GGUF file (model.gguf) or a Hugging Face "
+            "LlamaForCausalLM folder"
+        )
     require_extra(path)
     out = Path(tempfile.mkdtemp(prefix="dbconvert-gguf-"))
     atexit.register(shutil.rmtree, out, True)
@@ -69,12 +73,15 @@ def hf_folder(checkpoint: str | Path, need_tokenizer: bool = True) -> Path:
     except DbconvertError:
         raise
     except ImportError as exc:
-        raise DbconvertError(f"model.checkpoint {path}: transformers cannot read GGUF here ({first_line(exc, 100)}); "
-                             f"{EXTRA}") from None
+        raise DbconvertError(
+            f"model.checkpoint {path}: transformers cannot read GGUF here ({first_line(exc, 100)}); {EXTRA}"
+        ) from None
     except Exception as exc:  # a damaged file or an architecture transformers cannot dequantise
-        raise CheckpointError(f"model.checkpoint {path} could not be read as a GGUF Llama ({type(exc).__name__}: "
-                              f"{first_line(exc, 120)}); give a llama-architecture GGUF file or a Hugging Face "
-                              "folder") from None
+        raise CheckpointError(
+            f"model.checkpoint {path} could not be read as a GGUF Llama ({type(exc).__name__}: "
+            f"{first_line(exc, 120)}); give a llama-architecture GGUF file or a Hugging Face "
+            "folder"
+        ) from None
     _folders[key] = out
     if problem is not None:
         _tokenizer_errors[key] = problem
@@ -94,8 +101,10 @@ def _dequantise(path: Path, out: Path) -> str | None:
     folder, name = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if getattr(config, "model_type", None) != "llama":
-        raise CheckpointError(f"model.checkpoint {path} holds a {getattr(config, 'model_type', None)!r} model, not a "
-                              "Llama; give a llama-architecture GGUF file")
+        raise CheckpointError(
+            f"model.checkpoint {path} holds a {getattr(config, 'model_type', None)!r} model, not a "
+            "Llama; give a llama-architecture GGUF file"
+        )
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar, which its logging does not silence
         model = LlamaForCausalLM.from_pretrained(folder, gguf_file=name)
     model.config.quantization_config = None  # the saved folder holds plain float weights
@@ -107,8 +116,10 @@ def _dequantise(path: Path, out: Path) -> str | None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # no tokenizer in the file, or one transformers cannot rebuild
-        return (f"model.checkpoint {path}: its tokenizer could not be rebuilt ({type(exc).__name__}: "
-                f"{first_line(exc, 100)}); set model.tokenizer=PATH to the model's tokenizer.json")
+        return (
+            f"model.checkpoint {path}: its tokenizer could not be rebuilt ({type(exc).__name__}: "
+            f"{first_line(exc, 100)}); set model.tokenizer=PATH to the model's tokenizer.json"
+        )
     tokenizer.save_pretrained(str(out))
     return None
 

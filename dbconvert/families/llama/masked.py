@@ -53,10 +53,15 @@ def mask_token_id(tok: Tokenizer, vocab_size: int, fixed_by: str | None = None) 
             return i
     if tok.vocab_size < vocab_size:
         return tok.vocab_size
-    fix = (f"the vocabulary size comes from {fixed_by}, so use a tokenizer with a [MASK] token" if fixed_by else
-           f"set model.vocab_size={tok.vocab_size + 1} (one free row) or use a tokenizer with a [MASK] token")
-    raise MaskTokenError(f"model.objective=masked needs an id for [MASK], and tokenizer {tok.path.name} has no "
-                         f"[MASK] token and uses all {vocab_size} rows of the vocabulary; {fix}")
+    fix = (
+        f"the vocabulary size comes from {fixed_by}, so use a tokenizer with a [MASK] token"
+        if fixed_by
+        else f"set model.vocab_size={tok.vocab_size + 1} (one free row) or use a tokenizer with a [MASK] token"
+    )
+    raise MaskTokenError(
+        f"model.objective=masked needs an id for [MASK], and tokenizer {tok.path.name} has no "
+        f"[MASK] token and uses all {vocab_size} rows of the vocabulary; {fix}"
+    )
 
 
 class MaskedDenoiser(nn.Module):
@@ -77,15 +82,17 @@ class MaskedDenoiser(nn.Module):
         return logits.masked_fill(self.invalid, float("-inf"))
 
 
-def corrupt(tokens: torch.Tensor, t: torch.Tensor, u: torch.Tensor, noise: MaskingProcess,
-            mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt(
+    tokens: torch.Tensor, t: torch.Tensor, u: torch.Tensor, noise: MaskingProcess, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens with [MASK] where u < 1 - alpha(t), the boolean mask); t (B,), u (B, T) uniforms."""
     masked = u < (1.0 - noise.alpha(t.to(torch.float64)))[:, None].to(u.dtype)
     return torch.where(masked, torch.full_like(tokens, mask_id), tokens), masked
 
 
-def masked_ce(model: MaskedDenoiser, tokens: torch.Tensor, t: torch.Tensor,
-              u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_ce(
+    model: MaskedDenoiser, tokens: torch.Tensor, t: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cross-entropy per position (B, T), masked (B, T), argmax hit (B, T)) at masking times t (B,)."""
     noisy, masked = corrupt(tokens, t, u, model.noise, model.mask_id)
     logits = model(noisy, t)
@@ -94,8 +101,13 @@ def masked_ce(model: MaskedDenoiser, tokens: torch.Tensor, t: torch.Tensor,
     return ce * masked, masked, hit
 
 
-def masked_loss(model: MaskedDenoiser, tokens: torch.Tensor, t_range: tuple[float, float], generator: torch.Generator,
-                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+def masked_loss(
+    model: MaskedDenoiser,
+    tokens: torch.Tensor,
+    t_range: tuple[float, float],
+    generator: torch.Generator,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The block's loss (nats per token): w(t) * sum of masked CE / T, t drawn inside `t_range` per sequence."""
     b, length = tokens.shape
     n, keep = shard_slice(b, shard)  # draws for the global batch, this rank's slice kept
@@ -105,14 +117,24 @@ def masked_loss(model: MaskedDenoiser, tokens: torch.Tensor, t_range: tuple[floa
     per_seq = model.noise.weight(t) * ce.sum(-1) / length
     with torch.no_grad():
         count = masked.sum().clamp_min(1)
-        stats = {"ce": (ce.sum() / count).item(), "accuracy": ((hit & masked).sum() / count).item(),
-                 "masked_fraction": masked.float().mean().item(), "t_min": t.min().item(), "t_max": t.max().item()}
+        stats = {
+            "ce": (ce.sum() / count).item(),
+            "accuracy": ((hit & masked).sum() / count).item(),
+            "masked_fraction": masked.float().mean().item(),
+            "t_min": t.min().item(),
+            "t_max": t.max().item(),
+        }
     return per_seq.mean(), stats
 
 
 @torch.no_grad()
-def heldout_masked_metrics(model: MaskedDenoiser, tokens: torch.Tensor, t_range: tuple[float, float],
-                           generator: torch.Generator, buckets: int = 4) -> dict[str, float]:
+def heldout_masked_metrics(
+    model: MaskedDenoiser,
+    tokens: torch.Tensor,
+    t_range: tuple[float, float],
+    generator: torch.Generator,
+    buckets: int = 4,
+) -> dict[str, float]:
     """Held-out CE on masked positions at the middle of each quarter of the range (`val_ce_q0` lowest t),
     and `val_bound`: the block's weighted loss averaged over those four times (nats per token)."""
     b, length = tokens.shape
@@ -134,8 +156,9 @@ def heldout_masked_metrics(model: MaskedDenoiser, tokens: torch.Tensor, t_range:
 
 
 @torch.no_grad()
-def piece(model: MaskedDenoiser, tokens: torch.Tensor, lo: float, hi: float, draws: int, offset: torch.Tensor,
-          u: torch.Tensor) -> torch.Tensor:
+def piece(
+    model: MaskedDenoiser, tokens: torch.Tensor, lo: float, hi: float, draws: int, offset: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
     """(hi - lo) * E_{t ~ U(lo, hi)}[w(t) * sum of masked CE] per sequence (B,), in nats.
 
     Stratified in t: t_k = lo + (k + offset) / draws * (hi - lo), k < draws, one offset in [0, 1) per
@@ -158,8 +181,13 @@ def reconstruction(model: MaskedDenoiser, tokens: torch.Tensor, u: torch.Tensor)
 
 
 @torch.no_grad()
-def sequence_bound(models: Sequence[MaskedDenoiser], owned: Sequence[tuple[float, float]], tokens: torch.Tensor,
-                   draws: int, generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def sequence_bound(
+    models: Sequence[MaskedDenoiser],
+    owned: Sequence[tuple[float, float]],
+    tokens: torch.Tensor,
+    draws: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(negative ELBO per sequence (B,) in nats, the pieces: one per model, then the reconstruction term).
 
     Model i covers `owned[i]` with `draws` stratified times (the e2e network: one range, [t_min, 1]). The
@@ -181,16 +209,24 @@ Progress = Callable[[int, int], None]
 
 
 @torch.no_grad()
-def unmask(models: Sequence[MaskedDenoiser], owned: Sequence[tuple[float, float]], rows: list[list[int]],
-           context: int, steps: int, row_seeds: list[int], device: torch.device, calls: list[int] | None = None,
-           progress: Progress | None = None) -> torch.Tensor:
+def unmask(
+    models: Sequence[MaskedDenoiser],
+    owned: Sequence[tuple[float, float]],
+    rows: list[list[int]],
+    context: int,
+    steps: int,
+    row_seeds: list[int],
+    device: torch.device,
+    calls: list[int] | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
     """Ancestral unmasking of `context`-long rows whose first tokens are `rows` (kept): (N, context) ids."""
     noise = models[0].noise
     mask_id = models[0].mask_id
     n = len(rows)
     x = torch.full((n, context), mask_id, dtype=torch.long)
     for r, ids in enumerate(rows):
-        x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        x[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     x = x.to(device)
     gens = [torch.Generator().manual_seed(s) for s in row_seeds]
     calls = calls if calls is not None else [0] * len(models)

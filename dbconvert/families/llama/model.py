@@ -175,8 +175,11 @@ class DecoderLayer(nn.Module):
         if s.adaln_rank is None:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.hidden_size, 6 * s.hidden_size))
         else:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.hidden_size, s.adaln_rank, bias=False),
-                                                  nn.Linear(s.adaln_rank, 6 * s.hidden_size))
+            self.adaLN_modulation = nn.Sequential(
+                nn.SiLU(),
+                nn.Linear(s.hidden_size, s.adaln_rank, bias=False),
+                nn.Linear(s.adaln_rank, 6 * s.hidden_size),
+            )
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # zero modulation: the layer computes what the source did
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
@@ -264,8 +267,9 @@ class LlamaBlockNet(nn.Module):
         elif s.head == "tied-table":
             self.head_scale = nn.Parameter(torch.ones(()))
         elif s.head_rank is not None:
-            self.lm_head = nn.Sequential(nn.Linear(s.hidden_size, s.head_rank, bias=False),
-                                         nn.Linear(s.head_rank, s.vocab_size, bias=False))
+            self.lm_head = nn.Sequential(
+                nn.Linear(s.hidden_size, s.head_rank, bias=False), nn.Linear(s.head_rank, s.vocab_size, bias=False)
+            )
         else:
             self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
         self.rotary = LlamaRotaryEmbedding(s.hf_config())  # HF's own rotary: rope_theta and scaling as in the source
@@ -319,7 +323,8 @@ class LlamaBlockNet(nn.Module):
     # -- training --------------------------------------------------------------------------
 
     def hidden_train(self, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        """One forward over [clean tokens ; noisy inputs]; returns the normed final hidden states at the noisy positions.
+        """One forward over [clean tokens ; noisy inputs]; returns the normed final hidden states at the noisy
+        positions.
 
         tokens (B, T); noisy (B, T, target width) = c_in * z; c_noise (B, T). Noisy j shares token j's rotary position.
         """
@@ -354,8 +359,9 @@ class LlamaBlockNet(nn.Module):
 
     # -- incremental decoding --------------------------------------------------------------
 
-    def extend(self, cache: KVCache | None, tokens: torch.Tensor, start: int,
-               pad: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
+    def extend(
+        self, cache: KVCache | None, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None
+    ) -> tuple[KVCache, torch.Tensor]:
         """Append clean tokens (B, m) at columns start.. to the cache; returns (cache, logits of the last one).
 
         `pad` (B,): left-padding columns of each row (prompts of different lengths in one batch).
@@ -367,8 +373,14 @@ class LlamaBlockNet(nn.Module):
         h, new = self.run_layers(self.embed_tokens(tokens), positions, mask, cache=cache)
         return append_to_cache(cache, new), self.logits(h[:, -1])
 
-    def noisy_hidden(self, cache: KVCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
-                     pad: torch.Tensor | None = None) -> torch.Tensor:
+    def noisy_hidden(
+        self,
+        cache: KVCache | None,
+        noisy: torch.Tensor,
+        c_noise: torch.Tensor,
+        position: int,
+        pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Normed final hidden state (B, H) of one noisy query (B, 1, target width) at column `position`, attending
         to the cached clean prefix and itself."""
         b = noisy.shape[0]
@@ -379,8 +391,14 @@ class LlamaBlockNet(nn.Module):
         h, _ = self.run_layers(self.noisy_in(noisy), positions, mask, self.sigma_embed(c_noise), cache)
         return self.norm(h[:, -1])
 
-    def extend_and_query(self, cache: KVCache | None, clean: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor,
-                         pad: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
+    def extend_and_query(
+        self,
+        cache: KVCache | None,
+        clean: torch.Tensor,
+        noisy: torch.Tensor,
+        c_noise: torch.Tensor,
+        pad: torch.Tensor | None = None,
+    ) -> tuple[KVCache, torch.Tensor]:
         """`extend` by the clean tokens (B, m) and `noisy_hidden` of the next column, in ONE forward.
 
         The m clean tokens take the columns after the cache, the noisy query (B, 1, target width) the one after
@@ -406,8 +424,9 @@ def append_to_cache(cache: KVCache | None, new: KVCache) -> KVCache:
     return [(torch.cat([pk, nk], 2), torch.cat([pv, nv], 2)) for (pk, pv), (nk, nv) in zip(cache, new)]
 
 
-def decode_geometry(columns: torch.Tensor, keys: int, pad: torch.Tensor | None,
-                    batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_geometry(
+    columns: torch.Tensor, keys: int, pad: torch.Tensor | None, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary positions (B, m) and the attention mask of queries at `columns` over `keys` cached columns.
 
     Without padding the mask is (m, keys), causal. With `pad` it is (B, 1, m, keys): causal, no pad

@@ -56,9 +56,15 @@ class LlamaDenoiser(nn.Module):
         """Training forward: tokens (B, T), z (B, T, H), sigma (B, T) -> logits (B, T, V) at the noisy positions."""
         return self.logits(self.hidden(tokens, z, sigma), z, sigma)
 
-    def query_logits(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
-                     pad: torch.Tensor | None = None,
-                     clean: torch.Tensor | None = None) -> tuple[KVCache | None, torch.Tensor]:
+    def query_logits(
+        self,
+        cache: KVCache | None,
+        z: torch.Tensor,
+        sigma: float,
+        position: int,
+        pad: torch.Tensor | None = None,
+        clean: torch.Tensor | None = None,
+    ) -> tuple[KVCache | None, torch.Tensor]:
         """(cache, logits (B, V)) of one new token at column `position` under z (B, H), attending to the cached
         clean prefix. `clean` (B, m): the clean tokens of columns position-m .. position-1 the cache does not hold
         yet; they enter it in the same forward (`LlamaBlockNet.extend_and_query`), so a block reads its weights
@@ -77,13 +83,15 @@ class LlamaDenoiser(nn.Module):
         """D(z, sigma) = softmax(logits) @ T: the denoised target embedding."""
         return torch.softmax(logits, dim=-1) @ self.table
 
-    def step(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
-             pad: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int, pad: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """D(z, sigma) of one new token at column `position`, attending to the cached clean prefix; z (B, H)."""
         return self.expected(self.query_logits(cache, z, sigma, position, pad)[1])
 
-    def step_logits(self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int,
-                    pad: torch.Tensor | None = None) -> torch.Tensor:
+    def step_logits(
+        self, cache: KVCache | None, z: torch.Tensor, sigma: float, position: int, pad: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The logits behind `step` (B, V): the few-step protocol's greedy final token is their argmax."""
         return self.query_logits(cache, z, sigma, position, pad)[1]
 
@@ -128,26 +136,37 @@ def raw_weight(sigma: torch.Tensor, sigma_data: float, kind: str) -> torch.Tenso
 
 
 @functools.lru_cache(maxsize=256)
-def mean_loss_weight(lo: float, hi: float, noise: nz.NoiseSettings, kind: str = "lambda", points: int = 1 << 16) -> float:
+def mean_loss_weight(
+    lo: float, hi: float, noise: nz.NoiseSettings, kind: str = "lambda", points: int = 1 << 16
+) -> float:
     """E[weight(sigma)] for sigma from the log-normal restricted to [lo, hi] (midpoint rule in probability)."""
     sigma = nz.truncated_quantile((torch.arange(points, dtype=torch.float64) + 0.5) / points, lo, hi, noise)
     return float(raw_weight(sigma, noise.sigma_data, kind).mean())
 
 
-def loss_weights(sigma: torch.Tensor, sigma_range: tuple[float, float], noise: nz.NoiseSettings, kind: str) -> torch.Tensor:
+def loss_weights(
+    sigma: torch.Tensor, sigma_range: tuple[float, float], noise: nz.NoiseSettings, kind: str
+) -> torch.Tensor:
     """The weighting `kind`, normalised to mean 1 over the block's training distribution."""
     return raw_weight(sigma, noise.sigma_data, kind) / mean_loss_weight(*sigma_range, noise, kind)
 
 
-def sigma_bucket(sigma: torch.Tensor, sigma_range: tuple[float, float], noise: nz.NoiseSettings,
-                 buckets: int = BUCKETS) -> torch.Tensor:
+def sigma_bucket(
+    sigma: torch.Tensor, sigma_range: tuple[float, float], noise: nz.NoiseSettings, buckets: int = BUCKETS
+) -> torch.Tensor:
     """Which quarter (by probability) of the block's training distribution each sigma falls in."""
     u = nz.truncated_position(sigma, *sigma_range, noise)
     return (u * buckets).floor().clamp(0, buckets - 1).long()
 
 
-def token_ce(denoiser: LlamaDenoiser, hn: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor,
-             chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_ce(
+    denoiser: LlamaDenoiser,
+    hn: torch.Tensor,
+    z: torch.Tensor,
+    sigma: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, argmax == token) per position, (B, T) each.
 
     With `chunk` > 0 the positions go through the vocabulary `chunk` at a time under activation
@@ -155,7 +174,9 @@ def token_ce(denoiser: LlamaDenoiser, hn: torch.Tensor, z: torch.Tensor, sigma: 
     """
     b, t = tokens.shape
 
-    def part(hn_c: torch.Tensor, z_c: torch.Tensor, s_c: torch.Tensor, y_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def part(
+        hn_c: torch.Tensor, z_c: torch.Tensor, s_c: torch.Tensor, y_c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = denoiser.logits(hn_c, z_c, s_c)
         return F.cross_entropy(logits, y_c, reduction="none"), logits.detach().argmax(-1) == y_c
 
@@ -165,7 +186,9 @@ def token_ce(denoiser: LlamaDenoiser, hn: torch.Tensor, z: torch.Tensor, sigma: 
     else:
         from torch.utils.checkpoint import checkpoint
 
-        pieces = [checkpoint(part, *(x[i:i + chunk] for x in flat), use_reentrant=False) for i in range(0, b * t, chunk)]
+        pieces = [
+            checkpoint(part, *(x[i : i + chunk] for x in flat), use_reentrant=False) for i in range(0, b * t, chunk)
+        ]
         ce, hit = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
     return ce.view(b, t), hit.view(b, t)
 
@@ -207,8 +230,9 @@ def diffusion_loss(
 
 
 @torch.no_grad()
-def heldout_diffusion_metrics(denoiser: LlamaDenoiser, tokens: torch.Tensor, sigma_range: tuple[float, float],
-                              generator: torch.Generator) -> dict[str, float]:
+def heldout_diffusion_metrics(
+    denoiser: LlamaDenoiser, tokens: torch.Tensor, sigma_range: tuple[float, float], generator: torch.Generator
+) -> dict[str, float]:
     """Held-out cross-entropy at each bucket's median sigma, and how much the top bucket uses the context.
 
     `val_context_tv`: the mean total-variation distance between the top bucket's predictions with the

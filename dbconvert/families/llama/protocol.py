@@ -36,7 +36,7 @@ class TextProtocol:
     def describe(self, steps: int, solver: str) -> str:
         if self.name == "default":
             return f"{solver} {steps} steps per token"
-        return (f"{self.name}: {solver} {steps} steps per token evenly spaced in the noise CDF, greedy final token")
+        return f"{self.name}: {solver} {steps} steps per token evenly spaced in the noise CDF, greedy final token"
 
 
 PROTOCOLS: dict[str, TextProtocol] = {

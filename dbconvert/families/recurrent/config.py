@@ -62,12 +62,16 @@ class RecurrentConfig(ModelConfig):
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
             raise ValueError(f"model.hidden {self.hidden} must be model.heads {self.heads} times an even head width")
         if not 0 < self.backprop_depth <= self.mean_recurrence:
-            raise ValueError(f"model.backprop_depth {self.backprop_depth} must be in [1, model.mean_recurrence "
-                             f"{self.mean_recurrence}] (gradients flow through the last k of r ~ mean_recurrence "
-                             "core applications)")
+            raise ValueError(
+                f"model.backprop_depth {self.backprop_depth} must be in [1, model.mean_recurrence "
+                f"{self.mean_recurrence}] (gradients flow through the last k of r ~ mean_recurrence "
+                "core applications)"
+            )
         if self.target_dim is not None and self.target_dim > self.hidden:
-            raise ValueError(f"model.target_dim {self.target_dim} is larger than model.hidden {self.hidden}; "
-                             f"use at most {self.hidden} (null = hidden)")
+            raise ValueError(
+                f"model.target_dim {self.target_dim} is larger than model.hidden {self.hidden}; "
+                f"use at most {self.hidden} (null = hidden)"
+            )
         if self.tokenizer_type == "char" and self.tokenizer is not None:
             raise ValueError("model.tokenizer_type=char builds a tokenizer from the data; unset model.tokenizer")
         if self.max_positions is not None and self.context > self.max_positions:

@@ -22,8 +22,16 @@ from dbconvert.errors import CheckpointError
 from dbconvert.families.llama.model import SigmaEmbedder
 from dbconvert.families.recurrent.model import RecurrentNet, RecurrentShape
 
-LAYER_KEYS = ("norm_1.weight", "attn.Wqkv.weight", "attn.proj.weight", "norm_2.weight", "mlp.fc.weight",
-              "mlp.proj.weight", "norm_3.weight", "norm_4.weight")
+LAYER_KEYS = (
+    "norm_1.weight",
+    "attn.Wqkv.weight",
+    "attn.proj.weight",
+    "norm_2.weight",
+    "mlp.fc.weight",
+    "mlp.proj.weight",
+    "norm_3.weight",
+    "norm_4.weight",
+)
 """A sandwich block's keys in Huginn's layout (plus `attn.qk_bias` with qk_bias)."""
 QK_BIAS = "attn.qk_bias"
 MOD_KEYS = ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
@@ -40,8 +48,11 @@ def layer_keys(shape: RecurrentShape) -> tuple[str, ...]:
 
 def new_keys(shape: RecurrentShape) -> tuple[str, ...]:
     """Keys a Huginn checkpoint does not have: the diffusion path."""
-    keys = ["noisy_in.weight", *(["noisy_in.bias"] if shape.noisy_anchor else []),
-            *(f"sigma_embed.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))]
+    keys = [
+        "noisy_in.weight",
+        *(["noisy_in.bias"] if shape.noisy_anchor else []),
+        *(f"sigma_embed.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")),
+    ]
     for stack in ("core_block", "coda"):
         for i in range(getattr(shape, STACKS[stack])):
             keys += [f"transformer.{stack}.{i}.{k}" for k in MOD_KEYS]
@@ -83,8 +94,10 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin")) or sorted(p.glob("*.pt"))
         if files:
             return files
-        raise CheckpointError(f"model.checkpoint {path} holds no .safetensors, .bin or .pt weights; give a Huginn "
-                              "checkpoint folder or file")
+        raise CheckpointError(
+            f"model.checkpoint {path} holds no .safetensors, .bin or .pt weights; give a Huginn "
+            "checkpoint folder or file"
+        )
     raise CheckpointError(f"model.checkpoint {path} not found; give a Huginn checkpoint folder or file")
 
 
@@ -98,18 +111,26 @@ def read_huginn(path: str | Path, shape: RecurrentShape) -> tuple[dict[str, torc
     if counts != want:
         got = "/".join(str(counts[s]) for s in STACKS)
         fix = " ".join(f"model.{STACKS[s]}={counts[s]}" for s in STACKS)
-        raise CheckpointError(f"checkpoint {path} has {got} prelude/core/coda layers, the recipe "
-                              f"{'/'.join(str(want[s]) for s in STACKS)}; set {fix}")
+        raise CheckpointError(
+            f"checkpoint {path} has {got} prelude/core/coda layers, the recipe "
+            f"{'/'.join(str(want[s]) for s in STACKS)}; set {fix}"
+        )
     key_map = huginn_key_map(shape)
     tied_head = shape.tie_embeddings and "lm_head.weight" in keys  # Huginn ties lm_head to wte; the copy is unused
-    out = apply_key_map(state, key_map, ignored=lambda k: k in IGNORED or (tied_head and k == "lm_head.weight"),
-                        what=f"Huginn checkpoint {path}")
+    out = apply_key_map(
+        state,
+        key_map,
+        ignored=lambda k: k in IGNORED or (tied_head and k == "lm_head.weight"),
+        what=f"Huginn checkpoint {path}",
+    )
     expected = {k: v.shape for k, v in reference_shapes(shape).items()}
     for key, tensor in out.items():
         if tuple(tensor.shape) != tuple(expected[key]):
-            raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(tensor.shape)}, the recipe's network "
-                                  f"{tuple(expected[key])}; set model.hidden / heads / intermediate / vocab_size to "
-                                  "the checkpoint's")
+            raise CheckpointError(
+                f"checkpoint {path}: {key} has shape {tuple(tensor.shape)}, the recipe's network "
+                f"{tuple(expected[key])}; set model.hidden / heads / intermediate / vocab_size to "
+                "the checkpoint's"
+            )
     return out, files
 
 
@@ -165,30 +186,45 @@ def fresh_huginn_state(shape: RecurrentShape, seed: int) -> dict[str, torch.Tens
     return out
 
 
-def source_state(shape: RecurrentShape, seed: int,
-                 huginn: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def source_state(
+    shape: RecurrentShape, seed: int, huginn: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The whole converted network's state: Huginn's weights (a checkpoint's, or fresh) plus the new diffusion path,
     checked to be exactly the network's keys."""
     state = {**(dict(huginn) if huginn is not None else fresh_huginn_state(shape, seed)), **new_parameters(shape, seed)}
     expected = set(reference_shapes(shape))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise CheckpointError(f"the converted network's keys do not match it (missing {missing[:3]}, "
-                              f"extra {extra[:3]})")
+        raise CheckpointError(
+            f"the converted network's keys do not match it (missing {missing[:3]}, extra {extra[:3]})"
+        )
     return state
 
 
 def huginn_config(shape: RecurrentShape, context: int) -> dict[str, object]:
     """config.json in Huginn's (RavenConfig) names, for an exported folder."""
-    return {"architectures": ["RavenForCausalLM"], "model_type": "huginn_raven", "n_embd": shape.hidden_size,
-            "num_attention_heads": shape.num_heads, "num_key_value_heads": shape.num_heads,
-            "n_layers_in_prelude": shape.prelude_layers, "n_layers_in_recurrent_block": shape.core_layers,
-            "n_layers_in_coda": shape.coda_layers, "mean_recurrence": shape.mean_recurrence,
-            "mean_backprop_depth": shape.backprop_depth, "intermediate_size": shape.intermediate_size,
-            "vocab_size": shape.vocab_size, "padded_vocab_size": shape.vocab_size, "rope_base": shape.rope_theta,
-            "norm_eps": shape.norm_eps, "qk_bias": shape.qk_bias, "tie_embeddings": shape.tie_embeddings,
-            "block_size": context, "bias": False,
-            "init_values": {"std": shape.init_std, "embed_scale": shape.embed_scale}}
+    return {
+        "architectures": ["RavenForCausalLM"],
+        "model_type": "huginn_raven",
+        "n_embd": shape.hidden_size,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_heads,
+        "n_layers_in_prelude": shape.prelude_layers,
+        "n_layers_in_recurrent_block": shape.core_layers,
+        "n_layers_in_coda": shape.coda_layers,
+        "mean_recurrence": shape.mean_recurrence,
+        "mean_backprop_depth": shape.backprop_depth,
+        "intermediate_size": shape.intermediate_size,
+        "vocab_size": shape.vocab_size,
+        "padded_vocab_size": shape.vocab_size,
+        "rope_base": shape.rope_theta,
+        "norm_eps": shape.norm_eps,
+        "qk_bias": shape.qk_bias,
+        "tie_embeddings": shape.tie_embeddings,
+        "block_size": context,
+        "bias": False,
+        "init_values": {"std": shape.init_std, "embed_scale": shape.embed_scale},
+    }
 
 
 def write_huginn_folder(network: nn.Module, out: Path, context: int) -> None:
@@ -196,8 +232,9 @@ def write_huginn_folder(network: nn.Module, out: Path, context: int) -> None:
     assert isinstance(network, RecurrentNet)
     shape = network.shape
     state = network.state_dict()
-    tensors = {src: state[dst].detach().to(torch.float32).contiguous().clone()
-               for dst, src in huginn_key_map(shape).items()}
+    tensors = {
+        src: state[dst].detach().to(torch.float32).contiguous().clone() for dst, src in huginn_key_map(shape).items()
+    }
     if shape.tie_embeddings:  # Huginn's file declares lm_head tied to wte; write it, as save_pretrained does
         tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
     out.mkdir(parents=True, exist_ok=True)

@@ -82,27 +82,34 @@ class RecurrentFamily(Family):
         return self._shared
 
     def architectures(self) -> Architectures:
-        return Architectures("recurrent-depth (Huginn) language models", [
-            {"name": "huginn-tiny-shakespeare", "prelude/core/coda": "1/2/1", "hidden": 128, "heads": 4},
-            {"name": "huginn-lm1b (the paper's)", "prelude/core/coda": "2/4/2", "hidden": 512, "heads": 8},
-            {"name": "huginn-0125", "prelude/core/coda": "2/4/2", "hidden": 5280, "heads": 55},
-        ], ["the source's depth is model.mean_recurrence recurrences; B = 1 (the default) trains the one shared core"])
+        return Architectures(
+            "recurrent-depth (Huginn) language models",
+            [
+                {"name": "huginn-tiny-shakespeare", "prelude/core/coda": "1/2/1", "hidden": 128, "heads": 4},
+                {"name": "huginn-lm1b (the paper's)", "prelude/core/coda": "2/4/2", "hidden": 512, "heads": 8},
+                {"name": "huginn-0125", "prelude/core/coda": "2/4/2", "hidden": 5280, "heads": 55},
+            ],
+            ["the source's depth is model.mean_recurrence recurrences; B = 1 (the default) trains the one shared core"],
+        )
 
     # -- split -----------------------------------------------------------------------------
 
     def source(self, recipe: "Recipe") -> Source:
         cfg = _cfg(recipe)
         shape = cfg.shape()
-        notes = [f"the source's depth is its mean recurrence, {shape.mean_recurrence} applications of the "
-                 f"{shape.core_layers}-layer core; every block holds a whole copy of the network "
-                 f"({shape.prelude_layers}/{shape.core_layers}/{shape.coda_layers} prelude/core/coda layers)"]
+        notes = [
+            f"the source's depth is its mean recurrence, {shape.mean_recurrence} applications of the "
+            f"{shape.core_layers}-layer core; every block holds a whole copy of the network "
+            f"({shape.prelude_layers}/{shape.core_layers}/{shape.coda_layers} prelude/core/coda layers)"
+        ]
         if cfg.checkpoint is None:
             state = resolve_storage_dtype(cfg, source_state(shape, cfg.init_seed), fresh=True)
             return Source(state, shape.mean_recurrence, notes=notes, shape=shape, build=lambda: RecurrentNet(shape))
         huginn, files = read_huginn(cfg.checkpoint, shape)
         state = resolve_storage_dtype(cfg, source_state(shape, cfg.init_seed, huginn), checkpoint=huginn)
-        return Source(state, shape.mean_recurrence, notes=notes, files=files, shape=shape,
-                      build=lambda: RecurrentNet(shape))
+        return Source(
+            state, shape.mean_recurrence, notes=notes, files=files, shape=shape, build=lambda: RecurrentNet(shape)
+        )
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         """The whole network whatever `depth` (the recurrences a block owns): the core is the block."""
@@ -121,10 +128,15 @@ class RecurrentFamily(Family):
         shared = run_dir / "shared"
         table = target_table(source.state["transformer.wte.weight"].to(torch.float32), cfg.target_dim)
         save_weights(shared / TARGETS_FILE, {"table": table})
-        tok = prepare_run_tokenizer(shared, cfg.tokenizer, cfg.checkpoint if cfg.checkpoint and
-                                    Path(cfg.checkpoint).expanduser().is_dir() else None, cfg.train_tokenizer,
-                                    lambda: read_documents(recipe.data, recipe.data.split), cfg.vocab_size,
-                                    cfg.tokenizer_type)
+        tok = prepare_run_tokenizer(
+            shared,
+            cfg.tokenizer,
+            cfg.checkpoint if cfg.checkpoint and Path(cfg.checkpoint).expanduser().is_dir() else None,
+            cfg.train_tokenizer,
+            lambda: read_documents(recipe.data, recipe.data.split),
+            cfg.vocab_size,
+            cfg.tokenizer_type,
+        )
         tok.check_vocab(cfg.vocab_size)
 
     # -- training --------------------------------------------------------------------------
@@ -150,16 +162,36 @@ class RecurrentFamily(Family):
         tok.check_vocab(cfg.vocab_size)
         return load_text(recipe.data, tok, cfg.context, split)
 
-    def training_loss(self, denoiser: nn.Module, batch: Any, sigma_range: tuple[float, float], recipe: "Recipe",
-                      generator: torch.Generator,
-                      shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self,
+        denoiser: nn.Module,
+        batch: Any,
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The Llama family's text objective, one forward per step (sigma from the EDM log-normal)."""
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
-        return diffusion_loss(denoiser, batch[0], sigma_range, generator, shard, weighting,  # type: ignore[arg-type]
-                              _cfg(recipe).loss_chunk)
+        return diffusion_loss(
+            denoiser,
+            batch[0],
+            sigma_range,
+            generator,
+            shard,
+            weighting,  # type: ignore[arg-type]
+            _cfg(recipe).loss_chunk,
+        )
 
-    def heldout_metrics(self, model: nn.Module, batch: list[torch.Tensor], sigma_range: tuple[float, float],
-                        recipe: "Recipe", generator: torch.Generator, objective: str = "denoiser") -> dict[str, float]:
+    def heldout_metrics(
+        self,
+        model: nn.Module,
+        batch: list[torch.Tensor],
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        objective: str = "denoiser",
+    ) -> dict[str, float]:
         if objective == REFERENCE:  # eval mode: r = mean recurrence, a fixed initial state
             return heldout_ar_metrics(model, batch[0])
         return heldout_diffusion_metrics(model, batch[0], sigma_range, generator)  # type: ignore[arg-type]
@@ -174,12 +206,14 @@ class RecurrentFamily(Family):
         assert isinstance(network, RecurrentNet)
         return HuginnLM(network, recipe.sample.seed)
 
-    def reference_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
-                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def reference_loss(
+        self, model: nn.Module, batch: Any, recipe: "Recipe", shard: tuple[int, int] = (0, 1)
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         return recurrent_loss(model, batch[0], shard)
 
-    def training_schedule(self, run: "Run", target: str, recipe: "Recipe",
-                          note: Callable[[str], None] | None = None) -> Callable[[nn.Module, int], None] | None:
+    def training_schedule(
+        self, run: "Run", target: str, recipe: "Recipe", note: Callable[[str], None] | None = None
+    ) -> Callable[[nn.Module, int], None] | None:
         """Huginn's training draws r and s_0 per step: the step index and seed it draws them from (resume-exact)."""
         if target != REFERENCE:
             return None
@@ -195,16 +229,20 @@ class RecurrentFamily(Family):
 
     def check_export(self, model: str, out: Path) -> None:
         if model not in ("source", REFERENCE):
-            raise RunError(f"a recurrent {model} network is a denoiser whose sigma modulation and noisy-input path a "
-                           "Huginn checkpoint cannot hold; export --model source or --model recurrent")
+            raise RunError(
+                f"a recurrent {model} network is a denoiser whose sigma modulation and noisy-input path a "
+                "Huginn checkpoint cannot hold; export --model source or --model recurrent"
+            )
         if out.suffix in (".safetensors", ".pt", ".bin", ".json"):
             raise RunError(f"a recurrent export is a folder (Huginn's layout), not a {out.suffix} file; give a folder")
 
     def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
         write_huginn_folder(network, out, int(_cfg(run.recipe).context))
         save_pretrained_tokenizer(self._shared_dir(), out)
-        return ["Huginn's key layout (transformer.*, lm_head) and a config.json in its names; the diffusion path "
-                "(noisy_in, sigma_embed, adaLN_modulation) was left out"]
+        return [
+            "Huginn's key layout (transformer.*, lm_head) and a config.json in its names; the diffusion path "
+            "(noisy_in, sigma_embed, adaLN_modulation) was left out"
+        ]
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -220,9 +258,17 @@ class RecurrentFamily(Family):
         cfg = _cfg(recipe)
         return [torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=generator)]
 
-    def decoding_rates(self, recipe: "Recipe", blocks: int, batch: int, device: torch.device, repeats: int,
-                       warmup: int, new_tokens: int | None = None,
-                       on_progress: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    def decoding_rates(
+        self,
+        recipe: "Recipe",
+        blocks: int,
+        batch: int,
+        device: torch.device,
+        repeats: int,
+        warmup: int,
+        new_tokens: int | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any] | None:
         """Whole decodes, tokens/s: the blocks at sample.steps Euler steps per token (each one core + coda + head)
         against Huginn decoding at r = mean recurrence (r core applications + coda + head per token), both with
         their KV caches, on the same random prompts, prefill included (`llama.decode_bench`'s lengths)."""
@@ -247,18 +293,21 @@ class RecurrentFamily(Family):
         huginn = self.wrap(REFERENCE, recipe, RecurrentNet(cfg.shape()), noise).to(device).eval()
         models = [self.wrap("blocks", recipe, RecurrentNet(cfg.shape()), noise).to(device).eval() for _ in plans]
         owned = [tuple(p["owned_range"]) for p in plans]
-        rows = torch.randint(0, cfg.vocab_size, (batch, prompt),
-                             generator=torch.Generator().manual_seed(recipe.train.seed)).tolist()
+        rows = torch.randint(
+            0, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(recipe.train.seed)
+        ).tolist()
         seeds = list(range(batch))
         steps = recipe.sample.steps
         runs: dict[str, Callable[[], Any]] = {
-            REFERENCE: lambda: ancestral(huginn.net, rows, Decoding(new, cfg.context, (), 0, temperature=0.0), seeds,
-                                         device),
-            "blocks": lambda: diffuse(models, owned, rows, Decoding(new, cfg.context, (), 0, steps=steps), seeds,
-                                      device),
-            "blocks (separate extend)": lambda: diffuse(models, owned, rows, Decoding(new, cfg.context, (), 0,
-                                                                                      steps=steps), seeds, device,
-                                                        fuse=False),
+            REFERENCE: lambda: ancestral(
+                huginn.net, rows, Decoding(new, cfg.context, (), 0, temperature=0.0), seeds, device
+            ),
+            "blocks": lambda: diffuse(
+                models, owned, rows, Decoding(new, cfg.context, (), 0, steps=steps), seeds, device
+            ),
+            "blocks (separate extend)": lambda: diffuse(
+                models, owned, rows, Decoding(new, cfg.context, (), 0, steps=steps), seeds, device, fuse=False
+            ),
         }
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         for rep in range(warmup + repeats):
@@ -269,14 +318,23 @@ class RecurrentFamily(Family):
                 if rep >= warmup:
                     seconds[name].append(took)
         rate = {name: batch * new / statistics.median(s) for name, s in seconds.items()}
-        return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new, "steps": steps,
-                "protocol": f"default ({steps} Euler steps per token vs r = {cfg.mean_recurrence})",
-                "layers": source_depth(recipe), "tokens_per_s": rate, "reference": REFERENCE,
-                "blocks_over_ar": rate["blocks"] / rate[REFERENCE],
-                "unfused_over_ar": rate["blocks (separate extend)"] / rate[REFERENCE], "raw_seconds": seconds}
+        return {
+            "batch": batch,
+            "prompt_tokens": prompt,
+            "new_tokens": new,
+            "steps": steps,
+            "protocol": f"default ({steps} Euler steps per token vs r = {cfg.mean_recurrence})",
+            "layers": source_depth(recipe),
+            "tokens_per_s": rate,
+            "reference": REFERENCE,
+            "blocks_over_ar": rate["blocks"] / rate[REFERENCE],
+            "unfused_over_ar": rate["blocks (separate extend)"] / rate[REFERENCE],
+            "raw_seconds": seconds,
+        }
 
-    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
-                      sigma: float) -> Callable[[], Any]:
+    def sampling_step(
+        self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor], sigma: float
+    ) -> Callable[[], Any]:
         """Denoiser: one denoising step of the next token over a KV cache of the row; Huginn: one token (r
         recurrences) over its cache."""
         tokens = batch[0][:, :-1]

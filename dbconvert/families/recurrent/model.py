@@ -30,8 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbconvert.families.llama.model import (RMSNorm, SigmaEmbedder, append_to_cache, block_diffusion_mask,
-                                            decode_geometry)
+from dbconvert.families.llama.model import (
+    RMSNorm,
+    SigmaEmbedder,
+    append_to_cache,
+    block_diffusion_mask,
+    decode_geometry,
+)
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -102,8 +107,9 @@ class Attention(nn.Module):
             self.qk_bias = nn.Parameter(torch.zeros(2, 1, s.num_heads, s.head_dim))
         self.proj = nn.Linear(s.hidden_size, s.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, past: KV | None
+    ) -> tuple[torch.Tensor, KV]:
         """x (B, S, H); mask True = may attend (None: causal over x alone); past = cached keys/values."""
         b, n, _ = x.shape
         s = self.s
@@ -155,8 +161,14 @@ class SandwichBlock(nn.Module):
             nn.init.zeros_(self.adaLN_modulation[1].weight)
             nn.init.zeros_(self.adaLN_modulation[1].bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cond: torch.Tensor | None = None, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cond: torch.Tensor | None = None,
+        past: KV | None = None,
+    ) -> tuple[torch.Tensor, KV]:
         """cond (B or 1, N, H): the sigma embedding of the LAST N columns of x; the others get no modulation."""
         if cond is None:
             h, kv = self.attn(self.norm_1(x), rope, mask, past)
@@ -165,8 +177,13 @@ class SandwichBlock(nn.Module):
         mod = self.adaLN_modulation(cond)
         clean = x.shape[1] - cond.shape[1]
         if clean:
-            mod = torch.cat([mod.new_zeros(mod.shape[0], clean, mod.shape[2]).expand(x.shape[0], -1, -1),
-                             mod.expand(x.shape[0], -1, -1)], dim=1)
+            mod = torch.cat(
+                [
+                    mod.new_zeros(mod.shape[0], clean, mod.shape[2]).expand(x.shape[0], -1, -1),
+                    mod.expand(x.shape[0], -1, -1),
+                ],
+                dim=1,
+            )
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         h, kv = self.attn(self.norm_1(x) * (1 + scale1) + shift1, rope, mask, past)
         x = self.norm_2(x + (1 + gate1) * h)
@@ -204,20 +221,22 @@ class RecurrentNet(nn.Module):
     def __init__(self, shape: RecurrentShape) -> None:
         super().__init__()
         self.shape = s = shape
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(s.vocab_size, s.hidden_size),
-            prelude=nn.ModuleList(SandwichBlock(s, False) for _ in range(s.prelude_layers)),
-            adapter=nn.Linear(2 * s.hidden_size, s.hidden_size, bias=False),
-            core_block=nn.ModuleList(SandwichBlock(s, True) for _ in range(s.core_layers)),
-            coda=nn.ModuleList(SandwichBlock(s, True) for _ in range(s.coda_layers)),
-            ln_f=RMSNorm(s.hidden_size, s.norm_eps),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(s.vocab_size, s.hidden_size),
+                prelude=nn.ModuleList(SandwichBlock(s, False) for _ in range(s.prelude_layers)),
+                adapter=nn.Linear(2 * s.hidden_size, s.hidden_size, bias=False),
+                core_block=nn.ModuleList(SandwichBlock(s, True) for _ in range(s.core_layers)),
+                coda=nn.ModuleList(SandwichBlock(s, True) for _ in range(s.coda_layers)),
+                ln_f=RMSNorm(s.hidden_size, s.norm_eps),
+            )
+        )
         if not s.tie_embeddings:
             self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
         self.noisy_in = nn.Linear(s.target_size, s.hidden_size, bias=s.noisy_anchor)
         self.sigma_embed = SigmaEmbedder(s.hidden_size, s.sigma_features)
         half = torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim
-        self.register_buffer("inv_freq", 1.0 / (s.rope_theta ** half), persistent=False)
+        self.register_buffer("inv_freq", 1.0 / (s.rope_theta**half), persistent=False)
         self.register_buffer("table", None, persistent=False)  # the run's target table (the denoiser attaches it)
         self.clean_gain = 2.0
         """c_in(0) = 1 / sigma_data: the gain of a clean column's target embedding (the denoiser sets it)."""
@@ -241,9 +260,15 @@ class RecurrentNet(nn.Module):
             return hn @ self.transformer.wte.weight.T.to(hn.dtype)
         return self.lm_head(hn)
 
-    def stack(self, layers: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-              mask: torch.Tensor | None, cond: torch.Tensor | None = None,
-              past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+    def stack(
+        self,
+        layers: nn.ModuleList,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cond: torch.Tensor | None = None,
+        past: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
         new = []
         for i, layer in enumerate(layers):
             x, kv = layer(x, rope, mask, cond, None if past is None else past[i])
@@ -253,24 +278,32 @@ class RecurrentNet(nn.Module):
     def adapt(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.transformer.adapter(torch.cat([state, e.to(state.dtype)], dim=-1))
 
-    def read_out(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                 cond: torch.Tensor | None = None, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+    def read_out(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cond: torch.Tensor | None = None,
+        past: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
         """ln_f, the coda, ln_f again (Huginn normalises the last state before the coda and after it)."""
         x, kv = self.stack(self.transformer.coda, self.transformer.ln_f(h), rope, mask, cond, past)
         return self.transformer.ln_f(x), kv
 
     # -- Huginn: the recurrent forward ---------------------------------------------------------
 
-    def initial_state(self, shape: tuple[int, ...], generator: torch.Generator | None,
-                      device: torch.device | None = None) -> torch.Tensor:
+    def initial_state(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | None = None
+    ) -> torch.Tensor:
         """Huginn's s_0: a normal of std init_std truncated at +-3 std (by inverse CDF), times embed_scale."""
         lo = 0.5 * (1 + math.erf(-3 / math.sqrt(2)))
         u = lo + (1 - 2 * lo) * torch.rand(shape, generator=generator, dtype=torch.float64)
         x = torch.special.ndtri(u) * self.shape.init_std * self.shape.embed_scale
         return x.to(torch.float32).to(device)
 
-    def recurrent_logits(self, tokens: torch.Tensor, state: torch.Tensor, no_grad_steps: int,
-                         grad_steps: int) -> torch.Tensor:
+    def recurrent_logits(
+        self, tokens: torch.Tensor, state: torch.Tensor, no_grad_steps: int, grad_steps: int
+    ) -> torch.Tensor:
         """Huginn's causal LM forward: logits (B, T, V) after no_grad_steps core applications without gradient
         and grad_steps with it, from `state` (B, T, H) (truncated backpropagation through the recurrence)."""
         b, t = tokens.shape
@@ -284,16 +317,24 @@ class RecurrentNet(nn.Module):
             x, _ = self.stack(self.transformer.core_block, self.adapt(x, e), rope, None)
         return self.head(self.read_out(x, rope, None)[0])
 
-    def recurrent_extend(self, cache: RecurrentCache | None, tokens: torch.Tensor, start: int, steps: int,
-                         state: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[RecurrentCache, torch.Tensor]:
+    def recurrent_extend(
+        self,
+        cache: RecurrentCache | None,
+        tokens: torch.Tensor,
+        start: int,
+        steps: int,
+        state: torch.Tensor,
+        pad: torch.Tensor | None = None,
+    ) -> tuple[RecurrentCache, torch.Tensor]:
         """Huginn decoding: append tokens (B, m) at columns start.. with `steps` recurrences (each its own
         cache, as Huginn's cache keeps one per recurrence), from `state` (B, m, H); logits of the last one."""
         b, m = tokens.shape
         columns = torch.arange(start, start + m, device=tokens.device)
         positions, mask = decode_geometry(columns, start + m, pad, b)
         rope = self.rope(positions)
-        e, kv = self.stack(self.transformer.prelude, self.embed(tokens), rope, mask,
-                           past=None if cache is None else cache.prelude)
+        e, kv = self.stack(
+            self.transformer.prelude, self.embed(tokens), rope, mask, past=None if cache is None else cache.prelude
+        )
         new = RecurrentCache(append_to_cache(None if cache is None else cache.prelude, kv))
         x = state.to(e.dtype)
         for i in range(steps):
@@ -316,20 +357,36 @@ class RecurrentNet(nn.Module):
             raise RuntimeError("the diffusion forward needs the run's target table: call attach_table first")
         return self.noisy_in(self.clean_gain * self.table[tokens].to(self.noisy_in.weight.dtype))
 
-    def context(self, tokens: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: BlockCache | None) -> tuple[torch.Tensor, list[KV]]:
+    def context(
+        self,
+        tokens: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: BlockCache | None,
+    ) -> tuple[torch.Tensor, list[KV]]:
         """Prelude outputs of clean tokens (B, m, H) and their keys/values (over the cached prefix)."""
-        return self.stack(self.transformer.prelude, self.embed(tokens), rope, mask,
-                          past=None if cache is None else cache.kv[:self.shape.prelude_layers])
+        return self.stack(
+            self.transformer.prelude,
+            self.embed(tokens),
+            rope,
+            mask,
+            past=None if cache is None else cache.kv[: self.shape.prelude_layers],
+        )
 
-    def denoise_layers(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                       cond: torch.Tensor, cache: BlockCache | None) -> tuple[torch.Tensor, list[KV]]:
+    def denoise_layers(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cond: torch.Tensor,
+        cache: BlockCache | None,
+    ) -> tuple[torch.Tensor, list[KV]]:
         """Core once, ln_f, coda, ln_f over core inputs x; the last cond.shape[1] columns are noisy."""
         p, c = self.shape.prelude_layers, self.shape.core_layers
         past = None if cache is None else cache.kv
-        core_past = None if past is None else past[p:p + c]
+        core_past = None if past is None else past[p : p + c]
         x, core_kv = self.stack(self.transformer.core_block, x, rope, mask, cond, core_past)
-        h, coda_kv = self.read_out(x, rope, mask, cond, None if past is None else past[p + c:])
+        h, coda_kv = self.read_out(x, rope, mask, cond, None if past is None else past[p + c :])
         return h, core_kv + coda_kv
 
     def hidden_train(self, tokens: torch.Tensor, noisy: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
@@ -344,8 +401,9 @@ class RecurrentNet(nn.Module):
         h, _ = self.denoise_layers(x, rope, block_diffusion_mask(t, tokens.device), self.sigma_embed(c_noise), None)
         return h[:, t:]
 
-    def extend(self, cache: BlockCache | None, tokens: torch.Tensor, start: int,
-               pad: torch.Tensor | None = None) -> tuple[BlockCache, None]:
+    def extend(
+        self, cache: BlockCache | None, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None
+    ) -> tuple[BlockCache, None]:
         """Append clean tokens (B, m) at columns start.. to a denoiser's cache (the unfused path of decoding)."""
         b, m = tokens.shape
         columns = torch.arange(start, start + m, device=tokens.device)
@@ -357,13 +415,14 @@ class RecurrentNet(nn.Module):
         p = self.shape.prelude_layers
         past = None if cache is None else cache.kv
         x, core_kv = self.stack(self.transformer.core_block, x, rope, mask, None, None if past is None else past[p:])
-        _, coda_kv = self.read_out(x, rope, mask, None, None if past is None else past[p + self.shape.core_layers:])
+        _, coda_kv = self.read_out(x, rope, mask, None, None if past is None else past[p + self.shape.core_layers :])
         kv = append_to_cache(None if cache is None else cache.kv, pre_kv + core_kv + coda_kv)
         return BlockCache(kv, e[:, -1]), None
 
     @staticmethod
-    def previous_context(cache: BlockCache | None, e: torch.Tensor, batch: int, start: int,
-                         pad: torch.Tensor | None) -> torch.Tensor:
+    def previous_context(
+        cache: BlockCache | None, e: torch.Tensor, batch: int, start: int, pad: torch.Tensor | None
+    ) -> torch.Tensor:
         """e_{i-1} for the columns start.. of e and the one after them (B, m + 1, H): the cache's last, then e;
         zero where column i - 1 is left padding (a row's first token has no context, as in training)."""
         first = e.new_zeros(batch, 1, e.shape[2]) if cache is None else cache.last_e[:, None].to(e.dtype)
@@ -373,8 +432,14 @@ class RecurrentNet(nn.Module):
             out = out * (columns[None, :] > pad.to(e.device)[:, None])[..., None].to(out.dtype)
         return out
 
-    def noisy_hidden(self, cache: BlockCache | None, noisy: torch.Tensor, c_noise: torch.Tensor, position: int,
-                     pad: torch.Tensor | None = None) -> torch.Tensor:
+    def noisy_hidden(
+        self,
+        cache: BlockCache | None,
+        noisy: torch.Tensor,
+        c_noise: torch.Tensor,
+        position: int,
+        pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Normed final hidden state (B, H) of one noisy query (B, 1, target) at column `position`, conditioned on
         the cache's last prelude output and attending to the cached clean prefix and itself."""
         b = noisy.shape[0]
@@ -389,8 +454,14 @@ class RecurrentNet(nn.Module):
         h, _ = self.denoise_layers(x, self.rope(positions), mask, self.sigma_embed(c_noise), cache)
         return h[:, -1]
 
-    def extend_and_query(self, cache: BlockCache | None, clean: torch.Tensor, noisy: torch.Tensor,
-                         c_noise: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[BlockCache, torch.Tensor]:
+    def extend_and_query(
+        self,
+        cache: BlockCache | None,
+        clean: torch.Tensor,
+        noisy: torch.Tensor,
+        c_noise: torch.Tensor,
+        pad: torch.Tensor | None = None,
+    ) -> tuple[BlockCache, torch.Tensor]:
         """`extend` by the clean tokens (B, m) and `noisy_hidden` of the next column in ONE forward (the same
         function; the layers' weights are read once per token, as Llama's)."""
         b, m = clean.shape
@@ -399,11 +470,12 @@ class RecurrentNet(nn.Module):
         positions, mask = decode_geometry(columns, start + m + 1, pad, b)
         rope_all = self.rope(positions)
         rope_clean = (rope_all[0][:, :m], rope_all[1][:, :m])
-        pre_mask = mask[..., :m, :start + m]
+        pre_mask = mask[..., :m, : start + m]
         e, pre_kv = self.context(clean, rope_clean, pre_mask, cache)
         e_prev = self.previous_context(cache, e, b, start, pad)  # (B, m + 1, H): columns start .. start + m
-        x = torch.cat([self.adapt(self.clean_state(clean), e_prev[:, :m]),
-                       self.adapt(self.noisy_in(noisy), e_prev[:, m:])], dim=1)
+        x = torch.cat(
+            [self.adapt(self.clean_state(clean), e_prev[:, :m]), self.adapt(self.noisy_in(noisy), e_prev[:, m:])], dim=1
+        )
         h, kv = self.denoise_layers(x, rope_all, mask, self.sigma_embed(c_noise), cache)
         clean_kv = [(k[:, :, :m], v[:, :, :m]) for k, v in kv]  # the noisy query's keys are never cached
         new = append_to_cache(None if cache is None else cache.kv, pre_kv + clean_kv)

@@ -51,8 +51,9 @@ class HuginnLM(nn.Module):
     def net(self) -> "HuginnLM":
         return self
 
-    def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None,
-                steps: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, state: torch.Tensor | None = None, steps: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         s = self.model.shape
         if state is None:
             gen = torch.Generator().manual_seed(self.state_seed)
@@ -64,12 +65,15 @@ class HuginnLM(nn.Module):
         """Initial states of columns start..start+m-1 (B, m, H): one generator per column, the same for every row,
         so a row decodes the same in any batch."""
         h = self.model.shape.hidden_size
-        rows = [self.model.initial_state((h,), torch.Generator().manual_seed(self.state_seed * 1_000_003 + c))
-                for c in range(start, start + m)]
+        rows = [
+            self.model.initial_state((h,), torch.Generator().manual_seed(self.state_seed * 1_000_003 + c))
+            for c in range(start, start + m)
+        ]
         return torch.stack(rows)[None].expand(batch, -1, -1).to(device)
 
-    def extend(self, cache: RecurrentCache | None, tokens: torch.Tensor, start: int,
-               pad: torch.Tensor | None = None) -> tuple[RecurrentCache, torch.Tensor]:
+    def extend(
+        self, cache: RecurrentCache | None, tokens: torch.Tensor, start: int, pad: torch.Tensor | None = None
+    ) -> tuple[RecurrentCache, torch.Tensor]:
         """Append tokens (B, m) at columns start.. (r = mean recurrence); returns (cache, logits of the last)."""
         state = self.column_state(start, tokens.shape[1], tokens.shape[0], tokens.device)
         return self.model.recurrent_extend(cache, tokens, start, self.model.shape.mean_recurrence, state, pad)
@@ -91,8 +95,9 @@ def step_generator(network: RecurrentNet) -> torch.Generator:
     return torch.Generator().manual_seed(seed % (2**63))
 
 
-def recurrent_loss(model: nn.Module, tokens: torch.Tensor,
-                   shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+def recurrent_loss(
+    model: nn.Module, tokens: torch.Tensor, shard: tuple[int, int] = (0, 1)
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Huginn's training loss: next-token cross-entropy after r ~ Poisson-log-normal recurrences from a random
     state, gradients through the last k (model.backprop_depth) only. Randomness: the global batch's states are
     drawn and this rank's slice kept (`shard`), r is the same on every rank."""
@@ -106,8 +111,12 @@ def recurrent_loss(model: nn.Module, tokens: torch.Tensor,
     state = net.initial_state((n, inputs.shape[1], s.hidden_size), gen)[keep].to(tokens.device)
     logits = model(inputs, state, (no_grad, grad))
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
-    return loss, {"ce": loss.item(), "ppl": math.exp(min(loss.item(), 50.0)), "recurrence": float(no_grad + grad),
-                  "backprop_steps": float(grad)}
+    return loss, {
+        "ce": loss.item(),
+        "ppl": math.exp(min(loss.item(), 50.0)),
+        "recurrence": float(no_grad + grad),
+        "backprop_steps": float(grad),
+    }
 
 
 class RecurrentDenoiser(LlamaDenoiser):

@@ -42,21 +42,38 @@ def timm_arch(name: str) -> ViTArch:
     import torch
 
     if name not in timm.list_models():
-        raise ValueError(f"model.arch {name!r} is neither one of {', '.join(ARCHS)} nor a timm architecture name "
-                         "(e.g. vit_tiny_patch16_224)")
+        raise ValueError(
+            f"model.arch {name!r} is neither one of {', '.join(ARCHS)} nor a timm architecture name "
+            "(e.g. vit_tiny_patch16_224)"
+        )
     with torch.device("meta"):
         net = timm.create_model(name, pretrained=False)
     if type(net).__name__ != "VisionTransformer":
         raise ValueError(f"model.arch {name!r} is a timm {type(net).__name__}, not a VisionTransformer")
     block = net.blocks[0]
-    plain = (net.has_class_token and net.reg_token is None and not net.no_embed_class and net.global_pool == "token"
-             and type(block.ls1).__name__ == "Identity" and type(block.attn.q_norm).__name__ == "Identity"
-             and type(net.norm_pre).__name__ == "Identity" and type(net.fc_norm).__name__ == "Identity")
+    plain = (
+        net.has_class_token
+        and net.reg_token is None
+        and not net.no_embed_class
+        and net.global_pool == "token"
+        and type(block.ls1).__name__ == "Identity"
+        and type(block.attn.q_norm).__name__ == "Identity"
+        and type(net.norm_pre).__name__ == "Identity"
+        and type(net.fc_norm).__name__ == "Identity"
+    )
     if not plain:
-        raise ValueError(f"model.arch {name!r} is a timm ViT variant (register tokens, layer scale, pooling or "
-                         "extra norms) this family does not convert; use a plain ViT such as vit_small_patch16_224")
-    return ViTArch(net.patch_embed.patch_size[0], net.embed_dim, len(net.blocks), block.attn.num_heads,
-                   block.mlp.fc1.out_features / net.embed_dim, net.patch_embed.img_size[0])
+        raise ValueError(
+            f"model.arch {name!r} is a timm ViT variant (register tokens, layer scale, pooling or "
+            "extra norms) this family does not convert; use a plain ViT such as vit_small_patch16_224"
+        )
+    return ViTArch(
+        net.patch_embed.patch_size[0],
+        net.embed_dim,
+        len(net.blocks),
+        block.attn.num_heads,
+        block.mlp.fc1.out_features / net.embed_dim,
+        net.patch_embed.img_size[0],
+    )
 
 
 def arch_sizes(name: str) -> ViTArch:
@@ -126,9 +143,17 @@ class ViTConfig(ModelConfig):
     def shape(self, depth: int | None = None) -> ViTShape:
         a = arch_sizes(self.arch)
         return ViTShape(
-            img_size=self.img_size, patch_size=self.patch_size or a.patch_size, in_chans=self.in_chans,
-            num_classes=self.num_classes, embed_dim=self.embed_dim or a.embed_dim,
-            depth=depth or self.depth or a.depth, num_heads=self.num_heads or a.num_heads,
-            mlp_ratio=self.mlp_ratio or a.mlp_ratio, norm_eps=self.norm_eps, dropout=self.dropout,
-            label_token=self.label_token, adaln_rank=self.adaln_rank, global_pool=self.global_pool or "token",
+            img_size=self.img_size,
+            patch_size=self.patch_size or a.patch_size,
+            in_chans=self.in_chans,
+            num_classes=self.num_classes,
+            embed_dim=self.embed_dim or a.embed_dim,
+            depth=depth or self.depth or a.depth,
+            num_heads=self.num_heads or a.num_heads,
+            mlp_ratio=self.mlp_ratio or a.mlp_ratio,
+            norm_eps=self.norm_eps,
+            dropout=self.dropout,
+            label_token=self.label_token,
+            adaln_rank=self.adaln_rank,
+            global_pool=self.global_pool or "token",
         )

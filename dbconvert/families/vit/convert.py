@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dbconvert.checkpoint import (KeyMap, apply_key_map, check_state, file_sha256, layer_slice_key_map,
-                                  read_checkpoint)
+from dbconvert.checkpoint import KeyMap, apply_key_map, check_state, file_sha256, layer_slice_key_map, read_checkpoint
 from dbconvert.errors import CheckpointError
 from dbconvert.families.vit.model import ViTNet, ViTShape
 from dbconvert.quiet_transformers import quiet_transformers
@@ -24,10 +23,30 @@ from dbconvert.quiet_transformers import quiet_transformers
 LABELS_FILE = "labels.safetensors"
 """RUN/shared/labels.safetensors: {"table": (num_classes, embed_dim)}, rows of unit L2 norm, fixed at split."""
 
-TIMM_SHARED = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
-               "norm.bias", "head.weight", "head.bias")
-TIMM_LAYER = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-              "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+TIMM_SHARED = (
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+    "head.weight",
+    "head.bias",
+)
+TIMM_LAYER = (
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+)
 """timm's keys below `blocks.{k}.`."""
 OWN_LAYER = ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
 """What dbconvert adds below `blocks.{k}.` (zero at conversion)."""
@@ -60,14 +79,32 @@ HF_SHARED = {
     "head.bias": "classifier.bias",
 }
 HF_LAYER = {  # layout -> (prefix, {timm name: hf name}); q, k, v listed apart (fused into qkv)
-    "v4": ("vit.encoder.layer.{k}.", {
-        "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
-        "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
-        "q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value"}),
-    "v5": ("vit.layers.{k}.", {
-        "norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
-        "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-        "q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj"}),
+    "v4": (
+        "vit.encoder.layer.{k}.",
+        {
+            "norm1": "layernorm_before",
+            "norm2": "layernorm_after",
+            "attn.proj": "attention.output.dense",
+            "mlp.fc1": "intermediate.dense",
+            "mlp.fc2": "output.dense",
+            "q": "attention.attention.query",
+            "k": "attention.attention.key",
+            "v": "attention.attention.value",
+        },
+    ),
+    "v5": (
+        "vit.layers.{k}.",
+        {
+            "norm1": "layernorm_before",
+            "norm2": "layernorm_after",
+            "attn.proj": "attention.o_proj",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+            "q": "attention.q_proj",
+            "k": "attention.k_proj",
+            "v": "attention.v_proj",
+        },
+    ),
 }
 
 
@@ -75,8 +112,10 @@ def hf_layout(state: dict[str, torch.Tensor]) -> str:
     for layout, (prefix, _) in HF_LAYER.items():
         if any(key.startswith(prefix.format(k=0)) for key in state):
             return layout
-    raise CheckpointError("the Hugging Face checkpoint has no ViT layers (no vit.encoder.layer.0. nor vit.layers.0. "
-                          "keys); is it a ViTForImageClassification?")
+    raise CheckpointError(
+        "the Hugging Face checkpoint has no ViT layers (no vit.encoder.layer.0. nor vit.layers.0. "
+        "keys); is it a ViTForImageClassification?"
+    )
 
 
 def hf_layer_map(depth: int, layout: str) -> KeyMap:
@@ -99,8 +138,13 @@ def hf_to_timm(state: dict[str, torch.Tensor], depth: int, what: str) -> dict[st
     layout = hf_layout(state)
     prefix, names = HF_LAYER[layout]
     key_map = hf_layer_map(depth, layout)
-    qkv_keys = {p + f"{names[c]}.{leaf}" for k in range(depth) for p in [prefix.format(k=k)]
-                for c in "qkv" for leaf in ("weight", "bias")}
+    qkv_keys = {
+        p + f"{names[c]}.{leaf}"
+        for k in range(depth)
+        for p in [prefix.format(k=k)]
+        for c in "qkv"
+        for leaf in ("weight", "bias")
+    }
     missing = sorted(key for key in qkv_keys if key not in state)
     if missing:
         raise CheckpointError(f"{what}: source is missing key {missing[0]!r} ({len(missing)} missing in all)")
@@ -135,11 +179,15 @@ def read_source(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str, l
         try:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
-            raise CheckpointError(f"model.checkpoint {path} is a folder without a readable config.json; give a timm "
-                                  ".pth/.safetensors file or a Hugging Face ViTForImageClassification folder") from None
+            raise CheckpointError(
+                f"model.checkpoint {path} is a folder without a readable config.json; give a timm "
+                ".pth/.safetensors file or a Hugging Face ViTForImageClassification folder"
+            ) from None
         if config.get("model_type") != "vit":
-            raise CheckpointError(f"model.checkpoint {path} is a Hugging Face {config.get('model_type')!r} model, not "
-                                  "a ViT (model_type 'vit'); use the recipe of its family")
+            raise CheckpointError(
+                f"model.checkpoint {path} is a Hugging Face {config.get('model_type')!r} model, not "
+                "a ViT (model_type 'vit'); use the recipe of its family"
+            )
         weights = folder / "model.safetensors"
         if not weights.is_file():
             weights = folder / "pytorch_model.bin"
@@ -152,20 +200,27 @@ def read_source(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str, l
 def checkpoint_shape(state: dict[str, torch.Tensor], what: str) -> dict[str, float]:
     """The sizes a timm-named state dict implies (to check against the recipe)."""
     if "x_embedder.proj.weight" in state or "y_embedder.embedding_table.weight" in state:
-        raise CheckpointError(f"{what} is a DiT checkpoint, not a ViT classifier; split it with a DiT recipe "
-                              "(model.family=dit)")
+        raise CheckpointError(
+            f"{what} is a DiT checkpoint, not a ViT classifier; split it with a DiT recipe (model.family=dit)"
+        )
     if "model.embed_tokens.weight" in state or "embed_tokens.weight" in state:
         raise CheckpointError(f"{what} is a language model checkpoint, not a ViT classifier")
     for key in ("patch_embed.proj.weight", "pos_embed", "head.weight"):
         if key not in state:
-            raise CheckpointError(f"{what}: missing key {key!r}; a timm VisionTransformer state dict (or a Hugging "
-                                  "Face ViTForImageClassification folder) is expected")
+            raise CheckpointError(
+                f"{what}: missing key {key!r}; a timm VisionTransformer state dict (or a Hugging "
+                "Face ViTForImageClassification folder) is expected"
+            )
     proj = state["patch_embed.proj.weight"]
     layers = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
     found: dict[str, float] = {
-        "patch_size": int(proj.shape[-1]), "embed_dim": int(proj.shape[0]), "in_chans": int(proj.shape[1]),
-        "depth": max(layers) + 1 if layers else 0, "num_classes": int(state["head.weight"].shape[0]),
-        "tokens": int(state["pos_embed"].shape[1])}
+        "patch_size": int(proj.shape[-1]),
+        "embed_dim": int(proj.shape[0]),
+        "in_chans": int(proj.shape[1]),
+        "depth": max(layers) + 1 if layers else 0,
+        "num_classes": int(state["head.weight"].shape[0]),
+        "tokens": int(state["pos_embed"].shape[1]),
+    }
     if "blocks.0.mlp.fc1.weight" in state:
         found["mlp_ratio"] = int(state["blocks.0.mlp.fc1.weight"].shape[0]) / found["embed_dim"]
     return found
@@ -174,28 +229,42 @@ def checkpoint_shape(state: dict[str, torch.Tensor], what: str) -> dict[str, flo
 def check_against(found: dict[str, float], shape: ViTShape, what: str) -> None:
     """One line listing every size on which the checkpoint and the recipe disagree, with the recipe key to set for
     each (issue 33: they came one at a time, as bare tensor shapes)."""
-    want = {"patch_size": shape.patch_size, "embed_dim": shape.embed_dim, "in_chans": shape.in_chans,
-            "depth": shape.depth, "num_classes": shape.num_classes, "mlp_ratio": shape.mlp_ratio}
+    want = {
+        "patch_size": shape.patch_size,
+        "embed_dim": shape.embed_dim,
+        "in_chans": shape.in_chans,
+        "depth": shape.depth,
+        "num_classes": shape.num_classes,
+        "mlp_ratio": shape.mlp_ratio,
+    }
     differ = [key for key, value in want.items() if key in found and abs(found[key] - value) > 1e-9]
     if differ:
         has = ", ".join(f"{key}={found[key]:g} (recipe {want[key]:g})" for key in differ)
         fix = " ".join(f"model.{key}={found[key]:g}" for key in differ)
-        raise CheckpointError(f"{what} differs from the recipe: {has}; set {fix} (or use a checkpoint of the "
-                              "recipe's architecture)")
+        raise CheckpointError(
+            f"{what} differs from the recipe: {has}; set {fix} (or use a checkpoint of the recipe's architecture)"
+        )
     if found["tokens"] != 1 + shape.num_patches:
-        raise CheckpointError(f"{what} has {found['tokens'] - 1} patch positions but model.img_size={shape.img_size} "
-                              f"with patch {shape.patch_size} gives {shape.num_patches}; set model.img_size to the "
-                              "checkpoint's image size")
+        raise CheckpointError(
+            f"{what} has {found['tokens'] - 1} patch positions but model.img_size={shape.img_size} "
+            f"with patch {shape.patch_size} gives {shape.num_patches}; set model.img_size to the "
+            "checkpoint's image size"
+        )
 
 
 def hf_shape_fields(config: dict, what: str) -> dict:
     """Recipe fields a Hugging Face ViTConfig fixes (compared with the recipe by `check_against`)."""
     if config.get("hidden_act", "gelu") != "gelu" or not config.get("qkv_bias", True):
-        raise CheckpointError(f"{what}: hidden_act={config.get('hidden_act')!r}, qkv_bias={config.get('qkv_bias')} "
-                              "differ from timm's ViT (gelu, qkv bias); this family does not convert it")
+        raise CheckpointError(
+            f"{what}: hidden_act={config.get('hidden_act')!r}, qkv_bias={config.get('qkv_bias')} "
+            "differ from timm's ViT (gelu, qkv bias); this family does not convert it"
+        )
     ratio = config.get("intermediate_size", 3072) / config.get("hidden_size", 768)
-    return {"norm_eps": float(config.get("layer_norm_eps", 1e-12)), "mlp_ratio": ratio,
-            "num_heads": int(config.get("num_attention_heads", 12))}
+    return {
+        "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
+        "mlp_ratio": ratio,
+        "num_heads": int(config.get("num_attention_heads", 12)),
+    }
 
 
 def load_source(net: ViTNet, timm_state: dict[str, torch.Tensor], what: str) -> None:
@@ -257,24 +326,31 @@ def label_order(id2label: dict, classes: list[str] | None, what: str) -> tuple[l
     try:
         names = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))]
     except (TypeError, ValueError):
-        raise CheckpointError(f"{what}: config.json's id2label has keys that are not class indices "
-                              f"({sorted(map(str, id2label))[:4]}); fix the config") from None
+        raise CheckpointError(
+            f"{what}: config.json's id2label has keys that are not class indices "
+            f"({sorted(map(str, id2label))[:4]}); fix the config"
+        ) from None
     if generic_labels(id2label):
         return None, None
     if classes is None:
-        return None, (f"{what}: id2label names its classes ({', '.join(names[:5])}...) but the data's classes have no "
-                      "names to match them to (a .npz or hub data set): head rows kept in the checkpoint's order, "
-                      "row k for label k")
+        return None, (
+            f"{what}: id2label names its classes ({', '.join(names[:5])}...) but the data's classes have no "
+            "names to match them to (a .npz or hub data set): head rows kept in the checkpoint's order, "
+            "row k for label k"
+        )
     if names == list(classes):
         return None, None
     if sorted(names) == sorted(classes) and len(set(names)) == len(names):
         index = {name: i for i, name in enumerate(names)}
         shown = ", ".join(classes[:5]) + ("..." if len(classes) > 5 else "")
-        return [index[c] for c in classes], (f"{what}: head rows reordered by the checkpoint's id2label to the data's "
-                                             f"class order ({shown})")
-    return None, (f"{what}: id2label names other classes ({', '.join(names[:5])}...) than the data's "
-                  f"({', '.join(classes[:5])}...): head rows kept in the checkpoint's order, row k for data class k "
-                  "(a classifier of other classes, to be trained on these)")
+        return [index[c] for c in classes], (
+            f"{what}: head rows reordered by the checkpoint's id2label to the data's class order ({shown})"
+        )
+    return None, (
+        f"{what}: id2label names other classes ({', '.join(names[:5])}...) than the data's "
+        f"({', '.join(classes[:5])}...): head rows kept in the checkpoint's order, row k for data class k "
+        "(a classifier of other classes, to be trained on these)"
+    )
 
 
 class ReorderedLogits(torch.nn.Module):
@@ -303,9 +379,11 @@ def check_function(net: ViTNet, reference: torch.nn.Module, library: str, what: 
     err = float((ours - ref).abs().max())
     tol = 1e-4 * (1.0 + float(ref.abs().max()))
     if not err <= tol:
-        raise CheckpointError(f"{what}: the converted classifier's logits differ from {library}'s forward of the same "
-                              f"weights by up to {err:.3g} (tolerance {tol:.2g}); the checkpoint's layout is not the "
-                              "one this conversion reads, so nothing was written")
+        raise CheckpointError(
+            f"{what}: the converted classifier's logits differ from {library}'s forward of the same "
+            f"weights by up to {err:.3g} (tolerance {tol:.2g}); the checkpoint's layout is not the "
+            "one this conversion reads, so nothing was written"
+        )
     return err
 
 
@@ -340,23 +418,43 @@ def export_timm_state(net: ViTNet) -> dict[str, torch.Tensor]:
 
 def timm_kwargs(shape: ViTShape) -> dict:
     """timm.create_model keyword arguments that rebuild `shape` (with the export's checkpoint_path)."""
-    return {"img_size": shape.img_size, "patch_size": shape.patch_size, "in_chans": shape.in_chans,
-            "num_classes": shape.num_classes, "embed_dim": shape.embed_dim, "depth": shape.depth,
-            "num_heads": shape.num_heads, "mlp_ratio": shape.mlp_ratio, "global_pool": shape.global_pool,
-            "fc_norm": False}
+    return {
+        "img_size": shape.img_size,
+        "patch_size": shape.patch_size,
+        "in_chans": shape.in_chans,
+        "num_classes": shape.num_classes,
+        "embed_dim": shape.embed_dim,
+        "depth": shape.depth,
+        "num_heads": shape.num_heads,
+        "mlp_ratio": shape.mlp_ratio,
+        "global_pool": shape.global_pool,
+        "fc_norm": False,
+    }
 
 
 def hf_config(shape: ViTShape):  # noqa: ANN201 - transformers.ViTConfig
     if shape.global_pool != "token":
-        raise CheckpointError(f"a Hugging Face ViTForImageClassification reads the CLS token; this run's classifier "
-                              f"pools with global_pool={shape.global_pool!r}: export to a timm .pth/.safetensors")
+        raise CheckpointError(
+            f"a Hugging Face ViTForImageClassification reads the CLS token; this run's classifier "
+            f"pools with global_pool={shape.global_pool!r}: export to a timm .pth/.safetensors"
+        )
     from transformers import ViTConfig
 
-    return ViTConfig(hidden_size=shape.embed_dim, num_hidden_layers=shape.depth, num_attention_heads=shape.num_heads,
-                     intermediate_size=shape.mlp_hidden, hidden_act="gelu", layer_norm_eps=shape.norm_eps,
-                     image_size=shape.img_size, patch_size=shape.patch_size, num_channels=shape.in_chans,
-                     num_labels=shape.num_classes, qkv_bias=shape.qkv_bias,
-                     hidden_dropout_prob=shape.dropout, attention_probs_dropout_prob=0.0)
+    return ViTConfig(
+        hidden_size=shape.embed_dim,
+        num_hidden_layers=shape.depth,
+        num_attention_heads=shape.num_heads,
+        intermediate_size=shape.mlp_hidden,
+        hidden_act="gelu",
+        layer_norm_eps=shape.norm_eps,
+        image_size=shape.img_size,
+        patch_size=shape.patch_size,
+        num_channels=shape.in_chans,
+        num_labels=shape.num_classes,
+        qkv_bias=shape.qkv_bias,
+        hidden_dropout_prob=shape.dropout,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def write_hf_folder(net: ViTNet, out: Path) -> None:

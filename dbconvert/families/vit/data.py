@@ -50,7 +50,7 @@ def augment_images(x: torch.Tensor, aug: Augment, gen: torch.Generator) -> torch
         p = aug.crop_padding
         padded = F.pad(x, (p, p, p, p), value=-1.0)
         offsets = torch.randint(0, 2 * p + 1, (n, 2), generator=gen)
-        x = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(offsets.tolist())])
+        x = torch.stack([padded[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(offsets.tolist())])
     if aug.flip:
         flip = torch.rand(n, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -84,21 +84,28 @@ def check_randaugment(config: str) -> None:
     try:
         rand_augment_transform(config, {"img_mean": (128, 128, 128)})
     except Exception as exc:  # timm asserts on a malformed string
-        raise DataError(f"model.augment.randaugment {config!r} is not a timm RandAugment string such as "
-                        f"rand-m9-n2-mstd0.5 ({type(exc).__name__})") from None
+        raise DataError(
+            f"model.augment.randaugment {config!r} is not a timm RandAugment string such as "
+            f"rand-m9-n2-mstd0.5 ({type(exc).__name__})"
+        ) from None
 
 
-def load_labelled(data_cfg: DataConfig, cfg: ViTConfig, split: str | None,
-                  train_split: bool) -> ImageData | AugmentedImages:
+def load_labelled(
+    data_cfg: DataConfig, cfg: ViTConfig, split: str | None, train_split: bool
+) -> ImageData | AugmentedImages:
     """The split's images and labels, checked against the model (shape, class count); augmented for training."""
     data = load_images(data_cfg, split)
     want = (cfg.in_chans, cfg.img_size, cfg.img_size)
     if tuple(data.x.shape[1:]) != want:
-        raise DataError(f"data set {data_cfg.source!r} has images of shape {tuple(data.x.shape[1:])} but the model "
-                        f"takes {want}; set model.img_size / model.in_chans to match (or resize the images)")
+        raise DataError(
+            f"data set {data_cfg.source!r} has images of shape {tuple(data.x.shape[1:])} but the model "
+            f"takes {want}; set model.img_size / model.in_chans to match (or resize the images)"
+        )
     if data.num_classes > cfg.num_classes or (train_split and data.num_classes != cfg.num_classes):
-        raise DataError(f"data set {data_cfg.source!r} has {data.num_classes} classes but model.num_classes is "
-                        f"{cfg.num_classes}; set model.num_classes={data.num_classes}")
+        raise DataError(
+            f"data set {data_cfg.source!r} has {data.num_classes} classes but model.num_classes is "
+            f"{cfg.num_classes}; set model.num_classes={data.num_classes}"
+        )
     aug = cfg.augment
     if train_split and (aug.crop_padding or aug.flip or aug.randaugment):
         if aug.randaugment:

@@ -23,20 +23,42 @@ import torch
 from torch import nn
 
 from dbconvert import noise as nz
-from dbconvert.checkpoint import (apply_key_map, atomic_write, load_weights, resolve_storage_dtype, save_pt,
-                                  save_weights)
+from dbconvert.checkpoint import apply_key_map, atomic_write, load_weights, resolve_storage_dtype, save_pt, save_weights
 from dbconvert.errors import CheckpointError, DbconvertError, RunError
 from dbconvert.data.images import class_names
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.vit.config import ARCHS, ViTConfig, arch_sizes
-from dbconvert.families.vit.convert import (LABELS_FILE, TIMM_SUFFIXES, ReorderedLogits, block_key_map, check_against,
-                                            check_function, checkpoint_shape, export_timm_state, hf_reference,
-                                            hf_shape_fields, hf_to_timm, is_layer_key, label_order, label_table,
-                                            load_source, read_source, timm_kwargs, timm_reference, write_hf_folder)
+from dbconvert.families.vit.convert import (
+    LABELS_FILE,
+    TIMM_SUFFIXES,
+    ReorderedLogits,
+    block_key_map,
+    check_against,
+    check_function,
+    checkpoint_shape,
+    export_timm_state,
+    hf_reference,
+    hf_shape_fields,
+    hf_to_timm,
+    is_layer_key,
+    label_order,
+    label_table,
+    load_source,
+    read_source,
+    timm_kwargs,
+    timm_reference,
+    write_hf_folder,
+)
 from dbconvert.families.vit.generate import ClassifySampleOptions
 from dbconvert.families.vit.model import ViTNet, parameter_count
-from dbconvert.families.vit.objective import (DEFAULT_WEIGHTING, WEIGHTINGS, Classifier, ViTDenoiser, classifier_loss,
-                                              diffusion_loss)
+from dbconvert.families.vit.objective import (
+    DEFAULT_WEIGHTING,
+    WEIGHTINGS,
+    Classifier,
+    ViTDenoiser,
+    classifier_loss,
+    diffusion_loss,
+)
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
@@ -74,8 +96,9 @@ class ViTFamily(Family):
     def for_bench(self, recipe: "Recipe") -> "ViTFamily":
         """Without a run: the seeded orthonormal label table of the model's shape."""
         shape = _cfg(recipe).shape()
-        return ViTFamily(table=label_table("orthonormal", torch.empty(shape.num_classes, shape.embed_dim),
-                                           _cfg(recipe).init_seed))
+        return ViTFamily(
+            table=label_table("orthonormal", torch.empty(shape.num_classes, shape.embed_dim), _cfg(recipe).init_seed)
+        )
 
     def table(self) -> torch.Tensor:
         if self._table is not None:
@@ -93,8 +116,14 @@ class ViTFamily(Family):
 
     writes_random_checkpoints = True
 
-    def random_checkpoint(self, recipe: "Recipe", folder: Path, dtype: torch.dtype, seed: int,
-                          on_tensor: Callable[[int], None] | None = None) -> list[str]:
+    def random_checkpoint(
+        self,
+        recipe: "Recipe",
+        folder: Path,
+        dtype: torch.dtype,
+        seed: int,
+        on_tensor: Callable[[int], None] | None = None,
+    ) -> list[str]:
         """A random timm-named ViT state dict of the recipe's shape as safetensors (LayerNorm weights 1), and 64
         random images of its input shape to train on."""
         from dbconvert.building import meta_specs
@@ -109,10 +138,15 @@ class ViTFamily(Family):
         folder.mkdir(parents=True, exist_ok=True)
         norm = lambda key: key.endswith("norm.weight") or ".norm1.weight" in key or ".norm2.weight" in key  # noqa: E731
         write_random_safetensors(folder / "vit.safetensors", specs, seed, ones=norm, on_tensor=on_tensor)
-        data = write_random_images(folder / "images.npz", 64, (shape.in_chans, shape.img_size, shape.img_size),
-                                   shape.num_classes, seed)
-        return [f"model.checkpoint={folder / 'vit.safetensors'}", f"data.source={data}", "data.kind=npz",
-                "model.global_pool=token"]
+        data = write_random_images(
+            folder / "images.npz", 64, (shape.in_chans, shape.img_size, shape.img_size), shape.num_classes, seed
+        )
+        return [
+            f"model.checkpoint={folder / 'vit.safetensors'}",
+            f"data.source={data}",
+            "data.kind=npz",
+            "model.global_pool=token",
+        ]
 
     def source(self, recipe: "Recipe") -> Source:
         """A fresh network (seeded) or a timm / Hugging Face checkpoint checked against the recipe."""
@@ -132,11 +166,15 @@ class ViTFamily(Family):
         if hf is not None:
             fields = hf_shape_fields(hf, what)
             if fields["num_heads"] != cfg.shape().num_heads:
-                raise CheckpointError(f"{what} has num_attention_heads={fields['num_heads']} but the recipe has "
-                                      f"model.num_heads={cfg.shape().num_heads}; set model.num_heads={fields['num_heads']}")
+                raise CheckpointError(
+                    f"{what} has num_attention_heads={fields['num_heads']} but the recipe has "
+                    f"model.num_heads={cfg.shape().num_heads}; set model.num_heads={fields['num_heads']}"
+                )
             if cfg.global_pool not in (None, "token"):
-                raise CheckpointError(f"{what} is a Hugging Face ViTForImageClassification, which reads the CLS "
-                                      f"token; drop model.global_pool={cfg.global_pool}")
+                raise CheckpointError(
+                    f"{what} is a Hugging Face ViTForImageClassification, which reads the CLS "
+                    f"token; drop model.global_pool={cfg.global_pool}"
+                )
             cfg.global_pool = "token"
             if abs(fields["mlp_ratio"] - cfg.shape().mlp_ratio) > 1e-9:
                 cfg.mlp_ratio = fields["mlp_ratio"]
@@ -148,17 +186,22 @@ class ViTFamily(Family):
                 state = {**state, "head.weight": state["head.weight"][order], "head.bias": state["head.bias"][order]}
             if label_note:
                 notes.append(label_note)
-            notes.append(f"converted from a Hugging Face ViTForImageClassification folder (layer_norm_eps="
-                         f"{cfg.norm_eps:g})")
+            notes.append(
+                f"converted from a Hugging Face ViTForImageClassification folder (layer_norm_eps={cfg.norm_eps:g})"
+            )
         elif cfg.global_pool is None:
-            raise CheckpointError(f"{what} is a timm file, which does not record its pooling (an avg-pooled ViT has "
-                                  "a CLS ViT's keys): set model.global_pool=token (the CLS token, timm's default) or "
-                                  "model.global_pool=avg (the mean of the patch tokens), as it was trained")
+            raise CheckpointError(
+                f"{what} is a timm file, which does not record its pooling (an avg-pooled ViT has "
+                "a CLS ViT's keys): set model.global_pool=token (the CLS token, timm's default) or "
+                "model.global_pool=avg (the mean of the patch tokens), as it was trained"
+            )
         else:
             heads = "model.num_heads" if cfg.num_heads else f"model.arch {cfg.arch}"
-            notes.append(f"a timm file records neither its head count nor its pooling: converted with num_heads="
-                         f"{cfg.shape().num_heads} (from {heads}) and global_pool={cfg.global_pool} (model.global_pool)"
-                         "; if it was trained otherwise, split again with model.num_heads=N / model.global_pool=...")
+            notes.append(
+                f"a timm file records neither its head count nor its pooling: converted with num_heads="
+                f"{cfg.shape().num_heads} (from {heads}) and global_pool={cfg.global_pool} (model.global_pool)"
+                "; if it was trained otherwise, split again with model.num_heads=N / model.global_pool=..."
+            )
         check_against(checkpoint_shape(state, what), cfg.shape(), what)
         torch.manual_seed(cfg.init_seed)
         net = ViTNet(cfg.shape())
@@ -180,8 +223,12 @@ class ViTFamily(Family):
 
     def block_state(self, source: Source, start: int, end: int) -> dict[str, torch.Tensor]:
         state = source.state
-        return apply_key_map(state, block_key_map(list(state), start, end), ignored=is_layer_key,
-                             what=f"ViT block of layers [{start}, {end})")
+        return apply_key_map(
+            state,
+            block_key_map(list(state), start, end),
+            ignored=is_layer_key,
+            what=f"ViT block of layers [{start}, {end})",
+        )
 
     def check_data(self, recipe: "Recipe") -> None:
         """Local images (built-in, folders, .npz) against the model at split: their shape and classes, the test
@@ -224,11 +271,20 @@ class ViTFamily(Family):
     def check_training(self, recipe: "Recipe") -> None:
         weighting = recipe.train.loss_weight
         if weighting != "default" and weighting not in WEIGHTINGS:
-            raise DbconvertError(f"train.loss_weight={weighting} is a text-family option; the ViT family weights its "
-                                 f"cross-entropy by {' or '.join(WEIGHTINGS)} (default: lambda)")
+            raise DbconvertError(
+                f"train.loss_weight={weighting} is a text-family option; the ViT family weights its "
+                f"cross-entropy by {' or '.join(WEIGHTINGS)} (default: lambda)"
+            )
 
-    def training_loss(self, denoiser: nn.Module, batch: Any, sigma_range: tuple[float, float], recipe: "Recipe",
-                      generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(
+        self,
+        denoiser: nn.Module,
+        batch: Any,
+        sigma_range: tuple[float, float],
+        recipe: "Recipe",
+        generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         self.check_training(recipe)
         weighting = DEFAULT_WEIGHTING if recipe.train.loss_weight == "default" else recipe.train.loss_weight
         return diffusion_loss(denoiser, batch, sigma_range, generator, shard, weighting)  # type: ignore[arg-type]
@@ -244,16 +300,19 @@ class ViTFamily(Family):
         assert isinstance(network, ViTNet)
         return Classifier(network)
 
-    def reference_loss(self, model: nn.Module, batch: Any, recipe: "Recipe",
-                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, float]]:
+    def reference_loss(
+        self, model: nn.Module, batch: Any, recipe: "Recipe", shard: tuple[int, int] = (0, 1)
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         return classifier_loss(model, batch)  # type: ignore[arg-type]
 
     # -- export ----------------------------------------------------------------------------
 
     def check_export(self, model: str, out: Path) -> None:
         if model not in ("source", REFERENCE):
-            raise RunError(f"a ViT {model} network is a denoiser whose noise modulation timm and Hugging Face cannot "
-                           f"hold; export --model source or --model {REFERENCE} (plain classifiers)")
+            raise RunError(
+                f"a ViT {model} network is a denoiser whose noise modulation timm and Hugging Face cannot "
+                f"hold; export --model source or --model {REFERENCE} (plain classifiers)"
+            )
 
     def export(self, run: "Run", model: str, name: str, network: nn.Module, out: Path) -> list[str]:
         """timm state dict (`.pth`/`.pt`: torch.save, `.safetensors`) or a Hugging Face folder (any other path)."""
@@ -265,15 +324,21 @@ class ViTFamily(Family):
                 save_weights(out, state)
             else:
                 atomic_write(out, lambda tmp: save_pt(state, tmp))  # byte-reproducible
-            notes = [f"load it with timm.create_model('vit_tiny_patch16_224', checkpoint_path='{out.name}', {kwargs}) "
-                     "(the architecture name only picks the class; the keyword arguments set the sizes)"]
+            notes = [
+                f"load it with timm.create_model('vit_tiny_patch16_224', checkpoint_path='{out.name}', {kwargs}) "
+                "(the architecture name only picks the class; the keyword arguments set the sizes)"
+            ]
             if abs(network.shape.norm_eps - 1e-6) > 1e-12:
-                notes.append(f"timm builds LayerNorms with eps 1e-6; this network used {network.shape.norm_eps:g}, so "
-                             "timm's outputs differ in the last digits")
+                notes.append(
+                    f"timm builds LayerNorms with eps 1e-6; this network used {network.shape.norm_eps:g}, so "
+                    "timm's outputs differ in the last digits"
+                )
             return notes
         write_hf_folder(network, out)
-        return ["load it with transformers' ViTForImageClassification.from_pretrained (pixel values in the run's "
-                "data range, [-1, 1])"]
+        return [
+            "load it with transformers' ViTForImageClassification.from_pretrained (pixel values in the run's "
+            "data range, [-1, 1])"
+        ]
 
     # -- generation ------------------------------------------------------------------------
 
@@ -291,8 +356,9 @@ class ViTFamily(Family):
         x = torch.rand((batch, *self.sample_shape(recipe)), generator=generator) * 2 - 1
         return [x, torch.randint(0, cfg.num_classes, (batch,), generator=generator)]
 
-    def sampling_step(self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor],
-                      sigma: float) -> Callable[[], Any]:
+    def sampling_step(
+        self, recipe: "Recipe", model: nn.Module, batch: list[torch.Tensor], sigma: float
+    ) -> Callable[[], Any]:
         """One classification step: the denoiser's logits at `sigma` (or the plain classifier's forward)."""
         x = batch[0]
         if isinstance(model, Classifier):
@@ -306,12 +372,25 @@ class ViTFamily(Family):
         for name in [*ARCHS, "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]:
             a = arch_sizes(name)
             cfg = ViTConfig(arch=name, img_size=a.img_size, in_chans=3, num_classes=100)
-            rows.append({"arch": name, "depth": a.depth, "width": a.embed_dim, "heads": a.num_heads,
-                         "patch": a.patch_size, "image": a.img_size, "tokens": (a.img_size // a.patch_size) ** 2 + 1,
-                         "params": f"{parameter_count(cfg.shape()) / 1e6:.2f}M"})
-        return Architectures("ViT architectures (model.arch; any plain timm ViT name works too)", rows, [
-            "params: at the listed image size, RGB, 100 classes, counted from the built network (the noise "
-            "modulation included: per layer 6 x width^2).",
-            "vit-micro / vit-mini are for 8x8 digits on a CPU (patch 2: 16 patches); vit-cifar is the paper's "
-            "CIFAR-100 ViT (12 layers, width 128, 4 heads, patch 4).",
-        ])
+            rows.append(
+                {
+                    "arch": name,
+                    "depth": a.depth,
+                    "width": a.embed_dim,
+                    "heads": a.num_heads,
+                    "patch": a.patch_size,
+                    "image": a.img_size,
+                    "tokens": (a.img_size // a.patch_size) ** 2 + 1,
+                    "params": f"{parameter_count(cfg.shape()) / 1e6:.2f}M",
+                }
+            )
+        return Architectures(
+            "ViT architectures (model.arch; any plain timm ViT name works too)",
+            rows,
+            [
+                "params: at the listed image size, RGB, 100 classes, counted from the built network (the noise "
+                "modulation included: per layer 6 x width^2).",
+                "vit-micro / vit-mini are for 8x8 digits on a CPU (patch 2: 16 patches); vit-cifar is the paper's "
+                "CIFAR-100 ViT (12 layers, width 128, 4 heads, patch 4).",
+            ],
+        )

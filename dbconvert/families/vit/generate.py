@@ -1,7 +1,8 @@
 """Classification with a ViT run: the logits after every denoising step, and `sample` (predictions written).
 
 `sample` on a ViT run classifies images: `--images DIR` (image files, or class sub-folders of them) or,
-without it, the first `--num` (default: sample.num) images of the data set's test split. It writes predictions.csv (file or
+without it, the first `--num` (default: sample.num) images of the data set's test split. It writes predictions.csv
+(file or
 index, predicted class, its probability, and the true label where known) and probs.npz (the
 probabilities of every class, after every step).
 """
@@ -42,8 +43,10 @@ def denoiser_settings(run: Run, model: str, steps: int | None, solver: str | Non
     if model not in ("blocks", "e2e"):
         for flag, value in (("--steps", steps), ("--solver", solver)):
             if value is not None:
-                raise DbconvertError(f"{flag} applies to the denoisers (blocks, e2e), not to --model {model} (a plain "
-                                     "classifier: one forward pass); drop it")
+                raise DbconvertError(
+                    f"{flag} applies to the denoisers (blocks, e2e), not to --model {model} (a plain "
+                    "classifier: one forward pass); drop it"
+                )
         return None, None
     return steps or default_steps(run, model), solver or run.recipe.sample.solver
 
@@ -54,9 +57,17 @@ def solver_tag(solver: str | None) -> str:
 
 
 @torch.no_grad()
-def step_logits(run: Run, model: str, x: torch.Tensor, steps: int | None = None, weights: str = "ema",
-                seed: int = 0, device: torch.device | None = None, batch: int = EVAL_BATCH,
-                solver: str = "euler") -> list[torch.Tensor]:
+def step_logits(
+    run: Run,
+    model: str,
+    x: torch.Tensor,
+    steps: int | None = None,
+    weights: str = "ema",
+    seed: int = 0,
+    device: torch.device | None = None,
+    batch: int = EVAL_BATCH,
+    solver: str = "euler",
+) -> list[torch.Tensor]:
     """Logits (CPU, float32) of `model` on images `x` after each denoising step; one entry for a plain classifier.
 
     `solver` (`solvers.py`) moves the noisy label between levels (`classify_steps`)."""
@@ -64,7 +75,7 @@ def step_logits(run: Run, model: str, x: torch.Tensor, steps: int | None = None,
     device = device or resolve_device(run.recipe.train.device)
     models = load_models(run, model, weights, device)
     if isinstance(models[0], Classifier):
-        return [torch.cat([models[0](x[i:i + batch].to(device)).cpu() for i in range(0, len(x), batch)])]
+        return [torch.cat([models[0](x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])]
     noise = run.noise()
     owned = run.owned_ranges() if model == "blocks" else [(noise.sigma_min, noise.sigma_max)]
     levels = cdf_levels(steps or default_steps(run, model), noise)
@@ -73,7 +84,7 @@ def step_logits(run: Run, model: str, x: torch.Tensor, steps: int | None = None,
     z_all = noise.sigma_max * torch.randn((len(x), first.table.shape[1]), generator=gen)
     per_step: list[list[torch.Tensor]] = [[] for _ in levels]
     for i in range(0, len(x), batch):
-        xb, zb = x[i:i + batch].to(device), z_all[i:i + batch].to(device)
+        xb, zb = x[i : i + batch].to(device), z_all[i : i + batch].to(device)
 
         def logits_of(k: int, z: torch.Tensor, s: float) -> torch.Tensor:
             return models[k](xb, z, torch.full((z.shape[0],), s, device=device))
@@ -102,8 +113,10 @@ def read_image_folder(folder: Path, in_chans: int, size: int) -> tuple[torch.Ten
         except Exception as exc:
             raise DataError(f"cannot read image {path} ({type(exc).__name__})") from None
         if img.size != (size, size):
-            raise DataError(f"image {path} is {img.size[0]}x{img.size[1]} but the model takes {size}x{size}; "
-                            "resize the images first")
+            raise DataError(
+                f"image {path} is {img.size[0]}x{img.size[1]} but the model takes {size}x{size}; "
+                "resize the images first"
+            )
         arr = unit_pixels(pil_pixels(img, f"image {path}"))
         if sixteen and in_chans == 3:
             arr = np.repeat(arr[..., None], 3, axis=-1)
@@ -116,8 +129,9 @@ def read_image_folder(folder: Path, in_chans: int, size: int) -> tuple[torch.Ten
 class ClassifySampleOptions:
     """A classifier's own sampling option: a folder of images to classify (default: the data set's test split)."""
 
-    images: Path | None = field(default=None, metadata=sample_flag(
-        "Classify the images in this folder (default: the test split)."))
+    images: Path | None = field(
+        default=None, metadata=sample_flag("Classify the images in this folder (default: the test split).")
+    )
 
 
 def what_tag(images: Path | str | None, names: list[str], count: int) -> str:
@@ -154,8 +168,10 @@ def classify(run: Run, request: SampleRequest) -> SampleResult:
     final = probs[-1]
     conf, pred = final.max(dim=-1)
     is_denoiser = request.model in ("blocks", "e2e")
-    tag = (f"{request.model}-classify-{what_tag(images, names, len(x))}-{steps if is_denoiser else 1}steps"
-           f"{solver_tag(solver)}-seed{seed}")
+    tag = (
+        f"{request.model}-classify-{what_tag(images, names, len(x))}-{steps if is_denoiser else 1}steps"
+        f"{solver_tag(solver)}-seed{seed}"
+    )
     tag += "" if weights == "ema" or not is_denoiser else f"-{weights}"
     out = Path(request.out) if request.out else run.root / "samples" / tag
     out.mkdir(parents=True, exist_ok=True)
@@ -163,18 +179,28 @@ def classify(run: Run, request: SampleRequest) -> SampleResult:
     writer = csv.writer(buf)
     writer.writerow(["image", "prediction", "probability", *(["label"] if labels is not None else [])])
     for i, name in enumerate(names):
-        writer.writerow([name, int(pred[i]), f"{float(conf[i]):.6f}", *([int(labels[i])] if labels is not None else [])])
+        writer.writerow(
+            [name, int(pred[i]), f"{float(conf[i]):.6f}", *([int(labels[i])] if labels is not None else [])]
+        )
     files = [out / "predictions.csv", out / "probs.npz"]
     atomic_write_text(files[0], buf.getvalue())
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, probs=probs.numpy(), prediction=pred.numpy(),
-                     **({"label": labels.numpy()} if labels is not None else {}))
+            np.savez(
+                fh,
+                probs=probs.numpy(),
+                prediction=pred.numpy(),
+                **({"label": labels.numpy()} if labels is not None else {}),
+            )
 
     atomic_write(files[1], save)
     text = []
     if labels is not None:
         text.append(f"top-1 accuracy on these {len(names)} test images: {(pred == labels).float().mean().item():.4f}")
-    return SampleResult(out, files, text=text, sampler={"steps": steps, "seed": seed, "weights": weights,
-                                                        **({"solver": solver} if solver else {})})
+    return SampleResult(
+        out,
+        files,
+        text=text,
+        sampler={"steps": steps, "seed": seed, "weights": weights, **({"solver": solver} if solver else {})},
+    )

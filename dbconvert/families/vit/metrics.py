@@ -67,9 +67,17 @@ def training_overlap(run: Run, split: str, x: torch.Tensor, log: Log) -> tuple[b
     return count > 0, count
 
 
-def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None, weights: str | None = None,
-                      seed: int | None = None, split: str = "test", num: int | None = None,
-                      solver: str | None = None, log: Log = nolog) -> dict[str, Any]:
+def evaluate_accuracy(
+    run: Run,
+    model: str = "blocks",
+    steps: int | None = None,
+    weights: str | None = None,
+    seed: int | None = None,
+    split: str = "test",
+    num: int | None = None,
+    solver: str | None = None,
+    log: Log = nolog,
+) -> dict[str, Any]:
     """Accuracy of `model` (blocks, e2e, classifier or source) on `split`: the result record (value = top-1).
 
     The denoisers step with `solver` (default: the recipe's sample.solver; `classify_steps`)."""
@@ -82,8 +90,10 @@ def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None,
     run.model_targets(model)  # one line naming the models this run has
     is_denoiser = model in ("blocks", "e2e")
     if not split.strip():
-        raise DbconvertError("--split is empty; name the labelled split to classify (test; train or all score "
-                             "the training images, and the result says so)")
+        raise DbconvertError(
+            "--split is empty; name the labelled split to classify (test; train or all score "
+            "the training images, and the result says so)"
+        )
     steps, solver = denoiser_settings(run, model, steps, solver)
     weights = weights or run.recipe.sample.weights
     seed = run.recipe.sample.seed if seed is None else seed
@@ -93,21 +103,33 @@ def evaluate_accuracy(run: Run, model: str = "blocks", steps: int | None = None,
     overlaps, overlap_images = training_overlap(run, split, x, log)
     if overlaps:
         what = f"{overlap_images} of its {n} images are" if overlap_images else "it is"
-        log(f"note: split {split!r} overlaps the training data ({what} training images): this accuracy is not a "
-            "held-out figure (the result says so)")
+        log(
+            f"note: split {split!r} overlaps the training data ({what} training images): this accuracy is not a "
+            "held-out figure (the result says so)"
+        )
     logits = step_logits(run, model, x, steps, weights, seed, solver=solver or "euler")
     final = scores(logits[-1], labels)
     result: dict[str, Any] = {
-        "metric": NAME, "model": model, "split": split, "images": n, "features": "pixels",
+        "metric": NAME,
+        "model": model,
+        "split": split,
+        "images": n,
+        "features": "pixels",
         "reference": f"{split_source(run.recipe.data, split)}:{split} labels",
         "source": {"kind": "run", "path": str(run.root.resolve())},
         "reference_overlaps_training": overlaps,
         **({"reference_overlap_images": overlap_images} if overlap_images is not None else {}),
-        "num_samples": n, "seed": seed,
+        "num_samples": n,
+        "seed": seed,
         **final,
         "per_step_top1": [(lg.argmax(-1) == labels).float().mean().item() for lg in logits],
-        "sampler": {"steps": steps, "levels": "evenly spaced in the log-normal CDF", "weights": weights, "seed": seed,
-                    **({"solver": solver} if solver not in (None, "euler") else {})},  # Euler's file names unchanged
+        "sampler": {
+            "steps": steps,
+            "levels": "evenly spaced in the log-normal CDF",
+            "weights": weights,
+            "seed": seed,
+            **({"solver": solver} if solver not in (None, "euler") else {}),
+        },  # Euler's file names unchanged
         "run": str(run.root),
     }
     if is_denoiser:
@@ -127,29 +149,38 @@ class AccuracyMetric(Metric):
     title = "top-1 accuracy"
     lower_is_better = False
     spread_label = "± s.e."
-    help = ("Classifier runs (ViT): top-1, top-5, NLL, ECE on the test split and the top-1 after every "
-            "denoising step.")
-    options = (MetricOption("split", str, "test", "The labelled split to classify."),
-               MetricOption("num", int, None, "Classify only the first N images of the split (default: all).", min=1))
+    help = "Classifier runs (ViT): top-1, top-5, NLL, ECE on the test split and the top-1 after every denoising step."
+    options = (
+        MetricOption("split", str, "test", "The labelled split to classify."),
+        MetricOption("num", int, None, "Classify only the first N images of the split (default: all).", min=1),
+    )
 
     def check(self, recipe: Any, family: Any, num: int) -> None:
         if num < 1:
             raise DbconvertError(f"--num (images to classify) must be at least 1, got {num}")
 
-    def evaluate(self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False,
-                 **options: Any) -> dict[str, Any]:
+    def evaluate(
+        self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False, **options: Any
+    ) -> dict[str, Any]:
         return evaluate_accuracy(run, model=model, log=log, **options)
 
     def spread(self, r: dict[str, Any]) -> float:
         return float(r.get("stderr_top1") or 0.0)
 
     def detail_rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
-        return [("top-1", f"{r['top1']:.4f} ± {r.get('stderr_top1', 0.0):.4f} (s.e.)"), ("top-5", f"{r['top5']:.4f}"),
-                ("NLL", f"{r['nll']:.4f}"), ("ECE", f"{r['ece']:.4f}"),
-                ("top-1 per denoising step", ", ".join(f"{v:.4f}" for v in r.get("per_step_top1", [])))]
+        return [
+            ("top-1", f"{r['top1']:.4f} ± {r.get('stderr_top1', 0.0):.4f} (s.e.)"),
+            ("top-5", f"{r['top5']:.4f}"),
+            ("NLL", f"{r['nll']:.4f}"),
+            ("ECE", f"{r['ece']:.4f}"),
+            ("top-1 per denoising step", ", ".join(f"{v:.4f}" for v in r.get("per_step_top1", []))),
+        ]
 
     def compare_columns(self) -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
-        return [("top-1", lambda r: f"{r['top1']:.4f}"), ("± s.e.", lambda r: f"{r.get('stderr_top1', 0.0):.4f}"),
-                ("top-5", lambda r: f"{r['top5']:.4f}"), ("NLL", lambda r: f"{r['nll']:.3f}"),
-                ("ECE", lambda r: f"{r['ece']:.3f}")]
-
+        return [
+            ("top-1", lambda r: f"{r['top1']:.4f}"),
+            ("± s.e.", lambda r: f"{r.get('stderr_top1', 0.0):.4f}"),
+            ("top-5", lambda r: f"{r['top5']:.4f}"),
+            ("NLL", lambda r: f"{r['nll']:.3f}"),
+            ("ECE", lambda r: f"{r['ece']:.3f}"),
+        ]

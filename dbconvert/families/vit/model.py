@@ -152,8 +152,9 @@ class Block(nn.Module):
         if s.adaln_rank is None:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.embed_dim, 6 * s.embed_dim))
         else:  # low rank: 6D x (D + r) parameters instead of 6D x D (the official code conditions through D/6)
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(s.embed_dim, s.adaln_rank, bias=False),
-                                                  nn.Linear(s.adaln_rank, 6 * s.embed_dim))
+            self.adaLN_modulation = nn.Sequential(
+                nn.SiLU(), nn.Linear(s.embed_dim, s.adaln_rank, bias=False), nn.Linear(s.adaln_rank, 6 * s.embed_dim)
+            )
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
@@ -187,6 +188,7 @@ class ViTNet(nn.Module):
 
     def initialize_weights(self) -> None:
         """timm's defaults (trunc-normal 0.02 linears and position table, cls_token 1e-6); modulation zero."""
+
         def init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -207,9 +209,11 @@ class ViTNet(nn.Module):
         if tuple(x.shape[1:]) != (s.in_chans, s.img_size, s.img_size):
             from dbconvert.errors import DataError
 
-            raise DataError(f"images of shape {tuple(x.shape[1:])} do not fit the model, which takes "
-                            f"({s.in_chans}, {s.img_size}, {s.img_size}); resize them or set model.img_size / "
-                            "model.in_chans")
+            raise DataError(
+                f"images of shape {tuple(x.shape[1:])} do not fit the model, which takes "
+                f"({s.in_chans}, {s.img_size}, {s.img_size}); resize them or set model.img_size / "
+                "model.in_chans"
+            )
 
     def tokens(self, x: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
         """The input sequence: [CLS or label token, patches] (+ appended label token), position embeddings added."""
@@ -224,8 +228,9 @@ class ViTNet(nn.Module):
             seq.append(label.unsqueeze(1).to(patches.dtype) + self.label_pos)
         return self.pos_drop(torch.cat(seq, dim=1))
 
-    def features(self, x: torch.Tensor, label: torch.Tensor | None = None,
-                 t: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self, x: torch.Tensor, label: torch.Tensor | None = None, t: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The final-normed hidden state of the readout token: CLS (classifier, `cls`) or the appended label token.
 
         `label` is the noisy label input (c_in z), `t` the noise level fed to the timestep embedder; both None

@@ -72,9 +72,14 @@ class Classifier(nn.Module):
         return self.net.classify(x).float()
 
 
-def diffusion_loss(denoiser: ViTDenoiser, batch: list[torch.Tensor], sigma_range: tuple[float, float],
-                   generator: torch.Generator, shard: tuple[int, int] = (0, 1),
-                   weighting: str = DEFAULT_WEIGHTING) -> tuple[torch.Tensor, dict[str, float]]:
+def diffusion_loss(
+    denoiser: ViTDenoiser,
+    batch: list[torch.Tensor],
+    sigma_range: tuple[float, float],
+    generator: torch.Generator,
+    shard: tuple[int, int] = (0, 1),
+    weighting: str = DEFAULT_WEIGHTING,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean of w(sigma) CE(head(D(T[c] + sigma eps, sigma)), c), sigmas drawn inside `sigma_range`."""
     x, y = batch
     n, keep = shard_slice(x.shape[0], shard)
@@ -88,8 +93,12 @@ def diffusion_loss(denoiser: ViTDenoiser, batch: list[torch.Tensor], sigma_range
     weight = nz.loss_weight(sigma, noise.sigma_data) if weighting == "lambda" else torch.ones_like(sigma)
     loss = (weight * ce).mean()
     acc = (logits.argmax(-1) == y).float().mean()
-    return loss, {"ce": ce.mean().item(), "accuracy": acc.item(), "sigma_min": sigma.min().item(),
-                  "sigma_max": sigma.max().item()}
+    return loss, {
+        "ce": ce.mean().item(),
+        "accuracy": acc.item(),
+        "sigma_min": sigma.min().item(),
+        "sigma_max": sigma.max().item(),
+    }
 
 
 def classifier_loss(model: Classifier, batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -116,9 +125,14 @@ Logits = Callable[[int, torch.Tensor, float], torch.Tensor]
 """(model index, z, sigma) -> logits of that model at noise level sigma for the batch's images."""
 
 
-def classify_steps(logits_of: Logits, denoised: Callable[[torch.Tensor], torch.Tensor],
-                   owned: Sequence[tuple[float, float]], levels: Sequence[float], z: torch.Tensor,
-                   solver: Solver = euler) -> list[torch.Tensor]:
+def classify_steps(
+    logits_of: Logits,
+    denoised: Callable[[torch.Tensor], torch.Tensor],
+    owned: Sequence[tuple[float, float]],
+    levels: Sequence[float],
+    z: torch.Tensor,
+    solver: Solver = euler,
+) -> list[torch.Tensor]:
     """Logits after each step of the sampler of the module docstring (owning model per level).
 
     `solver` moves z between levels (`solvers.py`: Euler by default; Heun's correction at s_{j+1} is one more
@@ -131,8 +145,9 @@ def classify_steps(logits_of: Logits, denoised: Callable[[torch.Tensor], torch.T
         if j + 1 < len(levels):
             here, d_here = z, denoised(logits)
 
-            def d_of(zz: torch.Tensor, level: float, here: torch.Tensor = here, s: float = s,
-                     d_here: torch.Tensor = d_here) -> torch.Tensor:
+            def d_of(
+                zz: torch.Tensor, level: float, here: torch.Tensor = here, s: float = s, d_here: torch.Tensor = d_here
+            ) -> torch.Tensor:
                 if zz is here and level == s:
                     return d_here
                 return denoised(logits_of(nz.owner_of(level, list(owned)), zz, level))
