@@ -8,8 +8,7 @@ step, blocks vs the whole network.
 Against what a user would turn on instead (issue 19): the deepest block and the e2e network are also
 measured with `train.activation_checkpointing` (every layer recomputed in backward), and for a family
 with a plain reference (`Family.reference_kind`: a causal LM for text) the same layers trained as it, without and
-with it;
-beside each measured peak, the paper's App. G estimate from the P and A measured on that network.
+with it; beside each measured peak, the paper's App. G estimate from the P and A measured on that network.
 
 Networks are built fresh from the recipe through the family registry, with random weights
 (memory and time do not depend on the values), and fed synthetic random data of the

@@ -352,9 +352,8 @@ def prepare_run_tokenizer(
 ) -> Tokenizer:
     """Put the run's tokenizer and its settings into RUN/shared/ (see the module docstring for the choices).
 
-    `documents` is only called when a tokenizer is trained (`kind`: a byte-level `bpe` or `char`acters). A
-    checkpoint folder without a tokenizer is an
-    error unless `train` (model.train_tokenizer) says a new BPE is really wanted.
+    `documents` is only called when a tokenizer is trained (`kind`: a byte-level `bpe` or `char`acters). A checkpoint
+    folder without a tokenizer is an error unless `train` (model.train_tokenizer) says a new BPE is really wanted.
     """
     model_dir = Path(checkpoint).expanduser() if checkpoint else None
     if tokenizer:

@@ -8,8 +8,7 @@ Sources (`data.source`, with `data.kind` = auto to guess):
 - a local image folder: the `imagefolder` builder (class sub-folders become labels).
 - a `.npz` file, or a folder of `.npz` shards: arrays `x` (or `images`, `latents`); uint8 pixels
   in NHWC (or unambiguous NCHW), float arrays in NCHW and optional `y` (or `labels`). uint8 arrays are scaled to
-  [-1, 1]; float arrays
-  (e.g. precomputed VAE latents) are used as they are.
+  [-1, 1]; float arrays (e.g. precomputed VAE latents) are used as they are.
 
 Splits of local data (so that FID and the feature network's accuracy never silently use training
 images): `train/` and `test/` sub-folders of the source (image folders or `.npz` shards) are its

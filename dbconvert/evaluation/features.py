@@ -14,13 +14,12 @@ tensor without rescaling, so the extractor receives float tensors (N, 3, H, W) w
 - **Built-in CNN** (default for 1-channel images such as digits): a 3-conv classifier trained
   once on the data set's TRAIN split, cached as safetensors in $DBCONVERT_CACHE (default
   ~/.cache/dbconvert)/features/, with its accuracies stored in the file's metadata. Its cost is
-  bounded: a seeded share of the train split (10%, at most 1000 images) is held out, at most
-  `CNN_MAX_IMAGES` of the rest are trained on, and training stops when the held-out accuracy has
-  not improved for `CNN_PATIENCE` epochs (at most `CNN_EPOCHS`); the best epoch's weights are kept. Its features
-  are the 64-d penultimate layer before the ReLU. It runs at the
-  images' native size: we pass clean-fid a `custom_fn_resize` that only converts to float32
-  (no 299 x 299 resize, which would be meaningless for 8 x 8 digits), and the extractor takes
-  channel 0 of the RGB copy (exactly the grey value) and scales it to [-1, 1] as in training.
+  bounded: a seeded share of the train split (10%, at most 1000 images) is held out, at most `CNN_MAX_IMAGES` of the
+  rest are trained on, and training stops when the held-out accuracy has not improved for `CNN_PATIENCE` epochs (at most
+  `CNN_EPOCHS`); the best epoch's weights are kept. Its features are the 64-d penultimate layer before the ReLU. It runs
+  at the images' native size: we pass clean-fid a `custom_fn_resize` that only converts to float32 (no 299 x 299 resize,
+  which would be meaningless for 8 x 8 digits), and the extractor takes channel 0 of the RGB copy (exactly the grey
+  value) and scales it to [-1, 1] as in training.
 """
 
 from __future__ import annotations

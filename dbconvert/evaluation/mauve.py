@@ -1,10 +1,9 @@
 """MAUVE through mauve-text on SEDD's conditional protocol.
 
-Protocol: held-out sequences of at least `prompt_tokens + new_tokens` tokens (default 50 + 50 =
-100; a run whose context is shorter gets half its context each, announced and recorded). We take
-the packed rows of the evaluation split exactly as training packs text (documents joined with EOS, rows of
-`model.context` tokens; for local text the `val` rows held out by
-`data.val_fraction`, for hub data sets their `test` split), so the protocol needs
+Protocol: held-out sequences of at least `prompt_tokens + new_tokens` tokens (default 50 + 50 = 100; a run whose context
+is shorter gets half its context each, announced and recorded). We take the packed rows of the evaluation split exactly
+as training packs text (documents joined with EOS, rows of `model.context` tokens; for local text the `val` rows held
+out by `data.val_fraction`, for hub data sets their `test` split), so the protocol needs
 `model.context >= prompt_tokens + new_tokens`. The first `prompt_tokens` tokens are the prompt;
 each prompt gets `samples_per_prompt` continuations of `new_tokens` tokens from the family's
 batched generator (blocks and e2e: the run's diffusion steps per token; ar / source: ancestral

@@ -2,8 +2,7 @@
 
 `sample` on a ViT run classifies images: `--images DIR` (image files, or class sub-folders of them) or,
 without it, the first `--num` (default: sample.num) images of the data set's test split. It writes predictions.csv
-(file or
-index, predicted class, its probability, and the true label where known) and probs.npz (the
+(file or index, predicted class, its probability, and the true label where known) and probs.npz (the
 probabilities of every class, after every step).
 """
 
