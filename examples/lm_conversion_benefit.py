@@ -52,6 +52,7 @@ from dbconvert.split import split
 from dbconvert.train import heldout_batch, train_block, train_e2e
 
 RECIPE = "llama-tiny-shakespeare"
+ARMS = ("converted", "calibrated", "scratch")
 
 
 def open_or_split(folder: Path, overrides: list[str]) -> Run:
@@ -143,6 +144,21 @@ def main() -> None:
         "--calibrated", action="store_true", help="also the converted blocks with model.calibrate_output=true"
     )
     ap.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=None,
+        help="the run kinds to train (default: converted and scratch, with --calibrated also calibrated)",
+    )
+    ap.add_argument(
+        "--rank-arms",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="R",
+        help="also calibrated runs with low-rank sigma modulation, model.adaln_rank=R (folders calibrated-rR-S)",
+    )
+    ap.add_argument(
         "--protocol-table", action="store_true", help="also e2e and ar of the scratch runs, few-step protocol"
     )
     ap.add_argument("--prompts", type=int, default=64)
@@ -159,6 +175,10 @@ def main() -> None:
     ap.add_argument("--kmeans-seeds", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, key=value")
     args = ap.parse_args()
+    if args.arms is None:
+        args.arms = ["converted", *(["calibrated"] if args.calibrated else []), "scratch"]
+    if args.protocol_table and "scratch" not in args.arms:
+        ap.error("--protocol-table trains e2e and ar in the scratch runs: keep scratch in --arms")
     args.out.mkdir(parents=True, exist_ok=True)
 
     pre = open_or_split(
@@ -180,32 +200,20 @@ def main() -> None:
 
     train = [f"train.steps={args.steps}", f"train.val_every={args.val_every}", f"train.checkpoint_every={args.steps}"]
     for seed in args.seeds:
-        runs = {
-            "converted": open_or_split(
-                args.out / f"converted-{seed}",
-                [
-                    f"model.checkpoint={source}",
-                    "model.calibrate_output=false",
-                    f"train.seed={seed}",
-                    *train,
-                    *args.overrides,
-                ],
-            ),
-            "scratch": open_or_split(args.out / f"scratch-{seed}", [f"train.seed={seed}", *train, *args.overrides]),
+        converted = [f"model.checkpoint={source}", f"train.seed={seed}", *train, *args.overrides]
+        arms = {
+            "converted": ["model.calibrate_output=false", *converted],
+            # the copied final norm scaled where the copied head starts worse than none
+            "calibrated": ["model.calibrate_output=true", *converted],
+            "scratch": [f"train.seed={seed}", *train, *args.overrides],
         }
-        if args.calibrated:  # the copied final norm scaled where the copied head starts worse than none
-            runs["calibrated"] = open_or_split(
-                args.out / f"calibrated-{seed}",
-                [
-                    f"model.checkpoint={source}",
-                    "model.calibrate_output=true",
-                    f"train.seed={seed}",
-                    *train,
-                    *args.overrides,
-                ],
-            )
-        if any(not torch.equal(heldout_rows(r), heldout_rows(runs["scratch"])) for r in runs.values()):
-            raise SystemExit("the converted and scratch runs do not hold out the same token rows (tokenizers differ)")
+        arms = {kind: arms[kind] for kind in ARMS if kind in args.arms}
+        for rank in sorted(args.rank_arms, reverse=True):
+            arms[f"calibrated-r{rank}"] = ["model.calibrate_output=true", f"model.adaln_rank={rank}", *converted]
+        runs = {kind: open_or_split(args.out / f"{kind}-{seed}", overrides) for kind, overrides in arms.items()}
+        first = heldout_rows(next(iter(runs.values())))
+        if any(not torch.equal(heldout_rows(r), first) for r in runs.values()):
+            raise SystemExit("the runs do not all hold out the same token rows (their tokenizers differ)")
         row: dict[str, Any] = {}
         for kind, run in runs.items():
             for b in run.blocks:
@@ -241,7 +249,8 @@ def tables(summary: dict[str, Any], args: argparse.Namespace) -> str:
     MAUVE of the blocks per run kind, and the few-step protocol's MAUVE and Gen-PPL."""
     seeds = list(summary["seeds"])
     first = summary["seeds"][seeds[0]]
-    kinds = [k for k in ("converted", "calibrated", "scratch") if k in first]
+    kinds = list(first)  # as trained: converted, calibrated, scratch, then the rank arms (highest first)
+    gap = "converted" in kinds and "scratch" in kinds
     steps = ["step0", *(str(s) for s in range(args.val_every, args.steps + 1, args.val_every))]
     curve = summary["pretrain"]["val_ce"]
     lines = [
@@ -249,15 +258,16 @@ def tables(summary: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"held-out CE (nats) per block, training seeds {' / '.join(seeds)}:",
         "",
-        "| block | step | " + " | ".join(kinds) + " | scratch - converted (mean ± std over seeds) |",
-        "|---|---:|" + "---|" * len(kinds) + "---:|",
+        "| block | step | " + " | ".join(kinds) + (" | scratch - converted (mean ± std over seeds) |" if gap else " |"),
+        "|---|---:|" + "---|" * len(kinds) + ("---:|" if gap else ""),
     ]
-    for b in range(len(first["converted"]["blocks"])):
+    for b in range(len(first[kinds[0]]["blocks"])):
         for st in steps:
             ce = {k: [summary["seeds"][s][k]["blocks"][b][st]["val_ce"] for s in seeds] for k in kinds}
             cells = [" / ".join(f"{v:.3f}" for v in ce[k]) for k in kinds]
-            gaps = [f - c for f, c in zip(ce["scratch"], ce["converted"])]
-            lines.append(f"| {b} | {st.replace('step0', '0')} | " + " | ".join(cells) + f" | {mean_std(gaps)} |")
+            if gap:
+                cells.append(mean_std([f - c for f, c in zip(ce["scratch"], ce["converted"])]))
+            lines.append(f"| {b} | {st.replace('step0', '0')} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| training seed | " + " | ".join(f"MAUVE {k} blocks" for k in kinds) + " |",

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dbconvert.rundir import Run
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
 
 
@@ -209,3 +211,19 @@ def test_lm_conversion_benefit_script_runs(tmp_path: Path) -> None:
         args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )  # a rerun reads every stage back
     assert again.returncode == 0 and json.loads((tmp_path / "lm" / "summary.json").read_text()) == summary
+    i = args.index("--protocol-table")
+    ranked = [*args[:2], "--arms", "calibrated", "--rank-arms", "8", *args[2:i], *args[i + 2 :]]  # issue 27 item 6
+    out = subprocess.run(
+        ranked, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seed = json.loads((tmp_path / "lm" / "summary.json").read_text())["seeds"]["0"]
+    assert list(seed) == ["calibrated", "calibrated-r8"]  # calibrated-0 read back, only the rank arm trained
+    before = summary["seeds"]["0"]["calibrated"]
+    assert {k: seed["calibrated"][k] for k in ("blocks", "mauve_blocks")} == {
+        k: before[k] for k in ("blocks", "mauve_blocks")
+    }
+    assert Run.open(tmp_path / "lm" / "calibrated-r8-0").recipe.model.adaln_rank == 8
+    assert "| block | step | calibrated | calibrated-r8 |" in out.stdout  # no gap column without converted, scratch
+    refused = subprocess.run([*ranked, "--protocol-table"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert refused.returncode != 0 and "keep scratch in --arms" in refused.stderr

@@ -420,12 +420,16 @@ def test_a_low_rank_modulation_converts_exactly_and_is_smaller(tmp_path: Path) -
     torch.save(ref.state_dict(), tmp_path / "vit.pth")
     family = get_family("vit")
     full = family.source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))
-    lean = family.source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}", "model.adaln_rank=4"))
+    r = recipe(f"model.checkpoint={tmp_path / 'vit.pth'}", "model.adaln_rank=4")
+    lean = family.source(r)
     net = lean.network.eval()
     assert net.blocks[0].adaLN_modulation[1].weight.shape == (4, 32)
     h, t = torch.randn(2, 17, 32), torch.tensor([3.0, 700.0])
+    block = family.block_network(r, 2)  # a block's state takes the low-rank keys (split refused them once)
+    block.load_state_dict(family.block_state(lean, 1, 3))
     with torch.no_grad():
         assert torch.equal(net.blocks[1](h, net.t_embedder(t)), ref.blocks[1](h))
+        assert torch.equal(block.eval().blocks[0](h, net.t_embedder(t)), ref.blocks[1](h))
     count = lambda s: sum(v.numel() for k, v in s.state.items() if "adaLN" in k)  # noqa: E731
     assert count(lean) == 3 * (4 * 32 + 6 * 32 * 4 + 6 * 32) < count(full) == 3 * (6 * 32 * 32 + 6 * 32)
 

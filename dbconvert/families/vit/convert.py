@@ -10,6 +10,7 @@ attention.query`) and transformers 5's (`vit.layers.{k}.attention.q_proj`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -49,21 +50,28 @@ TIMM_LAYER = (
 )
 """timm's keys below `blocks.{k}.`."""
 OWN_LAYER = ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias")
-"""What dbconvert adds below `blocks.{k}.` (zero at conversion)."""
+"""What dbconvert adds below `blocks.{k}.` (zero at conversion): the full-width modulation Linear(D, 6D)."""
+OWN_LAYER_LOW_RANK = ("adaLN_modulation.1.weight", "adaLN_modulation.2.weight", "adaLN_modulation.2.bias")
+"""The same with model.adaln_rank: Linear(D, r, bias=False) then Linear(r, 6D), the last zero at conversion."""
 
 
 def timm_keys(depth: int) -> list[str]:
     return [*TIMM_SHARED, *(f"blocks.{k}.{name}" for k in range(depth) for name in TIMM_LAYER)]
 
 
+def own_layer_keys(net_keys: Iterable[str]) -> tuple[str, ...]:
+    """The modulation keys of the network whose state has `net_keys`: low rank when its second Linear is there."""
+    return OWN_LAYER_LOW_RANK if "blocks.0.adaLN_modulation.2.weight" in set(net_keys) else OWN_LAYER
+
+
 def block_key_map(net_keys: list[str], start: int, end: int) -> KeyMap:
     """Block key -> source key for the block holding source layers [start, end): every non-layer key kept."""
     shared = [key for key in net_keys if not key.startswith("blocks.")]
-    return layer_slice_key_map(shared, "blocks", (*TIMM_LAYER, *OWN_LAYER), start, end)
+    return layer_slice_key_map(shared, "blocks", (*TIMM_LAYER, *own_layer_keys(net_keys)), start, end)
 
 
 def is_layer_key(key: str) -> bool:
-    return key.startswith("blocks.") and key.split(".", 2)[2] in (*TIMM_LAYER, *OWN_LAYER)
+    return key.startswith("blocks.") and key.split(".", 2)[2] in (*TIMM_LAYER, *OWN_LAYER, *OWN_LAYER_LOW_RANK)
 
 
 # --- Hugging Face layouts ----------------------------------------------------------------------
