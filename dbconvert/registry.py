@@ -42,7 +42,8 @@ class Registry:
     the environment variable holding the run-time registrations; `error` the exception class of the
     one-line errors (`where` is put in front of the unknown-name message, e.g. "key 'model.family': ");
     `extra` (optional) gives more built-in entries computed on demand, after the table (families' metrics);
-    `noun` is what an entry names, for errors (`class`, `function`).
+    `noun` is what an entry names, for errors (`class`, `function`); the last `optional` of the `parts` may be
+    left out (families: the torch-free sample options, which a plug-in may not have).
     """
 
     def __init__(
@@ -56,12 +57,14 @@ class Registry:
         where: str = "",
         extra: Callable[[], Mapping[str, str | Entry]] | None = None,
         noun: str = "class",
+        optional: int = 0,
     ) -> None:
         self.what = what
         self.noun = noun
         self.builtin = builtin
         self.env = env
         self.parts = parts
+        self.optional = optional
         self.error = error
         self.where = where
         self.extra = extra
@@ -72,8 +75,9 @@ class Registry:
     def entry(self, name: str, value: object) -> Entry:
         """One entry as a tuple of `parts` checked paths (ValueError otherwise)."""
         paths = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
-        if len(paths) != self.parts:
-            raise ValueError(f"{self.what} {name!r}: expected {self.parts} 'module:attribute' path(s), got {value!r}")
+        if not self.parts - self.optional <= len(paths) <= self.parts:
+            count = f"{self.parts - self.optional} to {self.parts}" if self.optional else str(self.parts)
+            raise ValueError(f"{self.what} {name!r}: expected {count} 'module:attribute' path(s), got {value!r}")
         try:
             return tuple(check_path(p) for p in paths)
         except ValueError as exc:

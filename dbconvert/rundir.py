@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from dbconvert.checkpoint import atomic_write_text
 from dbconvert.config import Recipe, validate_recipe
 from dbconvert.errors import DbconvertError, RunError, first_line
 from dbconvert.noise_process import NoiseProcess
@@ -265,21 +264,39 @@ class Run:
 
 
 def set_current(root: Path, cwd: Path | None = None) -> None:
+    from dbconvert.checkpoint import atomic_write_text  # torch: not imported by the readers (sample --help)
+
     pointer = (cwd or Path.cwd()) / POINTER
     atomic_write_text(pointer, str(Path(root).resolve()) + "\n")
 
 
-def resolve_run(run: str | Path | None, cwd: Path | None = None) -> Run:
-    """`--run DIR` when given, else the last run split in this directory."""
+def run_root(run: str | Path | None, cwd: Path | None = None) -> Path:
+    """The folder `--run DIR` names when given, else the last run split in this directory (not opened)."""
     if run is not None:
-        return Run.open(run)
+        return Path(run)
     pointer = (cwd or Path.cwd()) / POINTER
     if not pointer.is_file():
         raise RunError("no current run here: run `dbconvert split RECIPE` first, or pass --run DIR")
     root = Path(pointer.read_text().strip())
     if not (root / MANIFEST).is_file():
         raise RunError(f"the current run {root} no longer exists; split again or pass --run DIR")
-    return Run.open(root)
+    return root
+
+
+def resolve_run(run: str | Path | None, cwd: Path | None = None) -> Run:
+    """`--run DIR` when given, else the last run split in this directory."""
+    return Run.open(run_root(run, cwd))
+
+
+def recorded_family(root: Path) -> str | None:
+    """The family a run's manifest names, read without validating the run or importing the family (for
+    `sample --help`); None when the manifest cannot be read or names none."""
+    try:
+        manifest = yaml.safe_load((root / MANIFEST).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    family = manifest.get("family") if isinstance(manifest, dict) else None
+    return family if isinstance(family, str) else None
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
@@ -288,4 +305,6 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
         "command\n"
     )
     text += yaml.safe_dump(manifest, sort_keys=False)
+    from dbconvert.checkpoint import atomic_write_text
+
     atomic_write_text(root / MANIFEST, text)

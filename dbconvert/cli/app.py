@@ -559,12 +559,12 @@ SAMPLE_SHARED = [
 
 def family_sample_flags() -> dict[str, tuple[Any, list[str]]]:
     """option name -> (its `SampleFlag`, the registered families that take it), over every registered family."""
-    from dbconvert.families import family_names, get_family
-    from dbconvert.families.contract import sample_flags
+    from dbconvert.families import family_names, sample_options_type
+    from dbconvert.families.sample_options import sample_flags
 
     out: dict[str, tuple[Any, list[str]]] = {}
     for name in family_names():
-        for flag in sample_flags(get_family(name).sample_options_type):
+        for flag in sample_flags(sample_options_type(name)):
             out.setdefault(flag.name, (flag, []))[1].append(name)
     return out
 
@@ -649,13 +649,13 @@ def sample_function(with_families: bool = True) -> Callable[..., None]:
 
 def run_family(args: list[str]) -> str | None:
     """The family of the run a command line names (--run DIR, else the current run), or None when there is none."""
-    from dbconvert.rundir import resolve_run
+    from dbconvert.rundir import recorded_family, run_root
 
     run = next((a.split("=", 1)[1] for a in args if a.startswith("--run=")), None)
     if run is None and "--run" in args[:-1]:
         run = args[args.index("--run") + 1]
     try:
-        return resolve_run(run).family_name
+        return recorded_family(run_root(run))
     except DbconvertError:
         return None
 

@@ -4,36 +4,57 @@ Adding a family = one package (`families/<name>/`, or any importable package) wi
 subclass (the contract in `contract.py`) and its recipe section (a `schema.ModelConfig`
 subclass), plus one line: an entry in `FAMILIES`, or `register(...)` at run time, as the tests'
 toy family does (`tests/families/toy_family.py`). Only the config module is imported to
-validate a recipe; the family module is imported when the family is first used.
+validate a recipe; the family module is imported when the family is first used. An entry's optional third
+path names the family's `sample_options_type` in a torch-free module, so `sample --help` lists its flags without
+importing the family.
 """
 
 from __future__ import annotations
 
-from dbconvert.errors import RecipeError
-from dbconvert.families.contract import Family, Source
-from dbconvert.registry import Registry
-from dbconvert.schema import ModelConfig
+from typing import TYPE_CHECKING, Any
 
-FAMILIES: dict[str, tuple[str, str]] = {
-    "dit": ("dbconvert.families.dit.family:DiTFamily", "dbconvert.families.dit.config:DiTConfig"),
-    "llama": ("dbconvert.families.llama.family:LlamaFamily", "dbconvert.families.llama.config:LlamaConfig"),
+from dbconvert.errors import RecipeError
+from dbconvert.registry import Registry, load_path
+
+if TYPE_CHECKING:
+    from dbconvert.families.contract import Family, Source
+    from dbconvert.schema import ModelConfig
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "dit": (
+        "dbconvert.families.dit.family:DiTFamily",
+        "dbconvert.families.dit.config:DiTConfig",
+        "dbconvert.families.dit.sample_options:ImageSampleOptions",
+    ),
+    "llama": (
+        "dbconvert.families.llama.family:LlamaFamily",
+        "dbconvert.families.llama.config:LlamaConfig",
+        "dbconvert.families.llama.sample_options:TextSampleOptions",
+    ),
     "recurrent": (
         "dbconvert.families.recurrent.family:RecurrentFamily",
         "dbconvert.families.recurrent.config:RecurrentConfig",
+        "dbconvert.families.llama.sample_options:TextSampleOptions",
     ),
-    "vit": ("dbconvert.families.vit.family:ViTFamily", "dbconvert.families.vit.config:ViTConfig"),
+    "vit": (
+        "dbconvert.families.vit.family:ViTFamily",
+        "dbconvert.families.vit.config:ViTConfig",
+        "dbconvert.families.vit.sample_options:ClassifySampleOptions",
+    ),
 }
-"""name -> (family class, recipe model-section class), as "module:attribute"."""
+"""name -> (family class, recipe model-section class[, sample options class]), as "module:attribute"."""
 
 PLUGINS_ENV = "DBCONVERT_FAMILIES"
-"""Families registered at run time, as JSON {name: ["module:Family", "module:Config"]}.
+"""Families registered at run time, as JSON {name: ["module:Family", "module:Config"(, "module:SampleOptions")]}.
 
 `register` writes it, so the processes dbconvert starts (the `bench memory` workers, `train-all`'s
 block processes, torchrun ranks) know the same families; a user can also set it to plug a
 family in without editing `FAMILIES`. Its entries win over `FAMILIES`."""
 
-REGISTRY = Registry("family", FAMILIES, PLUGINS_ENV, parts=2, error=RecipeError, where="key 'model.family': ")
-"""The families (`registry.Registry`): entry = (family class, config class)."""
+REGISTRY = Registry(
+    "family", FAMILIES, PLUGINS_ENV, parts=3, optional=1, error=RecipeError, where="key 'model.family': "
+)
+"""The families (`registry.Registry`): entry = (family class, config class[, sample options class])."""
 
 
 def registered() -> dict[str, tuple[str, ...]]:
@@ -41,9 +62,10 @@ def registered() -> dict[str, tuple[str, ...]]:
     return REGISTRY.table()
 
 
-def register(name: str, family: str, config: str) -> None:
-    """Register a family by "module:Class" paths (plug-in and test families); child processes inherit it."""
-    REGISTRY.register(name, family, config)
+def register(name: str, family: str, config: str, sample_options: str | None = None) -> None:
+    """Register a family by "module:Class" paths (plug-in and test families); child processes inherit it.
+    `sample_options`, a torch-free module's `sample_options_type`, lets `sample --help` skip importing the family."""
+    REGISTRY.register(name, family, config, *([sample_options] if sample_options else []))
 
 
 def unregister(name: str) -> None:
@@ -65,6 +87,23 @@ def get_family(name: str) -> Family:
     return REGISTRY.get(name)
 
 
+def sample_options_type(name: str) -> type:
+    """Family `name`'s `sample_options_type`, from its entry's torch-free path when it has one (else the family,
+    imported); the contract test checks the two agree."""
+    paths = REGISTRY.paths(name)
+    return load_path(paths[2]) if len(paths) > 2 else get_family(name).sample_options_type
+
+
+def __getattr__(name: str) -> Any:
+    """`Family` and `Source` from the contract, imported on first use: the contract imports torch, which the
+    registry's own readers (recipe validation, --help) do not need."""
+    if name in ("Family", "Source"):
+        from dbconvert.families import contract
+
+        return getattr(contract, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "FAMILIES",
     "PLUGINS_ENV",
@@ -76,5 +115,6 @@ __all__ = [
     "get_family",
     "register",
     "registered",
+    "sample_options_type",
     "unregister",
 ]

@@ -12,12 +12,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from dbconvert.errors import DbconvertError
+from dbconvert.families.sample_options import NoSampleOptions, sample_flags
 
 if TYPE_CHECKING:
     from dbconvert.config import Recipe
@@ -84,53 +85,6 @@ class Architectures:
     title: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class NoSampleOptions:
-    """The sampling options of a family that has none beyond the shared ones."""
-
-
-def sample_flag(help: str, *, flag: str | None = None, min: float | None = None) -> dict[str, Any]:
-    """The `metadata` of a `sample_options_type` field that `dbconvert sample` offers as a flag:
-    `field(default=None, metadata=sample_flag("Generate this class only.", flag="--class"))`.
-
-    `flag` defaults to `--name-with-dashes`; `min` is the smallest value the flag takes. A field without it
-    (e.g. token-id prompts for evaluation) is a library option only."""
-    return {"help": help, "flag": flag, "min": min}
-
-
-@dataclass(frozen=True)
-class SampleFlag:
-    """One command-line flag of `dbconvert sample`, from a field of a family's `sample_options_type`."""
-
-    name: str
-    type: type
-    help: str
-    flag: str
-    min: float | None = None
-    default: Any = None
-    """Always None on the command line: an option not given is the family's default."""
-
-
-def sample_flags(options_type: type) -> list[SampleFlag]:
-    """The flags of a `sample_options_type` dataclass: its fields with `sample_flag` metadata, in order."""
-    hints = get_type_hints(options_type)
-    out = []
-    for f in fields(options_type):
-        if "help" not in f.metadata:
-            continue
-        kinds = [a for a in get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
-        out.append(
-            SampleFlag(
-                f.name,
-                kinds[0],
-                f.metadata["help"],
-                f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
-                f.metadata.get("min"),
-            )
-        )
-    return out
 
 
 def shard_slice(local: int, shard: tuple[int, int]) -> tuple[int, slice]:

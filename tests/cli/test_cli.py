@@ -114,7 +114,7 @@ def test_sample_flags_are_the_families_options(in_tmp: Path) -> None:
     """`sample`'s family flags are generated from each `Family.sample_options_type`: all of them (each marked with
     its families) without a run, the run's family's only in `--help` on a run; parsing takes any family's."""
     from dbconvert.families import family_names, get_family
-    from dbconvert.families.contract import sample_flags
+    from dbconvert.families.sample_options import sample_flags
 
     every = {f.flag for n in family_names() for f in sample_flags(get_family(n).sample_options_type)}
     assert {"--class", "--guidance", "--prompt", "--images", "--max-new-tokens"} <= every
@@ -206,14 +206,15 @@ HELP_WITHOUT_TORCH = (
     ("bench", "--help"),
     ("recipes", "--help"),
     ("export", "--help"),
+    ("sample", "--help"),
 )
 
 
 @pytest.mark.parametrize("args", HELP_WITHOUT_TORCH, ids=[" ".join(a) for a in HELP_WITHOUT_TORCH])
 def test_help_does_not_import_torch(args: tuple[str, ...]) -> None:
     """--help is read before anything runs (issue 33: 6-8 s, importing torch, timm and every family): these help
-    pages import neither torch nor a family. `sample --help` and `eval --help` list the families' and metrics'
-    own options, so they still import them."""
+    pages import neither torch nor a family. `sample --help` reads the families' options from torch-free modules
+    named by their registry entries; `eval --help` still imports the metrics (their modules import torch)."""
     import subprocess
     import sys
 
@@ -225,6 +226,23 @@ def test_help_does_not_import_torch(args: tuple[str, ...]) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert "Usage" in out.stdout and out.stdout.strip().splitlines()[-1] == "IMPORTED []", out.stdout[-300:]
+
+
+def test_sample_help_on_a_run_reads_its_family_without_torch(tmp_path: Path) -> None:
+    """`sample --run R --help` shows that run's family's options only, reading the manifest's family name without
+    opening the run (no torch, no family module)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "manifest.yaml").write_text("format_version: 1\nfamily: vit\n")
+    code = (
+        "import sys\nsys.argv = ['dbconvert', 'sample', '--run', sys.argv[1], '--help']\n"
+        "from dbconvert.cli.app import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('IMPORTED', sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "IMPORTED []", out.stdout[-300:]
+    assert "--images" in out.stdout and "--guidance" not in out.stdout and "vit run" in out.stdout
 
 
 def test_help_lists_choices_and_shows_no_bool_type() -> None:

@@ -67,6 +67,21 @@ def test_the_registered_family_is_known_to_recipes(toy_recipe: Path) -> None:
         load_recipe(str(toy_recipe), ["model.depth=3"])
 
 
+def test_sample_options_are_found_with_or_without_a_torch_free_path(toy: str) -> None:
+    """A registry entry's third path names the family's `sample_options_type` without importing the family (issue
+    33: `sample --help` without torch); it must be the class the family uses. A plug-in without it (the toy) is read
+    from the family itself."""
+    from tests.families.toy_family import ToySampleOptions
+
+    for name in families.family_names():
+        assert families.sample_options_type(name) is families.get_family(name).sample_options_type, name
+    assert len(families.REGISTRY.paths("toy")) == 2 and families.sample_options_type("toy") is ToySampleOptions
+    families.register("toy", f"{MODULE}:ToyFamily", f"{MODULE}:ToyConfig", f"{MODULE}:ToySampleOptions")
+    assert families.REGISTRY.paths("toy")[2] == f"{MODULE}:ToySampleOptions"
+    with pytest.raises(ValueError, match="expected 2 to 3 'module:attribute' path"):
+        families.REGISTRY.register("toy", f"{MODULE}:ToyFamily")
+
+
 def test_split_train_sample_bench_through_the_cli(toy_recipe: Path) -> None:
     # split: the toy's network is cut into two blocks of two layers, written as any other run
     result = invoke("split", toy_recipe, "--out", "run")

@@ -35,7 +35,8 @@ from dbconvert import noise as nz
 from dbconvert.checkpoint import apply_key_map, atomic_write, layer_slice_key_map
 from dbconvert.devices import resolve_device
 from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
-from dbconvert.families.contract import Family, Source, sample_flag, shard_slice
+from dbconvert.families.contract import Family, Source, shard_slice
+from dbconvert.families.sample_options import sample_flag
 from dbconvert.sampling import SampleRequest, SampleResult, edm_sample, load_models
 from dbconvert.schema import ModelConfig
 

@@ -36,7 +36,8 @@ from dbconvert.families.dit.convert import (
     recorded_sigma_range,
     resolve_parameterization,
 )
-from dbconvert.families.dit.generate import ImageSampleOptions, sample_images
+from dbconvert.families.dit.generate import sample_images
+from dbconvert.families.dit.sample_options import ImageSampleOptions
 from dbconvert.families.dit.model import ARCH_NOTES, DiT, arch_rows
 from dbconvert.families.dit.objective import DDPMEpsDenoiser, EDMDenoiser, edm_loss
 from dbconvert.sampling import guided

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +11,10 @@ from dbconvert import noise as nz
 from dbconvert.checkpoint import atomic_write
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
-from dbconvert.families.contract import sample_flag
+from dbconvert.families.dit.sample_options import ImageSampleOptions
 from dbconvert.progress import progress
 from dbconvert.rundir import Run
 from dbconvert.sampling import ResidentModels, SampleRequest, SampleResult, edm_sample, guided
-
-
-@dataclass
-class ImageSampleOptions:
-    """DiT's own sampling options: classifier-free guidance w (None = the recipe's) and one class to draw."""
-
-    guidance: float | None = field(
-        default=None, metadata=sample_flag("Classifier-free guidance scale w (1 = none; default: recipe).", min=0.0)
-    )
-    class_label: int | None = field(default=None, metadata=sample_flag("Generate this class only.", flag="--class"))
 
 
 def sample_images(run: Run, request: SampleRequest) -> SampleResult:

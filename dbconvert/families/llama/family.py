@@ -70,7 +70,8 @@ from dbconvert.families.llama.calibrate import (
     write_block_temperature,
 )
 from dbconvert.families.llama.context import context_note
-from dbconvert.families.llama.generate import TextSampleOptions, sample_text
+from dbconvert.families.llama.generate import sample_text
+from dbconvert.families.llama.sample_options import TextSampleOptions
 from dbconvert.families.llama.masked import MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss
 from dbconvert.families.llama.gguf import checkpoint_folder, is_gguf
 from dbconvert.families.llama.model import LlamaBlockNet

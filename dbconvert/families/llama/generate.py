@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ from torch import nn
 from dbconvert.checkpoint import atomic_write_text
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
-from dbconvert.families.contract import sample_flag
+from dbconvert.families.llama.sample_options import TextSampleOptions
 from dbconvert.families.llama.context import sample_context
 from dbconvert.families.llama.model import KVCache
 from dbconvert.families.llama.protocol import get_protocol, steps_of
@@ -73,43 +73,6 @@ class Decoding:
 
 Progress = Callable[[int, int], None]
 """(tokens generated so far, tokens at most) -> None."""
-
-
-@dataclass
-class TextSampleOptions:
-    """A language model's own sampling options: prompts (text, a file, or token ids) and AR decoding."""
-
-    prompt: str | None = field(default=None, metadata=sample_flag("Text prompt."))
-    prompt_file: Path | None = field(default=None, metadata=sample_flag("File of prompts, one per line."))
-    prompt_ids: list[list[int]] | None = None
-    """Prompts as token ids (evaluation protocols), instead of --prompt text."""
-    max_new_tokens: int = field(default=64, metadata=sample_flag("Tokens to generate (default 64).", min=1))
-    temperature: float | None = field(
-        default=None,
-        metadata=sample_flag(
-            "AR decoding (ar, text source): softmax temperature, 0 = greedy (default: recipe, 1).", min=0.0
-        ),
-    )
-    top_p: float | None = field(
-        default=None, metadata=sample_flag("AR decoding: nucleus probability (default: recipe, 1).")
-    )
-    protocol: str | None = field(
-        default=None,
-        metadata=sample_flag(
-            "default (sample.steps steps per token) or few-step (the later paper's: steps = B, greedy final token, AR "
-            "top-p 0.95) (default: recipe's sample.protocol)."
-        ),
-    )
-    """default or few-step (`protocol.py`); None = the recipe's sample.protocol."""
-    context: str | None = field(
-        default=None,
-        metadata=sample_flag(
-            "The longest text: recipe (model.context, default), checkpoint (--model source of a converted checkpoint: "
-            "its own max_position_embeddings) or N tokens."
-        ),
-    )
-    """The longest text: recipe (model.context, default), checkpoint (a converted source's own length) or N
-    (`families/llama/context.py`)."""
 
 
 def read_prompts(opts: "TextSampleOptions") -> list[str]:

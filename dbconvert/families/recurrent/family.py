@@ -32,7 +32,8 @@ from dbconvert.errors import RunError
 from dbconvert.families.contract import Architectures, Family, Source
 from dbconvert.families.llama.convert import TARGETS_FILE, normalised_table, target_table
 from dbconvert.families.llama.family import DEFAULT_WEIGHTING
-from dbconvert.families.llama.generate import TextSampleOptions, sample_text
+from dbconvert.families.llama.generate import sample_text
+from dbconvert.families.llama.sample_options import TextSampleOptions
 from dbconvert.families.llama.objective import diffusion_loss, heldout_ar_metrics, heldout_diffusion_metrics
 from dbconvert.families.recurrent.config import RecurrentConfig
 from dbconvert.families.recurrent.convert import network_key_map, read_huginn, source_state, write_huginn_folder

@@ -49,7 +49,7 @@ from dbconvert.families.vit.convert import (
     timm_reference,
     write_hf_folder,
 )
-from dbconvert.families.vit.generate import ClassifySampleOptions
+from dbconvert.families.vit.sample_options import ClassifySampleOptions
 from dbconvert.families.vit.model import ViTNet, parameter_count
 from dbconvert.families.vit.objective import (
     DEFAULT_WEIGHTING,

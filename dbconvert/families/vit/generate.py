@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from dbconvert.checkpoint import atomic_write, atomic_write_text
 from dbconvert.data.images import SIXTEEN_BIT_MODES, pil_pixels, unit_pixels
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError
-from dbconvert.families.contract import sample_flag
 from dbconvert.families.vit.objective import Classifier, ViTDenoiser, cdf_levels, classify_steps
 from dbconvert.rundir import Run
 from dbconvert.sampling import SampleRequest, SampleResult, load_models
@@ -122,15 +120,6 @@ def read_image_folder(folder: Path, in_chans: int, size: int) -> tuple[torch.Ten
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(arrays))
     return x, [str(p.relative_to(folder)) for p in files]
-
-
-@dataclass
-class ClassifySampleOptions:
-    """A classifier's own sampling option: a folder of images to classify (default: the data set's test split)."""
-
-    images: Path | None = field(
-        default=None, metadata=sample_flag("Classify the images in this folder (default: the test split).")
-    )
 
 
 def what_tag(images: Path | str | None, names: list[str], count: int) -> str:
