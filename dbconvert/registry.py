@@ -43,7 +43,8 @@ class Registry:
     one-line errors (`where` is put in front of the unknown-name message, e.g. "key 'model.family': ");
     `extra` (optional) gives more built-in entries computed on demand, after the table (families' metrics);
     `noun` is what an entry names, for errors (`class`, `function`); the last `optional` of the `parts` may be
-    left out (families: the torch-free sample options, which a plug-in may not have).
+    left out (the torch-free parts a plug-in may not have: a family's sample options and metric table, a metric's
+    help).
     """
 
     def __init__(
@@ -88,7 +89,8 @@ class Registry:
         raw = os.environ.get(self.env, "").strip()
         if not raw:
             return {}
-        shape = '"module:attr"' if self.parts == 1 else "[" + ", ".join(['"module:attr"'] * self.parts) + "]"
+        one, full = '"module:attr"', "[" + ", ".join(['"module:attr"'] * self.parts) + "]"
+        shape = one if self.parts == 1 else f"{one} or {full}" if self.parts - self.optional == 1 else full
         try:
             table = json.loads(raw)
             if not isinstance(table, dict):
@@ -131,7 +133,7 @@ class Registry:
         if not table:
             os.environ.pop(self.env, None)
             return
-        os.environ[self.env] = json.dumps({k: v[0] if self.parts == 1 else list(v) for k, v in table.items()})
+        os.environ[self.env] = json.dumps({k: v[0] if len(v) == 1 else list(v) for k, v in table.items()})
 
     # -- looking up --------------------------------------------------------------------------
 

@@ -94,6 +94,28 @@ def test_run_time_registrations_reach_child_processes() -> None:
     assert not {noise_process.PROCESSES_ENV, metric.METRICS_ENV, solvers.SOLVERS_ENV} & set(os.environ)
 
 
+def test_a_metrics_help_is_what_its_class_has() -> None:
+    """What `eval NAME --help` shows comes from a torch-free `MetricHelp` (issue 33) that must be the metric's own
+    title, help and options; a metric registered without one (the toy's corner) is read from its class."""
+    for name in metric.metric_names():
+        scorer = metric.get_metric(name)
+        assert metric.metric_help(name) == metric.MetricHelp(scorer.title, scorer.help, scorer.options), name
+        assert len(metric.REGISTRY.paths(name)) == 2, name  # every built-in metric's help is torch-free
+    metric.register_metric("corner", "tests.families.toy_family:CornerMetric")
+    try:
+        assert json.loads(os.environ[metric.METRICS_ENV]) == {"corner": "tests.families.toy_family:CornerMetric"}
+        corner = metric.get_metric("corner")
+        assert metric.metric_help("corner") == metric.MetricHelp(corner.title, corner.help, corner.options)
+        metric.register_metric(
+            "corner", "tests.families.toy_family:CornerMetric", "dbconvert.evaluation.metric_help:FID"
+        )
+        assert metric.REGISTRY.paths("corner")[1] == "dbconvert.evaluation.metric_help:FID"
+        assert json.loads(os.environ[metric.METRICS_ENV])["corner"][1] == "dbconvert.evaluation.metric_help:FID"
+    finally:
+        metric.unregister_metric("corner")
+    assert metric.METRICS_ENV not in os.environ
+
+
 def test_families_bring_their_own_metrics() -> None:
     """No generic table names a family's metric module: the family's `own_metrics` registers it."""
     assert set(metric.METRICS) == {"fid", "mauve", "genppl"}

@@ -2,7 +2,9 @@
 
 Each metric command takes the shared options (--run, --model, --seed, --steps, --solver, --weights, --json,
 -q) and the metric's own (`Metric.options`), calls `Metric.evaluate`, writes RUN/eval/<name>.json and prints
-the metric's table. A metric registered at run time (a plug-in family's) gets its command the same way.
+the metric's table. A metric registered at run time (a plug-in family's) gets its command the same way. The
+commands are built from each metric's torch-free `MetricHelp` (`metric.metric_help`), so `eval --help` and `eval
+NAME --help` import no metric; the metric is imported when its command runs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dbconvert.cli.options import (
     option_parameter,
     tidy_help,
 )
-from dbconvert.evaluation.metric import Metric, get_metric, metric_names, nolog
+from dbconvert.evaluation.metric import Metric, MetricHelp, get_metric, metric_help, metric_names, nolog
 
 
 def _log(quiet: bool):  # noqa: ANN202
@@ -117,22 +119,23 @@ def _current_run_for(metric: Metric) -> Any:
     return current if metric.name in current.family().metrics_for(current.recipe) else None
 
 
-def metric_command(metric: Metric) -> click.Command:
-    """The click command of `dbconvert eval NAME` for one metric."""
+def metric_command(name: str, shown: MetricHelp) -> click.Command:
+    """The click command of `dbconvert eval NAME` for metric `name`, built from its `MetricHelp` (the metric itself
+    is imported when the command runs)."""
 
     def command(**kwargs: Any) -> None:
-        shared = {name: kwargs.pop(name) for name, _, _ in SHARED}
-        run_metric(metric, **shared, **kwargs)
+        shared = {key: kwargs.pop(key) for key, _, _ in SHARED}
+        run_metric(get_metric(name), **shared, **kwargs)
 
     params = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         for name, annotation, default in SHARED
     ]
-    params += [option_parameter(o) for o in metric.options]
+    params += [option_parameter(o) for o in shown.options]
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__doc__ = metric.help or f"{metric.title} of the run's models."
+    command.__doc__ = shown.help or f"{shown.title} of the run's models."
     sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    sub.command(metric.name)(handle_errors(command))
+    sub.command(name)(handle_errors(command))
     return typer.main.get_command(sub)
 
 
@@ -145,7 +148,7 @@ class MetricGroup(TyperGroup):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
         if found is None and cmd_name in metric_names():
-            found = tidy_help(metric_command(get_metric(cmd_name)))
+            found = tidy_help(metric_command(cmd_name, metric_help(cmd_name)))
         return found
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from dbconvert.errors import CheckpointError, DataError, DbconvertError, first_line
 from dbconvert.data.overlap import to_uint8
+from dbconvert.evaluation.metric_help import CNN_MAX_IMAGES
 
 CNN_VERSION = "cnn-v2"
 CNN_DIM = 64
@@ -50,8 +51,6 @@ CNN_EPOCHS = 30
 """At most this many epochs; the stopping rule usually ends training sooner."""
 CNN_PATIENCE = 3
 """Stop after this many epochs without a better held-out accuracy."""
-CNN_MAX_IMAGES = 5000
-"""Train on at most this many images (a seeded subset): enough for a feature space, minutes on a CPU."""
 CNN_HELD_OUT = 0.1
 CNN_MAX_HELD_OUT = 1000
 CNN_BATCH = 64

@@ -36,7 +36,8 @@ from dbconvert.evaluation.features import (
     inception_features,
 )
 from dbconvert.data.overlap import image_digest, image_digests, split_overlaps_training, to_uint8
-from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
+from dbconvert.evaluation.metric import Log, Metric, nolog
+from dbconvert.evaluation.metric_help import FID
 from dbconvert.progress import progress as show_progress
 from dbconvert.sampling import check_finite_samples
 
@@ -575,44 +576,15 @@ class FIDMetric(Metric):
     name = "fid"
     depends_on_count = True
     settings_keys = ("repeats",)
-    title = "FID"
+    title = FID.title
     lower_is_better = True
     alone_options = ("samples", "reference")
     alone_hint = (
         "--samples needs a reference: give --reference DIR, or --run an image run whose data set is the reference"
     )
     spread_label = "KID"
-    help = "FID and KID (clean-fid, mode clean) of the run's samples against the data set's reference images."
-    options = (
-        MetricOption("num", int, None, "Samples to generate per repeat (default 10000; the paper: 50000).", min=1),
-        MetricOption(
-            "repeats", int, 1, "Independent sample sets; reports each, the minimum (paper) and the mean.", min=1
-        ),
-        MetricOption("samples", Path, None, "Evaluate this image folder instead of generating."),
-        MetricOption("reference", Path, None, "Reference image folder instead of the data set."),
-        MetricOption(
-            "split",
-            str,
-            None,
-            "Reference split of the recipe's data set (default: train for cifar10, as "
-            "published FIDs use; test otherwise).",
-        ),
-        MetricOption(
-            "features",
-            str,
-            "auto",
-            "auto (Inception for RGB, built-in CNN for grey), inception, builtin or builtin:SOURCE.",
-        ),
-        MetricOption("inception_weights", Path, None, "clean-fid's inception-2015-12-05.pt, if not in /tmp."),
-        MetricOption(
-            "feature_images",
-            int,
-            CNN_MAX_IMAGES,
-            "Built-in features: train the CNN on at most this many images of the train split (0 = all of them).",
-            min=0,
-        ),
-        MetricOption("guidance", float, None, "Classifier-free guidance w (default: recipe).", min=0.0),
-    )
+    help = FID.help
+    options = FID.options
 
     def check(self, recipe: Any, family: Any, num: int) -> None:
         channels = family.sample_shape(recipe)[0]

@@ -36,7 +36,8 @@ import torch
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
 from dbconvert.evaluation.mauve import checked_split, protocol_lengths
-from dbconvert.evaluation.metric import Log, Metric, MetricOption, folder_label, nolog
+from dbconvert.evaluation.metric import Log, Metric, folder_label, nolog
+from dbconvert.evaluation.metric_help import GENPPL
 
 
 @dataclass
@@ -293,36 +294,12 @@ class GenPPLMetric(Metric):
 
     name = "genppl"
     settings_keys = ("judge", "prompt_tokens", "new_tokens", "samples_per_prompt", "seeds")
-    title = "Gen-PPL"
+    title = GENPPL.title
     lower_is_better = True
     num_option = "num_prompts"
     spread_label = "± std over seeds"
-    help = (
-        "Generative perplexity: the perplexity of the run's continuations (MAUVE's prompts) under a judge causal "
-        "LM (--judge: a Hugging Face folder or hub name); spread over sampling seeds."
-    )
-    options = (
-        MetricOption(
-            "judge",
-            str,
-            None,
-            "The judge: a Hugging Face causal LM folder (e.g. an exported source) or hub "
-            "name (gpt2-xl; offline only from the local cache).",
-        ),
-        MetricOption("num_prompts", int, None, "Prompts (default: up to 1000).", min=1),
-        MetricOption("samples_per_prompt", int, 1, "Continuations per prompt and seed.", min=1),
-        MetricOption("prompt_tokens", int, None, "Prompt length in tokens (default as eval mauve).", min=1),
-        MetricOption("new_tokens", int, None, "Continuation length in tokens (default as eval mauve).", min=1),
-        MetricOption("split", str, None, "Held-out split (default: val for local text, test for hub data)."),
-        MetricOption("seeds", int, 2, "Sampling seeds (from --seed on); the spread is over them.", min=1),
-        MetricOption("batch_size", int, 8, "Texts per judge forward.", min=1),
-        MetricOption(
-            "protocol",
-            str,
-            None,
-            "Text decoding protocol: default or few-step (default: the recipe's sample.protocol).",
-        ),
-    )
+    help = GENPPL.help
+    options = GENPPL.options
 
     def check(self, recipe: Any, family: Any, num: int) -> None:
         if num < 1:

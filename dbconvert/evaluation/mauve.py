@@ -38,7 +38,8 @@ import torch
 
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DataError, DbconvertError, first_line
-from dbconvert.evaluation.metric import Log, Metric, MetricOption, folder_label, nolog
+from dbconvert.evaluation.metric import Log, Metric, folder_label, nolog
+from dbconvert.evaluation.metric_help import MAUVE
 from dbconvert.quiet_transformers import quiet_transformers
 
 MAUVE_SEED = 25
@@ -467,37 +468,11 @@ class MauveMetric(Metric):
     name = "mauve"
     depends_on_count = True
     settings_keys = ("features_info", "prompt_tokens", "new_tokens", "samples_per_prompt", "kmeans_seeds")
-    title = "MAUVE"
+    title = MAUVE.title
     lower_is_better = False
     num_option = "num_prompts"
-    help = "MAUVE (mauve-text) on SEDD's conditional protocol: 50-token prompts, 50-token continuations."
-    options = (
-        MetricOption("num_prompts", int, None, "Prompts (default: up to 1000, the paper)."),
-        MetricOption("samples_per_prompt", int, 5, "Continuations per prompt.", min=1),
-        MetricOption(
-            "prompt_tokens",
-            int,
-            None,
-            "Prompt length in tokens (default: SEDD's 50, or half the run's context when it is shorter than 100).",
-            min=1,
-        ),
-        MetricOption(
-            "new_tokens",
-            int,
-            None,
-            "Continuation length in tokens (default: SEDD's 50, or what the context leaves).",
-            min=1,
-        ),
-        MetricOption("split", str, None, "Held-out split (default: val for local text, test for hub data)."),
-        MetricOption("featurizer", str, "auto", "auto, minilm, gpt2-large or a local Hugging Face encoder folder."),
-        MetricOption("seeds", int, 3, "MAUVE k-means seeds to average over.", min=1),
-        MetricOption(
-            "protocol",
-            str,
-            None,
-            "Text decoding protocol: default or few-step (default: the recipe's sample.protocol).",
-        ),
-    )
+    help = MAUVE.help
+    options = MAUVE.options
 
     def evaluate(
         self, run: Any, *, model: str = "blocks", log: Log = nolog, progress: bool = False, **options: Any

@@ -10,6 +10,10 @@ A family lists the metrics that apply to a recipe's runs (`Family.metrics_for`, 
 A result record is a dict with at least `metric`, `model`, `value`, `features` (what the numbers were
 computed on, `-` when nothing applies), `num_samples`, `seconds`; optionally `values` (repeats / seeds),
 `mean`, `std`, `split`, `sampler`, `seed`, `source`.
+
+What `dbconvert eval NAME --help` shows of a metric (`MetricHelp`: title, help, options) lives in a torch-free
+module named by the entry's optional second path, so `eval --help` lists the metrics without importing them
+(issue 33: --help took 6-8 s importing torch); this module is torch-free too.
 """
 
 from __future__ import annotations
@@ -32,27 +36,31 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 
-METRICS: dict[str, str] = {
-    "fid": "dbconvert.evaluation.fid:FIDMetric",
-    "mauve": "dbconvert.evaluation.mauve:MauveMetric",
-    "genppl": "dbconvert.evaluation.genppl:GenPPLMetric",
+METRICS: dict[str, tuple[str, ...]] = {
+    "fid": ("dbconvert.evaluation.fid:FIDMetric", "dbconvert.evaluation.metric_help:FID"),
+    "mauve": ("dbconvert.evaluation.mauve:MauveMetric", "dbconvert.evaluation.metric_help:MAUVE"),
+    "genppl": ("dbconvert.evaluation.genppl:GenPPLMetric", "dbconvert.evaluation.metric_help:GENPPL"),
 }
-"""The generic metrics: name -> "module:Class" of its `Metric` subclass (imported on first use). A family's own
-metrics (ViT's accuracy, masked text's bpc) are the family's to name: `Family.own_metrics`."""
+"""The generic metrics: name -> ("module:Class" of its `Metric` subclass (imported on first use)[, "module:attr"
+of its `MetricHelp` in a torch-free module]). A family's own metrics (ViT's accuracy, masked text's bpc) are the
+family's to name: `Family.own_metrics`."""
 
 METRICS_ENV = "DBCONVERT_METRICS"
-"""Metrics registered at run time, as JSON {name: "module:Class"} (handed to child processes)."""
+"""Metrics registered at run time, as JSON {name: "module:Class" or ["module:Class", "module:Help"]} (handed to
+child processes)."""
 
 
-def family_metrics() -> dict[str, str]:
-    """The metrics the registered families bring (`Family.own_metrics`); imports every family module."""
-    from dbconvert.families import family_names, get_family
+def family_metrics() -> dict[str, str | tuple[str, ...]]:
+    """The metrics the registered families bring (`Family.own_metrics`), read from the torch-free table a family's
+    entry names where it has one (`families.own_metrics`), else from the family module."""
+    from dbconvert.families import family_names, own_metrics
 
-    return {name: path for family in family_names() for name, path in get_family(family).own_metrics.items()}
+    return {name: entry for family in family_names() for name, entry in own_metrics(family).items()}
 
 
-REGISTRY = Registry("metric", METRICS, METRICS_ENV, extra=family_metrics)
-"""The metrics (`registry.Registry`): the generic ones, the families' own, the run-time registrations."""
+REGISTRY = Registry("metric", METRICS, METRICS_ENV, parts=2, optional=1, extra=family_metrics)
+"""The metrics (`registry.Registry`): the generic ones, the families' own, the run-time registrations; an entry is
+(metric class[, its `MetricHelp`])."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,18 @@ class MetricOption:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class MetricHelp:
+    """What `dbconvert eval NAME --help` shows of a metric: its `Metric.title`, `Metric.help` and `Metric.options`.
+
+    Kept in a torch-free module named by the metric's registry entry, so the help builds without importing the
+    metric; the metric class takes its three attributes from it (the registry test checks they agree)."""
+
+    title: str
+    help: str = ""
+    options: tuple[MetricOption, ...] = ()
 
 
 SAMPLER_OPTIONS = ("seed", "steps", "solver", "weights")
@@ -224,10 +244,11 @@ def metric_names() -> list[str]:
     return REGISTRY.names()
 
 
-def register_metric(name: str, path: str) -> None:
+def register_metric(name: str, path: str, help: str | None = None) -> None:
     """Register a metric by "module:Class" (plug-ins and tests; a family's own metrics need no registering:
-    `Family.own_metrics`); child processes inherit it."""
-    REGISTRY.register(name, path)
+    `Family.own_metrics`); child processes inherit it. `help`, the "module:attr" of its `MetricHelp` in a
+    torch-free module, lets `eval --help` skip importing the metric."""
+    REGISTRY.register(name, path, *([help] if help else []))
 
 
 def unregister_metric(name: str) -> None:
@@ -237,6 +258,16 @@ def unregister_metric(name: str) -> None:
 def get_metric(name: str) -> Metric:
     """The registered metric `name` (a one-line error naming the choices otherwise)."""
     return REGISTRY.get(name)
+
+
+def metric_help(name: str) -> MetricHelp:
+    """What `eval NAME --help` shows of metric `name`: its entry's torch-free `MetricHelp` where it has one, else
+    read from the metric (imported)."""
+    paths = REGISTRY.paths(name)
+    if len(paths) > 1:
+        return REGISTRY.load(name, 1)
+    metric = get_metric(name)
+    return MetricHelp(metric.title, metric.help, metric.options)
 
 
 def metric_of(result: dict[str, Any]) -> Metric:
@@ -251,11 +282,13 @@ __all__ = [
     "REGISTRY",
     "SAMPLER_OPTIONS",
     "Metric",
+    "MetricHelp",
     "MetricOption",
     "UnknownMetric",
     "family_metrics",
     "folder_label",
     "get_metric",
+    "metric_help",
     "metric_names",
     "metric_of",
     "nolog",

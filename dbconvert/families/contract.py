@@ -101,9 +101,11 @@ class Family(ABC):
     metrics: ClassVar[tuple[str, ...]]
     """The registered metrics (`evaluation/metric.py`) this family's runs can have, its default first
     (`metrics_for` says which apply to one recipe)."""
-    own_metrics: ClassVar[dict[str, str]] = {}
-    """The metrics this family brings, name -> "module:Class" of a `Metric` (ViT's accuracy): registering the
-    family registers them (`evaluation.metric.family_metrics`); generic code never names a family's module."""
+    own_metrics: ClassVar[Mapping[str, str | tuple[str, ...]]] = {}
+    """The metrics this family brings, name -> metric registry entry ("module:Class" of a `Metric`, and optionally
+    "module:attr" of its torch-free `MetricHelp`; ViT's accuracy): registering the family registers them
+    (`evaluation.metric.family_metrics`); generic code never names a family's module. A family whose registry entry
+    names this table in a torch-free module (its fourth path) has `eval --help` list them without importing it."""
     generated_unit: ClassVar[str] = "image"
     """What one sample is, for rates in `bench speed`: `image`, or `token` for text (one token = M steps)."""
     protocol_units: ClassVar[int] = 50_000

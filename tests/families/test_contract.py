@@ -78,8 +78,23 @@ def test_sample_options_are_found_with_or_without_a_torch_free_path(toy: str) ->
     assert len(families.REGISTRY.paths("toy")) == 2 and families.sample_options_type("toy") is ToySampleOptions
     families.register("toy", f"{MODULE}:ToyFamily", f"{MODULE}:ToyConfig", f"{MODULE}:ToySampleOptions")
     assert families.REGISTRY.paths("toy")[2] == f"{MODULE}:ToySampleOptions"
-    with pytest.raises(ValueError, match="expected 2 to 3 'module:attribute' path"):
+    with pytest.raises(ValueError, match="expected 2 to 4 'module:attribute' path"):
         families.REGISTRY.register("toy", f"{MODULE}:ToyFamily")
+
+
+def test_own_metrics_are_found_with_or_without_a_torch_free_path(toy: str) -> None:
+    """A registry entry's fourth path names the family's `own_metrics` table without importing the family (issue
+    33: `eval --help` without torch); it must be the table the family has. A plug-in without it (the toy) is read
+    from the family itself; the fourth path needs the third."""
+    for name in families.family_names():
+        assert families.own_metrics(name) == families.get_family(name).own_metrics, name
+    assert all(len(families.REGISTRY.paths(n)) == 4 for n in families.FAMILIES)  # every built-in one is torch-free
+    assert len(families.REGISTRY.paths("toy")) == 2 and families.own_metrics("toy") is ToyFamily.own_metrics
+    with pytest.raises(ValueError, match="give both"):
+        families.register("toy", f"{MODULE}:ToyFamily", f"{MODULE}:ToyConfig", metrics="dbconvert.x:METRICS")
+    table = "dbconvert.families.metric_tables:NO_METRICS"
+    families.register("toy", f"{MODULE}:ToyFamily", f"{MODULE}:ToyConfig", f"{MODULE}:ToySampleOptions", table)
+    assert families.REGISTRY.paths("toy")[3] == table and families.own_metrics("toy") == {}
 
 
 def test_split_train_sample_bench_through_the_cli(toy_recipe: Path) -> None:

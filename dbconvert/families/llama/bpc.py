@@ -25,7 +25,8 @@ import torch
 from dbconvert.data.text import text_split_overlaps_training
 from dbconvert.devices import resolve_device
 from dbconvert.errors import DbconvertError
-from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
+from dbconvert.evaluation.metric import Log, Metric, nolog
+from dbconvert.families.llama.metric_help import BPC
 from dbconvert.families.llama.masked import MaskedDenoiser, sequence_bound
 from dbconvert.rundir import Run
 from dbconvert.sampling import load_models
@@ -135,23 +136,12 @@ class BPCMetric(Metric):
 
     name = "bpc"
     settings_keys = ("draws_per_range", "repeats")
-    title = "bits per character"
+    title = BPC.title
     lower_is_better = True
     num_option = "max_rows"
     sampler_options = ("seed", "weights")  # a bound over times, not a sampler: no steps, no solver
-    help = (
-        "Masked-diffusion runs: the ELBO bound in bits per character (per token, with perplexity, where the "
-        "tokenizer is not character-level) on the held-out rows, blocks or e2e, with its Monte-Carlo spread."
-    )
-    options = (
-        MetricOption("split", str, None, "Held-out split (default: val when the run holds rows out, else test)."),
-        MetricOption(
-            "draws", int, 4, "Monte-Carlo times per block range (e2e: B times as many over [t_min, 1]).", min=1
-        ),
-        MetricOption("repeats", int, 3, "Independent estimates (their spread is reported).", min=1),
-        MetricOption("max_rows", int, None, "Score only the first N held-out rows (default: all).", min=1),
-        MetricOption("batch_size", int, 32, "Rows per forward.", min=1),
-    )
+    help = BPC.help
+    options = BPC.options
 
     def check(self, recipe: Any, family: Any, num: int) -> None:
         if num < 1:

@@ -71,6 +71,7 @@ from dbconvert.families.llama.calibrate import (
 )
 from dbconvert.families.llama.context import context_note
 from dbconvert.families.llama.generate import sample_text
+from dbconvert.families.llama.metric_help import METRICS
 from dbconvert.families.llama.sample_options import TextSampleOptions
 from dbconvert.families.llama.masked import MaskedDenoiser, heldout_masked_metrics, mask_token_id, masked_loss
 from dbconvert.families.llama.gguf import checkpoint_folder, is_gguf
@@ -151,7 +152,7 @@ class LlamaFamily(Family):
     name = "llama"
     config_cls = LlamaConfig
     metrics = ("mauve", "genppl", "bpc")
-    own_metrics = {"bpc": "dbconvert.families.llama.bpc:BPCMetric"}
+    own_metrics = METRICS
     sample_options_type = TextSampleOptions
     model_kinds = ("blocks", "e2e", "ar", "source")
     reference_kind = "ar"

@@ -49,6 +49,7 @@ from dbconvert.families.vit.convert import (
     timm_reference,
     write_hf_folder,
 )
+from dbconvert.families.vit.metric_help import METRICS
 from dbconvert.families.vit.sample_options import ClassifySampleOptions
 from dbconvert.families.vit.model import ViTNet, parameter_count
 from dbconvert.families.vit.objective import (
@@ -76,7 +77,7 @@ class ViTFamily(Family):
     name = "vit"
     config_cls = ViTConfig
     metrics = ("accuracy",)
-    own_metrics = {"accuracy": "dbconvert.families.vit.metrics:AccuracyMetric"}
+    own_metrics = METRICS
     sample_options_type = ClassifySampleOptions
     generated_unit = "image"
     protocol_units = 10_000

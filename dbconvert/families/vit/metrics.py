@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 
 from dbconvert.errors import DbconvertError
-from dbconvert.evaluation.metric import Log, Metric, MetricOption, nolog
+from dbconvert.evaluation.metric import Log, Metric, nolog
+from dbconvert.families.vit.metric_help import ACCURACY, NAME
 from dbconvert.rundir import Run
 
 ECE_BINS = 15
-NAME = "accuracy"
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -146,14 +146,11 @@ class AccuracyMetric(Metric):
     """Top-1 accuracy on the test split (with top-5, NLL, ECE and the per-step top-1): the classifiers' metric."""
 
     name = NAME
-    title = "top-1 accuracy"
+    title = ACCURACY.title
     lower_is_better = False
     spread_label = "± s.e."
-    help = "Classifier runs (ViT): top-1, top-5, NLL, ECE on the test split and the top-1 after every denoising step."
-    options = (
-        MetricOption("split", str, "test", "The labelled split to classify."),
-        MetricOption("num", int, None, "Classify only the first N images of the split (default: all).", min=1),
-    )
+    help = ACCURACY.help
+    options = ACCURACY.options
 
     def check(self, recipe: Any, family: Any, num: int) -> None:
         if num < 1:
