@@ -199,6 +199,15 @@ def test_version_names_ours_and_the_libraries_a_bug_report_needs() -> None:
         assert line.startswith(f"dbconvert {__version__} (python ") and "torch " in line and "timm " in line, line
 
 
+def eval_help_pages() -> tuple[tuple[str, ...], ...]:
+    """`eval --help`, `eval compare --help` and `eval NAME --help` of every registered metric (torch-free to list)."""
+    from dbconvert.evaluation.metric import metric_names
+
+    names = metric_names()
+    assert {"accuracy", "bpc", "fid", "genppl", "mauve"} <= set(names)
+    return (("eval", "--help"), ("eval", "compare", "--help"), *(("eval", n, "--help") for n in names))
+
+
 HELP_WITHOUT_TORCH = (
     ("--help",),
     ("split", "--help"),
@@ -207,6 +216,7 @@ HELP_WITHOUT_TORCH = (
     ("recipes", "--help"),
     ("export", "--help"),
     ("sample", "--help"),
+    *eval_help_pages(),
 )
 
 
@@ -214,15 +224,16 @@ HELP_WITHOUT_TORCH = (
 def test_help_does_not_import_torch(args: tuple[str, ...]) -> None:
     """--help is read before anything runs (issue 33: 6-8 s, importing torch, timm and every family): these help
     pages import neither torch nor a family. `sample --help` reads the families' options from torch-free modules
-    named by their registry entries; `eval --help` still imports the metrics (their modules import torch)."""
+    named by their registry entries; `eval --help` and `eval NAME --help` read the metrics' `MetricHelp` and the
+    families' own metric tables the same way."""
     import subprocess
     import sys
 
     code = (
         "import sys\nsys.argv = ['dbconvert', *sys.argv[1:]]\nfrom dbconvert.cli.app import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('IMPORTED', sorted(m for m in ('torch', 'timm', 'transformers', 'dbconvert.families.dit.family') "
-        "if m in sys.modules))"
+        "print('IMPORTED', sorted(m for m in ('torch', 'timm', 'transformers', 'dbconvert.families.dit.family', "
+        "'dbconvert.families.vit.family', 'dbconvert.families.llama.family') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert "Usage" in out.stdout and out.stdout.strip().splitlines()[-1] == "IMPORTED []", out.stdout[-300:]
