@@ -485,22 +485,27 @@ def test_split_refuses_a_conversion_whose_function_differs_from_timm(
     import dbconvert.families.vit.family as vit_family
     from dbconvert.errors import CheckpointError
     from dbconvert.families import get_family
+    from dbconvert.tensorio import LazyState
 
     state = tiny_timm(3).state_dict()
     for key in ("blocks.1.attn.qkv.weight", "blocks.1.attn.proj.weight"):  # timm's init leaves attention near
         state[key].normal_(std=0.3, generator=torch.Generator().manual_seed(1))  # uniform: make it matter
     torch.save(state, tmp_path / "vit.pth")
     get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))  # the true layout passes
-    original = vit_family.load_source
+    original = vit_family.source_state
 
-    def misread(net, state, what):  # noqa: ANN001, ANN202
-        original(net, state, what)
-        with torch.no_grad():
-            w = net.blocks[1].attn.qkv.weight
+    def misread(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        state = original(*args, **kwargs)
+        read = state.loaders["blocks.1.attn.qkv.weight"]
+
+        def vkq() -> torch.Tensor:
+            w = read()
             d = w.shape[1]
-            w.copy_(torch.cat([w[2 * d :], w[d : 2 * d], w[:d]]))  # v, k, q
+            return torch.cat([w[2 * d :], w[d : 2 * d], w[:d]])  # v, k, q
 
-    monkeypatch.setattr(vit_family, "load_source", misread)
+        return LazyState({**state.loaders, "blocks.1.attn.qkv.weight": vkq}, state.specs, state.release, state.origins)
+
+    monkeypatch.setattr(vit_family, "source_state", misread)
     with pytest.raises(CheckpointError, match="differ from timm's forward of the same weights by up to"):
         get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))
 
