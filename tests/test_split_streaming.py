@@ -175,6 +175,81 @@ def test_a_vit_split_equals_the_in_memory_blocks(in_tmp: Path) -> None:
     assert_blocks_equal(run, in_memory_blocks(recipe, run), torch.float32)
 
 
+def old_vit_conversion(timm_state: dict, shape, seed: int) -> dict:
+    """The ViT conversion as it was written before it streamed: the whole network built after manual_seed(seed),
+    the checkpoint's tensors copied in over its init (the reference the lazy conversion must equal)."""
+    from dbconvert.families.vit.model import ViTNet
+
+    torch.manual_seed(seed)
+    net = ViTNet(shape)
+    net.load_state_dict(timm_state, strict=False)
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("options", [{}, {"adaln_rank": 4}, {"label_token": "append"}, {"depth": 5, "mlp_ratio": 3}])
+def test_the_lazy_vit_conversion_equals_the_whole_network_conversion(options: dict) -> None:
+    from dbconvert.families.vit.convert import source_state, timm_keys
+    from dbconvert.families.vit.model import ViTShape
+
+    shape = dataclasses.replace(ViTShape(8, 2, 1, 10, 32, 3, 2, 2.0), **options)
+    gen = torch.Generator().manual_seed(1)
+    specs = {k: v for k, v in old_vit_conversion({}, shape, 0).items() if k in set(timm_keys(shape.depth))}
+    timm_state = {k: torch.randn(v.shape, generator=gen) for k, v in specs.items()}
+    expected = old_vit_conversion(timm_state, shape, 7)
+    got = source_state(timm_state, shape, 7, "test")
+    assert list(got) == list(expected)
+    assert [k for k in got if not torch.equal(got[k], expected[k])] == []
+
+
+def test_the_lazy_hugging_face_vit_map_fuses_qkv_and_reorders_the_head_as_the_eager_one_did(tmp_path: Path) -> None:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from dbconvert.checkpoint import open_checkpoint
+    from dbconvert.families.vit.convert import HF_LAYER, hf_layout, hf_to_timm, reorder_head
+
+    torch.manual_seed(0)
+    hf = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            num_labels=10,
+        )
+    )
+    hf.save_pretrained(str(tmp_path / "hf"))
+    raw = open_checkpoint([tmp_path / "hf" / "model.safetensors"])
+    eager = {k: v.clone() for k, v in raw.items()}
+    order = list(range(9, -1, -1))
+    got = reorder_head(hf_to_timm(raw, 2, "test"), order)
+    prefix, names = HF_LAYER[hf_layout(eager)]
+    for k in range(2):
+        for leaf in ("weight", "bias"):
+            parts = [eager[prefix.format(k=k) + f"{names[c]}.{leaf}"] for c in "qkv"]
+            assert torch.equal(got[f"blocks.{k}.attn.qkv.{leaf}"], torch.cat(parts))
+    assert torch.equal(got["head.weight"], eager["classifier.weight"][order])
+    assert torch.equal(got["blocks.1.mlp.fc2.weight"], eager[prefix.format(k=1) + f"{names['mlp.fc2']}.weight"])
+    assert got.origins["blocks.0.attn.qkv.weight"].count(" + ") == 2
+
+
+def test_a_bf16_vit_checkpoint_splits_into_bf16_blocks_equal_to_the_in_memory_ones(in_tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    from tests.families.test_vit import recipe as vit_recipe
+    from tests.families.test_vit import tiny_timm
+
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in tiny_timm().state_dict().items()}
+    save_file(state, str(in_tmp / "vit.safetensors"))
+    recipe = vit_recipe(f"model.checkpoint={in_tmp / 'vit.safetensors'}", "blocks.num=3", "model.adaln_rank=4")
+    run = split(recipe, out=in_tmp / "run")
+    assert run.recipe.model.storage_dtype == "bfloat16"
+    assert run.manifest["source"]["by_reference"] and not (run.root / "source").exists()
+    assert_blocks_equal(run, in_memory_blocks(recipe, run), torch.bfloat16)
+
+
 def test_a_legacy_pt_file_is_read_whole(in_tmp: Path) -> None:
     from dbconvert.checkpoint import open_checkpoint
 
