@@ -327,6 +327,55 @@ def test_split_never_holds_the_whole_network(in_tmp: Path) -> None:
     assert grown < 2 * largest + 24 * 2**20, (grown / 2**20, largest / 2**20, total / 2**20)
 
 
+VIT_MEMORY_PROBE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from dbconvert.config import load_recipe
+    from dbconvert.families import get_family
+    from dbconvert.split import split
+
+    root = Path(sys.argv[1])
+    sizes = {"small": ["model.depth=2", "model.embed_dim=32", "model.num_heads=2"],
+             "large": ["model.depth=12", "model.embed_dim=384", "model.num_heads=6", "model.mlp_ratio=4"]}
+    recipes = {}
+    for name, extra in sizes.items():
+        base = load_recipe("vit-tiny-digits", [*extra, "model.adaln_rank=8", "model.global_pool=token"])
+        made = get_family("vit").random_checkpoint(base, root / name, torch.float32, 0)
+        blocks = "blocks.num=6" if name == "large" else "blocks.num=2"
+        recipes[name] = load_recipe("vit-tiny-digits", [*extra, "model.adaln_rank=8", *made, blocks])
+    # A warm-up split of a small checkpoint first: every lazy import (timm included) before the baseline.
+    split(recipes["small"], out=root / "run-warm")
+    before = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    split(recipes["large"], out=root / "run")
+    peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+    print(json.dumps({"before": before, "peak": peak}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_a_vit_split_never_holds_the_whole_network(in_tmp: Path) -> None:
+    """A 12-layer, 85 MiB float32 timm checkpoint split into 6 blocks (largest about 15 MiB), the function check
+    against timm included: the split's peak RSS above its baseline stays within twice the largest block and a
+    little (the whole-network split held the checkpoint, the network and timm's copy: several times its size)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", VIT_MEMORY_PROBE, str(in_tmp)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    rss = json.loads(probe.stdout.strip().splitlines()[-1])
+    total = (in_tmp / "large" / "vit.safetensors").stat().st_size
+    blocks = sorted((in_tmp / "run" / "blocks").glob("*/model.safetensors"))
+    largest = max(p.stat().st_size for p in blocks)
+    grown = rss["peak"] - rss["before"]
+    assert len(blocks) == 6 and total > 80 * 2**20 and largest < total / 4
+    assert grown < 2 * largest + 24 * 2**20, (grown / 2**20, largest / 2**20, total / 2**20)
+
+
 def test_a_bf16_run_trains_float32_master_weights_and_says_so(in_tmp: Path) -> None:
     from dbconvert.train import train_block
 
