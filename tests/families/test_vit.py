@@ -588,3 +588,40 @@ def test_an_id2label_without_class_indices_is_one_line() -> None:
 
     with pytest.raises(CheckpointError, match="id2label has keys that are not class indices"):
         label_order({"a": "cat", "b": "dog"}, ["cat", "dog"], "checkpoint x")
+
+
+def test_a_hugging_face_folder_of_the_other_transformers_layout_converts_and_passes_the_function_check(
+    tmp_path: Path,
+) -> None:
+    """A folder saved by transformers 4 (`vit.encoder.layer.{k}.attention.attention.query`) read by transformers 5, or
+    the reverse: the conversion and the layer-by-layer reference both read it through the layouts' key maps."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from dbconvert.families import get_family
+    from dbconvert.families.vit.convert import HF_LAYER, hf_full_map, hf_layout
+
+    torch.manual_seed(0)
+    hf = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            num_labels=10,
+        )
+    ).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(weights))
+    installed = hf_layout(state)
+    other = next(layout for layout in HF_LAYER if layout != installed)
+    rename = {theirs: hf_full_map(3, other)[ours] for ours, theirs in hf_full_map(3, installed).items()}
+    save_file({rename[k]: v for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+    x = torch.randn(3, 1, 8, 8)
+    net = get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'hf'}")).network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net.classify(x), hf(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
