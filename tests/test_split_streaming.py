@@ -250,6 +250,110 @@ def test_a_bf16_vit_checkpoint_splits_into_bf16_blocks_equal_to_the_in_memory_on
     assert_blocks_equal(run, in_memory_blocks(recipe, run), torch.bfloat16)
 
 
+def old_vit_source(recipe, path: Path) -> dict[str, torch.Tensor]:
+    """The ViT family's source state as `source()` made it before it streamed, from a recipe `source()` has already
+    settled (pooling, eps, mlp ratio, storage dtype): the checkpoint read whole, a Hugging Face folder mapped eagerly
+    (q, k, v concatenated, head rows reordered by id2label), the whole network built after manual_seed(init_seed)
+    and the checkpoint copied in, then cast to the storage dtype."""
+    from dbconvert.checkpoint import STORAGE_DTYPES, apply_key_map, read_checkpoint
+    from dbconvert.data.images import class_names
+    from dbconvert.families.vit.convert import HF_LAYER, hf_layer_map, hf_layout, label_order
+    from dbconvert.families.vit.model import ViTNet
+
+    cfg = recipe.model
+    shape = cfg.shape()
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        raw = read_checkpoint(path / "model.safetensors")
+        layout = hf_layout(raw)
+        prefix, names = HF_LAYER[layout]
+        fused = {
+            prefix.format(k=k) + f"{names[c]}.{leaf}"
+            for k in range(shape.depth)
+            for c in "qkv"
+            for leaf in ("weight", "bias")
+        }
+        state = apply_key_map(raw, hf_layer_map(shape.depth, layout), ignored=lambda key: key in fused, what="old")
+        for k in range(shape.depth):
+            for leaf in ("weight", "bias"):
+                parts = [raw[prefix.format(k=k) + f"{names[c]}.{leaf}"] for c in "qkv"]
+                state[f"blocks.{k}.attn.qkv.{leaf}"] = torch.cat(parts).clone()
+        order, _ = label_order(config.get("id2label") or {}, class_names(recipe.data), "old")
+        if order is not None:
+            state = {**state, "head.weight": state["head.weight"][order], "head.bias": state["head.bias"][order]}
+    else:
+        state = read_checkpoint(path)
+    torch.manual_seed(cfg.init_seed)
+    net = ViTNet(shape)
+    net.load_state_dict(state, strict=False)
+    dtype = STORAGE_DTYPES[cfg.storage_dtype]
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+
+
+def vit_hf_folder(folder: Path, reversed_labels: bool) -> Path:
+    """A tiny ViTForImageClassification folder (its id2label reversed, so the head is reordered, when asked)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        num_labels=10,
+    )
+    hf = ViTForImageClassification(config)
+    if reversed_labels:
+        hf.config.id2label = {i: str(9 - i) for i in range(10)}
+        hf.config.label2id = {str(9 - i): i for i in range(10)}
+    hf.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind,extra",
+    [
+        ("pth", []),
+        ("safetensors", []),
+        ("bf16", []),
+        ("pth", ["model.adaln_rank=4"]),
+        ("bf16", ["model.adaln_rank=4"]),
+        ("hf", []),
+        ("hf-reversed", ["model.adaln_rank=4"]),
+    ],
+)
+def test_the_lazy_vit_source_equals_the_whole_network_source_bit_for_bit(
+    tmp_path: Path, kind: str, extra: list[str]
+) -> None:
+    """timm .pth, .safetensors (float32 and bf16) and Hugging Face folders (head reordered by id2label or not), with
+    and without model.adaln_rank: the family's lazy source state equals the one the whole network gave."""
+    from safetensors.torch import save_file
+
+    from tests.families.test_vit import recipe as vit_recipe
+    from tests.families.test_vit import tiny_timm
+
+    state = tiny_timm().state_dict()
+    if kind.startswith("hf"):
+        path = vit_hf_folder(tmp_path / "hf", reversed_labels=kind == "hf-reversed")
+    elif kind == "pth":
+        path = tmp_path / "vit.pth"
+        torch.save(state, path)
+    else:
+        path = tmp_path / "vit.safetensors"
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+        save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(path))
+    recipe = vit_recipe(f"model.checkpoint={path}", *extra)
+    source = get_family("vit").source(recipe)
+    expected = old_vit_source(recipe, path)
+    assert recipe.model.storage_dtype == ("bfloat16" if kind == "bf16" else "float32")
+    assert list(source.state) == list(expected)
+    assert [k for k in expected if not torch.equal(source.state[k], expected[k])] == []
+    assert all(source.state[k].dtype == expected[k].dtype for k in expected)
+
+
 def test_a_legacy_pt_file_is_read_whole(in_tmp: Path) -> None:
     from dbconvert.checkpoint import open_checkpoint
 
