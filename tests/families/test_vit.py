@@ -625,3 +625,31 @@ def test_a_hugging_face_folder_of_the_other_transformers_layout_converts_and_pas
     net = get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'hf'}")).network.eval()
     with torch.no_grad():
         torch.testing.assert_close(net.classify(x), hf(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_layers_hold_one_layer_at_a_time_and_stream_a_slice_too() -> None:
+    """The function check's reference layers: each holds its weights only while it runs (the rest stay on the meta
+    device), after the pass all are on meta again, and a slice (`layers[:n]`, as some libraries iterate) streams."""
+    from torch import nn
+
+    from dbconvert.families.vit.convert import StreamedLayers
+
+    weights = [{"weight": torch.full((2, 2), float(k + 1)), "bias": torch.zeros(2)} for k in range(3)]
+    with torch.device("meta"):
+        layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+    resident: list[list[bool]] = []
+
+    streamed = StreamedLayers(layers, lambda k: weights[k])
+    out = []
+    for layer in streamed:
+        resident.append([not m.weight.is_meta for m in layers])
+        out.append(layer(torch.ones(1, 2)).detach())
+    assert resident == [[True, False, False], [False, True, False], [False, False, True]]
+    assert all(m.weight.is_meta for m in layers)
+    assert [float(o[0, 0]) for o in out] == [2.0, 4.0, 6.0]
+    with torch.no_grad():
+        assert torch.equal(streamed(torch.ones(1, 2)), torch.full((1, 2), 48.0))
+        assert [float(layer(torch.ones(1, 2))[0, 0]) for layer in streamed[1:]] == [4.0, 6.0]
+    assert len(streamed[:2]) == 2 and all(m.weight.is_meta for m in layers)
+    with pytest.raises(TypeError):
+        streamed[0]

@@ -379,6 +379,7 @@ def layer_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 
 def not_layer(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The float32 tensors of `state` outside every layer (`prefixes`): what stays resident through a streamed pass."""
     return {k: state[k].float() for k in state if not k.startswith(prefixes)}
 
 
@@ -402,6 +403,13 @@ class StreamedLayers(nn.Module):
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def __getitem__(self, index: slice) -> StreamedLayers:
+        """The layers of `index` (a slice), streamed as well: a library that iterates `layers[:n]` still loads them."""
+        if not isinstance(index, slice):
+            raise TypeError("streamed layers are reached by iteration or a slice, not one by one")
+        picked = range(len(self.layers))[index]
+        return StreamedLayers(nn.ModuleList([self.layers[k] for k in picked]), lambda i: self.load(picked[i]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self:
