@@ -102,3 +102,22 @@ def test_a_different_key_map_is_one_line(in_tmp: Path) -> None:
     recorded["layers.0.mlp.up_proj.weight"] = "model.layers.0.mlp.gate_proj.weight"
     path.write_text(json.dumps(recorded))
     assert_user_error(invoke("export", "x-hf", "--run", ref.root), "with another key map than the one")
+
+
+def test_a_vit_run_split_before_the_split_streamed_still_reads_its_source(in_tmp: Path) -> None:
+    """ViT runs split by reference before the ViT split streamed recorded every key as "new" (the source was built
+    in memory): the same keys read the checkpoint again; a record with other keys is still one line."""
+    from tests.families.test_vit import TINY, tiny_timm
+
+    torch.save(tiny_timm().state_dict(), in_tmp / "vit.pth")
+    result = invoke("split", "vit-tiny-digits", *TINY, f"model.checkpoint={in_tmp / 'vit.pth'}", "--out", "v")
+    assert result.exit_code == 0, result.output
+    run = Run.open(in_tmp / "v")
+    path = run.shared_dir / KEY_MAP_FILE
+    recorded = json.loads(path.read_text())
+    assert recorded["blocks.2.mlp.fc1.weight"] == "blocks.2.mlp.fc1.weight"
+    assert recorded["t_embedder.mlp.0.bias"] == "new"
+    path.write_text(json.dumps(dict.fromkeys(recorded, "new")))
+    assert torch.equal(source_state(run)["head.weight"], tiny_timm().state_dict()["head.weight"])
+    path.write_text(json.dumps(dict.fromkeys([*recorded, "extra.weight"], "new")))
+    assert_user_error(invoke("export", "x.pth", "--model", "source", "--run", run.root), "with another key map than")

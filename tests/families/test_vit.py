@@ -485,22 +485,27 @@ def test_split_refuses_a_conversion_whose_function_differs_from_timm(
     import dbconvert.families.vit.family as vit_family
     from dbconvert.errors import CheckpointError
     from dbconvert.families import get_family
+    from dbconvert.tensorio import LazyState
 
     state = tiny_timm(3).state_dict()
     for key in ("blocks.1.attn.qkv.weight", "blocks.1.attn.proj.weight"):  # timm's init leaves attention near
         state[key].normal_(std=0.3, generator=torch.Generator().manual_seed(1))  # uniform: make it matter
     torch.save(state, tmp_path / "vit.pth")
     get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))  # the true layout passes
-    original = vit_family.load_source
+    original = vit_family.source_state
 
-    def misread(net, state, what):  # noqa: ANN001, ANN202
-        original(net, state, what)
-        with torch.no_grad():
-            w = net.blocks[1].attn.qkv.weight
+    def misread(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        state = original(*args, **kwargs)
+        read = state.loaders["blocks.1.attn.qkv.weight"]
+
+        def vkq() -> torch.Tensor:
+            w = read()
             d = w.shape[1]
-            w.copy_(torch.cat([w[2 * d :], w[d : 2 * d], w[:d]]))  # v, k, q
+            return torch.cat([w[2 * d :], w[d : 2 * d], w[:d]])  # v, k, q
 
-    monkeypatch.setattr(vit_family, "load_source", misread)
+        return LazyState({**state.loaders, "blocks.1.attn.qkv.weight": vkq}, state.specs, state.release, state.origins)
+
+    monkeypatch.setattr(vit_family, "source_state", misread)
     with pytest.raises(CheckpointError, match="differ from timm's forward of the same weights by up to"):
         get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'vit.pth'}"))
 
@@ -583,3 +588,68 @@ def test_an_id2label_without_class_indices_is_one_line() -> None:
 
     with pytest.raises(CheckpointError, match="id2label has keys that are not class indices"):
         label_order({"a": "cat", "b": "dog"}, ["cat", "dog"], "checkpoint x")
+
+
+def test_a_hugging_face_folder_of_the_other_transformers_layout_converts_and_passes_the_function_check(
+    tmp_path: Path,
+) -> None:
+    """A folder saved by transformers 4 (`vit.encoder.layer.{k}.attention.attention.query`) read by transformers 5, or
+    the reverse: the conversion and the layer-by-layer reference both read it through the layouts' key maps."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from dbconvert.families import get_family
+    from dbconvert.families.vit.convert import HF_LAYER, hf_full_map, hf_layout
+
+    torch.manual_seed(0)
+    hf = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            num_labels=10,
+        )
+    ).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(weights))
+    installed = hf_layout(state)
+    other = next(layout for layout in HF_LAYER if layout != installed)
+    rename = {theirs: hf_full_map(3, other)[ours] for ours, theirs in hf_full_map(3, installed).items()}
+    save_file({rename[k]: v for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+    x = torch.randn(3, 1, 8, 8)
+    net = get_family("vit").source(recipe(f"model.checkpoint={tmp_path / 'hf'}")).network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net.classify(x), hf(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_layers_hold_one_layer_at_a_time_and_stream_a_slice_too() -> None:
+    """The function check's reference layers: each holds its weights only while it runs (the rest stay on the meta
+    device), after the pass all are on meta again, and a slice (`layers[:n]`, as some libraries iterate) streams."""
+    from torch import nn
+
+    from dbconvert.families.vit.convert import StreamedLayers
+
+    weights = [{"weight": torch.full((2, 2), float(k + 1)), "bias": torch.zeros(2)} for k in range(3)]
+    with torch.device("meta"):
+        layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+    resident: list[list[bool]] = []
+
+    streamed = StreamedLayers(layers, lambda k: weights[k])
+    out = []
+    for layer in streamed:
+        resident.append([not m.weight.is_meta for m in layers])
+        out.append(layer(torch.ones(1, 2)).detach())
+    assert resident == [[True, False, False], [False, True, False], [False, False, True]]
+    assert all(m.weight.is_meta for m in layers)
+    assert [float(o[0, 0]) for o in out] == [2.0, 4.0, 6.0]
+    with torch.no_grad():
+        assert torch.equal(streamed(torch.ones(1, 2)), torch.full((1, 2), 48.0))
+        assert [float(layer(torch.ones(1, 2))[0, 0]) for layer in streamed[1:]] == [4.0, 6.0]
+    assert len(streamed[:2]) == 2 and all(m.weight.is_meta for m in layers)
+    with pytest.raises(TypeError):
+        streamed[0]

@@ -10,16 +10,19 @@ attention.query`) and transformers 5's (`vit.layers.{k}.attention.q_proj`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dbconvert.checkpoint import KeyMap, apply_key_map, check_state, file_sha256, layer_slice_key_map, read_checkpoint
+from dbconvert.building import load_network, meta_specs
+from dbconvert.checkpoint import KeyMap, apply_key_map, check_state, layer_slice_key_map, map_lazily, open_checkpoint
 from dbconvert.errors import CheckpointError
-from dbconvert.families.vit.model import ViTNet, ViTShape
+from dbconvert.families.vit.model import Block, PatchEmbed, TimestepEmbedder, ViTNet, ViTShape
 from dbconvert.quiet_transformers import quiet_transformers
+from dbconvert.tensorio import LazyState, Spec, spec_of, specs_of
 
 LABELS_FILE = "labels.safetensors"
 """RUN/shared/labels.safetensors: {"table": (num_classes, embed_dim)}, rows of unit L2 norm, fixed at split."""
@@ -141,27 +144,59 @@ def hf_layer_map(depth: int, layout: str) -> KeyMap:
     return key_map
 
 
-def hf_to_timm(state: dict[str, torch.Tensor], depth: int, what: str) -> dict[str, torch.Tensor]:
-    """A ViTForImageClassification state dict in timm's names, through explicit maps (q, k, v fused into qkv)."""
-    layout = hf_layout(state)
+def hf_full_map(depth: int, layout: str) -> KeyMap:
+    """timm key -> Hugging Face key of every tensor, q, k and v under the timm-style names `blocks.{k}.{q,k,v}.*`."""
     prefix, names = HF_LAYER[layout]
     key_map = hf_layer_map(depth, layout)
-    qkv_keys = {
-        p + f"{names[c]}.{leaf}"
-        for k in range(depth)
-        for p in [prefix.format(k=k)]
-        for c in "qkv"
-        for leaf in ("weight", "bias")
-    }
-    missing = sorted(key for key in qkv_keys if key not in state)
+    for k in range(depth):
+        for c in "qkv":
+            for leaf in ("weight", "bias"):
+                key_map[f"blocks.{k}.{c}.{leaf}"] = prefix.format(k=k) + f"{names[c]}.{leaf}"
+    return key_map
+
+
+def as_lazy(state: Mapping[str, torch.Tensor]) -> LazyState:
+    """`state` as a LazyState (an in-memory state dict is wrapped; its tensors are handed out as they are)."""
+    if isinstance(state, LazyState):
+        return state
+    tensors = dict(state)
+    return LazyState({k: (lambda v=v: v) for k, v in tensors.items()}, {k: spec_of(v) for k, v in tensors.items()})
+
+
+def hf_to_timm(state: Mapping[str, torch.Tensor], depth: int, what: str) -> LazyState:
+    """A ViTForImageClassification state dict in timm's names, through explicit maps, lazily: nothing is read here,
+    and each fused qkv is the concatenation of its three tensors, read when the qkv is asked for."""
+    state = as_lazy(state)
+    layout = hf_layout(state)
+    full = hf_full_map(depth, layout)
+    qkv = {key: src for key, src in full.items() if key.startswith("blocks.") and key.split(".")[2] in ("q", "k", "v")}
+    missing = sorted(src for src in qkv.values() if src not in state)
     if missing:
         raise CheckpointError(f"{what}: source is missing key {missing[0]!r} ({len(missing)} missing in all)")
-    out = apply_key_map(state, key_map, ignored=lambda key: key in qkv_keys, what=what)
+    qkv_keys = set(qkv.values())
+    key_map = hf_layer_map(depth, layout)
+    expected = {dst: state.specs[src] for dst, src in key_map.items() if src in state.specs}
+    mapped = map_lazily(state, key_map, expected, ignored=lambda key: key in qkv_keys, what=what)
+    loaders, specs, origins = dict(mapped.loaders), dict(mapped.specs), dict(mapped.origins)
     for k in range(depth):
-        p = prefix.format(k=k)
         for leaf in ("weight", "bias"):
-            out[f"blocks.{k}.attn.qkv.{leaf}"] = torch.cat([state[p + f"{names[c]}.{leaf}"] for c in "qkv"]).clone()
-    return out
+            parts = [qkv[f"blocks.{k}.{c}.{leaf}"] for c in "qkv"]
+            first = state.specs[parts[0]]
+            if any(state.specs[part].shape != first.shape for part in parts):
+                raise CheckpointError(f"{what}: {', '.join(parts)} differ in shape; they cannot be fused into qkv")
+            key = f"blocks.{k}.attn.qkv.{leaf}"
+            loaders[key] = lambda parts=parts: torch.cat([state[part] for part in parts])
+            specs[key] = Spec(first.dtype, (3 * first.shape[0], *first.shape[1:]))
+            origins[key] = " + ".join(parts)
+    return LazyState(loaders, specs, state.release, origins)
+
+
+def reorder_head(state: LazyState, order: list[int]) -> LazyState:
+    """`state` with the head's rows in `order` (the data's class order), reordered when the head is read."""
+    loaders = dict(state.loaders)
+    for key in ("head.weight", "head.bias"):
+        loaders[key] = lambda read=loaders[key]: read()[order]
+    return LazyState(loaders, state.specs, state.release, state.origins)
 
 
 def timm_to_hf(state: dict[str, torch.Tensor], depth: int, layout: str) -> dict[str, torch.Tensor]:
@@ -179,9 +214,10 @@ def timm_to_hf(state: dict[str, torch.Tensor], depth: int, layout: str) -> dict[
 # --- reading a checkpoint ----------------------------------------------------------------------
 
 
-def read_source(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str, list[Path]]:
-    """(state dict in timm's names or raw, HF config or None, sha256, the weight file) of a timm file or a Hugging
-    Face folder. Read whole: ViT sources are built in memory (the largest timm ViTs are about 0.6B parameters)."""
+def open_source(path: str) -> tuple[LazyState, dict | None, list[Path]]:
+    """(the tensors of a timm file or a Hugging Face folder, read lazily; the HF config or None; the weight file).
+
+    Nothing but the file's header (or a `.pth`'s mapped index) is read here: each tensor is read when asked for."""
     folder = Path(path).expanduser()
     if folder.is_dir():
         try:
@@ -199,38 +235,37 @@ def read_source(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str, l
         weights = folder / "model.safetensors"
         if not weights.is_file():
             weights = folder / "pytorch_model.bin"
-        state = read_checkpoint(weights)
-        return state, config, file_sha256(weights), [weights]
-    state = read_checkpoint(path)
-    return state, None, file_sha256(path), [Path(path).expanduser()]
+        return open_checkpoint([weights]), config, [weights]
+    return open_checkpoint([folder]), None, [folder]
 
 
-def checkpoint_shape(state: dict[str, torch.Tensor], what: str) -> dict[str, float]:
-    """The sizes a timm-named state dict implies (to check against the recipe)."""
-    if "x_embedder.proj.weight" in state or "y_embedder.embedding_table.weight" in state:
+def checkpoint_shape(state: Mapping[str, torch.Tensor], what: str) -> dict[str, float]:
+    """The sizes a timm-named state dict implies (to check against the recipe), from its specs: nothing is read."""
+    specs = specs_of(state)
+    if "x_embedder.proj.weight" in specs or "y_embedder.embedding_table.weight" in specs:
         raise CheckpointError(
             f"{what} is a DiT checkpoint, not a ViT classifier; split it with a DiT recipe (model.family=dit)"
         )
-    if "model.embed_tokens.weight" in state or "embed_tokens.weight" in state:
+    if "model.embed_tokens.weight" in specs or "embed_tokens.weight" in specs:
         raise CheckpointError(f"{what} is a language model checkpoint, not a ViT classifier")
     for key in ("patch_embed.proj.weight", "pos_embed", "head.weight"):
-        if key not in state:
+        if key not in specs:
             raise CheckpointError(
                 f"{what}: missing key {key!r}; a timm VisionTransformer state dict (or a Hugging "
                 "Face ViTForImageClassification folder) is expected"
             )
-    proj = state["patch_embed.proj.weight"]
-    layers = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    proj = specs["patch_embed.proj.weight"]
+    layers = {int(k.split(".")[1]) for k in specs if k.startswith("blocks.") and k.split(".")[1].isdigit()}
     found: dict[str, float] = {
         "patch_size": int(proj.shape[-1]),
         "embed_dim": int(proj.shape[0]),
         "in_chans": int(proj.shape[1]),
         "depth": max(layers) + 1 if layers else 0,
-        "num_classes": int(state["head.weight"].shape[0]),
-        "tokens": int(state["pos_embed"].shape[1]),
+        "num_classes": int(specs["head.weight"].shape[0]),
+        "tokens": int(specs["pos_embed"].shape[1]),
     }
-    if "blocks.0.mlp.fc1.weight" in state:
-        found["mlp_ratio"] = int(state["blocks.0.mlp.fc1.weight"].shape[0]) / found["embed_dim"]
+    if "blocks.0.mlp.fc1.weight" in specs:
+        found["mlp_ratio"] = int(specs["blocks.0.mlp.fc1.weight"].shape[0]) / found["embed_dim"]
     return found
 
 
@@ -275,40 +310,174 @@ def hf_shape_fields(config: dict, what: str) -> dict:
     }
 
 
-def load_source(net: ViTNet, timm_state: dict[str, torch.Tensor], what: str) -> None:
-    """Copy a timm-named state dict into `net` (the new modulation / embedder weights keep their init)."""
-    depth = net.shape.depth
-    keys = timm_keys(depth)
-    if not net.shape.qkv_bias:  # pragma: no cover - the family always builds qkv biases
-        keys = [k for k in keys if not k.endswith("qkv.bias")]
-    expected = {k: v for k, v in net.state_dict().items() if k in keys}
-    check_state(expected, timm_state, what)
-    net.load_state_dict(timm_state, strict=False)
+def new_parameters(shape: ViTShape, seed: int) -> dict[str, torch.Tensor]:
+    """The randomly initialised parameters dbconvert adds that are not zero: the timestep embedder's weights (and,
+    with model.adaln_rank, each layer's modulation down-projection).
+
+    Exactly the values `ViTNet(shape)` gives them after `torch.manual_seed(seed)` (the init of every conversion so
+    far), without building the network: the modules built before them are built alone, one at a time and in the
+    network's order, and `initialize_weights` draws its trunc-normal values over tensors of each Linear's shape in
+    `nn.Module.apply`'s order (children first), only to draw the same random numbers (tested against the network).
+    """
+    s = shape
+    torch.manual_seed(seed)
+    PatchEmbed(s)
+    for _ in range(s.depth):
+        Block(s)
+    nn.Linear(s.embed_dim, s.num_classes)  # the head (LayerNorms and zero tables draw nothing)
+    t_embedder = TimestepEmbedder(s.embed_dim, s.frequency_size)
+    nn.Linear(s.embed_dim, 2 * s.embed_dim)  # norm_modulation
+    d, r = s.embed_dim, s.adaln_rank
+    modulation = [(6 * d, d)] if r is None else [(r, d), (6 * d, r)]
+    out: dict[str, torch.Tensor] = {}
+    for k in range(s.depth):  # initialize_weights: every Linear, children first
+        for shape_ in [(3 * d, d), (d, d), (s.mlp_hidden, d), (d, s.mlp_hidden)]:
+            nn.init.trunc_normal_(torch.empty(shape_), std=0.02)
+        for i, shape_ in enumerate(modulation):
+            drawn = nn.init.trunc_normal_(torch.empty(shape_), std=0.02)
+            if r is not None and i == 0:
+                out[f"blocks.{k}.adaLN_modulation.1.weight"] = drawn
+    nn.init.trunc_normal_(torch.empty(s.num_classes, d), std=0.02)
+    for name in ("mlp.0", "mlp.2"):
+        linear = t_embedder.get_submodule(name)
+        out[f"t_embedder.{name}.weight"] = nn.init.trunc_normal_(linear.weight.detach().clone(), std=0.02)
+        out[f"t_embedder.{name}.bias"] = torch.zeros_like(linear.bias.detach())
+    nn.init.trunc_normal_(torch.empty(2 * d, d), std=0.02)  # norm_modulation (zeroed after)
+    nn.init.trunc_normal_(torch.empty(1, 1 + s.num_patches, d), std=0.02)  # pos_embed (the checkpoint's)
+    nn.init.normal_(torch.empty(1, 1, d), std=1e-6)  # cls_token (the checkpoint's)
+    return out
+
+
+def source_state(timm_state: Mapping[str, torch.Tensor], shape: ViTShape, seed: int, what: str) -> LazyState:
+    """The state dict of the source network of all layers, lazily: the checkpoint's timm-named tensors read when
+    asked for, the new parameters (timestep embedder, modulation, `label_pos`) their seeded init (`new_parameters`,
+    the rest zero, made when asked for). Every key and shape is checked here, before anything is read."""
+    timm_state = as_lazy(timm_state)
+    expected = meta_specs(lambda: ViTNet(shape))
+    keys = set(timm_keys(shape.depth))
+    check_state({k: v for k, v in expected.items() if k in keys}, timm_state.specs, what)
+    fresh = new_parameters(shape, seed)
+    loaders: dict[str, Callable[[], torch.Tensor]] = {}
+    specs: dict[str, Spec] = {}
+    for key, spec in expected.items():
+        if key in keys:
+            loaders[key], specs[key] = timm_state.loaders[key], Spec(timm_state.specs[key].dtype, spec.shape)
+        elif key in fresh:
+            loaders[key], specs[key] = (lambda value=fresh[key]: value.clone()), spec_of(fresh[key])
+        else:
+            loaders[key], specs[key] = (lambda spec=spec: torch.zeros(spec.shape, dtype=spec.dtype)), spec
+    origins = {k: timm_state.origins.get(k, k) for k in keys}
+    return LazyState(loaders, specs, timm_state.release, origins)
 
 
 # --- the function check -------------------------------------------------------------------------
 
 
-def timm_reference(shape: ViTShape, raw: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """timm's VisionTransformer of `shape` holding the checkpoint's own tensors, as read (strict)."""
+def layer_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The float32 tensors of `state` below `prefix` (one layer's), named as that layer's module names them."""
+    return {k[len(prefix) :]: state[k].float() for k in state if k.startswith(prefix)}
+
+
+def not_layer(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The float32 tensors of `state` outside every layer (`prefixes`): what stays resident through a streamed pass."""
+    return {k: state[k].float() for k in state if not k.startswith(prefixes)}
+
+
+class StreamedLayers(nn.Module):
+    """A library's layer list (built on the meta device) whose layers hold real weights only while they run: each
+    is loaded when reached and put back on the meta device when the next is reached (or the pass ends), so a
+    function check of a whole network holds one layer's weights. Iterated (transformers) or called (timm's
+    `self.blocks(x)`), it runs the library's own layer code."""
+
+    def __init__(self, layers: nn.ModuleList, load: Callable[[int], dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.layers, self.load = layers, load
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        for k, layer in enumerate(self.layers):
+            layer.load_state_dict(self.load(k), strict=True, assign=True)
+            try:
+                yield layer
+            finally:
+                layer.to("meta")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: slice) -> StreamedLayers:
+        """The layers of `index` (a slice), streamed as well: a library that iterates `layers[:n]` still loads them."""
+        if not isinstance(index, slice):
+            raise TypeError("streamed layers are reached by iteration or a slice, not one by one")
+        picked = range(len(self.layers))[index]
+        return StreamedLayers(nn.ModuleList([self.layers[k] for k in picked]), lambda i: self.load(picked[i]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def converted_forward(
+    state: Mapping[str, torch.Tensor], shape: ViTShape, what: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The converted classifier's forward (`ViTNet.classify`) over a lazy source state, one layer resident at a time:
+    the tokens, then each layer loaded, run and dropped, then the readout and head."""
+    net = load_network(lambda: ViTNet(shape.with_depth(0)), not_layer(state, ("blocks.",)), what).eval()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h = net.tokens(x, None)
+        for k in range(shape.depth):
+            block = load_network(lambda: Block(shape), layer_state(state, f"blocks.{k}."), what).eval()
+            h = block(h)
+            del block
+        return net.head(net.readout(h, None, None))
+
+    return forward
+
+
+def timm_reference(shape: ViTShape, raw: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    """timm's VisionTransformer of `shape` holding the checkpoint's own tensors, as read (every key and shape checked),
+    built on the meta device: its blocks load their weights one at a time as its own forward reaches them."""
     from timm.models.vision_transformer import VisionTransformer
 
-    net = VisionTransformer(**timm_kwargs(shape), class_token=True, qkv_bias=True)
-    net.load_state_dict({k: v.float() for k, v in raw.items()}, strict=True)
+    with torch.device("meta"):
+        net = VisionTransformer(**timm_kwargs(shape), class_token=True, qkv_bias=True)
+    check_state(net.state_dict(), specs_of(raw), what)
+    net.load_state_dict(not_layer(raw, ("blocks.",)), strict=False, assign=True)
+    net.blocks = StreamedLayers(net.blocks, lambda k: layer_state(raw, f"blocks.{k}."))  # type: ignore[assignment]
     return net
 
 
-def hf_reference(folder: str) -> torch.nn.Module:
-    """transformers' ViTForImageClassification as it loads the folder itself, returning plain logits."""
+def hf_reference(folder: str, raw: Mapping[str, torch.Tensor], depth: int) -> nn.Module:
+    """transformers' ViTForImageClassification of the folder's config, built on the meta device and returning plain
+    logits: its layers load the folder's tensors one at a time as its own forward reaches them (a folder saved in the
+    other transformers layout is read through both layouts' key maps)."""
+    from transformers import ViTConfig as HFViTConfig
     from transformers import ViTForImageClassification
 
     with quiet_transformers():
-        model = ViTForImageClassification.from_pretrained(str(Path(folder).expanduser()), local_files_only=True)
+        config = HFViTConfig.from_pretrained(str(Path(folder).expanduser()), local_files_only=True)
+    with torch.device("meta"):
+        model = ViTForImageClassification(config)
+    installed, stored = hf_layout(model.state_dict()), hf_layout(raw)
+    theirs = hf_full_map(depth, stored)
+    file_key = {ours: theirs[key] for key, ours in hf_full_map(depth, installed).items()}
+    prefix = HF_LAYER[installed][0]
+    mine = {k: raw[file_key[k]].float() for k in model.state_dict() if not k.startswith(prefix.split("{")[0])}
+    model.load_state_dict(mine, strict=False, assign=True)
+    owner = model.vit if hasattr(model.vit, "layers") else model.vit.encoder
+    name = "layers" if owner is model.vit else "layer"
 
-    class Logits(torch.nn.Module):
+    def load(k: int) -> dict[str, torch.Tensor]:
+        p = prefix.format(k=k)
+        return {key[len(p) :]: raw[file_key[key]].float() for key in file_key if key.startswith(p)}
+
+    setattr(owner, name, StreamedLayers(getattr(owner, name), load))
+
+    class Logits(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model.float()
+            self.model = model
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.model(pixel_values=x).logits
@@ -372,19 +541,19 @@ class ReorderedLogits(torch.nn.Module):
         return self.reference(x)[:, self.order]
 
 
-def check_function(net: ViTNet, reference: torch.nn.Module, library: str, what: str) -> float:
-    """Split's function check (issue 32): the converted classifier and the original library's forward of the same
-    checkpoint agree on random images to float tolerance, or split refuses in one line. Keys and shapes can all match
-    while the function differs (a key map that swaps rows, a layout read as another); this is what sees it.
-    Returns the largest difference found."""
-    s = net.shape
+def check_function(
+    ours: Callable[[torch.Tensor], torch.Tensor], reference: nn.Module, shape: ViTShape, library: str, what: str
+) -> float:
+    """Split's function check (issue 32): the converted classifier (`converted_forward`) and the original library's
+    forward of the same checkpoint agree on random images to float tolerance, or split refuses in one line. Keys and
+    shapes can all match while the function differs (a key map that swaps rows, a layout read as another); this is
+    what sees it. Both run one layer resident at a time. Returns the largest difference found."""
+    s = shape
     x = torch.randn(2, s.in_chans, s.img_size, s.img_size, generator=torch.Generator().manual_seed(0))
-    was = net.training
     with torch.no_grad():
-        ours = net.eval().classify(x).float()
+        mine = ours(x).float()
         ref = reference.eval()(x).float()
-    net.train(was)
-    err = float((ours - ref).abs().max())
+    err = float((mine - ref).abs().max())
     tol = 1e-4 * (1.0 + float(ref.abs().max()))
     if not err <= tol:
         raise CheckpointError(

@@ -36,6 +36,7 @@ from dbconvert.families.vit.convert import (
     check_against,
     check_function,
     checkpoint_shape,
+    converted_forward,
     export_timm_state,
     hf_reference,
     hf_shape_fields,
@@ -43,8 +44,9 @@ from dbconvert.families.vit.convert import (
     is_layer_key,
     label_order,
     label_table,
-    load_source,
-    read_source,
+    open_source,
+    reorder_head,
+    source_state,
     timm_kwargs,
     timm_reference,
     write_hf_folder,
@@ -161,8 +163,8 @@ class ViTFamily(Family):
             source.state = resolve_storage_dtype(cfg, source.state, fresh=True)
             return source
         what = f"checkpoint {cfg.checkpoint}"
-        state, hf, digest, files = read_source(cfg.checkpoint)
-        raw = state
+        raw, hf, files = open_source(cfg.checkpoint)  # read tensor by tensor, as each block asks (split streams)
+        state = raw
         notes = []
         if hf is not None:
             fields = hf_shape_fields(hf, what)
@@ -184,7 +186,7 @@ class ViTFamily(Family):
             state = hf_to_timm(state, depth, what)
             order, label_note = label_order(hf.get("id2label") or {}, class_names(recipe.data), what)
             if order is not None:
-                state = {**state, "head.weight": state["head.weight"][order], "head.bias": state["head.bias"][order]}
+                state = reorder_head(state, order)
             if label_note:
                 notes.append(label_note)
             notes.append(
@@ -204,17 +206,19 @@ class ViTFamily(Family):
                 "; if it was trained otherwise, split again with model.num_heads=N / model.global_pool=..."
             )
         check_against(checkpoint_shape(state, what), cfg.shape(), what)
-        torch.manual_seed(cfg.init_seed)
-        net = ViTNet(cfg.shape())
-        load_source(net, state, what)
+        shape = cfg.shape()
+        converted = source_state(state, shape, cfg.init_seed, what)
+        ours = converted_forward(converted, shape, what)
         if hf is not None:
-            reference = hf_reference(cfg.checkpoint)
-            check_function(net, reference if order is None else ReorderedLogits(reference, order), "transformers", what)
+            reference = hf_reference(cfg.checkpoint, raw, shape.depth)
+            if order is not None:
+                reference = ReorderedLogits(reference, order)
+            check_function(ours, reference, shape, "transformers", what)
         else:
-            check_function(net, timm_reference(cfg.shape(), raw), "timm", what)
-        source = Source.of_network(net, net.shape.depth, checkpoint_sha256=digest, notes=notes, files=files)
-        source.state = resolve_storage_dtype(cfg, source.state, checkpoint=state)
-        return source
+            check_function(ours, timm_reference(shape, raw, what), shape, "timm", what)
+        converted.release()  # a mapped .pth: the pages the check touched leave the resident set
+        stored = resolve_storage_dtype(cfg, converted, checkpoint=state)
+        return Source(stored, shape.depth, notes=notes, files=files, build=lambda: ViTNet(shape))
 
     def block_network(self, recipe: "Recipe", depth: int) -> nn.Module:
         return ViTNet(_cfg(recipe).shape(depth))

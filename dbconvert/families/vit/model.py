@@ -240,6 +240,11 @@ class ViTNet(nn.Module):
         h = self.tokens(x, label)
         for block in self.blocks:
             h = block(h, cond)
+        return self.readout(h, label, cond)
+
+    def readout(self, h: torch.Tensor, label: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor:
+        """The final-normed readout of the last layer's hidden state `h` (apart from `features`, so a forward can
+        run its layers one at a time: the function check at split)."""
         if label is None and self.shape.global_pool == "avg":  # timm: norm every token, then average the patches
             return self.norm(h[:, 1:]).mean(dim=1)
         out = h[:, -1] if label is not None and self.shape.label_token == "append" else h[:, 0]
