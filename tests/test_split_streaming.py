@@ -203,24 +203,11 @@ def test_the_lazy_vit_conversion_equals_the_whole_network_conversion(options: di
 
 
 def test_the_lazy_hugging_face_vit_map_fuses_qkv_and_reorders_the_head_as_the_eager_one_did(tmp_path: Path) -> None:
-    from transformers import ViTConfig, ViTForImageClassification
-
     from dbconvert.checkpoint import open_checkpoint
     from dbconvert.families.vit.convert import HF_LAYER, hf_layout, hf_to_timm, reorder_head
+    from tests.families.test_vit import tiny_hf_vit
 
-    torch.manual_seed(0)
-    hf = ViTForImageClassification(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=8,
-            patch_size=2,
-            num_channels=1,
-            num_labels=10,
-        )
-    )
+    hf = tiny_hf_vit(2)
     hf.save_pretrained(str(tmp_path / "hf"))
     raw = open_checkpoint([tmp_path / "hf" / "model.safetensors"])
     eager = {k: v.clone() for k, v in raw.items()}

@@ -46,6 +46,24 @@ def tiny_timm(seed: int = 0):  # noqa: ANN201 - timm.models.VisionTransformer
     return model
 
 
+def tiny_hf_vit(depth: int = 3):  # noqa: ANN201 - transformers.ViTForImageClassification
+    """A random Hugging Face ViT of TIMM_SIZES' width (seeded), for the folder-reading tests."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=depth,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        num_labels=10,
+    )
+    return ViTForImageClassification(config).eval()
+
+
 def recipe(*extra: str):  # noqa: ANN201
     return load_recipe("vit-tiny-digits", [*TINY, *extra])
 
@@ -90,7 +108,6 @@ def test_denoiser_at_conversion_sees_the_image_tokens_as_timm_does(tmp_path: Pat
 
 def test_timm_safetensors_and_hugging_face_folder_convert(tmp_path: Path) -> None:
     from safetensors.torch import save_file
-    from transformers import ViTConfig, ViTForImageClassification
 
     from dbconvert.families import get_family
 
@@ -101,19 +118,7 @@ def test_timm_safetensors_and_hugging_face_folder_convert(tmp_path: Path) -> Non
     with torch.no_grad():
         assert torch.equal(net.classify(x), ref(x))
 
-    torch.manual_seed(0)
-    hf = ViTForImageClassification(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=8,
-            patch_size=2,
-            num_channels=1,
-            num_labels=10,
-        )
-    ).eval()
+    hf = tiny_hf_vit()
     hf.save_pretrained(str(tmp_path / "hf"))
     r = recipe(f"model.checkpoint={tmp_path / 'hf'}")
     src = get_family("vit").source(r)
@@ -596,24 +601,11 @@ def test_a_hugging_face_folder_of_the_other_transformers_layout_converts_and_pas
     """A folder saved by transformers 4 (`vit.encoder.layer.{k}.attention.attention.query`) read by transformers 5, or
     the reverse: the conversion and the layer-by-layer reference both read it through the layouts' key maps."""
     from safetensors.torch import load_file, save_file
-    from transformers import ViTConfig, ViTForImageClassification
 
     from dbconvert.families import get_family
     from dbconvert.families.vit.convert import HF_LAYER, hf_full_map, hf_layout
 
-    torch.manual_seed(0)
-    hf = ViTForImageClassification(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=8,
-            patch_size=2,
-            num_channels=1,
-            num_labels=10,
-        )
-    ).eval()
+    hf = tiny_hf_vit()
     hf.save_pretrained(str(tmp_path / "hf"))
     weights = tmp_path / "hf" / "model.safetensors"
     state = load_file(str(weights))
